@@ -1,0 +1,225 @@
+//! Command-line flags (each also `DCS_EMULATOR_<NAME>`), the run-time timing
+//! knobs, and the duration parsers they use.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+/// How machine ids look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IdFormat {
+    /// `dm-<32 hex>`
+    Dm,
+    /// bare lowercase UUID
+    Uuid,
+}
+
+/// A local, faithful Dedalus Machines API server for development and tests.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "dcs-emulator", version, about)]
+pub struct Args {
+    /// Where to serve (`127.0.0.1:0` picks a free port).
+    #[arg(long, env = "DCS_EMULATOR_LISTEN", default_value = "127.0.0.1:4010")]
+    pub listen: SocketAddr,
+    /// State (`state.json`) and machine homes (`machines/<id>/home`).
+    #[arg(long, env = "DCS_EMULATOR_DATA_DIR", default_value = "./.local/dcs-emulator")]
+    pub data_dir: PathBuf,
+    /// The one accepted API key.
+    #[arg(long, env = "DCS_EMULATOR_API_KEY", default_value = "dev-key")]
+    pub api_key: String,
+    /// accepted → running on create.
+    #[arg(long, env = "DCS_EMULATOR_BOOT_DELAY", default_value = "300ms", value_parser = parse_duration)]
+    pub boot_delay: Duration,
+    /// sleeping → running on wake.
+    #[arg(long, env = "DCS_EMULATOR_WAKE_DELAY", default_value = "300ms", value_parser = parse_duration)]
+    pub wake_delay: Duration,
+    /// running → sleeping on sleep.
+    #[arg(long, env = "DCS_EMULATOR_SLEEP_DELAY", default_value = "100ms", value_parser = parse_duration)]
+    pub sleep_delay: Duration,
+    /// → destroyed on delete.
+    #[arg(long, env = "DCS_EMULATOR_DESTROY_DELAY", default_value = "100ms", value_parser = parse_duration)]
+    pub destroy_delay: Duration,
+    /// Sleep is refused for this long after a machine reaches running.
+    #[arg(long, env = "DCS_EMULATOR_HOLD_WINDOW", default_value = "300s", value_parser = parse_duration)]
+    pub hold_window: Duration,
+    /// Plus a random 0..jitter.
+    #[arg(long, env = "DCS_EMULATOR_HOLD_JITTER", default_value = "10s", value_parser = parse_duration)]
+    pub hold_jitter: Duration,
+    /// Autosleep when create gives none (`never` = off); seconds.
+    #[arg(long, env = "DCS_EMULATOR_DEFAULT_AUTOSLEEP", default_value = "5m", value_parser = parse_default_autosleep)]
+    pub default_autosleep: u64,
+    /// Executions keep at most this many bytes of stdout and of stderr.
+    #[arg(long, env = "DCS_EMULATOR_OUTPUT_LIMIT", default_value_t = 1_048_576)]
+    pub output_limit: u64,
+    /// Machine ids as `dm-<32 hex>` or bare lowercase UUIDs.
+    #[arg(long, env = "DCS_EMULATOR_ID_FORMAT", value_enum, default_value = "dm")]
+    pub id_format: IdFormat,
+}
+
+/// Timing knobs that `PATCH /_emulator/config` may change at run time.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Timing {
+    pub boot_delay_ms: u64,
+    pub wake_delay_ms: u64,
+    pub sleep_delay_ms: u64,
+    pub destroy_delay_ms: u64,
+    pub hold_window_ms: u64,
+    pub hold_jitter_ms: u64,
+}
+
+/// A partial update of [`Timing`]; unknown fields are rejected.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimingPatch {
+    pub boot_delay_ms: Option<u64>,
+    pub wake_delay_ms: Option<u64>,
+    pub sleep_delay_ms: Option<u64>,
+    pub destroy_delay_ms: Option<u64>,
+    pub hold_window_ms: Option<u64>,
+    pub hold_jitter_ms: Option<u64>,
+}
+
+impl Timing {
+    pub fn from_args(args: &Args) -> Self {
+        Self {
+            boot_delay_ms: millis(args.boot_delay),
+            wake_delay_ms: millis(args.wake_delay),
+            sleep_delay_ms: millis(args.sleep_delay),
+            destroy_delay_ms: millis(args.destroy_delay),
+            hold_window_ms: millis(args.hold_window),
+            hold_jitter_ms: millis(args.hold_jitter),
+        }
+    }
+
+    pub fn apply(&mut self, patch: TimingPatch) {
+        let fields = [
+            (&mut self.boot_delay_ms, patch.boot_delay_ms),
+            (&mut self.wake_delay_ms, patch.wake_delay_ms),
+            (&mut self.sleep_delay_ms, patch.sleep_delay_ms),
+            (&mut self.destroy_delay_ms, patch.destroy_delay_ms),
+            (&mut self.hold_window_ms, patch.hold_window_ms),
+            (&mut self.hold_jitter_ms, patch.hold_jitter_ms),
+        ];
+        for (field, value) in fields {
+            if let Some(v) = value {
+                *field = v;
+            }
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// humantime duration (`250ms`, `5m`, `0s`); a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+fn parse_default_autosleep(s: &str) -> Result<u64, String> {
+    parse_autosleep(s).or_else(|first| {
+        humantime::parse_duration(s.trim())
+            .map(|d| d.as_secs())
+            .map_err(|_| first)
+    })
+}
+
+/// Parses the API's `autosleep` strings into seconds (0 = never):
+/// `30s`, `30m`, `2h`, `7d3h4s`, `1w3d`, raw seconds `"1800"`, `never`.
+pub fn parse_autosleep(input: &str) -> Result<u64, String> {
+    let s = input.trim().to_ascii_lowercase();
+    if s.is_empty() {
+        return Err("autosleep must not be empty".to_owned());
+    }
+    if s == "never" || s == "off" {
+        return Ok(0);
+    }
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse::<u64>()
+            .map_err(|_| format!("autosleep {input:?} is out of range"));
+    }
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    let mut last_unit_rank = usize::MAX;
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let (unit_secs, rank) = match c {
+            'w' => (604_800u64, 4usize),
+            'd' => (86_400, 3),
+            'h' => (3_600, 2),
+            'm' => (60, 1),
+            's' => (1, 0),
+            _ => return Err(format!("autosleep {input:?}: unknown unit {c:?}")),
+        };
+        if digits.is_empty() {
+            return Err(format!("autosleep {input:?}: unit {c:?} without a number"));
+        }
+        if rank >= last_unit_rank {
+            return Err(format!("autosleep {input:?}: units must go from largest to smallest"));
+        }
+        last_unit_rank = rank;
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("autosleep {input:?} is out of range"))?;
+        digits.clear();
+        total = n
+            .checked_mul(unit_secs)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(|| format!("autosleep {input:?} is out of range"))?;
+    }
+    if !digits.is_empty() {
+        return Err(format!("autosleep {input:?}: trailing number without a unit"));
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn autosleep_forms() {
+        assert_eq!(parse_autosleep("30s"), Ok(30));
+        assert_eq!(parse_autosleep("30m"), Ok(1800));
+        assert_eq!(parse_autosleep("2h"), Ok(7200));
+        assert_eq!(parse_autosleep("7d3h4s"), Ok(7 * 86_400 + 3 * 3600 + 4));
+        assert_eq!(parse_autosleep("1w3d"), Ok(604_800 + 3 * 86_400));
+        assert_eq!(parse_autosleep("1800"), Ok(1800));
+        assert_eq!(parse_autosleep("never"), Ok(0));
+        assert_eq!(parse_autosleep(" NEVER "), Ok(0));
+        assert_eq!(parse_autosleep("0"), Ok(0));
+    }
+
+    #[test]
+    fn autosleep_rejects_garbage() {
+        for bad in ["", "s", "10x", "3s4h", "5", "-5s", "1.5h", "99999999999999999999s", "5m5m"] {
+            if bad == "5" {
+                continue;
+            }
+            assert!(parse_autosleep(bad).is_err(), "{bad:?} should be rejected");
+        }
+        assert!(parse_autosleep("18446744073709551615w").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_default_autosleep("never"), Ok(0));
+        assert_eq!(parse_default_autosleep("5m"), Ok(300));
+    }
+}

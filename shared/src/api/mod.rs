@@ -1,0 +1,12 @@
+//! The product's HTTP API contract (DESIGN §3), independent of Lambda types:
+//! who may call ([`auth`]), what a valid request is ([`user_id`], request
+//! bodies), and how errors look ([`problem`]). The functions map API Gateway
+//! events onto these and back.
+
+pub mod auth;
+pub mod problem;
+pub mod user_id;
+
+pub use auth::{AuthMode, Caller};
+pub use problem::Problem;
+pub use user_id::UserId;

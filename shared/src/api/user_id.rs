@@ -1,0 +1,88 @@
+//! The `{user_id}` path parameter, parsed once.
+
+use std::fmt;
+
+/// A validated user id: `^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(String);
+
+/// Why a string is not a [`UserId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UserIdError {
+    /// Empty string.
+    #[error("user_id is empty")]
+    Empty,
+    /// More than 128 bytes.
+    #[error("user_id is {0} bytes long; at most 128 are allowed")]
+    TooLong(usize),
+    /// First character not a letter or digit.
+    #[error("user_id must start with a letter or digit")]
+    BadStart,
+    /// A character outside `A-Za-z0-9._@-`.
+    #[error("user_id contains {0:?}; allowed are letters, digits and . _ @ -")]
+    BadChar(char),
+}
+
+impl UserId {
+    /// Longest accepted id, in bytes.
+    pub const MAX_LEN: usize = 128;
+
+    /// Parse and validate.
+    pub fn parse(raw: &str) -> Result<Self, UserIdError> {
+        let first = raw.chars().next().ok_or(UserIdError::Empty)?;
+        if raw.len() > Self::MAX_LEN {
+            return Err(UserIdError::TooLong(raw.len()));
+        }
+        if !first.is_ascii_alphanumeric() {
+            return Err(UserIdError::BadStart);
+        }
+        if let Some(bad) = raw
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '-')))
+        {
+            return Err(UserIdError::BadChar(bad));
+        }
+        Ok(UserId(raw.to_string()))
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for UserId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_documented_alphabet() {
+        for ok in ["a", "A9", "user@example.com", "u_1.2-3", &"x".repeat(128)] {
+            assert_eq!(UserId::parse(ok).map(|u| u.0), Ok(ok.to_string()));
+        }
+    }
+
+    #[test]
+    fn rejects_everything_else_with_a_reason() {
+        assert_eq!(UserId::parse(""), Err(UserIdError::Empty));
+        assert_eq!(UserId::parse(&"x".repeat(129)), Err(UserIdError::TooLong(129)));
+        assert_eq!(UserId::parse("-a"), Err(UserIdError::BadStart));
+        assert_eq!(UserId::parse(".a"), Err(UserIdError::BadStart));
+        assert_eq!(UserId::parse("a/b"), Err(UserIdError::BadChar('/')));
+        assert_eq!(UserId::parse("a b"), Err(UserIdError::BadChar(' ')));
+        assert_eq!(UserId::parse("é"), Err(UserIdError::BadStart));
+        assert_eq!(UserId::parse("a\u{0}"), Err(UserIdError::BadChar('\u{0}')));
+    }
+}

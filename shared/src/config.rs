@@ -1,0 +1,241 @@
+//! Configuration from the environment (DESIGN §7), read once at cold start.
+//! A missing or malformed value fails the start with a message naming it.
+
+use crate::api::AuthMode;
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+/// A secret string: never printed by `Debug`/`Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wrap a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The value, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A configuration error naming the variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// Required and absent (or empty).
+    #[error("{0} is required but not set")]
+    Missing(&'static str),
+    /// Present but unusable.
+    #[error("{name} is malformed ({value:?}): {reason}")]
+    Malformed {
+        /// The variable.
+        name: &'static str,
+        /// The offending value (never a secret's).
+        value: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Where the Dedalus API key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `DEDALUS_API_KEY` (local runs).
+    Env(Secret),
+    /// `DEDALUS_API_KEY_SECRET_ARN` (AWS): fetched once at cold start.
+    SecretArn(String),
+}
+
+/// Everything the functions read from the environment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `TABLE_NAME`
+    pub table_name: String,
+    /// `DEDALUS_BASE_URL` (default `https://dcs.dedaluslabs.ai`)
+    pub dedalus_base_url: url::Url,
+    /// `DEDALUS_API_KEY` or `DEDALUS_API_KEY_SECRET_ARN`
+    pub dedalus_key: KeySource,
+    /// `LLM_BASE_URL` (default the Dedalus Agents API)
+    pub llm_base_url: url::Url,
+    /// `LLM_API_KEY` (optional; without it the default model is `shell`)
+    pub llm_api_key: Option<Secret>,
+    /// `AGENT_MODEL` (`shell` = offline mode)
+    pub agent_model: String,
+    /// `MACHINE_VCPU` (default 1)
+    pub machine_vcpu: f64,
+    /// `MACHINE_MEMORY_MIB` (default 2048)
+    pub machine_memory_mib: u64,
+    /// `MACHINE_STORAGE_GIB` (default 10)
+    pub machine_storage_gib: u64,
+    /// `MACHINE_AUTOSLEEP` (platform backstop, default `15m`; `never` allowed)
+    pub machine_autosleep: String,
+    /// `BOOTSTRAP_SCRIPT` (default installs the base toolchain with apt-get)
+    pub bootstrap_script: String,
+    /// `IDLE_AFTER` (default 5 min)
+    pub idle_after: Duration,
+    /// `TURN_DEADLINE` cap (default 10 min)
+    pub turn_deadline: Duration,
+    /// `MAX_STEPS` (default 20)
+    pub max_steps: u32,
+    /// `AUTH_MODE` (default `jwt`)
+    pub auth_mode: AuthMode,
+    /// `ADMIN_SCOPE` (default `agenthome/admin`)
+    pub admin_scope: String,
+    /// `PROVISION_FUNCTION` (name or ARN of the provision worker)
+    pub provision_function: Option<String>,
+}
+
+/// The default bootstrap (DESIGN §5).
+pub const DEFAULT_BOOTSTRAP: &str =
+    "apt-get update && apt-get install -y curl git python3-pip nodejs";
+
+impl Config {
+    /// Read the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_map(&std::env::vars().collect())
+    }
+
+    /// Read from a map (tests).
+    pub fn from_map(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let get = |name: &'static str| env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let required = |name: &'static str| get(name).map(str::to_string).ok_or(ConfigError::Missing(name));
+        let url = |name: &'static str, default: &str| -> Result<url::Url, ConfigError> {
+            let raw = get(name).unwrap_or(default);
+            let parsed = url::Url::parse(raw).map_err(|e| malformed(name, raw, e))?;
+            match parsed.scheme() {
+                "http" | "https" => Ok(parsed),
+                other => Err(malformed(name, raw, format!("scheme {other} is not http(s)"))),
+            }
+        };
+        let num = |name: &'static str| get(name).map(str::to_string);
+        let duration = |name: &'static str, default: Duration| -> Result<Duration, ConfigError> {
+            match get(name) {
+                None => Ok(default),
+                Some(raw) => humantime::parse_duration(raw).map_err(|e| malformed(name, raw, e)),
+            }
+        };
+
+        let dedalus_key = match (get("DEDALUS_API_KEY"), get("DEDALUS_API_KEY_SECRET_ARN")) {
+            (Some(k), _) => KeySource::Env(Secret::new(k)),
+            (None, Some(arn)) => KeySource::SecretArn(arn.to_string()),
+            (None, None) => return Err(ConfigError::Missing("DEDALUS_API_KEY")),
+        };
+        let llm_api_key = get("LLM_API_KEY").map(Secret::new);
+        let agent_model = match get("AGENT_MODEL") {
+            Some(m) => m.to_string(),
+            None if llm_api_key.is_none() => "shell".to_string(),
+            None => return Err(ConfigError::Missing("AGENT_MODEL")),
+        };
+        let machine_vcpu: f64 = parse_num(num("MACHINE_VCPU"), "MACHINE_VCPU", 1.0)?;
+        if !(machine_vcpu > 0.0 && machine_vcpu.is_finite()) {
+            return Err(malformed("MACHINE_VCPU", &machine_vcpu.to_string(), "must be positive"));
+        }
+        let max_steps: u32 = parse_num(num("MAX_STEPS"), "MAX_STEPS", 20)?;
+        if max_steps == 0 {
+            return Err(malformed("MAX_STEPS", "0", "must be at least 1"));
+        }
+        Ok(Config {
+            table_name: required("TABLE_NAME")?,
+            dedalus_base_url: url("DEDALUS_BASE_URL", "https://dcs.dedaluslabs.ai")?,
+            dedalus_key,
+            llm_base_url: url("LLM_BASE_URL", "https://api.dedaluslabs.ai/v1")?,
+            llm_api_key,
+            agent_model,
+            machine_vcpu,
+            machine_memory_mib: parse_num(num("MACHINE_MEMORY_MIB"), "MACHINE_MEMORY_MIB", 2048)?,
+            machine_storage_gib: parse_num(num("MACHINE_STORAGE_GIB"), "MACHINE_STORAGE_GIB", 10)?,
+            machine_autosleep: get("MACHINE_AUTOSLEEP").unwrap_or("15m").to_string(),
+            bootstrap_script: get("BOOTSTRAP_SCRIPT").unwrap_or(DEFAULT_BOOTSTRAP).to_string(),
+            idle_after: duration("IDLE_AFTER", Duration::from_secs(300))?,
+            turn_deadline: duration("TURN_DEADLINE", Duration::from_secs(600))?,
+            max_steps,
+            auth_mode: match get("AUTH_MODE") {
+                None => AuthMode::Jwt,
+                Some(raw) => raw.parse().map_err(|e: String| malformed("AUTH_MODE", raw, e))?,
+            },
+            admin_scope: get("ADMIN_SCOPE").unwrap_or("agenthome/admin").to_string(),
+            provision_function: get("PROVISION_FUNCTION").map(str::to_string),
+        })
+    }
+}
+
+fn malformed(name: &'static str, value: &str, reason: impl fmt::Display) -> ConfigError {
+    ConfigError::Malformed {
+        name,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(raw: Option<String>, name: &'static str, default: T) -> Result<T, ConfigError>
+where
+    T::Err: fmt::Display,
+{
+    match raw {
+        None => Ok(default),
+        Some(raw) => raw.parse().map_err(|e| malformed(name, &raw, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn local_defaults_need_only_a_table_and_a_key() {
+        let c = Config::from_map(&env(&[("TABLE_NAME", "t"), ("DEDALUS_API_KEY", "k")])).expect("config");
+        assert_eq!(c.agent_model, "shell", "no LLM key → offline shell mode");
+        assert_eq!(c.idle_after, Duration::from_secs(300));
+        assert_eq!(c.auth_mode, AuthMode::Jwt);
+        assert_eq!(c.dedalus_base_url.as_str(), "https://dcs.dedaluslabs.ai/");
+        assert_eq!(c.bootstrap_script, DEFAULT_BOOTSTRAP);
+    }
+
+    #[test]
+    fn missing_and_malformed_values_are_named() {
+        assert_eq!(
+            Config::from_map(&env(&[("DEDALUS_API_KEY", "k")])).unwrap_err(),
+            ConfigError::Missing("TABLE_NAME")
+        );
+        assert_eq!(
+            Config::from_map(&env(&[("TABLE_NAME", "t")])).unwrap_err(),
+            ConfigError::Missing("DEDALUS_API_KEY")
+        );
+        for (name, bad) in [
+            ("IDLE_AFTER", "five minutes"),
+            ("MAX_STEPS", "-1"),
+            ("MACHINE_MEMORY_MIB", "2G"),
+            ("AUTH_MODE", "open"),
+            ("DEDALUS_BASE_URL", "ftp://x"),
+        ] {
+            let err = Config::from_map(&env(&[("TABLE_NAME", "t"), ("DEDALUS_API_KEY", "k"), (name, bad)]))
+                .unwrap_err();
+            assert!(matches!(err, ConfigError::Malformed { name: n, .. } if n == name), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = Config::from_map(&env(&[
+            ("TABLE_NAME", "t"),
+            ("DEDALUS_API_KEY", "dsk-super-secret"),
+            ("LLM_API_KEY", "sk-also-secret"),
+            ("AGENT_MODEL", "openai/gpt-5"),
+        ]))
+        .expect("config");
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("super-secret") && !printed.contains("also-secret"), "{printed}");
+    }
+}

@@ -1,0 +1,128 @@
+//! Machine lifecycle endpoints: create, get, list, update, wake, sleep,
+//! delete.
+
+use http::Method;
+
+use super::client::{Call, Client, Response};
+use super::error::Result;
+use super::idempotency::IdempotencyKey;
+use super::types::{CreateMachineRequest, Machine, Page, UpdateMachineRequest};
+
+/// Upper bound on pages [`Client::list_all_machines`] walks (a guard against
+/// a server that never ends its cursor chain).
+const MAX_PAGES: usize = 10_000;
+
+fn machine(resp: Response<Machine>) -> Machine {
+    resp.value.with_etag(resp.etag)
+}
+
+impl Client {
+    /// `POST /v1/machines`. Pass the persisted key of the logical create so a
+    /// retry after a crash returns the same machine; `None` uses a fresh key.
+    pub async fn create_machine(
+        &self,
+        request: &CreateMachineRequest,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Machine> {
+        let call = Call::new("machines.create", Method::POST, vec!["machines"])
+            .json(request)?
+            .key(key);
+        self.call(call).await.map(machine)
+    }
+
+    /// `GET /v1/machines/{id}`.
+    pub async fn get_machine(&self, machine_id: &str) -> Result<Machine> {
+        let call = Call::new("machines.get", Method::GET, vec!["machines", machine_id]);
+        self.call(call).await.map(machine)
+    }
+
+    /// `GET /v1/machines` — one page.
+    pub async fn list_machines(
+        &self,
+        cursor: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<Page<Machine>> {
+        let call =
+            Call::new("machines.list", Method::GET, vec!["machines"]).page(cursor, limit);
+        self.call(call).await.map(|r| r.value)
+    }
+
+    /// Every machine, walking all pages (`page_size` per request).
+    pub async fn list_all_machines(&self, page_size: Option<u32>) -> Result<Vec<Machine>> {
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let page = self.list_machines(cursor.as_deref(), page_size).await?;
+            all.extend(page.items);
+            match page.next_cursor {
+                Some(next) if Some(&next) != cursor.as_ref() => cursor = Some(next),
+                _ => break,
+            }
+        }
+        Ok(all)
+    }
+
+    /// `PATCH /v1/machines/{id}`. `if_match`: a revision you hold (stale →
+    /// 409 `REVISION_MISMATCH`, retried).
+    pub async fn update_machine(
+        &self,
+        machine_id: &str,
+        request: &UpdateMachineRequest,
+        if_match: Option<&str>,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Machine> {
+        let call = Call::new("machines.update", Method::PATCH, vec!["machines", machine_id])
+            .json(request)?
+            .if_match(if_match)
+            .key(key);
+        self.call(call).await.map(machine)
+    }
+
+    /// `POST /v1/machines/{id}/wake` (a no-op on a running machine).
+    pub async fn wake_machine(
+        &self,
+        machine_id: &str,
+        if_match: Option<&str>,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Machine> {
+        let call = Call::new(
+            "machines.wake",
+            Method::POST,
+            vec!["machines", machine_id, "wake"],
+        )
+        .if_match(if_match)
+        .key(key);
+        self.call(call).await.map(machine)
+    }
+
+    /// `POST /v1/machines/{id}/sleep`. Within the hold window after a wake it
+    /// fails with 409 `SLEEP_HOLD_WINDOW_ACTIVE` and a `retry_after`.
+    pub async fn sleep_machine(
+        &self,
+        machine_id: &str,
+        if_match: Option<&str>,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Machine> {
+        let call = Call::new(
+            "machines.sleep",
+            Method::POST,
+            vec!["machines", machine_id, "sleep"],
+        )
+        .if_match(if_match)
+        .key(key);
+        self.call(call).await.map(machine)
+    }
+
+    /// `DELETE /v1/machines/{id}`.
+    pub async fn delete_machine(
+        &self,
+        machine_id: &str,
+        if_match: Option<&str>,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Machine> {
+        let call = Call::new("machines.delete", Method::DELETE, vec!["machines", machine_id])
+            .if_match(if_match)
+            .key(key);
+        self.call(call).await.map(machine)
+    }
+}

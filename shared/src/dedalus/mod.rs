@@ -1,0 +1,1 @@
+//! Dedalus Machines API client.

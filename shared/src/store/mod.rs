@@ -1,0 +1,463 @@
+//! The user→machine table (DESIGN §4): the typed item, the [`UserStore`]
+//! operations, and two adapters with identical semantics: [`DynamoStore`]
+//! (DynamoDB) and [`MemoryStore`] (in-process, for fast domain tests).
+//!
+//! Every write is one conditional write whose outcome is typed: a refused
+//! condition is a variant of the operation's outcome or
+//! [`StoreError::Conflict`] carrying the current item (from
+//! `ReturnValuesOnConditionCheckFailure=ALL_OLD`, no second read), never a
+//! stringified SDK error. Every write bumps `generation` and sets
+//! `updated_at`. Time is always passed in (`now_ms`, epoch ms): the store
+//! never reads a clock.
+//!
+//! Leases: a lease is *live* while `now_ms <= lease.until`. Acquiring needs no
+//! live lease; renewing, releasing and every "bookkeeping" write under a lease
+//! need `lease_owner == owner` (an expired lease nobody took is still yours;
+//! a taken one is not). Owners must be unique per acquisition.
+//!
+//! Optimistic concurrency: operations a caller performs *because of what it
+//! read* ([`UserStore::restart_provisioning`], [`UserStore::set_power`],
+//! [`UserStore::delete`]) take the read `generation`; lease operations use
+//! direct attribute conditions instead.
+//!
+//! The semantics live once, in a blanket implementation over a small private
+//! backend interface (get / put-if-absent / conditional update / conditional
+//! delete / two index queries); the adapters only translate those.
+
+use std::future::Future;
+
+mod dynamo;
+mod engine;
+mod memory;
+mod record;
+pub mod table;
+
+#[cfg(any(test, feature = "contract-tests"))]
+pub mod contract;
+
+pub use dynamo::DynamoStore;
+pub use memory::MemoryStore;
+pub use record::{Hold, Item, Lease, LeaseKind, MachineState, Power, UserRecord};
+pub use table::{create_table, shard_for, AWAKE_SHARDS};
+
+/// Result of store operations.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Errors from the store. Refused conditions are [`StoreError::Conflict`]
+/// (or an operation-specific outcome); infrastructure failures keep the SDK
+/// error as their source and say whether retrying may help.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The user has no item.
+    #[error("no item for user {user_id}")]
+    NotFound {
+        /// The user looked up.
+        user_id: String,
+    },
+    /// A conditional write was refused; `current` is the item as it is now
+    /// (when the backend returned it).
+    #[error("{op}: condition failed (item changed, lease not held, or wrong state)")]
+    Conflict {
+        /// The operation refused.
+        op: &'static str,
+        /// The current item.
+        current: Option<Box<UserRecord>>,
+    },
+    /// An item read from the table does not decode.
+    #[error("malformed item: attribute {attribute:?}: {message}")]
+    Malformed {
+        /// The offending attribute.
+        attribute: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The caller passed a value the table cannot hold (empty key, bad create key, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A page cursor that this store did not produce (or for another shard).
+    #[error("invalid page cursor")]
+    InvalidCursor,
+    /// The backend failed (network, throttling, service error).
+    #[error("{op}: DynamoDB request failed (retryable: {retryable})")]
+    Backend {
+        /// The operation that failed.
+        op: &'static str,
+        /// Throttling, 5xx or transport failure: worth retrying later.
+        retryable: bool,
+        /// The SDK error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying the same operation later may succeed (throttling,
+    /// 5xx, transport). Conflicts are not retryable as such: re-read and decide.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Backend { retryable: true, .. })
+    }
+
+    /// The current item carried by a [`StoreError::Conflict`].
+    pub fn current(&self) -> Option<&UserRecord> {
+        match self {
+            Self::Conflict { current, .. } => current.as_deref(),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn backend(
+        op: &'static str,
+        retryable: bool,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Backend {
+            op,
+            retryable,
+            source: source.into(),
+        }
+    }
+}
+
+/// Outcome of [`UserStore::claim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// This call created the item.
+    Claimed(UserRecord),
+    /// The item already existed; here it is, untouched.
+    AlreadyExists(UserRecord),
+}
+
+/// What a lease is being acquired for, with the extra condition each needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeasePurpose {
+    /// A chat turn: needs no live lease.
+    Turn,
+    /// The provisioning worker: needs no live lease.
+    Provision,
+    /// The sleep sweep: needs no live lease and `last_active_at` unchanged
+    /// since the sweep's query.
+    Sweep {
+        /// `last_active_at` as the sweep read it.
+        expected_last_active_at: u64,
+    },
+}
+
+impl LeasePurpose {
+    /// The stored lease kind.
+    pub fn kind(self) -> LeaseKind {
+        match self {
+            Self::Turn => LeaseKind::Turn,
+            Self::Provision => LeaseKind::Provision,
+            Self::Sweep { .. } => LeaseKind::Sweep,
+        }
+    }
+}
+
+/// Outcome of [`UserStore::acquire_lease`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AcquireOutcome {
+    /// The lease is ours; the item after the write.
+    Acquired(UserRecord),
+    /// Someone holds a live lease (see `record.lease`).
+    Busy(UserRecord),
+    /// No live lease, but the item no longer qualifies (`last_active_at`
+    /// changed for a sweep, or the item is being destroyed).
+    Changed(UserRecord),
+}
+
+/// Outcome of [`UserStore::release_lease`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    /// The lease was ours and is gone; the item after the write.
+    Released(UserRecord),
+    /// Nothing to release: the lease is someone else's or absent (the item
+    /// as it is, if it exists).
+    NotHeld(Option<UserRecord>),
+}
+
+/// Which create key a restarted provisioning uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateKey {
+    /// Keep the stored key: the previous create may have happened, and
+    /// retrying with the same key returns the same machine. The default.
+    Keep,
+    /// Use a fresh key. Only for when the previous create is known not to have
+    /// produced a machine (non-retryable refusal, or the machine was lost);
+    /// refused if a `machine_id` is recorded.
+    Replace(String),
+}
+
+/// Guard for [`UserStore::delete`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteGuard {
+    /// Delete only if `generation` is still this.
+    Generation(u64),
+    /// Delete only if the item is in state `destroying`.
+    Destroying,
+}
+
+/// Outcome of [`UserStore::delete`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// Deleted; the item as it was.
+    Deleted(UserRecord),
+    /// There was no item.
+    AlreadyGone,
+}
+
+/// An opaque position in a paged query; pass it back to get the next page.
+/// Serializable as a string (e.g. to carry it across invocations).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Cursor(String);
+
+impl Cursor {
+    /// The cursor as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A cursor from [`Cursor::as_str`]'s output; validated when used.
+    pub fn from_string(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+}
+
+/// One page of a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    /// The items of this page, in index order.
+    pub items: Vec<T>,
+    /// Where the next page starts; `None` when there are no more pages. A
+    /// cursor may lead to an empty last page.
+    pub cursor: Option<Cursor>,
+}
+
+/// The user→machine table's operations. Each is one conditional read or
+/// write with a typed outcome (see the module docs for the shared rules).
+///
+/// Usable as a generic bound (`S: UserStore`); the returned futures are `Send`.
+pub trait UserStore: Send + Sync {
+    /// The user's item, strongly consistent.
+    fn get(&self, user_id: &str) -> impl Future<Output = Result<Option<UserRecord>>> + Send;
+
+    /// Items referencing `machine_id` (the `by-machine` index; eventually
+    /// consistent). More than one means a bug worth reporting.
+    fn find_by_machine(
+        &self,
+        machine_id: &str,
+    ) -> impl Future<Output = Result<Vec<UserRecord>>> + Send;
+
+    /// Create the user's item (`attribute_not_exists(user_id)`) in state
+    /// `provisioning`, power `unknown`, with `create_key` (32 lowercase hex)
+    /// and the provisioning `lease`.
+    fn claim(
+        &self,
+        user_id: &str,
+        create_key: &str,
+        lease: &Lease,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<ClaimOutcome>> + Send;
+
+    /// Record the created machine's id: only if `create_key` matches and no
+    /// other machine id is recorded (the same id again is a successful no-op
+    /// write). Refused: [`StoreError::Conflict`].
+    fn record_machine_id(
+        &self,
+        user_id: &str,
+        create_key: &str,
+        machine_id: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// `provisioning` → `bootstrapping`, by the lease holder, once a machine
+    /// id is recorded.
+    fn mark_bootstrapping(
+        &self,
+        user_id: &str,
+        owner: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// `provisioning`/`bootstrapping`/`ready` → `ready` with
+    /// `bootstrap_version`, by the lease holder. The machine is running, so
+    /// this also marks it awake (power, `awake_shard`, `awake_since` if
+    /// unset, `last_active_at = now_ms`) and clears `last_error`.
+    fn mark_ready(
+        &self,
+        user_id: &str,
+        owner: &str,
+        bootstrap_version: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// `provisioning`/`bootstrapping` → `failed` with `error`, by the lease
+    /// holder (who still releases the lease).
+    fn mark_failed(
+        &self,
+        user_id: &str,
+        owner: &str,
+        error: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// Restart a failed or stuck provisioning: only if `generation` is still
+    /// `expected_generation`, the state is `failed`, `provisioning` or
+    /// `bootstrapping`, and no lease is live. Sets state `provisioning`, the
+    /// new `lease`, clears `last_error`; see [`CreateKey`] for the key.
+    fn restart_provisioning(
+        &self,
+        user_id: &str,
+        expected_generation: u64,
+        lease: &Lease,
+        create_key: CreateKey,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<AcquireOutcome>> + Send;
+
+    /// Take the lease for `owner` until `until_ms` if no lease is live at
+    /// `now_ms` (plus the purpose's own condition; never on a `destroying`
+    /// item).
+    fn acquire_lease(
+        &self,
+        user_id: &str,
+        owner: &str,
+        purpose: LeasePurpose,
+        until_ms: u64,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<AcquireOutcome>> + Send;
+
+    /// Extend `owner`'s lease to `until_ms`. Refused ([`StoreError::Conflict`])
+    /// if `owner` no longer holds it.
+    fn renew_lease(
+        &self,
+        user_id: &str,
+        owner: &str,
+        until_ms: u64,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// Drop `owner`'s lease; a no-op outcome if `owner` does not hold it.
+    fn release_lease(
+        &self,
+        user_id: &str,
+        owner: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<ReleaseOutcome>> + Send;
+
+    /// The lease holder woke the machine: power `awake`, `awake_shard` set,
+    /// `awake_since` kept if already awake (else `now_ms`), `last_active_at = now_ms`.
+    fn mark_awake(
+        &self,
+        user_id: &str,
+        owner: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// The lease holder used the machine: `last_active_at = now_ms`
+    /// (`awake_shard` untouched).
+    fn touch(
+        &self,
+        user_id: &str,
+        owner: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// The lease holder stores (or clears) the terminal to reuse.
+    fn set_terminal(
+        &self,
+        user_id: &str,
+        owner: &str,
+        terminal_id: Option<&str>,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// The lease holder keeps the machine awake for a command left running.
+    fn set_hold(
+        &self,
+        user_id: &str,
+        owner: &str,
+        hold: &Hold,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// The lease holder drops the hold (marker found, or hold expired).
+    fn clear_hold(
+        &self,
+        user_id: &str,
+        owner: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// The sweep-lease holder put the machine to sleep: power `asleep`,
+    /// `awake_shard`/`awake_since`/`sleep_eligible_at` removed,
+    /// `awake_ms_total += now_ms − awake_since`. Needs a `sweep` lease held by
+    /// `owner`.
+    fn mark_asleep(
+        &self,
+        user_id: &str,
+        owner: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// The lease holder records when a refused sleep may be retried.
+    fn set_sleep_eligible_at(
+        &self,
+        user_id: &str,
+        owner: &str,
+        eligible_at_ms: u64,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// The lease holder found the machine gone (404): state `failed`, power
+    /// `unknown`, `last_error` names the machine; `machine_id`, awake fields,
+    /// terminal, hold and bootstrap version removed (awake time accrued), so
+    /// the next provisioning may use [`CreateKey::Replace`].
+    fn mark_lost(
+        &self,
+        user_id: &str,
+        owner: &str,
+        error: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// Reconciliation's power correction, based on `current` as read (refused
+    /// if `generation` moved). `awake` sets the shard and `awake_since`;
+    /// `asleep` removes them and accrues `now_ms − awake_since` (an upper
+    /// bound: the platform slept it some time before); `unknown` only sets power.
+    fn set_power(
+        &self,
+        current: &UserRecord,
+        power: Power,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// Account deletion starts: state `destroying`, `awake_shard` removed (the
+    /// sweep stops seeing it), new leases refused. Idempotent.
+    fn mark_destroying(
+        &self,
+        user_id: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// Delete the item under `guard`; a missing item is [`DeleteOutcome::AlreadyGone`].
+    fn delete(
+        &self,
+        user_id: &str,
+        guard: DeleteGuard,
+    ) -> impl Future<Output = Result<DeleteOutcome>> + Send;
+
+    /// One page of awake items of `shard` idle since before `idle_before_ms`
+    /// (`awake_shard = shard AND last_active_at < idle_before_ms`, oldest
+    /// first) from the `awake` index (eventually consistent). `limit` ≥ 1.
+    fn query_awake_idle(
+        &self,
+        shard: &str,
+        idle_before_ms: u64,
+        cursor: Option<&Cursor>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Page<UserRecord>>> + Send;
+}
+
+/// A fresh create key: 32 lowercase hex (UUID v7, so keys sort by time).
+pub fn new_create_key() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}

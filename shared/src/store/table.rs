@@ -1,0 +1,267 @@
+//! The one definition of the user→machine table: attribute names, key schema,
+//! indexes, billing mode, and the awake-shard function.
+//!
+//! [`create_table`] (local scripts, tests) and [`describe`] (compared against
+//! `template.yaml`) both render the same constants below, so the table the
+//! code talks to and the table the template deploys cannot drift silently.
+//!
+//! Both GSIs project `ALL`. The sweep needs most of the item for each
+//! candidate (`machine_id`, `last_active_at`, the lease, the hold,
+//! `awake_since`, `sleep_eligible_at`, `generation`) and decodes it as a full
+//! [`UserRecord`](super::UserRecord); an `INCLUDE` projection would save a few
+//! hundred bytes per awake item at the price of a second, partial record type
+//! or a follow-up `GetItem` per candidate. The `awake` index is sparse (only
+//! awake machines carry `awake_shard`), so its storage and write cost grow
+//! with awake machines, not users. `by-machine` is read only by
+//! reconciliation, which needs the whole record too.
+
+use aws_sdk_dynamodb::error::ProvideErrorMetadata;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
+    ProjectionType, ScalarAttributeType, TableStatus,
+};
+use serde_json::{json, Value};
+
+use super::StoreError;
+
+/// Attribute names, as stored.
+pub mod attr {
+    /// Partition key.
+    pub const USER_ID: &str = "user_id";
+    /// Dedalus machine id; key of the `by-machine` index.
+    pub const MACHINE_ID: &str = "machine_id";
+    /// `provisioning` · `bootstrapping` · `ready` · `failed` · `destroying`.
+    pub const STATE: &str = "state";
+    /// `awake` · `asleep` · `unknown`.
+    pub const POWER: &str = "power";
+    /// Bumped on every write.
+    pub const GENERATION: &str = "generation";
+    /// Idempotency-Key of the create call.
+    pub const CREATE_KEY: &str = "create_key";
+    /// Bootstrap version that succeeded.
+    pub const BOOTSTRAP_VERSION: &str = "bootstrap_version";
+    /// Epoch ms; sort key of the `awake` index.
+    pub const LAST_ACTIVE_AT: &str = "last_active_at";
+    /// Lease holder.
+    pub const LEASE_OWNER: &str = "lease_owner";
+    /// `turn` · `sweep` · `provision`.
+    pub const LEASE_KIND: &str = "lease_kind";
+    /// Lease expiry, epoch ms.
+    pub const LEASE_UNTIL: &str = "lease_until";
+    /// Terminal to reuse.
+    pub const TERMINAL_ID: &str = "terminal_id";
+    /// Epoch ms the machine woke.
+    pub const AWAKE_SINCE: &str = "awake_since";
+    /// Accumulated awake ms.
+    pub const AWAKE_MS_TOTAL: &str = "awake_ms_total";
+    /// When a refused sleep may be retried, epoch ms.
+    pub const SLEEP_ELIGIBLE_AT: &str = "sleep_eligible_at";
+    /// Hold expiry, epoch ms.
+    pub const HOLD_UNTIL: &str = "hold_until";
+    /// Completion marker path of the held command.
+    pub const HOLD_MARKER: &str = "hold_marker";
+    /// Last error message.
+    pub const LAST_ERROR: &str = "last_error";
+    /// Epoch ms of the last write.
+    pub const UPDATED_AT: &str = "updated_at";
+    /// Epoch ms of the claim.
+    pub const CREATED_AT: &str = "created_at";
+    /// Shard of the `awake` index; present only while awake.
+    pub const AWAKE_SHARD: &str = "awake_shard";
+}
+
+/// Name of the sparse GSI the sweep queries.
+pub const AWAKE_INDEX: &str = "awake";
+/// Name of the GSI reconciliation queries by machine id.
+pub const BY_MACHINE_INDEX: &str = "by-machine";
+/// Number of `awake_shard` values (`"0"` ..= `"7"`). Only ever increase it:
+/// a sweep queries shards `0..AWAKE_SHARDS`, and an item keeps the shard it
+/// was given when it last woke.
+pub const AWAKE_SHARDS: u32 = 8;
+
+/// Attributes that appear in a key schema, with their scalar type.
+const KEY_ATTRIBUTES: &[(&str, &str)] = &[
+    (attr::USER_ID, "S"),
+    (attr::AWAKE_SHARD, "S"),
+    (attr::LAST_ACTIVE_AT, "N"),
+    (attr::MACHINE_ID, "S"),
+];
+/// Table key schema: (attribute, HASH|RANGE).
+const TABLE_KEY: &[(&str, &str)] = &[(attr::USER_ID, "HASH")];
+/// GSIs: (name, key schema, projection type).
+const INDEXES: &[(&str, &[(&str, &str)], &str)] = &[
+    (
+        AWAKE_INDEX,
+        &[(attr::AWAKE_SHARD, "HASH"), (attr::LAST_ACTIVE_AT, "RANGE")],
+        "ALL",
+    ),
+    (BY_MACHINE_INDEX, &[(attr::MACHINE_ID, "HASH")], "ALL"),
+];
+const BILLING_MODE: &str = "PAY_PER_REQUEST";
+
+/// The awake shard of a user: FNV-1a (64-bit) of the UTF-8 user id modulo
+/// [`AWAKE_SHARDS`], as a decimal string. Stable across processes, builds and
+/// platforms (unlike std's randomized hasher).
+pub fn shard_for(user_id: &str) -> String {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let hash = user_id
+        .bytes()
+        .fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME));
+    (hash % u64::from(AWAKE_SHARDS)).to_string()
+}
+
+/// All shard values, for a sweep to iterate.
+pub fn all_shards() -> impl Iterator<Item = String> {
+    (0..AWAKE_SHARDS).map(|s| s.to_string())
+}
+
+/// The table definition in CloudFormation/DynamoDB API property names
+/// (`AttributeDefinitions`, `KeySchema`, `BillingMode`,
+/// `GlobalSecondaryIndexes`), for comparison with `template.yaml`.
+pub fn describe() -> Value {
+    let key_schema = |keys: &[(&str, &str)]| -> Value {
+        keys.iter()
+            .map(|(a, k)| json!({"AttributeName": a, "KeyType": k}))
+            .collect()
+    };
+    json!({
+        "AttributeDefinitions": KEY_ATTRIBUTES
+            .iter()
+            .map(|(a, t)| json!({"AttributeName": a, "AttributeType": t}))
+            .collect::<Vec<_>>(),
+        "KeySchema": key_schema(TABLE_KEY),
+        "BillingMode": BILLING_MODE,
+        "GlobalSecondaryIndexes": INDEXES
+            .iter()
+            .map(|(name, keys, projection)| json!({
+                "IndexName": name,
+                "KeySchema": key_schema(keys),
+                "Projection": {"ProjectionType": projection},
+            }))
+            .collect::<Vec<_>>(),
+    })
+}
+
+fn build_error(e: aws_sdk_dynamodb::error::BuildError) -> StoreError {
+    StoreError::backend("create_table", false, e)
+}
+
+fn key_schema(keys: &[(&str, &str)]) -> Result<Vec<KeySchemaElement>, StoreError> {
+    keys.iter()
+        .map(|(a, k)| {
+            KeySchemaElement::builder()
+                .attribute_name(*a)
+                .key_type(KeyType::from(*k))
+                .build()
+                .map_err(build_error)
+        })
+        .collect()
+}
+
+/// Create the table (local scripts and tests; production uses the template).
+/// Idempotent: an existing table is fine. Waits until the table is `ACTIVE`
+/// (bounded: about 30 s).
+pub async fn create_table(
+    client: &aws_sdk_dynamodb::Client,
+    table_name: &str,
+) -> Result<(), StoreError> {
+    let definitions = KEY_ATTRIBUTES
+        .iter()
+        .map(|(a, t)| {
+            AttributeDefinition::builder()
+                .attribute_name(*a)
+                .attribute_type(ScalarAttributeType::from(*t))
+                .build()
+                .map_err(build_error)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let indexes = INDEXES
+        .iter()
+        .map(|(name, keys, projection)| {
+            GlobalSecondaryIndex::builder()
+                .index_name(*name)
+                .set_key_schema(Some(key_schema(keys)?))
+                .projection(
+                    Projection::builder()
+                        .projection_type(ProjectionType::from(*projection))
+                        .build(),
+                )
+                .build()
+                .map_err(build_error)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let created = client
+        .create_table()
+        .table_name(table_name)
+        .set_attribute_definitions(Some(definitions))
+        .set_key_schema(Some(key_schema(TABLE_KEY)?))
+        .set_global_secondary_indexes(Some(indexes))
+        .billing_mode(BillingMode::from(BILLING_MODE))
+        .send()
+        .await;
+    if let Err(err) = created {
+        if err.code() != Some("ResourceInUseException") {
+            return Err(StoreError::from_sdk("create_table", err));
+        }
+    }
+    for _ in 0..60 {
+        let status = client
+            .describe_table()
+            .table_name(table_name)
+            .send()
+            .await
+            .map_err(|e| StoreError::from_sdk("describe_table", e))?
+            .table()
+            .and_then(|t| t.table_status().cloned());
+        if status == Some(TableStatus::Active) {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    Err(StoreError::backend(
+        "create_table",
+        true,
+        format!("table {table_name} did not become ACTIVE"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_fixed_user_ids_when_sharded_then_the_shards_are_stable_and_in_range() {
+        // Pinned values: a change here re-shards every awake machine.
+        assert_eq!(shard_for(""), (0xcbf2_9ce4_8422_2325u64 % 8).to_string());
+        assert_eq!(shard_for("alice"), shard_for("alice"));
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..1000 {
+            let s = shard_for(&format!("user-{i}"));
+            let n: u32 = s.parse().expect("decimal");
+            assert!(n < AWAKE_SHARDS);
+            seen.insert(s);
+        }
+        assert_eq!(seen.len(), AWAKE_SHARDS as usize, "all shards used");
+    }
+
+    #[test]
+    fn given_the_definition_when_described_then_indexes_and_keys_are_listed() {
+        let d = describe();
+        assert_eq!(d["KeySchema"][0]["AttributeName"], "user_id");
+        assert_eq!(d["BillingMode"], "PAY_PER_REQUEST");
+        let gsis = d["GlobalSecondaryIndexes"].as_array().expect("array");
+        assert_eq!(gsis[0]["IndexName"], "awake");
+        assert_eq!(gsis[0]["KeySchema"][1]["AttributeName"], "last_active_at");
+        assert_eq!(gsis[0]["KeySchema"][1]["KeyType"], "RANGE");
+        assert_eq!(gsis[1]["IndexName"], "by-machine");
+        // Every key attribute is defined exactly once, and nothing else is.
+        let defined: Vec<_> = d["AttributeDefinitions"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|a| a["AttributeName"].as_str().expect("name").to_owned())
+            .collect();
+        assert_eq!(defined, ["user_id", "awake_shard", "last_active_at", "machine_id"]);
+    }
+}

@@ -1,0 +1,418 @@
+//! Test harness for the workspace integration tests.
+//!
+//! Every test talks to real processes over loopback:
+//! - [`Emulator`]: a fresh `dcs-emulator` process per test (free port, temp
+//!   data dir, fast timings), with helpers for its admin routes.
+//! - [`Moto`]: one `moto_server` (DynamoDB-compatible) per test binary.
+//!
+//! Child processes are killed when their handle drops and, as a backstop,
+//! when the test binary dies (`PR_SET_PDEATHSIG`), so a failed or killed test
+//! run leaves nothing behind.
+
+pub mod spec;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Environment every test process needs so the AWS SDK never looks beyond
+/// loopback (no instance metadata, no default endpoints).
+pub fn set_local_aws_env() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        // SAFETY-free: set_var is safe in edition 2021; done once, first thing.
+        std::env::set_var("AWS_REGION", "us-east-1");
+        std::env::set_var("AWS_DEFAULT_REGION", "us-east-1");
+        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+        std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+    });
+}
+
+/// The workspace root (parent of the `tests/` package).
+pub fn workspace_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap_or(here).to_path_buf()
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// A table name no other test in this run uses.
+pub fn unique_table_name(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Spawn `cmd` so that it dies with the test binary even if the binary is
+/// killed before it can run destructors.
+fn spawn_tied_to_parent(cmd: &mut Command) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    #[allow(unsafe_code)]
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
+    // memory of the parent; it only asks the kernel to SIGKILL the child
+    // when the spawning thread exits.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+fn wait_for_tcp(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+// ---------------------------------------------------------------------------
+// Emulator
+// ---------------------------------------------------------------------------
+
+/// Path of the `dcs-emulator` binary: `$DCS_EMULATOR_BIN`, or the one in this
+/// test run's target dir (built with cargo on first use if missing).
+pub fn emulator_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("DCS_EMULATOR_BIN") {
+            return PathBuf::from(p);
+        }
+        // current_exe = <target>/<profile>/deps/<test>-<hash>
+        let exe = std::env::current_exe().expect("current exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in <target>/<profile>/deps")
+            .to_path_buf();
+        let bin = profile_dir.join("dcs-emulator");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // Always ask cargo: it is a no-op when the binary is fresh, and it
+        // keeps a stale emulator from being tested after a source change.
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "dcs-emulator", "--bin", "dcs-emulator"])
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo build for dcs-emulator");
+        assert!(status.success(), "building dcs-emulator failed");
+        assert!(bin.exists(), "dcs-emulator not found at {}", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// Emulator flags that make tests fast: short transitions, no hold window.
+pub const FAST_EMULATOR_FLAGS: &[&str] = &[
+    "--boot-delay",
+    "50ms",
+    "--wake-delay",
+    "50ms",
+    "--sleep-delay",
+    "20ms",
+    "--destroy-delay",
+    "20ms",
+    "--hold-window",
+    "0s",
+    "--hold-jitter",
+    "0s",
+];
+
+/// A running `dcs-emulator` process.
+pub struct Emulator {
+    child: Option<Child>,
+    data_dir: tempfile::TempDir,
+    args: Vec<String>,
+    /// `http://127.0.0.1:PORT`
+    pub base_url: String,
+    /// The API key the emulator accepts.
+    pub api_key: String,
+    http: reqwest::Client,
+}
+
+impl Emulator {
+    /// A fresh emulator with [`FAST_EMULATOR_FLAGS`].
+    pub async fn start() -> Emulator {
+        Self::start_with(&[]).await
+    }
+
+    /// A fresh emulator with [`FAST_EMULATOR_FLAGS`] followed by `extra`
+    /// (later flags win).
+    pub async fn start_with(extra: &[&str]) -> Emulator {
+        set_local_aws_env();
+        let data_dir = tempfile::Builder::new()
+            .prefix("dcs-emulator-test-")
+            .tempdir()
+            .expect("temp data dir");
+        let args: Vec<String> = FAST_EMULATOR_FLAGS
+            .iter()
+            .chain(extra.iter())
+            .map(|s| s.to_string())
+            .collect();
+        let mut emu = Emulator {
+            child: None,
+            data_dir,
+            args,
+            base_url: String::new(),
+            api_key: format!("test-key-{}", uuid::Uuid::now_v7().simple()),
+            http: reqwest::Client::new(),
+        };
+        emu.spawn("127.0.0.1:0").await;
+        emu
+    }
+
+    async fn spawn(&mut self, listen: &str) {
+        let bin = emulator_bin();
+        let log_path = self.data_dir.path().join("emulator.log");
+        let out_path = self.data_dir.path().join("emulator.out");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("emulator log file");
+        let out = std::fs::File::create(&out_path).expect("emulator stdout file");
+        let mut cmd = Command::new(bin);
+        cmd.arg("--listen")
+            .arg(listen)
+            .arg("--data-dir")
+            .arg(self.data_dir.path().join("state"))
+            .arg("--api-key")
+            .arg(&self.api_key)
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(log));
+        let child = spawn_tied_to_parent(&mut cmd).expect("spawn dcs-emulator");
+        self.child = Some(child);
+        self.base_url = wait_for_listen_line(&out_path, &log_path, Duration::from_secs(30));
+    }
+
+    /// Stop the process (SIGKILL: a crash, not a clean shutdown) and start it
+    /// again on the same data dir and port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let listen = self
+            .base_url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        self.spawn(&listen).await;
+    }
+
+    /// Kill the process now (the data dir stays until drop).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The emulator's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.path().join("state")
+    }
+
+    /// The home directory of machine `id` on the host.
+    pub fn machine_home(&self, id: &str) -> PathBuf {
+        self.data_dir().join("machines").join(id).join("home")
+    }
+
+    /// Everything the emulator logged so far (for assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.path().join("emulator.log")).unwrap_or_default()
+    }
+
+    fn admin_url(&self, path: &str) -> String {
+        format!("{}/_emulator/{path}", self.base_url)
+    }
+
+    /// Inject a fault (see emulator/README.md); returns the fault id.
+    pub async fn inject_fault(&self, fault: serde_json::Value) -> String {
+        let resp = self
+            .http
+            .post(self.admin_url("faults"))
+            .json(&fault)
+            .send()
+            .await
+            .expect("POST /_emulator/faults");
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.expect("fault response json");
+        assert!(status.is_success(), "inject_fault failed: {status} {body}");
+        body["fault_id"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Remove every injected fault.
+    pub async fn clear_faults(&self) {
+        let resp = self
+            .http
+            .delete(self.admin_url("faults"))
+            .send()
+            .await
+            .expect("DELETE /_emulator/faults");
+        assert!(resp.status().is_success(), "clear_faults: {}", resp.status());
+    }
+
+    /// Every `/v1` request the emulator received, oldest first.
+    pub async fn requests(&self) -> Vec<serde_json::Value> {
+        let resp = self
+            .http
+            .get(self.admin_url("requests"))
+            .send()
+            .await
+            .expect("GET /_emulator/requests");
+        let body: serde_json::Value = resp.json().await.expect("requests json");
+        match body {
+            serde_json::Value::Array(items) => items,
+            other => other["items"].as_array().cloned().unwrap_or_default(),
+        }
+    }
+
+    /// Change timing knobs at run time (`PATCH /_emulator/config`).
+    pub async fn configure(&self, patch: serde_json::Value) {
+        let resp = self
+            .http
+            .patch(self.admin_url("config"))
+            .json(&patch)
+            .send()
+            .await
+            .expect("PATCH /_emulator/config");
+        assert!(resp.status().is_success(), "configure: {}", resp.status());
+    }
+
+    /// A raw HTTP client and the auth header value, for tests that check the
+    /// wire format itself.
+    pub fn raw(&self) -> (&reqwest::Client, String) {
+        (&self.http, format!("Bearer {}", self.api_key))
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wait_for_listen_line(out_path: &Path, log_path: &Path, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(f) = std::fs::File::open(out_path) {
+            for line in BufReader::new(f).lines().map_while(Result::ok) {
+                if let Some(idx) = line.find("http://") {
+                    return line[idx..].trim().trim_end_matches('/').to_string();
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(log_path).unwrap_or_default();
+            panic!("dcs-emulator did not print its address within {timeout:?}; log:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// moto_server (DynamoDB-compatible)
+// ---------------------------------------------------------------------------
+
+/// One `moto_server` per test binary, shared by its tests (each test uses its
+/// own table, see [`unique_table_name`]).
+pub struct Moto {
+    /// `http://127.0.0.1:PORT`
+    pub endpoint: String,
+}
+
+/// `$MOTO_SERVER_BIN`, else the project venv's, else `moto_server` on PATH.
+pub fn moto_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("MOTO_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let venv = workspace_root().join(".venv/bin/moto_server");
+    if venv.exists() {
+        return venv;
+    }
+    PathBuf::from("moto_server")
+}
+
+impl Moto {
+    /// The shared server, started on first use.
+    pub async fn shared() -> &'static Moto {
+        static MOTO: OnceLock<Moto> = OnceLock::new();
+        set_local_aws_env();
+        if let Some(m) = MOTO.get() {
+            return m;
+        }
+        // Start it from a thread that lives as long as the process, so the
+        // parent-death signal fires only when the test binary exits.
+        let endpoint = tokio::task::spawn_blocking(|| {
+            MOTO.get_or_init(|| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::Builder::new()
+                    .name("moto-server-owner".into())
+                    .spawn(move || {
+                        let port = free_port();
+                        let mut cmd = Command::new(moto_bin());
+                        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                            .stdin(Stdio::null())
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null());
+                        let child = spawn_tied_to_parent(&mut cmd).unwrap_or_else(|e| {
+                            panic!(
+                                "cannot start moto_server ({}): {e}; run ./scripts/test, which installs it",
+                                moto_bin().display()
+                            )
+                        });
+                        let ready = wait_for_tcp(port, Duration::from_secs(30));
+                        let _ = tx.send((port, ready));
+                        let _keep = child;
+                        loop {
+                            std::thread::park();
+                        }
+                    })
+                    .expect("spawn moto owner thread");
+                let (port, ready) = rx.recv().expect("moto owner thread reports");
+                assert!(ready, "moto_server did not listen on port {port}");
+                Moto {
+                    endpoint: format!("http://127.0.0.1:{port}"),
+                }
+            })
+            .endpoint
+            .clone()
+        })
+        .await
+        .expect("start moto");
+        let _ = endpoint;
+        MOTO.get().expect("moto initialised")
+    }
+
+    /// An SDK config pointing at this server only (static credentials, fixed
+    /// region, no metadata lookups).
+    pub async fn sdk_config(&self) -> aws_config::SdkConfig {
+        set_local_aws_env();
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+                "test", "test", None, None, "static",
+            ))
+            .endpoint_url(&self.endpoint)
+            .load()
+            .await
+    }
+
+    /// A DynamoDB client for this server.
+    pub async fn dynamodb_client(&self) -> aws_sdk_dynamodb::Client {
+        aws_sdk_dynamodb::Client::new(&self.sdk_config().await)
+    }
+}
