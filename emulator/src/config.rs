@@ -19,13 +19,17 @@ pub enum IdFormat {
 
 /// A local, faithful Dedalus Machines API server for development and tests.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "dcs-emulator", version, about)]
+#[command(name = "dcs-emulator", version, about, args_override_self = true)]
 pub struct Args {
     /// Where to serve (`127.0.0.1:0` picks a free port).
     #[arg(long, env = "DCS_EMULATOR_LISTEN", default_value = "127.0.0.1:4010")]
     pub listen: SocketAddr,
     /// State (`state.json`) and machine homes (`machines/<id>/home`).
-    #[arg(long, env = "DCS_EMULATOR_DATA_DIR", default_value = "./.local/dcs-emulator")]
+    #[arg(
+        long,
+        env = "DCS_EMULATOR_DATA_DIR",
+        default_value = "./.local/dcs-emulator"
+    )]
     pub data_dir: PathBuf,
     /// The one accepted API key.
     #[arg(long, env = "DCS_EMULATOR_API_KEY", default_value = "dev-key")]
@@ -167,7 +171,9 @@ pub fn parse_autosleep(input: &str) -> Result<u64, String> {
             return Err(format!("autosleep {input:?}: unit {c:?} without a number"));
         }
         if rank >= last_unit_rank {
-            return Err(format!("autosleep {input:?}: units must go from largest to smallest"));
+            return Err(format!(
+                "autosleep {input:?}: units must go from largest to smallest"
+            ));
         }
         last_unit_rank = rank;
         let n: u64 = digits
@@ -180,7 +186,9 @@ pub fn parse_autosleep(input: &str) -> Result<u64, String> {
             .ok_or_else(|| format!("autosleep {input:?} is out of range"))?;
     }
     if !digits.is_empty() {
-        return Err(format!("autosleep {input:?}: trailing number without a unit"));
+        return Err(format!(
+            "autosleep {input:?}: trailing number without a unit"
+        ));
     }
     Ok(total)
 }
@@ -204,13 +212,39 @@ mod tests {
 
     #[test]
     fn autosleep_rejects_garbage() {
-        for bad in ["", "s", "10x", "3s4h", "5", "-5s", "1.5h", "99999999999999999999s", "5m5m"] {
+        for bad in [
+            "",
+            "s",
+            "10x",
+            "3s4h",
+            "5",
+            "-5s",
+            "1.5h",
+            "99999999999999999999s",
+            "5m5m",
+        ] {
             if bad == "5" {
                 continue;
             }
             assert!(parse_autosleep(bad).is_err(), "{bad:?} should be rejected");
         }
         assert!(parse_autosleep("18446744073709551615w").is_err());
+    }
+
+    #[test]
+    fn later_flags_win() {
+        let args = Args::try_parse_from([
+            "dcs-emulator",
+            "--hold-window",
+            "0s",
+            "--hold-window",
+            "1h",
+            "--default-autosleep",
+            "never",
+        ])
+        .expect("repeated flags parse");
+        assert_eq!(args.hold_window, Duration::from_secs(3600));
+        assert_eq!(args.default_autosleep, 0);
     }
 
     #[test]

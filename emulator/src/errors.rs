@@ -12,10 +12,7 @@ use serde::Serialize;
 #[derive(Debug, Clone)]
 pub enum ApiError {
     Dcs(DcsError),
-    Problem {
-        status: StatusCode,
-        detail: String,
-    },
+    Problem { status: StatusCode, detail: String },
 }
 
 /// The DCS error body plus its status.
@@ -42,7 +39,12 @@ struct Problem<'a> {
 }
 
 impl DcsError {
-    pub fn new(status: StatusCode, code: &str, message: impl Into<String>, retryable: bool) -> Self {
+    pub fn new(
+        status: StatusCode,
+        code: &str,
+        message: impl Into<String>,
+        retryable: bool,
+    ) -> Self {
         Self {
             status,
             error_code: code.to_owned(),
@@ -128,7 +130,10 @@ impl IntoResponse for DcsError {
         let body = serde_json::to_vec(&self).unwrap_or_default();
         let mut resp = (
             self.status,
-            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
             body,
         )
             .into_response();

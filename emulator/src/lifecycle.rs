@@ -54,10 +54,15 @@ fn check_if_match(m: &Machine, if_match: Option<&str>) -> Result<(), ApiError> {
     if provided == "*" || provided == m.revision_str() {
         return Ok(());
     }
-    Err(DcsError::new(StatusCode::CONFLICT, "REVISION_MISMATCH", "revision mismatch", true)
-        .detail("expected_revision", m.revision_str())
-        .detail("provided_revision", provided)
-        .into())
+    Err(DcsError::new(
+        StatusCode::CONFLICT,
+        "REVISION_MISMATCH",
+        "revision mismatch",
+        true,
+    )
+    .detail("expected_revision", m.revision_str())
+    .detail("provided_revision", provided)
+    .into())
 }
 
 fn ms(v: u64) -> Duration {
@@ -130,9 +135,25 @@ pub async fn create(app: &AppRef, new: NewMachine) -> Machine {
     let boot = app.timing().boot_delay_ms;
     let task_app = app.clone();
     tokio::spawn(async move {
-        advance(&task_app, &id, 1, &[Phase::Accepted], Phase::Starting, "booting").await;
+        advance(
+            &task_app,
+            &id,
+            1,
+            &[Phase::Accepted],
+            Phase::Starting,
+            "booting",
+        )
+        .await;
         tokio::time::sleep(ms(boot)).await;
-        advance(&task_app, &id, 1, &[Phase::Starting], Phase::Running, "running").await;
+        advance(
+            &task_app,
+            &id,
+            1,
+            &[Phase::Starting],
+            Phase::Running,
+            "running",
+        )
+        .await;
     });
     snapshot
 }
@@ -223,7 +244,15 @@ pub async fn wake(app: &AppRef, id: &str, if_match: Option<&str>) -> Result<Mach
     let id = id.to_owned();
     tokio::spawn(async move {
         tokio::time::sleep(ms(timing.wake_delay_ms)).await;
-        advance(&task_app, &id, op, &[Phase::Starting], Phase::Running, "running").await;
+        advance(
+            &task_app,
+            &id,
+            op,
+            &[Phase::Starting],
+            Phase::Running,
+            "running",
+        )
+        .await;
     });
     Ok(snapshot)
 }
@@ -268,7 +297,9 @@ pub async fn sleep(
                         .detail("jitter_ms", m.hold_jitter_ms.to_string())
                         .detail(
                             "effective_hold_window_ms",
-                            m.hold_window_ms.saturating_add(m.hold_jitter_ms).to_string(),
+                            m.hold_window_ms
+                                .saturating_add(m.hold_jitter_ms)
+                                .to_string(),
                         )
                         .detail("last_wake_at", rfc3339(last_wake))
                         .into());
@@ -293,7 +324,15 @@ pub async fn sleep(
     tokio::spawn(async move {
         kill.await;
         tokio::time::sleep(ms(timing.sleep_delay_ms)).await;
-        advance(&task_app, &id, op, &[Phase::Stopping], Phase::Sleeping, "sleeping").await;
+        advance(
+            &task_app,
+            &id,
+            op,
+            &[Phase::Stopping],
+            Phase::Sleeping,
+            "sleeping",
+        )
+        .await;
     });
     Ok(snapshot)
 }
@@ -321,7 +360,15 @@ pub async fn destroy(app: &AppRef, id: &str, if_match: Option<&str>) -> Result<M
     tokio::spawn(async move {
         kill.await;
         tokio::time::sleep(ms(timing.destroy_delay_ms)).await;
-        advance(&task_app, &id, op, &[Phase::Destroying], Phase::Destroyed, "destroyed").await;
+        advance(
+            &task_app,
+            &id,
+            op,
+            &[Phase::Destroying],
+            Phase::Destroyed,
+            "destroyed",
+        )
+        .await;
     });
     Ok(snapshot)
 }
@@ -376,7 +423,10 @@ pub fn stop_machine_processes(
         for e in st.executions.values_mut() {
             if e.machine_id == machine_id
                 && matches!(e.status, ExecStatus::Queued | ExecStatus::Running)
-                && e.finish(ExecStatus::Cancelled, Some((error_code, message.to_owned())))
+                && e.finish(
+                    ExecStatus::Cancelled,
+                    Some((error_code, message.to_owned())),
+                )
             {
                 execs.push(e.id.clone());
             }

@@ -223,9 +223,21 @@ impl Execution {
             at_ms: now,
             chunk: None,
             status: Some(status),
-            exit_code: if status.is_terminal() { self.exit_code } else { None },
-            signal: if status.is_terminal() { self.signal } else { None },
-            error_code: if status.is_terminal() { self.error_code.clone() } else { None },
+            exit_code: if status.is_terminal() {
+                self.exit_code
+            } else {
+                None
+            },
+            signal: if status.is_terminal() {
+                self.signal
+            } else {
+                None
+            },
+            error_code: if status.is_terminal() {
+                self.error_code.clone()
+            } else {
+                None
+            },
             error_message: if status.is_terminal() {
                 self.error_message.clone()
             } else {
@@ -340,7 +352,9 @@ impl State {
 
     /// A machine that exists and is not destroyed.
     pub fn live_machine(&self, id: &str) -> Option<&Machine> {
-        self.machines.get(id).filter(|m| m.phase != Phase::Destroyed)
+        self.machines
+            .get(id)
+            .filter(|m| m.phase != Phase::Destroyed)
     }
 
     pub fn live_machine_mut(&mut self, id: &str) -> Option<&mut Machine> {
@@ -376,7 +390,8 @@ impl State {
                     m.running_since_ms = Some(now);
                     m.hold_window_ms = hold_window_ms;
                     m.hold_jitter_ms = 0;
-                    m.hold_until_ms = Some(now.saturating_add(i64::try_from(hold_window_ms).unwrap_or(i64::MAX)));
+                    m.hold_until_ms =
+                        Some(now.saturating_add(i64::try_from(hold_window_ms).unwrap_or(i64::MAX)));
                     m.last_activity_ms = now;
                 }
                 changed = true;
@@ -387,7 +402,10 @@ impl State {
             if !e.status.is_terminal() {
                 e.finish(
                     ExecStatus::Failed,
-                    Some(("HOST_RESTARTED", "the emulator restarted while the execution was running".to_owned())),
+                    Some((
+                        "HOST_RESTARTED",
+                        "the emulator restarted while the execution was running".to_owned(),
+                    )),
                 );
                 changed = true;
             }

@@ -88,7 +88,10 @@ impl TermSession {
     fn deliver(&self, data: &[u8]) {
         let mut out = self.out();
         if let Some((_, tx)) = &out.client {
-            if tx.send(Outbound::Data(Bytes::copy_from_slice(data))).is_ok() {
+            if tx
+                .send(Outbound::Data(Bytes::copy_from_slice(data)))
+                .is_ok()
+            {
                 return;
             }
             out.client = None;
@@ -139,7 +142,12 @@ impl TermSession {
 }
 
 /// Starts the shell on a new PTY and registers the session.
-pub fn spawn(app: &AppRef, terminal_id: &str, machine_id: &str, spec: &ShellSpec<'_>) -> Result<Arc<TermSession>, String> {
+pub fn spawn(
+    app: &AppRef,
+    terminal_id: &str,
+    machine_id: &str,
+    spec: &ShellSpec<'_>,
+) -> Result<Arc<TermSession>, String> {
     let (pty, pts) = pty_process::open().map_err(|e| format!("cannot open a pty: {e}"))?;
     pty.resize(pty_process::Size::new(spec.height, spec.width))
         .map_err(|e| format!("cannot size the pty: {e}"))?;
@@ -225,7 +233,8 @@ async fn finish(app: &AppRef, session: &Arc<TermSession>) {
     session.mark_closed();
     if let Some(pid) = session.pid.and_then(|p| i32::try_from(p).ok()) {
         let mid = session.machine_id.clone();
-        let _ = tokio::task::spawn_blocking(move || proc::kill_marked(|v| v == mid, Some(pid))).await;
+        let _ =
+            tokio::task::spawn_blocking(move || proc::kill_marked(|v| v == mid, Some(pid))).await;
     }
     if changed {
         app.notify();
@@ -235,5 +244,7 @@ async fn finish(app: &AppRef, session: &Arc<TermSession>) {
 
 /// `PATH` for machine processes.
 pub fn host_path() -> String {
-    std::env::var("PATH").unwrap_or_else(|_| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned())
+    std::env::var("PATH").unwrap_or_else(|_| {
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned()
+    })
 }

@@ -48,7 +48,9 @@ mod tests {
     fn ids_have_expected_shape() {
         let id = machine_id(IdFormat::Dm);
         assert!(id.starts_with("dm-") && id.len() == 35, "{id}");
-        assert!(id[3..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(id[3..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         let id = machine_id(IdFormat::Uuid);
         assert!(Uuid::parse_str(&id).is_ok() && id == id.to_lowercase());
         assert!(execution_id().starts_with("ex-"));

@@ -106,13 +106,21 @@ impl Config {
     /// Read from a map (tests).
     pub fn from_map(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let get = |name: &'static str| env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
-        let required = |name: &'static str| get(name).map(str::to_string).ok_or(ConfigError::Missing(name));
+        let required = |name: &'static str| {
+            get(name)
+                .map(str::to_string)
+                .ok_or(ConfigError::Missing(name))
+        };
         let url = |name: &'static str, default: &str| -> Result<url::Url, ConfigError> {
             let raw = get(name).unwrap_or(default);
             let parsed = url::Url::parse(raw).map_err(|e| malformed(name, raw, e))?;
             match parsed.scheme() {
                 "http" | "https" => Ok(parsed),
-                other => Err(malformed(name, raw, format!("scheme {other} is not http(s)"))),
+                other => Err(malformed(
+                    name,
+                    raw,
+                    format!("scheme {other} is not http(s)"),
+                )),
             }
         };
         let num = |name: &'static str| get(name).map(str::to_string);
@@ -136,7 +144,11 @@ impl Config {
         };
         let machine_vcpu: f64 = parse_num(num("MACHINE_VCPU"), "MACHINE_VCPU", 1.0)?;
         if !(machine_vcpu > 0.0 && machine_vcpu.is_finite()) {
-            return Err(malformed("MACHINE_VCPU", &machine_vcpu.to_string(), "must be positive"));
+            return Err(malformed(
+                "MACHINE_VCPU",
+                &machine_vcpu.to_string(),
+                "must be positive",
+            ));
         }
         let max_steps: u32 = parse_num(num("MAX_STEPS"), "MAX_STEPS", 20)?;
         if max_steps == 0 {
@@ -153,13 +165,17 @@ impl Config {
             machine_memory_mib: parse_num(num("MACHINE_MEMORY_MIB"), "MACHINE_MEMORY_MIB", 2048)?,
             machine_storage_gib: parse_num(num("MACHINE_STORAGE_GIB"), "MACHINE_STORAGE_GIB", 10)?,
             machine_autosleep: get("MACHINE_AUTOSLEEP").unwrap_or("15m").to_string(),
-            bootstrap_script: get("BOOTSTRAP_SCRIPT").unwrap_or(DEFAULT_BOOTSTRAP).to_string(),
+            bootstrap_script: get("BOOTSTRAP_SCRIPT")
+                .unwrap_or(DEFAULT_BOOTSTRAP)
+                .to_string(),
             idle_after: duration("IDLE_AFTER", Duration::from_secs(300))?,
             turn_deadline: duration("TURN_DEADLINE", Duration::from_secs(600))?,
             max_steps,
             auth_mode: match get("AUTH_MODE") {
                 None => AuthMode::Jwt,
-                Some(raw) => raw.parse().map_err(|e: String| malformed("AUTH_MODE", raw, e))?,
+                Some(raw) => raw
+                    .parse()
+                    .map_err(|e: String| malformed("AUTH_MODE", raw, e))?,
             },
             admin_scope: get("ADMIN_SCOPE").unwrap_or("agenthome/admin").to_string(),
             provision_function: get("PROVISION_FUNCTION").map(str::to_string),
@@ -175,7 +191,11 @@ fn malformed(name: &'static str, value: &str, reason: impl fmt::Display) -> Conf
     }
 }
 
-fn parse_num<T: std::str::FromStr>(raw: Option<String>, name: &'static str, default: T) -> Result<T, ConfigError>
+fn parse_num<T: std::str::FromStr>(
+    raw: Option<String>,
+    name: &'static str,
+    default: T,
+) -> Result<T, ConfigError>
 where
     T::Err: fmt::Display,
 {
@@ -190,12 +210,16 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn local_defaults_need_only_a_table_and_a_key() {
-        let c = Config::from_map(&env(&[("TABLE_NAME", "t"), ("DEDALUS_API_KEY", "k")])).expect("config");
+        let c = Config::from_map(&env(&[("TABLE_NAME", "t"), ("DEDALUS_API_KEY", "k")]))
+            .expect("config");
         assert_eq!(c.agent_model, "shell", "no LLM key → offline shell mode");
         assert_eq!(c.idle_after, Duration::from_secs(300));
         assert_eq!(c.auth_mode, AuthMode::Jwt);
@@ -220,9 +244,16 @@ mod tests {
             ("AUTH_MODE", "open"),
             ("DEDALUS_BASE_URL", "ftp://x"),
         ] {
-            let err = Config::from_map(&env(&[("TABLE_NAME", "t"), ("DEDALUS_API_KEY", "k"), (name, bad)]))
-                .unwrap_err();
-            assert!(matches!(err, ConfigError::Malformed { name: n, .. } if n == name), "{name}: {err}");
+            let err = Config::from_map(&env(&[
+                ("TABLE_NAME", "t"),
+                ("DEDALUS_API_KEY", "k"),
+                (name, bad),
+            ]))
+            .unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Malformed { name: n, .. } if n == name),
+                "{name}: {err}"
+            );
         }
     }
 
@@ -236,6 +267,9 @@ mod tests {
         ]))
         .expect("config");
         let printed = format!("{c:?}");
-        assert!(!printed.contains("super-secret") && !printed.contains("also-secret"), "{printed}");
+        assert!(
+            !printed.contains("super-secret") && !printed.contains("also-secret"),
+            "{printed}"
+        );
     }
 }

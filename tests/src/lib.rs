@@ -10,6 +10,7 @@
 //! run leaves nothing behind.
 
 pub mod spec;
+pub mod store_contract;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -156,8 +157,11 @@ impl Emulator {
             .prefix("dcs-emulator-test-")
             .tempdir()
             .expect("temp data dir");
+        // clap rejects a repeated flag: drop the fast defaults `extra` overrides.
         let args: Vec<String> = FAST_EMULATOR_FLAGS
-            .iter()
+            .chunks(2)
+            .filter(|pair| !extra.contains(&pair[0]))
+            .flatten()
             .chain(extra.iter())
             .map(|s| s.to_string())
             .collect();
@@ -414,5 +418,38 @@ impl Moto {
     /// A DynamoDB client for this server.
     pub async fn dynamodb_client(&self) -> aws_sdk_dynamodb::Client {
         aws_sdk_dynamodb::Client::new(&self.sdk_config().await)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Dedalus client for an emulator
+// ---------------------------------------------------------------------------
+
+/// A retry policy for tests: same rules as production, short waits.
+pub fn fast_retry_policy() -> agenthome::dedalus::RetryPolicy {
+    agenthome::dedalus::RetryPolicy {
+        max_attempts: 5,
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+        jitter: true,
+        call_deadline: Duration::from_secs(20),
+        max_server_delay: Duration::from_secs(5),
+    }
+}
+
+impl Emulator {
+    /// A client configuration for this emulator: its key, a 5 s request
+    /// timeout and [`fast_retry_policy`]. Tweak it and build with
+    /// `agenthome::dedalus::Client::new`.
+    pub fn client_config(&self) -> agenthome::dedalus::ClientConfig {
+        let base = agenthome::dedalus::Url::parse(&self.base_url).expect("emulator base URL");
+        agenthome::dedalus::ClientConfig::new(base, self.api_key.as_str().into())
+            .with_request_timeout(Duration::from_secs(5))
+            .with_retry(fast_retry_policy())
+    }
+
+    /// A Dedalus client for this emulator (see [`Emulator::client_config`]).
+    pub fn client(&self) -> agenthome::dedalus::Client {
+        agenthome::dedalus::Client::new(self.client_config()).expect("dedalus client")
     }
 }

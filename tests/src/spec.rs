@@ -22,8 +22,13 @@ fn document() -> &'static Value {
     })
 }
 
+/// One JSON-pointer segment, escaped (RFC 6901) and made URI-fragment safe.
 fn escape_pointer(segment: &str) -> String {
-    segment.replace('~', "~0").replace('/', "~1")
+    segment
+        .replace('~', "~0")
+        .replace('/', "~1")
+        .replace('{', "%7B")
+        .replace('}', "%7D")
 }
 
 fn validate_at(pointer: &str, instance: &Value) -> Result<(), String> {

@@ -90,7 +90,10 @@ mod tests {
     #[test]
     fn a_user_may_act_only_for_itself() {
         let a = jwt("alice", &[]);
-        assert_eq!(authorize(AuthMode::Jwt, "agenthome/admin", &a, &user("alice")), Ok(()));
+        assert_eq!(
+            authorize(AuthMode::Jwt, "agenthome/admin", &a, &user("alice")),
+            Ok(())
+        );
         let err = authorize(AuthMode::Jwt, "agenthome/admin", &a, &user("bob")).unwrap_err();
         assert_eq!(err.status, 403);
     }
@@ -98,14 +101,27 @@ mod tests {
     #[test]
     fn the_admin_scope_may_act_for_anyone() {
         let backend = jwt("backend-service", &["read", "agenthome/admin"]);
-        assert_eq!(authorize(AuthMode::Jwt, "agenthome/admin", &backend, &user("bob")), Ok(()));
+        assert_eq!(
+            authorize(AuthMode::Jwt, "agenthome/admin", &backend, &user("bob")),
+            Ok(())
+        );
     }
 
     #[test]
     fn no_claims_means_401_in_jwt_and_iam_modes() {
         let nobody = Caller::default();
-        assert_eq!(authorize(AuthMode::Jwt, "x", &nobody, &user("a")).unwrap_err().status, 401);
-        assert_eq!(authorize(AuthMode::Iam, "x", &nobody, &user("a")).unwrap_err().status, 401);
+        assert_eq!(
+            authorize(AuthMode::Jwt, "x", &nobody, &user("a"))
+                .unwrap_err()
+                .status,
+            401
+        );
+        assert_eq!(
+            authorize(AuthMode::Iam, "x", &nobody, &user("a"))
+                .unwrap_err()
+                .status,
+            401
+        );
         assert_eq!(authorize(AuthMode::None, "x", &nobody, &user("a")), Ok(()));
     }
 

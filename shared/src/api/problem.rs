@@ -78,7 +78,12 @@ impl Problem {
 
     /// 415: not JSON.
     pub fn unsupported_media_type(detail: impl Into<String>) -> Self {
-        Self::new(415, "unsupported_media_type", "Unsupported media type", detail)
+        Self::new(
+            415,
+            "unsupported_media_type",
+            "Unsupported media type",
+            detail,
+        )
     }
 
     /// 422: well-formed JSON that breaks the contract.
@@ -133,7 +138,9 @@ mod tests {
         assert_eq!(v["code"], "invalid_message");
         assert_eq!(v["detail"], "message is empty");
         assert_eq!(v["title"], "Unprocessable request");
-        assert!(v["type"].as_str().is_some_and(|t| t.ends_with("invalid-message")));
+        assert!(v["type"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("invalid-message")));
     }
 
     #[test]

@@ -77,7 +77,10 @@ mod tests {
     #[test]
     fn rejects_everything_else_with_a_reason() {
         assert_eq!(UserId::parse(""), Err(UserIdError::Empty));
-        assert_eq!(UserId::parse(&"x".repeat(129)), Err(UserIdError::TooLong(129)));
+        assert_eq!(
+            UserId::parse(&"x".repeat(129)),
+            Err(UserIdError::TooLong(129))
+        );
         assert_eq!(UserId::parse("-a"), Err(UserIdError::BadStart));
         assert_eq!(UserId::parse(".a"), Err(UserIdError::BadStart));
         assert_eq!(UserId::parse("a/b"), Err(UserIdError::BadChar('/')));

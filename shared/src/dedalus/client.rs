@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, ETAG, IF_MATCH};
-use http::{Method, StatusCode};
+use http::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::time::Instant;
@@ -61,9 +61,8 @@ impl Client {
             other => return Err(Error::Config(format!("unsupported URL scheme {other}"))),
         }
         let mut auth_headers = HeaderMap::new();
-        let mut bearer =
-            HeaderValue::from_str(&format!("Bearer {}", config.api_key.expose()))
-                .map_err(|_| Error::Config("API key is not a valid header value".into()))?;
+        let mut bearer = HeaderValue::from_str(&format!("Bearer {}", config.api_key.expose()))
+            .map_err(|_| Error::Config("API key is not a valid header value".into()))?;
         bearer.set_sensitive(true);
         auth_headers.insert(AUTHORIZATION, bearer);
         let mut raw = HeaderValue::from_str(config.api_key.expose())
@@ -167,7 +166,6 @@ impl Client {
         })?;
         Ok(Response {
             value,
-            status: raw.status,
             etag: raw.etag,
         })
     }
@@ -184,11 +182,8 @@ impl Client {
             (true, None) => Some(IdempotencyKey::new()),
             (false, _) => None,
         };
-        let body = match &req.body {
-            Some(b) => Some(Bytes::from(b.to_vec())),
-            None => None,
-        };
-        let deadline = req.deadline.unwrap_or_else(|| self.call_deadline());
+        let body = req.body.map(Bytes::from);
+        let deadline = self.call_deadline();
         let operation = req.operation;
         let span = tracing::debug_span!(
             "dedalus.call",
@@ -239,7 +234,6 @@ impl Client {
                 if status.is_success() {
                     Ok(RawResponse {
                         operation,
-                        status,
                         etag: headers
                             .get(ETAG)
                             .and_then(|v| v.to_str().ok())
@@ -264,7 +258,6 @@ pub(crate) struct Call<'a> {
     pub body: Option<Vec<u8>>,
     pub key: Option<&'a IdempotencyKey>,
     pub if_match: Option<&'a str>,
-    pub deadline: Option<Instant>,
 }
 
 impl<'a> Call<'a> {
@@ -277,7 +270,6 @@ impl<'a> Call<'a> {
             body: None,
             key: None,
             if_match: None,
-            deadline: None,
         }
     }
 
@@ -309,24 +301,16 @@ impl<'a> Call<'a> {
         }
         self
     }
-
-    pub fn deadline(mut self, deadline: Option<Instant>) -> Self {
-        self.deadline = deadline;
-        self
-    }
 }
 
 /// A decoded successful answer.
 pub(crate) struct Response<T> {
     pub value: T,
-    #[allow(dead_code)]
-    pub status: StatusCode,
     pub etag: Option<String>,
 }
 
 struct RawResponse {
     operation: &'static str,
-    status: StatusCode,
     etag: Option<String>,
     body: Bytes,
 }
@@ -355,12 +339,16 @@ mod tests {
     fn endpoint_keeps_prefix_and_encodes() {
         let base = Url::parse("https://dcs.example.com").expect("url");
         assert_eq!(
-            endpoint(&base, &["machines", "dm-1"]).expect("url").as_str(),
+            endpoint(&base, &["machines", "dm-1"])
+                .expect("url")
+                .as_str(),
             "https://dcs.example.com/v1/machines/dm-1"
         );
         let base = Url::parse("http://127.0.0.1:4010/api/").expect("url");
         assert_eq!(
-            endpoint(&base, &["machines", "a/b c"]).expect("url").as_str(),
+            endpoint(&base, &["machines", "a/b c"])
+                .expect("url")
+                .as_str(),
             "http://127.0.0.1:4010/api/v1/machines/a%2Fb%20c"
         );
     }

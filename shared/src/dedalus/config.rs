@@ -107,10 +107,7 @@ mod tests {
         let key = ApiKey::new("sk-secret-value");
         assert_eq!(format!("{key}"), "***");
         assert_eq!(format!("{key:?}"), "***");
-        let cfg = ClientConfig::new(
-            Url::parse("http://127.0.0.1:1").expect("url"),
-            key.clone(),
-        );
+        let cfg = ClientConfig::new(Url::parse("http://127.0.0.1:1").expect("url"), key.clone());
         assert!(!format!("{cfg:?}").contains("secret"));
         assert_eq!(key.expose(), "sk-secret-value");
     }

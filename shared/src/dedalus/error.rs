@@ -196,7 +196,8 @@ pub enum Error {
         #[source]
         source: Box<tokio_tungstenite::tungstenite::Error>,
     },
-    /// A 2xx response or a frame did not decode.
+    /// A 2xx response or a frame did not decode (or a request body did not
+    /// encode).
     #[error("{operation}: could not decode the response")]
     Decode {
         /// Client operation.

@@ -42,8 +42,7 @@ impl Client {
         cursor: Option<&str>,
         limit: Option<u32>,
     ) -> Result<Page<Machine>> {
-        let call =
-            Call::new("machines.list", Method::GET, vec!["machines"]).page(cursor, limit);
+        let call = Call::new("machines.list", Method::GET, vec!["machines"]).page(cursor, limit);
         self.call(call).await.map(|r| r.value)
     }
 
@@ -71,10 +70,14 @@ impl Client {
         if_match: Option<&str>,
         key: Option<&IdempotencyKey>,
     ) -> Result<Machine> {
-        let call = Call::new("machines.update", Method::PATCH, vec!["machines", machine_id])
-            .json(request)?
-            .if_match(if_match)
-            .key(key);
+        let call = Call::new(
+            "machines.update",
+            Method::PATCH,
+            vec!["machines", machine_id],
+        )
+        .json(request)?
+        .if_match(if_match)
+        .key(key);
         self.call(call).await.map(machine)
     }
 
@@ -120,9 +123,13 @@ impl Client {
         if_match: Option<&str>,
         key: Option<&IdempotencyKey>,
     ) -> Result<Machine> {
-        let call = Call::new("machines.delete", Method::DELETE, vec!["machines", machine_id])
-            .if_match(if_match)
-            .key(key);
+        let call = Call::new(
+            "machines.delete",
+            Method::DELETE,
+            vec!["machines", machine_id],
+        )
+        .if_match(if_match)
+        .key(key);
         self.call(call).await.map(machine)
     }
 }

@@ -21,7 +21,8 @@ pub struct RetryPolicy {
     pub initial_backoff: Duration,
     /// Cap of a backoff delay (jitter included).
     pub max_backoff: Duration,
-    /// Add up to 100 % random jitter to each backoff delay.
+    /// Add up to 100 % random jitter to each backoff delay (and up to 10 % on
+    /// top of a server's hint).
     pub jitter: bool,
     /// Overall deadline of one logical call, all attempts and waits included.
     pub call_deadline: Duration,
@@ -145,7 +146,7 @@ pub fn server_hint(headers: &HeaderMap, body_retry_after_ms: Option<f64>) -> Opt
         .get("retry-after-ms")
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse::<f64>().ok())
-        .and_then(|ms| duration_from_ms(ms));
+        .and_then(duration_from_ms);
     let body_ms = body_retry_after_ms.and_then(duration_from_ms);
     let retry_after = headers
         .get(http::header::RETRY_AFTER)
@@ -225,14 +226,32 @@ where
         }
         let delay = match hint {
             Some(hint) if hint > policy.max_server_delay => {
-                tracing::debug!(operation, attempt = number, hint_ms = hint.as_millis() as u64, "server asks to wait longer than the policy allows");
+                tracing::debug!(
+                    operation,
+                    attempt = number,
+                    hint_ms = hint.as_millis() as u64,
+                    "server asks to wait longer than the policy allows"
+                );
                 return Err(err);
             }
-            Some(hint) => hint,
-            None => backoff.next().unwrap_or(policy.max_backoff),
+            // Up to +10 % so that callers told the same wait do not return in
+            // lockstep; never less than the server asked for.
+            Some(hint) if !hint.is_zero() => {
+                if policy.jitter {
+                    hint + hint.mul_f64(rand::random::<f64>() * 0.1)
+                } else {
+                    hint
+                }
+            }
+            _ => backoff.next().unwrap_or(policy.max_backoff),
         };
         if now + delay >= deadline {
-            tracing::debug!(operation, attempt = number, delay_ms = delay.as_millis() as u64, "next attempt would pass the deadline");
+            tracing::debug!(
+                operation,
+                attempt = number,
+                delay_ms = delay.as_millis() as u64,
+                "next attempt would pass the deadline"
+            );
             return Err(err);
         }
         tracing::debug!(
@@ -293,7 +312,11 @@ mod tests {
         assert!(classify(&api(500, json!("oops"))).is_retry());
         assert!(classify(&api(502, json!({}))).is_retry());
         assert!(classify(&api(408, json!({}))).is_retry());
-        assert_eq!(classify(&dcs(503, "X", false)), Stop, "body's retryable wins");
+        assert_eq!(
+            classify(&dcs(503, "X", false)),
+            Stop,
+            "body's retryable wins"
+        );
         // 409 without a body flag is not retried.
         assert_eq!(classify(&api(409, json!({"error_code": "X"}))), Stop);
     }
@@ -326,7 +349,10 @@ mod tests {
             "body beats Retry-After"
         );
         h.insert("retry-after-ms", HeaderValue::from_static("12.5"));
-        assert_eq!(server_hint(&h, Some(20.0)), Some(Duration::from_micros(12_500)));
+        assert_eq!(
+            server_hint(&h, Some(20.0)),
+            Some(Duration::from_micros(12_500))
+        );
         h.insert("retry-after-ms", HeaderValue::from_static("garbage"));
         assert_eq!(server_hint(&h, Some(20.0)), Some(Duration::from_millis(20)));
         let mut h = HeaderMap::new();
@@ -343,16 +369,20 @@ mod tests {
             jitter: false,
             ..RetryPolicy::default()
         };
-        let d: Vec<_> = policy.backoff().take(8).collect();
-        assert_eq!(d[0], Duration::from_millis(200));
-        assert_eq!(d[1], Duration::from_millis(400));
-        assert_eq!(d[2], Duration::from_millis(800));
-        assert_eq!(d[6], Duration::from_secs(8));
-        assert_eq!(d[7], Duration::from_secs(8));
+        let ms: Vec<u64> = policy
+            .backoff()
+            .take(8)
+            .map(|d| (d.as_secs_f64() * 1000.0).round() as u64)
+            .collect();
+        assert_eq!(ms, [200, 400, 800, 1600, 3200, 6400, 8000, 8000]);
         let jittered: Vec<_> = RetryPolicy::default().backoff().take(10).collect();
         for (i, d) in jittered.iter().enumerate() {
-            let base = Duration::from_millis(200 * (1 << i.min(6))).min(Duration::from_secs(8));
-            assert!(*d >= base && *d <= (base * 2).min(Duration::from_secs(8)), "{i}: {d:?}");
+            let base = (200.0 * f64::from(1u32 << i.min(6))).min(8000.0);
+            let got = d.as_secs_f64() * 1000.0;
+            assert!(
+                got >= base - 1.0 && got <= (base * 2.0).min(8000.0) + 1.0,
+                "{i}: {d:?}"
+            );
         }
     }
 
@@ -389,10 +419,15 @@ mod tests {
     #[tokio::test]
     async fn loop_never_retries_non_retryable() {
         let calls = AtomicU32::new(0);
-        let err = run::<(), _, _>(&fast(), "t", Instant::now() + Duration::from_secs(5), |_| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async { Err(dcs(409, "IDEMPOTENCY_KEY_REUSED", false)) }
-        })
+        let err = run::<(), _, _>(
+            &fast(),
+            "t",
+            Instant::now() + Duration::from_secs(5),
+            |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err(dcs(409, "IDEMPOTENCY_KEY_REUSED", false)) }
+            },
+        )
         .await
         .expect_err("fails");
         assert_eq!(err.code(), Some("IDEMPOTENCY_KEY_REUSED"));
@@ -402,10 +437,15 @@ mod tests {
     #[tokio::test]
     async fn loop_stops_after_max_attempts() {
         let calls = AtomicU32::new(0);
-        let err = run::<(), _, _>(&fast(), "t", Instant::now() + Duration::from_secs(5), |_| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async { Err(dcs(503, "DEPENDENCY_UNAVAILABLE", true)) }
-        })
+        let err = run::<(), _, _>(
+            &fast(),
+            "t",
+            Instant::now() + Duration::from_secs(5),
+            |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err(dcs(503, "DEPENDENCY_UNAVAILABLE", true)) }
+            },
+        )
         .await
         .expect_err("fails");
         assert_eq!(err.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
@@ -457,10 +497,15 @@ mod tests {
             ..fast()
         };
         let start = Instant::now();
-        let err = run::<(), _, _>(&policy, "t", Instant::now() + Duration::from_millis(100), |_| async {
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            Err(dcs(503, "DEPENDENCY_UNAVAILABLE", true))
-        })
+        let err = run::<(), _, _>(
+            &policy,
+            "t",
+            Instant::now() + Duration::from_millis(100),
+            |_| async {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                Err(dcs(503, "DEPENDENCY_UNAVAILABLE", true))
+            },
+        )
         .await
         .expect_err("fails");
         assert!(start.elapsed() < Duration::from_millis(400));

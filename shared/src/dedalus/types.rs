@@ -340,6 +340,9 @@ pub struct UpdateMachineRequest {
     /// Storage in GiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storage_gib: Option<u64>,
+    /// New platform autosleep (newer API; same forms as on create).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub autosleep: Option<String>,
 }
 
 /// Body of `POST …/executions`.

@@ -50,7 +50,13 @@ impl Client {
                 break;
             }
             let end = client
-                .follow_stream(machine_id, &target, &mut last_event_id, &mut last_seen, deadline)
+                .follow_stream(
+                    machine_id,
+                    &target,
+                    &mut last_event_id,
+                    &mut last_seen,
+                    deadline,
+                )
                 .await;
             match end {
                 StreamEnd::Reached(m) => return Ok(m),
@@ -65,7 +71,10 @@ impl Client {
                     tracing::debug!(machine_id, attempt, "status stream closed early");
                     // The stream closes once the desired state is reached,
                     // which may not be the target: look before resuming.
-                    match client.poll_once(machine_id, &target, &mut last_seen).await? {
+                    match client
+                        .poll_once(machine_id, &target, &mut last_seen)
+                        .await?
+                    {
                         Some(m) => return Ok(m),
                         None => continue,
                     }

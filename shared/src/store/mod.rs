@@ -32,9 +32,6 @@ mod memory;
 mod record;
 pub mod table;
 
-#[cfg(any(test, feature = "contract-tests"))]
-pub mod contract;
-
 pub use dynamo::DynamoStore;
 pub use memory::MemoryStore;
 pub use record::{Hold, Item, Lease, LeaseKind, MachineState, Power, UserRecord};
@@ -94,7 +91,13 @@ impl StoreError {
     /// Whether retrying the same operation later may succeed (throttling,
     /// 5xx, transport). Conflicts are not retryable as such: re-read and decide.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Backend { retryable: true, .. })
+        matches!(
+            self,
+            Self::Backend {
+                retryable: true,
+                ..
+            }
+        )
     }
 
     /// The current item carried by a [`StoreError::Conflict`].
@@ -200,7 +203,7 @@ pub enum DeleteGuard {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeleteOutcome {
     /// Deleted; the item as it was.
-    Deleted(UserRecord),
+    Deleted(Box<UserRecord>),
     /// There was no item.
     AlreadyGone,
 }

@@ -379,10 +379,22 @@ mod tests {
     fn given_a_full_record_when_encoded_and_decoded_then_it_round_trips_with_flat_attributes() {
         let rec = sample();
         let item = rec.to_item().expect("encode");
-        assert_eq!(item.get("lease_kind"), Some(&AttributeValue::S("turn".into())));
-        assert_eq!(item.get("lease_until"), Some(&AttributeValue::N("1700000060000".into())));
-        assert_eq!(item.get("hold_marker"), Some(&AttributeValue::S("/home/u/.agenthome/done-1".into())));
-        assert!(!item.contains_key("last_error"), "None must be absent, not NULL");
+        assert_eq!(
+            item.get("lease_kind"),
+            Some(&AttributeValue::S("turn".into()))
+        );
+        assert_eq!(
+            item.get("lease_until"),
+            Some(&AttributeValue::N("1700000060000".into()))
+        );
+        assert_eq!(
+            item.get("hold_marker"),
+            Some(&AttributeValue::S("/home/u/.agenthome/done-1".into()))
+        );
+        assert!(
+            !item.contains_key("last_error"),
+            "None must be absent, not NULL"
+        );
         assert_eq!(UserRecord::from_item(item).expect("decode"), rec);
     }
 

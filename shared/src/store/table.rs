@@ -86,10 +86,12 @@ const KEY_ATTRIBUTES: &[(&str, &str)] = &[
     (attr::LAST_ACTIVE_AT, "N"),
     (attr::MACHINE_ID, "S"),
 ];
-/// Table key schema: (attribute, HASH|RANGE).
-const TABLE_KEY: &[(&str, &str)] = &[(attr::USER_ID, "HASH")];
+/// A key schema: (attribute, HASH|RANGE).
+type KeySchema = &'static [(&'static str, &'static str)];
+/// Table key schema.
+const TABLE_KEY: KeySchema = &[(attr::USER_ID, "HASH")];
 /// GSIs: (name, key schema, projection type).
-const INDEXES: &[(&str, &[(&str, &str)], &str)] = &[
+const INDEXES: &[(&str, KeySchema, &str)] = &[
     (
         AWAKE_INDEX,
         &[(attr::AWAKE_SHARD, "HASH"), (attr::LAST_ACTIVE_AT, "RANGE")],
@@ -234,7 +236,9 @@ mod tests {
     fn given_fixed_user_ids_when_sharded_then_the_shards_are_stable_and_in_range() {
         // Pinned values: a change here re-shards every awake machine.
         assert_eq!(shard_for(""), (0xcbf2_9ce4_8422_2325u64 % 8).to_string());
-        assert_eq!(shard_for("alice"), shard_for("alice"));
+        assert_eq!(shard_for("alice"), "7");
+        assert_eq!(shard_for("bob"), "4");
+        assert_eq!(shard_for("user-1"), "4");
         let mut seen = std::collections::HashSet::new();
         for i in 0..1000 {
             let s = shard_for(&format!("user-{i}"));
@@ -262,6 +266,9 @@ mod tests {
             .iter()
             .map(|a| a["AttributeName"].as_str().expect("name").to_owned())
             .collect();
-        assert_eq!(defined, ["user_id", "awake_shard", "last_active_at", "machine_id"]);
+        assert_eq!(
+            defined,
+            ["user_id", "awake_shard", "last_active_at", "machine_id"]
+        );
     }
 }

@@ -1,0 +1,235 @@
+//! Execution routes: create, list, get, cancel, output, events.
+
+use std::collections::{BTreeMap, HashMap};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{json_response, machine_or_404, usable_machine};
+use crate::app::AppRef;
+use crate::errors::{parse_json, ApiError};
+use crate::pagination::{encode_cursor, page_request, paginate};
+use crate::runner::{self, ExecSpec};
+use crate::state::{ExecStatus, Execution, Phase};
+use crate::util::{execution_id, now_ms};
+use crate::views;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateExecutionBody {
+    command: Option<Vec<String>>,
+    #[serde(default)]
+    cwd: Option<String>,
+    #[serde(default)]
+    env: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    stdin: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<i64>,
+}
+
+fn execution_or_404(
+    app: &AppRef,
+    machine_id: &str,
+    execution_id: &str,
+) -> Result<Execution, ApiError> {
+    let st = app.state();
+    machine_or_404(&st, machine_id)?;
+    st.executions
+        .get(execution_id)
+        .filter(|e| e.machine_id == machine_id)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("execution {execution_id} not found")))
+}
+
+pub async fn create(
+    State(app): State<AppRef>,
+    Path(machine_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: CreateExecutionBody = parse_json(&body)?;
+    let command = req.command.unwrap_or_default();
+    if command.is_empty() || command[0].is_empty() {
+        return Err(ApiError::unprocessable(
+            "command must be a non-empty argv array",
+        ));
+    }
+    if command.iter().any(|a| a.contains('\0')) {
+        return Err(ApiError::unprocessable(
+            "command arguments must not contain NUL",
+        ));
+    }
+    let env = req.env.unwrap_or_default();
+    for (k, v) in &env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(ApiError::unprocessable(format!(
+                "invalid environment variable {k:?}"
+            )));
+        }
+    }
+    let timeout_ms = match req.timeout_ms {
+        None => None,
+        Some(t) if t > 0 => u64::try_from(t).ok(),
+        Some(_) => return Err(ApiError::unprocessable("timeout_ms must be positive")),
+    };
+    let id = execution_id();
+    let record = {
+        let mut st = app.state();
+        let m = usable_machine(&st, &machine_id)?;
+        let seq = st.next_seq();
+        let status = if m.phase == Phase::Running {
+            ExecStatus::Queued
+        } else {
+            ExecStatus::WakeInProgress
+        };
+        let mut e = Execution {
+            id: id.clone(),
+            machine_id: machine_id.clone(),
+            seq,
+            command: command.clone(),
+            cwd: req.cwd.clone().unwrap_or_else(|| "/root".to_owned()),
+            env_keys: env.keys().cloned().collect(),
+            status,
+            created_ms: now_ms(),
+            started_ms: None,
+            completed_ms: None,
+            exit_code: None,
+            signal: None,
+            error_code: None,
+            error_message: None,
+            stdout: Default::default(),
+            stderr: Default::default(),
+            events: Vec::new(),
+        };
+        e.set_status(status);
+        st.executions.insert(id.clone(), e.clone());
+        e
+    };
+    app.touch_activity(&machine_id);
+    runner::start(
+        &app,
+        id,
+        machine_id,
+        ExecSpec {
+            command,
+            cwd: req.cwd,
+            env,
+            stdin: req.stdin,
+            timeout_ms,
+        },
+    );
+    app.persist().await;
+    Ok(json_response(StatusCode::OK, &views::execution(&record)))
+}
+
+pub async fn list(
+    State(app): State<AppRef>,
+    Path(machine_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let page = page_request(&q, 50, 100)?;
+    let items = {
+        let st = app.state();
+        machine_or_404(&st, &machine_id)?;
+        let mut es: Vec<&Execution> = st
+            .executions
+            .values()
+            .filter(|e| e.machine_id == machine_id)
+            .collect();
+        es.sort_by_key(|e| e.seq);
+        es.into_iter()
+            .map(|e| (e.seq, views::execution(e)))
+            .collect::<Vec<_>>()
+    };
+    let (items, next) = paginate(items, page);
+    let mut body = json!({ "items": items });
+    if let Some(c) = next {
+        body["next_cursor"] = c.into();
+    }
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+pub async fn get_one(
+    State(app): State<AppRef>,
+    Path((machine_id, execution_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let e = execution_or_404(&app, &machine_id, &execution_id)?;
+    Ok(json_response(StatusCode::OK, &views::execution(&e)))
+}
+
+/// Cancels a queued or running execution (no-op once it ended).
+pub async fn delete(
+    State(app): State<AppRef>,
+    Path((machine_id, execution_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    execution_or_404(&app, &machine_id, &execution_id)?;
+    let cancelled = {
+        let mut st = app.state();
+        st.executions.get_mut(&execution_id).is_some_and(|e| {
+            e.finish(
+                ExecStatus::Cancelled,
+                Some((
+                    "EXECUTION_CANCELLED",
+                    "the execution was cancelled".to_owned(),
+                )),
+            )
+        })
+    };
+    if cancelled {
+        let tx = app.rt().exec_cancel.remove(&execution_id);
+        if let Some(tx) = tx {
+            let _ = tx.send(());
+        }
+        app.touch_activity(&machine_id);
+        app.persist().await;
+    }
+    let e = execution_or_404(&app, &machine_id, &execution_id)?;
+    Ok(json_response(StatusCode::OK, &views::execution(&e)))
+}
+
+pub async fn output(
+    State(app): State<AppRef>,
+    Path((machine_id, execution_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let e = execution_or_404(&app, &machine_id, &execution_id)?;
+    Ok(json_response(StatusCode::OK, &views::output(&e)))
+}
+
+pub async fn events(
+    State(app): State<AppRef>,
+    Path((machine_id, execution_id)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let page = page_request(&q, 100, 1000)?;
+    let items: Vec<(u64, serde_json::Value)> = {
+        let st = app.state();
+        machine_or_404(&st, &machine_id)?;
+        let e = st
+            .executions
+            .get(&execution_id)
+            .filter(|e| e.machine_id == machine_id)
+            .ok_or_else(|| ApiError::not_found(format!("execution {execution_id} not found")))?;
+        e.events
+            .iter()
+            .map(|ev| (ev.sequence, views::event(ev)))
+            .collect()
+    };
+    // Events keep coming while the execution runs, so a non-empty page
+    // always carries a cursor to resume from; an empty page ends the walk.
+    let last = items
+        .iter()
+        .map(|(seq, _)| *seq)
+        .filter(|seq| *seq > page.after)
+        .take(page.limit)
+        .last();
+    let (items, _) = paginate(items, page);
+    let mut body = json!({ "items": items });
+    if let Some(seq) = last {
+        body["next_cursor"] = encode_cursor(seq).into();
+    }
+    Ok(json_response(StatusCode::OK, &body))
+}

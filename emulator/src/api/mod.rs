@@ -1,0 +1,166 @@
+//! HTTP routes: `/v1` (authenticated, idempotent mutations, faults, request
+//! log) and `/_emulator` (admin, no auth).
+
+pub mod admin;
+pub mod executions;
+pub mod machines;
+pub mod status_stream;
+pub mod terminals;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::from_fn_with_state;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::Value;
+
+use crate::app::AppRef;
+use crate::errors::ApiError;
+use crate::state::{Machine, Phase, State};
+use crate::{auth, faults, idempotency, reqlog, views};
+
+/// The whole application router.
+pub fn router(app: AppRef) -> Router {
+    let v1 = Router::new()
+        .route("/v1/machines", post(machines::create).get(machines::list))
+        .route(
+            "/v1/machines/{machine_id}",
+            get(machines::get_one)
+                .patch(machines::patch)
+                .delete(machines::delete),
+        )
+        .route("/v1/machines/{machine_id}/wake", post(machines::wake))
+        .route("/v1/machines/{machine_id}/sleep", post(machines::sleep))
+        .route(
+            "/v1/machines/{machine_id}/status/stream",
+            get(status_stream::stream),
+        )
+        .route(
+            "/v1/machines/{machine_id}/executions",
+            post(executions::create).get(executions::list),
+        )
+        .route(
+            "/v1/machines/{machine_id}/executions/{execution_id}",
+            get(executions::get_one).delete(executions::delete),
+        )
+        .route(
+            "/v1/machines/{machine_id}/executions/{execution_id}/output",
+            get(executions::output),
+        )
+        .route(
+            "/v1/machines/{machine_id}/executions/{execution_id}/events",
+            get(executions::events),
+        )
+        .route(
+            "/v1/machines/{machine_id}/terminals",
+            post(terminals::create).get(terminals::list),
+        )
+        .route(
+            "/v1/machines/{machine_id}/terminals/{terminal_id}",
+            get(terminals::get_one).delete(terminals::delete),
+        )
+        .route(
+            "/v1/machines/{machine_id}/terminals/{terminal_id}/stream",
+            get(terminals::connect),
+        )
+        // Innermost first: idempotency, then auth, then faults, then the log.
+        .layer(from_fn_with_state(app.clone(), idempotency::middleware))
+        .layer(from_fn_with_state(app.clone(), auth::middleware))
+        .layer(from_fn_with_state(app.clone(), faults::middleware))
+        .layer(from_fn_with_state(app.clone(), reqlog::middleware));
+
+    let admin = Router::new()
+        .route("/_emulator/health", get(admin::health))
+        .route(
+            "/_emulator/faults",
+            post(admin::add_fault)
+                .get(admin::list_faults)
+                .delete(admin::clear_faults),
+        )
+        .route("/_emulator/requests", get(admin::requests))
+        .route(
+            "/_emulator/config",
+            get(admin::get_config).patch(admin::patch_config),
+        );
+
+    Router::new()
+        .merge(v1)
+        .merge(admin)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(idempotency::MAX_BODY * 2))
+        .with_state(app)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::problem(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this route",
+    )
+}
+
+/// A JSON response.
+pub fn json_response(status: StatusCode, body: &Value) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// A machine response with its `ETag`; 200 when converged, else 202 (or
+/// always 200 with `always_ok`).
+pub fn machine_response(m: &Machine, always_ok: bool) -> Response {
+    let status = if always_ok || m.converged() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    let mut resp = json_response(status, &views::lifecycle(m));
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", m.revision)) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
+}
+
+pub fn if_match(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// The machine, or 404 (destroyed machines are gone).
+pub fn machine_or_404(st: &State, id: &str) -> Result<Machine, ApiError> {
+    st.live_machine(id)
+        .cloned()
+        .ok_or_else(|| ApiError::machine_not_found(id))
+}
+
+/// Machines that can take new work (executions, terminals): not being
+/// destroyed or failed.
+pub fn usable_machine(st: &State, id: &str) -> Result<Machine, ApiError> {
+    let m = machine_or_404(st, id)?;
+    if matches!(m.phase, Phase::Destroying | Phase::Failed) {
+        return Err(
+            ApiError::invalid_state("the machine is being destroyed or has failed", None)
+                .detail(
+                    "current_observed_state",
+                    views::lifecycle(&m)["status"]["phase"]
+                        .as_str()
+                        .unwrap_or_default(),
+                )
+                .into(),
+        );
+    }
+    Ok(m)
+}

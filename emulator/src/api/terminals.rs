@@ -1,0 +1,484 @@
+//! Terminal routes: create, list, get, close, and the WebSocket stream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{json_response, machine_or_404, usable_machine};
+use crate::app::AppRef;
+use crate::errors::{parse_json, ApiError, DcsError};
+use crate::faults::DropWebSocket;
+use crate::lifecycle;
+use crate::pagination::{page_request, paginate};
+use crate::runner::resolve_cwd;
+use crate::state::{Phase, TermStatus, Terminal};
+use crate::terminal::{self, Outbound, ShellSpec, TermSession};
+use crate::util::{now_ms, terminal_id};
+use crate::views;
+
+/// Longest wait for a machine to wake before a terminal fails.
+const WAKE_LIMIT: Duration = Duration::from_secs(120);
+/// Largest output frame sent to a client.
+const FRAME_MAX: usize = 64 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTerminalBody {
+    width: i64,
+    height: i64,
+    #[serde(default)]
+    cwd: Option<String>,
+    #[serde(default)]
+    env: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    shell: Option<String>,
+}
+
+fn dimension(v: i64, name: &str) -> Result<u16, ApiError> {
+    u16::try_from(v)
+        .ok()
+        .filter(|v| (1..=1000).contains(v))
+        .ok_or_else(|| ApiError::unprocessable(format!("{name} must be between 1 and 1000")))
+}
+
+fn terminal_or_404(
+    app: &AppRef,
+    machine_id: &str,
+    terminal_id: &str,
+) -> Result<Terminal, ApiError> {
+    let st = app.state();
+    machine_or_404(&st, machine_id)?;
+    st.terminals
+        .get(terminal_id)
+        .filter(|t| t.machine_id == machine_id)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("terminal {terminal_id} not found")))
+}
+
+pub async fn create(
+    State(app): State<AppRef>,
+    Path(machine_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: CreateTerminalBody = parse_json(&body)?;
+    let width = dimension(req.width, "width")?;
+    let height = dimension(req.height, "height")?;
+    let env = req.env.unwrap_or_default();
+    for (k, v) in &env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(ApiError::unprocessable(format!(
+                "invalid environment variable {k:?}"
+            )));
+        }
+    }
+    let shell = req
+        .shell
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "/bin/bash".to_owned());
+    if shell.contains('\0') {
+        return Err(ApiError::unprocessable("invalid shell"));
+    }
+    let id = terminal_id();
+    let (record, running) = {
+        let mut st = app.state();
+        let m = usable_machine(&st, &machine_id)?;
+        let running = m.phase == Phase::Running;
+        let seq = st.next_seq();
+        let t = Terminal {
+            id: id.clone(),
+            machine_id: machine_id.clone(),
+            seq,
+            width,
+            height,
+            cwd: req.cwd,
+            shell,
+            env,
+            status: TermStatus::WakeInProgress,
+            created_ms: now_ms(),
+            ready_ms: None,
+            error_code: None,
+            error_message: None,
+        };
+        st.terminals.insert(id.clone(), t.clone());
+        (t, running)
+    };
+    app.touch_activity(&machine_id);
+    let record = if running {
+        start_shell(&app, &record).await
+    } else {
+        let task_app = app.clone();
+        let pending = record.clone();
+        tokio::spawn(async move {
+            match lifecycle::wait_until_running(&task_app, &pending.machine_id, WAKE_LIMIT).await {
+                Ok(()) => {
+                    start_shell(&task_app, &pending).await;
+                }
+                Err(msg) => {
+                    fail(&task_app, &pending.id, "MACHINE_UNAVAILABLE", &msg);
+                    task_app.persist().await;
+                }
+            }
+        });
+        record
+    };
+    app.persist().await;
+    Ok(json_response(
+        StatusCode::OK,
+        &views::terminal(&record, &app.base_url),
+    ))
+}
+
+fn fail(app: &AppRef, terminal_id: &str, code: &str, message: &str) {
+    if let Some(t) = app.state().terminals.get_mut(terminal_id) {
+        if t.status == TermStatus::WakeInProgress {
+            t.status = TermStatus::Failed;
+            t.error_code = Some(code.to_owned());
+            t.error_message = Some(message.to_owned());
+        }
+    }
+    app.notify();
+}
+
+/// Starts the shell for a terminal whose machine runs; returns the record.
+async fn start_shell(app: &AppRef, t: &Terminal) -> Terminal {
+    let home = app.home_dir(&t.machine_id);
+    if let Err(e) = tokio::fs::create_dir_all(&home).await {
+        tracing::warn!(machine = %t.machine_id, error = %e, "cannot create home");
+    }
+    let cwd = resolve_cwd(&home, t.cwd.as_deref());
+    let spec = ShellSpec {
+        shell: &t.shell,
+        cwd: &cwd,
+        home: &home,
+        env: &t.env,
+        width: t.width,
+        height: t.height,
+    };
+    match terminal::spawn(app, &t.id, &t.machine_id, &spec) {
+        Ok(session) => {
+            let still_pending = {
+                let mut st = app.state();
+                match st.terminals.get_mut(&t.id) {
+                    Some(rec) if rec.status == TermStatus::WakeInProgress => {
+                        rec.status = TermStatus::Ready;
+                        rec.ready_ms = Some(now_ms());
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if !still_pending {
+                session.kill();
+            }
+            app.touch_activity(&t.machine_id);
+            app.notify();
+        }
+        Err(msg) => fail(app, &t.id, "TERMINAL_START_FAILED", &msg),
+    }
+    app.state()
+        .terminals
+        .get(&t.id)
+        .cloned()
+        .unwrap_or_else(|| t.clone())
+}
+
+pub async fn list(
+    State(app): State<AppRef>,
+    Path(machine_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let page = page_request(&q, 50, 100)?;
+    let items = {
+        let st = app.state();
+        machine_or_404(&st, &machine_id)?;
+        let mut ts: Vec<&Terminal> = st
+            .terminals
+            .values()
+            .filter(|t| t.machine_id == machine_id)
+            .collect();
+        ts.sort_by_key(|t| t.seq);
+        ts.into_iter()
+            .map(|t| (t.seq, views::terminal(t, &app.base_url)))
+            .collect::<Vec<_>>()
+    };
+    let (items, next) = paginate(items, page);
+    let mut body = json!({ "items": items });
+    if let Some(c) = next {
+        body["next_cursor"] = c.into();
+    }
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+pub async fn get_one(
+    State(app): State<AppRef>,
+    Path((machine_id, terminal_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let t = terminal_or_404(&app, &machine_id, &terminal_id)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &views::terminal(&t, &app.base_url),
+    ))
+}
+
+/// Closes a terminal: its shell ends, a connected client gets `closed`.
+pub async fn delete(
+    State(app): State<AppRef>,
+    Path((machine_id, terminal_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    terminal_or_404(&app, &machine_id, &terminal_id)?;
+    let changed = {
+        let mut st = app.state();
+        match st.terminals.get_mut(&terminal_id) {
+            Some(t) if t.status == TermStatus::Ready || t.status == TermStatus::WakeInProgress => {
+                t.status = TermStatus::Closed;
+                true
+            }
+            _ => false,
+        }
+    };
+    if changed {
+        let session = app.rt().terminals.remove(&terminal_id);
+        if let Some(s) = session {
+            s.kill();
+            s.mark_closed();
+        }
+        app.notify();
+        app.persist().await;
+    }
+    let t = terminal_or_404(&app, &machine_id, &terminal_id)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &views::terminal(&t, &app.base_url),
+    ))
+}
+
+fn not_streamable(status: TermStatus) -> ApiError {
+    let current = serde_json::to_value(status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let e = ApiError::invalid_state(
+        "terminal is not ready for streaming",
+        (status == TermStatus::WakeInProgress).then_some(250),
+    );
+    DcsError::detail(e, "current_status", current)
+        .detail("expected_status", "ready")
+        .into()
+}
+
+/// `GET …/terminals/{id}/stream`: upgrades to the terminal WebSocket.
+pub async fn connect(
+    State(app): State<AppRef>,
+    Path((machine_id, terminal_id)): Path<(String, String)>,
+    drop_after: Option<Extension<DropWebSocket>>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let t = terminal_or_404(&app, &machine_id, &terminal_id)?;
+    if t.status != TermStatus::Ready {
+        return Err(not_streamable(t.status));
+    }
+    let session = app.rt().terminals.get(&terminal_id).cloned();
+    let Some(session) = session.filter(|s| !s.is_closed()) else {
+        return Err(not_streamable(TermStatus::Closed));
+    };
+    let ws = ws.map_err(|e| ApiError::bad_request(format!("not a WebSocket upgrade: {e}")))?;
+    let drop_after = drop_after.map(|Extension(DropWebSocket(ms))| ms);
+    Ok(ws
+        .on_upgrade(move |socket| serve_socket(app, session, socket, drop_after))
+        .into_response())
+}
+
+fn output_frame(data: &[u8]) -> Message {
+    Message::Text(
+        json!({"type": "output", "data": STANDARD.encode(data)})
+            .to_string()
+            .into(),
+    )
+}
+
+fn error_frame(code: &str, message: &str) -> Message {
+    Message::Text(
+        json!({"type": "error", "error_code": code, "error_message": message})
+            .to_string()
+            .into(),
+    )
+}
+
+fn closed_frame() -> Message {
+    Message::Text(json!({"type": "closed"}).to_string().into())
+}
+
+fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+/// What one client frame asks for.
+enum ClientFrame {
+    Input(Vec<u8>),
+    Resize(u16, u16),
+    Invalid(String),
+    Ignore,
+}
+
+fn parse_client_text(text: &str) -> ClientFrame {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
+        return ClientFrame::Invalid("frames must be JSON objects".to_owned());
+    };
+    match v.get("type").and_then(|t| t.as_str()) {
+        Some("input") => match v.get("data").and_then(|d| d.as_str()) {
+            Some(d) => match STANDARD.decode(d) {
+                Ok(bytes) => ClientFrame::Input(bytes),
+                Err(_) => ClientFrame::Invalid("input data must be base64".to_owned()),
+            },
+            None => ClientFrame::Invalid("input needs a base64 data field".to_owned()),
+        },
+        Some("resize") => {
+            let dim = |k: &str| {
+                v.get(k)
+                    .and_then(serde_json::Value::as_i64)
+                    .and_then(|n| u16::try_from(n).ok())
+                    .filter(|n| (1..=1000).contains(n))
+            };
+            match (dim("width"), dim("height")) {
+                (Some(w), Some(h)) => ClientFrame::Resize(w, h),
+                _ => ClientFrame::Invalid(
+                    "resize needs integer width and height in 1..=1000".to_owned(),
+                ),
+            }
+        }
+        Some("ping") => ClientFrame::Ignore,
+        _ => ClientFrame::Invalid("unknown frame type".to_owned()),
+    }
+}
+
+async fn serve_socket(
+    app: AppRef,
+    session: Arc<TermSession>,
+    socket: WebSocket,
+    drop_after: Option<u64>,
+) {
+    let mut attached = session.attach();
+    let (mut tx, mut rx) = socket.split();
+    let drop_timer = async {
+        match drop_after {
+            Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(drop_timer);
+
+    let mut ok = true;
+    for chunk in attached.backlog.chunks(FRAME_MAX) {
+        if tx.send(output_frame(chunk)).await.is_err() {
+            ok = false;
+            break;
+        }
+    }
+    if ok && attached.closed {
+        let _ = tx.send(closed_frame()).await;
+        let _ = tx.send(close_message(1000, "terminal closed")).await;
+        ok = false;
+    }
+    while ok {
+        tokio::select! {
+            () = &mut drop_timer => {
+                tracing::info!(terminal = %session.terminal_id, "dropping WebSocket (injected fault)");
+                break;
+            }
+            out = attached.rx.recv() => match out {
+                Some(Outbound::Data(data)) => {
+                    for chunk in data.chunks(FRAME_MAX) {
+                        if tx.send(output_frame(chunk)).await.is_err() {
+                            ok = false;
+                            break;
+                        }
+                    }
+                }
+                Some(Outbound::Closed) => {
+                    let _ = tx.send(closed_frame()).await;
+                    let _ = tx.send(close_message(1000, "terminal closed")).await;
+                    break;
+                }
+                None => {
+                    // Replaced by a newer connection.
+                    let _ = tx.send(close_message(1000, "replaced by a newer connection")).await;
+                    break;
+                }
+            },
+            incoming = rx.next() => match incoming {
+                Some(Ok(Message::Text(text))) => match parse_client_text(text.as_str()) {
+                    ClientFrame::Input(bytes) => {
+                        app.touch_activity(&session.machine_id);
+                        if let Err(e) = session.write_input(&bytes).await {
+                            let _ = tx.send(error_frame("TERMINAL_WRITE_FAILED", &e.to_string())).await;
+                        }
+                    }
+                    ClientFrame::Resize(w, h) => {
+                        if let Err(e) = session.resize(w, h).await {
+                            let _ = tx.send(error_frame("TERMINAL_RESIZE_FAILED", &e)).await;
+                        } else if let Some(t) = app.state().terminals.get_mut(&session.terminal_id) {
+                            t.width = w;
+                            t.height = h;
+                        }
+                    }
+                    ClientFrame::Invalid(msg) => {
+                        let _ = tx.send(error_frame("INVALID_MESSAGE", &msg)).await;
+                    }
+                    ClientFrame::Ignore => {}
+                },
+                Some(Ok(Message::Binary(bytes))) => {
+                    app.touch_activity(&session.machine_id);
+                    if let Err(e) = session.write_input(&bytes).await {
+                        let _ = tx.send(error_frame("TERMINAL_WRITE_FAILED", &e.to_string())).await;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    session.detach(attached.client_id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_frames() {
+        assert!(
+            matches!(parse_client_text(r#"{"type":"input","data":"aGkK"}"#), ClientFrame::Input(b) if b == b"hi\n")
+        );
+        assert!(matches!(
+            parse_client_text(r#"{"type":"resize","width":80,"height":24}"#),
+            ClientFrame::Resize(80, 24)
+        ));
+        assert!(matches!(
+            parse_client_text(r#"{"type":"resize","width":0,"height":24}"#),
+            ClientFrame::Invalid(_)
+        ));
+        assert!(matches!(
+            parse_client_text(r#"{"type":"input","data":"%%%"}"#),
+            ClientFrame::Invalid(_)
+        ));
+        assert!(matches!(
+            parse_client_text("not json"),
+            ClientFrame::Invalid(_)
+        ));
+    }
+}

@@ -1,0 +1,102 @@
+//! dcs-emulator: a local, faithful server for the Dedalus Machines API.
+//!
+//! Module map:
+//! - [`config`]: flags, timing knobs, duration/autosleep parsing
+//! - [`app`]: shared application object, persistence, change notification
+//! - [`state`]: durable model and `state.json`
+//! - [`lifecycle`]: phase transitions, hold window, autosleep
+//! - [`runner`]: execution processes
+//! - [`terminal`]: PTY sessions
+//! - [`proc`]: signals to machine processes (the only `unsafe`)
+//! - [`api`]: HTTP routes; [`auth`], [`idempotency`], [`faults`],
+//!   [`reqlog`]: the `/v1` middleware stack
+//! - [`errors`], [`views`], [`pagination`], [`util`]: shapes and helpers
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod errors;
+pub mod faults;
+pub mod idempotency;
+pub mod lifecycle;
+pub mod pagination;
+pub mod proc;
+pub mod reqlog;
+pub mod runner;
+pub mod state;
+pub mod terminal;
+pub mod util;
+pub mod views;
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::sync::Arc;
+
+use crate::app::App;
+use crate::config::{Args, Timing};
+
+/// Loads state, binds, prints the listening line, and serves until SIGINT
+/// or SIGTERM; then ends every machine process.
+pub async fn run(args: Args) -> Result<(), String> {
+    let data_dir = args.data_dir.clone();
+    std::fs::create_dir_all(data_dir.join("machines"))
+        .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
+    let mut state = state::load(&data_dir)?;
+    let recovered = state.recover_after_restart(Timing::from_args(&args).hold_window_ms);
+    let known: HashSet<String> = state.machines.keys().cloned().collect();
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    let app = Arc::new(App::new(args, state, addr));
+    if recovered {
+        app.persist().await;
+    }
+    // Processes do not survive a restart.
+    if !known.is_empty() {
+        let _ = tokio::task::spawn_blocking(move || proc::kill_marked(|v| known.contains(v), None))
+            .await;
+    }
+
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "dcs-emulator listening on http://{addr}").map_err(|e| e.to_string())?;
+        out.flush().map_err(|e| e.to_string())?;
+    }
+    tracing::info!(%addr, data_dir = %data_dir.display(), "serving");
+
+    lifecycle::spawn_autosleep(app.clone());
+    let server = axum::serve(listener, api::router(app.clone()));
+    tokio::select! {
+        r = server => r.map_err(|e| format!("server error: {e}"))?,
+        () = shutdown_signal() => tracing::info!("shutting down"),
+    }
+    let ids: HashSet<String> = app.state().machines.keys().cloned().collect();
+    let _ = tokio::task::spawn_blocking(move || proc::kill_marked(|v| ids.contains(v), None)).await;
+    app.persist().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,552 @@
+//! End-to-end: spawns the built `dcs-emulator` on a loopback port with a
+//! temporary data dir and drives it over HTTP and WebSocket.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const KEY: &str = "e2e-key";
+
+struct Emu {
+    child: Child,
+    base: String,
+    data: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Emu {
+    fn start(data: &Path, listen: &str) -> Emu {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dcs-emulator"))
+            .args(["--listen", listen, "--api-key", KEY])
+            .arg("--data-dir")
+            .arg(data)
+            .args([
+                "--boot-delay",
+                "50ms",
+                "--wake-delay",
+                "50ms",
+                "--sleep-delay",
+                "20ms",
+            ])
+            .args([
+                "--destroy-delay",
+                "20ms",
+                "--hold-window",
+                "0s",
+                "--hold-jitter",
+                "0s",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn dcs-emulator");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("first line");
+        let base = line
+            .trim()
+            .strip_prefix("dcs-emulator listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Emu {
+            child,
+            base,
+            data: data.to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(
+                method.parse().expect("method"),
+                format!("{}{path}", self.base),
+            )
+            .header("authorization", format!("Bearer {KEY}"));
+        if method != "GET" {
+            req = req.header("idempotency-key", uuid::Uuid::now_v7().simple().to_string());
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn wait_phase(&self, id: &str, phase: &str) -> Value {
+        for _ in 0..400 {
+            let (_, m) = self.call("GET", &format!("/v1/machines/{id}"), None).await;
+            if m["status"]["phase"] == phase {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("machine {id} never reached {phase}");
+    }
+
+    async fn run(&self, id: &str, argv: &[&str]) -> Value {
+        let (s, ex) = self
+            .call(
+                "POST",
+                &format!("/v1/machines/{id}/executions"),
+                Some(json!({ "command": argv })),
+            )
+            .await;
+        assert_eq!(s, 200, "{ex}");
+        let eid = ex["execution_id"]
+            .as_str()
+            .expect("execution id")
+            .to_owned();
+        for _ in 0..400 {
+            let (_, e) = self
+                .call("GET", &format!("/v1/machines/{id}/executions/{eid}"), None)
+                .await;
+            if ["succeeded", "failed", "cancelled", "expired"]
+                .contains(&e["status"].as_str().unwrap_or(""))
+            {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("execution {eid} never finished");
+    }
+
+    fn home(&self, id: &str) -> PathBuf {
+        self.data.join("machines").join(id).join("home")
+    }
+}
+
+impl Drop for Emu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start().chars().next());
+            !matches!(state, Some(Some('Z' | 'X')))
+        }
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn lifecycle_executions_sleep_kills_processes_and_files_survive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emu = Emu::start(dir.path(), "127.0.0.1:0");
+
+    let (s, created) = emu
+        .call(
+            "POST",
+            "/v1/machines",
+            Some(json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5, "autosleep": "1h"})),
+        )
+        .await;
+    assert!(s == 200 || s == 202, "{s} {created}");
+    assert_eq!(created["autosleep_seconds"], 3600);
+    let id = created["machine_id"].as_str().expect("id").to_owned();
+    assert!(id.starts_with("dm-") && id.len() == 35, "{id}");
+    emu.wait_phase(&id, "running").await;
+
+    // An execution writes a file in the home and leaves a background process.
+    let e = emu
+        .run(
+            &id,
+            &[
+                "bash",
+                "-c",
+                "echo kept > file.txt; sleep 100 >/dev/null 2>&1 & echo $! > sleeper.pid; pwd",
+            ],
+        )
+        .await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+    assert_eq!(e["exit_code"], 0);
+    let eid = e["execution_id"].as_str().expect("eid");
+    let (_, out) = emu
+        .call(
+            "GET",
+            &format!("/v1/machines/{id}/executions/{eid}/output"),
+            None,
+        )
+        .await;
+    let home = emu.home(&id);
+    assert_eq!(
+        out["stdout"].as_str().map(str::trim),
+        home.canonicalize().ok().as_deref().and_then(Path::to_str)
+    );
+    let pid: i32 = std::fs::read_to_string(home.join("sleeper.pid"))
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert!(alive(pid), "background process runs before sleep");
+
+    // A failing execution reports its exit code; events are paged.
+    let e = emu.run(&id, &["bash", "-c", "echo oops >&2; exit 7"]).await;
+    assert_eq!(
+        (e["status"].as_str(), e["exit_code"].as_i64()),
+        (Some("failed"), Some(7))
+    );
+    let eid = e["execution_id"].as_str().expect("eid");
+    let (_, ev) = emu
+        .call(
+            "GET",
+            &format!("/v1/machines/{id}/executions/{eid}/events?limit=1"),
+            None,
+        )
+        .await;
+    assert_eq!(ev["items"].as_array().map(Vec::len), Some(1));
+    assert!(ev["next_cursor"].is_string());
+
+    // Sleep ends every process; files stay.
+    let (s, body) = emu
+        .call("POST", &format!("/v1/machines/{id}/sleep"), None)
+        .await;
+    assert!(s == 200 || s == 202, "{s} {body}");
+    emu.wait_phase(&id, "sleeping").await;
+    assert!(!alive(pid), "background process {pid} survived sleep");
+
+    let (s, body) = emu
+        .call("POST", &format!("/v1/machines/{id}/wake"), None)
+        .await;
+    assert!(s == 200 || s == 202, "{s} {body}");
+    emu.wait_phase(&id, "running").await;
+    let e = emu
+        .run(&id, &["bash", "-c", "cat \"$HOME/file.txt\""])
+        .await;
+    let eid = e["execution_id"].as_str().expect("eid");
+    let (_, out) = emu
+        .call(
+            "GET",
+            &format!("/v1/machines/{id}/executions/{eid}/output"),
+            None,
+        )
+        .await;
+    assert_eq!(out["stdout"], "kept\n");
+
+    // An execution on a sleeping machine wakes it.
+    emu.call("POST", &format!("/v1/machines/{id}/sleep"), None)
+        .await;
+    emu.wait_phase(&id, "sleeping").await;
+    let e = emu.run(&id, &["true"]).await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+
+    // Delete → 404 problem+json.
+    let (s, _) = emu
+        .call("DELETE", &format!("/v1/machines/{id}"), None)
+        .await;
+    assert!(s == 200 || s == 202);
+    let mut gone = false;
+    for _ in 0..200 {
+        let (s, body) = emu.call("GET", &format!("/v1/machines/{id}"), None).await;
+        if s == 404 {
+            assert_eq!(body["status"], 404);
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(gone);
+}
+
+#[tokio::test]
+async fn terminal_websocket_round_trip() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let (_, created) = emu
+        .call(
+            "POST",
+            "/v1/machines",
+            Some(json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5})),
+        )
+        .await;
+    let id = created["machine_id"].as_str().expect("id").to_owned();
+    emu.wait_phase(&id, "running").await;
+
+    let (s, term) = emu
+        .call(
+            "POST",
+            &format!("/v1/machines/{id}/terminals"),
+            Some(json!({"width": 100, "height": 30})),
+        )
+        .await;
+    assert_eq!(s, 200, "{term}");
+    assert_eq!(term["status"], "ready");
+    let tid = term["terminal_id"].as_str().expect("tid").to_owned();
+
+    let url = format!(
+        "{}/v1/machines/{id}/terminals/{tid}/stream",
+        emu.base.replacen("http://", "ws://", 1)
+    );
+    let mut req = url.as_str().into_client_request().expect("ws request");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {KEY}").parse().expect("header"),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("ws connect");
+
+    let input = json!({"type": "input", "data": STANDARD.encode("echo hi\necho $((40+2))x\n")});
+    ws.send(Message::text(input.to_string()))
+        .await
+        .expect("send");
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !(seen.contains("hi") && seen.contains("42x")) {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("no output in time; got {seen:?}"))
+            .expect("open")
+            .expect("frame");
+        if let Message::Text(t) = msg {
+            let frame: Value = serde_json::from_str(&t).expect("json frame");
+            if frame["type"] == "output" {
+                let bytes = STANDARD
+                    .decode(frame["data"].as_str().unwrap_or(""))
+                    .expect("base64");
+                seen.push_str(&String::from_utf8_lossy(&bytes));
+            }
+        }
+    }
+
+    // Binary frames are raw input; `exit` closes the terminal.
+    ws.send(Message::binary(b"exit\n".to_vec()))
+        .await
+        .expect("send exit");
+    let mut closed = false;
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+        match msg {
+            Message::Text(t) if t.contains("\"closed\"") => closed = true,
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    assert!(closed, "a closed event precedes the close frame");
+    let (_, t) = emu
+        .call("GET", &format!("/v1/machines/{id}/terminals/{tid}"), None)
+        .await;
+    assert_eq!(t["status"], "closed");
+}
+
+#[tokio::test]
+async fn auth_idempotency_faults_and_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let url = format!("{}/v1/machines", emu.base);
+    let body = json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5});
+
+    let r = emu.http.get(&url).send().await.expect("req");
+    assert_eq!(r.status(), 401);
+    let r = emu
+        .http
+        .get(&url)
+        .header("x-api-key", "wrong")
+        .send()
+        .await
+        .expect("req");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error_code"], "AUTH_INVALID");
+
+    // Missing Idempotency-Key → 400 problem+json.
+    let r = emu
+        .http
+        .post(&url)
+        .bearer_auth(KEY)
+        .json(&body)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+
+    // Unknown field → 422.
+    let r = emu
+        .http
+        .post(&url)
+        .bearer_auth(KEY)
+        .header("idempotency-key", "k-unknown")
+        .json(&json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5, "gpu": 1}))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 422);
+
+    // Replay and reuse.
+    let send = |b: Value, key: &'static str| {
+        emu.http
+            .post(&url)
+            .bearer_auth(KEY)
+            .header("idempotency-key", key)
+            .json(&b)
+            .send()
+    };
+    let a: Value = send(body.clone(), "k1")
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("json");
+    let b: Value = send(body.clone(), "k1")
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(a["machine_id"], b["machine_id"]);
+    let r = send(
+        json!({"vcpu": 2, "memory_mib": 512, "storage_gib": 5}),
+        "k1",
+    )
+    .await
+    .expect("req");
+    assert_eq!(r.status(), 409);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error_code"], "IDEMPOTENCY_KEY_REUSED");
+
+    // A delay fault keeps the key in flight: a concurrent duplicate gets 429.
+    let r = emu
+        .http
+        .post(format!("{}/_emulator/faults", emu.base))
+        .json(&json!({"method": "POST", "path": "/v1/machines", "delay_ms": 400}))
+        .send()
+        .await
+        .expect("fault");
+    assert!(r.status().is_success());
+    let first = send(body.clone(), "k2");
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        send(body.clone(), "k2").await
+    };
+    let (first, second) = tokio::join!(first, second);
+    let first = first.expect("first").status().as_u16();
+    assert!(first == 200 || first == 202, "{first}");
+    let second = second.expect("second");
+    assert_eq!(second.status(), 429);
+    assert!(second.headers().contains_key("retry-after-ms"));
+
+    // A status fault answers without processing, and the log records it.
+    emu.http
+        .post(format!("{}/_emulator/faults", emu.base))
+        .json(&json!({"method": "GET", "path": "/v1/machines/*", "status": 503, "retry_after_ms": 1500}))
+        .send()
+        .await
+        .expect("fault");
+    let id = a["machine_id"].as_str().expect("id").to_owned();
+    let r = emu
+        .http
+        .get(format!("{url}/{id}"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "2");
+    let log: Value = emu
+        .http
+        .get(format!("{}/_emulator/requests", emu.base))
+        .send()
+        .await
+        .expect("log")
+        .json()
+        .await
+        .expect("json");
+    let last = log
+        .as_array()
+        .and_then(|l| l.last())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(last["status"], 503);
+
+    // Restart on the same data dir: state and idempotency records survive.
+    emu.wait_phase(&id, "running").await;
+    let listen = emu.base.trim_start_matches("http://").to_owned();
+    let _ = emu.child.kill();
+    let _ = emu.child.wait();
+    drop(emu);
+    emu = Emu::start(dir.path(), &listen);
+    let m = emu.wait_phase(&id, "running").await;
+    assert_eq!(m["machine_id"], id.as_str());
+    let again: Value = send_after_restart(&emu, &url, &body, "k1").await;
+    assert_eq!(again["machine_id"], id.as_str());
+}
+
+async fn send_after_restart(emu: &Emu, url: &str, body: &Value, key: &str) -> Value {
+    emu.http
+        .post(url)
+        .bearer_auth(KEY)
+        .header("idempotency-key", key)
+        .json(body)
+        .send()
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("json")
+}
+
+#[tokio::test]
+async fn autosleep_and_status_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let (_, created) = emu
+        .call(
+            "POST",
+            "/v1/machines",
+            Some(json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5, "autosleep": "1s"})),
+        )
+        .await;
+    assert_eq!(created["autosleep_seconds"], 1);
+    let id = created["machine_id"].as_str().expect("id").to_owned();
+
+    // The status stream ends once the machine runs; its last event says so.
+    let resp = emu
+        .http
+        .get(format!("{}/v1/machines/{id}/status/stream", emu.base))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(resp.status(), 200);
+    let text = tokio::time::timeout(Duration::from_secs(10), resp.text())
+        .await
+        .expect("stream ends")
+        .expect("text");
+    let last = text
+        .split("\n\n")
+        .filter_map(|block| {
+            block
+                .lines()
+                .find_map(|l| l.strip_prefix("data:"))
+                .map(|d| serde_json::from_str::<Value>(d.trim()).expect("event json"))
+        })
+        .last()
+        .expect("at least one event");
+    assert_eq!(last["status"]["phase"], "running", "{text}");
+    assert!(text.contains("event: status"));
+
+    // Idle for its autosleep period → sleeping.
+    emu.wait_phase(&id, "sleeping").await;
+}

@@ -1,0 +1,952 @@
+//! The store's semantics, written once: every [`UserStore`] operation as a
+//! condition plus update actions over the flat attributes, applied through a
+//! small [`Backend`] that the DynamoDB and in-memory adapters implement.
+//!
+//! [`Cond`] and [`Action`] are a tiny subset of DynamoDB's expression
+//! language; the DynamoDB adapter renders them as expressions, the memory
+//! adapter evaluates them with DynamoDB's rules, so both behave alike.
+
+use std::future::Future;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use base64::Engine as _;
+
+use super::record::Item;
+use super::table::{attr, shard_for};
+use super::{
+    AcquireOutcome, ClaimOutcome, CreateKey, Cursor, DeleteGuard, DeleteOutcome, Hold, Lease,
+    LeaseKind, LeasePurpose, MachineState, Page, Power, ReleaseOutcome, Result, StoreError,
+    UserRecord, UserStore,
+};
+
+/// A condition over an item's attributes (DynamoDB semantics: comparisons
+/// with a missing attribute are false).
+#[derive(Debug, Clone)]
+pub enum Cond {
+    /// `attribute_exists(a)`
+    Exists(&'static str),
+    /// `attribute_not_exists(a)`
+    NotExists(&'static str),
+    /// `a = v`
+    Eq(&'static str, AttributeValue),
+    /// `a < n` (numbers)
+    Lt(&'static str, u64),
+    /// `a IN (v, ...)`
+    In(&'static str, Vec<AttributeValue>),
+    /// All of them.
+    And(Vec<Cond>),
+    /// Any of them.
+    Or(Vec<Cond>),
+}
+
+impl Cond {
+    /// Evaluate with DynamoDB's rules: numbers compare numerically, any
+    /// comparison involving a missing attribute (or mismatched types) is false.
+    pub fn eval(&self, item: &Item) -> bool {
+        match self {
+            Self::Exists(a) => item.contains_key(*a),
+            Self::NotExists(a) => !item.contains_key(*a),
+            Self::Eq(a, v) => item.get(*a).is_some_and(|have| values_equal(have, v)),
+            Self::Lt(a, bound) => match item.get(*a) {
+                Some(AttributeValue::N(have)) => {
+                    number(have).is_some_and(|h| h < i128::from(*bound))
+                }
+                _ => false,
+            },
+            Self::In(a, vs) => item
+                .get(*a)
+                .is_some_and(|have| vs.iter().any(|v| values_equal(have, v))),
+            Self::And(cs) => cs.iter().all(|c| c.eval(item)),
+            Self::Or(cs) => cs.iter().any(|c| c.eval(item)),
+        }
+    }
+}
+
+fn number(s: &str) -> Option<i128> {
+    s.trim().parse().ok()
+}
+
+fn values_equal(a: &AttributeValue, b: &AttributeValue) -> bool {
+    match (a, b) {
+        (AttributeValue::N(x), AttributeValue::N(y)) => match (number(x), number(y)) {
+            (Some(x), Some(y)) => x == y,
+            _ => x == y,
+        },
+        _ => a == b,
+    }
+}
+
+impl Action {
+    /// The attribute the action writes.
+    pub fn attribute(&self) -> &'static str {
+        match self {
+            Self::Set(a, _) | Self::SetIfNotExists(a, _) | Self::Add(a, _) | Self::Remove(a) => a,
+        }
+    }
+
+    /// Apply to an item with DynamoDB's rules.
+    pub fn apply(&self, item: &mut Item) {
+        match self {
+            Self::Set(a, v) => {
+                item.insert((*a).to_owned(), v.clone());
+            }
+            Self::SetIfNotExists(a, v) => {
+                item.entry((*a).to_owned()).or_insert_with(|| v.clone());
+            }
+            Self::Add(a, delta) => {
+                let base = match item.get(*a) {
+                    Some(AttributeValue::N(have)) => number(have).unwrap_or(0),
+                    _ => 0,
+                };
+                item.insert(
+                    (*a).to_owned(),
+                    AttributeValue::N((base + i128::from(*delta)).to_string()),
+                );
+            }
+            Self::Remove(a) => {
+                item.remove(*a);
+            }
+        }
+    }
+}
+
+/// One update action.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// `SET a = v`
+    Set(&'static str, AttributeValue),
+    /// `SET a = if_not_exists(a, v)`
+    SetIfNotExists(&'static str, AttributeValue),
+    /// `SET a = if_not_exists(a, 0) + n`
+    Add(&'static str, u64),
+    /// `REMOVE a`
+    Remove(&'static str),
+}
+
+/// A conditional update of an existing item.
+#[derive(Debug, Clone)]
+pub struct Update {
+    /// Must hold on the current item (the item's existence is always required too).
+    pub cond: Cond,
+    /// Applied when it holds.
+    pub actions: Vec<Action>,
+}
+
+/// A refused conditional write: the item as it is, if it exists and the
+/// backend returned it.
+pub type Refused = Option<UserRecord>;
+
+/// Position in the `awake` index (its `LastEvaluatedKey`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AwakeKey {
+    /// Index partition.
+    pub shard: String,
+    /// Index sort key.
+    pub last_active_at: u64,
+    /// Table key.
+    pub user_id: String,
+}
+
+/// What an adapter provides. Public only inside this private module (sealed).
+pub trait Backend: Send + Sync {
+    /// Strongly consistent read.
+    fn get_item(&self, user_id: &str) -> impl Future<Output = Result<Option<UserRecord>>> + Send;
+    /// Put if no item has this user id.
+    fn put_new(
+        &self,
+        record: &UserRecord,
+    ) -> impl Future<Output = Result<std::result::Result<(), Refused>>> + Send;
+    /// Conditional update of an existing item; the item after the write.
+    fn update(
+        &self,
+        op: &'static str,
+        user_id: &str,
+        update: Update,
+    ) -> impl Future<Output = Result<std::result::Result<UserRecord, Refused>>> + Send;
+    /// Conditional delete; the item as it was.
+    fn delete_item(
+        &self,
+        user_id: &str,
+        cond: Cond,
+    ) -> impl Future<Output = Result<std::result::Result<UserRecord, Refused>>> + Send;
+    /// `awake` index query, ascending by `last_active_at`.
+    fn query_awake(
+        &self,
+        shard: &str,
+        idle_before_ms: u64,
+        start: Option<AwakeKey>,
+        limit: u32,
+    ) -> impl Future<Output = Result<(Vec<UserRecord>, Option<AwakeKey>)>> + Send;
+    /// `by-machine` index query.
+    fn query_machine(
+        &self,
+        machine_id: &str,
+    ) -> impl Future<Output = Result<Vec<UserRecord>>> + Send;
+}
+
+fn s(v: &str) -> AttributeValue {
+    AttributeValue::S(v.to_owned())
+}
+
+fn n(v: u64) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn state_in(states: &[MachineState]) -> Cond {
+    Cond::In(
+        attr::STATE,
+        states.iter().map(|st| s(st.as_str())).collect(),
+    )
+}
+
+fn lease_owned_by(owner: &str) -> Cond {
+    Cond::Eq(attr::LEASE_OWNER, s(owner))
+}
+
+/// No live lease at `now_ms`: absent or `lease_until < now_ms`.
+fn no_live_lease(now_ms: u64) -> Cond {
+    Cond::Or(vec![
+        Cond::NotExists(attr::LEASE_UNTIL),
+        Cond::Lt(attr::LEASE_UNTIL, now_ms),
+    ])
+}
+
+const NOT_DESTROYING: &[MachineState] = &[
+    MachineState::Provisioning,
+    MachineState::Bootstrapping,
+    MachineState::Ready,
+    MachineState::Failed,
+];
+
+fn set_lease(lease: &Lease) -> [Action; 3] {
+    [
+        Action::Set(attr::LEASE_OWNER, s(&lease.owner)),
+        Action::Set(attr::LEASE_KIND, s(lease.kind.as_str())),
+        Action::Set(attr::LEASE_UNTIL, n(lease.until)),
+    ]
+}
+
+const REMOVE_LEASE: [Action; 3] = [
+    Action::Remove(attr::LEASE_OWNER),
+    Action::Remove(attr::LEASE_KIND),
+    Action::Remove(attr::LEASE_UNTIL),
+];
+
+fn awake_actions(user_id: &str, now_ms: u64) -> [Action; 3] {
+    [
+        Action::Set(attr::POWER, s(Power::Awake.as_str())),
+        Action::Set(attr::AWAKE_SHARD, s(&shard_for(user_id))),
+        Action::SetIfNotExists(attr::AWAKE_SINCE, n(now_ms)),
+    ]
+}
+
+/// Longest `last_error` kept (bytes): items stay far below DynamoDB's 400 KB.
+const MAX_ERROR_BYTES: usize = 2048;
+
+fn error_text(error: &str) -> AttributeValue {
+    let mut end = error.len().min(MAX_ERROR_BYTES);
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    s(&error[..end])
+}
+
+fn non_empty(what: &str, v: &str) -> Result<()> {
+    if v.is_empty() {
+        return Err(StoreError::InvalidArgument(format!("{what} is empty")));
+    }
+    Ok(())
+}
+
+fn valid_create_key(k: &str) -> Result<()> {
+    if k.len() == 32
+        && k.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidArgument(
+            "create_key must be 32 lowercase hex characters".to_owned(),
+        ))
+    }
+}
+
+fn encode_cursor(key: &AwakeKey) -> Result<Cursor> {
+    let json =
+        serde_json::to_vec(key).map_err(|e| StoreError::InvalidArgument(format!("cursor: {e}")))?;
+    Ok(Cursor(
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json),
+    ))
+}
+
+fn decode_cursor(cursor: &Cursor, shard: &str) -> Result<AwakeKey> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor.as_str())
+        .map_err(|_| StoreError::InvalidCursor)?;
+    let key: AwakeKey = serde_json::from_slice(&bytes).map_err(|_| StoreError::InvalidCursor)?;
+    if key.shard != shard || key.user_id.is_empty() {
+        return Err(StoreError::InvalidCursor);
+    }
+    Ok(key)
+}
+
+/// Run a conditional update of an existing item: adds the existence check,
+/// the generation bump and `updated_at`. A refusal without the current item
+/// (the backend did not return it) is resolved with one consistent read, so
+/// a missing item is always [`StoreError::NotFound`].
+async fn apply<B: Backend>(
+    b: &B,
+    op: &'static str,
+    user_id: &str,
+    cond: Cond,
+    mut actions: Vec<Action>,
+    now_ms: u64,
+) -> Result<std::result::Result<UserRecord, UserRecord>> {
+    non_empty("user_id", user_id)?;
+    debug_assert!(
+        {
+            let mut seen = std::collections::HashSet::new();
+            actions.iter().all(|a| seen.insert(a.attribute()))
+        },
+        "{op}: an attribute appears twice in one update (DynamoDB rejects overlapping paths)"
+    );
+    actions.push(Action::Add(attr::GENERATION, 1));
+    actions.push(Action::Set(attr::UPDATED_AT, n(now_ms)));
+    let update = Update {
+        cond: Cond::And(vec![Cond::Exists(attr::USER_ID), cond]),
+        actions,
+    };
+    match b.update(op, user_id, update).await? {
+        Ok(rec) => Ok(Ok(rec)),
+        Err(Some(current)) => Ok(Err(current)),
+        Err(None) => match b.get_item(user_id).await? {
+            Some(current) => Ok(Err(current)),
+            None => Err(StoreError::NotFound {
+                user_id: user_id.to_owned(),
+            }),
+        },
+    }
+}
+
+/// [`apply`] where a refusal is a [`StoreError::Conflict`].
+async fn apply_or_conflict<B: Backend>(
+    b: &B,
+    op: &'static str,
+    user_id: &str,
+    cond: Cond,
+    actions: Vec<Action>,
+    now_ms: u64,
+) -> Result<UserRecord> {
+    apply(b, op, user_id, cond, actions, now_ms)
+        .await?
+        .map_err(|current| StoreError::Conflict {
+            op,
+            current: Some(Box::new(current)),
+        })
+}
+
+/// Classify a refused lease acquisition.
+fn refused_acquire(current: UserRecord, now_ms: u64) -> AcquireOutcome {
+    if current.live_lease(now_ms).is_some() {
+        AcquireOutcome::Busy(current)
+    } else {
+        AcquireOutcome::Changed(current)
+    }
+}
+
+/// Writes that end an awake period (sleep, lost) need `awake_since` as read,
+/// to add the awake time; the condition pins it, and a concurrent change
+/// (e.g. a power correction) is retried a few times.
+async fn end_awake_period<B: Backend>(
+    b: &B,
+    op: &'static str,
+    user_id: &str,
+    guard: Cond,
+    extra: impl Fn(&UserRecord) -> Vec<Action>,
+    now_ms: u64,
+) -> Result<UserRecord> {
+    non_empty("user_id", user_id)?;
+    let mut attempts = 0;
+    let mut current = b
+        .get_item(user_id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            user_id: user_id.to_owned(),
+        })?;
+    loop {
+        let (pin, mut actions) = match current.awake_since {
+            Some(since) => (
+                Cond::Eq(attr::AWAKE_SINCE, n(since)),
+                vec![Action::Add(
+                    attr::AWAKE_MS_TOTAL,
+                    now_ms.saturating_sub(since),
+                )],
+            ),
+            None => (Cond::NotExists(attr::AWAKE_SINCE), vec![]),
+        };
+        actions.extend([
+            Action::Remove(attr::AWAKE_SHARD),
+            Action::Remove(attr::AWAKE_SINCE),
+            Action::Remove(attr::SLEEP_ELIGIBLE_AT),
+        ]);
+        actions.extend(extra(&current));
+        let cond = Cond::And(vec![guard.clone(), pin]);
+        match apply(b, op, user_id, cond.clone(), actions, now_ms).await? {
+            Ok(rec) => return Ok(rec),
+            Err(now) => {
+                attempts += 1;
+                let guard_holds = guard.eval(&now.to_item()?);
+                if !guard_holds || attempts >= 3 {
+                    return Err(StoreError::Conflict {
+                        op,
+                        current: Some(Box::new(now)),
+                    });
+                }
+                current = now;
+            }
+        }
+    }
+}
+
+impl<B: Backend> UserStore for B {
+    async fn get(&self, user_id: &str) -> Result<Option<UserRecord>> {
+        non_empty("user_id", user_id)?;
+        self.get_item(user_id).await
+    }
+
+    async fn find_by_machine(&self, machine_id: &str) -> Result<Vec<UserRecord>> {
+        non_empty("machine_id", machine_id)?;
+        self.query_machine(machine_id).await
+    }
+
+    async fn claim(
+        &self,
+        user_id: &str,
+        create_key: &str,
+        lease: &Lease,
+        now_ms: u64,
+    ) -> Result<ClaimOutcome> {
+        non_empty("user_id", user_id)?;
+        non_empty("lease owner", &lease.owner)?;
+        valid_create_key(create_key)?;
+        let record = UserRecord {
+            user_id: user_id.to_owned(),
+            machine_id: None,
+            state: MachineState::Provisioning,
+            power: Power::Unknown,
+            generation: 1,
+            create_key: create_key.to_owned(),
+            bootstrap_version: None,
+            last_active_at: now_ms,
+            lease: Some(lease.clone()),
+            terminal_id: None,
+            awake_since: None,
+            awake_ms_total: 0,
+            sleep_eligible_at: None,
+            hold: None,
+            last_error: None,
+            updated_at: now_ms,
+            created_at: now_ms,
+            awake_shard: None,
+        };
+        match self.put_new(&record).await? {
+            Ok(()) => Ok(ClaimOutcome::Claimed(record)),
+            Err(Some(current)) => Ok(ClaimOutcome::AlreadyExists(current)),
+            // Refused without the item: it existed at the time; read it.
+            Err(None) => match self.get_item(user_id).await? {
+                Some(current) => Ok(ClaimOutcome::AlreadyExists(current)),
+                None => Err(StoreError::Conflict {
+                    op: "claim",
+                    current: None,
+                }),
+            },
+        }
+    }
+
+    async fn record_machine_id(
+        &self,
+        user_id: &str,
+        create_key: &str,
+        machine_id: &str,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        non_empty("machine_id", machine_id)?;
+        let cond = Cond::And(vec![
+            Cond::Eq(attr::CREATE_KEY, s(create_key)),
+            Cond::Or(vec![
+                Cond::NotExists(attr::MACHINE_ID),
+                Cond::Eq(attr::MACHINE_ID, s(machine_id)),
+            ]),
+        ]);
+        let actions = vec![Action::Set(attr::MACHINE_ID, s(machine_id))];
+        apply_or_conflict(self, "record_machine_id", user_id, cond, actions, now_ms).await
+    }
+
+    async fn mark_bootstrapping(
+        &self,
+        user_id: &str,
+        owner: &str,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let cond = Cond::And(vec![
+            lease_owned_by(owner),
+            Cond::Exists(attr::MACHINE_ID),
+            state_in(&[MachineState::Provisioning, MachineState::Bootstrapping]),
+        ]);
+        let actions = vec![Action::Set(
+            attr::STATE,
+            s(MachineState::Bootstrapping.as_str()),
+        )];
+        apply_or_conflict(self, "mark_bootstrapping", user_id, cond, actions, now_ms).await
+    }
+
+    async fn mark_ready(
+        &self,
+        user_id: &str,
+        owner: &str,
+        bootstrap_version: &str,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        non_empty("bootstrap_version", bootstrap_version)?;
+        let cond = Cond::And(vec![
+            lease_owned_by(owner),
+            Cond::Exists(attr::MACHINE_ID),
+            state_in(&[
+                MachineState::Provisioning,
+                MachineState::Bootstrapping,
+                MachineState::Ready,
+            ]),
+        ]);
+        let mut actions = vec![
+            Action::Set(attr::STATE, s(MachineState::Ready.as_str())),
+            Action::Set(attr::BOOTSTRAP_VERSION, s(bootstrap_version)),
+            Action::Set(attr::LAST_ACTIVE_AT, n(now_ms)),
+            Action::Remove(attr::LAST_ERROR),
+        ];
+        actions.extend(awake_actions(user_id, now_ms));
+        apply_or_conflict(self, "mark_ready", user_id, cond, actions, now_ms).await
+    }
+
+    async fn mark_failed(
+        &self,
+        user_id: &str,
+        owner: &str,
+        error: &str,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let cond = Cond::And(vec![
+            lease_owned_by(owner),
+            state_in(&[MachineState::Provisioning, MachineState::Bootstrapping]),
+        ]);
+        let actions = vec![
+            Action::Set(attr::STATE, s(MachineState::Failed.as_str())),
+            Action::Set(attr::LAST_ERROR, error_text(error)),
+        ];
+        apply_or_conflict(self, "mark_failed", user_id, cond, actions, now_ms).await
+    }
+
+    async fn restart_provisioning(
+        &self,
+        user_id: &str,
+        expected_generation: u64,
+        lease: &Lease,
+        create_key: CreateKey,
+        now_ms: u64,
+    ) -> Result<AcquireOutcome> {
+        non_empty("lease owner", &lease.owner)?;
+        let mut conds = vec![
+            Cond::Eq(attr::GENERATION, n(expected_generation)),
+            state_in(&[
+                MachineState::Provisioning,
+                MachineState::Bootstrapping,
+                MachineState::Failed,
+            ]),
+            no_live_lease(now_ms),
+        ];
+        let mut actions = vec![
+            Action::Set(attr::STATE, s(MachineState::Provisioning.as_str())),
+            Action::Remove(attr::LAST_ERROR),
+        ];
+        actions.extend(set_lease(lease));
+        if let CreateKey::Replace(key) = &create_key {
+            valid_create_key(key)?;
+            conds.push(Cond::NotExists(attr::MACHINE_ID));
+            actions.push(Action::Set(attr::CREATE_KEY, s(key)));
+        }
+        Ok(
+            match apply(
+                self,
+                "restart_provisioning",
+                user_id,
+                Cond::And(conds),
+                actions,
+                now_ms,
+            )
+            .await?
+            {
+                Ok(rec) => AcquireOutcome::Acquired(rec),
+                Err(current) => refused_acquire(current, now_ms),
+            },
+        )
+    }
+
+    async fn acquire_lease(
+        &self,
+        user_id: &str,
+        owner: &str,
+        purpose: LeasePurpose,
+        until_ms: u64,
+        now_ms: u64,
+    ) -> Result<AcquireOutcome> {
+        non_empty("lease owner", owner)?;
+        let mut conds = vec![state_in(NOT_DESTROYING), no_live_lease(now_ms)];
+        if let LeasePurpose::Sweep {
+            expected_last_active_at,
+        } = purpose
+        {
+            conds.push(Cond::Eq(attr::LAST_ACTIVE_AT, n(expected_last_active_at)));
+        }
+        let lease = Lease::new(owner, purpose.kind(), until_ms);
+        let actions = set_lease(&lease).to_vec();
+        Ok(
+            match apply(
+                self,
+                "acquire_lease",
+                user_id,
+                Cond::And(conds),
+                actions,
+                now_ms,
+            )
+            .await?
+            {
+                Ok(rec) => AcquireOutcome::Acquired(rec),
+                Err(current) => refused_acquire(current, now_ms),
+            },
+        )
+    }
+
+    async fn renew_lease(
+        &self,
+        user_id: &str,
+        owner: &str,
+        until_ms: u64,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let actions = vec![Action::Set(attr::LEASE_UNTIL, n(until_ms))];
+        apply_or_conflict(
+            self,
+            "renew_lease",
+            user_id,
+            lease_owned_by(owner),
+            actions,
+            now_ms,
+        )
+        .await
+    }
+
+    async fn release_lease(
+        &self,
+        user_id: &str,
+        owner: &str,
+        now_ms: u64,
+    ) -> Result<ReleaseOutcome> {
+        let released = apply(
+            self,
+            "release_lease",
+            user_id,
+            lease_owned_by(owner),
+            REMOVE_LEASE.to_vec(),
+            now_ms,
+        )
+        .await;
+        match released {
+            Ok(Ok(rec)) => Ok(ReleaseOutcome::Released(rec)),
+            Ok(Err(current)) => Ok(ReleaseOutcome::NotHeld(Some(current))),
+            Err(StoreError::NotFound { .. }) => Ok(ReleaseOutcome::NotHeld(None)),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn mark_awake(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
+        let mut actions = vec![Action::Set(attr::LAST_ACTIVE_AT, n(now_ms))];
+        actions.extend(awake_actions(user_id, now_ms));
+        apply_or_conflict(
+            self,
+            "mark_awake",
+            user_id,
+            lease_owned_by(owner),
+            actions,
+            now_ms,
+        )
+        .await
+    }
+
+    async fn touch(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
+        let actions = vec![Action::Set(attr::LAST_ACTIVE_AT, n(now_ms))];
+        apply_or_conflict(
+            self,
+            "touch",
+            user_id,
+            lease_owned_by(owner),
+            actions,
+            now_ms,
+        )
+        .await
+    }
+
+    async fn set_terminal(
+        &self,
+        user_id: &str,
+        owner: &str,
+        terminal_id: Option<&str>,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let action = match terminal_id {
+            Some(t) => {
+                non_empty("terminal_id", t)?;
+                Action::Set(attr::TERMINAL_ID, s(t))
+            }
+            None => Action::Remove(attr::TERMINAL_ID),
+        };
+        apply_or_conflict(
+            self,
+            "set_terminal",
+            user_id,
+            lease_owned_by(owner),
+            vec![action],
+            now_ms,
+        )
+        .await
+    }
+
+    async fn set_hold(
+        &self,
+        user_id: &str,
+        owner: &str,
+        hold: &Hold,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let actions = vec![
+            Action::Set(attr::HOLD_UNTIL, n(hold.until)),
+            Action::Set(attr::HOLD_MARKER, s(&hold.marker)),
+        ];
+        apply_or_conflict(
+            self,
+            "set_hold",
+            user_id,
+            lease_owned_by(owner),
+            actions,
+            now_ms,
+        )
+        .await
+    }
+
+    async fn clear_hold(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
+        let actions = vec![
+            Action::Remove(attr::HOLD_UNTIL),
+            Action::Remove(attr::HOLD_MARKER),
+        ];
+        apply_or_conflict(
+            self,
+            "clear_hold",
+            user_id,
+            lease_owned_by(owner),
+            actions,
+            now_ms,
+        )
+        .await
+    }
+
+    async fn mark_asleep(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
+        let guard = Cond::And(vec![
+            lease_owned_by(owner),
+            Cond::Eq(attr::LEASE_KIND, s(LeaseKind::Sweep.as_str())),
+        ]);
+        let extra = |_: &UserRecord| vec![Action::Set(attr::POWER, s(Power::Asleep.as_str()))];
+        end_awake_period(self, "mark_asleep", user_id, guard, extra, now_ms).await
+    }
+
+    async fn set_sleep_eligible_at(
+        &self,
+        user_id: &str,
+        owner: &str,
+        eligible_at_ms: u64,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let actions = vec![Action::Set(attr::SLEEP_ELIGIBLE_AT, n(eligible_at_ms))];
+        apply_or_conflict(
+            self,
+            "set_sleep_eligible_at",
+            user_id,
+            lease_owned_by(owner),
+            actions,
+            now_ms,
+        )
+        .await
+    }
+
+    async fn mark_lost(
+        &self,
+        user_id: &str,
+        owner: &str,
+        error: &str,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let extra = |current: &UserRecord| {
+            let machine = current.machine_id.as_deref().unwrap_or("(none)");
+            vec![
+                Action::Set(attr::STATE, s(MachineState::Failed.as_str())),
+                Action::Set(attr::POWER, s(Power::Unknown.as_str())),
+                Action::Set(
+                    attr::LAST_ERROR,
+                    error_text(&format!("machine {machine} lost: {error}")),
+                ),
+                Action::Remove(attr::MACHINE_ID),
+                Action::Remove(attr::TERMINAL_ID),
+                Action::Remove(attr::HOLD_UNTIL),
+                Action::Remove(attr::HOLD_MARKER),
+                Action::Remove(attr::BOOTSTRAP_VERSION),
+            ]
+        };
+        end_awake_period(
+            self,
+            "mark_lost",
+            user_id,
+            lease_owned_by(owner),
+            extra,
+            now_ms,
+        )
+        .await
+    }
+
+    async fn set_power(
+        &self,
+        current: &UserRecord,
+        power: Power,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let user_id = current.user_id.as_str();
+        let cond = Cond::Eq(attr::GENERATION, n(current.generation));
+        let actions = match power {
+            Power::Awake => awake_actions(user_id, now_ms).to_vec(),
+            Power::Asleep => {
+                let mut actions = vec![
+                    Action::Set(attr::POWER, s(Power::Asleep.as_str())),
+                    Action::Remove(attr::AWAKE_SHARD),
+                    Action::Remove(attr::AWAKE_SINCE),
+                ];
+                if let Some(since) = current.awake_since {
+                    actions.push(Action::Add(
+                        attr::AWAKE_MS_TOTAL,
+                        now_ms.saturating_sub(since),
+                    ));
+                }
+                actions
+            }
+            Power::Unknown => vec![Action::Set(attr::POWER, s(Power::Unknown.as_str()))],
+        };
+        apply_or_conflict(self, "set_power", user_id, cond, actions, now_ms).await
+    }
+
+    async fn mark_destroying(&self, user_id: &str, now_ms: u64) -> Result<UserRecord> {
+        let actions = vec![
+            Action::Set(attr::STATE, s(MachineState::Destroying.as_str())),
+            Action::Remove(attr::AWAKE_SHARD),
+        ];
+        // Existence is the only condition: deletion wins over every state.
+        let cond = Cond::Exists(attr::USER_ID);
+        apply_or_conflict(self, "mark_destroying", user_id, cond, actions, now_ms).await
+    }
+
+    async fn delete(&self, user_id: &str, guard: DeleteGuard) -> Result<DeleteOutcome> {
+        non_empty("user_id", user_id)?;
+        let cond = match guard {
+            DeleteGuard::Generation(g) => Cond::Eq(attr::GENERATION, n(g)),
+            DeleteGuard::Destroying => Cond::Eq(attr::STATE, s(MachineState::Destroying.as_str())),
+        };
+        match self.delete_item(user_id, cond).await? {
+            Ok(old) => Ok(DeleteOutcome::Deleted(Box::new(old))),
+            Err(Some(current)) => Err(StoreError::Conflict {
+                op: "delete",
+                current: Some(Box::new(current)),
+            }),
+            Err(None) => match self.get_item(user_id).await? {
+                None => Ok(DeleteOutcome::AlreadyGone),
+                Some(current) => Err(StoreError::Conflict {
+                    op: "delete",
+                    current: Some(Box::new(current)),
+                }),
+            },
+        }
+    }
+
+    async fn query_awake_idle(
+        &self,
+        shard: &str,
+        idle_before_ms: u64,
+        cursor: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Page<UserRecord>> {
+        non_empty("shard", shard)?;
+        if limit == 0 {
+            return Err(StoreError::InvalidArgument(
+                "limit must be at least 1".to_owned(),
+            ));
+        }
+        let start = cursor.map(|c| decode_cursor(c, shard)).transpose()?;
+        let (items, last) = self
+            .query_awake(shard, idle_before_ms, start, limit)
+            .await?;
+        Ok(Page {
+            items,
+            cursor: last.as_ref().map(encode_cursor).transpose()?,
+        })
+    }
+}
+
+/// The key of `rec` in the `awake` index, if it is in it.
+pub fn awake_key(rec: &UserRecord) -> Option<AwakeKey> {
+    rec.awake_shard.as_ref().map(|shard| AwakeKey {
+        shard: shard.clone(),
+        last_active_at: rec.last_active_at,
+        user_id: rec.user_id.clone(),
+    })
+}
+
+/// The item's key.
+pub fn key(user_id: &str) -> Item {
+    Item::from([(attr::USER_ID.to_owned(), s(user_id))])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_a_long_multibyte_error_when_stored_then_it_is_cut_on_a_char_boundary() {
+        let long = "é".repeat(MAX_ERROR_BYTES);
+        match error_text(&long) {
+            AttributeValue::S(kept) => {
+                assert!(kept.len() <= MAX_ERROR_BYTES && kept.len() >= MAX_ERROR_BYTES - 1);
+                assert!(kept.chars().all(|c| c == 'é'));
+            }
+            other => panic!("expected S, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn given_conditions_when_evaluated_then_missing_attributes_compare_false() {
+        let item = Item::from([
+            ("n".to_owned(), AttributeValue::N("10".into())),
+            ("s".to_owned(), AttributeValue::S("x".into())),
+        ]);
+        assert!(Cond::Lt("n", 11).eval(&item));
+        assert!(!Cond::Lt("n", 10).eval(&item));
+        assert!(!Cond::Lt("missing", u64::MAX).eval(&item));
+        assert!(!Cond::Lt("s", u64::MAX).eval(&item));
+        assert!(Cond::Eq("n", AttributeValue::N("010".into())).eval(&item));
+        assert!(!Cond::Eq("missing", AttributeValue::S("x".into())).eval(&item));
+        assert!(Cond::In("s", vec![s("y"), s("x")]).eval(&item));
+        assert!(Cond::Or(vec![Cond::NotExists("missing"), Cond::Exists("missing")]).eval(&item));
+    }
+}

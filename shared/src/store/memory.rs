@@ -1,0 +1,154 @@
+//! In-memory [`UserStore`](super::UserStore) with the same semantics as
+//! [`DynamoStore`](super::DynamoStore): items are kept as raw DynamoDB
+//! attribute maps and every write runs the same condition and actions the
+//! DynamoDB adapter sends, evaluated with DynamoDB's rules. Index queries
+//! see writes immediately (DynamoDB's are eventually consistent: code must not
+//! rely on either). For fast domain unit tests and the simulator.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+
+use super::engine::{awake_key, AwakeKey, Backend, Cond, Refused, Update};
+use super::record::Item;
+use super::table::attr;
+use super::{Result, StoreError, UserRecord};
+
+/// The in-memory user→machine table.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    items: Mutex<HashMap<String, Item>>,
+}
+
+impl MemoryStore {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Insert or replace a raw item (tests: seed odd or legacy items).
+    pub fn put_raw(&self, item: Item) -> Result<()> {
+        let user_id = match item.get(attr::USER_ID) {
+            Some(AttributeValue::S(u)) if !u.is_empty() => u.clone(),
+            _ => {
+                return Err(StoreError::InvalidArgument(
+                    "item needs a non-empty string user_id".to_owned(),
+                ))
+            }
+        };
+        self.lock().insert(user_id, item);
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Item>> {
+        // A panic while holding the lock cannot leave an item half-written
+        // (writes replace whole items), so a poisoned lock is still usable.
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn decode(item: Option<&Item>) -> Result<Option<UserRecord>> {
+    item.map(|i| UserRecord::from_item(i.clone())).transpose()
+}
+
+impl Backend for MemoryStore {
+    async fn get_item(&self, user_id: &str) -> Result<Option<UserRecord>> {
+        decode(self.lock().get(user_id))
+    }
+
+    async fn put_new(&self, record: &UserRecord) -> Result<std::result::Result<(), Refused>> {
+        let item = record.to_item()?;
+        let mut items = self.lock();
+        if let Some(existing) = items.get(&record.user_id) {
+            return Ok(Err(decode(Some(existing))?));
+        }
+        items.insert(record.user_id.clone(), item);
+        Ok(Ok(()))
+    }
+
+    async fn update(
+        &self,
+        _op: &'static str,
+        user_id: &str,
+        update: Update,
+    ) -> Result<std::result::Result<UserRecord, Refused>> {
+        let mut items = self.lock();
+        let current = items.get(user_id).cloned().unwrap_or_default();
+        if !update.cond.eval(&current) {
+            return Ok(Err(decode(items.get(user_id))?));
+        }
+        let mut next = current;
+        for action in &update.actions {
+            action.apply(&mut next);
+        }
+        let record = UserRecord::from_item(next.clone())?;
+        items.insert(user_id.to_owned(), next);
+        Ok(Ok(record))
+    }
+
+    async fn delete_item(
+        &self,
+        user_id: &str,
+        cond: Cond,
+    ) -> Result<std::result::Result<UserRecord, Refused>> {
+        let mut items = self.lock();
+        let current = items.get(user_id).cloned().unwrap_or_default();
+        if !cond.eval(&current) {
+            return Ok(Err(decode(items.get(user_id))?));
+        }
+        match items.remove(user_id) {
+            Some(old) => Ok(Ok(UserRecord::from_item(old)?)),
+            None => Ok(Err(None)),
+        }
+    }
+
+    async fn query_awake(
+        &self,
+        shard: &str,
+        idle_before_ms: u64,
+        start: Option<AwakeKey>,
+        limit: u32,
+    ) -> Result<(Vec<UserRecord>, Option<AwakeKey>)> {
+        let key_condition = Cond::And(vec![
+            Cond::Eq(attr::AWAKE_SHARD, AttributeValue::S(shard.to_owned())),
+            Cond::Lt(attr::LAST_ACTIVE_AT, idle_before_ms),
+        ]);
+        let matching: Vec<Item> = self
+            .lock()
+            .values()
+            .filter(|item| key_condition.eval(item))
+            .cloned()
+            .collect();
+        let mut matching = matching
+            .into_iter()
+            .map(UserRecord::from_item)
+            .collect::<Result<Vec<_>>>()?;
+        let order = |r: &UserRecord| (r.last_active_at, r.user_id.clone());
+        matching.sort_by_key(order);
+        if let Some(start) = start {
+            let after = (start.last_active_at, start.user_id);
+            matching.retain(|r| order(r) > after);
+        }
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let more = matching.len() > limit;
+        matching.truncate(limit);
+        let last = if more {
+            matching.last().and_then(awake_key)
+        } else {
+            None
+        };
+        Ok((matching, last))
+    }
+
+    async fn query_machine(&self, machine_id: &str) -> Result<Vec<UserRecord>> {
+        let key_condition = Cond::Eq(attr::MACHINE_ID, AttributeValue::S(machine_id.to_owned()));
+        let found: Vec<Item> = self
+            .lock()
+            .values()
+            .filter(|item| key_condition.eval(item))
+            .cloned()
+            .collect();
+        found.into_iter().map(UserRecord::from_item).collect()
+    }
+}

@@ -1,0 +1,1012 @@
+//! The [`UserStore`] contract, written once and run against every adapter:
+//! [`MemoryStore`](agenthome::store::MemoryStore) in `tests/tests/store_memory.rs`,
+//! and [`DynamoStore`](agenthome::store::DynamoStore) against a real
+//! DynamoDB-compatible server in `tests/tests/store_dynamo.rs`.
+//!
+//! Each case takes a fresh, empty store.
+//! [`user_store_contract_tests!`](crate::user_store_contract_tests) expands to one `#[tokio::test]` per case,
+//! given a path to an `async fn() -> impl UserStore + 'static`.
+//!
+//! Index reads are eventually consistent in DynamoDB, so the cases read
+//! indexes through [`eventually`], which retries briefly until the expected
+//! result shows up.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agenthome::store::{
+    shard_for, AcquireOutcome, ClaimOutcome, CreateKey, Cursor, DeleteGuard, DeleteOutcome, Hold,
+    Lease, LeaseKind, LeasePurpose, MachineState, Power, ReleaseOutcome, StoreError, UserRecord,
+    UserStore,
+};
+
+/// Base time of every case (epoch ms).
+pub const T0: u64 = 1_700_000_000_000;
+const MINUTE: u64 = 60_000;
+const KEY_A: &str = "0123456789abcdef0123456789abcdef";
+const KEY_B: &str = "fedcba9876543210fedcba9876543210";
+
+/// Expands to one `#[tokio::test]` per contract case; `$make` is a path to
+/// an `async fn() -> S` returning a fresh, empty store.
+#[macro_export]
+macro_rules! user_store_contract_tests {
+    ($make:path) => {
+        $crate::user_store_contract_tests!(@cases $make;
+            claim_creates_the_item_once,
+            claim_race_has_exactly_one_winner,
+            claim_rejects_a_malformed_create_key,
+            record_machine_id_requires_the_create_key,
+            provisioning_transitions_need_the_lease_and_a_machine,
+            restart_provisioning_keeps_or_replaces_the_create_key,
+            turn_lease_excludes_others_until_it_expires,
+            renew_and_release_only_by_the_owner,
+            sweep_lease_requires_unchanged_last_active_at,
+            mark_asleep_accrues_awake_time_and_leaves_the_awake_index,
+            query_awake_idle_pages_through_idle_awake_items_of_one_shard,
+            find_by_machine_uses_the_machine_index,
+            turn_bookkeeping_needs_the_lease,
+            mark_lost_forgets_the_machine,
+            set_power_needs_the_generation_read,
+            destroy_and_delete,
+            writes_never_create_missing_items,
+        );
+    };
+    (@cases $make:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                $crate::store_contract::$case($make().await).await;
+            }
+        )*
+    };
+}
+
+/// Retry an index read until `done` holds (≈5 s), returning the last result.
+pub async fn eventually<T, F, Fut>(mut read: F, done: impl Fn(&T) -> bool) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut last = None;
+    for _ in 0..50 {
+        let value = read().await.expect("index read");
+        if done(&value) {
+            return value;
+        }
+        last = Some(value);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last.expect("at least one read")
+}
+
+fn provision_lease(owner: &str, until: u64) -> Lease {
+    Lease::new(owner, LeaseKind::Provision, until)
+}
+
+async fn claimed<S: UserStore>(store: &S, user: &str, at: u64) -> UserRecord {
+    match store
+        .claim(user, KEY_A, &provision_lease("prov-1", at + MINUTE), at)
+        .await
+        .expect("claim")
+    {
+        ClaimOutcome::Claimed(rec) => rec,
+        other => panic!("expected Claimed, got {other:?}"),
+    }
+}
+
+/// A user whose machine is ready and awake since `at` (`last_active_at = at`), no lease.
+async fn ready_user<S: UserStore>(store: &S, user: &str, machine: &str, at: u64) -> UserRecord {
+    claimed(store, user, at).await;
+    store
+        .record_machine_id(user, KEY_A, machine, at)
+        .await
+        .expect("record machine");
+    store
+        .mark_ready(user, "prov-1", "v1", at)
+        .await
+        .expect("mark ready");
+    match store
+        .release_lease(user, "prov-1", at)
+        .await
+        .expect("release")
+    {
+        ReleaseOutcome::Released(rec) => rec,
+        other => panic!("expected Released, got {other:?}"),
+    }
+}
+
+async fn acquired<S: UserStore>(
+    store: &S,
+    user: &str,
+    owner: &str,
+    purpose: LeasePurpose,
+    until: u64,
+    now: u64,
+) -> UserRecord {
+    match store
+        .acquire_lease(user, owner, purpose, until, now)
+        .await
+        .expect("acquire")
+    {
+        AcquireOutcome::Acquired(rec) => rec,
+        other => panic!("expected Acquired for {owner}, got {other:?}"),
+    }
+}
+
+fn conflict_current(result: Result<UserRecord, StoreError>) -> UserRecord {
+    match result {
+        Err(StoreError::Conflict {
+            current: Some(current),
+            ..
+        }) => *current,
+        other => panic!("expected Conflict with the current item, got {other:?}"),
+    }
+}
+
+/// `count` user ids (prefixed) whose awake shard is `shard`.
+fn users_in_shard(prefix: &str, shard: &str, count: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .filter(|u| shard_for(u) == shard)
+        .take(count)
+        .collect()
+}
+
+/// GIVEN no item WHEN claimed THEN it is created in `provisioning` with the
+/// lease and generation 1; a second claim gets the first item untouched.
+pub async fn claim_creates_the_item_once<S: UserStore>(store: S) {
+    let rec = claimed(&store, "alice", T0).await;
+    assert_eq!(rec.state, MachineState::Provisioning);
+    assert_eq!(rec.power, Power::Unknown);
+    assert_eq!(rec.generation, 1);
+    assert_eq!(rec.create_key, KEY_A);
+    assert_eq!(rec.lease, Some(provision_lease("prov-1", T0 + MINUTE)));
+    assert_eq!(rec.awake_shard, None);
+    assert_eq!(store.get("alice").await.expect("get"), Some(rec.clone()));
+
+    let again = store
+        .claim(
+            "alice",
+            KEY_B,
+            &provision_lease("prov-2", T0 + 2 * MINUTE),
+            T0 + 1,
+        )
+        .await
+        .expect("second claim");
+    assert_eq!(again, ClaimOutcome::AlreadyExists(rec.clone()));
+    assert_eq!(store.get("alice").await.expect("get"), Some(rec));
+    assert_eq!(store.get("bob").await.expect("get"), None);
+}
+
+/// GIVEN 50 concurrent claims with distinct keys for one user THEN exactly
+/// one is Claimed and every other sees the winner's item.
+pub async fn claim_race_has_exactly_one_winner<S: UserStore + 'static>(store: S) {
+    let store = Arc::new(store);
+    let tasks: Vec<_> = (0..50u64)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let key = format!("{i:032x}");
+                let lease = provision_lease(&format!("prov-{i}"), T0 + MINUTE);
+                store.claim("racer", &key, &lease, T0).await
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    let mut seen_keys = HashSet::new();
+    for task in tasks {
+        match task.await.expect("join").expect("claim") {
+            ClaimOutcome::Claimed(rec) => winners.push(rec),
+            ClaimOutcome::AlreadyExists(rec) => {
+                seen_keys.insert(rec.create_key);
+            }
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one claim wins");
+    let winner = &winners[0];
+    assert!(
+        seen_keys.iter().all(|k| *k == winner.create_key),
+        "losers see the winner's key: {seen_keys:?} vs {}",
+        winner.create_key
+    );
+    let stored = store.get("racer").await.expect("get").expect("item");
+    assert_eq!(&stored, winner);
+}
+
+/// GIVEN a create key that is not 32 lowercase hex WHEN claiming THEN it is
+/// refused before anything is written.
+pub async fn claim_rejects_a_malformed_create_key<S: UserStore>(store: S) {
+    let lease = provision_lease("p", T0 + MINUTE);
+    for bad in ["", "xyz", &KEY_A.to_uppercase(), &format!("{KEY_A}0")] {
+        let result = store.claim("carol", bad, &lease, T0).await;
+        assert!(
+            matches!(result, Err(StoreError::InvalidArgument(_))),
+            "{bad:?}: {result:?}"
+        );
+    }
+    assert_eq!(store.get("carol").await.expect("get"), None);
+}
+
+/// GIVEN a claimed item WHEN recording a machine id THEN only the claim's
+/// create key may, once (the same id again is fine, another id is not).
+pub async fn record_machine_id_requires_the_create_key<S: UserStore>(store: S) {
+    claimed(&store, "dave", T0).await;
+    let refused = conflict_current(store.record_machine_id("dave", KEY_B, "dm-1", T0 + 1).await);
+    assert_eq!(refused.machine_id, None);
+
+    let rec = store
+        .record_machine_id("dave", KEY_A, "dm-1", T0 + 2)
+        .await
+        .expect("record");
+    assert_eq!(rec.machine_id.as_deref(), Some("dm-1"));
+    assert_eq!(rec.generation, 2);
+    assert_eq!(rec.updated_at, T0 + 2);
+
+    let again = store
+        .record_machine_id("dave", KEY_A, "dm-1", T0 + 3)
+        .await
+        .expect("idempotent");
+    assert_eq!(again.machine_id.as_deref(), Some("dm-1"));
+
+    let other = conflict_current(store.record_machine_id("dave", KEY_A, "dm-2", T0 + 4).await);
+    assert_eq!(other.machine_id.as_deref(), Some("dm-1"));
+}
+
+/// GIVEN a claimed item THEN bootstrapping needs the recorded machine and the
+/// lease holder; ready marks it awake; failed is refused once ready.
+pub async fn provisioning_transitions_need_the_lease_and_a_machine<S: UserStore>(store: S) {
+    claimed(&store, "erin", T0).await;
+    // No machine recorded yet.
+    let early = conflict_current(store.mark_bootstrapping("erin", "prov-1", T0 + 1).await);
+    assert_eq!(early.state, MachineState::Provisioning);
+    store
+        .record_machine_id("erin", KEY_A, "dm-e", T0 + 2)
+        .await
+        .expect("record");
+    // Not the lease holder.
+    conflict_current(store.mark_bootstrapping("erin", "intruder", T0 + 3).await);
+    let boot = store
+        .mark_bootstrapping("erin", "prov-1", T0 + 4)
+        .await
+        .expect("bootstrapping");
+    assert_eq!(boot.state, MachineState::Bootstrapping);
+
+    let ready = store
+        .mark_ready("erin", "prov-1", "v7", T0 + 10)
+        .await
+        .expect("ready");
+    assert_eq!(ready.state, MachineState::Ready);
+    assert_eq!(ready.bootstrap_version.as_deref(), Some("v7"));
+    assert_eq!(ready.power, Power::Awake);
+    assert_eq!(ready.awake_shard, Some(shard_for("erin")));
+    assert_eq!(ready.awake_since, Some(T0 + 10));
+    assert_eq!(ready.last_active_at, T0 + 10);
+    assert!(ready.generation > boot.generation);
+
+    let late = conflict_current(store.mark_failed("erin", "prov-1", "boom", T0 + 11).await);
+    assert_eq!(late.state, MachineState::Ready);
+    assert_eq!(late.last_error, None);
+}
+
+/// GIVEN a failed provisioning THEN a restart needs the generation read and
+/// no live lease, keeps the create key, and replaces it only when no machine
+/// is recorded.
+pub async fn restart_provisioning_keeps_or_replaces_the_create_key<S: UserStore>(store: S) {
+    claimed(&store, "fay", T0).await;
+    let failed = store
+        .mark_failed("fay", "prov-1", "create refused", T0 + 1)
+        .await
+        .expect("failed");
+    assert_eq!(failed.state, MachineState::Failed);
+    assert_eq!(failed.last_error.as_deref(), Some("create refused"));
+
+    // The failing worker's lease is still live.
+    let lease2 = provision_lease("prov-2", T0 + 5 * MINUTE);
+    let busy = store
+        .restart_provisioning("fay", failed.generation, &lease2, CreateKey::Keep, T0 + 2)
+        .await
+        .expect("restart");
+    assert!(
+        matches!(busy, AcquireOutcome::Busy(ref r) if r.lease.as_ref().map(|l| l.owner.as_str()) == Some("prov-1")),
+        "{busy:?}"
+    );
+
+    let after_expiry = T0 + MINUTE + 1;
+    let stale = store
+        .restart_provisioning(
+            "fay",
+            failed.generation - 1,
+            &lease2,
+            CreateKey::Keep,
+            after_expiry,
+        )
+        .await
+        .expect("restart");
+    assert!(matches!(stale, AcquireOutcome::Changed(_)), "{stale:?}");
+
+    let replaced = match store
+        .restart_provisioning(
+            "fay",
+            failed.generation,
+            &lease2,
+            CreateKey::Replace(KEY_B.to_owned()),
+            after_expiry,
+        )
+        .await
+        .expect("restart")
+    {
+        AcquireOutcome::Acquired(rec) => rec,
+        other => panic!("expected Acquired, got {other:?}"),
+    };
+    assert_eq!(replaced.state, MachineState::Provisioning);
+    assert_eq!(replaced.create_key, KEY_B);
+    assert_eq!(replaced.last_error, None);
+    assert_eq!(replaced.lease, Some(lease2.clone()));
+
+    // Once a machine is recorded, the key may no longer change.
+    store
+        .record_machine_id("fay", KEY_B, "dm-f", after_expiry + 1)
+        .await
+        .expect("record");
+    let failed = store
+        .mark_failed("fay", "prov-2", "bootstrap failed", after_expiry + 2)
+        .await
+        .expect("failed");
+    let later = T0 + 6 * MINUTE;
+    let lease3 = provision_lease("prov-3", later + MINUTE);
+    let refused = store
+        .restart_provisioning(
+            "fay",
+            failed.generation,
+            &lease3,
+            CreateKey::Replace(KEY_A.to_owned()),
+            later,
+        )
+        .await
+        .expect("restart");
+    assert!(matches!(refused, AcquireOutcome::Changed(_)), "{refused:?}");
+    let kept = match store
+        .restart_provisioning("fay", failed.generation, &lease3, CreateKey::Keep, later)
+        .await
+        .expect("restart")
+    {
+        AcquireOutcome::Acquired(rec) => rec,
+        other => panic!("expected Acquired, got {other:?}"),
+    };
+    assert_eq!(kept.create_key, KEY_B);
+    assert_eq!(kept.machine_id.as_deref(), Some("dm-f"));
+}
+
+/// GIVEN a turn lease WHEN another turn tries before it expires THEN it is
+/// Busy (seeing the holder); after expiry it is taken over.
+pub async fn turn_lease_excludes_others_until_it_expires<S: UserStore>(store: S) {
+    ready_user(&store, "gus", "dm-g", T0).await;
+    let until = T0 + MINUTE;
+    let rec = acquired(&store, "gus", "turn-a", LeasePurpose::Turn, until, T0 + 1).await;
+    assert_eq!(
+        rec.lease,
+        Some(Lease::new("turn-a", LeaseKind::Turn, until))
+    );
+
+    for now in [T0 + 2, until] {
+        match store
+            .acquire_lease("gus", "turn-b", LeasePurpose::Turn, now + MINUTE, now)
+            .await
+            .expect("acquire")
+        {
+            AcquireOutcome::Busy(cur) => {
+                assert_eq!(cur.lease.map(|l| l.owner).as_deref(), Some("turn-a"))
+            }
+            other => panic!("expected Busy at {now}, got {other:?}"),
+        }
+    }
+    let taken = acquired(
+        &store,
+        "gus",
+        "turn-b",
+        LeasePurpose::Turn,
+        until + MINUTE,
+        until + 1,
+    )
+    .await;
+    assert_eq!(taken.lease.map(|l| l.owner).as_deref(), Some("turn-b"));
+}
+
+/// GIVEN a lease THEN only its owner renews or releases it; a stale owner
+/// gets Conflict / NotHeld and changes nothing.
+pub async fn renew_and_release_only_by_the_owner<S: UserStore>(store: S) {
+    ready_user(&store, "hal", "dm-h", T0).await;
+    acquired(&store, "hal", "turn-a", LeasePurpose::Turn, T0 + MINUTE, T0).await;
+
+    let renewed = store
+        .renew_lease("hal", "turn-a", T0 + 3 * MINUTE, T0 + 10)
+        .await
+        .expect("renew");
+    assert_eq!(
+        renewed.lease.as_ref().map(|l| l.until),
+        Some(T0 + 3 * MINUTE)
+    );
+    // The renewal holds: the old expiry no longer frees it.
+    let busy = store
+        .acquire_lease(
+            "hal",
+            "turn-b",
+            LeasePurpose::Turn,
+            T0 + 4 * MINUTE,
+            T0 + 2 * MINUTE,
+        )
+        .await
+        .expect("acquire");
+    assert!(matches!(busy, AcquireOutcome::Busy(_)), "{busy:?}");
+
+    let current = conflict_current(
+        store
+            .renew_lease("hal", "turn-b", T0 + 9 * MINUTE, T0 + 11)
+            .await,
+    );
+    assert_eq!(
+        current.lease.as_ref().map(|l| l.until),
+        Some(T0 + 3 * MINUTE)
+    );
+
+    match store
+        .release_lease("hal", "turn-b", T0 + 12)
+        .await
+        .expect("release")
+    {
+        ReleaseOutcome::NotHeld(Some(cur)) => {
+            assert_eq!(cur.lease.map(|l| l.owner).as_deref(), Some("turn-a"))
+        }
+        other => panic!("expected NotHeld, got {other:?}"),
+    }
+    match store
+        .release_lease("hal", "turn-a", T0 + 13)
+        .await
+        .expect("release")
+    {
+        ReleaseOutcome::Released(rec) => assert_eq!(rec.lease, None),
+        other => panic!("expected Released, got {other:?}"),
+    }
+    let twice = store
+        .release_lease("hal", "turn-a", T0 + 14)
+        .await
+        .expect("release");
+    assert!(
+        matches!(twice, ReleaseOutcome::NotHeld(Some(_))),
+        "{twice:?}"
+    );
+    // An expired-but-untaken lease is still its owner's to release.
+    acquired(
+        &store,
+        "hal",
+        "turn-c",
+        LeasePurpose::Turn,
+        T0 + 20,
+        T0 + 15,
+    )
+    .await;
+    let late = store
+        .release_lease("hal", "turn-c", T0 + 10 * MINUTE)
+        .await
+        .expect("release");
+    assert!(matches!(late, ReleaseOutcome::Released(_)), "{late:?}");
+}
+
+/// GIVEN an idle awake machine WHEN the sweep takes its lease THEN it needs
+/// `last_active_at` unchanged and no live lease; a turn then sees it Busy.
+pub async fn sweep_lease_requires_unchanged_last_active_at<S: UserStore>(store: S) {
+    let rec = ready_user(&store, "ida", "dm-i", T0).await;
+    let now = T0 + 10 * MINUTE;
+    let stale = store
+        .acquire_lease(
+            "ida",
+            "sweep-1",
+            LeasePurpose::Sweep {
+                expected_last_active_at: rec.last_active_at - 1,
+            },
+            now + 30_000,
+            now,
+        )
+        .await
+        .expect("acquire");
+    assert!(matches!(stale, AcquireOutcome::Changed(_)), "{stale:?}");
+
+    // A live turn lease blocks the sweep even with the right last_active_at.
+    acquired(
+        &store,
+        "ida",
+        "turn-1",
+        LeasePurpose::Turn,
+        now + MINUTE,
+        now,
+    )
+    .await;
+    let blocked = store
+        .acquire_lease(
+            "ida",
+            "sweep-1",
+            LeasePurpose::Sweep {
+                expected_last_active_at: rec.last_active_at,
+            },
+            now + 30_000,
+            now + 1,
+        )
+        .await
+        .expect("acquire");
+    assert!(matches!(blocked, AcquireOutcome::Busy(_)), "{blocked:?}");
+    store
+        .release_lease("ida", "turn-1", now + 2)
+        .await
+        .expect("release");
+
+    let swept = acquired(
+        &store,
+        "ida",
+        "sweep-1",
+        LeasePurpose::Sweep {
+            expected_last_active_at: rec.last_active_at,
+        },
+        now + 30_000,
+        now + 3,
+    )
+    .await;
+    assert_eq!(swept.lease.as_ref().map(|l| l.kind), Some(LeaseKind::Sweep));
+    match store
+        .acquire_lease("ida", "turn-2", LeasePurpose::Turn, now + MINUTE, now + 4)
+        .await
+        .expect("acquire")
+    {
+        AcquireOutcome::Busy(cur) => {
+            assert_eq!(cur.lease.map(|l| l.kind), Some(LeaseKind::Sweep))
+        }
+        other => panic!("expected Busy, got {other:?}"),
+    }
+}
+
+/// GIVEN an awake machine under a sweep lease WHEN marked asleep THEN awake
+/// time accrues, the awake fields go, and it leaves the awake index; a turn
+/// lease holder cannot mark it asleep.
+pub async fn mark_asleep_accrues_awake_time_and_leaves_the_awake_index<S: UserStore>(store: S) {
+    let rec = ready_user(&store, "jo", "dm-j", T0).await;
+    let shard = shard_for("jo");
+    let listed = eventually(
+        || store.query_awake_idle(&shard, T0 + 1, None, 10),
+        |p| p.items.len() == 1,
+    )
+    .await;
+    assert_eq!(listed.items.first().map(|r| r.user_id.as_str()), Some("jo"));
+
+    // A turn holder cannot put it to sleep.
+    acquired(&store, "jo", "turn-1", LeasePurpose::Turn, T0 + 100, T0 + 1).await;
+    conflict_current(store.mark_asleep("jo", "turn-1", T0 + 2).await);
+    store
+        .release_lease("jo", "turn-1", T0 + 3)
+        .await
+        .expect("release");
+
+    let sweep = LeasePurpose::Sweep {
+        expected_last_active_at: rec.last_active_at,
+    };
+    acquired(&store, "jo", "sweep-1", sweep, T0 + 6_000, T0 + 4).await;
+    let asleep = store
+        .mark_asleep("jo", "sweep-1", T0 + 5_000)
+        .await
+        .expect("asleep");
+    assert_eq!(asleep.power, Power::Asleep);
+    assert_eq!(asleep.awake_ms_total, 5_000);
+    assert_eq!(asleep.awake_shard, None);
+    assert_eq!(asleep.awake_since, None);
+    assert_eq!(
+        asleep.lease.as_ref().map(|l| l.owner.as_str()),
+        Some("sweep-1")
+    );
+    let gone = eventually(
+        || store.query_awake_idle(&shard, u64::MAX >> 12, None, 10),
+        |p| p.items.is_empty(),
+    )
+    .await;
+    assert!(gone.items.is_empty(), "{gone:?}");
+    store
+        .release_lease("jo", "sweep-1", T0 + 5_001)
+        .await
+        .expect("release");
+
+    // Wake again, sleep again: the total adds up.
+    let t1 = T0 + 10 * MINUTE;
+    acquired(&store, "jo", "turn-2", LeasePurpose::Turn, t1 + MINUTE, t1).await;
+    let awake = store.mark_awake("jo", "turn-2", t1).await.expect("awake");
+    assert_eq!(awake.awake_since, Some(t1));
+    assert_eq!(awake.awake_shard, Some(shard.clone()));
+    // Still awake: awake_since is kept.
+    let awake = store
+        .mark_awake("jo", "turn-2", t1 + 500)
+        .await
+        .expect("awake");
+    assert_eq!(awake.awake_since, Some(t1));
+    assert_eq!(awake.last_active_at, t1 + 500);
+    store
+        .release_lease("jo", "turn-2", t1 + 600)
+        .await
+        .expect("release");
+    let t2 = t1 + 10 * MINUTE;
+    acquired(
+        &store,
+        "jo",
+        "sweep-2",
+        LeasePurpose::Sweep {
+            expected_last_active_at: t1 + 500,
+        },
+        t2 + MINUTE,
+        t2,
+    )
+    .await;
+    let asleep = store
+        .mark_asleep("jo", "sweep-2", t2 + 3_000)
+        .await
+        .expect("asleep");
+    assert_eq!(asleep.awake_ms_total, 5_000 + (t2 + 3_000 - t1));
+}
+
+/// GIVEN idle and active awake machines in several shards plus asleep ones
+/// WHEN the idle ones of one shard are paged THEN exactly those come back,
+/// oldest first, each once, across several pages.
+pub async fn query_awake_idle_pages_through_idle_awake_items_of_one_shard<S: UserStore>(store: S) {
+    let shard = "3";
+    let cutoff = T0 + 100 * MINUTE;
+    let users = users_in_shard("pg", shard, 10);
+    let mut expected = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        let at = if i < 7 {
+            T0 + (7 - i as u64) * MINUTE // idle, inserted out of order
+        } else {
+            cutoff + i as u64 // active: not idle
+        };
+        ready_user(&store, user, &format!("dm-{user}"), at).await;
+        if i < 7 {
+            expected.push((at, user.clone()));
+        }
+    }
+    // Asleep in the same shard: not in the index.
+    let sleeper = users_in_shard("zz", shard, 1).remove(0);
+    let rec = ready_user(&store, &sleeper, "dm-sleeper", T0).await;
+    acquired(
+        &store,
+        &sleeper,
+        "sweep-x",
+        LeasePurpose::Sweep {
+            expected_last_active_at: rec.last_active_at,
+        },
+        T0 + MINUTE,
+        T0 + 1,
+    )
+    .await;
+    store
+        .mark_asleep(&sleeper, "sweep-x", T0 + 2)
+        .await
+        .expect("asleep");
+    // Idle but in other shards.
+    for other in ["1", "5"] {
+        for user in users_in_shard("os", other, 2) {
+            ready_user(&store, &user, &format!("dm-{user}"), T0).await;
+        }
+    }
+    expected.sort();
+
+    let collect_all = || async {
+        let mut got = Vec::new();
+        let mut pages = 0;
+        let mut cursor: Option<Cursor> = None;
+        loop {
+            let page = store
+                .query_awake_idle(shard, cutoff, cursor.as_ref(), 2)
+                .await?;
+            pages += 1;
+            assert!(page.items.len() <= 2);
+            got.extend(
+                page.items
+                    .into_iter()
+                    .map(|r| (r.last_active_at, r.user_id)),
+            );
+            match page.cursor {
+                Some(c) => cursor = Some(c),
+                None => return Ok::<_, StoreError>((got, pages)),
+            }
+            assert!(pages < 50, "paging does not end");
+        }
+    };
+    let (got, pages) = eventually(collect_all, |(got, _)| got.len() >= expected.len()).await;
+    assert_eq!(got, expected);
+    assert!(
+        pages >= 4,
+        "7 items at 2 per page take at least 4 pages, got {pages}"
+    );
+
+    // A cursor is bound to its shard.
+    let first = store
+        .query_awake_idle(shard, cutoff, None, 2)
+        .await
+        .expect("page");
+    let cursor = first.cursor.expect("more pages");
+    let wrong = store.query_awake_idle("4", cutoff, Some(&cursor), 2).await;
+    assert!(matches!(wrong, Err(StoreError::InvalidCursor)), "{wrong:?}");
+    let garbage = store
+        .query_awake_idle(shard, cutoff, Some(&Cursor::from_string("not a cursor")), 2)
+        .await;
+    assert!(
+        matches!(garbage, Err(StoreError::InvalidCursor)),
+        "{garbage:?}"
+    );
+}
+
+/// GIVEN machines recorded for two users THEN `find_by_machine` finds each
+/// user by its machine and nothing for an unknown machine.
+pub async fn find_by_machine_uses_the_machine_index<S: UserStore>(store: S) {
+    ready_user(&store, "kim", "dm-k", T0).await;
+    ready_user(&store, "lee", "5f0c2a1e-0000-4000-8000-000000000001", T0).await;
+    claimed(&store, "max", T0).await; // no machine yet
+
+    let kim = eventually(|| store.find_by_machine("dm-k"), |v| !v.is_empty()).await;
+    assert_eq!(
+        kim.iter().map(|r| r.user_id.as_str()).collect::<Vec<_>>(),
+        ["kim"]
+    );
+    let lee = eventually(
+        || store.find_by_machine("5f0c2a1e-0000-4000-8000-000000000001"),
+        |v| !v.is_empty(),
+    )
+    .await;
+    assert_eq!(
+        lee.iter().map(|r| r.user_id.as_str()).collect::<Vec<_>>(),
+        ["lee"]
+    );
+    assert!(store
+        .find_by_machine("dm-none")
+        .await
+        .expect("query")
+        .is_empty());
+}
+
+/// GIVEN a turn lease THEN touch, terminal, hold and sleep-eligibility writes
+/// succeed for its owner only.
+pub async fn turn_bookkeeping_needs_the_lease<S: UserStore>(store: S) {
+    let rec = ready_user(&store, "ned", "dm-n", T0).await;
+    conflict_current(store.touch("ned", "nobody", T0 + 1).await);
+    acquired(
+        &store,
+        "ned",
+        "turn-1",
+        LeasePurpose::Turn,
+        T0 + MINUTE,
+        T0 + 1,
+    )
+    .await;
+
+    let touched = store.touch("ned", "turn-1", T0 + 20).await.expect("touch");
+    assert_eq!(touched.last_active_at, T0 + 20);
+    assert_eq!(touched.awake_shard, rec.awake_shard);
+    assert!(touched.generation > rec.generation);
+
+    let t = store
+        .set_terminal("ned", "turn-1", Some("term-9"), T0 + 21)
+        .await
+        .expect("terminal");
+    assert_eq!(t.terminal_id.as_deref(), Some("term-9"));
+    conflict_current(store.set_terminal("ned", "turn-x", None, T0 + 22).await);
+
+    let hold = Hold {
+        until: T0 + 30 * MINUTE,
+        marker: "/home/u/.agenthome/done-1".to_owned(),
+    };
+    conflict_current(store.set_hold("ned", "turn-x", &hold, T0 + 23).await);
+    let held = store
+        .set_hold("ned", "turn-1", &hold, T0 + 23)
+        .await
+        .expect("hold");
+    assert_eq!(held.hold, Some(hold));
+    let eligible = store
+        .set_sleep_eligible_at("ned", "turn-1", T0 + 5 * MINUTE, T0 + 24)
+        .await
+        .expect("eligible");
+    assert_eq!(eligible.sleep_eligible_at, Some(T0 + 5 * MINUTE));
+    let cleared = store
+        .clear_hold("ned", "turn-1", T0 + 25)
+        .await
+        .expect("clear");
+    assert_eq!(cleared.hold, None);
+    let cleared = store
+        .set_terminal("ned", "turn-1", None, T0 + 26)
+        .await
+        .expect("terminal");
+    assert_eq!(cleared.terminal_id, None);
+}
+
+/// GIVEN an awake machine that turned out to be gone WHEN marked lost THEN
+/// the item forgets the machine (so a fresh create key is allowed) and keeps
+/// the awake time.
+pub async fn mark_lost_forgets_the_machine<S: UserStore>(store: S) {
+    let rec = ready_user(&store, "ola", "dm-o", T0).await;
+    acquired(
+        &store,
+        "ola",
+        "sweep-1",
+        LeasePurpose::Sweep {
+            expected_last_active_at: rec.last_active_at,
+        },
+        T0 + MINUTE,
+        T0 + 1,
+    )
+    .await;
+    conflict_current(store.mark_lost("ola", "other", "404", T0 + 2).await);
+    let lost = store
+        .mark_lost("ola", "sweep-1", "machine not found", T0 + 4_000)
+        .await
+        .expect("lost");
+    assert_eq!(lost.state, MachineState::Failed);
+    assert_eq!(lost.power, Power::Unknown);
+    assert_eq!(lost.machine_id, None);
+    assert_eq!(lost.awake_shard, None);
+    assert_eq!(lost.awake_ms_total, 4_000);
+    let error = lost.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("dm-o") && error.contains("machine not found"),
+        "{error}"
+    );
+    assert!(store
+        .find_by_machine("dm-o")
+        .await
+        .expect("query")
+        .is_empty());
+
+    store
+        .release_lease("ola", "sweep-1", T0 + 4_001)
+        .await
+        .expect("release");
+    let lost = store.get("ola").await.expect("get").expect("item");
+    let lease = provision_lease("prov-2", T0 + 2 * MINUTE);
+    let restarted = store
+        .restart_provisioning(
+            "ola",
+            lost.generation,
+            &lease,
+            CreateKey::Replace(KEY_B.to_owned()),
+            T0 + 5_000,
+        )
+        .await
+        .expect("restart");
+    assert!(
+        matches!(restarted, AcquireOutcome::Acquired(ref r) if r.create_key == KEY_B),
+        "{restarted:?}"
+    );
+}
+
+/// GIVEN an item read by reconciliation WHEN its power is corrected THEN the
+/// write needs the generation read, and asleep/awake move it out of/into the
+/// awake index with the awake time accrued.
+pub async fn set_power_needs_the_generation_read<S: UserStore>(store: S) {
+    let rec = ready_user(&store, "pat", "dm-p", T0).await;
+    let mut stale = rec.clone();
+    stale.generation -= 1;
+    let current = conflict_current(store.set_power(&stale, Power::Asleep, T0 + 1).await);
+    assert_eq!(current.power, Power::Awake);
+
+    let asleep = store
+        .set_power(&rec, Power::Asleep, T0 + 7_000)
+        .await
+        .expect("asleep");
+    assert_eq!(asleep.power, Power::Asleep);
+    assert_eq!(asleep.awake_shard, None);
+    assert_eq!(asleep.awake_since, None);
+    assert_eq!(asleep.awake_ms_total, 7_000);
+    // The earlier read is now stale.
+    conflict_current(store.set_power(&rec, Power::Awake, T0 + 8_000).await);
+
+    let awake = store
+        .set_power(&asleep, Power::Awake, T0 + 9_000)
+        .await
+        .expect("awake");
+    assert_eq!(awake.power, Power::Awake);
+    assert_eq!(awake.awake_shard, Some(shard_for("pat")));
+    assert_eq!(awake.awake_since, Some(T0 + 9_000));
+    let unknown = store
+        .set_power(&awake, Power::Unknown, T0 + 9_500)
+        .await
+        .expect("unknown");
+    assert_eq!(unknown.power, Power::Unknown);
+    assert_eq!(unknown.awake_shard, awake.awake_shard);
+}
+
+/// GIVEN an item being destroyed THEN no lease is granted, it leaves the
+/// awake index, and delete needs the guard; deleting twice is AlreadyGone.
+pub async fn destroy_and_delete<S: UserStore>(store: S) {
+    let rec = ready_user(&store, "quin", "dm-q", T0).await;
+    let wrong_state = store.delete("quin", DeleteGuard::Destroying).await;
+    assert!(
+        matches!(
+            wrong_state,
+            Err(StoreError::Conflict {
+                current: Some(_),
+                ..
+            })
+        ),
+        "{wrong_state:?}"
+    );
+
+    let destroying = store
+        .mark_destroying("quin", T0 + 1)
+        .await
+        .expect("destroying");
+    assert_eq!(destroying.state, MachineState::Destroying);
+    assert_eq!(destroying.awake_shard, None);
+    let refused = store
+        .acquire_lease("quin", "turn-1", LeasePurpose::Turn, T0 + MINUTE, T0 + 2)
+        .await
+        .expect("acquire");
+    assert!(matches!(refused, AcquireOutcome::Changed(_)), "{refused:?}");
+
+    let stale = store
+        .delete("quin", DeleteGuard::Generation(rec.generation))
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::Conflict { .. })),
+        "{stale:?}"
+    );
+    match store
+        .delete("quin", DeleteGuard::Destroying)
+        .await
+        .expect("delete")
+    {
+        DeleteOutcome::Deleted(old) => assert_eq!(old.machine_id.as_deref(), Some("dm-q")),
+        other => panic!("expected Deleted, got {other:?}"),
+    }
+    assert_eq!(store.get("quin").await.expect("get"), None);
+    assert_eq!(
+        store
+            .delete("quin", DeleteGuard::Destroying)
+            .await
+            .expect("delete"),
+        DeleteOutcome::AlreadyGone
+    );
+
+    // Delete by generation.
+    let rec = ready_user(&store, "ray", "dm-r", T0).await;
+    let deleted = store
+        .delete("ray", DeleteGuard::Generation(rec.generation))
+        .await
+        .expect("delete");
+    assert!(matches!(deleted, DeleteOutcome::Deleted(_)), "{deleted:?}");
+}
+
+/// GIVEN no item THEN no write creates one: updates are NotFound, release is
+/// NotHeld(None).
+pub async fn writes_never_create_missing_items<S: UserStore>(store: S) {
+    let not_found = |r: Result<UserRecord, StoreError>| {
+        assert!(matches!(r, Err(StoreError::NotFound { .. })), "{r:?}");
+    };
+    not_found(store.touch("ghost", "o", T0).await);
+    not_found(store.record_machine_id("ghost", KEY_A, "dm-1", T0).await);
+    not_found(store.mark_awake("ghost", "o", T0).await);
+    not_found(store.mark_asleep("ghost", "o", T0).await);
+    not_found(store.mark_destroying("ghost", T0).await);
+    let acquire = store
+        .acquire_lease("ghost", "o", LeasePurpose::Turn, T0 + 1, T0)
+        .await;
+    assert!(
+        matches!(acquire, Err(StoreError::NotFound { .. })),
+        "{acquire:?}"
+    );
+    assert_eq!(
+        store
+            .release_lease("ghost", "o", T0)
+            .await
+            .expect("release"),
+        ReleaseOutcome::NotHeld(None)
+    );
+    assert_eq!(store.get("ghost").await.expect("get"), None);
+    let empty = store.touch("", "o", T0).await;
+    assert!(
+        matches!(empty, Err(StoreError::InvalidArgument(_))),
+        "{empty:?}"
+    );
+}
