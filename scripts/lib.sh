@@ -63,3 +63,49 @@ stop_started() {
   STARTED_PIDS=()
 }
 trap stop_started EXIT INT TERM
+
+# Start the local stack on free loopback ports: the Dedalus emulator,
+# moto_server with the user→machine table, and `cargo lambda watch` serving
+# the three functions. Exports EMU_URL, DDB_URL, LAMBDA_URL, TABLE_NAME,
+# STACK_DIR. Everything is stopped by the EXIT trap.
+start_local_stack() {
+  ensure_python_tools
+  local_aws_env
+  export PATH="$VENV/bin:$PATH" # cargo-lambda, and the Python that has ziglang
+  STACK_DIR="$(mktemp -d "${TMPDIR:-/tmp}/agenthome-stack.XXXXXX")"
+  log "building (first run: a few minutes)"
+  cargo build -q -p dcs-emulator -p agenthome-dev -p chat-turn -p provision -p sleep-sweep
+
+  local emu_port ddb_port lambda_port
+  emu_port="$(free_port)"
+  "$ROOT/target/debug/dcs-emulator" --listen "127.0.0.1:$emu_port" --data-dir "$STACK_DIR/dcs" \
+    --api-key local-dev-key --hold-window "${DEMO_HOLD_WINDOW:-0s}" --hold-jitter 0s \
+    --boot-delay 300ms --wake-delay 300ms > "$STACK_DIR/emulator.out" 2> "$STACK_DIR/emulator.log" &
+  STARTED_PIDS+=($!)
+  ddb_port="$(free_port)"
+  "$VENV/bin/python" "$ROOT/scripts/moto_serial.py" 127.0.0.1 "$ddb_port" > "$STACK_DIR/moto.log" 2>&1 &
+  STARTED_PIDS+=($!)
+  wait_port "$emu_port" 30 || die "the emulator did not start ($STACK_DIR/emulator.log)"
+  wait_port "$ddb_port" 30 || die "moto_server did not start ($STACK_DIR/moto.log)"
+  export EMU_URL="http://127.0.0.1:$emu_port" DDB_URL="http://127.0.0.1:$ddb_port"
+  export TABLE_NAME="agenthome-local"
+  "$ROOT/target/debug/agenthome-dev" create-table --endpoint "$DDB_URL" --name "$TABLE_NAME" >/dev/null
+
+  lambda_port="$(free_port)"
+  export LAMBDA_URL="http://127.0.0.1:$lambda_port"
+  # The functions' environment: local endpoints, no auth, shell mode unless
+  # an LLM is configured, a harmless bootstrap (the emulator runs commands on
+  # this host), and "detached" provisioning invokes (cargo lambda runs async
+  # invokes to the end before answering).
+  export DEDALUS_BASE_URL="$EMU_URL" DEDALUS_API_KEY=local-dev-key
+  export AWS_ENDPOINT_URL_DYNAMODB="$DDB_URL" AWS_ENDPOINT_URL_LAMBDA="$LAMBDA_URL"
+  export AUTH_MODE=none PROVISION_FUNCTION=provision PROVISION_INVOKE=detached
+  export BOOTSTRAP_SCRIPT="${BOOTSTRAP_SCRIPT:-echo \"bootstrapped at \$(date)\" >> ~/.agenthome-bootstrap.log}"
+  export IDLE_AFTER="${IDLE_AFTER:-2s}" TURN_DEADLINE="${TURN_DEADLINE:-25s}"
+  export RUST_LOG="${RUST_LOG:-info}"
+  (cd "$ROOT" && exec cargo-lambda lambda watch --invoke-address 127.0.0.1 --invoke-port "$lambda_port" \
+      --ignore-changes --quiet > "$STACK_DIR/lambda.log" 2>&1) &
+  STARTED_PIDS+=($!)
+  wait_port "$lambda_port" 120 || die "cargo lambda watch did not start ($STACK_DIR/lambda.log)"
+  log "local stack up: emulator $EMU_URL, DynamoDB $DDB_URL, functions $LAMBDA_URL (logs in $STACK_DIR)"
+}

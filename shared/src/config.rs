@@ -67,6 +67,8 @@ pub struct Config {
     pub llm_base_url: url::Url,
     /// `LLM_API_KEY` (optional; without it the default model is `shell`)
     pub llm_api_key: Option<Secret>,
+    /// `LLM_API_KEY_SECRET_ARN` (AWS): the LLM key, fetched once at cold start.
+    pub llm_api_key_secret_arn: Option<String>,
     /// `AGENT_MODEL` (`shell` = offline mode)
     pub agent_model: String,
     /// `MACHINE_VCPU` (default 1)
@@ -79,18 +81,33 @@ pub struct Config {
     pub machine_autosleep: String,
     /// `BOOTSTRAP_SCRIPT` (default installs the base toolchain with apt-get)
     pub bootstrap_script: String,
+    /// `BOOTSTRAP_CHECK`: a command that succeeds when the bootstrap's tools
+    /// are present (default: a check of the default script's tools).
+    pub bootstrap_check: Option<String>,
     /// `IDLE_AFTER` (default 5 min)
     pub idle_after: Duration,
     /// `TURN_DEADLINE` cap (default 10 min)
     pub turn_deadline: Duration,
     /// `MAX_STEPS` (default 20)
     pub max_steps: u32,
+    /// `COMMAND_TIMEOUT`: default per-command timeout (default 2 min; the
+    /// model may ask for another, bounded by the turn deadline).
+    pub command_timeout: Duration,
+    /// `MAX_HOLD`: how long a command the agent left running may keep the
+    /// machine awake (default 1 h).
+    pub max_hold: Duration,
+    /// `AGENT_TRANSPORT`: `terminal` (default) or `executions`.
+    pub agent_transport: crate::runner::Transport,
     /// `AUTH_MODE` (default `jwt`)
     pub auth_mode: AuthMode,
     /// `ADMIN_SCOPE` (default `agenthome/admin`)
     pub admin_scope: String,
     /// `PROVISION_FUNCTION` (name or ARN of the provision worker)
     pub provision_function: Option<String>,
+    /// `PROVISION_INVOKE=detached`: send the worker invoke without awaiting
+    /// it (local runs under `cargo lambda watch`, which runs "async" invokes
+    /// to the end); default `async` (AWS answers 202 at once).
+    pub provision_invoke_detached: bool,
 }
 
 /// The default bootstrap (DESIGN §5).
@@ -137,9 +154,12 @@ impl Config {
             (None, None) => return Err(ConfigError::Missing("DEDALUS_API_KEY")),
         };
         let llm_api_key = get("LLM_API_KEY").map(Secret::new);
+        let llm_api_key_secret_arn = get("LLM_API_KEY_SECRET_ARN").map(str::to_string);
         let agent_model = match get("AGENT_MODEL") {
             Some(m) => m.to_string(),
-            None if llm_api_key.is_none() => "shell".to_string(),
+            None if llm_api_key.is_none() && llm_api_key_secret_arn.is_none() => {
+                "shell".to_string()
+            }
             None => return Err(ConfigError::Missing("AGENT_MODEL")),
         };
         let machine_vcpu: f64 = parse_num(num("MACHINE_VCPU"), "MACHINE_VCPU", 1.0)?;
@@ -160,17 +180,27 @@ impl Config {
             dedalus_key,
             llm_base_url: url("LLM_BASE_URL", "https://api.dedaluslabs.ai/v1")?,
             llm_api_key,
+            llm_api_key_secret_arn,
             agent_model,
             machine_vcpu,
             machine_memory_mib: parse_num(num("MACHINE_MEMORY_MIB"), "MACHINE_MEMORY_MIB", 2048)?,
             machine_storage_gib: parse_num(num("MACHINE_STORAGE_GIB"), "MACHINE_STORAGE_GIB", 10)?,
             machine_autosleep: get("MACHINE_AUTOSLEEP").unwrap_or("15m").to_string(),
+            bootstrap_check: get("BOOTSTRAP_CHECK").map(str::to_string),
             bootstrap_script: get("BOOTSTRAP_SCRIPT")
                 .unwrap_or(DEFAULT_BOOTSTRAP)
                 .to_string(),
             idle_after: duration("IDLE_AFTER", Duration::from_secs(300))?,
             turn_deadline: duration("TURN_DEADLINE", Duration::from_secs(600))?,
             max_steps,
+            command_timeout: duration("COMMAND_TIMEOUT", Duration::from_secs(120))?,
+            max_hold: duration("MAX_HOLD", Duration::from_secs(3600))?,
+            agent_transport: match get("AGENT_TRANSPORT") {
+                None => crate::runner::Transport::Terminal,
+                Some(raw) => crate::runner::Transport::parse(raw).ok_or_else(|| {
+                    malformed("AGENT_TRANSPORT", raw, "expected terminal or executions")
+                })?,
+            },
             auth_mode: match get("AUTH_MODE") {
                 None => AuthMode::Jwt,
                 Some(raw) => raw
@@ -179,6 +209,17 @@ impl Config {
             },
             admin_scope: get("ADMIN_SCOPE").unwrap_or("agenthome/admin").to_string(),
             provision_function: get("PROVISION_FUNCTION").map(str::to_string),
+            provision_invoke_detached: match get("PROVISION_INVOKE") {
+                None | Some("async") => false,
+                Some("detached") => true,
+                Some(other) => {
+                    return Err(malformed(
+                        "PROVISION_INVOKE",
+                        other,
+                        "expected async or detached",
+                    ))
+                }
+            },
         })
     }
 }

@@ -6,10 +6,26 @@
 //! - [`store`]: the user→machine DynamoDB table: typed item, conditional operations, adapters.
 //! - [`api`]: the product's HTTP contract: auth, user ids, problem+json.
 //! - [`provision`]: lazy, exactly-once provisioning and the bootstrap.
+//! - [`clock`]: epoch-millisecond time as the table stores it.
+//! - [`sweep`]: the sleep sweep (idle machines to sleep) and reconciliation.
+//! - [`app`]: the clients each function builds once per cold start.
+//! - [`entry`]: Lambda HTTP events ↔ the API contract (routes, auth, bodies, responses).
+//! - [`machines`]: status reads (never wake) and destruction of a user's machine.
+//! - [`turn`]: one chat turn: lease, wake, shell, agent, memory, bookkeeping.
 //! - [`config`]: configuration from the environment, read once at cold start.
+//! - [`runner`]: running commands on a machine (terminal or executions backend).
+//! - [`agent`]: the agent loop: the LLM client, the `run_command` tool, limits.
 
+pub mod agent;
 pub mod api;
+pub mod app;
+pub mod clock;
 pub mod config;
 pub mod dedalus;
+pub mod entry;
+pub mod machines;
 pub mod provision;
+pub mod runner;
 pub mod store;
+pub mod turn;
+pub mod sweep;

@@ -9,7 +9,10 @@
 //! when the test binary dies (`PR_SET_PDEATHSIG`), so a failed or killed test
 //! run leaves nothing behind.
 
+pub mod events;
+pub mod llm;
 pub mod spec;
+pub mod stack;
 pub mod store_contract;
 
 use std::io::{BufRead, BufReader};
@@ -266,7 +269,11 @@ impl Emulator {
             .send()
             .await
             .expect("DELETE /_emulator/faults");
-        assert!(resp.status().is_success(), "clear_faults: {}", resp.status());
+        assert!(
+            resp.status().is_success(),
+            "clear_faults: {}",
+            resp.status()
+        );
     }
 
     /// Every `/v1` request the emulator received, oldest first.
@@ -338,20 +345,23 @@ pub struct Moto {
     pub endpoint: String,
 }
 
-/// `$MOTO_SERVER_BIN`, else the project venv's, else `moto_server` on PATH.
-pub fn moto_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("MOTO_SERVER_BIN") {
+/// The Python of the project venv (where moto is installed): `$MOTO_PYTHON`,
+/// else `.venv/bin/python`, else `python3`.
+pub fn moto_python() -> PathBuf {
+    if let Ok(p) = std::env::var("MOTO_PYTHON") {
         return PathBuf::from(p);
     }
-    let venv = workspace_root().join(".venv/bin/moto_server");
+    let venv = workspace_root().join(".venv/bin/python");
     if venv.exists() {
         return venv;
     }
-    PathBuf::from("moto_server")
+    PathBuf::from("python3")
 }
 
 impl Moto {
-    /// The shared server, started on first use.
+    /// The shared server, started on first use. It serves one request at a
+    /// time (`scripts/moto_serial.py`): the threaded `moto_server` is not
+    /// atomic per item under concurrent conditional writes, DynamoDB is.
     pub async fn shared() -> &'static Moto {
         static MOTO: OnceLock<Moto> = OnceLock::new();
         set_local_aws_env();
@@ -360,22 +370,24 @@ impl Moto {
         }
         // Start it from a thread that lives as long as the process, so the
         // parent-death signal fires only when the test binary exits.
-        let endpoint = tokio::task::spawn_blocking(|| {
+        tokio::task::spawn_blocking(|| {
             MOTO.get_or_init(|| {
                 let (tx, rx) = std::sync::mpsc::channel();
                 std::thread::Builder::new()
                     .name("moto-server-owner".into())
                     .spawn(move || {
                         let port = free_port();
-                        let mut cmd = Command::new(moto_bin());
-                        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                        let script = workspace_root().join("scripts/moto_serial.py");
+                        let mut cmd = Command::new(moto_python());
+                        cmd.arg(script)
+                            .args(["127.0.0.1", &port.to_string()])
                             .stdin(Stdio::null())
                             .stdout(Stdio::null())
                             .stderr(Stdio::null());
                         let child = spawn_tied_to_parent(&mut cmd).unwrap_or_else(|e| {
                             panic!(
-                                "cannot start moto_server ({}): {e}; run ./scripts/test, which installs it",
-                                moto_bin().display()
+                                "cannot start moto ({}): {e}; run ./scripts/test, which installs it",
+                                moto_python().display()
                             )
                         });
                         let ready = wait_for_tcp(port, Duration::from_secs(30));
@@ -387,17 +399,14 @@ impl Moto {
                     })
                     .expect("spawn moto owner thread");
                 let (port, ready) = rx.recv().expect("moto owner thread reports");
-                assert!(ready, "moto_server did not listen on port {port}");
+                assert!(ready, "moto did not listen on port {port}");
                 Moto {
                     endpoint: format!("http://127.0.0.1:{port}"),
                 }
-            })
-            .endpoint
-            .clone()
+            });
         })
         .await
         .expect("start moto");
-        let _ = endpoint;
         MOTO.get().expect("moto initialised")
     }
 

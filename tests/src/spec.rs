@@ -34,7 +34,8 @@ fn escape_pointer(segment: &str) -> String {
 fn validate_at(pointer: &str, instance: &Value) -> Result<(), String> {
     let mut schema = document().clone();
     schema["$ref"] = Value::String(format!("#{pointer}"));
-    let validator = jsonschema::validator_for(&schema).map_err(|e| format!("schema {pointer}: {e}"))?;
+    let validator =
+        jsonschema::validator_for(&schema).map_err(|e| format!("schema {pointer}: {e}"))?;
     let errors: Vec<String> = validator
         .iter_errors(instance)
         .map(|e| format!("{} at {}", e, e.instance_path()))
@@ -95,7 +96,9 @@ pub fn validate_response(
     if content[&media].is_null() {
         return Err(format!(
             "{method} {path_template} {status}: content type {media:?} not in spec (has {:?})",
-            content.as_object().map(|m| m.keys().cloned().collect::<Vec<_>>())
+            content
+                .as_object()
+                .map(|m| m.keys().cloned().collect::<Vec<_>>())
         ));
     }
     let pointer = format!(

@@ -1,6 +1,8 @@
 //! Error paths and the retry policy of the Dedalus client, driven by the
 //! emulator's fault injection and request log.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod client_support;
 
 use std::time::{Duration, Instant};

@@ -1,5 +1,7 @@
 //! The Dedalus client's machine operations against a real emulator process.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod client_support;
 
 use std::collections::HashSet;

@@ -1,5 +1,7 @@
 //! The Dedalus client's terminals (REST + WebSocket) against a real emulator.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod client_support;
 
 use std::time::Duration;

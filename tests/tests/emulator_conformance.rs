@@ -2,6 +2,8 @@
 //! Dedalus Machines spec (except the newer fields NOTES.md lists), on the
 //! happy paths and on the error paths the product relies on.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use agenthome_tests::{spec, Emulator};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -33,10 +35,7 @@ impl<'a> Wire<'a> {
             .request(method.parse().unwrap(), &url)
             .header("authorization", auth);
         if method != "GET" {
-            req = req.header(
-                "idempotency-key",
-                uuid::Uuid::now_v7().simple().to_string(),
-            );
+            req = req.header("idempotency-key", uuid::Uuid::now_v7().simple().to_string());
         }
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -60,8 +59,9 @@ impl<'a> Wire<'a> {
         let text = resp.text().await.unwrap();
         let body: Value = serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("{method} {path} {status}: body is not JSON ({e}): {text}"));
-        spec::validate_response(method, template, status, &ctype, &body)
-            .unwrap_or_else(|e| panic!("{method} {path} {status} violates the spec: {e}\nbody: {body}"));
+        spec::validate_response(method, template, status, &ctype, &body).unwrap_or_else(|e| {
+            panic!("{method} {path} {status} violates the spec: {e}\nbody: {body}")
+        });
         self.checked += 1;
         (status, etag, body)
     }
@@ -132,7 +132,10 @@ async fn machine_lifecycle_responses_match_the_spec() {
             &[("if-match", &stale)],
         )
         .await;
-    assert_eq!((s, err["error_code"].as_str()), (409, Some("REVISION_MISMATCH")));
+    assert_eq!(
+        (s, err["error_code"].as_str()),
+        (409, Some("REVISION_MISMATCH"))
+    );
 
     // sleep inside the hold window → 409 SLEEP_HOLD_WINDOW_ACTIVE
     let (s, _, err) = w
@@ -252,7 +255,10 @@ async fn error_bodies_match_the_spec() {
     let (http, _) = emu.raw();
 
     // WHEN the key is missing or wrong THEN 401 AUTH_REQUIRED / AUTH_INVALID
-    for (auth, code) in [(None, "AUTH_REQUIRED"), (Some("Bearer nope"), "AUTH_INVALID")] {
+    for (auth, code) in [
+        (None, "AUTH_REQUIRED"),
+        (Some("Bearer nope"), "AUTH_INVALID"),
+    ] {
         let mut req = http.get(format!("{}/v1/machines", emu.base_url));
         if let Some(a) = auth {
             req = req.header("authorization", a);
@@ -447,10 +453,11 @@ async fn execution_and_terminal_responses_match_the_spec() {
         "{}{base}/terminals/{tid}/stream",
         emu.base_url.replacen("http://", "ws://", 1)
     );
-    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        ws_url.as_str(),
-    )
-    .unwrap();
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            ws_url.as_str(),
+        )
+        .unwrap();
     request.headers_mut().insert(
         "authorization",
         format!("Bearer {}", emu.api_key).parse().unwrap(),
@@ -460,9 +467,11 @@ async fn execution_and_terminal_responses_match_the_spec() {
     let b64 = base64::engine::general_purpose::STANDARD;
     let input = json!({"type": "input", "data": b64.encode("echo spec-$((6*7))\n")});
     spec::validate_component("TerminalInputEvent", &input).unwrap();
-    ws.send(tokio_tungstenite::tungstenite::Message::text(input.to_string()))
-        .await
-        .unwrap();
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        input.to_string(),
+    ))
+    .await
+    .unwrap();
     let mut seen = String::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !seen.contains("spec-42") {

@@ -1,6 +1,8 @@
 //! The harness itself: the DynamoDB-compatible server is real and reachable
 //! only over loopback.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use agenthome_tests::Moto;
 
 #[tokio::test]

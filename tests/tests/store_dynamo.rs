@@ -3,6 +3,8 @@
 //! the in-memory store passes), plus what only a real table can show: the
 //! table definition as created, SDK error classification, malformed items.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::HashMap;
 use std::time::Duration;
 

@@ -76,7 +76,8 @@ pub async fn patch_config(State(app): State<AppRef>, body: Bytes) -> Result<Resp
                 m.hold_window_ms = timing.hold_window_ms;
                 m.hold_jitter_ms = m.hold_jitter_ms.min(timing.hold_jitter_ms);
                 let hold = timing.hold_window_ms.saturating_add(m.hold_jitter_ms);
-                m.hold_until_ms = Some(since.saturating_add(i64::try_from(hold).unwrap_or(i64::MAX)));
+                m.hold_until_ms =
+                    Some(since.saturating_add(i64::try_from(hold).unwrap_or(i64::MAX)));
             }
         }
     }

@@ -1,7 +1,29 @@
-//! `provision` Lambda function. Not implemented yet: it refuses to start rather
-//! than pretend to work.
+//! `provision` Lambda: sets up tracing, builds the clients once, serves.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("provision: not yet implemented (see the open issues); refusing to start");
-    std::process::ExitCode::FAILURE
+use agenthome::app::App;
+use lambda_runtime::{service_fn, LambdaEvent};
+use provision_fn::Service;
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    lambda_runtime::tracing::init_default_subscriber();
+    let app = App::from_env().await?;
+    if app.config.auth_mode == agenthome::api::AuthMode::None {
+        tracing::warn!(
+            "AUTH_MODE=none: every caller may act for every user; use only for local runs"
+        );
+    }
+    let provisioner = app.provisioner().ok_or(
+        "PROVISION_FUNCTION is required but not set (the function name or ARN of this function)",
+    )?;
+    let service = Service {
+        provisioner,
+        auth_mode: app.config.auth_mode,
+        admin_scope: app.config.admin_scope.clone(),
+    };
+    let service = &service;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
+        service.handle(event.payload).await
+    }))
+    .await
 }

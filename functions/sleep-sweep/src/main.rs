@@ -1,7 +1,151 @@
-//! `sleep-sweep` Lambda function. Not implemented yet: it refuses to start rather
-//! than pretend to work.
+//! `sleep-sweep` Lambda function (DESIGN §5 "Sleep sweep"): on every
+//! EventBridge schedule tick, put idle awake machines to sleep and, every
+//! `RECONCILE_EVERY`th minute, reconcile the table with the machine list.
+//!
+//! Thin by design: read the configuration, build the DynamoDB and Dedalus
+//! clients once per cold start, and hand each event to
+//! [`agenthome::sweep::Sweeper::run_scheduled`]. The run's summary is printed
+//! as one CloudWatch Embedded Metric Format line on stdout; everything else
+//! is structured JSON tracing.
+//!
+//! The event is the scheduled event as EventBridge sends it
+//! (`events/sleep-sweep/schedule.json`); only its `time` is used (to decide
+//! whether this run reconciles). `{"reconcile": true}` in `detail` forces a
+//! reconciliation (e.g. a manual `cargo lambda invoke`).
 
-fn main() -> std::process::ExitCode {
-    eprintln!("sleep-sweep: not yet implemented (see the open issues); refusing to start");
-    std::process::ExitCode::FAILURE
+use std::sync::Arc;
+use std::time::Duration;
+
+use agenthome::config::{Config, KeySource};
+use agenthome::dedalus::{self, ApiKey, ClientConfig};
+use agenthome::store::DynamoStore;
+use agenthome::sweep::{SweepReport, SweepSettings, Sweeper};
+use lambda_runtime::{service_fn, LambdaEvent};
+use serde_json::Value;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_current_span(false)
+        .with_target(false)
+        .without_time()
+        .init();
+
+    let sweeper = match start().await {
+        Ok(s) => Arc::new(s),
+        Err(error) => {
+            tracing::error!(error = %error, "sleep-sweep cannot start");
+            return Err(error);
+        }
+    };
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
+        let sweeper = Arc::clone(&sweeper);
+        async move { handle(&sweeper, event).await }
+    }))
+    .await
+}
+
+/// Configuration and clients, once per cold start.
+async fn start() -> Result<Sweeper<DynamoStore>, BoxError> {
+    let config = Config::from_env()?;
+    let settings = SweepSettings::from_env()?;
+    let api_key = match &config.dedalus_key {
+        KeySource::Env(secret) => ApiKey::new(secret.expose()),
+        KeySource::SecretArn(_) => {
+            return Err(
+                "DEDALUS_API_KEY_SECRET_ARN is not supported by sleep-sweep yet: \
+                        set DEDALUS_API_KEY"
+                    .into(),
+            )
+        }
+    };
+    let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let store = DynamoStore::new(
+        aws_sdk_dynamodb::Client::new(&aws),
+        config.table_name.clone(),
+    );
+    let client = dedalus::Client::new(ClientConfig::new(config.dedalus_base_url.clone(), api_key))?;
+    tracing::info!(
+        table = %config.table_name,
+        dedalus_base_url = %config.dedalus_base_url,
+        idle_after_s = settings.idle_after.as_secs(),
+        concurrency = settings.concurrency,
+        reconcile_every = settings.reconcile_every,
+        reconcile_sleep_orphans = settings.reconcile_sleep_orphans,
+        margin_s = settings.margin.as_secs(),
+        "sleep-sweep started"
+    );
+    Ok(Sweeper::new(Arc::new(store), &client, settings))
+}
+
+async fn handle(
+    sweeper: &Sweeper<DynamoStore>,
+    event: LambdaEvent<Value>,
+) -> Result<SweepReport, BoxError> {
+    let now_ms = agenthome::clock::now_ms();
+    let event_time_ms = event_time(&event.payload).unwrap_or(now_ms);
+    let force = event
+        .payload
+        .pointer("/detail/reconcile")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let deadline = run_deadline(event.context.deadline, now_ms, sweeper.settings().margin);
+    let report = sweeper
+        .run_scheduled(event_time_ms, now_ms, deadline, force)
+        .await;
+    // One summary line per run, in Embedded Metric Format, on stdout.
+    println!("{}", report.emf_line(now_ms));
+    Ok(report)
+}
+
+/// The event's `time` (RFC 3339) as epoch ms.
+fn event_time(payload: &Value) -> Option<u64> {
+    let raw = payload.get("time")?.as_str()?;
+    let t = humantime::parse_rfc3339_weak(raw).ok()?;
+    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    u64::try_from(d.as_millis()).ok()
+}
+
+/// The Lambda deadline (epoch ms) minus the margin, as a monotonic instant.
+fn run_deadline(lambda_deadline_ms: u64, now_ms: u64, margin: Duration) -> tokio::time::Instant {
+    let left = Duration::from_millis(lambda_deadline_ms.saturating_sub(now_ms));
+    tokio::time::Instant::now() + left.saturating_sub(margin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_the_fixture_event_when_read_then_its_time_is_used() {
+        let raw = include_str!("../../../events/sleep-sweep/schedule.json");
+        let event: Value = serde_json::from_str(raw).expect("fixture is JSON");
+        assert_eq!(event["detail-type"], "Scheduled Event");
+        assert_eq!(event_time(&event), Some(1_777_896_000_000));
+        let settings = SweepSettings::default();
+        // 12:00 UTC is minute 29631600 of the epoch: a multiple of 10.
+        assert!(settings.reconcile_due(1_777_896_000_000));
+        assert_eq!(event_time(&serde_json::json!({"time": "nope"})), None);
+    }
+
+    #[test]
+    fn given_a_lambda_deadline_when_computed_then_the_margin_is_kept() {
+        let start = tokio::time::Instant::now();
+        let d = run_deadline(1_000_060_000, 1_000_000_000, Duration::from_secs(10));
+        let left = d.duration_since(start);
+        assert!(
+            left >= Duration::from_secs(50) && left < Duration::from_secs(51),
+            "{left:?}"
+        );
+        // Already past the margin: the deadline is now.
+        let d = run_deadline(1_000_005_000, 1_000_000_000, Duration::from_secs(10));
+        assert!(d.duration_since(start) < Duration::from_secs(1));
+    }
 }

@@ -5,8 +5,10 @@
 
 pub mod auth;
 pub mod problem;
+pub mod turn_request;
 pub mod user_id;
 
 pub use auth::{AuthMode, Caller};
-pub use problem::Problem;
+pub use problem::{Problem, PROBLEM_JSON};
+pub use turn_request::{HistoryEntry, Role, TurnRequest};
 pub use user_id::UserId;

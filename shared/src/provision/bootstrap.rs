@@ -113,7 +113,11 @@ impl Bootstrap {
             .run_and_wait(machine_id, &self.request(timeout_ms.max(1000)), deadline)
             .await?;
         if run.success() {
-            if run.output.stdout.starts_with("agenthome-bootstrap: already done") {
+            if run
+                .output
+                .stdout
+                .starts_with("agenthome-bootstrap: already done")
+            {
                 Ok(BootstrapOutcome::AlreadyDone)
             } else {
                 Ok(BootstrapOutcome::Ran)
@@ -151,7 +155,10 @@ mod tests {
         assert_eq!(a.version().len(), 12);
         assert_eq!(a.version(), Bootstrap::new("echo a", None).version());
         assert_ne!(a.version(), Bootstrap::new("echo b", None).version());
-        assert_ne!(a.version(), Bootstrap::new("echo a", Some("command -v x".into())).version());
+        assert_ne!(
+            a.version(),
+            Bootstrap::new("echo a", Some("command -v x".into())).version()
+        );
     }
 
     #[test]

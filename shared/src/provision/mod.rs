@@ -19,12 +19,12 @@ mod bootstrap;
 mod trigger;
 
 pub use bootstrap::{Bootstrap, BootstrapOutcome};
-pub use trigger::{ProvisionEvent, WorkerTrigger};
+pub use trigger::{LambdaTrigger, ProvisionEvent, QueueTrigger, TriggerError, WorkerTrigger};
 
 use crate::dedalus::{self, CreateMachineRequest, IdempotencyKey, Phase};
 use crate::store::{
     new_create_key, AcquireOutcome, ClaimOutcome, CreateKey, Lease, LeaseKind, LeasePurpose,
-    MachineState, StoreError, UserRecord, UserStore,
+    MachineState, ReleaseOutcome, StoreError, UserRecord, UserStore,
 };
 use std::time::Duration;
 use tokio::time::Instant;
@@ -89,7 +89,10 @@ impl Ensure {
     /// The item as this call left it.
     pub fn record(&self) -> &UserRecord {
         match self {
-            Ensure::Ready(r) | Ensure::Started(r) | Ensure::InProgress(r) | Ensure::Destroying(r) => r,
+            Ensure::Ready(r)
+            | Ensure::Started(r)
+            | Ensure::InProgress(r)
+            | Ensure::Destroying(r) => r,
         }
     }
 
@@ -116,7 +119,7 @@ pub enum ProvisionError {
     #[error("could not start the provisioning worker: {0}")]
     Trigger(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The bootstrap script failed; `tail` is the end of its output.
-    #[error("bootstrap failed (exit code {exit_code:?}): {tail}")]
+    #[error("bootstrap failed ({}): {tail}", exit_text(*.exit_code))]
     Bootstrap {
         /// Exit code, if the process exited.
         exit_code: Option<i64>,
@@ -148,6 +151,13 @@ pub struct Provisioner<S, T> {
     settings: ProvisionSettings,
 }
 
+fn exit_text(code: Option<i64>) -> String {
+    match code {
+        Some(c) => format!("exit code {c}"),
+        None => "no exit code: killed or timed out".to_string(),
+    }
+}
+
 /// Epoch milliseconds now.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -156,13 +166,53 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether the worker has work on this item: `provisioning` and
+/// `bootstrapping` yes; `ready` and `failed` no (nothing to do, or wait for
+/// the next `ensure`); `destroying` is an error.
+fn worker_should_run(rec: &UserRecord) -> Result<bool, ProvisionError> {
+    match rec.state {
+        MachineState::Provisioning | MachineState::Bootstrapping => Ok(true),
+        MachineState::Ready | MachineState::Failed => Ok(false),
+        MachineState::Destroying => Err(ProvisionError::Superseded(
+            "the user's machine is being destroyed".into(),
+        )),
+    }
+}
+
+/// A refused write under the worker's lease: the lease was lost or the item
+/// moved on.
+fn lease_lost(e: StoreError) -> ProvisionError {
+    match e {
+        StoreError::Conflict { op, current } => ProvisionError::Superseded(format!(
+            "{op} refused: the provisioning lease is no longer ours or the item changed (state {:?})",
+            current.map(|c| c.state)
+        )),
+        other => other.into(),
+    }
+}
+
+/// What an item's state means to a caller of `ensure`, when this call did not
+/// start anything.
+fn classify(rec: UserRecord) -> Ensure {
+    match rec.state {
+        MachineState::Ready => Ensure::Ready(rec),
+        MachineState::Destroying => Ensure::Destroying(rec),
+        _ => Ensure::InProgress(rec),
+    }
+}
+
 fn new_owner(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
 }
 
 impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
     /// Assemble the service (clients are built once by the caller).
-    pub fn new(store: S, dedalus: dedalus::Client, trigger: T, settings: ProvisionSettings) -> Self {
+    pub fn new(
+        store: S,
+        dedalus: dedalus::Client,
+        trigger: T,
+        settings: ProvisionSettings,
+    ) -> Self {
         Provisioner {
             store,
             dedalus,
@@ -197,9 +247,16 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
             None => {
                 let owner = new_owner("provision");
                 let lease = Lease::new(owner.clone(), LeaseKind::Provision, now + self.lease_ms());
-                match self.store.claim(user_id, &new_create_key(), &lease, now).await? {
+                match self
+                    .store
+                    .claim(user_id, &new_create_key(), &lease, now)
+                    .await?
+                {
                     ClaimOutcome::Claimed(rec) => {
-                        tracing::info!(user_id, "claimed the user's item; starting the provisioning worker");
+                        tracing::info!(
+                            user_id,
+                            "claimed the user's item; starting the provisioning worker"
+                        );
                         self.start_worker(user_id, &owner).await?;
                         return Ok(Ensure::Started(rec));
                     }
@@ -207,62 +264,73 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
                 }
             }
         };
-        self.ensure_existing(current, now).await
+        self.ensure_existing(current).await
     }
 
-    async fn ensure_existing(&self, rec: UserRecord, now: u64) -> Result<Ensure, ProvisionError> {
-        match rec.state {
-            MachineState::Ready => return Ok(Ensure::Ready(rec)),
-            MachineState::Destroying => return Ok(Ensure::Destroying(rec)),
-            MachineState::Provisioning | MachineState::Bootstrapping
-                if rec.live_lease(now).is_some() =>
-            {
-                return Ok(Ensure::InProgress(rec))
-            }
-            // failed, or provisioning/bootstrapping with an expired lease (a
-            // worker died): resume with the same create key.
-            _ => {}
-        }
-        let owner = new_owner("provision");
-        let lease = Lease::new(owner.clone(), LeaseKind::Provision, now + self.lease_ms());
-        match self
-            .store
-            .restart_provisioning(&rec.user_id, rec.generation, &lease, CreateKey::Keep, now)
-            .await
-        {
-            Ok(AcquireOutcome::Acquired(rec)) => {
-                tracing::info!(user_id = %rec.user_id, state = ?rec.state, "resuming provisioning");
-                self.start_worker(&rec.user_id, &owner).await?;
-                Ok(Ensure::Started(rec))
-            }
-            Ok(AcquireOutcome::Busy(rec)) | Ok(AcquireOutcome::Changed(rec)) => {
-                // Someone else resumed (or finished) in between: report what is.
-                match rec.state {
-                    MachineState::Ready => Ok(Ensure::Ready(rec)),
-                    MachineState::Destroying => Ok(Ensure::Destroying(rec)),
-                    _ => Ok(Ensure::InProgress(rec)),
+    async fn ensure_existing(&self, mut rec: UserRecord) -> Result<Ensure, ProvisionError> {
+        // A refused resume whose item changed without a live lease (e.g. a
+        // worker failed or finished in between) is decided again on the new
+        // item, a bounded number of times.
+        const ATTEMPTS: usize = 3;
+        for _ in 0..ATTEMPTS {
+            let now = now_ms();
+            match rec.state {
+                MachineState::Ready => return Ok(Ensure::Ready(rec)),
+                MachineState::Destroying => return Ok(Ensure::Destroying(rec)),
+                MachineState::Provisioning | MachineState::Bootstrapping
+                    if rec.live_lease(now).is_some() =>
+                {
+                    return Ok(Ensure::InProgress(rec))
                 }
+                // failed, or provisioning/bootstrapping with an expired lease
+                // (a worker died): resume with the same create key.
+                _ => {}
             }
-            Err(StoreError::Conflict {
-                current: Some(rec), ..
-            }) => match rec.state {
-                MachineState::Ready => Ok(Ensure::Ready(*rec)),
-                MachineState::Destroying => Ok(Ensure::Destroying(*rec)),
-                _ => Ok(Ensure::InProgress(*rec)),
-            },
-            Err(e) => Err(e.into()),
+            let owner = new_owner("provision");
+            let lease = Lease::new(owner.clone(), LeaseKind::Provision, now + self.lease_ms());
+            match self
+                .store
+                .restart_provisioning(&rec.user_id, rec.generation, &lease, CreateKey::Keep, now)
+                .await
+            {
+                Ok(AcquireOutcome::Acquired(rec)) => {
+                    tracing::info!(user_id = %rec.user_id, "resuming provisioning");
+                    self.start_worker(&rec.user_id, &owner).await?;
+                    return Ok(Ensure::Started(rec));
+                }
+                // Someone else resumed in between: it is under way.
+                Ok(AcquireOutcome::Busy(current)) => return Ok(classify(current)),
+                // The item moved on without a live lease: look again.
+                Ok(AcquireOutcome::Changed(current)) => rec = current,
+                Err(StoreError::NotFound { user_id }) => {
+                    return Err(ProvisionError::Superseded(format!(
+                        "the item of user {user_id} was deleted"
+                    )))
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
+        Ok(classify(rec))
     }
 
+    /// Start the worker for the lease `owner` just took. If the trigger
+    /// fails, the lease is dropped so the next call can resume at once
+    /// (instead of waiting out the lease for a worker that never started).
     async fn start_worker(&self, user_id: &str, owner: &str) -> Result<(), ProvisionError> {
         let event = ProvisionEvent {
             user_id: user_id.to_string(),
             lease_owner: Some(owner.to_string()),
         };
-        self.trigger
-            .start(&event)
-            .await
-            .map_err(ProvisionError::Trigger)
+        match self.trigger.start(&event).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(user_id, error = %e, "could not start the provisioning worker; releasing its lease");
+                if let Err(release) = self.store.release_lease(user_id, owner, now_ms()).await {
+                    tracing::warn!(user_id, error = %release, "could not release the provisioning lease");
+                }
+                Err(ProvisionError::Trigger(e))
+            }
+        }
     }
 
     fn lease_ms(&self) -> u64 {
@@ -271,47 +339,79 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
 
     /// The provisioning worker (the asynchronous provision event). Resumes
     /// from whatever step the item records; returns the final item.
+    ///
+    /// Each run takes the provisioning lease under an owner of its own: the
+    /// lease the trigger took (`event.lease_owner`) is handed over by
+    /// releasing it and acquiring a fresh one, so of two deliveries of the
+    /// same event (AWS async invokes are at-least-once) only one works; the
+    /// other returns the item as it finds it. Only `provisioning` and
+    /// `bootstrapping` items are worked on: a `failed` item waits for the
+    /// next [`Provisioner::ensure`] (a stale or redelivered event does not
+    /// retry it behind the caller's back).
     pub async fn run_worker(&self, event: &ProvisionEvent) -> Result<UserRecord, ProvisionError> {
         let user_id = event.user_id.as_str();
-        let now = now_ms();
         let Some(rec) = self.store.get(user_id).await? else {
-            return Err(ProvisionError::Superseded(format!("no item for user {user_id}")));
+            return Err(ProvisionError::Superseded(format!(
+                "no item for user {user_id}"
+            )));
         };
-        if rec.state == MachineState::Ready {
+        if !worker_should_run(&rec)? {
             return Ok(rec);
         }
-        if rec.state == MachineState::Destroying {
-            return Err(ProvisionError::Superseded("the user's machine is being destroyed".into()));
+        if let Some(handed) = &event.lease_owner {
+            self.store.release_lease(user_id, handed, now_ms()).await?;
         }
-        // Own the provisioning lease: the one the trigger passed (a redelivered
-        // event), or a fresh one if the lease is free.
-        let owner = match (&event.lease_owner, &rec.lease) {
-            (Some(o), Some(l)) if &l.owner == o => o.clone(),
-            _ => {
-                let owner = new_owner("provision");
-                match self
-                    .store
-                    .acquire_lease(user_id, &owner, LeasePurpose::Provision, now + self.lease_ms(), now)
-                    .await?
-                {
-                    AcquireOutcome::Acquired(_) => owner,
-                    AcquireOutcome::Busy(rec) | AcquireOutcome::Changed(rec) => {
-                        tracing::info!(user_id, "another worker holds the provisioning lease; leaving it the work");
-                        return Ok(rec);
-                    }
-                }
+        let owner = new_owner("provision");
+        let now = now_ms();
+        let rec = match self
+            .store
+            .acquire_lease(
+                user_id,
+                &owner,
+                LeasePurpose::Provision,
+                now + self.lease_ms(),
+                now,
+            )
+            .await
+        {
+            Ok(AcquireOutcome::Acquired(rec)) => rec,
+            Ok(AcquireOutcome::Busy(rec)) | Ok(AcquireOutcome::Changed(rec)) => {
+                tracing::info!(
+                    user_id,
+                    "another worker holds the provisioning lease; leaving it the work"
+                );
+                return Ok(rec);
             }
+            Err(StoreError::NotFound { .. }) => {
+                return Err(ProvisionError::Superseded(format!(
+                    "no item for user {user_id}"
+                )))
+            }
+            Err(e) => return Err(e.into()),
         };
+        // The item may have moved on between the read and the acquisition.
+        match worker_should_run(&rec) {
+            Ok(true) => {}
+            other => {
+                let _ = self.store.release_lease(user_id, &owner, now_ms()).await;
+                return other.map(|_| rec);
+            }
+        }
         let result = self.provision_steps(rec, &owner).await;
         let now = now_ms();
         match result {
             Ok(rec) => {
-                let _ = self.store.release_lease(user_id, &owner, now).await;
+                let rec = match self.store.release_lease(user_id, &owner, now).await {
+                    Ok(ReleaseOutcome::Released(after)) => after,
+                    _ => rec,
+                };
                 Ok(rec)
             }
             Err(err) => {
                 tracing::warn!(user_id, error = %err, retryable = err.is_retryable(), "provisioning failed");
                 let message = format!("provisioning failed: {err}");
+                // Refused when the lease was lost or the item moved on: then
+                // whoever holds it now decides.
                 let _ = self.store.mark_failed(user_id, &owner, &message, now).await;
                 let _ = self.store.release_lease(user_id, &owner, now).await;
                 Err(err)
@@ -319,15 +419,20 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
         }
     }
 
-    async fn provision_steps(&self, mut rec: UserRecord, owner: &str) -> Result<UserRecord, ProvisionError> {
+    async fn provision_steps(
+        &self,
+        mut rec: UserRecord,
+        owner: &str,
+    ) -> Result<UserRecord, ProvisionError> {
         let user_id = rec.user_id.clone();
         // 1. The machine: created with the stored key, so a retry after a
         //    crash between "create" and "record" returns the same machine.
         let machine_id = match rec.machine_id.clone() {
             Some(id) => id,
             None => {
-                let key = IdempotencyKey::parse(rec.create_key.clone())
-                    .map_err(|e| ProvisionError::Superseded(format!("stored create_key is unusable: {e}")))?;
+                let key = IdempotencyKey::parse(rec.create_key.clone()).map_err(|e| {
+                    ProvisionError::Superseded(format!("stored create_key is unusable: {e}"))
+                })?;
                 let spec = &self.settings.machine;
                 let request = CreateMachineRequest {
                     vcpu: spec.vcpu,
@@ -352,14 +457,27 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
         if matches!(machine.phase, Phase::Sleeping | Phase::Stopping) {
             self.dedalus.wake_machine(&machine_id, None, None).await?;
         }
-        self.dedalus.wait_until(&machine_id, Phase::Running, deadline).await?;
+        self.dedalus
+            .wait_until(&machine_id, Phase::Running, deadline)
+            .await?;
 
         // 3. Bootstrap (idempotent: skipped when its marker and tools exist).
+        //    Marking `bootstrapping` also checks the lease is still ours and
+        //    extends it for the bootstrap's duration.
         if rec.state != MachineState::Bootstrapping {
-            self.store.mark_bootstrapping(&user_id, owner, now_ms()).await?;
+            self.store
+                .mark_bootstrapping(&user_id, owner, now_ms())
+                .await
+                .map_err(lease_lost)?;
         }
+        self.renew(&user_id, owner).await?;
         let deadline = Instant::now() + self.settings.bootstrap_timeout;
-        match self.settings.bootstrap.ensure(&self.dedalus, &machine_id, deadline).await? {
+        match self
+            .settings
+            .bootstrap
+            .ensure(&self.dedalus, &machine_id, deadline)
+            .await?
+        {
             BootstrapOutcome::AlreadyDone | BootstrapOutcome::Ran => {}
             BootstrapOutcome::Failed { exit_code, tail } => {
                 return Err(ProvisionError::Bootstrap { exit_code, tail });
@@ -370,14 +488,20 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
         let rec = self
             .store
             .mark_ready(&user_id, owner, self.settings.bootstrap.version(), now_ms())
-            .await?;
+            .await
+            .map_err(lease_lost)?;
         tracing::info!(user_id, machine_id, "machine ready");
         Ok(rec)
     }
 
+    /// Extend the lease; losing it (another trigger resumed after it
+    /// expired) ends this worker.
     async fn renew(&self, user_id: &str, owner: &str) -> Result<(), ProvisionError> {
         let now = now_ms();
-        self.store.renew_lease(user_id, owner, now + self.lease_ms(), now).await?;
+        self.store
+            .renew_lease(user_id, owner, now + self.lease_ms(), now)
+            .await
+            .map_err(lease_lost)?;
         Ok(())
     }
 }

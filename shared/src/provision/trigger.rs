@@ -20,7 +20,10 @@ pub type TriggerError = Box<dyn std::error::Error + Send + Sync>;
 /// Starts the provisioning worker without waiting for it.
 pub trait WorkerTrigger: Send + Sync {
     /// Deliver `event` to a worker.
-    fn start(&self, event: &ProvisionEvent) -> impl Future<Output = Result<(), TriggerError>> + Send;
+    fn start(
+        &self,
+        event: &ProvisionEvent,
+    ) -> impl Future<Output = Result<(), TriggerError>> + Send;
 }
 
 /// Invokes the provision Lambda function asynchronously

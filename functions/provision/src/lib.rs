@@ -1,0 +1,183 @@
+//! The provision function: the machine routes of DESIGN §3 and the
+//! asynchronous provisioning worker, in one Lambda. `main` only wires
+//! clients; this library maps events to `agenthome` and back, so tests can
+//! drive it in-process against real adapters.
+
+use agenthome::api::{AuthMode, Problem};
+use agenthome::entry::{self, Route};
+use agenthome::machines::{self, Destroyed};
+use agenthome::provision::{Ensure, ProvisionEvent, Provisioner, WorkerTrigger};
+use agenthome::store::UserStore;
+use lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpResponse;
+use lambda_http::{Body, Request, Response};
+use serde_json::Value;
+use std::time::Duration;
+
+/// How long `DELETE` waits for the platform to confirm the machine is gone.
+const DESTROY_WAIT: Duration = Duration::from_secs(20);
+
+/// Everything the handler needs, built once per cold start.
+pub struct Service<S, T> {
+    /// Provisioning (store, Dedalus client, trigger).
+    pub provisioner: Provisioner<S, T>,
+    /// Who may call.
+    pub auth_mode: AuthMode,
+    /// The scope that may act for any user.
+    pub admin_scope: String,
+}
+
+/// One incoming event: an HTTP request, or the worker's provision event.
+pub enum Incoming {
+    /// `{"user_id": ...}` sent by the provisioning trigger.
+    Provision(ProvisionEvent),
+    /// An API Gateway HTTP API / Function URL request.
+    Http(Box<Request>),
+}
+
+/// Tell the two event kinds apart.
+pub fn classify(event: Value) -> Result<Incoming, String> {
+    if event.get("requestContext").is_none() && event.get("user_id").is_some() {
+        return serde_json::from_value(event)
+            .map(Incoming::Provision)
+            .map_err(|e| format!("malformed provision event: {e}"));
+    }
+    let req: lambda_http::request::LambdaRequest =
+        serde_json::from_value(event).map_err(|e| format!("unrecognised event: {e}"))?;
+    Ok(Incoming::Http(Box::new(req.into())))
+}
+
+impl<S: UserStore, T: WorkerTrigger> Service<S, T> {
+    /// Handle any event; HTTP requests get an API Gateway v2 response.
+    pub async fn handle(&self, event: Value) -> Result<Value, lambda_runtime::Error> {
+        match classify(event) {
+            Ok(Incoming::Provision(ev)) => {
+                match self.provisioner.run_worker(&ev).await {
+                    Ok(rec) => Ok(serde_json::json!({"user_id": rec.user_id, "state": rec.state})),
+                    // A retryable failure makes Lambda retry the async event
+                    // (bounded by the function's EventInvokeConfig); a final
+                    // one is recorded on the item (`failed`) and the next
+                    // trigger resumes it.
+                    Err(e) if e.is_retryable() => Err(e.into()),
+                    Err(e) => {
+                        Ok(serde_json::json!({"user_id": ev.user_id, "error": e.to_string()}))
+                    }
+                }
+            }
+            Ok(Incoming::Http(req)) => {
+                let resp = self.handle_http(&req).await;
+                Ok(serde_json::to_value(to_apigw_v2(resp))?)
+            }
+            Err(detail) => {
+                tracing::warn!(%detail, "unrecognised event");
+                Err(detail.into())
+            }
+        }
+    }
+
+    /// Handle one HTTP request of the machine routes.
+    pub async fn handle_http(&self, req: &Request) -> Response<Body> {
+        match self.route(req).await {
+            Ok(resp) => resp,
+            Err(p) => {
+                if p.status >= 500 {
+                    tracing::error!(status = p.status, code = %p.code, detail = %p.detail, "request failed");
+                }
+                entry::problem(&p)
+            }
+        }
+    }
+
+    async fn route(&self, req: &Request) -> Result<Response<Body>, Problem> {
+        let route = entry::route(req)?;
+        entry::authorize(req, self.auth_mode, &self.admin_scope, route.user())?;
+        let user = route.user().as_str();
+        let store = self.provisioner.store();
+        let dedalus = self.provisioner.dedalus();
+        match route {
+            Route::GetMachine(_) => match machines::status(store, dedalus, user).await {
+                Ok(Some(status)) => Ok(entry::json(200, &status, None)),
+                Ok(None) => Err(Problem::not_found(
+                    "no_machine",
+                    format!("user {user} has no machine; PUT this route or send a turn to provision one"),
+                )),
+                Err(e) => Err(store_problem(&e)),
+            },
+            Route::PutMachine(_) => {
+                let outcome = self.provisioner.ensure(user).await.map_err(|e| {
+                    tracing::error!(user, error = %e, "provisioning could not start");
+                    if e.is_retryable() {
+                        Problem::upstream(503, "provisioning_unavailable", "provisioning could not start; retry shortly")
+                            .with_retry_after(Duration::from_secs(5))
+                    } else {
+                        Problem::internal("provisioning could not start")
+                    }
+                })?;
+                let status = machines::MachineStatus::new(outcome.record(), Ok(None), agenthome::clock::now_ms());
+                match outcome {
+                    Ensure::Ready(_) => Ok(entry::json(200, &status, None)),
+                    Ensure::Destroying(_) => Err(Problem::new(
+                        409,
+                        "machine_destroying",
+                        "Conflict",
+                        "the user's machine is being destroyed; retry after the DELETE completes",
+                    )),
+                    Ensure::Started(_) | Ensure::InProgress(_) => {
+                        Ok(entry::json(202, &status, Some(outcome.retry_after())))
+                    }
+                }
+            }
+            Route::DeleteMachine(_) => {
+                match machines::destroy(store, dedalus, user, DESTROY_WAIT).await {
+                    Ok(Destroyed::Done) | Ok(Destroyed::AlreadyGone) => Ok(entry::empty(204)),
+                    Err(e) => {
+                        tracing::warn!(user, error = %e, "destroy incomplete; a retry resumes it");
+                        Err(Problem::upstream(
+                            503,
+                            "destroy_incomplete",
+                            "the machine could not be destroyed yet; repeat the DELETE to resume",
+                        )
+                        .with_retry_after(Duration::from_secs(5)))
+                    }
+                }
+            }
+            Route::SleepMachine(_) => Err(Problem::new(
+                501,
+                "not_implemented",
+                "Not implemented",
+                "sleep-now lands with the sleep sweep",
+            )),
+            Route::Turn(_) => Err(Problem::not_found(
+                "no_such_route",
+                "turns are served by the chat-turn function",
+            )),
+        }
+    }
+}
+
+fn store_problem(e: &agenthome::store::StoreError) -> Problem {
+    tracing::error!(error = %e, "table error");
+    if e.is_retryable() {
+        Problem::upstream(
+            503,
+            "table_unavailable",
+            "the table is unavailable; retry shortly",
+        )
+        .with_retry_after(Duration::from_secs(2))
+    } else {
+        Problem::internal("the table could not be read")
+    }
+}
+
+/// An `http::Response` as the API Gateway v2 / Function URL response shape.
+pub fn to_apigw_v2(resp: Response<Body>) -> ApiGatewayV2httpResponse {
+    let (parts, body) = resp.into_parts();
+    let mut out = ApiGatewayV2httpResponse::default();
+    out.status_code = i64::from(parts.status.as_u16());
+    out.headers = parts.headers;
+    out.body = match body {
+        Body::Empty => None,
+        other => Some(other),
+    };
+    out.is_base64_encoded = false;
+    out
+}

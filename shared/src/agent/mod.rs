@@ -1,0 +1,680 @@
+//! The agent loop: the model drives the user's machine through one tool,
+//! `run_command(command, timeout_s?)`, within a step limit, a per-command
+//! timeout and the turn's deadline (DESIGN §5 "Agent loop").
+//!
+//! - [`Agent::llm`]: an OpenAI-compatible model ([`LlmClient`]).
+//! - [`Agent::shell`] (`AGENT_MODEL=shell`): no model; the user's message is
+//!   run as one command and its output is the reply.
+//!
+//! The deadline is respected everywhere: the model is not called when less
+//! than [`AgentOptions::min_llm_time`] remains, a command gets
+//! `min(timeout_s or the default, time left)`, and a command still running
+//! when its time was cut by the deadline ends the turn with
+//! [`AgentStatus::Deadline`] and a reply saying it keeps running.
+
+mod llm;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::runner::{CommandOutcome, CommandRunner, RunnerError};
+
+pub use llm::{
+    parse_completion, parse_tool_call, tools_json, Completion, FunctionCall, LlmClient, LlmConfig,
+    LlmError, RunCommandArgs, TokenUsage, ToolCall, ToolCallError, WireMessage, RUN_COMMAND,
+};
+
+/// `AGENT_MODEL` value selecting the offline shell mode.
+pub const SHELL_MODEL: &str = "shell";
+
+/// The system prompt. The last few turn summaries are appended to it.
+pub const SYSTEM_PROMPT: &str = "\
+You are an assistant with your own persistent Linux machine, dedicated to this user. \
+You work on it through the `run_command` tool, which runs a command in a bash shell and \
+returns its exit code and output (long output is cut to its beginning and end).
+
+What persists: the home directory (/root, `~`) and everything in it — files, repositories, \
+virtual environments, caches and the shell history (~/.bash_history) — survives between \
+conversations, as do the working directory and exported variables of your shell. What may \
+not persist: anything installed or written outside the home directory (system packages, \
+/tmp, /usr/local); if a tool you relied on is missing, reinstall it, and prefer \
+installing into the home directory (pip install --user, a venv, npm with a prefix in ~).
+
+How to work:
+- Run commands non-interactively (use -y flags; no editors, pagers or prompts; stdin is empty).
+- Give long-running commands a timeout_s. A command that outlives it keeps running on the \
+machine; you are told where its exit code and output will appear, and can check on it later \
+(also in a later conversation). Start servers and long jobs in the background with nohup \
+and redirect their output to a file.
+- ~/.agenthome/turns.jsonl holds a one-line summary of each previous turn: it is your memory. \
+You may also keep your own notes in files under ~ (for example ~/NOTES.md) and read them when \
+useful.
+- Do not print secrets, and never try to read credentials that are not the user's.
+
+Replies: be concise. Say what you did and what came out of it, with the key output or file \
+paths; do not paste long outputs.";
+
+/// One message of the chat product's conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `user` or `assistant`.
+    pub role: String,
+    /// Text.
+    pub content: String,
+}
+
+/// What a turn starts from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TurnInput {
+    /// The user's new message.
+    pub message: String,
+    /// Recent conversation, oldest first (given to the model before the message).
+    pub history: Vec<ChatMessage>,
+    /// One-line summaries of the last few turns (from `~/.agenthome/turns.jsonl`).
+    pub memory: Vec<String>,
+}
+
+/// Bounds of one turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Commands the model may run in this turn.
+    pub max_steps: u32,
+    /// Timeout of a command whose call gives no `timeout_s`.
+    pub command_timeout: Duration,
+    /// When the turn must end.
+    pub deadline: Instant,
+}
+
+/// How a turn ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    /// The model answered (or the shell-mode command ran).
+    Completed,
+    /// The deadline came first.
+    Deadline,
+    /// The model wanted more commands than the step limit allows.
+    StepLimit,
+}
+
+/// Model usage of one turn.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Successful chat-completion calls.
+    pub llm_calls: u32,
+    /// Sum of `prompt_tokens`.
+    pub prompt_tokens: u64,
+    /// Sum of `completion_tokens`.
+    pub completion_tokens: u64,
+}
+
+/// The result of a turn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentOutcome {
+    /// The reply to the user.
+    pub reply: String,
+    /// Every command run, in order.
+    pub steps: Vec<CommandOutcome>,
+    /// Model usage.
+    pub usage: Usage,
+    /// How the turn ended.
+    pub status: AgentStatus,
+}
+
+/// What a failed turn had done before failing (the turn reports it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartialTurn {
+    /// Commands run before the failure.
+    pub steps: Vec<CommandOutcome>,
+    /// Model usage before the failure.
+    pub usage: Usage,
+}
+
+/// A failed turn. Each variant carries the steps done so far.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The model could not be used.
+    #[error("agent turn failed: {source}")]
+    Llm {
+        /// The LLM failure.
+        #[source]
+        source: LlmError,
+        /// What was done before it.
+        partial: Box<PartialTurn>,
+    },
+    /// The machine could not run a command.
+    #[error("agent turn failed: {source}")]
+    Runner {
+        /// The runner failure.
+        #[source]
+        source: RunnerError,
+        /// What was done before it.
+        partial: Box<PartialTurn>,
+    },
+}
+
+impl AgentError {
+    /// The steps and usage before the failure.
+    pub fn partial(&self) -> &PartialTurn {
+        match self {
+            AgentError::Llm { partial, .. } | AgentError::Runner { partial, .. } => partial,
+        }
+    }
+}
+
+/// Tunables of the loop.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Do not call the model with less time than this left.
+    pub min_llm_time: Duration,
+    /// Do not start a command with less time than this left.
+    pub min_command_time: Duration,
+    /// Unusable tool calls answered with a tool error before the turn fails.
+    pub tool_error_budget: u32,
+    /// Longest memory line kept in the prompt (bytes).
+    pub max_memory_line: usize,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            min_llm_time: Duration::from_secs(5),
+            min_command_time: Duration::from_secs(1),
+            tool_error_budget: 1,
+            max_memory_line: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Mode {
+    Shell,
+    Llm(Box<LlmClient>),
+}
+
+/// Runs chat turns.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    mode: Mode,
+    options: AgentOptions,
+}
+
+impl Agent {
+    /// Offline mode: the message is the command.
+    pub fn shell() -> Self {
+        Self {
+            mode: Mode::Shell,
+            options: AgentOptions::default(),
+        }
+    }
+
+    /// A model-driven agent.
+    pub fn llm(client: LlmClient) -> Self {
+        Self {
+            mode: Mode::Llm(Box::new(client)),
+            options: AgentOptions::default(),
+        }
+    }
+
+    /// From the configuration: `AGENT_MODEL=shell` → shell mode, else an
+    /// LLM client for `LLM_BASE_URL` with `LLM_API_KEY` (optional, for
+    /// local servers that need none).
+    pub fn from_config(config: &crate::config::Config) -> Result<Self, LlmError> {
+        if config.agent_model.trim() == SHELL_MODEL {
+            return Ok(Self::shell());
+        }
+        let llm = LlmClient::new(LlmConfig::new(
+            config.llm_base_url.clone(),
+            config.llm_api_key.clone(),
+            config.agent_model.trim(),
+        ))?;
+        Ok(Self::llm(llm))
+    }
+
+    /// Replaces the loop's tunables.
+    pub fn with_options(mut self, options: AgentOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// True in shell mode.
+    pub fn is_shell(&self) -> bool {
+        matches!(self.mode, Mode::Shell)
+    }
+
+    /// Runs one turn.
+    pub async fn run(
+        &self,
+        input: TurnInput,
+        runner: &mut impl CommandRunner,
+        limits: Limits,
+    ) -> Result<AgentOutcome, AgentError> {
+        match &self.mode {
+            Mode::Shell => self.run_shell(input, runner, limits).await,
+            Mode::Llm(llm) => self.run_llm(llm, input, runner, limits).await,
+        }
+    }
+
+    async fn run_shell(
+        &self,
+        input: TurnInput,
+        runner: &mut impl CommandRunner,
+        limits: Limits,
+    ) -> Result<AgentOutcome, AgentError> {
+        let remaining = limits.deadline.saturating_duration_since(Instant::now());
+        if remaining < self.options.min_command_time {
+            return Ok(AgentOutcome {
+                reply: "No time was left in this turn to run the command.".into(),
+                steps: Vec::new(),
+                usage: Usage::default(),
+                status: AgentStatus::Deadline,
+            });
+        }
+        let timeout = limits.command_timeout.min(remaining);
+        let capped = limits.command_timeout > remaining;
+        let outcome = run_step(runner, &input.message, timeout)
+            .await
+            .map_err(|source| AgentError::Runner {
+                source,
+                partial: Box::default(),
+            })?;
+        let mut reply = if outcome.output.is_empty() {
+            "(no output)".to_owned()
+        } else {
+            outcome.output.clone()
+        };
+        if let Some(code) = outcome.exit_code.filter(|c| *c != 0) {
+            if !reply.ends_with('\n') {
+                reply.push('\n');
+            }
+            reply.push_str(&format!("[exit code {code}]"));
+        }
+        let status = if outcome.still_running {
+            if !reply.ends_with('\n') {
+                reply.push('\n');
+            }
+            reply.push_str(&still_running_note(&outcome));
+            if capped {
+                AgentStatus::Deadline
+            } else {
+                AgentStatus::Completed
+            }
+        } else {
+            AgentStatus::Completed
+        };
+        Ok(AgentOutcome {
+            reply,
+            steps: vec![outcome],
+            usage: Usage::default(),
+            status,
+        })
+    }
+
+    fn system_prompt(&self, memory: &[String]) -> String {
+        let mut prompt = SYSTEM_PROMPT.to_owned();
+        let lines: Vec<String> = memory
+            .iter()
+            .map(|l| l.trim())
+            .filter(|l| !l.is_empty())
+            .map(|l| truncate_str(l, self.options.max_memory_line))
+            .collect();
+        if !lines.is_empty() {
+            prompt.push_str("\n\nRecent turns (oldest first, from ~/.agenthome/turns.jsonl):\n");
+            for line in lines {
+                prompt.push_str("- ");
+                prompt.push_str(&line);
+                prompt.push('\n');
+            }
+        }
+        prompt
+    }
+
+    async fn run_llm(
+        &self,
+        llm: &LlmClient,
+        input: TurnInput,
+        runner: &mut impl CommandRunner,
+        limits: Limits,
+    ) -> Result<AgentOutcome, AgentError> {
+        let mut messages = vec![WireMessage::text(
+            "system",
+            self.system_prompt(&input.memory),
+        )];
+        for m in &input.history {
+            let role = if m.role == "assistant" {
+                "assistant"
+            } else {
+                "user"
+            };
+            messages.push(WireMessage::text(role, m.content.clone()));
+        }
+        messages.push(WireMessage::text("user", input.message.clone()));
+
+        let mut steps: Vec<CommandOutcome> = Vec::new();
+        let mut usage = Usage::default();
+        let mut tool_errors = 0u32;
+        let mut last_text: Option<String> = None;
+        let partial = |steps: &[CommandOutcome], usage: Usage| {
+            Box::new(PartialTurn {
+                steps: steps.to_vec(),
+                usage,
+            })
+        };
+
+        loop {
+            let remaining = limits.deadline.saturating_duration_since(Instant::now());
+            if remaining < self.options.min_llm_time {
+                return Ok(AgentOutcome {
+                    reply: out_of_time_reply(last_text.as_deref(), &steps),
+                    steps,
+                    usage,
+                    status: AgentStatus::Deadline,
+                });
+            }
+            let completion = match llm.complete(&messages, limits.deadline).await {
+                Ok(c) => c,
+                Err(LlmError::NoTime) => {
+                    return Ok(AgentOutcome {
+                        reply: out_of_time_reply(last_text.as_deref(), &steps),
+                        steps,
+                        usage,
+                        status: AgentStatus::Deadline,
+                    })
+                }
+                Err(source) => {
+                    return Err(AgentError::Llm {
+                        source,
+                        partial: partial(&steps, usage),
+                    })
+                }
+            };
+            usage.llm_calls += 1;
+            usage.prompt_tokens += completion.usage.prompt_tokens;
+            usage.completion_tokens += completion.usage.completion_tokens;
+            let text = completion
+                .content
+                .clone()
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty());
+            if completion.tool_calls.is_empty() {
+                return Ok(AgentOutcome {
+                    reply: text.unwrap_or_else(|| "(the model gave no reply)".into()),
+                    steps,
+                    usage,
+                    status: AgentStatus::Completed,
+                });
+            }
+            if text.is_some() {
+                last_text = text;
+            }
+            let mut calls = completion.tool_calls.clone();
+            for (i, call) in calls.iter_mut().enumerate() {
+                if call.id.is_empty() {
+                    call.id = format!("call_{}_{i}", usage.llm_calls);
+                }
+            }
+            messages.push(WireMessage {
+                role: "assistant".into(),
+                content: completion.content.clone(),
+                tool_calls: calls.clone(),
+                tool_call_id: None,
+            });
+
+            // Why the turn ends after this batch, if it does.
+            let mut end: Option<AgentStatus> = None;
+            let mut left_running: Option<CommandOutcome> = None;
+            for call in &calls {
+                if end.is_some() {
+                    messages.push(WireMessage::tool(
+                        &call.id,
+                        json!({"error": "not run: the turn ended"}).to_string(),
+                    ));
+                    continue;
+                }
+                let args = match parse_tool_call(call) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tool_errors += 1;
+                        if tool_errors > self.options.tool_error_budget {
+                            return Err(AgentError::Llm {
+                                source: LlmError::MalformedToolCall(e.to_string()),
+                                partial: partial(&steps, usage),
+                            });
+                        }
+                        tracing::info!(error = %e, "unusable tool call; told the model");
+                        messages.push(WireMessage::tool(
+                            &call.id,
+                            json!({"error": e.to_string()}).to_string(),
+                        ));
+                        continue;
+                    }
+                };
+                if steps.len() >= limits.max_steps as usize {
+                    end = Some(AgentStatus::StepLimit);
+                    messages.push(WireMessage::tool(
+                        &call.id,
+                        json!({"error": "not run: step limit reached"}).to_string(),
+                    ));
+                    continue;
+                }
+                let remaining = limits.deadline.saturating_duration_since(Instant::now());
+                if remaining < self.options.min_command_time {
+                    end = Some(AgentStatus::Deadline);
+                    messages.push(WireMessage::tool(
+                        &call.id,
+                        json!({"error": "not run: no time left in this turn"}).to_string(),
+                    ));
+                    continue;
+                }
+                let requested = args
+                    .timeout_s
+                    .map(Duration::from_secs)
+                    .unwrap_or(limits.command_timeout);
+                let capped = requested >= remaining;
+                let timeout = requested.min(remaining);
+                let outcome = match run_step(runner, &args.command, timeout).await {
+                    Ok(o) => o,
+                    Err(source) => {
+                        return Err(AgentError::Runner {
+                            source,
+                            partial: partial(&steps, usage),
+                        })
+                    }
+                };
+                messages.push(WireMessage::tool(&call.id, tool_result(&outcome)));
+                if outcome.still_running && capped {
+                    end = Some(AgentStatus::Deadline);
+                    left_running = Some(outcome.clone());
+                }
+                steps.push(outcome);
+            }
+            match end {
+                None => continue,
+                Some(AgentStatus::Deadline) => {
+                    let reply = match &left_running {
+                        Some(o) => {
+                            let mut r = String::new();
+                            if let Some(t) = &last_text {
+                                r.push_str(t);
+                                r.push_str("\n\n");
+                            }
+                            r.push_str("This turn ran out of time. ");
+                            r.push_str(&still_running_note(o));
+                            r
+                        }
+                        None => out_of_time_reply(last_text.as_deref(), &steps),
+                    };
+                    return Ok(AgentOutcome {
+                        reply,
+                        steps,
+                        usage,
+                        status: AgentStatus::Deadline,
+                    });
+                }
+                Some(status) => {
+                    let mut reply = last_text.clone().unwrap_or_default();
+                    if !reply.is_empty() {
+                        reply.push_str("\n\n");
+                    }
+                    reply.push_str(&format!(
+                        "Stopped after {} commands: the step limit for one turn was reached. \
+                         Ask me to continue.",
+                        steps.len()
+                    ));
+                    return Ok(AgentOutcome {
+                        reply,
+                        steps,
+                        usage,
+                        status,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Runs one command; a busy shell or a terminal that closed before the
+/// command started is replaced once and the command retried. A command that
+/// made the shell exit is reported as a step without exit code.
+async fn run_step(
+    runner: &mut impl CommandRunner,
+    command: &str,
+    timeout: Duration,
+) -> Result<CommandOutcome, RunnerError> {
+    let started = Instant::now();
+    match runner.run(command, timeout).await {
+        Ok(o) => Ok(o),
+        Err(RunnerError::Busy { .. } | RunnerError::TerminalClosed { started: false }) => {
+            runner.reopen().await?;
+            let left = timeout
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_secs(1));
+            runner.run(command, left).await
+        }
+        Err(RunnerError::TerminalClosed { started: true }) => {
+            runner.reopen().await?;
+            Ok(CommandOutcome {
+                command: command.to_owned(),
+                exit_code: None,
+                output: "[the shell exited during this command; a new shell was opened \
+                         (cwd and exported variables restored)]"
+                    .into(),
+                output_bytes: 0,
+                truncated: false,
+                duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                still_running: false,
+                completion_marker: None,
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The tool result the model gets for a command.
+fn tool_result(o: &CommandOutcome) -> String {
+    let mut v = json!({
+        "exit_code": o.exit_code,
+        "output": o.output,
+        "output_bytes": o.output_bytes,
+        "truncated": o.truncated,
+        "duration_ms": o.duration_ms,
+        "still_running": o.still_running,
+    });
+    if o.still_running {
+        v["note"] = json!(still_running_note(o));
+    }
+    v.to_string()
+}
+
+fn still_running_note(o: &CommandOutcome) -> String {
+    match &o.completion_marker {
+        Some(marker) => format!(
+            "The command `{}` is still running on the machine. When it finishes, its exit code \
+             will be in ~/{marker} and its output in ~/{}.",
+            truncate_str(&o.command, 200),
+            marker.trim_end_matches(".done").to_owned() + ".log"
+        ),
+        None => format!(
+            "The command `{}` is still running on the machine.",
+            truncate_str(&o.command, 200)
+        ),
+    }
+}
+
+fn out_of_time_reply(last_text: Option<&str>, steps: &[CommandOutcome]) -> String {
+    let mut r = String::new();
+    if let Some(t) = last_text {
+        r.push_str(t);
+        r.push_str("\n\n");
+    }
+    r.push_str(&format!(
+        "This turn ran out of time after {} command(s); ask me to continue.",
+        steps.len()
+    ));
+    r
+}
+
+fn truncate_str(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_serializes_lowercase() {
+        assert_eq!(
+            serde_json::to_value(AgentStatus::StepLimit).expect("json"),
+            "step_limit"
+        );
+        assert_eq!(
+            serde_json::to_value(AgentStatus::Completed).expect("json"),
+            "completed"
+        );
+        assert_eq!(
+            serde_json::to_value(AgentStatus::Deadline).expect("json"),
+            "deadline"
+        );
+    }
+
+    #[test]
+    fn memory_goes_into_the_system_prompt() {
+        let agent = Agent::shell();
+        let p = agent.system_prompt(&["installed numpy".into(), "  ".into()]);
+        assert!(p.starts_with(SYSTEM_PROMPT));
+        assert!(p.contains("Recent turns"));
+        assert!(p.contains("- installed numpy\n"));
+        assert_eq!(agent.system_prompt(&[]), SYSTEM_PROMPT);
+    }
+
+    #[test]
+    fn tool_result_is_json_with_the_outcome() {
+        let o = CommandOutcome {
+            command: "sleep 100".into(),
+            exit_code: None,
+            output: "x".into(),
+            output_bytes: 1,
+            truncated: false,
+            duration_ms: 3,
+            still_running: true,
+            completion_marker: Some(".agenthome/run/abc.done".into()),
+        };
+        let v: serde_json::Value = serde_json::from_str(&tool_result(&o)).expect("json");
+        assert_eq!(v["exit_code"], serde_json::Value::Null);
+        assert_eq!(v["still_running"], true);
+        assert!(v["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("~/.agenthome/run/abc.done") && n.contains("abc.log")));
+    }
+}

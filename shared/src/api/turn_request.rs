@@ -1,0 +1,169 @@
+//! The body of `POST /v1/users/{user_id}/turns`, parsed and validated once.
+
+use super::Problem;
+use serde::{Deserialize, Serialize};
+
+/// Longest accepted message, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
+/// Most history entries accepted.
+pub const MAX_HISTORY_ENTRIES: usize = 50;
+/// Largest accepted history, in bytes of content.
+pub const MAX_HISTORY_BYTES: usize = 256 * 1024;
+/// Largest accepted request body (message + history + JSON overhead).
+pub const MAX_BODY_BYTES: usize = MAX_MESSAGE_BYTES + MAX_HISTORY_BYTES + 64 * 1024;
+
+/// Who said a history entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The user.
+    User,
+    /// The assistant (the agent's earlier replies).
+    Assistant,
+}
+
+/// One entry of the chat product's recent conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryEntry {
+    /// Who said it.
+    pub role: Role,
+    /// What was said.
+    pub content: String,
+}
+
+/// The raw body, as sent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTurnRequest {
+    message: String,
+    #[serde(default)]
+    history: Option<Vec<HistoryEntry>>,
+}
+
+/// A validated turn request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnRequest {
+    /// The user's new message (1 byte to 32 KiB).
+    pub message: String,
+    /// Recent conversation, oldest first (≤ 50 entries, ≤ 256 KiB).
+    pub history: Vec<HistoryEntry>,
+}
+
+impl TurnRequest {
+    /// Parse a JSON body: unknown fields, an empty or oversized message, or
+    /// an oversized history are 4xx problems naming the limit.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, Problem> {
+        let raw: RawTurnRequest = serde_json::from_slice(bytes).map_err(|e| {
+            if e.classify() == serde_json::error::Category::Data {
+                Problem::unprocessable("invalid_body", e.to_string())
+            } else {
+                Problem::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+            }
+        })?;
+        Self::validate(raw.message, raw.history.unwrap_or_default())
+    }
+
+    /// Validate the parts.
+    pub fn validate(message: String, history: Vec<HistoryEntry>) -> Result<Self, Problem> {
+        if message.trim().is_empty() {
+            return Err(Problem::unprocessable(
+                "invalid_message",
+                "message must not be empty",
+            ));
+        }
+        if message.len() > MAX_MESSAGE_BYTES {
+            return Err(Problem::too_large(format!(
+                "message is {} bytes; at most {MAX_MESSAGE_BYTES} are accepted",
+                message.len()
+            )));
+        }
+        if history.len() > MAX_HISTORY_ENTRIES {
+            return Err(Problem::unprocessable(
+                "invalid_history",
+                format!(
+                    "history has {} entries; at most {MAX_HISTORY_ENTRIES} are accepted",
+                    history.len()
+                ),
+            ));
+        }
+        let bytes: usize = history.iter().map(|h| h.content.len()).sum();
+        if bytes > MAX_HISTORY_BYTES {
+            return Err(Problem::too_large(format!(
+                "history is {bytes} bytes; at most {MAX_HISTORY_BYTES} are accepted"
+            )));
+        }
+        Ok(TurnRequest { message, history })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_with_optional_history_parses() {
+        let t = TurnRequest::from_json(
+            br#"{"message":"ls","history":[{"role":"user","content":"hi"}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(t.message, "ls");
+        assert_eq!(t.history[0].role, Role::User);
+        assert!(TurnRequest::from_json(br#"{"message":"ls"}"#)
+            .expect("valid")
+            .history
+            .is_empty());
+    }
+
+    #[test]
+    fn bad_bodies_are_4xx_with_a_reason() {
+        let cases: [(&[u8], u16, &str); 7] = [
+            (b"{", 400, "invalid_json"),
+            (b"[]", 422, "invalid_body"),
+            (br#"{"message":""}"#, 422, "invalid_message"),
+            (br#"{"message":"x","extra":1}"#, 422, "invalid_body"),
+            (br#"{"message":1}"#, 422, "invalid_body"),
+            (br#"{"history":[]}"#, 422, "invalid_body"),
+            (
+                br#"{"message":"x","history":[{"role":"system","content":"x"}]}"#,
+                422,
+                "invalid_body",
+            ),
+        ];
+        for (body, status, code) in cases {
+            let p = TurnRequest::from_json(body).expect_err("must be refused");
+            assert_eq!(
+                (p.status, p.code.as_str()),
+                (status, code),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let big = "x".repeat(MAX_MESSAGE_BYTES + 1);
+        assert_eq!(TurnRequest::validate(big, vec![]).unwrap_err().status, 413);
+        let many = vec![
+            HistoryEntry {
+                role: Role::User,
+                content: "x".into()
+            };
+            MAX_HISTORY_ENTRIES + 1
+        ];
+        assert_eq!(
+            TurnRequest::validate("x".into(), many).unwrap_err().status,
+            422
+        );
+        let heavy = vec![HistoryEntry {
+            role: Role::Assistant,
+            content: "x".repeat(MAX_HISTORY_BYTES + 1),
+        }];
+        assert_eq!(
+            TurnRequest::validate("x".into(), heavy).unwrap_err().status,
+            413
+        );
+        assert!(TurnRequest::validate("x".repeat(MAX_MESSAGE_BYTES), vec![]).is_ok());
+    }
+}

@@ -1,0 +1,165 @@
+//! The entrypoint layer: Lambda HTTP events (API Gateway HTTP API, Function
+//! URLs, `cargo lambda watch`) mapped onto the product's HTTP contract
+//! ([`crate::api`]) and back. Domain code never sees these types.
+
+mod route;
+
+pub use route::{route, Route};
+
+use crate::api::{auth, AuthMode, Caller, Problem, UserId, PROBLEM_JSON};
+use lambda_http::request::RequestContext;
+use lambda_http::{Body, Request, RequestExt, Response};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::time::Duration;
+
+/// Who is calling, from the authorizer data API Gateway attached.
+pub fn caller(req: &Request) -> Caller {
+    let mut caller = Caller::default();
+    let authorizer = match req.request_context_ref() {
+        Some(RequestContext::ApiGatewayV2(ctx)) => ctx.authorizer.as_ref(),
+        _ => None,
+    };
+    let Some(authorizer) = authorizer else {
+        return caller;
+    };
+    if let Some(jwt) = &authorizer.jwt {
+        caller.subject = jwt.claims.get("sub").cloned();
+        caller.scopes = jwt.scopes.clone().unwrap_or_default();
+        for claim in ["scope", "scp"] {
+            if let Some(v) = jwt.claims.get(claim) {
+                // A space-separated string, or a JSON-ish "[a b]" list as API
+                // Gateway flattens arrays.
+                caller.scopes.extend(
+                    v.trim_matches(|c| c == '[' || c == ']')
+                        .split([' ', ','])
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string),
+                );
+            }
+        }
+    }
+    if let Some(iam) = &authorizer.iam {
+        caller.iam_principal = iam
+            .user_arn
+            .clone()
+            .or_else(|| iam.caller_id.clone())
+            .or_else(|| iam.account_id.clone());
+    }
+    caller
+}
+
+/// Authorize the caller of `req` for `user` under `mode`.
+pub fn authorize(
+    req: &Request,
+    mode: AuthMode,
+    admin_scope: &str,
+    user: &UserId,
+) -> Result<(), Problem> {
+    auth::authorize(mode, admin_scope, &caller(req), user)
+}
+
+/// An error response.
+pub fn problem(p: &Problem) -> Response<Body> {
+    let mut builder = Response::builder()
+        .status(p.status)
+        .header("content-type", PROBLEM_JSON)
+        .header("cache-control", "no-store");
+    if let Some(after) = p.retry_after_header() {
+        builder = builder.header("retry-after", after);
+    }
+    builder
+        .body(Body::Text(p.body()))
+        .unwrap_or_else(|_| Response::new(Body::Text(p.body())))
+}
+
+/// A JSON response, with `Retry-After` if given.
+pub fn json<T: Serialize>(status: u16, value: &T, retry_after: Option<Duration>) -> Response<Body> {
+    let body = match serde_json::to_string(value) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serialize a response");
+            return problem(&Problem::internal("the response could not be serialized"));
+        }
+    };
+    let mut builder = Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("cache-control", "no-store");
+    if let Some(after) = retry_after {
+        builder = builder.header(
+            "retry-after",
+            after.as_millis().div_ceil(1000).max(1).to_string(),
+        );
+    }
+    builder
+        .body(Body::Text(body))
+        .unwrap_or_else(|_| problem(&Problem::internal("the response could not be built")))
+}
+
+/// An empty response (e.g. 204).
+pub fn empty(status: u16) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .body(Body::Empty)
+        .unwrap_or_else(|_| Response::new(Body::Empty))
+}
+
+/// The raw body of `req`: must be JSON (if a content type is given),
+/// non-empty and at most `max_bytes` long.
+pub fn body_bytes(req: &Request, max_bytes: usize) -> Result<&[u8], Problem> {
+    if let Some(ct) = req.headers().get("content-type") {
+        let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
+        let media = ct.split(';').next().unwrap_or_default().trim();
+        if media != "application/json" && !media.ends_with("+json") {
+            return Err(Problem::unsupported_media_type(format!(
+                "the body must be application/json, not {media:?}"
+            )));
+        }
+    }
+    let bytes: &[u8] = match req.body() {
+        Body::Text(t) => t.as_bytes(),
+        Body::Binary(b) => b,
+        _ => b"",
+    };
+    if bytes.len() > max_bytes {
+        return Err(Problem::too_large(format!(
+            "the body is {} bytes; at most {max_bytes} are accepted",
+            bytes.len()
+        )));
+    }
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(Problem::bad_request(
+            "invalid_json",
+            "the request body is empty; a JSON object is required",
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Parse the JSON body of `req` into `T` (whose serde attributes reject
+/// unknown fields), at most `max_bytes` long.
+pub fn read_json<T: DeserializeOwned>(req: &Request, max_bytes: usize) -> Result<T, Problem> {
+    let bytes = body_bytes(req, max_bytes)?;
+    serde_json::from_slice(bytes).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Data => Problem::unprocessable("invalid_body", e.to_string()),
+            _ => Problem::bad_request("invalid_json", format!("the body is not valid JSON: {e}")),
+        }
+    })
+}
+
+/// The Lambda invocation's deadline, if the runtime gave one.
+pub fn lambda_deadline(req: &Request) -> Option<std::time::SystemTime> {
+    let ctx = req.lambda_context_ref()?;
+    Some(ctx.deadline())
+}
+
+/// Time left before the invocation's deadline minus `margin` (None when
+/// unknown, e.g. a hand-made request).
+pub fn time_left(req: &Request, margin: Duration) -> Option<Duration> {
+    let deadline = lambda_deadline(req)?;
+    let left = deadline.duration_since(std::time::SystemTime::now()).ok()?;
+    Some(left.saturating_sub(margin))
+}

@@ -1,0 +1,195 @@
+//! The bash text the runners send: shell setup, the per-command line of the
+//! terminal backend and the wrapper of the executions backend.
+//!
+//! Everything the shell writes lives under `~/.agenthome/`:
+//! - `run/<id>.done` — the command's exit code, written when it finishes
+//!   (the completion marker the sweep and the next turn look for);
+//! - `run/<id>.log` — its combined stdout+stderr (kept so the output of a
+//!   command left running can be read later; logs over 1 MiB are cut to
+//!   their last MiB when the command ends; files older than 7 days are
+//!   pruned when a shell is set up);
+//! - `run/term-<terminal id>.busy` — present while a terminal's shell runs a
+//!   command (so a later turn does not type into a busy shell);
+//! - `shell/cwd`, `shell/env` — the working directory and exported
+//!   variables after the last command (`export -p`), restored by new shells.
+
+use base64::Engine as _;
+
+/// Directory (relative to home) of completion markers and logs.
+pub const RUN_DIR: &str = ".agenthome/run";
+
+/// The completion marker of command `id`, relative to home.
+pub fn completion_marker(id: &str) -> String {
+    format!("{RUN_DIR}/{id}.done")
+}
+
+/// The log of command `id`, relative to home.
+pub fn log_path(id: &str) -> String {
+    format!("{RUN_DIR}/{id}.log")
+}
+
+/// A fresh command id (32 hex digits, time-ordered).
+pub fn new_command_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// `s` as a single-quoted shell word.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn b64(command: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(command.as_bytes())
+}
+
+/// Environment defaults that suit a non-interactive agent: no pagers, no
+/// colours, unbuffered Python, no apt prompts.
+const DEFAULTS: &str = "export PAGER=cat GIT_PAGER=cat SYSTEMD_PAGER= MANPAGER=cat \
+NO_COLOR=1 TERM=dumb PYTHONUNBUFFERED=1 DEBIAN_FRONTEND=noninteractive \
+HISTFILE=\"$HOME/.bash_history\"";
+
+/// Restores the saved working directory and exported variables.
+const RESTORE: &str = "__ah_s=\"$HOME/.agenthome/shell\"; \
+cd \"$HOME\" 2>/dev/null; \
+if [ -r \"$__ah_s/cwd\" ]; then cd -- \"$(cat \"$__ah_s/cwd\")\" 2>/dev/null; fi; \
+if [ -r \"$__ah_s/env\" ]; then . \"$__ah_s/env\" 2>/dev/null; fi; unset __ah_s";
+
+/// Saves the working directory and exported variables (atomically).
+/// Variables that describe the process rather than the user's context are
+/// left out.
+const SAVE: &str = "{ __ah_s=\"$HOME/.agenthome/shell\"; mkdir -p \"$__ah_s\" && \
+pwd > \"$__ah_s/cwd.tmp\" && mv -f \"$__ah_s/cwd.tmp\" \"$__ah_s/cwd\"; \
+export -p | grep -Ev '^declare -x (PWD|OLDPWD|SHLVL|_|DCS_EMULATOR_MACHINE_ID)(=|$)' \
+> \"$__ah_s/env.tmp\" && mv -f \"$__ah_s/env.tmp\" \"$__ah_s/env\"; unset __ah_s; } 2>/dev/null";
+
+/// Cuts a log over 1 MiB to its last MiB.
+fn trim_log(log: &str) -> String {
+    format!(
+        "if [ \"$(wc -c < {log} 2>/dev/null || echo 0)\" -gt 1048576 ]; then \
+tail -c 1048576 {log} > {log}.tmp 2>/dev/null && mv -f {log}.tmp {log}; fi 2>/dev/null"
+    )
+}
+
+/// The one-time setup of a terminal's shell, ending with the start and end
+/// markers of `id` (so the runner knows when the setup is done).
+/// `restore`: restore the saved cwd and environment (a new terminal).
+pub fn terminal_setup(id: &str, restore: bool) -> String {
+    let restore = if restore { RESTORE } else { ":" };
+    format!(
+        "stty -echo -onlcr 2>/dev/null; PS1=''; PS2=''; PROMPT_COMMAND=''; \
+HISTCONTROL=ignorespace; shopt -s histappend; \
+bind 'set enable-bracketed-paste off' 2>/dev/null; {restore}; {DEFAULTS}; \
+mkdir -p \"$HOME/{RUN_DIR}\"; \
+find \"$HOME/{RUN_DIR}\" -type f -mtime +7 -delete 2>/dev/null; \
+printf '\\n%s_%s\\n' __AH_START {id}; printf '\\n%s_%s:%d\\n' __AH_END {id} 0\n"
+    )
+}
+
+/// The line that runs `command` in a terminal's persistent shell.
+///
+/// It starts with a space (`HISTCONTROL=ignorespace` keeps it out of the
+/// history), decodes the command from base64 (no quoting issues), marks the
+/// terminal busy, prints the start marker (straight to the terminal, so it
+/// is seen even if the command makes the shell exit), then runs it with
+/// `eval` inside a brace group — in the
+/// shell itself, so `cd` and `export` persist — with stdin from /dev/null
+/// and stdout+stderr through `tee` into the command's log. The group ends
+/// by writing the completion marker and printing the end marker *through
+/// the same pipe*, so the marker can never overtake the command's output.
+/// Then the command (not this line) is added to the history and appended
+/// to `~/.bash_history`, and cwd/env are saved for new shells.
+pub fn terminal_line(id: &str, terminal_id: &str, command: &str) -> String {
+    let run = format!("\"$HOME/{RUN_DIR}\"");
+    let log = format!("\"$HOME/{}\"", log_path(id));
+    let busy = format!("\"$HOME/{RUN_DIR}/term-{terminal_id}.busy\"");
+    let trim = trim_log(&log);
+    format!(
+        " __ah_c=\"$(printf %s {b} | base64 -d)\"; mkdir -p {run}; printf %s {id} > {busy}; \
+printf '\\n%s_%s\\n' __AH_START {id}; {{ eval \"$__ah_c\" < /dev/null; __ah=$?; \
+printf '%d\\n' \"$__ah\" > {run}/{id}.done; printf '\\n%s_%s:%d\\n' __AH_END {id} \"$__ah\"; }} \
+> >(tee -a {log}) 2>&1; rm -f {busy}; history -s -- \"$__ah_c\"; history -a; {SAVE}; {trim}; \
+stty -echo -onlcr 2>/dev/null; unset __ah_c\n",
+        b = shell_quote(&b64(command)),
+    )
+}
+
+/// The `bash -c` script of the executions backend: restores cwd and
+/// exported variables, appends the command to `~/.bash_history`, runs it
+/// (stdout and stderr merged in order, also tee'd to the command's log),
+/// and on exit — including an `exit` inside the command — saves cwd and
+/// env, waits (at most 2 s: a background job may hold the pipe) for `tee`
+/// to finish the log, and writes the completion marker.
+pub fn execution_wrapper(id: &str, command: &str) -> String {
+    let log = format!("\"$HOME/{}\"", log_path(id));
+    let trim = trim_log(&log);
+    format!(
+        "{DEFAULTS}; mkdir -p \"$HOME/{RUN_DIR}\"; {RESTORE}; \
+__ah_c=\"$(printf %s {b} | base64 -d)\"; \
+printf '%s\\n' \"$__ah_c\" >> \"$HOME/.bash_history\"; \
+__ah_exit() {{ __ah=$?; {SAVE}; exec >&- 2>&-; for __ah_i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do \
+kill -0 \"$__ah_tee\" 2>/dev/null || break; sleep 0.1; done; \
+printf '%d\\n' \"$__ah\" > \"$HOME/{RUN_DIR}/{id}.done\"; {trim}; exit \"$__ah\"; }}; \
+exec > >(tee -a {log}) 2>&1; __ah_tee=$!; trap __ah_exit EXIT; \
+eval \"$__ah_c\" < /dev/null\n",
+        b = shell_quote(&b64(command)),
+    )
+}
+
+/// A script printing the exit code in completion marker `marker` (relative
+/// to home), or nothing when it does not exist.
+pub fn read_marker_script(marker: &str) -> String {
+    format!(
+        "cat -- \"$HOME\"/{} 2>/dev/null || true",
+        shell_quote(marker)
+    )
+}
+
+/// A script printing `busy` when terminal `terminal_id` runs a command.
+pub fn busy_check_script(terminal_id: &str) -> String {
+    format!(
+        "if [ -e \"$HOME/{RUN_DIR}/term-\"{}.busy ]; then echo busy; else echo idle; fi",
+        shell_quote(terminal_id)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn lines_never_contain_their_own_markers() {
+        let id = new_command_id();
+        for line in [
+            terminal_line(&id, "tm-1", "echo hi"),
+            terminal_setup(&id, true),
+            execution_wrapper(&id, "echo hi"),
+        ] {
+            assert!(!line.contains(&format!("__AH_START_{id}")));
+            assert!(!line.contains(&format!("__AH_END_{id}")));
+            assert_eq!(line.matches('\n').count(), 1, "one line: {line}");
+            assert!(line.ends_with('\n'));
+        }
+    }
+
+    #[test]
+    fn command_travels_as_base64() {
+        let line = terminal_line("id", "tm", "echo 'x' \"$y\"\nls");
+        assert!(!line.contains("echo 'x'"));
+        assert!(
+            line.starts_with(' '),
+            "leading space keeps it out of history"
+        );
+    }
+
+    #[test]
+    fn marker_paths_are_relative_to_home() {
+        assert_eq!(completion_marker("abc"), ".agenthome/run/abc.done");
+        assert!(!completion_marker("abc").starts_with('/'));
+    }
+}

@@ -1,0 +1,426 @@
+//! The terminal backend: one persistent bash per terminal WebSocket.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::output::OutputCollector;
+use super::script;
+use super::sentinel::SentinelScanner;
+use super::{millis, CommandOutcome, CommandRunner, RunnerError, RunnerOptions, Transport};
+use crate::dedalus::{
+    self, Client, CreateTerminalRequest, ExecutionRequest, IdempotencyKey, TerminalEvent,
+    TerminalSession, TerminalStatus,
+};
+
+/// Columns of the terminals this runner opens.
+pub const TERMINAL_WIDTH: u32 = 200;
+/// Rows of the terminals this runner opens.
+pub const TERMINAL_HEIGHT: u32 = 50;
+
+/// Consecutive undecodable frames tolerated before giving up.
+const MAX_BAD_FRAMES: u32 = 16;
+
+/// A command that outlived its timeout and still occupies the shell.
+#[derive(Debug)]
+struct Pending {
+    id: String,
+    scanner: SentinelScanner,
+}
+
+/// How a read ended.
+enum ReadEnd {
+    Done(i32),
+    TimedOut,
+}
+
+/// Runs commands in one persistent shell on a terminal WebSocket.
+///
+/// Each command is one line (see [`script::terminal_line`]); its output is
+/// what the shell prints between the command's start and end markers.
+/// On a recoverable WebSocket drop the runner reconnects (bounded) and keeps
+/// reading — the server buffers output meanwhile. A closed terminal gives
+/// [`RunnerError::TerminalClosed`]; a command still running after its
+/// timeout makes the shell busy ([`RunnerError::Busy`] for the next command
+/// until it is seen to finish; [`CommandRunner::reopen`] opens a new
+/// terminal).
+#[derive(Debug)]
+pub struct TerminalRunner {
+    client: Client,
+    machine_id: String,
+    terminal_id: String,
+    session: Option<TerminalSession>,
+    pending: Option<Pending>,
+    closed: bool,
+    options: RunnerOptions,
+}
+
+impl TerminalRunner {
+    /// Opens a runner on `machine_id`: reuses terminal `reuse` (the stored
+    /// terminal id) if it is `ready` and not busy with a command left
+    /// running, else creates a new terminal (cwd = home, 200×50) and sets up
+    /// its shell. Returns the runner and the terminal id to store.
+    pub async fn open(
+        client: &Client,
+        machine_id: &str,
+        reuse: Option<String>,
+    ) -> Result<(Self, String), RunnerError> {
+        Self::open_with(client, machine_id, reuse, RunnerOptions::default()).await
+    }
+
+    /// [`TerminalRunner::open`] with explicit options.
+    pub async fn open_with(
+        client: &Client,
+        machine_id: &str,
+        reuse: Option<String>,
+        options: RunnerOptions,
+    ) -> Result<(Self, String), RunnerError> {
+        let mut runner = TerminalRunner {
+            client: client.clone(),
+            machine_id: machine_id.to_owned(),
+            terminal_id: String::new(),
+            session: None,
+            pending: None,
+            closed: true,
+            options,
+        };
+        if let Some(tid) = reuse.filter(|t| !t.is_empty()) {
+            match runner.try_reuse(&tid).await {
+                Ok(true) => {
+                    let id = runner.terminal_id.clone();
+                    return Ok((runner, id));
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(terminal_id = %tid, error = %e, "stored terminal not reusable");
+                }
+            }
+        }
+        runner.open_new().await?;
+        let id = runner.terminal_id.clone();
+        Ok((runner, id))
+    }
+
+    /// The terminal in use (store it for the next turn).
+    pub fn terminal_id(&self) -> &str {
+        &self.terminal_id
+    }
+
+    /// The machine this runner drives.
+    pub fn machine_id(&self) -> &str {
+        &self.machine_id
+    }
+
+    /// The command still running in this shell, if any.
+    pub fn busy_with(&self) -> Option<&str> {
+        self.pending.as_ref().map(|p| p.id.as_str())
+    }
+
+    /// Closes the WebSocket cleanly; the terminal and its shell (and any
+    /// command left running in it) stay.
+    pub async fn close(mut self) {
+        if let Some(session) = self.session.take() {
+            let _ = session.close().await;
+        }
+    }
+
+    fn setup_deadline(&self) -> Instant {
+        Instant::now() + self.options.setup_timeout
+    }
+
+    /// Reuses `tid` if it is ready and idle. `Ok(false)`: not reusable.
+    async fn try_reuse(&mut self, tid: &str) -> Result<bool, RunnerError> {
+        let client = self.client.with_deadline(self.setup_deadline());
+        let terminal = match client.get_terminal(&self.machine_id, tid).await {
+            Ok(t) => t,
+            Err(e) if e.is_not_found() => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        if terminal.status != TerminalStatus::Ready {
+            return Ok(false);
+        }
+        // A command left running by an earlier turn would read whatever we
+        // type: check the busy flag the command line keeps in home.
+        let check = ExecutionRequest::shell(script::busy_check_script(tid)).timeout_ms(30_000);
+        let run = client
+            .run_and_wait(&self.machine_id, &check, self.setup_deadline())
+            .await?;
+        if run.output.stdout.trim() != "idle" {
+            tracing::info!(terminal_id = %tid, "stored terminal is busy; opening a new one");
+            return Ok(false);
+        }
+        self.terminal_id = tid.to_owned();
+        self.session = None;
+        self.closed = false;
+        self.connect().await?;
+        self.setup(false).await?;
+        Ok(true)
+    }
+
+    /// Creates a terminal in the home directory and sets up its shell.
+    async fn open_new(&mut self) -> Result<(), RunnerError> {
+        let client = self.client.with_deadline(self.setup_deadline());
+        let mut request = CreateTerminalRequest::new(TERMINAL_WIDTH, TERMINAL_HEIGHT);
+        request.cwd = Some("/root".to_owned());
+        let key = IdempotencyKey::new();
+        let terminal = client
+            .create_terminal(&self.machine_id, &request, Some(&key))
+            .await?;
+        tracing::info!(machine_id = %self.machine_id, terminal_id = %terminal.terminal_id, "terminal opened");
+        self.terminal_id = terminal.terminal_id;
+        self.session = None;
+        self.pending = None;
+        self.closed = false;
+        self.connect().await?;
+        self.setup(true).await
+    }
+
+    /// Connects (or reconnects) the WebSocket.
+    async fn connect(&mut self) -> Result<(), RunnerError> {
+        match self
+            .client
+            .connect(&self.machine_id, &self.terminal_id)
+            .await
+        {
+            Ok(session) => {
+                self.session = Some(session);
+                Ok(())
+            }
+            Err(e) if is_closed_error(&e) => {
+                self.closed = true;
+                Err(RunnerError::TerminalClosed { started: false })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reconnects after a recoverable drop, a bounded number of times.
+    async fn reconnect(&mut self) -> Result<(), RunnerError> {
+        self.session = None;
+        let attempts = self.options.reconnect_attempts.max(1);
+        let mut last = None;
+        for attempt in 1..=attempts {
+            tracing::debug!(terminal_id = %self.terminal_id, attempt, "reconnecting terminal");
+            match self
+                .client
+                .connect(&self.machine_id, &self.terminal_id)
+                .await
+            {
+                Ok(session) => {
+                    self.session = Some(session);
+                    return Ok(());
+                }
+                Err(e) if is_closed_error(&e) => {
+                    self.closed = true;
+                    return Err(RunnerError::TerminalClosed { started: false });
+                }
+                Err(e) => last = Some(Box::new(e)),
+            }
+            let backoff = Duration::from_millis(100u64 << attempt.min(5));
+            tokio::time::sleep(backoff).await;
+        }
+        Err(RunnerError::Disconnected {
+            attempts,
+            source: last,
+        })
+    }
+
+    async fn send_line(&mut self, line: &str) -> Result<(), RunnerError> {
+        if self.session.is_none() {
+            self.reconnect().await?;
+        }
+        let sent = match self.session.as_mut() {
+            Some(s) => s.send_input(line.as_bytes()).await,
+            None => return Err(RunnerError::TerminalClosed { started: false }),
+        };
+        if let Err(e) = sent {
+            // A failed send wrote no complete frame: reconnect and send again.
+            tracing::debug!(error = %e, "terminal send failed; reconnecting");
+            self.reconnect().await?;
+            match self.session.as_mut() {
+                Some(s) => s.send_input(line.as_bytes()).await?,
+                None => return Err(RunnerError::TerminalClosed { started: false }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets up the shell (echo off, empty prompts, history, defaults) and
+    /// waits until it has run.
+    async fn setup(&mut self, restore: bool) -> Result<(), RunnerError> {
+        let id = script::new_command_id();
+        self.send_line(&script::terminal_setup(&id, restore))
+            .await?;
+        let mut scanner = SentinelScanner::new(&id);
+        match self
+            .read_until(&mut scanner, None, self.setup_deadline())
+            .await?
+        {
+            ReadEnd::Done(_) => Ok(()),
+            ReadEnd::TimedOut => Err(RunnerError::Protocol(
+                "the terminal's shell did not answer the setup line".into(),
+            )),
+        }
+    }
+
+    /// Reads terminal events into `scanner` (and `collector`) until the end
+    /// marker or `deadline`.
+    async fn read_until(
+        &mut self,
+        scanner: &mut SentinelScanner,
+        mut collector: Option<&mut OutputCollector>,
+        deadline: Instant,
+    ) -> Result<ReadEnd, RunnerError> {
+        let mut bad_frames = 0u32;
+        loop {
+            if let Some(code) = scanner.exit_code() {
+                return Ok(ReadEnd::Done(code));
+            }
+            let Some(session) = self.session.as_mut() else {
+                self.reconnect().await?;
+                continue;
+            };
+            let event = match tokio::time::timeout_at(deadline, session.next_event()).await {
+                Err(_) => return Ok(ReadEnd::TimedOut),
+                Ok(Ok(event)) => event,
+                Ok(Err(e)) => {
+                    bad_frames += 1;
+                    tracing::warn!(error = %e, "undecodable terminal frame");
+                    if bad_frames >= MAX_BAD_FRAMES {
+                        return Err(e.into());
+                    }
+                    continue;
+                }
+            };
+            bad_frames = 0;
+            match event {
+                TerminalEvent::Output(bytes) => {
+                    let scan = scanner.feed(&bytes);
+                    if let Some(c) = collector.as_deref_mut() {
+                        c.push(&scan.output);
+                    }
+                }
+                TerminalEvent::Error { code, message } => {
+                    tracing::warn!(terminal_id = %self.terminal_id, %code, %message, "terminal error frame");
+                }
+                TerminalEvent::Closed => {
+                    self.closed = true;
+                    self.session = None;
+                    return Err(RunnerError::TerminalClosed {
+                        started: scanner.started(),
+                    });
+                }
+                TerminalEvent::Disconnected {
+                    recoverable: true,
+                    close_code,
+                } => {
+                    tracing::info!(terminal_id = %self.terminal_id, ?close_code, "terminal stream dropped; reconnecting");
+                    match self.reconnect().await {
+                        Ok(()) => {}
+                        Err(RunnerError::TerminalClosed { .. }) => {
+                            return Err(RunnerError::TerminalClosed {
+                                started: scanner.started(),
+                            })
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                TerminalEvent::Disconnected {
+                    recoverable: false,
+                    close_code,
+                } => {
+                    tracing::info!(terminal_id = %self.terminal_id, ?close_code, "terminal stream closed");
+                    self.closed = true;
+                    self.session = None;
+                    return Err(RunnerError::TerminalClosed {
+                        started: scanner.started(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Looks (briefly) whether the command left running has finished.
+    async fn poll_pending(&mut self) -> Result<(), RunnerError> {
+        let Some(mut pending) = self.pending.take() else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + Duration::from_millis(50);
+        match self.read_until(&mut pending.scanner, None, deadline).await {
+            Ok(ReadEnd::Done(_)) => Ok(()),
+            Ok(ReadEnd::TimedOut) => {
+                let id = pending.id.clone();
+                self.pending = Some(pending);
+                Err(RunnerError::Busy { command_id: id })
+            }
+            Err(e) => {
+                self.pending = Some(pending);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl CommandRunner for TerminalRunner {
+    async fn run(
+        &mut self,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<CommandOutcome, RunnerError> {
+        if self.closed {
+            return Err(RunnerError::TerminalClosed { started: false });
+        }
+        self.poll_pending().await?;
+        let id = script::new_command_id();
+        let started_at = Instant::now();
+        let deadline = started_at + timeout;
+        self.send_line(&script::terminal_line(&id, &self.terminal_id, command))
+            .await?;
+        let mut scanner = SentinelScanner::new(&id);
+        let mut collector = OutputCollector::new(self.options.output_limit);
+        let end = self
+            .read_until(&mut scanner, Some(&mut collector), deadline)
+            .await?;
+        if matches!(end, ReadEnd::TimedOut) {
+            collector.push(scanner.held_output());
+        }
+        let collected = collector.snapshot();
+        let mut outcome = CommandOutcome {
+            command: command.to_owned(),
+            exit_code: None,
+            output: collected.text,
+            output_bytes: collected.total_bytes,
+            truncated: collected.truncated,
+            duration_ms: millis(started_at.elapsed()),
+            still_running: false,
+            completion_marker: None,
+        };
+        match end {
+            ReadEnd::Done(code) => outcome.exit_code = Some(code),
+            ReadEnd::TimedOut => {
+                tracing::info!(command_id = %id, "command outlived its timeout; left running");
+                outcome.still_running = true;
+                outcome.completion_marker = Some(script::completion_marker(&id));
+                self.pending = Some(Pending { id, scanner });
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn transport(&self) -> Transport {
+        Transport::Terminal
+    }
+
+    async fn reopen(&mut self) -> Result<(), RunnerError> {
+        if let Some(session) = self.session.take() {
+            let _ = session.close().await;
+        }
+        self.open_new().await
+    }
+}
+
+/// A connect error meaning the terminal is gone for good: 409 not retryable
+/// (closed), or 404.
+fn is_closed_error(e: &dedalus::Error) -> bool {
+    e.is_not_found() || (e.status().map(|s| s.as_u16()) == Some(409) && !e.is_retryable())
+}

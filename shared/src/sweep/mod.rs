@@ -1,0 +1,991 @@
+//! The sleep sweep and reconciliation (DESIGN §5 "Sleep sweep", §6
+//! invariants 2, 5, 6).
+//!
+//! [`Sweeper::run`] pages through the sparse `awake` index, shard by shard
+//! (index queries only), for items idle since before `now − IDLE_AFTER`, and
+//! handles the candidates of each page with bounded concurrency:
+//!
+//! 1. `sleep_eligible_at` in the future → skipped (hold window).
+//! 2. A live lease → skipped (saves a refused write; the lease condition
+//!    below is what guarantees it).
+//! 3. A hold (a command the agent left running) that has not expired: the
+//!    machine's phase is read first (a status read never wakes), and only if
+//!    it is `running` is the completion marker checked with one tiny
+//!    execution (which cannot wake a running machine). Marker absent → kept
+//!    awake. Marker present or hold expired → the hold is cleared under the
+//!    sweep lease.
+//! 4. The sweep lease: `LeasePurpose::Sweep { expected_last_active_at }`, so
+//!    it is taken only if no lease is live *and* no turn touched the item
+//!    since the query. A turn cannot start while it is held; it lasts
+//!    `SWEEP_LEASE` (30 s), longer than the one sleep call it covers
+//!    (`SWEEP_SLEEP_TIMEOUT`, 10 s, one attempt). This is invariant 2.
+//! 5. `POST …/sleep` with a deterministic Idempotency-Key ([`key::sleep_key`]):
+//!    success → `mark_asleep`; `SLEEP_HOLD_WINDOW_ACTIVE` →
+//!    `sleep_eligible_at`; 404 → `mark_lost`; 429/503/timeouts/transport →
+//!    left for the next run; 401/403 → explicit sleep is unavailable for the
+//!    rest of the run (see below).
+//! 6. The lease is always released (a failed release expires on its own).
+//!
+//! **Sleep unavailable.** Public keys may be refused on `…/sleep` (NOTES.md
+//! field reports). Until one sleep call has been answered by the route,
+//! sleep calls of a run go out one at a time (a probe); the first 401/403
+//! switches the run to reading phases instead: `get_machine` → sleeping or
+//! stopping → `mark_asleep` (counted `fixed`), running → left to the
+//! machine's platform autosleep (`awaiting_autosleep`). So a run makes at
+//! most one refused sleep call.
+//!
+//! **Reconciliation** ([`Sweeper::reconcile`], every `RECONCILE_EVERY`th
+//! scheduled run or when forced) walks `GET /v1/machines` (reads only):
+//! machines no item references are orphans (reported; slept if
+//! `RECONCILE_SLEEP_ORPHANS`); an item that says awake for a sleeping
+//! machine is fixed with [`UserStore::set_power`]`(Asleep)`, an item that
+//! says asleep for a running machine with `set_power(Awake)` (so the next
+//! sweep sleeps it). `set_power` is the right operation here (not
+//! `mark_asleep`, which needs a sweep lease): it is conditional on the
+//! `generation` read, and the order is item read (consistent) → fresh status
+//! read → write, so any turn that took a lease after the item read makes
+//! the write fail instead of mis-marking a machine the turn woke. Items
+//! with a live lease are left alone. Finally, awake items whose machine is
+//! not in the list are checked with a status read; a 404 marks them lost
+//! (under a sweep lease).
+//!
+//! Time: `now_ms` is the run's start (a virtual clock in tests); store
+//! writes use `now_ms` plus the monotonic time elapsed since.
+
+mod key;
+mod report;
+mod settings;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{self, StreamExt};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::dedalus::{self, ExecutionRequest, IdempotencyKey, Machine, Phase, RetryPolicy};
+use crate::store::table::all_shards;
+use crate::store::{
+    AcquireOutcome, Cursor, Hold, LeasePurpose, Power, ReleaseOutcome, StoreError, UserRecord,
+    UserStore,
+};
+
+pub use key::{orphan_sleep_key, sleep_key};
+pub use report::SweepReport;
+pub use settings::SweepSettings;
+
+/// Machines per `GET /v1/machines` page during reconciliation.
+const LIST_PAGE: u32 = 100;
+
+/// What a hold-window refusal without any hint defers the next try by.
+const DEFAULT_HOLD_RETRY: Duration = Duration::from_secs(60);
+
+/// The completion-marker check: exit 0 if the marker exists, 1 if not. The
+/// marker is passed as `$1` (never interpolated into the script); relative
+/// paths are under the machine's home.
+const MARKER_SCRIPT: &str =
+    r#"case "$1" in /*) p="$1" ;; *) p="${HOME:-/root}/$1" ;; esac; test -f "$p""#;
+
+/// The sleep sweep and reconciliation over a [`UserStore`] and a Dedalus
+/// [`dedalus::Client`].
+pub struct Sweeper<S> {
+    store: Arc<S>,
+    reads: dedalus::Client,
+    sleeps: dedalus::Client,
+    settings: SweepSettings,
+}
+
+impl<S> std::fmt::Debug for Sweeper<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sweeper")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether explicit sleep works in this run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SleepMode {
+    /// No sleep call has been answered by the route yet: calls go one at a time.
+    Unprobed,
+    /// The route answered (success or a non-auth error): calls go concurrently.
+    Available,
+    /// Refused with 401/403: no more sleep calls in this run.
+    Unavailable,
+}
+
+/// One run's context.
+struct Run {
+    id: String,
+    now_ms: u64,
+    started: Instant,
+    deadline: Instant,
+    reads: dedalus::Client,
+    sleeps: dedalus::Client,
+    mode: tokio::sync::Mutex<SleepMode>,
+    unavailable: AtomicBool,
+}
+
+impl Run {
+    /// The run's clock: `now_ms` at the start plus the time elapsed since.
+    fn now(&self) -> u64 {
+        let elapsed = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.now_ms.saturating_add(elapsed)
+    }
+
+    fn past_deadline(&self) -> bool {
+        Instant::now() >= self.deadline
+    }
+
+    fn sleep_unavailable(&self) -> bool {
+        self.unavailable.load(Ordering::SeqCst)
+    }
+}
+
+/// What happened to one candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Slept,
+    SkippedBusy,
+    SkippedHold,
+    Held,
+    Failed,
+    Lost,
+    Fixed,
+    AwaitingAutosleep,
+    NotReached,
+}
+
+/// What reconciliation did with one machine or item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reconciled {
+    Consistent,
+    Orphan,
+    OrphanSlept,
+    Fixed,
+    Lost,
+    Busy,
+    Failed,
+    NotReached,
+}
+
+/// The answer of one sleep call (or why none was made).
+enum SleepCall {
+    Answered(Box<dedalus::Result<Machine>>),
+    Unavailable,
+}
+
+/// Result of a completion-marker check.
+#[derive(Debug)]
+enum Marker {
+    /// The command finished.
+    Present,
+    /// Still running.
+    Absent,
+    /// The machine is not running (checked without waking it).
+    NotRunning(Phase),
+    /// The machine is gone (404).
+    Gone,
+    /// Could not tell (error, timeout): keep the machine awake.
+    Unknown,
+}
+
+fn is_refusal(err: &dedalus::Error) -> bool {
+    matches!(err.status().map(|s| s.as_u16()), Some(401 | 403))
+}
+
+fn epoch_ms(t: std::time::SystemTime) -> Option<u64> {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| u64::try_from(d.as_millis()).ok())
+}
+
+/// `details.next_sleep_eligible_at` as epoch ms (RFC 3339 string or number).
+fn next_eligible_ms(err: &dedalus::Error) -> Option<u64> {
+    match err.details()?.get("next_sleep_eligible_at")? {
+        Value::String(s) => humantime::parse_rfc3339_weak(s).ok().and_then(epoch_ms),
+        Value::Number(n) => n.as_u64(),
+        _ => None,
+    }
+}
+
+impl<S: UserStore + 'static> Sweeper<S> {
+    /// A sweeper. `client` is the shared Dedalus client (built once per cold
+    /// start); the sweeper derives from it a read client (a couple of quick
+    /// retries within `SWEEP_READ_TIMEOUT`) and a sleep client (one attempt
+    /// within `SWEEP_SLEEP_TIMEOUT`: a failed sleep waits for the next run,
+    /// never a retry storm).
+    pub fn new(store: Arc<S>, client: &dedalus::Client, settings: SweepSettings) -> Self {
+        let base = client.config().retry.clone();
+        let reads = client.with_retry(RetryPolicy {
+            max_attempts: base.max_attempts.clamp(1, 3),
+            call_deadline: settings.read_call_timeout,
+            max_server_delay: base.max_server_delay.min(Duration::from_secs(2)),
+            ..base.clone()
+        });
+        let sleeps = client.with_retry(RetryPolicy {
+            max_attempts: 1,
+            call_deadline: settings.sleep_call_timeout,
+            max_server_delay: Duration::ZERO,
+            ..base
+        });
+        Self {
+            store,
+            reads,
+            sleeps,
+            settings,
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &SweepSettings {
+        &self.settings
+    }
+
+    fn start(&self, now_ms: u64, deadline: Instant) -> Run {
+        Run {
+            id: uuid::Uuid::now_v7().simple().to_string(),
+            now_ms,
+            started: Instant::now(),
+            deadline,
+            reads: self.reads.with_deadline(deadline),
+            sleeps: self.sleeps.with_deadline(deadline),
+            mode: tokio::sync::Mutex::new(SleepMode::Unprobed),
+            unavailable: AtomicBool::new(false),
+        }
+    }
+
+    /// One sweep: put idle awake machines to sleep (see the module docs).
+    /// Stops when `deadline` comes (`remaining: true`).
+    pub async fn run(&self, now_ms: u64, deadline: Instant) -> SweepReport {
+        let run = self.start(now_ms, deadline);
+        let mut report = SweepReport::default();
+        self.sweep(&run, &mut report).await;
+        self.finish(&run, report)
+    }
+
+    /// One reconciliation with the machine list (see the module docs).
+    pub async fn reconcile(&self, now_ms: u64, deadline: Instant) -> SweepReport {
+        let run = self.start(now_ms, deadline);
+        let mut report = SweepReport::default();
+        self.reconcile_in(&run, &mut report).await;
+        self.finish(&run, report)
+    }
+
+    /// A scheduled run: the sweep, then reconciliation if `force_reconcile`
+    /// or [`SweepSettings::reconcile_due`] for `event_time_ms`. One report.
+    pub async fn run_scheduled(
+        &self,
+        event_time_ms: u64,
+        now_ms: u64,
+        deadline: Instant,
+        force_reconcile: bool,
+    ) -> SweepReport {
+        let run = self.start(now_ms, deadline);
+        let mut report = SweepReport::default();
+        self.sweep(&run, &mut report).await;
+        if force_reconcile || self.settings.reconcile_due(event_time_ms) {
+            if run.past_deadline() {
+                report.remaining = true;
+            } else {
+                self.reconcile_in(&run, &mut report).await;
+            }
+        }
+        self.finish(&run, report)
+    }
+
+    fn finish(&self, run: &Run, mut report: SweepReport) -> SweepReport {
+        report.sleep_unavailable = run.sleep_unavailable();
+        report.duration_ms = u64::try_from(run.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        tracing::info!(
+            run_id = %run.id,
+            candidates = report.candidates,
+            slept = report.slept,
+            skipped_busy = report.skipped_busy,
+            skipped_hold = report.skipped_hold,
+            held_by_running_command = report.held_by_running_command,
+            failed = report.failed,
+            lost = report.lost,
+            orphans = report.orphans,
+            fixed = report.fixed,
+            sleep_unavailable = report.sleep_unavailable,
+            remaining = report.remaining,
+            reconciled = report.reconciled,
+            duration_ms = report.duration_ms,
+            "sweep run finished"
+        );
+        report
+    }
+
+    // -----------------------------------------------------------------
+    // Sweep
+    // -----------------------------------------------------------------
+
+    async fn sweep(&self, run: &Run, report: &mut SweepReport) {
+        let idle_after = u64::try_from(self.settings.idle_after.as_millis()).unwrap_or(u64::MAX);
+        let idle_before = run.now_ms.saturating_sub(idle_after);
+        let concurrency = self.settings.concurrency.max(1);
+        'shards: for shard in all_shards() {
+            let mut cursor: Option<Cursor> = None;
+            loop {
+                if run.past_deadline() {
+                    report.remaining = true;
+                    break 'shards;
+                }
+                let page = match self
+                    .store
+                    .query_awake_idle(
+                        &shard,
+                        idle_before,
+                        cursor.as_ref(),
+                        self.settings.page_size,
+                    )
+                    .await
+                {
+                    Ok(page) => page,
+                    Err(error) => {
+                        tracing::error!(run_id = %run.id, shard, error = %error, "awake index query failed; shard left for the next run");
+                        report.remaining = true;
+                        continue 'shards;
+                    }
+                };
+                report.candidates += page.items.len() as u64;
+                let outcomes: Vec<Outcome> = stream::iter(page.items)
+                    .map(|c| self.candidate(run, c))
+                    .buffer_unordered(concurrency)
+                    .collect()
+                    .await;
+                for o in outcomes {
+                    tally(report, o);
+                }
+                match page.cursor {
+                    Some(next) => cursor = Some(next),
+                    None => break,
+                }
+            }
+        }
+    }
+
+    async fn candidate(&self, run: &Run, c: UserRecord) -> Outcome {
+        if run.past_deadline() {
+            return Outcome::NotReached;
+        }
+        let user_id = c.user_id.as_str();
+        let Some(machine_id) = c.machine_id.clone() else {
+            tracing::warn!(run_id = %run.id, user_id, "awake item without a machine id; skipped");
+            return Outcome::Failed;
+        };
+        let now = run.now();
+        if c.sleep_eligible_at.is_some_and(|at| at > now) {
+            return Outcome::SkippedHold;
+        }
+        if c.live_lease(now).is_some() {
+            return Outcome::SkippedBusy;
+        }
+        if let Some(hold) = &c.hold {
+            if now < hold.until {
+                match self.check_marker(run, &machine_id, hold).await {
+                    Marker::Absent => {
+                        tracing::info!(run_id = %run.id, user_id, machine_id, action = "held", hold_until = hold.until, "command still running; machine kept awake");
+                        return Outcome::Held;
+                    }
+                    Marker::Unknown => return Outcome::Failed,
+                    Marker::NotRunning(phase) => {
+                        tracing::debug!(run_id = %run.id, user_id, machine_id, phase = %phase, "held machine is not running; the hold no longer applies");
+                    }
+                    Marker::Present | Marker::Gone => {}
+                }
+            }
+        }
+
+        let owner = format!("sweep-{}-{}", run.id, user_id);
+        let until = now.saturating_add(ms(self.settings.lease_ttl));
+        let purpose = LeasePurpose::Sweep {
+            expected_last_active_at: c.last_active_at,
+        };
+        let acquired = match self
+            .store
+            .acquire_lease(user_id, &owner, purpose, until, now)
+            .await
+        {
+            Ok(AcquireOutcome::Acquired(rec)) => rec,
+            Ok(AcquireOutcome::Busy(_) | AcquireOutcome::Changed(_)) => {
+                tracing::debug!(run_id = %run.id, user_id, machine_id, "lease busy or item changed; skipped");
+                return Outcome::SkippedBusy;
+            }
+            Err(StoreError::NotFound { .. }) => return Outcome::SkippedBusy,
+            Err(error) => {
+                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "sweep lease not taken");
+                return Outcome::Failed;
+            }
+        };
+        let outcome = self
+            .under_lease(run, &c, &acquired, &owner, &machine_id, until)
+            .await;
+        match self.store.release_lease(user_id, &owner, run.now()).await {
+            Ok(ReleaseOutcome::Released(_) | ReleaseOutcome::NotHeld(_)) => {}
+            Err(error) => {
+                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "sweep lease not released; it expires on its own")
+            }
+        }
+        outcome
+    }
+
+    /// Everything done while holding the sweep lease.
+    async fn under_lease(
+        &self,
+        run: &Run,
+        seen: &UserRecord,
+        rec: &UserRecord,
+        owner: &str,
+        machine_id: &str,
+        lease_until: u64,
+    ) -> Outcome {
+        let user_id = rec.user_id.as_str();
+        // The index read may be stale, and a hold may have appeared without
+        // a touch (a crashed turn): decide only on what was checked.
+        if rec.machine_id.as_deref() != Some(machine_id)
+            || rec.power != Power::Awake
+            || rec.hold != seen.hold
+        {
+            return Outcome::SkippedBusy;
+        }
+        if rec.hold.is_some() {
+            if let Err(error) = self.store.clear_hold(user_id, owner, run.now()).await {
+                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "hold not cleared");
+                return Outcome::Failed;
+            }
+            tracing::info!(run_id = %run.id, user_id, machine_id, action = "hold_cleared", "held command finished or hold expired");
+        }
+        // Never start a sleep the lease might not outlive.
+        if run
+            .now()
+            .saturating_add(ms(self.settings.sleep_call_timeout))
+            >= lease_until
+        {
+            return Outcome::SkippedBusy;
+        }
+        if run.sleep_unavailable() {
+            return self.by_phase(run, user_id, owner, machine_id).await;
+        }
+        let key = sleep_key(machine_id, rec.awake_since, rec.last_active_at);
+        let answer = match self.call_sleep(run, machine_id, &key).await {
+            SleepCall::Unavailable => return self.by_phase(run, user_id, owner, machine_id).await,
+            SleepCall::Answered(answer) => *answer,
+        };
+        match answer {
+            Ok(machine) => match self.store.mark_asleep(user_id, owner, run.now()).await {
+                Ok(_) => {
+                    tracing::info!(run_id = %run.id, user_id, machine_id, action = "slept", phase = %machine.phase, "machine put to sleep");
+                    Outcome::Slept
+                }
+                Err(error) => {
+                    // The machine sleeps; the next run replays the same key
+                    // and marks the item.
+                    tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "machine slept but the item was not marked");
+                    Outcome::Failed
+                }
+            },
+            Err(err) if err.code() == Some(dedalus::codes::SLEEP_HOLD_WINDOW_ACTIVE) => {
+                let now = run.now();
+                let at = next_eligible_ms(&err)
+                    .or_else(|| err.retry_after().map(|d| now.saturating_add(ms(d))))
+                    .unwrap_or_else(|| now.saturating_add(ms(DEFAULT_HOLD_RETRY)));
+                if let Err(error) = self
+                    .store
+                    .set_sleep_eligible_at(user_id, owner, at, now)
+                    .await
+                {
+                    tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "sleep_eligible_at not stored");
+                }
+                tracing::info!(run_id = %run.id, user_id, machine_id, action = "hold_window", sleep_eligible_at = at, "sleep refused within the hold window");
+                Outcome::SkippedHold
+            }
+            Err(err) if err.is_not_found() => self.lost(run, user_id, owner, machine_id).await,
+            Err(err) if is_refusal(&err) => self.by_phase(run, user_id, owner, machine_id).await,
+            Err(err) => {
+                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %err, status = err.status().map(|s| s.as_u16()), code = err.code(), "sleep failed; left for the next run");
+                Outcome::Failed
+            }
+        }
+    }
+
+    /// One sleep call through the run's gate (see the module docs).
+    async fn call_sleep(&self, run: &Run, machine_id: &str, key: &IdempotencyKey) -> SleepCall {
+        let mut mode = run.mode.lock().await;
+        match *mode {
+            SleepMode::Unavailable => SleepCall::Unavailable,
+            SleepMode::Available => {
+                drop(mode);
+                let answer = run.sleeps.sleep_machine(machine_id, None, Some(key)).await;
+                if let Err(err) = &answer {
+                    if is_refusal(err) {
+                        self.refused(run, machine_id, err);
+                        *run.mode.lock().await = SleepMode::Unavailable;
+                    }
+                }
+                SleepCall::Answered(Box::new(answer))
+            }
+            SleepMode::Unprobed => {
+                // Hold the gate across the call: one probe at a time.
+                let answer = run.sleeps.sleep_machine(machine_id, None, Some(key)).await;
+                *mode = match &answer {
+                    Ok(_) => SleepMode::Available,
+                    Err(err) if is_refusal(err) => {
+                        self.refused(run, machine_id, err);
+                        SleepMode::Unavailable
+                    }
+                    Err(err) => match err.status().map(|s| s.as_u16()) {
+                        // Answered by the route itself (404, 409, other 4xx).
+                        Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => {
+                            SleepMode::Available
+                        }
+                        _ => SleepMode::Unprobed,
+                    },
+                };
+                SleepCall::Answered(Box::new(answer))
+            }
+        }
+    }
+
+    fn refused(&self, run: &Run, machine_id: &str, err: &dedalus::Error) {
+        if !run.unavailable.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                run_id = %run.id,
+                machine_id,
+                status = err.status().map(|s| s.as_u16()),
+                code = err.code(),
+                error = %err,
+                "explicit sleep refused for this key: no more sleep calls in this run; relying on platform autosleep and reading phases"
+            );
+        }
+    }
+
+    /// Sleep unavailable: keep the item true by reading the phase.
+    async fn by_phase(&self, run: &Run, user_id: &str, owner: &str, machine_id: &str) -> Outcome {
+        match run.reads.get_machine(machine_id).await {
+            Ok(m) => match m.phase {
+                Phase::Sleeping | Phase::Stopping => {
+                    match self.store.mark_asleep(user_id, owner, run.now()).await {
+                        Ok(_) => {
+                            tracing::info!(run_id = %run.id, user_id, machine_id, action = "marked_asleep", phase = %m.phase, "machine slept on its own; item updated");
+                            Outcome::Fixed
+                        }
+                        Err(error) => {
+                            tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "item not marked asleep");
+                            Outcome::Failed
+                        }
+                    }
+                }
+                Phase::Destroyed => self.lost(run, user_id, owner, machine_id).await,
+                _ => Outcome::AwaitingAutosleep,
+            },
+            Err(err) if err.is_not_found() => self.lost(run, user_id, owner, machine_id).await,
+            Err(err) => {
+                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %err, "status read failed");
+                Outcome::Failed
+            }
+        }
+    }
+
+    async fn lost(&self, run: &Run, user_id: &str, owner: &str, machine_id: &str) -> Outcome {
+        tracing::warn!(run_id = %run.id, user_id, machine_id, action = "lost", "machine not found; item marked lost");
+        match self
+            .store
+            .mark_lost(user_id, owner, "machine not found (404)", run.now())
+            .await
+        {
+            Ok(_) => Outcome::Lost,
+            Err(error) => {
+                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "item not marked lost");
+                Outcome::Failed
+            }
+        }
+    }
+
+    /// Whether a held command finished, without ever waking the machine.
+    async fn check_marker(&self, run: &Run, machine_id: &str, hold: &Hold) -> Marker {
+        match run.reads.get_machine(machine_id).await {
+            Ok(m) if m.phase == Phase::Running => {}
+            Ok(m) => return Marker::NotRunning(m.phase),
+            Err(err) if err.is_not_found() => return Marker::Gone,
+            Err(err) => {
+                tracing::warn!(run_id = %run.id, machine_id, error = %err, "status read for the hold check failed");
+                return Marker::Unknown;
+            }
+        }
+        let budget = self.settings.marker_check_timeout;
+        let deadline = (Instant::now() + budget).min(run.deadline);
+        let request = ExecutionRequest::new([
+            "/bin/sh",
+            "-c",
+            MARKER_SCRIPT,
+            "agenthome-marker-check",
+            hold.marker.as_str(),
+        ])
+        .cwd("/root")
+        .timeout_ms(ms(budget).max(1));
+        match run.reads.run_and_wait(machine_id, &request, deadline).await {
+            Ok(result) => match result.exit_code() {
+                Some(0) => Marker::Present,
+                Some(1) => Marker::Absent,
+                other => {
+                    tracing::warn!(run_id = %run.id, machine_id, exit_code = other, status = %result.execution.status, "marker check inconclusive");
+                    Marker::Unknown
+                }
+            },
+            Err(err) => {
+                tracing::warn!(run_id = %run.id, machine_id, error = %err, "marker check failed");
+                Marker::Unknown
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------
+    // Reconciliation
+    // -----------------------------------------------------------------
+
+    async fn reconcile_in(&self, run: &Run, report: &mut SweepReport) {
+        report.reconciled = true;
+        let concurrency = self.settings.concurrency.max(1);
+        let mut listed: HashSet<String> = HashSet::new();
+        let mut cursor: Option<String> = None;
+        let mut complete = false;
+        loop {
+            if run.past_deadline() {
+                report.remaining = true;
+                break;
+            }
+            let page = match run
+                .reads
+                .list_machines(cursor.as_deref(), Some(LIST_PAGE))
+                .await
+            {
+                Ok(page) => page,
+                Err(err) => {
+                    tracing::error!(run_id = %run.id, error = %err, "machine list failed; reconciliation left for a later run");
+                    report.failed += 1;
+                    report.remaining = true;
+                    break;
+                }
+            };
+            report.machines_listed += page.items.len() as u64;
+            listed.extend(page.items.iter().map(|m| m.machine_id.clone()));
+            let results: Vec<Reconciled> = stream::iter(page.items)
+                .map(|m| self.reconcile_machine(run, m))
+                .buffer_unordered(concurrency)
+                .collect()
+                .await;
+            for r in results {
+                tally_reconciled(report, r);
+            }
+            match page.next_cursor {
+                Some(next) if Some(&next) != cursor.as_ref() => cursor = Some(next),
+                _ => {
+                    complete = true;
+                    break;
+                }
+            }
+        }
+        if !complete {
+            return;
+        }
+        // Awake items whose machine the list does not have (destroyed, or
+        // never there): a status read tells; 404 → lost.
+        for shard in all_shards() {
+            let mut cursor: Option<Cursor> = None;
+            loop {
+                if run.past_deadline() {
+                    report.remaining = true;
+                    return;
+                }
+                let page = match self
+                    .store
+                    .query_awake_idle(&shard, u64::MAX, cursor.as_ref(), self.settings.page_size)
+                    .await
+                {
+                    Ok(page) => page,
+                    Err(error) => {
+                        tracing::error!(run_id = %run.id, shard, error = %error, "awake index query failed during reconciliation");
+                        report.remaining = true;
+                        break;
+                    }
+                };
+                let missing: Vec<UserRecord> = page
+                    .items
+                    .into_iter()
+                    .filter(|r| r.machine_id.as_ref().is_some_and(|id| !listed.contains(id)))
+                    .collect();
+                let results: Vec<Reconciled> = stream::iter(missing)
+                    .map(|r| self.reconcile_unlisted(run, r))
+                    .buffer_unordered(concurrency)
+                    .collect()
+                    .await;
+                for r in results {
+                    tally_reconciled(report, r);
+                }
+                match page.cursor {
+                    Some(next) => cursor = Some(next),
+                    None => break,
+                }
+            }
+        }
+    }
+
+    async fn reconcile_machine(&self, run: &Run, machine: Machine) -> Reconciled {
+        if run.past_deadline() {
+            return Reconciled::NotReached;
+        }
+        let machine_id = machine.machine_id.as_str();
+        let items = match self.store.find_by_machine(machine_id).await {
+            Ok(items) => items,
+            Err(error) => {
+                tracing::warn!(run_id = %run.id, machine_id, error = %error, "by-machine lookup failed");
+                return Reconciled::Failed;
+            }
+        };
+        if items.is_empty() {
+            return self.orphan(run, &machine).await;
+        }
+        if items.len() > 1 {
+            let users: Vec<&str> = items.iter().map(|r| r.user_id.as_str()).collect();
+            tracing::error!(run_id = %run.id, machine_id, ?users, "machine referenced by more than one item");
+        }
+        let mut result = Reconciled::Consistent;
+        for item in items {
+            let r = self.reconcile_item(run, &item.user_id, &machine).await;
+            if r != Reconciled::Consistent {
+                result = r;
+            }
+        }
+        result
+    }
+
+    async fn orphan(&self, run: &Run, machine: &Machine) -> Reconciled {
+        let machine_id = machine.machine_id.as_str();
+        if matches!(
+            machine.phase,
+            Phase::Destroying | Phase::Destroyed | Phase::Failed
+        ) {
+            return Reconciled::Consistent;
+        }
+        let grace = ms(self.settings.orphan_grace);
+        let created = machine
+            .created_at
+            .as_deref()
+            .and_then(|s| humantime::parse_rfc3339_weak(s).ok())
+            .and_then(epoch_ms);
+        if created.is_some_and(|at| at.saturating_add(grace) > run.now()) {
+            // Young: its provisioning may not have recorded it yet.
+            return Reconciled::Consistent;
+        }
+        tracing::warn!(run_id = %run.id, machine_id, phase = %machine.phase, action = "orphan", "machine referenced by no item");
+        if !self.settings.reconcile_sleep_orphans || machine.phase != Phase::Running {
+            return Reconciled::Orphan;
+        }
+        let revision = machine.revision.as_deref().unwrap_or_default();
+        let key = orphan_sleep_key(machine_id, revision);
+        let answer = match self.call_sleep(run, machine_id, &key).await {
+            SleepCall::Answered(answer) => *answer,
+            SleepCall::Unavailable => return Reconciled::Orphan,
+        };
+        match answer {
+            Ok(_) => {
+                tracing::info!(run_id = %run.id, machine_id, action = "orphan_slept", "orphan machine put to sleep");
+                Reconciled::OrphanSlept
+            }
+            Err(err) => {
+                tracing::warn!(run_id = %run.id, machine_id, error = %err, "orphan not slept");
+                Reconciled::Orphan
+            }
+        }
+    }
+
+    /// Make one item agree with its machine's real phase.
+    async fn reconcile_item(&self, run: &Run, user_id: &str, listed: &Machine) -> Reconciled {
+        let machine_id = listed.machine_id.as_str();
+        // Consistent read first; the status read comes after it.
+        let rec = match self.store.get(user_id).await {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return Reconciled::Consistent,
+            Err(error) => {
+                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "item read failed");
+                return Reconciled::Failed;
+            }
+        };
+        if rec.machine_id.as_deref() != Some(machine_id)
+            || rec.state == crate::store::MachineState::Destroying
+        {
+            return Reconciled::Consistent;
+        }
+        let listed_sleeping = matches!(listed.phase, Phase::Sleeping | Phase::Stopping);
+        let wants = match (rec.power, &listed.phase) {
+            (Power::Awake, _) if listed_sleeping => Power::Asleep,
+            (Power::Asleep | Power::Unknown, Phase::Running)
+                if rec.state == crate::store::MachineState::Ready =>
+            {
+                Power::Awake
+            }
+            (_, Phase::Destroyed) => return self.reconcile_gone(run, &rec, machine_id).await,
+            _ => return Reconciled::Consistent,
+        };
+        if rec.live_lease(run.now()).is_some() {
+            return Reconciled::Busy;
+        }
+        // Fresh status, read after the item.
+        let fresh = match run.reads.get_machine(machine_id).await {
+            Ok(m) => m,
+            Err(err) if err.is_not_found() => {
+                return self.reconcile_gone(run, &rec, machine_id).await
+            }
+            Err(err) => {
+                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %err, "status read failed");
+                return Reconciled::Failed;
+            }
+        };
+        let agrees = match wants {
+            Power::Asleep => matches!(fresh.phase, Phase::Sleeping | Phase::Stopping),
+            _ => fresh.phase == Phase::Running,
+        };
+        if !agrees {
+            return Reconciled::Consistent;
+        }
+        match self.store.set_power(&rec, wants, run.now()).await {
+            Ok(_) => {
+                tracing::info!(run_id = %run.id, user_id, machine_id, action = "power_fixed", power = wants.as_str(), phase = %fresh.phase, "item power corrected to the machine's phase");
+                Reconciled::Fixed
+            }
+            Err(StoreError::Conflict { .. }) => Reconciled::Busy,
+            Err(error) => {
+                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "power not corrected");
+                Reconciled::Failed
+            }
+        }
+    }
+
+    /// An awake item whose machine is not in the list.
+    async fn reconcile_unlisted(&self, run: &Run, rec: UserRecord) -> Reconciled {
+        if run.past_deadline() {
+            return Reconciled::NotReached;
+        }
+        let Some(machine_id) = rec.machine_id.clone() else {
+            return Reconciled::Consistent;
+        };
+        match run.reads.get_machine(&machine_id).await {
+            Ok(m) if m.phase == Phase::Destroyed => {
+                self.reconcile_gone(run, &rec, &machine_id).await
+            }
+            Ok(m) => self.reconcile_item(run, &rec.user_id, &m).await,
+            Err(err) if err.is_not_found() => self.reconcile_gone(run, &rec, &machine_id).await,
+            Err(err) => {
+                tracing::warn!(run_id = %run.id, user_id = rec.user_id, machine_id, error = %err, "status read failed");
+                Reconciled::Failed
+            }
+        }
+    }
+
+    /// The item's machine is gone: mark it lost under a sweep lease.
+    async fn reconcile_gone(&self, run: &Run, rec: &UserRecord, machine_id: &str) -> Reconciled {
+        let user_id = rec.user_id.as_str();
+        if rec.state == crate::store::MachineState::Destroying {
+            return Reconciled::Consistent;
+        }
+        let now = run.now();
+        let owner = format!("reconcile-{}-{}", run.id, user_id);
+        let until = now.saturating_add(ms(self.settings.lease_ttl));
+        let purpose = LeasePurpose::Sweep {
+            expected_last_active_at: rec.last_active_at,
+        };
+        match self
+            .store
+            .acquire_lease(user_id, &owner, purpose, until, now)
+            .await
+        {
+            Ok(AcquireOutcome::Acquired(now_rec))
+                if now_rec.machine_id.as_deref() == Some(machine_id) => {}
+            Ok(AcquireOutcome::Acquired(_)) => {
+                let _ = self.store.release_lease(user_id, &owner, run.now()).await;
+                return Reconciled::Consistent;
+            }
+            Ok(_) | Err(StoreError::NotFound { .. }) => return Reconciled::Busy,
+            Err(error) => {
+                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "lease for mark_lost not taken");
+                return Reconciled::Failed;
+            }
+        }
+        let result = match self.lost(run, user_id, &owner, machine_id).await {
+            Outcome::Lost => Reconciled::Lost,
+            _ => Reconciled::Failed,
+        };
+        if let Err(error) = self.store.release_lease(user_id, &owner, run.now()).await {
+            tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "lease not released; it expires on its own");
+        }
+        result
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn tally(report: &mut SweepReport, o: Outcome) {
+    match o {
+        Outcome::Slept => report.slept += 1,
+        Outcome::SkippedBusy => report.skipped_busy += 1,
+        Outcome::SkippedHold => report.skipped_hold += 1,
+        Outcome::Held => report.held_by_running_command += 1,
+        Outcome::Failed => report.failed += 1,
+        Outcome::Lost => report.lost += 1,
+        Outcome::Fixed => report.fixed += 1,
+        Outcome::AwaitingAutosleep => report.awaiting_autosleep += 1,
+        Outcome::NotReached => {
+            report.not_reached += 1;
+            report.remaining = true;
+        }
+    }
+}
+
+fn tally_reconciled(report: &mut SweepReport, r: Reconciled) {
+    match r {
+        Reconciled::Consistent | Reconciled::Busy => {}
+        Reconciled::Orphan => report.orphans += 1,
+        Reconciled::OrphanSlept => {
+            report.orphans += 1;
+            report.orphans_slept += 1;
+        }
+        Reconciled::Fixed => report.fixed += 1,
+        Reconciled::Lost => report.lost += 1,
+        Reconciled::Failed => report.failed += 1,
+        Reconciled::NotReached => report.remaining = true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_a_hold_window_error_when_parsed_then_the_next_eligible_time_is_read() {
+        let api = dedalus::ApiError::from_response(
+            "machines.sleep",
+            http::StatusCode::CONFLICT,
+            &http::HeaderMap::new(),
+            br#"{"error_code":"SLEEP_HOLD_WINDOW_ACTIVE","message":"m","retryable":true,
+                 "retry_after_ms":1000,"details":{"next_sleep_eligible_at":"2023-11-14T22:13:20Z"}}"#,
+        );
+        let err = dedalus::Error::from(api);
+        assert_eq!(next_eligible_ms(&err), Some(1_700_000_000_000));
+        assert!(!is_refusal(&err));
+        let api = dedalus::ApiError::from_response(
+            "machines.sleep",
+            http::StatusCode::UNAUTHORIZED,
+            &http::HeaderMap::new(),
+            br#"{"error_code":"AUTH_INVALID","message":"missing internal route signature"}"#,
+        );
+        let err = dedalus::Error::from(api);
+        assert!(is_refusal(&err));
+        assert_eq!(next_eligible_ms(&err), None);
+    }
+}

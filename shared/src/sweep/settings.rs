@@ -1,0 +1,218 @@
+//! The sweep's settings, read once at cold start from the environment with
+//! the same rules (and [`ConfigError`]) as [`crate::config::Config`]: a
+//! missing value takes its default, a malformed one fails the start naming
+//! the variable.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::config::ConfigError;
+
+/// How the sleep sweep and reconciliation behave (DESIGN §5, §7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SweepSettings {
+    /// `IDLE_AFTER` (default 5 min): an awake machine idle this long is a candidate.
+    pub idle_after: Duration,
+    /// `SWEEP_CONCURRENCY` (default 16): candidates processed at once.
+    pub concurrency: usize,
+    /// `RECONCILE_EVERY` (default 10): reconcile on every Nth scheduled run
+    /// (minute of the epoch of the event time, modulo N; 1 = every run).
+    pub reconcile_every: u32,
+    /// `RECONCILE_SLEEP_ORPHANS` (default false): put running orphan
+    /// machines (no item references them) to sleep, not only report them.
+    pub reconcile_sleep_orphans: bool,
+    /// `SWEEP_MARGIN` (default 10 s): stop this long before the Lambda deadline.
+    pub margin: Duration,
+    /// `SWEEP_PAGE_SIZE` (default 50): candidates per index query page.
+    pub page_size: u32,
+    /// `SWEEP_LEASE` (default 30 s): how long a sweep lease lasts. It covers
+    /// one sleep call (bounded by `sleep_call_timeout`) and a few writes.
+    pub lease_ttl: Duration,
+    /// `SWEEP_SLEEP_TIMEOUT` (default 10 s): the whole budget of one sleep
+    /// call (one attempt, no retries: a failure waits for the next run).
+    pub sleep_call_timeout: Duration,
+    /// `SWEEP_READ_TIMEOUT` (default 10 s): budget of one status read or
+    /// list page (a couple of quick retries inside it).
+    pub read_call_timeout: Duration,
+    /// `SWEEP_MARKER_TIMEOUT` (default 8 s): budget of the completion-marker
+    /// check of a held command (one tiny execution).
+    pub marker_check_timeout: Duration,
+    /// `RECONCILE_ORPHAN_GRACE` (default 15 min): a machine younger than
+    /// this is not called an orphan (its provisioning may not have recorded
+    /// its id yet, and the `by-machine` index is eventually consistent).
+    pub orphan_grace: Duration,
+}
+
+impl Default for SweepSettings {
+    fn default() -> Self {
+        Self {
+            idle_after: Duration::from_secs(300),
+            concurrency: 16,
+            reconcile_every: 10,
+            reconcile_sleep_orphans: false,
+            margin: Duration::from_secs(10),
+            page_size: 50,
+            lease_ttl: Duration::from_secs(30),
+            sleep_call_timeout: Duration::from_secs(10),
+            read_call_timeout: Duration::from_secs(10),
+            marker_check_timeout: Duration::from_secs(8),
+            orphan_grace: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+impl SweepSettings {
+    /// Read the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_map(&std::env::vars().collect())
+    }
+
+    /// Read from a map (tests).
+    pub fn from_map(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let get = |name: &'static str| env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let d = Self::default();
+        let duration = |name: &'static str, default: Duration| -> Result<Duration, ConfigError> {
+            match get(name) {
+                None => Ok(default),
+                Some(raw) => humantime::parse_duration(raw).map_err(|e| malformed(name, raw, e)),
+            }
+        };
+        let positive = |name: &'static str, default: u64| -> Result<u64, ConfigError> {
+            match get(name) {
+                None => Ok(default),
+                Some(raw) => match raw.parse::<u64>() {
+                    Ok(0) => Err(malformed(name, raw, "must be at least 1")),
+                    Ok(v) => Ok(v),
+                    Err(e) => Err(malformed(name, raw, e)),
+                },
+            }
+        };
+        let flag = |name: &'static str, default: bool| -> Result<bool, ConfigError> {
+            match get(name).map(str::to_ascii_lowercase).as_deref() {
+                None => Ok(default),
+                Some("true" | "1" | "yes") => Ok(true),
+                Some("false" | "0" | "no") => Ok(false),
+                Some(other) => Err(malformed(name, other, "expected true or false")),
+            }
+        };
+        let small = |name: &'static str, default: u64, max: u64| -> Result<u64, ConfigError> {
+            let v = positive(name, default)?;
+            if v > max {
+                return Err(malformed(name, &v.to_string(), format!("at most {max}")));
+            }
+            Ok(v)
+        };
+        let settings = Self {
+            idle_after: duration("IDLE_AFTER", d.idle_after)?,
+            concurrency: small("SWEEP_CONCURRENCY", d.concurrency as u64, 1024)? as usize,
+            reconcile_every: small("RECONCILE_EVERY", u64::from(d.reconcile_every), 100_000)?
+                as u32,
+            reconcile_sleep_orphans: flag("RECONCILE_SLEEP_ORPHANS", d.reconcile_sleep_orphans)?,
+            margin: duration("SWEEP_MARGIN", d.margin)?,
+            page_size: small("SWEEP_PAGE_SIZE", u64::from(d.page_size), 1000)? as u32,
+            lease_ttl: duration("SWEEP_LEASE", d.lease_ttl)?,
+            sleep_call_timeout: duration("SWEEP_SLEEP_TIMEOUT", d.sleep_call_timeout)?,
+            read_call_timeout: duration("SWEEP_READ_TIMEOUT", d.read_call_timeout)?,
+            marker_check_timeout: duration("SWEEP_MARKER_TIMEOUT", d.marker_check_timeout)?,
+            orphan_grace: duration("RECONCILE_ORPHAN_GRACE", d.orphan_grace)?,
+        };
+        if settings.lease_ttl <= settings.sleep_call_timeout {
+            return Err(malformed(
+                "SWEEP_LEASE",
+                &humantime::format_duration(settings.lease_ttl).to_string(),
+                "must be longer than SWEEP_SLEEP_TIMEOUT (the lease covers the sleep call)",
+            ));
+        }
+        Ok(settings)
+    }
+
+    /// Whether the scheduled run at `event_time_ms` (epoch ms) also
+    /// reconciles: the minute of the epoch modulo `reconcile_every` is 0, so
+    /// no state is kept between runs.
+    pub fn reconcile_due(&self, event_time_ms: u64) -> bool {
+        let minute = event_time_ms / 60_000;
+        minute % u64::from(self.reconcile_every.max(1)) == 0
+    }
+}
+
+fn malformed(name: &'static str, value: &str, reason: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Malformed {
+        name,
+        value: value.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn given_no_variables_when_read_then_the_defaults_apply() {
+        let s = SweepSettings::from_map(&env(&[])).expect("defaults");
+        assert_eq!(s, SweepSettings::default());
+        assert_eq!(s.idle_after, Duration::from_secs(300));
+        assert_eq!(s.concurrency, 16);
+        assert_eq!(s.reconcile_every, 10);
+        assert!(!s.reconcile_sleep_orphans);
+        assert_eq!(s.margin, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn given_values_when_read_then_they_are_used() {
+        let s = SweepSettings::from_map(&env(&[
+            ("IDLE_AFTER", "90s"),
+            ("SWEEP_CONCURRENCY", "4"),
+            ("RECONCILE_EVERY", "1"),
+            ("RECONCILE_SLEEP_ORPHANS", "TRUE"),
+            ("SWEEP_MARGIN", "2s"),
+        ]))
+        .expect("settings");
+        assert_eq!(s.idle_after, Duration::from_secs(90));
+        assert_eq!(s.concurrency, 4);
+        assert_eq!(s.reconcile_every, 1);
+        assert!(s.reconcile_sleep_orphans);
+        assert_eq!(s.margin, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn given_malformed_values_when_read_then_the_error_names_the_variable() {
+        for (name, bad) in [
+            ("IDLE_AFTER", "five minutes"),
+            ("SWEEP_CONCURRENCY", "0"),
+            ("SWEEP_CONCURRENCY", "-3"),
+            ("RECONCILE_EVERY", "ten"),
+            ("RECONCILE_SLEEP_ORPHANS", "maybe"),
+            ("SWEEP_MARGIN", "10"),
+            ("SWEEP_LEASE", "1s"),
+        ] {
+            let err = SweepSettings::from_map(&env(&[(name, bad)])).expect_err(name);
+            assert!(
+                matches!(&err, ConfigError::Malformed { name: n, .. } if *n == name),
+                "{name}={bad}: {err}"
+            );
+            assert!(err.to_string().contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn given_event_minutes_when_checked_then_every_nth_minute_reconciles() {
+        let s = SweepSettings::default();
+        let due: Vec<u64> = (0..30u64)
+            .filter(|m| s.reconcile_due(m * 60_000 + 1234))
+            .collect();
+        assert_eq!(due, vec![0, 10, 20]);
+        let every = SweepSettings {
+            reconcile_every: 1,
+            ..SweepSettings::default()
+        };
+        assert!((0..5u64).all(|m| every.reconcile_due(m * 60_000)));
+    }
+}

@@ -1,0 +1,477 @@
+//! One chat turn (DESIGN §5 "Chat turn", invariants 2–4): load the user's
+//! item → take the turn lease (renewed while the turn runs, always released)
+//! → wake the machine and wait for `running` → re-check the toolchain after
+//! a wake → reuse or open the shell → run the agent → remember the turn in
+//! `~/.agenthome/turns.jsonl` → record activity and holds → reply.
+
+mod memory;
+
+pub use memory::{read_memory, summary_line, TURNS_FILE};
+
+use crate::agent::{Agent, AgentError, AgentOutcome, AgentStatus, ChatMessage, Limits, TurnInput, Usage};
+use crate::api::TurnRequest;
+use crate::clock::now_ms;
+use crate::dedalus::{self, ExecutionRequest, Phase};
+use crate::provision::{BootstrapOutcome, Ensure, ProvisionError, Provisioner, WorkerTrigger};
+use crate::runner::{
+    read_completion, CommandOutcome, ExecutionsRunner, RunnerError, TerminalRunner,
+    Transport,
+};
+use crate::store::{
+    AcquireOutcome, Hold, LeaseKind, LeasePurpose, MachineState, StoreError, UserRecord, UserStore,
+};
+use serde::Serialize;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Tunables of a turn.
+#[derive(Debug, Clone)]
+pub struct TurnSettings {
+    /// Terminal (default) or executions.
+    pub transport: Transport,
+    /// Most commands per turn.
+    pub max_steps: u32,
+    /// Default per-command timeout.
+    pub command_timeout: Duration,
+    /// Longest a command left running holds the machine awake.
+    pub max_hold: Duration,
+    /// Turn lease length; renewed every third of it while the turn runs.
+    pub lease_ttl: Duration,
+    /// How long to wait for a sweep's lease (one API call) before giving up.
+    pub sweep_wait: Duration,
+    /// Time kept after the agent for the bookkeeping (summary, release).
+    pub finish_reserve: Duration,
+    /// How many recent turn summaries the prompt includes.
+    pub memory_lines: usize,
+}
+
+impl Default for TurnSettings {
+    fn default() -> Self {
+        TurnSettings {
+            transport: Transport::Terminal,
+            max_steps: 20,
+            command_timeout: Duration::from_secs(120),
+            max_hold: Duration::from_secs(3600),
+            lease_ttl: Duration::from_secs(60),
+            sweep_wait: Duration::from_secs(5),
+            finish_reserve: Duration::from_secs(3),
+            memory_lines: 5,
+        }
+    }
+}
+
+/// Time spent, as the turn result reports it.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Timings {
+    /// Waking the machine (0 if it was running).
+    pub wake_ms: u64,
+    /// The whole turn.
+    pub total_ms: u64,
+}
+
+/// The turn result of DESIGN §3.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TurnResult {
+    /// This turn's id.
+    pub turn_id: String,
+    /// The agent's reply.
+    pub reply: String,
+    /// The user's machine.
+    pub machine_id: String,
+    /// `completed`, `deadline` or `step_limit`.
+    pub status: AgentStatus,
+    /// Every command run, with truncated output.
+    pub steps: Vec<CommandOutcome>,
+    /// LLM usage.
+    pub usage: Usage,
+    /// Timings.
+    pub timings: Timings,
+    /// Which backend ran the commands.
+    pub transport: Transport,
+}
+
+/// What a turn request led to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TurnOutcome {
+    /// The turn ran.
+    Done(Box<TurnResult>),
+    /// The machine is being provisioned (this request may have started it).
+    Provisioning {
+        /// The item.
+        record: Box<UserRecord>,
+        /// A rough estimate of when to retry.
+        retry_after: Duration,
+    },
+    /// Another turn for this user is running.
+    Busy {
+        /// When its lease ends at the latest.
+        retry_after: Duration,
+    },
+    /// The user's machine is being destroyed.
+    Destroying,
+}
+
+/// Why a turn failed. Every variant leaves the lease released.
+#[derive(Debug, thiserror::Error)]
+pub enum TurnError {
+    /// The table failed.
+    #[error("table: {0}")]
+    Store(#[from] StoreError),
+    /// Provisioning could not start.
+    #[error(transparent)]
+    Provision(#[from] ProvisionError),
+    /// The Dedalus API failed.
+    #[error("Dedalus API: {0}")]
+    Dedalus(#[from] dedalus::Error),
+    /// The machine did not reach `running` before the deadline.
+    #[error("the machine did not wake before the turn's deadline")]
+    WakeTimeout,
+    /// The shell could not be set up.
+    #[error("the shell could not be opened: {0}")]
+    Runner(#[from] RunnerError),
+    /// The agent failed (LLM or runner); `partial` holds the steps done.
+    #[error("the agent failed: {0}")]
+    Agent(#[from] AgentError),
+    /// The turn has no time left at all.
+    #[error("no time left for the turn")]
+    NoTime,
+}
+
+impl TurnError {
+    /// Worth retrying the turn soon.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            TurnError::Store(e) => e.is_retryable(),
+            TurnError::Provision(e) => e.is_retryable(),
+            TurnError::Dedalus(e) => e.is_retryable(),
+            TurnError::WakeTimeout | TurnError::NoTime => true,
+            TurnError::Runner(_) | TurnError::Agent(_) => false,
+        }
+    }
+}
+
+/// Runs chat turns.
+pub struct TurnService<S, T> {
+    provisioner: Provisioner<S, T>,
+    agent: Agent,
+    settings: TurnSettings,
+}
+
+impl<S, T> TurnService<S, T>
+where
+    S: UserStore + Clone + 'static,
+    T: WorkerTrigger,
+{
+    /// Assemble (clients built once by the caller).
+    pub fn new(provisioner: Provisioner<S, T>, agent: Agent, settings: TurnSettings) -> Self {
+        TurnService {
+            provisioner,
+            agent,
+            settings,
+        }
+    }
+
+    /// The provisioning service (and through it the store and client).
+    pub fn provisioner(&self) -> &Provisioner<S, T> {
+        &self.provisioner
+    }
+
+    /// Run one turn for `user_id`, finishing before `deadline`.
+    pub async fn run(
+        &self,
+        user_id: &str,
+        request: TurnRequest,
+        deadline: Instant,
+    ) -> Result<TurnOutcome, TurnError> {
+        let started = Instant::now();
+        if deadline <= started + self.settings.finish_reserve {
+            return Err(TurnError::NoTime);
+        }
+        let store = self.provisioner.store();
+        match store.get(user_id).await? {
+            Some(rec) if rec.state == MachineState::Ready => {}
+            Some(rec) if rec.state == MachineState::Destroying => return Ok(TurnOutcome::Destroying),
+            _ => return self.provisioning(user_id).await,
+        }
+        let turn_id = uuid::Uuid::now_v7().simple().to_string();
+        let owner = format!("turn-{turn_id}");
+        let rec = match self.acquire(user_id, &owner).await? {
+            Ok(rec) => rec,
+            Err(outcome) => return Ok(outcome),
+        };
+        let renewer = self.spawn_renewer(user_id, &owner);
+        let result = self.drive(rec, &owner, &turn_id, request, started, deadline).await;
+        renewer.abort();
+        // Bookkeeping happens whatever the turn did: activity, then release.
+        let now = now_ms();
+        if let Err(e) = store.touch(user_id, &owner, now).await {
+            tracing::warn!(user_id, error = %e, "could not record the turn's activity");
+        }
+        if let Err(e) = store.release_lease(user_id, &owner, now).await {
+            tracing::warn!(user_id, error = %e, "could not release the turn lease; it expires by itself");
+        }
+        result.map(|r| TurnOutcome::Done(Box::new(r)))
+    }
+
+    async fn provisioning(&self, user_id: &str) -> Result<TurnOutcome, TurnError> {
+        let ensure = self.provisioner.ensure(user_id).await?;
+        let retry_after = ensure.retry_after().max(Duration::from_secs(1));
+        Ok(match ensure {
+            Ensure::Destroying(_) => TurnOutcome::Destroying,
+            // Ready between our read and ensure: the caller retries at once.
+            Ensure::Ready(rec) | Ensure::Started(rec) | Ensure::InProgress(rec) => {
+                TurnOutcome::Provisioning {
+                    record: Box::new(rec),
+                    retry_after,
+                }
+            }
+        })
+    }
+
+    /// Take the turn lease; another turn → Busy; the sweep → wait briefly
+    /// (its hold is one API call) and try again.
+    async fn acquire(
+        &self,
+        user_id: &str,
+        owner: &str,
+    ) -> Result<Result<UserRecord, TurnOutcome>, TurnError> {
+        let store = self.provisioner.store();
+        let ttl = millis(self.settings.lease_ttl);
+        let give_up = Instant::now() + self.settings.sweep_wait;
+        // Bounded: a lease that expires between our write and our read makes
+        // the next attempt succeed; anything else returns.
+        for _ in 0..100 {
+            let now = now_ms();
+            let current = match store
+                .acquire_lease(user_id, owner, LeasePurpose::Turn, now + ttl, now)
+                .await?
+            {
+                AcquireOutcome::Acquired(rec) => return Ok(Ok(rec)),
+                AcquireOutcome::Busy(rec) | AcquireOutcome::Changed(rec) => rec,
+            };
+            if current.state == MachineState::Destroying {
+                return Ok(Err(TurnOutcome::Destroying));
+            }
+            let Some(lease) = current.live_lease(now_ms()).cloned() else {
+                continue;
+            };
+            match lease.kind {
+                LeaseKind::Turn => {
+                    let left = lease.until.saturating_sub(now_ms());
+                    return Ok(Err(TurnOutcome::Busy {
+                        retry_after: Duration::from_millis(left.clamp(1000, 30_000)),
+                    }));
+                }
+                LeaseKind::Provision => {
+                    return Ok(Err(TurnOutcome::Provisioning {
+                        record: Box::new(current),
+                        retry_after: Duration::from_secs(5),
+                    }))
+                }
+                LeaseKind::Sweep if Instant::now() < give_up => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                LeaseKind::Sweep => {
+                    return Ok(Err(TurnOutcome::Busy {
+                        retry_after: Duration::from_secs(1),
+                    }))
+                }
+            }
+        }
+        Ok(Err(TurnOutcome::Busy {
+            retry_after: Duration::from_secs(1),
+        }))
+    }
+
+    fn spawn_renewer(&self, user_id: &str, owner: &str) -> tokio::task::JoinHandle<()> {
+        let store = self.provisioner.store().clone();
+        let (user_id, owner) = (user_id.to_string(), owner.to_string());
+        let ttl = self.settings.lease_ttl;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                let now = now_ms();
+                if let Err(e) = store.renew_lease(&user_id, &owner, now + millis(ttl), now).await {
+                    tracing::warn!(user_id, error = %e, "turn lease renewal failed");
+                }
+            }
+        })
+    }
+
+    async fn drive(
+        &self,
+        rec: UserRecord,
+        owner: &str,
+        turn_id: &str,
+        request: TurnRequest,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<TurnResult, TurnError> {
+        let store = self.provisioner.store();
+        let user_id = rec.user_id.as_str();
+        let machine_id = rec
+            .machine_id
+            .clone()
+            .ok_or_else(|| StoreError::Malformed {
+                attribute: "machine_id".into(),
+                message: "a ready item has no machine".into(),
+            })?;
+        let dedalus = self.provisioner.dedalus().with_deadline(deadline);
+
+        // Wake (never run commands on a sleeping machine: invariant 3).
+        let wake_started = Instant::now();
+        let woke = self.wake(&dedalus, &machine_id, deadline).await?;
+        let wake_ms = if woke { millis(wake_started.elapsed()) } else { 0 };
+        store.mark_awake(user_id, owner, now_ms()).await?;
+        if woke {
+            // The root filesystem may have been reset: re-check the tools.
+            let settings = self.provisioner.settings();
+            let budget = deadline.min(Instant::now() + settings.bootstrap_timeout);
+            match settings.bootstrap.ensure(&dedalus, &machine_id, budget).await {
+                Ok(BootstrapOutcome::Failed { exit_code, tail }) => {
+                    tracing::warn!(user_id, ?exit_code, %tail, "toolchain re-bootstrap failed; the turn continues");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(user_id, error = %e, "toolchain check failed; the turn continues"),
+            }
+        }
+
+        // A command an earlier turn left running: release its hold once done.
+        if let Some(hold) = &rec.hold {
+            let done = now_ms() > hold.until
+                || matches!(read_completion(&dedalus, &machine_id, &hold.marker).await, Ok(Some(_)));
+            if done {
+                store.clear_hold(user_id, owner, now_ms()).await?;
+            }
+        }
+
+        let memory = read_memory(&dedalus, &machine_id, self.settings.memory_lines).await;
+        let input = TurnInput {
+            message: request.message.clone(),
+            history: request
+                .history
+                .iter()
+                .map(|h| ChatMessage {
+                    role: match h.role {
+                        crate::api::Role::User => "user".into(),
+                        crate::api::Role::Assistant => "assistant".into(),
+                    },
+                    content: h.content.clone(),
+                })
+                .collect(),
+            memory,
+        };
+        let limits = Limits {
+            max_steps: self.settings.max_steps,
+            command_timeout: self.settings.command_timeout,
+            deadline: deadline
+                .checked_sub(self.settings.finish_reserve)
+                .unwrap_or(deadline),
+        };
+        let outcome = match self.settings.transport {
+            Transport::Terminal => {
+                let (mut runner, terminal_id) =
+                    TerminalRunner::open(&dedalus, &machine_id, rec.terminal_id.clone()).await?;
+                if rec.terminal_id.as_deref() != Some(terminal_id.as_str()) {
+                    store.set_terminal(user_id, owner, Some(&terminal_id), now_ms()).await?;
+                }
+                let outcome = self.agent.run(input, &mut runner, limits).await;
+                if runner.terminal_id() != terminal_id {
+                    store
+                        .set_terminal(user_id, owner, Some(runner.terminal_id()), now_ms())
+                        .await?;
+                }
+                outcome
+            }
+            Transport::Executions => {
+                let mut runner = ExecutionsRunner::new(&dedalus, &machine_id);
+                self.agent.run(input, &mut runner, limits).await
+            }
+        };
+
+        // Remember the turn on the machine, whatever the agent did.
+        let (steps, status, reply) = match &outcome {
+            Ok(o) => (o.steps.as_slice(), Some(o.status), Some(o.reply.as_str())),
+            Err(e) => (e.partial().steps.as_slice(), None, None),
+        };
+        self.hold_for_running(user_id, owner, steps).await;
+        let line = summary_line(turn_id, now_ms(), &request.message, reply, status, steps);
+        if let Err(e) = memory::append(&dedalus, &machine_id, &line).await {
+            tracing::warn!(user_id, error = %e, "could not append the turn summary");
+        }
+        let AgentOutcome {
+            reply,
+            steps,
+            usage,
+            status,
+        } = outcome?;
+        Ok(TurnResult {
+            turn_id: turn_id.to_string(),
+            reply,
+            machine_id,
+            status,
+            steps,
+            usage,
+            timings: Timings {
+                wake_ms,
+                total_ms: millis(started.elapsed()),
+            },
+            transport: self.settings.transport,
+        })
+    }
+
+    /// Make sure the machine runs; true if it had to be woken. If the wake
+    /// route is refused for this key (NOTES.md field reports), a no-op
+    /// execution wakes it instead.
+    async fn wake(
+        &self,
+        dedalus: &dedalus::Client,
+        machine_id: &str,
+        deadline: Instant,
+    ) -> Result<bool, TurnError> {
+        let machine = dedalus.get_machine(machine_id).await?;
+        if machine.phase == Phase::Running {
+            return Ok(false);
+        }
+        match dedalus.wake_machine(machine_id, None, None).await {
+            Ok(_) => {}
+            Err(e) if matches!(e.status().map(|s| s.as_u16()), Some(401 | 403)) => {
+                tracing::warn!(machine_id, code = e.code().unwrap_or(""), "wake refused; waking through a no-op execution");
+                dedalus
+                    .create_execution(machine_id, &ExecutionRequest::new(["/bin/true"]), None)
+                    .await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        match dedalus.wait_until(machine_id, Phase::Running, deadline).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_deadline_exceeded() => Err(TurnError::WakeTimeout),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A command still running keeps the machine awake (up to the maximum
+    /// hold) until its completion marker exists.
+    async fn hold_for_running(&self, user_id: &str, owner: &str, steps: &[CommandOutcome]) {
+        let Some(marker) = steps
+            .iter()
+            .rev()
+            .find(|s| s.still_running)
+            .and_then(|s| s.completion_marker.clone())
+        else {
+            return;
+        };
+        let now = now_ms();
+        let hold = Hold {
+            until: now + millis(self.settings.max_hold),
+            marker,
+        };
+        if let Err(e) = self.provisioner.store().set_hold(user_id, owner, &hold, now).await {
+            tracing::warn!(user_id, error = %e, "could not record the hold for a running command");
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,246 @@
+//! The whole turn stack in one process, for `tests/tests/turns.rs`: a fresh
+//! emulator, a fresh table on the shared `moto_server` (serialized: conditional
+//! writes on one item are atomic there, as in DynamoDB), a provisioner with
+//! an in-process [`QueueTrigger`], the chat-turn function's service and the
+//! provision function's service. Requests are API Gateway v2 events in
+//! AWS's real shape ([`crate::events::http`]) turned into `lambda_http`
+//! requests; the provisioning queue is drained through the provision
+//! function's worker event, as Lambda's async invoke would.
+//!
+//! The bootstrap is harmless (`echo … >> ~/bootstrap.log`): the emulator
+//! runs commands on the host.
+
+use crate::events::{http, Auth};
+use crate::{unique_table_name, Emulator, Moto};
+use agenthome::agent::Agent;
+use agenthome::api::AuthMode;
+use agenthome::dedalus::Phase;
+use agenthome::provision::{
+    Bootstrap, MachineSpec, ProvisionEvent, ProvisionSettings, Provisioner, QueueTrigger,
+};
+use agenthome::store::{create_table, DynamoStore, UserRecord, UserStore};
+use agenthome::turn::{TurnService, TurnSettings};
+use lambda_http::Body;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::Mutex;
+
+/// The admin scope the stack's services accept.
+pub const ADMIN_SCOPE: &str = "agenthome/admin";
+
+/// The harmless bootstrap every stack uses.
+pub const BOOTSTRAP: &str = "echo bootstrapped >> ~/bootstrap.log";
+
+/// How to build a [`Stack`].
+pub struct StackOptions {
+    /// The agent (default: shell mode).
+    pub agent: Agent,
+    /// Turn tunables.
+    pub settings: TurnSettings,
+    /// `TURN_DEADLINE`.
+    pub turn_deadline: Duration,
+    /// Who may call.
+    pub auth_mode: AuthMode,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            agent: Agent::shell(),
+            settings: TurnSettings {
+                command_timeout: Duration::from_secs(60),
+                ..TurnSettings::default()
+            },
+            turn_deadline: Duration::from_secs(60),
+            auth_mode: AuthMode::Jwt,
+        }
+    }
+}
+
+/// A response, taken apart.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers.
+    pub headers: lambda_http::http::HeaderMap,
+    /// The body as text.
+    pub text: String,
+    /// The body parsed as JSON (`Null` if empty or not JSON).
+    pub body: Value,
+}
+
+impl Reply {
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A JWT for `user` acting for itself.
+pub fn jwt(user: &str) -> Auth<'_> {
+    Auth::Jwt {
+        sub: user,
+        scopes: &[],
+    }
+}
+
+/// A JWT carrying the admin scope.
+pub fn admin() -> Auth<'static> {
+    Auth::Jwt {
+        sub: "chat-backend",
+        scopes: &[ADMIN_SCOPE],
+    }
+}
+
+/// The running stack.
+pub struct Stack {
+    /// The Dedalus emulator.
+    pub emu: Emulator,
+    /// The chat-turn function.
+    pub chat: chat_turn_fn::Service<DynamoStore, QueueTrigger>,
+    /// The provision function.
+    pub provision: provision_fn::Service<DynamoStore, QueueTrigger>,
+    /// The table.
+    pub store: DynamoStore,
+    events: Mutex<UnboundedReceiver<ProvisionEvent>>,
+}
+
+impl Stack {
+    /// A stack with default options (shell agent, 60 s deadline, JWT auth).
+    pub async fn start() -> Stack {
+        Self::start_with(StackOptions::default()).await
+    }
+
+    /// A stack with `options`.
+    pub async fn start_with(options: StackOptions) -> Stack {
+        let emu = Emulator::start().await;
+        let moto = Moto::shared().await;
+        let client = moto.dynamodb_client().await;
+        let table = unique_table_name("turns");
+        create_table(&client, &table).await.expect("create table");
+        let store = DynamoStore::new(client, table);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let settings = || {
+            ProvisionSettings::new(
+                MachineSpec {
+                    vcpu: 1.0,
+                    memory_mib: 1024,
+                    storage_gib: 10,
+                    autosleep: "30m".into(),
+                },
+                Bootstrap::new(BOOTSTRAP, None),
+            )
+        };
+        let provisioner = |tx| Provisioner::new(store.clone(), emu.client(), QueueTrigger(tx), settings());
+        let turns = TurnService::new(provisioner(tx.clone()), options.agent, options.settings);
+        let chat = chat_turn_fn::Service {
+            turns,
+            auth_mode: options.auth_mode,
+            admin_scope: ADMIN_SCOPE.into(),
+            turn_deadline: options.turn_deadline,
+            margin: Duration::from_secs(2),
+        };
+        let provision = provision_fn::Service {
+            provisioner: provisioner(tx),
+            auth_mode: options.auth_mode,
+            admin_scope: ADMIN_SCOPE.into(),
+        };
+        Stack {
+            emu,
+            chat,
+            provision,
+            store,
+            events: Mutex::new(rx),
+        }
+    }
+
+    /// Deliver an API Gateway v2 event to the chat-turn function.
+    pub async fn send(&self, event: &Value) -> Reply {
+        let req = lambda_http::request::from_str(&event.to_string())
+            .expect("the event is an API Gateway v2 request");
+        let resp = self.chat.handle(&req).await;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = match resp.body() {
+            Body::Text(t) => t.clone(),
+            Body::Binary(b) => String::from_utf8_lossy(b).into_owned(),
+            _ => String::new(),
+        };
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Reply {
+            status,
+            headers,
+            text,
+            body,
+        }
+    }
+
+    /// `POST /v1/users/{user}/turns` with `body` as `auth`.
+    pub async fn post_turn(&self, user: &str, body: &str, auth: Auth<'_>) -> Reply {
+        let path = format!("/v1/users/{user}/turns");
+        self.send(&http("POST", &path, Some(body), auth)).await
+    }
+
+    /// A turn with `message`, as `user` itself.
+    pub async fn turn(&self, user: &str, message: &str) -> Reply {
+        let body = serde_json::json!({ "message": message }).to_string();
+        self.post_turn(user, &body, jwt(user)).await
+    }
+
+    /// Deliver every queued provision event to the provision function's
+    /// worker, as Lambda's async invoke would; returns how many ran.
+    pub async fn drain_worker(&self) -> usize {
+        let mut events = self.events.lock().await;
+        let mut n = 0;
+        while let Ok(ev) = events.try_recv() {
+            self.provision
+                .handle(serde_json::to_value(&ev).expect("event json"))
+                .await
+                .expect("worker event handled");
+            n += 1;
+        }
+        n
+    }
+
+    /// Provision `user` through a first turn (202) and the worker; returns
+    /// the machine id.
+    pub async fn ready_user(&self, user: &str) -> String {
+        let r = self.turn(user, "echo first").await;
+        assert_eq!(r.status, 202, "a first message provisions: {}", r.text);
+        assert_eq!(self.drain_worker().await, 1, "one worker event");
+        let item = self.item(user).await;
+        assert_eq!(item.state, agenthome::store::MachineState::Ready, "{item:?}");
+        item.machine_id.expect("a ready item has a machine")
+    }
+
+    /// The user's item (must exist).
+    pub async fn item(&self, user: &str) -> UserRecord {
+        self.store
+            .get(user)
+            .await
+            .expect("table read")
+            .expect("the user has an item")
+    }
+
+    /// The machine's home on the host.
+    pub fn home(&self, machine_id: &str) -> PathBuf {
+        self.emu.machine_home(machine_id)
+    }
+
+    /// Put the machine to sleep and wait until it sleeps.
+    pub async fn sleep_machine(&self, machine_id: &str) {
+        let client = self.emu.client();
+        client
+            .sleep_machine(machine_id, None, None)
+            .await
+            .expect("sleep accepted");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        client
+            .wait_until(machine_id, Phase::Sleeping, deadline)
+            .await
+            .expect("machine sleeps");
+    }
+}

@@ -1,0 +1,567 @@
+//! The agent loop against a scripted OpenAI-compatible server (axum, on
+//! loopback) and a real emulator. The server replays a script of responses
+//! and records every request, so the tests assert what the model was sent.
+//! Commands are harmless and write only under `$HOME`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agenthome::agent::{
+    Agent, AgentError, AgentOptions, AgentStatus, ChatMessage, Limits, LlmClient, LlmConfig,
+    LlmError, TurnInput,
+};
+use agenthome::config::Secret;
+use agenthome::dedalus::{Client, CreateMachineRequest, Phase};
+use agenthome::runner::TerminalRunner;
+use agenthome_tests::Emulator;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+// ---------------------------------------------------------------------------
+// Scripted OpenAI-compatible server
+// ---------------------------------------------------------------------------
+
+/// (Authorization header, body) of one request.
+type Recorded = (Option<String>, Value);
+
+#[derive(Clone, Default)]
+struct Script {
+    replies: Arc<Mutex<VecDeque<(u16, Value)>>>,
+    /// (Authorization header, body) of every request.
+    requests: Arc<Mutex<Vec<Recorded>>>,
+}
+
+impl Script {
+    fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// The `messages` of request `i`.
+    fn messages(&self, i: usize) -> Vec<Value> {
+        self.requests()[i].1["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+async fn completions(
+    State(script): State<Script>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    script.requests.lock().unwrap().push((auth, body));
+    let next = script.replies.lock().unwrap().pop_front();
+    let (status, body) = next.unwrap_or((500, json!({"error": {"message": "script exhausted"}})));
+    (StatusCode::from_u16(status).unwrap(), Json(body)).into_response()
+}
+
+/// Starts the server; returns its base URL (`…/v1`) and the script.
+async fn scripted_llm(replies: Vec<(u16, Value)>) -> (String, Script) {
+    let script = Script::default();
+    script.replies.lock().unwrap().extend(replies);
+    let app = Router::new()
+        .route("/v1/chat/completions", post(completions))
+        .with_state(script.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}/v1"), script)
+}
+
+fn usage() -> Value {
+    json!({"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110})
+}
+
+/// A response asking to run `command` (arguments given as raw JSON text).
+fn tool_call_raw(id: &str, arguments: &str) -> (u16, Value) {
+    (
+        200,
+        json!({
+            "id": "chatcmpl-1", "object": "chat.completion", "model": "test-model",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": null,
+                "tool_calls": [{"id": id, "type": "function",
+                    "function": {"name": "run_command", "arguments": arguments}}]
+            }}],
+            "usage": usage()
+        }),
+    )
+}
+
+fn tool_call(id: &str, args: Value) -> (u16, Value) {
+    tool_call_raw(id, &args.to_string())
+}
+
+fn answer(text: &str) -> (u16, Value) {
+    (
+        200,
+        json!({
+            "id": "chatcmpl-2", "object": "chat.completion",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                "message": {"role": "assistant", "content": text}}],
+            "usage": usage()
+        }),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------
+
+fn secret_key() -> String {
+    format!("sk-test-SECRET-{}", uuid::Uuid::now_v7().simple())
+}
+
+fn agent(base_url: &str, key: &str) -> Agent {
+    let config = LlmConfig::new(
+        agenthome::dedalus::Url::parse(base_url).unwrap(),
+        Some(Secret::new(key)),
+        "test-model",
+    );
+    Agent::llm(LlmClient::new(config).expect("llm client")).with_options(AgentOptions {
+        min_llm_time: Duration::from_millis(500),
+        ..AgentOptions::default()
+    })
+}
+
+async fn running_machine(client: &Client) -> String {
+    let req = CreateMachineRequest {
+        vcpu: 1.0,
+        memory_mib: 1024,
+        storage_gib: 10,
+        autosleep: None,
+    };
+    let m = client.create_machine(&req, None).await.expect("create");
+    client
+        .wait_until(
+            &m.machine_id,
+            Phase::Running,
+            Instant::now() + Duration::from_secs(20),
+        )
+        .await
+        .expect("running");
+    m.machine_id
+}
+
+struct Machine {
+    _emu: Emulator,
+    runner: TerminalRunner,
+}
+
+async fn machine() -> Machine {
+    let emu = Emulator::start().await;
+    let client = emu.client();
+    let id = running_machine(&client).await;
+    let (runner, _) = TerminalRunner::open(&client, &id, None)
+        .await
+        .expect("open");
+    Machine { _emu: emu, runner }
+}
+
+fn limits(secs: u64) -> Limits {
+    Limits {
+        max_steps: 10,
+        command_timeout: Duration::from_secs(30),
+        deadline: Instant::now() + Duration::from_secs(secs),
+    }
+}
+
+fn input(message: &str) -> TurnInput {
+    TurnInput {
+        message: message.into(),
+        history: vec![
+            ChatMessage {
+                role: "user".into(),
+                content: "earlier question".into(),
+            },
+            ChatMessage {
+                role: "assistant".into(),
+                content: "earlier answer".into(),
+            },
+        ],
+        memory: vec!["{\"turn\":1,\"summary\":\"created ~/notes\"}".into()],
+    }
+}
+
+fn tool_content(message: &Value) -> Value {
+    assert_eq!(message["role"], "tool", "{message}");
+    serde_json::from_str(message["content"].as_str().expect("tool content")).expect("json")
+}
+
+fn assert_no_key(key: &str, err: &AgentError) {
+    assert!(
+        !err.to_string().contains(key),
+        "Display leaks the key: {err}"
+    );
+    assert!(!format!("{err:?}").contains(key), "Debug leaks the key");
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        assert!(!s.to_string().contains(key));
+        source = s.source();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn two_step_turn_sends_command_results_to_the_model() {
+    let mut m = machine().await;
+    let key = secret_key();
+    let (base, script) = scripted_llm(vec![
+        tool_call(
+            "call_1",
+            json!({"command": "mkdir -p ~/ah-agent && cd ~/ah-agent && echo hello > f.txt && pwd"}),
+        ),
+        tool_call(
+            "call_2",
+            json!({"command": "cat f.txt; false", "timeout_s": 20}),
+        ),
+        answer("Created ~/ah-agent/f.txt."),
+    ])
+    .await;
+    let started = Instant::now();
+    let out = agent(&base, &key)
+        .run(input("make a file"), &mut m.runner, limits(60))
+        .await
+        .expect("turn");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(out.status, AgentStatus::Completed);
+    assert_eq!(out.reply, "Created ~/ah-agent/f.txt.");
+    assert_eq!(out.steps.len(), 2);
+    assert_eq!(out.steps[0].exit_code, Some(0));
+    assert!(
+        out.steps[0].output.ends_with("/ah-agent\n"),
+        "{:?}",
+        out.steps[0]
+    );
+    assert_eq!(out.steps[1].exit_code, Some(1));
+    assert_eq!(out.steps[1].output, "hello\n");
+    assert_eq!(out.usage.llm_calls, 3);
+    assert_eq!(out.usage.prompt_tokens, 300);
+    assert_eq!(out.usage.completion_tokens, 30);
+
+    let reqs = script.requests();
+    assert_eq!(reqs.len(), 3);
+    // Every request: bearer key, model, the one tool, tool_choice auto.
+    for (auth, body) in &reqs {
+        assert_eq!(auth.as_deref(), Some(format!("Bearer {key}").as_str()));
+        assert_eq!(body["model"], "test-model");
+        assert_eq!(body["tool_choice"], "auto");
+        assert_eq!(body["tools"][0]["function"]["name"], "run_command");
+        assert_eq!(
+            body["tools"][0]["function"]["parameters"]["required"],
+            json!(["command"])
+        );
+    }
+    // First request: system prompt with memory, history, then the message.
+    let first = script.messages(0);
+    assert_eq!(first[0]["role"], "system");
+    let system = first[0]["content"].as_str().unwrap();
+    assert!(system.contains("run_command") && system.contains("turns.jsonl"));
+    assert!(system.contains("created ~/notes"), "memory in prompt");
+    assert_eq!(first[1]["content"], "earlier question");
+    assert_eq!(first[2]["role"], "assistant");
+    assert_eq!(first[3], json!({"role": "user", "content": "make a file"}));
+    // Second request: the assistant's tool call, then its result.
+    let second = script.messages(1);
+    let n = second.len();
+    assert_eq!(second[n - 2]["tool_calls"][0]["id"], "call_1");
+    assert_eq!(second[n - 1]["tool_call_id"], "call_1");
+    let result = tool_content(&second[n - 1]);
+    assert_eq!(result["exit_code"], 0);
+    assert!(result["output"].as_str().unwrap().ends_with("/ah-agent\n"));
+    assert_eq!(result["still_running"], false);
+    // Third request: the second result (cwd persisted: f.txt was found).
+    let third = script.messages(2);
+    let result = tool_content(third.last().unwrap());
+    assert_eq!(result["exit_code"], 1);
+    assert_eq!(result["output"], "hello\n");
+
+    // The outcome the HTTP response embeds has the documented shape and no key.
+    let json = serde_json::to_string(&out).unwrap();
+    assert!(!json.contains(&key));
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["usage"]["llm_calls"], 3);
+    for field in [
+        "command",
+        "exit_code",
+        "output",
+        "duration_ms",
+        "still_running",
+        "truncated",
+        "output_bytes",
+    ] {
+        assert!(v["steps"][0].get(field).is_some(), "steps[].{field}");
+    }
+}
+
+#[tokio::test]
+async fn llm_401_is_a_clear_error_without_retry_or_key() {
+    let mut m = machine().await;
+    let key = secret_key();
+    let (base, script) = scripted_llm(vec![(
+        401,
+        json!({"error": {"message": format!("Incorrect API key provided: {key}"), "type": "invalid_request_error"}}),
+    )])
+    .await;
+    let started = Instant::now();
+    let err = agent(&base, &key)
+        .run(input("hi"), &mut m.runner, limits(60))
+        .await
+        .expect_err("401");
+    assert!(started.elapsed() < Duration::from_secs(5), "no hang");
+    assert!(
+        matches!(
+            &err,
+            AgentError::Llm {
+                source: LlmError::Auth { status: 401 },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("LLM_API_KEY"), "{err}");
+    assert_eq!(script.requests().len(), 1, "401 is not retried");
+    assert!(err.partial().steps.is_empty());
+    assert_no_key(&key, &err);
+}
+
+#[tokio::test]
+async fn llm_500_is_retried_then_succeeds() {
+    let mut m = machine().await;
+    let key = secret_key();
+    let (base, script) = scripted_llm(vec![
+        (500, json!({"error": {"message": "upstream exploded"}})),
+        answer("all good"),
+    ])
+    .await;
+    let out = agent(&base, &key)
+        .run(input("hi"), &mut m.runner, limits(60))
+        .await
+        .expect("retried");
+    assert_eq!(out.reply, "all good");
+    assert_eq!(out.usage.llm_calls, 1);
+    assert_eq!(script.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn llm_500_forever_is_a_clear_error_with_steps_kept() {
+    let mut m = machine().await;
+    let key = secret_key();
+    let (base, _script) = scripted_llm(vec![
+        tool_call("c1", json!({"command": "echo step-one"})),
+        (503, json!({"error": {"message": format!("bad {key}")}})),
+        (503, json!({})),
+        (503, json!({})),
+    ])
+    .await;
+    let started = Instant::now();
+    let err = agent(&base, &key)
+        .run(input("hi"), &mut m.runner, limits(60))
+        .await
+        .expect_err("503s");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(
+        matches!(
+            &err,
+            AgentError::Llm {
+                source: LlmError::Server { status: 503 },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // The step done before the failure is reported.
+    assert_eq!(err.partial().steps.len(), 1);
+    assert_eq!(err.partial().steps[0].output, "step-one\n");
+    assert_eq!(err.partial().usage.llm_calls, 1);
+    assert_no_key(&key, &err);
+}
+
+#[tokio::test]
+async fn malformed_tool_arguments_are_reported_to_the_model_once() {
+    let mut m = machine().await;
+    let key = secret_key();
+    let (base, script) = scripted_llm(vec![
+        tool_call_raw("bad_1", "{\"command\": \"echo hi"),
+        tool_call("good", json!({"command": "echo fixed"})),
+        answer("done"),
+    ])
+    .await;
+    let out = agent(&base, &key)
+        .run(input("hi"), &mut m.runner, limits(60))
+        .await
+        .expect("recovers");
+    assert_eq!(out.status, AgentStatus::Completed);
+    assert_eq!(out.steps.len(), 1, "the malformed call ran nothing");
+    assert_eq!(out.steps[0].output, "fixed\n");
+    let second = script.messages(1);
+    let last = second.last().unwrap();
+    assert_eq!(last["tool_call_id"], "bad_1");
+    let err = tool_content(last);
+    assert!(
+        err["error"].as_str().unwrap().contains("invalid arguments"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn repeated_malformed_tool_calls_fail_the_turn() {
+    let mut m = machine().await;
+    let key = secret_key();
+    let (base, script) = scripted_llm(vec![
+        tool_call_raw("bad_1", "not json"),
+        (
+            200,
+            json!({"choices": [{"message": {"role": "assistant", "content": null,
+                "tool_calls": [{"id": "bad_2", "type": "function",
+                    "function": {"name": "delete_everything", "arguments": "{}"}}]}}]}),
+        ),
+        answer("never reached"),
+    ])
+    .await;
+    let err = agent(&base, &key)
+        .run(input("hi"), &mut m.runner, limits(60))
+        .await
+        .expect_err("fails");
+    assert!(
+        matches!(
+            &err,
+            AgentError::Llm {
+                source: LlmError::MalformedToolCall(_),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("delete_everything"), "{err}");
+    assert_eq!(script.requests().len(), 2);
+    assert_no_key(&key, &err);
+}
+
+#[tokio::test]
+async fn step_limit_stops_the_turn() {
+    let mut m = machine().await;
+    let key = secret_key();
+    let (base, script) = scripted_llm(vec![
+        tool_call("c1", json!({"command": "echo 1"})),
+        tool_call("c2", json!({"command": "echo 2"})),
+        tool_call("c3", json!({"command": "echo 3"})),
+        answer("never reached"),
+    ])
+    .await;
+    let mut l = limits(60);
+    l.max_steps = 2;
+    let out = agent(&base, &key)
+        .run(input("count"), &mut m.runner, l)
+        .await
+        .expect("turn");
+    assert_eq!(out.status, AgentStatus::StepLimit);
+    assert_eq!(out.steps.len(), 2);
+    assert!(out.reply.contains("step limit"), "{}", out.reply);
+    assert_eq!(script.requests().len(), 3);
+    assert_eq!(serde_json::to_value(&out).unwrap()["status"], "step_limit");
+}
+
+#[tokio::test]
+async fn deadline_with_a_still_running_command() {
+    let mut m = machine().await;
+    let key = secret_key();
+    let (base, script) = scripted_llm(vec![
+        tool_call("c1", json!({"command": "echo begun; sleep 30"})),
+        answer("never reached"),
+    ])
+    .await;
+    let started = Instant::now();
+    let out = agent(&base, &key)
+        .run(input("long job"), &mut m.runner, limits(3))
+        .await
+        .expect("turn");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "ended at the deadline: {took:?}"
+    );
+    assert_eq!(out.status, AgentStatus::Deadline);
+    assert_eq!(out.steps.len(), 1);
+    let step = &out.steps[0];
+    assert!(step.still_running);
+    assert_eq!(step.exit_code, None);
+    assert!(step.output.contains("begun"));
+    let marker = step.completion_marker.as_deref().expect("marker");
+    assert!(out.reply.contains("still running"), "{}", out.reply);
+    assert!(out.reply.contains(marker), "{}", out.reply);
+    assert_eq!(
+        script.requests().len(),
+        1,
+        "no model call after the deadline"
+    );
+    let v = serde_json::to_value(&out).unwrap();
+    assert_eq!(v["status"], "deadline");
+    assert_eq!(v["steps"][0]["still_running"], true);
+    assert!(!v.to_string().contains(&key));
+}
+
+#[tokio::test]
+async fn timed_out_command_then_next_command_runs_in_a_fresh_shell() {
+    let mut m = machine().await;
+    let key = secret_key();
+    let (base, script) = scripted_llm(vec![
+        tool_call("c1", json!({"command": "cd ~ && mkdir -p ah-bg && cd ah-bg && export AH_BG=1 && sleep 20", "timeout_s": 1})),
+        tool_call("c2", json!({"command": "echo next; echo \"bg=$AH_BG\""})),
+        answer("ok"),
+    ])
+    .await;
+    let out = agent(&base, &key)
+        .run(input("bg"), &mut m.runner, limits(60))
+        .await
+        .expect("turn");
+    assert_eq!(out.status, AgentStatus::Completed);
+    assert!(out.steps[0].still_running);
+    assert_eq!(out.steps[1].exit_code, Some(0));
+    assert!(
+        out.steps[1].output.starts_with("next\n"),
+        "{:?}",
+        out.steps[1]
+    );
+    let second = script.messages(1);
+    let result = tool_content(second.last().unwrap());
+    assert_eq!(result["still_running"], true);
+    assert!(result["note"].as_str().unwrap().contains(".agenthome/run/"));
+}
+
+#[tokio::test]
+async fn shell_mode_runs_the_message_as_a_command() {
+    let mut m = machine().await;
+    let out = Agent::shell()
+        .run(
+            input("echo from-shell-mode; exit_with() { return $1; }; exit_with 4"),
+            &mut m.runner,
+            limits(30),
+        )
+        .await
+        .expect("turn");
+    assert_eq!(out.status, AgentStatus::Completed);
+    assert_eq!(out.usage.llm_calls, 0);
+    assert_eq!(out.steps.len(), 1);
+    assert_eq!(out.steps[0].exit_code, Some(4));
+    assert!(out.reply.starts_with("from-shell-mode\n"), "{}", out.reply);
+    assert!(out.reply.contains("[exit code 4]"));
+}

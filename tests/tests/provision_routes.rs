@@ -1,0 +1,226 @@
+//! The provision function's machine routes and worker event, driven
+//! in-process through the real event shapes, against a real emulator and a
+//! real DynamoDB-compatible server.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use agenthome::api::AuthMode;
+use agenthome::provision::{
+    Bootstrap, MachineSpec, ProvisionEvent, ProvisionSettings, Provisioner, QueueTrigger,
+};
+use agenthome::store::{create_table, DynamoStore, UserStore};
+use agenthome_tests::events::{http, response_parts, Auth};
+use agenthome_tests::{unique_table_name, Emulator, Moto};
+use provision_fn::Service;
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+const ADMIN: &str = "agenthome/admin";
+
+struct Stack {
+    emu: Emulator,
+    service: Service<DynamoStore, QueueTrigger>,
+    events: UnboundedReceiver<ProvisionEvent>,
+}
+
+async fn stack() -> Stack {
+    let emu = Emulator::start().await;
+    let moto = Moto::shared().await;
+    let client = moto.dynamodb_client().await;
+    let table = unique_table_name("routes");
+    create_table(&client, &table).await.unwrap();
+    let store = DynamoStore::new(client, table);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let settings = ProvisionSettings::new(
+        MachineSpec {
+            vcpu: 1.0,
+            memory_mib: 1024,
+            storage_gib: 10,
+            autosleep: "30m".into(),
+        },
+        Bootstrap::new("echo bootstrapped >> ~/bootstrap.log", None),
+    );
+    let provisioner = Provisioner::new(store, emu.client(), QueueTrigger(tx), settings);
+    Stack {
+        emu,
+        service: Service {
+            provisioner,
+            auth_mode: AuthMode::Jwt,
+            admin_scope: ADMIN.into(),
+        },
+        events: rx,
+    }
+}
+
+impl Stack {
+    async fn call(&self, method: &str, path: &str, auth: Auth<'_>) -> (u16, Value, Value) {
+        let resp = self
+            .service
+            .handle(http(method, path, None, auth))
+            .await
+            .expect("HTTP events always get a response");
+        response_parts(&resp)
+    }
+
+    /// Deliver every queued provision event to the worker, as Lambda would.
+    async fn drain_worker(&mut self) -> usize {
+        let mut n = 0;
+        while let Ok(ev) = self.events.try_recv() {
+            self.service
+                .handle(serde_json::to_value(&ev).unwrap())
+                .await
+                .expect("worker event handled");
+            n += 1;
+        }
+        n
+    }
+}
+
+fn alice() -> Auth<'static> {
+    Auth::Jwt {
+        sub: "alice",
+        scopes: &[],
+    }
+}
+
+#[tokio::test]
+async fn put_provisions_once_and_get_reports_without_waking() {
+    // GIVEN a fresh stack
+    let mut s = stack().await;
+    // WHEN alice PUTs her machine twice
+    let (status, headers, body) = s.call("PUT", "/v1/users/alice/machine", alice()).await;
+    assert_eq!(status, 202, "{body}");
+    assert!(headers["retry-after"].as_str().is_some(), "202 carries Retry-After");
+    assert_eq!(body["state"], "provisioning");
+    let (status, _, _) = s.call("PUT", "/v1/users/alice/machine", alice()).await;
+    assert_eq!(status, 202, "a second PUT while provisioning is still 202");
+    // AND the worker runs
+    assert_eq!(s.drain_worker().await, 1, "only the first PUT started a worker");
+    // THEN GET shows a ready, running machine, and PUT is now 200
+    let (status, _, body) = s.call("GET", "/v1/users/alice/machine", alice()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "ready");
+    assert_eq!(body["phase"], "running");
+    let machine_id = body["machine_id"].as_str().unwrap().to_string();
+    let (status, _, _) = s.call("PUT", "/v1/users/alice/machine", alice()).await;
+    assert_eq!(status, 200);
+    let machines = s.emu.client().list_all_machines(None).await.unwrap();
+    assert_eq!(machines.len(), 1);
+
+    // WHEN the machine sleeps and alice reads its status
+    let client = s.emu.client();
+    client.sleep_machine(&machine_id, None, None).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    client
+        .wait_until(&machine_id, agenthome::dedalus::Phase::Sleeping, deadline)
+        .await
+        .unwrap();
+    let before = s.emu.requests().await.len();
+    let (status, _, body) = s.call("GET", "/v1/users/alice/machine", alice()).await;
+    // THEN the status says sleeping and only GETs reached the platform
+    assert_eq!(status, 200);
+    assert_eq!(body["phase"], "sleeping");
+    let after = s.emu.requests().await;
+    let sent: Vec<&Value> = after[before..].iter().collect();
+    assert!(!sent.is_empty());
+    assert!(
+        sent.iter().all(|r| r["method"] == "GET"),
+        "a status read sent a mutation: {sent:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let m = client.get_machine(&machine_id).await.unwrap();
+    assert_eq!(m.phase, agenthome::dedalus::Phase::Sleeping, "GET never wakes");
+}
+
+#[tokio::test]
+async fn users_may_act_only_for_themselves_unless_admin() {
+    let mut s = stack().await;
+    s.call("PUT", "/v1/users/alice/machine", alice()).await;
+    s.drain_worker().await;
+    // GIVEN bob's token WHEN he reads or deletes alice's machine THEN 403
+    let bob = Auth::Jwt {
+        sub: "bob",
+        scopes: &["read"],
+    };
+    for (method, path) in [
+        ("GET", "/v1/users/alice/machine"),
+        ("PUT", "/v1/users/alice/machine"),
+        ("DELETE", "/v1/users/alice/machine"),
+    ] {
+        let (status, headers, body) = s.call(method, path, bob.clone()).await;
+        assert_eq!(status, 403, "{method} {path}: {body}");
+        assert_eq!(headers["content-type"], "application/problem+json");
+        assert_eq!(body["code"], "forbidden");
+    }
+    // AND without a token THEN 401
+    let (status, _, _) = s.call("GET", "/v1/users/alice/machine", Auth::None).await;
+    assert_eq!(status, 401);
+    // AND the backend's admin scope may act for alice
+    let admin = Auth::Jwt {
+        sub: "chat-backend",
+        scopes: &[ADMIN],
+    };
+    let (status, _, body) = s.call("GET", "/v1/users/alice/machine", admin).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["user_id"], "alice");
+}
+
+#[tokio::test]
+async fn delete_removes_machine_and_mapping_and_a_new_put_starts_fresh() {
+    let mut s = stack().await;
+    s.call("PUT", "/v1/users/alice/machine", alice()).await;
+    s.drain_worker().await;
+    let (_, _, body) = s.call("GET", "/v1/users/alice/machine", alice()).await;
+    let first = body["machine_id"].as_str().unwrap().to_string();
+
+    // WHEN alice's account is deleted (twice: DELETE is idempotent)
+    let (status, _, _) = s.call("DELETE", "/v1/users/alice/machine", alice()).await;
+    assert_eq!(status, 204);
+    let (status, _, _) = s.call("DELETE", "/v1/users/alice/machine", alice()).await;
+    assert_eq!(status, 204);
+    // THEN the machine and the item are gone
+    assert!(s.emu.client().list_all_machines(None).await.unwrap().is_empty());
+    assert!(s.service.provisioner.store().get("alice").await.unwrap().is_none());
+    let (status, _, body) = s.call("GET", "/v1/users/alice/machine", alice()).await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("no_machine")));
+
+    // WHEN she comes back THEN a fresh machine is provisioned
+    let (status, _, _) = s.call("PUT", "/v1/users/alice/machine", alice()).await;
+    assert_eq!(status, 202);
+    s.drain_worker().await;
+    let (_, _, body) = s.call("GET", "/v1/users/alice/machine", alice()).await;
+    assert_eq!(body["state"], "ready");
+    assert_ne!(body["machine_id"].as_str().unwrap(), first);
+    assert_eq!(s.emu.client().list_all_machines(None).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn bad_input_is_a_4xx_problem_never_a_5xx_or_panic() {
+    let s = stack().await;
+    let cases: &[(&str, &str, u16)] = &[
+        ("GET", "/v1/users/-bad/machine", 400),
+        ("GET", "/v1/users/a%2Fb/machine", 400),
+        ("GET", &format!("/v1/users/{}/machine", "x".repeat(129)), 400),
+        ("GET", "/v1/users/%ZZ/machine", 400),
+        ("POST", "/v1/users/alice/machine", 405),
+        ("PATCH", "/v1/users/alice/machine", 405),
+        ("GET", "/v1/users/alice/machine/sleep", 405),
+        ("GET", "/v1/users/alice", 404),
+        ("GET", "/", 404),
+        ("GET", "/v1/users/alice/machine/extra", 404),
+    ];
+    for (method, path, want) in cases {
+        let (status, headers, body) = s
+            .call(method, path, Auth::Jwt { sub: "alice", scopes: &[ADMIN] })
+            .await;
+        assert_eq!(status, *want, "{method} {path}: {body}");
+        assert_eq!(headers["content-type"], "application/problem+json", "{method} {path}");
+        assert_eq!(body["status"], *want);
+        assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    }
+    // Events that are neither HTTP nor provision events are refused, not a panic.
+    for garbage in [json!({}), json!([1, 2]), json!("x"), json!({"user_id": 5})] {
+        assert!(s.service.handle(garbage.clone()).await.is_err(), "{garbage}");
+    }
+}

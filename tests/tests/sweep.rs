@@ -1,0 +1,957 @@
+//! The sleep sweep and reconciliation (`agenthome::sweep`) against the real
+//! emulator process and a real DynamoDB-compatible server (`moto_server`),
+//! except the 500-trial race, which uses the in-memory store (same
+//! semantics, written once in the store's engine) with the real emulator,
+//! plus a shorter run of the same race on DynamoDB.
+//!
+//! Invariants (DESIGN §6): 2 (never sleep a machine a turn holds or a
+//! running command holds), 5 (status reads never wake), 6 (orphans are
+//! found), and "no sweep ever scans the table".
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agenthome::clock::now_ms;
+use agenthome::dedalus::{
+    Client, CreateMachineRequest, IdempotencyKey, Phase, UpdateMachineRequest,
+};
+use agenthome::store::{
+    create_table, new_create_key, shard_for, AcquireOutcome, DynamoStore, Hold, Lease, LeaseKind,
+    LeasePurpose, MachineState, MemoryStore, Power, UserRecord, UserStore,
+};
+use agenthome::sweep::{sleep_key, SweepSettings, Sweeper};
+use agenthome_tests::{unique_table_name, Emulator, Moto};
+use serde_json::json;
+use tokio::time::Instant;
+
+const MINUTE: u64 = 60_000;
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+async fn dynamo() -> Arc<DynamoStore> {
+    let moto = Moto::shared().await;
+    let client = moto.dynamodb_client().await;
+    let name = unique_table_name("sweep");
+    create_table(&client, &name).await.expect("create table");
+    Arc::new(DynamoStore::new(client, name))
+}
+
+/// Settings for tests: defaults, short budgets, orphans reported at once.
+fn settings() -> SweepSettings {
+    SweepSettings {
+        sleep_call_timeout: Duration::from_secs(3),
+        read_call_timeout: Duration::from_secs(5),
+        marker_check_timeout: Duration::from_secs(5),
+        orphan_grace: Duration::ZERO,
+        ..SweepSettings::default()
+    }
+}
+
+fn deadline() -> Instant {
+    Instant::now() + Duration::from_secs(60)
+}
+
+async fn create_machine(client: &Client, autosleep: &str) -> String {
+    let req = CreateMachineRequest {
+        vcpu: 1.0,
+        memory_mib: 1024,
+        storage_gib: 10,
+        autosleep: Some(autosleep.to_owned()),
+    };
+    let m = client
+        .create_machine(&req, Some(&IdempotencyKey::new()))
+        .await
+        .expect("create machine");
+    client
+        .wait_until(
+            &m.machine_id,
+            Phase::Running,
+            Instant::now() + Duration::from_secs(20),
+        )
+        .await
+        .expect("machine running");
+    m.machine_id
+}
+
+/// A ready, awake user whose machine is running, last active at
+/// `last_active_at` (in the past, so the sweep sees it as idle).
+async fn ready_user<S: UserStore>(
+    store: &S,
+    client: &Client,
+    user: &str,
+    last_active_at: u64,
+    autosleep: &str,
+) -> String {
+    let machine_id = create_machine(client, autosleep).await;
+    item_for(store, user, &machine_id, last_active_at).await;
+    machine_id
+}
+
+/// The item of a provisioned user for `machine_id`, awake since and last
+/// active at `at`.
+async fn item_for<S: UserStore>(store: &S, user: &str, machine_id: &str, at: u64) {
+    let key = new_create_key();
+    let owner = format!("prov-{user}");
+    let lease = Lease::new(&owner, LeaseKind::Provision, at + MINUTE);
+    store.claim(user, &key, &lease, at).await.expect("claim");
+    store
+        .record_machine_id(user, &key, machine_id, at)
+        .await
+        .expect("record machine id");
+    store
+        .mark_ready(user, &owner, "v1", at)
+        .await
+        .expect("mark ready");
+    store
+        .release_lease(user, &owner, at)
+        .await
+        .expect("release");
+}
+
+async fn item<S: UserStore>(store: &S, user: &str) -> UserRecord {
+    store.get(user).await.expect("get").expect("item exists")
+}
+
+async fn phase(client: &Client, id: &str) -> Phase {
+    client.get_machine(id).await.expect("get machine").phase
+}
+
+async fn wait_phase(client: &Client, id: &str, want: &[Phase], within: Duration) -> Phase {
+    let end = Instant::now() + within;
+    loop {
+        let p = phase(client, id).await;
+        if want.contains(&p) || Instant::now() > end {
+            return p;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `n` user ids in the same awake shard.
+fn same_shard_users(n: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("user-{i}"))
+        .filter(|u| shard_for(u) == "0")
+        .take(n)
+        .collect()
+}
+
+fn is_asleep(p: &Phase) -> bool {
+    matches!(p, Phase::Sleeping | Phase::Stopping)
+}
+
+/// Sleep requests the emulator received (POST …/sleep), in order.
+async fn sleep_requests(emu: &Emulator) -> Vec<serde_json::Value> {
+    emu.requests()
+        .await
+        .into_iter()
+        .filter(|r| {
+            r["method"] == "POST" && r["path"].as_str().is_some_and(|p| p.ends_with("/sleep"))
+        })
+        .collect()
+}
+
+fn assert_consistent_awake(rec: &UserRecord) {
+    assert_eq!(rec.power, Power::Awake, "{rec:?}");
+    assert!(
+        rec.awake_shard.is_some(),
+        "still in the awake index: {rec:?}"
+    );
+    assert!(rec.lease.is_none(), "the sweep lease was released: {rec:?}");
+    assert_eq!(rec.state, MachineState::Ready);
+}
+
+fn assert_asleep(rec: &UserRecord) {
+    assert_eq!(rec.power, Power::Asleep, "{rec:?}");
+    assert!(rec.awake_shard.is_none(), "left the awake index: {rec:?}");
+    assert!(rec.awake_since.is_none());
+    assert!(rec.lease.is_none(), "the sweep lease was released: {rec:?}");
+}
+
+/// A small deterministic PRNG (xorshift64*), seeded per test run and printed
+/// so a failing interleaving can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. Race: a turn and a sweep on the same user
+// ---------------------------------------------------------------------------
+
+/// Counts of a race run.
+#[derive(Debug, Default)]
+struct RaceStats {
+    trials: u64,
+    /// The turn saw its machine not running while it held its lease.
+    violations: u64,
+    /// Item and machine disagree once both finished.
+    inconsistent: u64,
+    /// The turn lost its lease (a write under it was refused).
+    turn_lease_lost: u64,
+    slept: u64,
+    skipped_busy: u64,
+    turn_woke: u64,
+}
+
+/// One chat turn as the turn flow does it: take the turn lease (waiting
+/// briefly while the sweep holds it), get the machine and wake it if not
+/// running, "run commands" (phase read before and after, which must both be
+/// `running`), touch, release.
+async fn turn<S: UserStore>(
+    store: &S,
+    client: &Client,
+    user: &str,
+    machine_id: &str,
+    work: Duration,
+    stats: &Mutex<RaceStats>,
+) {
+    let owner = format!("turn-{}", uuid::Uuid::now_v7().simple());
+    let mut held = false;
+    for _ in 0..2000 {
+        let now = now_ms();
+        match store
+            .acquire_lease(user, &owner, LeasePurpose::Turn, now + 30_000, now)
+            .await
+            .expect("acquire turn lease")
+        {
+            AcquireOutcome::Acquired(_) => {
+                held = true;
+                break;
+            }
+            AcquireOutcome::Busy(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+            AcquireOutcome::Changed(rec) => panic!("turn lease refused as changed: {rec:?}"),
+        }
+    }
+    assert!(held, "the turn never got its lease");
+    let m = client.get_machine(machine_id).await.expect("get machine");
+    if m.phase != Phase::Running {
+        client
+            .wake_machine(machine_id, None, None)
+            .await
+            .expect("wake");
+        client
+            .wait_until(
+                machine_id,
+                Phase::Running,
+                Instant::now() + Duration::from_secs(20),
+            )
+            .await
+            .expect("running after wake");
+        stats.lock().expect("stats").turn_woke += 1;
+    }
+    if store.mark_awake(user, &owner, now_ms()).await.is_err() {
+        stats.lock().expect("stats").turn_lease_lost += 1;
+    }
+    // "Commands": the machine must be running throughout.
+    let before = phase(client, machine_id).await;
+    tokio::time::sleep(work).await;
+    let after = phase(client, machine_id).await;
+    if before != Phase::Running || after != Phase::Running {
+        stats.lock().expect("stats").violations += 1;
+        eprintln!("VIOLATION: machine {before} → {after} while the turn held its lease");
+    }
+    if store.touch(user, &owner, now_ms()).await.is_err() {
+        stats.lock().expect("stats").turn_lease_lost += 1;
+    }
+    let _ = store.release_lease(user, &owner, now_ms()).await;
+}
+
+/// `max_offset`: the random start offsets of the turn and the sweep span
+/// this much, about a turn's length on the store used; `max_work`: the
+/// turn's "commands" last up to this long (the window in which a sweep
+/// without the lease condition would sleep the machine under the turn).
+async fn race<S: UserStore + 'static>(
+    store: Arc<S>,
+    trials: u64,
+    max_offset: Duration,
+    max_work: Duration,
+) -> RaceStats {
+    let emu = Emulator::start_with(&[
+        "--wake-delay",
+        "5ms",
+        "--sleep-delay",
+        "5ms",
+        "--default-autosleep",
+        "never",
+    ])
+    .await;
+    let client = emu.client();
+    let user = "race-user";
+    let machine_id = ready_user(&*store, &client, user, now_ms() - MINUTE, "never").await;
+    let sweeper = Arc::new(Sweeper::new(
+        Arc::clone(&store),
+        &client,
+        SweepSettings {
+            idle_after: Duration::ZERO,
+            concurrency: 4,
+            ..settings()
+        },
+    ));
+    let seed = std::env::var("SWEEP_RACE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| now_ms() | 1);
+    eprintln!("race: {trials} trials, seed {seed} (SWEEP_RACE_SEED to replay)");
+    let mut rng = Rng(seed);
+    let stats = Arc::new(Mutex::new(RaceStats::default()));
+    for _ in 0..trials {
+        let span = u64::try_from(max_offset.as_micros()).unwrap_or(u64::MAX);
+        let work_us = rng.below(u64::try_from(max_work.as_micros()).unwrap_or(1));
+        let work = Duration::from_micros(work_us);
+        let turn_delay = Duration::from_micros(rng.below(span));
+        // Half the trials start the sweep uniformly at random; the other
+        // half aim it at the turn's lease (its start plus up to its length),
+        // where only the lease condition keeps the sweep off the machine.
+        let sweep_delay = if rng.below(2) == 0 {
+            Duration::from_micros(rng.below(span))
+        } else {
+            turn_delay + Duration::from_micros(rng.below(work_us + span / 2))
+        };
+        let t = {
+            let (store, client, stats, machine_id) = (
+                Arc::clone(&store),
+                client.clone(),
+                Arc::clone(&stats),
+                machine_id.clone(),
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(turn_delay).await;
+                turn(&*store, &client, user, &machine_id, work, &stats).await;
+            })
+        };
+        let s = {
+            let sweeper = Arc::clone(&sweeper);
+            tokio::spawn(async move {
+                tokio::time::sleep(sweep_delay).await;
+                sweeper
+                    .run(now_ms(), Instant::now() + Duration::from_secs(20))
+                    .await
+            })
+        };
+        t.await.expect("turn task");
+        let report = s.await.expect("sweep task");
+        // Both finished: the item must agree with the machine.
+        let rec = item(&*store, user).await;
+        let p = wait_phase(
+            &client,
+            &machine_id,
+            &[Phase::Running, Phase::Sleeping],
+            Duration::from_secs(2),
+        )
+        .await;
+        let consistent = match rec.power {
+            Power::Awake => p == Phase::Running,
+            Power::Asleep => is_asleep(&p),
+            Power::Unknown => false,
+        };
+        let mut st = stats.lock().expect("stats");
+        st.trials += 1;
+        st.slept += report.slept;
+        st.skipped_busy += report.skipped_busy;
+        if !consistent {
+            st.inconsistent += 1;
+            eprintln!("INCONSISTENT: item {:?} vs machine {p}", rec.power);
+        }
+    }
+    let st = std::mem::take(&mut *stats.lock().expect("stats"));
+    st
+}
+
+fn race_trials(default: u64) -> u64 {
+    std::env::var("SWEEP_RACE_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn check_race(st: &RaceStats, trials: u64) {
+    eprintln!("race stats: {st:?}");
+    assert_eq!(st.trials, trials);
+    assert_eq!(
+        st.violations, 0,
+        "the sweep slept a machine while a turn held it: {st:?}"
+    );
+    assert_eq!(st.turn_lease_lost, 0, "a turn lost its lease: {st:?}");
+    assert_eq!(st.inconsistent, 0, "item and machine disagree: {st:?}");
+    if trials >= 50 {
+        // The race was really exercised: both orders happened.
+        assert!(st.slept > 0 && st.turn_woke > 0, "sweep never won: {st:?}");
+        assert!(
+            st.skipped_busy > 0 || st.slept < trials,
+            "turn never won: {st:?}"
+        );
+    }
+}
+
+/// GIVEN one user with a running machine and an always-idle threshold
+/// WHEN a turn (lease → wake → commands → touch → release) and a sweep run
+/// concurrently with random offsets, many times
+/// THEN the machine is running whenever the turn checks it under its lease,
+/// no turn loses its lease, and item and machine agree after every trial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn race_turn_vs_sweep_never_sleeps_a_held_machine_memory_store() {
+    let trials = race_trials(500);
+    let st = race(
+        Arc::new(MemoryStore::new()),
+        trials,
+        Duration::from_millis(10),
+        Duration::from_millis(8),
+    )
+    .await;
+    check_race(&st, trials);
+}
+
+/// The same race on DynamoDB (moto), fewer trials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn race_turn_vs_sweep_never_sleeps_a_held_machine_dynamodb() {
+    let trials = std::env::var("SWEEP_RACE_TRIALS_DYNAMO")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let st = race(
+        dynamo().await,
+        trials,
+        Duration::from_millis(150),
+        Duration::from_millis(60),
+    )
+    .await;
+    check_race(&st, trials);
+}
+
+// ---------------------------------------------------------------------------
+// 2. A command left running holds the machine awake
+// ---------------------------------------------------------------------------
+
+/// GIVEN an idle user whose turn left a command running (hold with its
+/// completion marker absent, not expired)
+/// WHEN the sweep runs THEN the machine stays awake (no sleep call) and the
+/// check did not wake anything; WHEN the marker then exists THEN the next
+/// sweep clears the hold and sleeps the machine; and GIVEN an expired hold
+/// with the marker absent THEN it no longer blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_command_holds_the_machine_until_its_marker_exists_or_the_hold_expires() {
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let store = dynamo().await;
+    let t = now_ms() - 10 * MINUTE;
+    let held = ready_user(&*store, &client, "held", t, "never").await;
+    let expired = ready_user(&*store, &client, "expired", t, "never").await;
+    let marker = ".agenthome/holds/cmd-1.done";
+    for (user, until) in [("held", now_ms() + 30 * MINUTE), ("expired", t + MINUTE)] {
+        let owner = format!("turn-{user}");
+        store
+            .acquire_lease(user, &owner, LeasePurpose::Turn, t + MINUTE, t)
+            .await
+            .expect("lease");
+        let hold = Hold {
+            until,
+            marker: marker.to_owned(),
+        };
+        store.set_hold(user, &owner, &hold, t).await.expect("hold");
+        store.release_lease(user, &owner, t).await.expect("release");
+    }
+    let sweeper = Sweeper::new(Arc::clone(&store), &client, settings());
+
+    let r1 = sweeper.run(now_ms(), deadline()).await;
+    assert_eq!(r1.candidates, 2, "{r1:?}");
+    assert_eq!(r1.held_by_running_command, 1, "{r1:?}");
+    assert_eq!(r1.slept, 1, "the expired hold did not block: {r1:?}");
+    assert_eq!(phase(&client, &held).await, Phase::Running);
+    let rec = item(&*store, "held").await;
+    assert_consistent_awake(&rec);
+    assert!(rec.hold.is_some(), "hold kept while the command runs");
+    assert!(is_asleep(&phase(&client, &expired).await));
+    let exp = item(&*store, "expired").await;
+    assert_asleep(&exp);
+    assert!(exp.hold.is_none(), "expired hold cleared");
+    let sleeps = sleep_requests(&emu).await;
+    assert!(
+        sleeps
+            .iter()
+            .all(|r| !r["path"].as_str().unwrap_or_default().contains(&held)),
+        "no sleep call for the held machine: {sleeps:?}"
+    );
+
+    // The command finishes: its marker appears in the machine's home.
+    let path = emu.machine_home(&held).join(marker);
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&path, "").expect("marker");
+    let r2 = sweeper.run(now_ms(), deadline()).await;
+    assert_eq!((r2.slept, r2.held_by_running_command), (1, 0), "{r2:?}");
+    let rec = item(&*store, "held").await;
+    assert_asleep(&rec);
+    assert!(rec.hold.is_none(), "hold cleared: {rec:?}");
+    assert!(is_asleep(&phase(&client, &held).await));
+
+    // Invariant 5: the marker checks never woke a machine.
+    let wakes = emu
+        .requests()
+        .await
+        .into_iter()
+        .filter(|r| r["path"].as_str().is_some_and(|p| p.ends_with("/wake")))
+        .count();
+    assert_eq!(wakes, 0);
+}
+
+// ---------------------------------------------------------------------------
+// 3. Hold window, 404, 429, 503, timeouts
+// ---------------------------------------------------------------------------
+
+/// GIVEN a machine inside the platform's sleep hold window WHEN the sweep
+/// runs THEN it stores `sleep_eligible_at` and moves on; a run before that
+/// time makes no sleep call; a run after it (window over) sleeps the machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_window_defers_the_sleep_until_the_machine_is_eligible() {
+    let emu = Emulator::start_with(&["--hold-window", "1h", "--hold-jitter", "0s"]).await;
+    let client = emu.client();
+    let store = dynamo().await;
+    let machine = ready_user(&*store, &client, "u", now_ms() - 10 * MINUTE, "never").await;
+    let sweeper = Sweeper::new(Arc::clone(&store), &client, settings());
+
+    let r1 = sweeper.run(now_ms(), deadline()).await;
+    assert_eq!((r1.skipped_hold, r1.slept, r1.failed), (1, 0, 0), "{r1:?}");
+    let rec = item(&*store, "u").await;
+    assert_consistent_awake(&rec);
+    let eligible = rec.sleep_eligible_at.expect("sleep_eligible_at stored");
+    let in_an_hour = now_ms() + 60 * MINUTE;
+    assert!(
+        eligible > in_an_hour - 2 * MINUTE && eligible <= in_an_hour,
+        "eligible {eligible} ≈ now + 1h ({in_an_hour})"
+    );
+    assert_eq!(sleep_requests(&emu).await.len(), 1);
+
+    let r2 = sweeper.run(now_ms(), deadline()).await;
+    assert_eq!(r2.skipped_hold, 1, "{r2:?}");
+    assert_eq!(
+        sleep_requests(&emu).await.len(),
+        1,
+        "no call before eligibility"
+    );
+
+    emu.configure(json!({"hold_window_ms": 0, "hold_jitter_ms": 0}))
+        .await;
+    let r3 = sweeper.run(eligible + 1, deadline()).await;
+    assert_eq!(r3.slept, 1, "{r3:?}");
+    assert_asleep(&item(&*store, "u").await);
+    assert!(is_asleep(&phase(&client, &machine).await));
+}
+
+/// GIVEN an awake item whose machine was deleted behind its back WHEN the
+/// sweep runs THEN the item is marked lost (failed, no machine id, out of
+/// the awake index) and the run reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_deleted_behind_the_items_back_is_marked_lost() {
+    let emu = Emulator::start().await;
+    let client = emu.client();
+    let store = dynamo().await;
+    let machine = ready_user(&*store, &client, "u", now_ms() - 10 * MINUTE, "never").await;
+    client
+        .delete_machine(&machine, None, None)
+        .await
+        .expect("delete");
+    let end = Instant::now() + Duration::from_secs(10);
+    while client.get_machine(&machine).await.is_ok() && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sweeper = Sweeper::new(Arc::clone(&store), &client, settings());
+    let r = sweeper.run(now_ms(), deadline()).await;
+    assert_eq!((r.lost, r.slept, r.failed), (1, 0, 0), "{r:?}");
+    let rec = item(&*store, "u").await;
+    assert_eq!(rec.state, MachineState::Failed);
+    assert_eq!(rec.machine_id, None);
+    assert_eq!(rec.power, Power::Unknown);
+    assert!(rec.awake_shard.is_none() && rec.lease.is_none(), "{rec:?}");
+    assert!(rec
+        .last_error
+        .as_deref()
+        .unwrap_or_default()
+        .contains(&machine));
+}
+
+/// GIVEN sleep answering 429, then 503, then hanging past the sleep call's
+/// budget WHEN the sweep runs THEN nothing is lost: one sleep call per run
+/// (no retry storm), the item stays awake with its lease released; WHEN the
+/// fault is gone THEN the next run sleeps the machine — for the timeout, by
+/// replaying the same Idempotency-Key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_outages_and_timeouts_leave_the_item_for_the_next_run() {
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let store = dynamo().await;
+    let sweeper = Sweeper::new(
+        Arc::clone(&store),
+        &client,
+        SweepSettings {
+            sleep_call_timeout: Duration::from_millis(700),
+            ..settings()
+        },
+    );
+    let faults = [
+        (
+            "429",
+            json!({"method": "POST", "path": "/v1/machines/*/sleep", "times": 0, "status": 429,
+                   "error_code": "RATE_LIMITED", "message": "slow down", "retryable": true,
+                   "retry_after_ms": 50}),
+        ),
+        (
+            "503",
+            json!({"method": "POST", "path": "/v1/machines/*/sleep", "times": 0, "status": 503,
+                   "error_code": "DEPENDENCY_UNAVAILABLE", "message": "down", "retryable": true}),
+        ),
+        (
+            "timeout",
+            json!({"method": "POST", "path": "/v1/machines/*/sleep", "times": 1, "delay_ms": 2500}),
+        ),
+    ];
+    for (i, (name, fault)) in faults.into_iter().enumerate() {
+        let user = format!("u{i}");
+        let machine = ready_user(&*store, &client, &user, now_ms() - 10 * MINUTE, "never").await;
+        let before = sleep_requests(&emu).await.len();
+        emu.inject_fault(fault).await;
+
+        let r1 = sweeper.run(now_ms(), deadline()).await;
+        assert_eq!((r1.failed, r1.slept, r1.lost), (1, 0, 0), "{name}: {r1:?}");
+        let rec = item(&*store, &user).await;
+        assert_consistent_awake(&rec);
+        if name == "timeout" {
+            // The emulator still processes (and then logs) the timed-out
+            // call; wait for it, so the next run's call is a replay.
+            tokio::time::sleep(Duration::from_millis(3000)).await;
+        }
+        let calls = sleep_requests(&emu).await;
+        assert_eq!(
+            calls.len() - before,
+            1,
+            "{name}: one sleep call, no retries"
+        );
+
+        emu.clear_faults().await;
+        let r2 = sweeper.run(now_ms(), deadline()).await;
+        assert_eq!(r2.slept, 1, "{name}: retried next run: {r2:?}");
+        assert_asleep(&item(&*store, &user).await);
+        assert!(is_asleep(&phase(&client, &machine).await), "{name}");
+        let calls = sleep_requests(&emu).await;
+        let keys: Vec<&str> = calls[before..]
+            .iter()
+            .map(|r| r["idempotency_key"].as_str().unwrap_or_default())
+            .collect();
+        let expected = sleep_key(&machine, rec.awake_since, rec.last_active_at);
+        assert_eq!(
+            keys,
+            vec![expected.as_str(); 2],
+            "{name}: same key on both runs"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 4. Reconciliation
+// ---------------------------------------------------------------------------
+
+/// GIVEN an item that says awake for a machine that slept on its own
+/// (platform autosleep), a running machine no item references, and an
+/// awake item whose machine is gone WHEN reconciliation runs THEN the first
+/// item is corrected to asleep, the orphan is reported (and left running),
+/// the third item is marked lost; and WHEN run with
+/// `RECONCILE_SLEEP_ORPHANS` THEN the orphan is put to sleep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_fixes_autoslept_items_reports_orphans_and_marks_lost_items() {
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let store = dynamo().await;
+    // Recently active (not a sweep candidate), autosleep 1 s.
+    let auto = ready_user(&*store, &client, "auto", now_ms(), "1s").await;
+    let orphan = create_machine(&client, "never").await;
+    let gone = ready_user(&*store, &client, "gone", now_ms(), "never").await;
+    client
+        .delete_machine(&gone, None, None)
+        .await
+        .expect("delete");
+    assert!(
+        is_asleep(&wait_phase(&client, &auto, &[Phase::Sleeping], Duration::from_secs(10)).await),
+        "platform autosleep"
+    );
+    assert_eq!(
+        item(&*store, "auto").await.power,
+        Power::Awake,
+        "item is stale"
+    );
+    let before = emu.requests().await.len();
+
+    let sweeper = Sweeper::new(Arc::clone(&store), &client, settings());
+    let r = sweeper.reconcile(now_ms(), deadline()).await;
+    assert!(r.reconciled);
+    assert_eq!(
+        (r.fixed, r.orphans, r.orphans_slept, r.lost),
+        (1, 1, 0, 1),
+        "{r:?}"
+    );
+    assert_asleep(&item(&*store, "auto").await);
+    let g = item(&*store, "gone").await;
+    assert_eq!(
+        (g.state, g.machine_id.as_deref()),
+        (MachineState::Failed, None)
+    );
+    assert_eq!(
+        phase(&client, &orphan).await,
+        Phase::Running,
+        "only reported"
+    );
+    // Invariant 5: reconciliation only read (GET) — no wake, no sleep.
+    let calls = emu.requests().await;
+    assert!(
+        calls[before..].iter().all(|c| c["method"] == "GET"),
+        "{:?}",
+        &calls[before..]
+    );
+
+    let sleeping_orphans = Sweeper::new(
+        Arc::clone(&store),
+        &client,
+        SweepSettings {
+            reconcile_sleep_orphans: true,
+            ..settings()
+        },
+    );
+    let r = sleeping_orphans.reconcile(now_ms(), deadline()).await;
+    assert_eq!((r.orphans, r.orphans_slept, r.fixed), (1, 1, 0), "{r:?}");
+    assert!(is_asleep(&phase(&client, &orphan).await));
+
+    // A young machine is not called an orphan (provisioning may be recording it).
+    let graceful = Sweeper::new(
+        Arc::clone(&store),
+        &client,
+        SweepSettings {
+            orphan_grace: Duration::from_secs(3600),
+            ..settings()
+        },
+    );
+    let r = graceful.reconcile(now_ms(), deadline()).await;
+    assert_eq!(r.orphans, 0, "{r:?}");
+}
+
+/// GIVEN an item that says asleep while its machine runs WHEN
+/// reconciliation runs THEN the item is corrected to awake (back in the
+/// awake index), so the next sweep puts the machine to sleep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_puts_a_running_machine_marked_asleep_back_in_the_awake_index() {
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let store = dynamo().await;
+    let machine = ready_user(&*store, &client, "u", now_ms() - 10 * MINUTE, "never").await;
+    let rec = item(&*store, "u").await;
+    let rec = store
+        .set_power(&rec, Power::Asleep, now_ms())
+        .await
+        .expect("pretend asleep");
+    assert!(rec.awake_shard.is_none());
+    let sweeper = Sweeper::new(Arc::clone(&store), &client, settings());
+    let r = sweeper.run_scheduled(0, now_ms(), deadline(), true).await;
+    assert_eq!((r.candidates, r.fixed), (0, 1), "{r:?}");
+    assert_eq!(item(&*store, "u").await.power, Power::Awake);
+    let r = sweeper.run(now_ms(), deadline()).await;
+    assert_eq!(r.slept, 1, "{r:?}");
+    assert!(is_asleep(&phase(&client, &machine).await));
+}
+
+// ---------------------------------------------------------------------------
+// 5. No scans
+// ---------------------------------------------------------------------------
+
+/// Records the DynamoDB operation (`X-Amz-Target`) of every request.
+#[derive(Debug, Clone, Default)]
+struct Operations(Arc<Mutex<Vec<String>>>);
+
+impl aws_sdk_dynamodb::config::Intercept for Operations {
+    fn name(&self) -> &'static str {
+        "record-operations"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _components: &aws_sdk_dynamodb::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_dynamodb::config::ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let target = context
+            .request()
+            .headers()
+            .get("x-amz-target")
+            .unwrap_or("?")
+            .to_owned();
+        self.0.lock().expect("ops").push(target);
+        Ok(())
+    }
+}
+
+/// GIVEN a table with idle, busy and recent items WHEN a sweep and a
+/// reconciliation run THEN the DynamoDB requests on the wire include Query
+/// (the indexes) and never Scan; and no code in `shared/src` calls the
+/// DynamoDB Scan API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_and_reconciliation_never_scan_the_table() {
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let moto = Moto::shared().await;
+    let ops = Operations::default();
+    let conf = aws_sdk_dynamodb::config::Builder::from(&moto.sdk_config().await)
+        .interceptor(ops.clone())
+        .build();
+    let ddb = aws_sdk_dynamodb::Client::from_conf(conf);
+    let name = unique_table_name("sweep-noscan");
+    create_table(&ddb, &name).await.expect("table");
+    let store = Arc::new(DynamoStore::new(ddb, name));
+    for (i, at) in [now_ms() - 10 * MINUTE, now_ms() - 20 * MINUTE, now_ms()]
+        .into_iter()
+        .enumerate()
+    {
+        ready_user(&*store, &client, &format!("user-{i}"), at, "never").await;
+    }
+    ops.0.lock().expect("ops").clear();
+    let sweeper = Sweeper::new(Arc::clone(&store), &client, settings());
+    let r = sweeper.run_scheduled(0, now_ms(), deadline(), true).await;
+    assert_eq!(r.slept, 2, "{r:?}");
+    let seen = ops.0.lock().expect("ops").clone();
+    let distinct: HashSet<&str> = seen.iter().map(String::as_str).collect();
+    eprintln!(
+        "DynamoDB operations: {distinct:?} ({} requests)",
+        seen.len()
+    );
+    assert!(distinct.contains("DynamoDB_20120810.Query"), "{distinct:?}");
+    assert!(
+        !distinct.iter().any(|op| op.ends_with(".Scan")),
+        "{distinct:?}"
+    );
+
+    // And in the source: no call of the Scan API anywhere in the library.
+    let root = agenthome_tests::workspace_root().join("shared/src");
+    let mut offenders = Vec::new();
+    let mut dirs = vec![root];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                for needle in [".scan()", "operation::scan", "ScanInput", "ScanOutput"] {
+                    if text.contains(needle) {
+                        offenders.push(format!("{}: {needle}", path.display()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "{offenders:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 6. Explicit sleep refused
+// ---------------------------------------------------------------------------
+
+/// GIVEN every sleep call refused with 401 "missing internal route
+/// signature" (after 300 ms, so concurrent calls would overlap), three idle
+/// awake items (one machine already asleep) WHEN the
+/// sweep runs (concurrency 16) THEN it makes exactly one sleep call, reports
+/// sleep unavailable, marks the sleeping machine's item asleep by reading
+/// its phase and leaves the running ones to autosleep; WHEN the platform
+/// autosleeps those THEN the next run (again one refused call at most)
+/// brings their items in line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_explicit_sleep_falls_back_to_autosleep_with_at_most_one_call_per_run() {
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let store = dynamo().await;
+    let t = now_ms() - 10 * MINUTE;
+    // Same shard, so the three are one page, handled concurrently.
+    let users = same_shard_users(3);
+    let [ua, ub, uc] = [&users[0], &users[1], &users[2]];
+    let a = ready_user(&*store, &client, ua, t, "never").await;
+    let b = ready_user(&*store, &client, ub, t, "never").await;
+    let c = ready_user(&*store, &client, uc, t, "never").await;
+    client
+        .sleep_machine(&a, None, None)
+        .await
+        .expect("direct sleep");
+    wait_phase(&client, &a, &[Phase::Sleeping], Duration::from_secs(5)).await;
+    emu.inject_fault(json!({
+        "method": "POST", "path": "/v1/machines/*/sleep", "times": 0, "status": 401,
+        "error_code": "AUTH_INVALID", "message": "missing internal route signature",
+        "retryable": false, "delay_ms": 300
+    }))
+    .await;
+    let sweeper = Sweeper::new(Arc::clone(&store), &client, settings());
+
+    let before = sleep_requests(&emu).await.len();
+    let r1 = sweeper.run(now_ms(), deadline()).await;
+    assert_eq!(
+        sleep_requests(&emu).await.len() - before,
+        1,
+        "one refused call"
+    );
+    assert!(r1.sleep_unavailable, "{r1:?}");
+    assert_eq!(
+        (r1.candidates, r1.fixed, r1.awaiting_autosleep, r1.slept),
+        (3, 1, 2, 0),
+        "{r1:?}"
+    );
+    assert_asleep(&item(&*store, ua).await);
+    assert_consistent_awake(&item(&*store, ub).await);
+
+    // The platform's autosleep takes over (set through PATCH, not sleep).
+    for id in [&b, &c] {
+        let upd = UpdateMachineRequest {
+            autosleep: Some("1s".to_owned()),
+            ..UpdateMachineRequest::default()
+        };
+        client
+            .update_machine(id, &upd, None, None)
+            .await
+            .expect("set autosleep");
+    }
+    for id in [&b, &c] {
+        assert!(is_asleep(
+            &wait_phase(&client, id, &[Phase::Sleeping], Duration::from_secs(10)).await
+        ));
+    }
+    let before = sleep_requests(&emu).await.len();
+    let r2 = sweeper.run(now_ms(), deadline()).await;
+    assert!(
+        sleep_requests(&emu).await.len() - before <= 1,
+        "at most one refused call"
+    );
+    assert_eq!((r2.fixed, r2.awaiting_autosleep), (2, 0), "{r2:?}");
+    for u in [ua, ub, uc] {
+        assert_asleep(&item(&*store, u).await);
+    }
+}
+
+/// GIVEN an already past deadline WHEN the sweep runs THEN it stops at once
+/// and reports work remaining.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_past_deadline_stops_the_run_and_reports_what_remains() {
+    let emu = Emulator::start().await;
+    let client = emu.client();
+    let store = Arc::new(MemoryStore::new());
+    ready_user(&*store, &client, "u", now_ms() - 10 * MINUTE, "never").await;
+    let sweeper = Sweeper::new(Arc::clone(&store), &client, settings());
+    let r = sweeper.run(now_ms(), Instant::now()).await;
+    assert!(r.remaining, "{r:?}");
+    assert_eq!(r.slept, 0);
+    assert_consistent_awake(&item(&*store, "u").await);
+}
