@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{oneshot, watch};
 
-use crate::config::{Args, Timing};
+use crate::config::{Args, Drift, Timing};
 use crate::faults::FaultTable;
 use crate::reqlog::RequestLog;
 use crate::state::{self, State};
@@ -30,6 +30,7 @@ pub struct App {
     pub args: Args,
     pub base_url: String,
     timing: Mutex<Timing>,
+    drift: Mutex<Drift>,
     state: Mutex<State>,
     rt: Mutex<Runtime>,
     faults: Mutex<FaultTable>,
@@ -46,10 +47,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl App {
     pub fn new(args: Args, state: State, addr: SocketAddr) -> Self {
         let timing = Timing::from_args(&args);
+        let drift = Drift::from_args(&args);
         Self {
             args,
             base_url: format!("http://{addr}"),
             timing: Mutex::new(timing),
+            drift: Mutex::new(drift),
             state: Mutex::new(state),
             rt: Mutex::new(Runtime::default()),
             faults: Mutex::new(FaultTable::default()),
@@ -83,6 +86,17 @@ impl App {
         let mut t = lock(&self.timing);
         f(&mut t);
         *t
+    }
+
+    /// The current drift switches.
+    pub fn drift(&self) -> Drift {
+        *lock(&self.drift)
+    }
+
+    pub fn update_drift(&self, f: impl FnOnce(&mut Drift)) -> Drift {
+        let mut d = lock(&self.drift);
+        f(&mut d);
+        *d
     }
 
     /// Wakes everything that watches machine or terminal state.

@@ -5,16 +5,83 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 /// How machine ids look.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum IdFormat {
     /// `dm-<32 hex>`
     Dm,
     /// bare lowercase UUID
     Uuid,
+}
+
+/// Body shape of machine mutation responses (create, update, wake, sleep,
+/// delete).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResponseShape {
+    /// The spec's LifecycleResponse: a `status` object.
+    #[default]
+    Spec,
+    /// The newer SDKs' shape: top-level `phase` and `revision`, no `status`.
+    Newer,
+}
+
+/// Whether terminal routes are refused as "not available in this API
+/// version".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RefuseTerminals {
+    /// Terminals are served.
+    #[default]
+    Off,
+    /// 404 problem+json.
+    NotFound,
+    /// 501 problem+json.
+    NotImplemented,
+}
+
+impl RefuseTerminals {
+    /// The refusal status, `None` when terminals are served.
+    pub fn status(self) -> Option<u16> {
+        match self {
+            Self::Off => None,
+            Self::NotFound => Some(404),
+            Self::NotImplemented => Some(501),
+        }
+    }
+
+    fn from_status(status: u64) -> Result<Self, String> {
+        match status {
+            404 => Ok(Self::NotFound),
+            501 => Ok(Self::NotImplemented),
+            other => Err(format!("refuse_terminals must be 404 or 501, not {other}")),
+        }
+    }
+
+    /// `404`, `501`, or `off` (also `false`, `no`, `none`, empty).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "off" | "false" | "no" | "none" => Ok(Self::Off),
+            other => other
+                .parse::<u64>()
+                .map_err(|_| format!("refuse_terminals must be 404, 501 or off, not {s:?}"))
+                .and_then(Self::from_status),
+        }
+    }
+}
+
+/// `null` when off, else the status number.
+impl Serialize for RefuseTerminals {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.status() {
+            Some(status) => s.serialize_u16(status),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 /// A local, faithful Dedalus Machines API server for development and tests.
@@ -61,6 +128,169 @@ pub struct Args {
     /// Machine ids as `dm-<32 hex>` or bare lowercase UUIDs.
     #[arg(long, env = "DCS_EMULATOR_ID_FORMAT", value_enum, default_value = "dm")]
     pub id_format: IdFormat,
+    /// Drift: `POST …/wake` answers 401 AUTH_INVALID "missing internal
+    /// route signature".
+    #[arg(long, env = "DCS_EMULATOR_REFUSE_WAKE", value_parser = BoolishValueParser::new())]
+    pub refuse_wake: bool,
+    /// Drift: `POST …/sleep` answers 401 AUTH_INVALID "missing internal
+    /// route signature".
+    #[arg(long, env = "DCS_EMULATOR_REFUSE_SLEEP", value_parser = BoolishValueParser::new())]
+    pub refuse_sleep: bool,
+    /// Drift: terminal routes answer this status (`404` or `501`,
+    /// problem+json); `off` serves them.
+    #[arg(long, env = "DCS_EMULATOR_REFUSE_TERMINALS", default_value = "off", value_parser = RefuseTerminals::parse)]
+    pub refuse_terminals: RefuseTerminals,
+    /// Drift: mutation response bodies in the spec's shape or the newer one.
+    #[arg(
+        long,
+        env = "DCS_EMULATOR_RESPONSE_SHAPE",
+        value_enum,
+        default_value = "spec"
+    )]
+    pub response_shape: ResponseShape,
+    /// Drift (old behaviour): a missing `If-Match` on wake, sleep, update or
+    /// delete answers 428.
+    #[arg(long, env = "DCS_EMULATOR_REQUIRE_IF_MATCH", value_parser = BoolishValueParser::new())]
+    pub require_if_match: bool,
+}
+
+/// Drift switches: reproduce real-world differences from the spec, one at a
+/// time or together. Flags at start, `PATCH /_emulator/config` at run time.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Drift {
+    pub refuse_wake: bool,
+    pub refuse_sleep: bool,
+    /// `null`, `404` or `501`.
+    pub refuse_terminals: RefuseTerminals,
+    pub id_format: IdFormat,
+    pub response_shape: ResponseShape,
+    pub require_if_match: bool,
+}
+
+impl Drift {
+    pub fn from_args(args: &Args) -> Self {
+        Self {
+            refuse_wake: args.refuse_wake,
+            refuse_sleep: args.refuse_sleep,
+            refuse_terminals: args.refuse_terminals,
+            id_format: args.id_format,
+            response_shape: args.response_shape,
+            require_if_match: args.require_if_match,
+        }
+    }
+
+    pub fn apply(&mut self, patch: &DriftPatch) {
+        if let Some(v) = patch.refuse_wake {
+            self.refuse_wake = v;
+        }
+        if let Some(v) = patch.refuse_sleep {
+            self.refuse_sleep = v;
+        }
+        if let Some(v) = patch.refuse_terminals {
+            self.refuse_terminals = v;
+        }
+        if let Some(v) = patch.id_format {
+            self.id_format = v;
+        }
+        if let Some(v) = patch.response_shape {
+            self.response_shape = v;
+        }
+        if let Some(v) = patch.require_if_match {
+            self.require_if_match = v;
+        }
+    }
+}
+
+/// A partial update of [`Drift`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DriftPatch {
+    pub refuse_wake: Option<bool>,
+    pub refuse_sleep: Option<bool>,
+    pub refuse_terminals: Option<RefuseTerminals>,
+    pub id_format: Option<IdFormat>,
+    pub response_shape: Option<ResponseShape>,
+    pub require_if_match: Option<bool>,
+}
+
+/// The body of `PATCH /_emulator/config`: timing knobs and drift switches;
+/// unknown fields are rejected.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigPatch {
+    #[serde(default)]
+    pub boot_delay_ms: Option<u64>,
+    #[serde(default)]
+    pub wake_delay_ms: Option<u64>,
+    #[serde(default)]
+    pub sleep_delay_ms: Option<u64>,
+    #[serde(default)]
+    pub destroy_delay_ms: Option<u64>,
+    #[serde(default)]
+    pub hold_window_ms: Option<u64>,
+    #[serde(default)]
+    pub hold_jitter_ms: Option<u64>,
+    #[serde(default)]
+    pub refuse_wake: Option<bool>,
+    #[serde(default)]
+    pub refuse_sleep: Option<bool>,
+    /// `null`/`false`/`"off"` = off, `404`/`501` (number or string) = on.
+    /// Kept raw here (absent vs `null` matters) and checked in
+    /// [`ConfigPatch::split`].
+    #[serde(default, deserialize_with = "present")]
+    pub refuse_terminals: Option<serde_json::Value>,
+    #[serde(default)]
+    pub id_format: Option<IdFormat>,
+    #[serde(default)]
+    pub response_shape: Option<ResponseShape>,
+    #[serde(default)]
+    pub require_if_match: Option<bool>,
+}
+
+/// Deserializes a present field (even `null`) as `Some(value)`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
+}
+
+impl ConfigPatch {
+    /// Splits into the timing part and the (checked) drift part.
+    pub fn split(&self) -> Result<(TimingPatch, DriftPatch), String> {
+        let refuse_terminals = match &self.refuse_terminals {
+            None => None,
+            Some(serde_json::Value::Null | serde_json::Value::Bool(false)) => {
+                Some(RefuseTerminals::Off)
+            }
+            Some(serde_json::Value::Number(n)) => {
+                let status = n
+                    .as_u64()
+                    .ok_or_else(|| format!("refuse_terminals must be 404 or 501, not {n}"))?;
+                Some(RefuseTerminals::from_status(status)?)
+            }
+            Some(serde_json::Value::String(s)) => Some(RefuseTerminals::parse(s)?),
+            Some(other) => {
+                return Err(format!(
+                    "refuse_terminals must be 404, 501, null or false, not {other}"
+                ))
+            }
+        };
+        Ok((
+            TimingPatch {
+                boot_delay_ms: self.boot_delay_ms,
+                wake_delay_ms: self.wake_delay_ms,
+                sleep_delay_ms: self.sleep_delay_ms,
+                destroy_delay_ms: self.destroy_delay_ms,
+                hold_window_ms: self.hold_window_ms,
+                hold_jitter_ms: self.hold_jitter_ms,
+            },
+            DriftPatch {
+                refuse_wake: self.refuse_wake,
+                refuse_sleep: self.refuse_sleep,
+                refuse_terminals,
+                id_format: self.id_format,
+                response_shape: self.response_shape,
+                require_if_match: self.require_if_match,
+            },
+        ))
+    }
 }
 
 /// Timing knobs that `PATCH /_emulator/config` may change at run time.
@@ -74,9 +304,8 @@ pub struct Timing {
     pub hold_jitter_ms: u64,
 }
 
-/// A partial update of [`Timing`]; unknown fields are rejected.
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A partial update of [`Timing`] (the timing part of [`ConfigPatch`]).
+#[derive(Debug, Clone, Copy, Default)]
 pub struct TimingPatch {
     pub boot_delay_ms: Option<u64>,
     pub wake_delay_ms: Option<u64>,
@@ -245,6 +474,60 @@ mod tests {
         .expect("repeated flags parse");
         assert_eq!(args.hold_window, Duration::from_secs(3600));
         assert_eq!(args.default_autosleep, 0);
+    }
+
+    #[test]
+    fn drift_flags() {
+        let args = Args::try_parse_from(["dcs-emulator"]).expect("no flags");
+        let d = Drift::from_args(&args);
+        assert!(!d.refuse_wake && !d.refuse_sleep && !d.require_if_match);
+        assert_eq!(d.refuse_terminals, RefuseTerminals::Off);
+        assert_eq!(d.id_format, IdFormat::Dm);
+        assert_eq!(d.response_shape, ResponseShape::Spec);
+
+        let args = Args::try_parse_from([
+            "dcs-emulator",
+            "--refuse-wake",
+            "--refuse-sleep",
+            "--refuse-terminals",
+            "501",
+            "--response-shape",
+            "newer",
+            "--require-if-match",
+            "--id-format",
+            "uuid",
+        ])
+        .expect("drift flags parse");
+        let d = Drift::from_args(&args);
+        assert!(d.refuse_wake && d.refuse_sleep && d.require_if_match);
+        assert_eq!(d.refuse_terminals, RefuseTerminals::NotImplemented);
+        assert_eq!(d.response_shape, ResponseShape::Newer);
+        assert_eq!(d.id_format, IdFormat::Uuid);
+        assert!(Args::try_parse_from(["dcs-emulator", "--refuse-terminals", "403"]).is_err());
+        assert_eq!(RefuseTerminals::parse("404"), Ok(RefuseTerminals::NotFound));
+        assert_eq!(RefuseTerminals::parse(" OFF "), Ok(RefuseTerminals::Off));
+    }
+
+    #[test]
+    fn config_patch_splits_and_checks() {
+        let p: ConfigPatch =
+            serde_json::from_str(r#"{"hold_window_ms": 5, "refuse_terminals": null}"#)
+                .expect("patch");
+        let (t, d) = p.split().expect("valid");
+        assert_eq!(t.hold_window_ms, Some(5));
+        assert_eq!(d.refuse_terminals, Some(RefuseTerminals::Off));
+        let p: ConfigPatch = serde_json::from_str(r#"{"refuse_wake": true}"#).expect("patch");
+        let (_, d) = p.split().expect("valid");
+        assert_eq!(d.refuse_terminals, None, "absent leaves it alone");
+        assert_eq!(d.refuse_wake, Some(true));
+        for bad in [
+            r#"{"refuse_terminals": 200}"#,
+            r#"{"refuse_terminals": [404]}"#,
+        ] {
+            let p: ConfigPatch = serde_json::from_str(bad).expect("patch");
+            assert!(p.split().is_err(), "{bad}");
+        }
+        assert!(serde_json::from_str::<ConfigPatch>(r#"{"nope": 1}"#).is_err());
     }
 
     #[test]

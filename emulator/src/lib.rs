@@ -8,7 +8,7 @@
 //! - [`runner`]: execution processes
 //! - [`terminal`]: PTY sessions
 //! - [`proc`]: signals to machine processes (the only `unsafe`)
-//! - [`api`]: HTTP routes; [`auth`], [`idempotency`], [`faults`],
+//! - [`api`]: HTTP routes; [`auth`], [`drift`], [`idempotency`], [`faults`],
 //!   [`reqlog`]: the `/v1` middleware stack
 //! - [`errors`], [`views`], [`pagination`], [`util`]: shapes and helpers
 
@@ -16,6 +16,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod drift;
 pub mod errors;
 pub mod faults;
 pub mod idempotency;

@@ -98,7 +98,7 @@ fn invalid_transition(m: &Machine, target: Desired, retry_after_ms: Option<u64>)
 /// Creates a machine (phase `accepted`) and starts booting it.
 pub async fn create(app: &AppRef, new: NewMachine) -> Machine {
     let now = now_ms();
-    let id = machine_id(app.args.id_format);
+    let id = machine_id(app.drift().id_format);
     let snapshot = {
         let mut st = app.state();
         let seq = st.next_seq();

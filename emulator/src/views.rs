@@ -49,6 +49,21 @@ pub fn lifecycle(m: &Machine) -> Value {
     })
 }
 
+/// The newer SDKs' mutation response: top-level `phase` and `revision`
+/// and no `status` object (+ `autosleep_seconds`).
+pub fn lifecycle_newer(m: &Machine) -> Value {
+    json!({
+        "machine_id": m.id,
+        "vcpu": m.vcpu,
+        "memory_mib": m.memory_mib,
+        "storage_gib": m.storage_gib,
+        "desired_state": enum_str(&m.desired),
+        "phase": enum_str(&m.phase),
+        "revision": m.revision_str(),
+        "autosleep_seconds": m.autosleep_seconds,
+    })
+}
+
 /// MachineListItem (+ `autosleep_seconds`).
 pub fn list_item(m: &Machine) -> Value {
     let mut v = lifecycle(m);

@@ -134,7 +134,8 @@ impl Stack {
                 Bootstrap::new(BOOTSTRAP, None),
             )
         };
-        let provisioner = |tx| Provisioner::new(store.clone(), emu.client(), QueueTrigger(tx), settings());
+        let provisioner =
+            |tx| Provisioner::new(store.clone(), emu.client(), QueueTrigger(tx), settings());
         let turns = TurnService::new(provisioner(tx.clone()), options.agent, options.settings);
         let chat = chat_turn_fn::Service {
             turns,
@@ -161,6 +162,22 @@ impl Stack {
     pub async fn send(&self, event: &Value) -> Reply {
         let req = lambda_http::request::from_str(&event.to_string())
             .expect("the event is an API Gateway v2 request");
+        self.send_request(req).await
+    }
+
+    /// Deliver an API Gateway v2 event as an invocation whose deadline is
+    /// `deadline_ms` (epoch ms), as the Lambda runtime attaches it.
+    pub async fn send_with_deadline(&self, event: &Value, deadline_ms: u64) -> Reply {
+        use lambda_http::RequestExt;
+        let req = lambda_http::request::from_str(&event.to_string())
+            .expect("the event is an API Gateway v2 request");
+        let mut context = lambda_http::Context::default();
+        context.request_id = "test-invocation".into();
+        context.deadline = deadline_ms;
+        self.send_request(req.with_lambda_context(context)).await
+    }
+
+    async fn send_request(&self, req: lambda_http::Request) -> Reply {
         let resp = self.chat.handle(&req).await;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
@@ -212,7 +229,11 @@ impl Stack {
         assert_eq!(r.status, 202, "a first message provisions: {}", r.text);
         assert_eq!(self.drain_worker().await, 1, "one worker event");
         let item = self.item(user).await;
-        assert_eq!(item.state, agenthome::store::MachineState::Ready, "{item:?}");
+        assert_eq!(
+            item.state,
+            agenthome::store::MachineState::Ready,
+            "{item:?}"
+        );
         item.machine_id.expect("a ready item has a machine")
     }
 

@@ -91,12 +91,19 @@ async fn put_provisions_once_and_get_reports_without_waking() {
     // WHEN alice PUTs her machine twice
     let (status, headers, body) = s.call("PUT", "/v1/users/alice/machine", alice()).await;
     assert_eq!(status, 202, "{body}");
-    assert!(headers["retry-after"].as_str().is_some(), "202 carries Retry-After");
+    assert!(
+        headers["retry-after"].as_str().is_some(),
+        "202 carries Retry-After"
+    );
     assert_eq!(body["state"], "provisioning");
     let (status, _, _) = s.call("PUT", "/v1/users/alice/machine", alice()).await;
     assert_eq!(status, 202, "a second PUT while provisioning is still 202");
     // AND the worker runs
-    assert_eq!(s.drain_worker().await, 1, "only the first PUT started a worker");
+    assert_eq!(
+        s.drain_worker().await,
+        1,
+        "only the first PUT started a worker"
+    );
     // THEN GET shows a ready, running machine, and PUT is now 200
     let (status, _, body) = s.call("GET", "/v1/users/alice/machine", alice()).await;
     assert_eq!(status, 200, "{body}");
@@ -130,7 +137,11 @@ async fn put_provisions_once_and_get_reports_without_waking() {
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     let m = client.get_machine(&machine_id).await.unwrap();
-    assert_eq!(m.phase, agenthome::dedalus::Phase::Sleeping, "GET never wakes");
+    assert_eq!(
+        m.phase,
+        agenthome::dedalus::Phase::Sleeping,
+        "GET never wakes"
+    );
 }
 
 #[tokio::test]
@@ -180,8 +191,21 @@ async fn delete_removes_machine_and_mapping_and_a_new_put_starts_fresh() {
     let (status, _, _) = s.call("DELETE", "/v1/users/alice/machine", alice()).await;
     assert_eq!(status, 204);
     // THEN the machine and the item are gone
-    assert!(s.emu.client().list_all_machines(None).await.unwrap().is_empty());
-    assert!(s.service.provisioner.store().get("alice").await.unwrap().is_none());
+    assert!(s
+        .emu
+        .client()
+        .list_all_machines(None)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s
+        .service
+        .provisioner
+        .store()
+        .get("alice")
+        .await
+        .unwrap()
+        .is_none());
     let (status, _, body) = s.call("GET", "/v1/users/alice/machine", alice()).await;
     assert_eq!((status, body["code"].as_str()), (404, Some("no_machine")));
 
@@ -192,7 +216,10 @@ async fn delete_removes_machine_and_mapping_and_a_new_put_starts_fresh() {
     let (_, _, body) = s.call("GET", "/v1/users/alice/machine", alice()).await;
     assert_eq!(body["state"], "ready");
     assert_ne!(body["machine_id"].as_str().unwrap(), first);
-    assert_eq!(s.emu.client().list_all_machines(None).await.unwrap().len(), 1);
+    assert_eq!(
+        s.emu.client().list_all_machines(None).await.unwrap().len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -201,7 +228,11 @@ async fn bad_input_is_a_4xx_problem_never_a_5xx_or_panic() {
     let cases: &[(&str, &str, u16)] = &[
         ("GET", "/v1/users/-bad/machine", 400),
         ("GET", "/v1/users/a%2Fb/machine", 400),
-        ("GET", &format!("/v1/users/{}/machine", "x".repeat(129)), 400),
+        (
+            "GET",
+            &format!("/v1/users/{}/machine", "x".repeat(129)),
+            400,
+        ),
         ("GET", "/v1/users/%ZZ/machine", 400),
         ("POST", "/v1/users/alice/machine", 405),
         ("PATCH", "/v1/users/alice/machine", 405),
@@ -212,15 +243,28 @@ async fn bad_input_is_a_4xx_problem_never_a_5xx_or_panic() {
     ];
     for (method, path, want) in cases {
         let (status, headers, body) = s
-            .call(method, path, Auth::Jwt { sub: "alice", scopes: &[ADMIN] })
+            .call(
+                method,
+                path,
+                Auth::Jwt {
+                    sub: "alice",
+                    scopes: &[ADMIN],
+                },
+            )
             .await;
         assert_eq!(status, *want, "{method} {path}: {body}");
-        assert_eq!(headers["content-type"], "application/problem+json", "{method} {path}");
+        assert_eq!(
+            headers["content-type"], "application/problem+json",
+            "{method} {path}"
+        );
         assert_eq!(body["status"], *want);
         assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
     }
     // Events that are neither HTTP nor provision events are refused, not a panic.
     for garbage in [json!({}), json!([1, 2]), json!("x"), json!({"user_id": 5})] {
-        assert!(s.service.handle(garbage.clone()).await.is_err(), "{garbage}");
+        assert!(
+            s.service.handle(garbage.clone()).await.is_err(),
+            "{garbage}"
+        );
     }
 }

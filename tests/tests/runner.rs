@@ -131,6 +131,14 @@ async fn terminal_keeps_cwd_env_and_history_across_commands_and_reuse() {
     assert!(history.contains("export AH_GREETING='hello world'; AH_LOCAL=1"));
     assert!(history.contains("pwd; echo \"$AH_GREETING\""));
     assert!(
+        history.contains("echo \"local=$AH_LOCAL\""),
+        "a command run in a reused terminal is in the history: {history}"
+    );
+    assert!(
+        !history.contains("stty") && !history.contains("HISTCONTROL"),
+        "the setup line is not in history: {history}"
+    );
+    assert!(
         !history.contains("base64"),
         "the wrapper line is not in history: {history}"
     );

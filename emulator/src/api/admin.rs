@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::json_response;
 use crate::app::AppRef;
-use crate::config::TimingPatch;
+use crate::config::{ConfigPatch, Drift, Timing};
 use crate::errors::{parse_json, ApiError};
 use crate::faults::FaultSpec;
 
@@ -56,15 +56,27 @@ pub async fn requests(
     ))
 }
 
-pub async fn get_config(State(app): State<AppRef>) -> Response {
-    json_response(
-        StatusCode::OK,
-        &serde_json::to_value(app.timing()).unwrap_or_default(),
-    )
+/// Timing knobs and drift switches as one JSON object.
+fn config_json(timing: Timing, drift: Drift) -> serde_json::Value {
+    let mut v = serde_json::to_value(timing).unwrap_or_default();
+    if let (Some(obj), Ok(serde_json::Value::Object(d))) =
+        (v.as_object_mut(), serde_json::to_value(drift))
+    {
+        obj.extend(d);
+    }
+    v
 }
 
+pub async fn get_config(State(app): State<AppRef>) -> Response {
+    json_response(StatusCode::OK, &config_json(app.timing(), app.drift()))
+}
+
+/// Changes timing knobs and drift switches; the whole patch is checked
+/// before anything changes (422 on an invalid value).
 pub async fn patch_config(State(app): State<AppRef>, body: Bytes) -> Result<Response, ApiError> {
-    let patch: TimingPatch = parse_json(&body)?;
+    let patch: ConfigPatch = parse_json(&body)?;
+    let (patch, drift_patch) = patch.split().map_err(ApiError::unprocessable)?;
+    let drift = app.update_drift(|d| d.apply(&drift_patch));
     let hold_changed = patch.hold_window_ms.is_some() || patch.hold_jitter_ms.is_some();
     let timing = app.update_timing(|t| t.apply(patch));
     if hold_changed {
@@ -81,8 +93,5 @@ pub async fn patch_config(State(app): State<AppRef>, body: Bytes) -> Result<Resp
             }
         }
     }
-    Ok(json_response(
-        StatusCode::OK,
-        &serde_json::to_value(timing).unwrap_or_default(),
-    ))
+    Ok(json_response(StatusCode::OK, &config_json(timing, drift)))
 }

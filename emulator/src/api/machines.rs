@@ -9,7 +9,7 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{if_match, json_response, machine_or_404, machine_response};
+use super::{if_match, json_response, machine_or_404, machine_response, mutation_response};
 use crate::app::AppRef;
 use crate::config::parse_autosleep;
 use crate::errors::{parse_json, ApiError};
@@ -95,7 +95,7 @@ pub async fn create(State(app): State<AppRef>, body: Bytes) -> Result<Response, 
         },
     )
     .await;
-    Ok(machine_response(&m, false))
+    Ok(mutation_response(&app, &m))
 }
 
 pub async fn list(
@@ -152,7 +152,7 @@ pub async fn patch(
         },
     )
     .await?;
-    Ok(machine_response(&m, false))
+    Ok(mutation_response(&app, &m))
 }
 
 pub async fn wake(
@@ -161,7 +161,7 @@ pub async fn wake(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let m = lifecycle::wake(&app, &id, if_match(&headers).as_deref()).await?;
-    Ok(machine_response(&m, false))
+    Ok(mutation_response(&app, &m))
 }
 
 pub async fn sleep(
@@ -170,7 +170,7 @@ pub async fn sleep(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let m = lifecycle::sleep(&app, &id, if_match(&headers).as_deref(), SleepCause::Api).await?;
-    Ok(machine_response(&m, false))
+    Ok(mutation_response(&app, &m))
 }
 
 pub async fn delete(
@@ -179,5 +179,5 @@ pub async fn delete(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let m = lifecycle::destroy(&app, &id, if_match(&headers).as_deref()).await?;
-    Ok(machine_response(&m, false))
+    Ok(mutation_response(&app, &m))
 }

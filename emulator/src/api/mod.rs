@@ -16,9 +16,10 @@ use axum::Router;
 use serde_json::Value;
 
 use crate::app::AppRef;
+use crate::config::ResponseShape;
 use crate::errors::ApiError;
 use crate::state::{Machine, Phase, State};
-use crate::{auth, faults, idempotency, reqlog, views};
+use crate::{auth, drift, faults, idempotency, reqlog, views};
 
 /// The whole application router.
 pub fn router(app: AppRef) -> Router {
@@ -64,8 +65,10 @@ pub fn router(app: AppRef) -> Router {
             "/v1/machines/{machine_id}/terminals/{terminal_id}/stream",
             get(terminals::connect),
         )
-        // Innermost first: idempotency, then auth, then faults, then the log.
+        // Innermost first: idempotency, then drift switches, then auth, then
+        // faults, then the log.
         .layer(from_fn_with_state(app.clone(), idempotency::middleware))
+        .layer(from_fn_with_state(app.clone(), drift::middleware))
         .layer(from_fn_with_state(app.clone(), auth::middleware))
         .layer(from_fn_with_state(app.clone(), faults::middleware))
         .layer(from_fn_with_state(app.clone(), reqlog::middleware));
@@ -120,12 +123,26 @@ pub fn json_response(status: StatusCode, body: &Value) -> Response {
 /// A machine response with its `ETag`; 200 when converged, else 202 (or
 /// always 200 with `always_ok`).
 pub fn machine_response(m: &Machine, always_ok: bool) -> Response {
+    machine_response_with(m, always_ok, views::lifecycle(m))
+}
+
+/// A mutation's machine response (create, update, wake, sleep, delete) in
+/// the shape the `response_shape` switch selects.
+pub fn mutation_response(app: &AppRef, m: &Machine) -> Response {
+    let body = match app.drift().response_shape {
+        ResponseShape::Spec => views::lifecycle(m),
+        ResponseShape::Newer => views::lifecycle_newer(m),
+    };
+    machine_response_with(m, false, body)
+}
+
+fn machine_response_with(m: &Machine, always_ok: bool, body: Value) -> Response {
     let status = if always_ok || m.converged() {
         StatusCode::OK
     } else {
         StatusCode::ACCEPTED
     };
-    let mut resp = json_response(status, &views::lifecycle(m));
+    let mut resp = json_response(status, &body);
     if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", m.revision)) {
         resp.headers_mut().insert(header::ETAG, v);
     }

@@ -57,8 +57,8 @@ where
         entry::authorize(req, self.auth_mode, &self.admin_scope, &user)?;
         let body = entry::body_bytes(req, agenthome::api::turn_request::MAX_BODY_BYTES)?;
         let request = TurnRequest::from_json(body)?;
-        let budget = entry::time_left(req, self.margin)
-            .map_or(self.turn_deadline, |left| left.min(self.turn_deadline));
+        let budget = self.budget(req);
+        tracing::debug!(user_id = %user, budget_ms = budget.as_millis() as u64, "turn budget");
         let deadline = Instant::now() + budget;
         match self.turns.run(user.as_str(), request, deadline).await {
             Ok(TurnOutcome::Done(result)) => Ok(entry::json(200, &result, None)),
@@ -94,6 +94,17 @@ where
     }
 }
 
+impl<S, T> Service<S, T> {
+    /// The turn's time: `TURN_DEADLINE`, cut to the invocation's remaining
+    /// time minus the margin when the runtime gave a deadline (a deadline
+    /// already past leaves none: the turn answers `no_time` instead of
+    /// running past the invocation's end).
+    pub fn budget(&self, req: &Request) -> Duration {
+        entry::time_left(req, self.margin)
+            .map_or(self.turn_deadline, |left| left.min(self.turn_deadline))
+    }
+}
+
 /// Map a failed turn to a problem a chat product can act on (no secrets:
 /// error messages of the LLM client are redacted at the source).
 pub fn turn_problem(user_id: &str, e: &TurnError) -> Problem {
@@ -106,7 +117,11 @@ pub fn turn_problem(user_id: &str, e: &TurnError) -> Problem {
             format!("the language model failed: {source}"),
         ),
         TurnError::Agent(AgentError::Runner { source, .. }) | TurnError::Runner(source) => {
-            Problem::upstream(502, "shell_error", format!("the machine's shell failed: {source}"))
+            Problem::upstream(
+                502,
+                "shell_error",
+                format!("the machine's shell failed: {source}"),
+            )
         }
         TurnError::WakeTimeout => Problem::upstream(
             503,

@@ -11,11 +11,13 @@ async fn main() -> Result<(), lambda_http::Error> {
     lambda_http::tracing::init_default_subscriber();
     let app = App::from_env().await?;
     if app.config.auth_mode == agenthome::api::AuthMode::None {
-        tracing::warn!("AUTH_MODE=none: every caller may act for every user; use only for local runs");
+        tracing::warn!(
+            "AUTH_MODE=none: every caller may act for every user; use only for local runs"
+        );
     }
-    let provisioner = app
-        .provisioner()
-        .ok_or("PROVISION_FUNCTION is required but not set (the provision function's name or ARN)")?;
+    let provisioner = app.provisioner().ok_or(
+        "PROVISION_FUNCTION is required but not set (the provision function's name or ARN)",
+    )?;
     let agent = Agent::from_config(&app.config)?;
     let c = &app.config;
     let settings = TurnSettings {
@@ -33,8 +35,10 @@ async fn main() -> Result<(), lambda_http::Error> {
         margin: Duration::from_secs(2),
     };
     let service = &service;
-    lambda_http::run(lambda_http::service_fn(move |req: lambda_http::Request| async move {
-        Ok::<_, std::convert::Infallible>(service.handle(&req).await)
-    }))
+    lambda_http::run(lambda_http::service_fn(
+        move |req: lambda_http::Request| async move {
+            Ok::<_, std::convert::Infallible>(service.handle(&req).await)
+        },
+    ))
     .await
 }

@@ -16,8 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agenthome::config::{Config, KeySource};
-use agenthome::dedalus::{self, ApiKey, ClientConfig};
+use agenthome::app::App;
 use agenthome::store::DynamoStore;
 use agenthome::sweep::{SweepReport, SweepSettings, Sweeper};
 use lambda_runtime::{service_fn, LambdaEvent};
@@ -27,17 +26,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_current_span(false)
-        .with_target(false)
-        .without_time()
-        .init();
-
+    lambda_runtime::tracing::init_default_subscriber();
     let sweeper = match start().await {
         Ok(s) => Arc::new(s),
         Err(error) => {
@@ -54,27 +43,10 @@ async fn main() -> Result<(), BoxError> {
 
 /// Configuration and clients, once per cold start.
 async fn start() -> Result<Sweeper<DynamoStore>, BoxError> {
-    let config = Config::from_env()?;
     let settings = SweepSettings::from_env()?;
-    let api_key = match &config.dedalus_key {
-        KeySource::Env(secret) => ApiKey::new(secret.expose()),
-        KeySource::SecretArn(_) => {
-            return Err(
-                "DEDALUS_API_KEY_SECRET_ARN is not supported by sleep-sweep yet: \
-                        set DEDALUS_API_KEY"
-                    .into(),
-            )
-        }
-    };
-    let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let store = DynamoStore::new(
-        aws_sdk_dynamodb::Client::new(&aws),
-        config.table_name.clone(),
-    );
-    let client = dedalus::Client::new(ClientConfig::new(config.dedalus_base_url.clone(), api_key))?;
+    let app = App::from_env().await?;
     tracing::info!(
-        table = %config.table_name,
-        dedalus_base_url = %config.dedalus_base_url,
+        table = %app.config.table_name,
         idle_after_s = settings.idle_after.as_secs(),
         concurrency = settings.concurrency,
         reconcile_every = settings.reconcile_every,
@@ -82,7 +54,7 @@ async fn start() -> Result<Sweeper<DynamoStore>, BoxError> {
         margin_s = settings.margin.as_secs(),
         "sleep-sweep started"
     );
-    Ok(Sweeper::new(Arc::new(store), &client, settings))
+    Ok(Sweeper::new(Arc::new(app.store), &app.dedalus, settings))
 }
 
 async fn handle(
@@ -114,9 +86,14 @@ fn event_time(payload: &Value) -> Option<u64> {
 }
 
 /// The Lambda deadline (epoch ms) minus the margin, as a monotonic instant.
+/// The margin never takes more than a third of the time left, so a short
+/// function timeout still leaves the sweep most of it.
+/// A deadline the runtime did not really give (see
+/// [`agenthome::entry::remaining`]) leaves the sweep `FALLBACK_RUN` to work.
 fn run_deadline(lambda_deadline_ms: u64, now_ms: u64, margin: Duration) -> tokio::time::Instant {
-    let left = Duration::from_millis(lambda_deadline_ms.saturating_sub(now_ms));
-    tokio::time::Instant::now() + left.saturating_sub(margin)
+    const FALLBACK_RUN: Duration = Duration::from_secs(50);
+    let left = agenthome::entry::remaining(lambda_deadline_ms, now_ms).unwrap_or(FALLBACK_RUN);
+    tokio::time::Instant::now() + left.saturating_sub(margin.min(left / 3))
 }
 
 #[cfg(test)]
@@ -144,8 +121,18 @@ mod tests {
             left >= Duration::from_secs(50) && left < Duration::from_secs(51),
             "{left:?}"
         );
-        // Already past the margin: the deadline is now.
-        let d = run_deadline(1_000_005_000, 1_000_000_000, Duration::from_secs(10));
-        assert!(d.duration_since(start) < Duration::from_secs(1));
+        // A short timeout: the margin shrinks to a third of the time left.
+        let d = run_deadline(1_000_003_000, 1_000_000_000, Duration::from_secs(10));
+        let left = d.duration_since(start);
+        assert!(
+            left >= Duration::from_secs(2) && left < Duration::from_millis(2100),
+            "{left:?}"
+        );
+        // No time left: the deadline is now.
+        let d = run_deadline(1_000_000_000, 1_000_000_000, Duration::from_secs(10));
+        assert!(d.duration_since(start) < Duration::from_millis(100));
+        // `cargo lambda watch` sends the timeout, not a deadline.
+        let d = run_deadline(600_000, 1_795_867_058_000, Duration::from_secs(10));
+        assert!(d.duration_since(start) >= Duration::from_secs(30), "{:?}", d.duration_since(start));
     }
 }

@@ -150,16 +150,45 @@ pub fn read_json<T: DeserializeOwned>(req: &Request, max_bytes: usize) -> Result
     })
 }
 
-/// The Lambda invocation's deadline, if the runtime gave one.
+/// The time left before a Lambda invocation's deadline (`deadline_ms`,
+/// epoch ms, from the runtime), or `None` when the value is not a plausible
+/// absolute deadline: `cargo lambda watch` sends the function timeout itself
+/// (e.g. `600000`), which would otherwise read as a deadline in 1970.
+pub fn remaining(deadline_ms: u64, now_ms: u64) -> Option<Duration> {
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+    if deadline_ms + DAY_MS < now_ms {
+        return None;
+    }
+    Some(Duration::from_millis(deadline_ms.saturating_sub(now_ms)))
+}
+
+/// The Lambda invocation's deadline, if the runtime gave a usable one.
 pub fn lambda_deadline(req: &Request) -> Option<std::time::SystemTime> {
     let ctx = req.lambda_context_ref()?;
-    Some(ctx.deadline())
+    let left = remaining(ctx.deadline, crate::clock::now_ms())?;
+    Some(std::time::SystemTime::now() + left)
 }
 
 /// Time left before the invocation's deadline minus `margin` (None when
-/// unknown, e.g. a hand-made request).
+/// unknown, e.g. a hand-made request or a local runtime without one).
 pub fn time_left(req: &Request, margin: Duration) -> Option<Duration> {
     let deadline = lambda_deadline(req)?;
-    let left = deadline.duration_since(std::time::SystemTime::now()).ok()?;
+    let left = deadline
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
     Some(left.saturating_sub(margin))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relative_deadline_is_not_taken_for_an_absolute_one() {
+        let now = 1_795_867_058_000;
+        assert_eq!(remaining(now + 5_000, now), Some(Duration::from_secs(5)));
+        assert_eq!(remaining(now - 1_000, now), Some(Duration::ZERO), "just past: no time");
+        assert_eq!(remaining(600_000, now), None, "cargo lambda watch sends the timeout");
+        assert_eq!(remaining(0, now), None);
+    }
 }

@@ -71,13 +71,18 @@ tail -c 1048576 {log} > {log}.tmp 2>/dev/null && mv -f {log}.tmp {log}; fi 2>/de
 }
 
 /// The one-time setup of a terminal's shell, ending with the start and end
-/// markers of `id` (so the runner knows when the setup is done).
+/// markers of `id` (so the runner knows when the setup is done). On a new
+/// shell the setup line is recorded in the history before it can set
+/// `HISTCONTROL`, so it deletes itself — only if the last entry is itself
+/// (a reused shell has not recorded it, and its last entry is the agent's)
+/// — and `~/.bash_history` holds only the agent's commands.
 /// `restore`: restore the saved cwd and environment (a new terminal).
 pub fn terminal_setup(id: &str, restore: bool) -> String {
     let restore = if restore { RESTORE } else { ":" };
     format!(
-        "stty -echo -onlcr 2>/dev/null; PS1=''; PS2=''; PROMPT_COMMAND=''; \
-HISTCONTROL=ignorespace; shopt -s histappend; \
+        " __ah_setup=1; stty -echo -onlcr 2>/dev/null; PS1=''; PS2=''; PROMPT_COMMAND=''; \
+HISTCONTROL=ignorespace; \
+case \"$(HISTTIMEFORMAT= history 1)\" in *__ah_setup*) history -d -1 ;; esac; shopt -s histappend; \
 bind 'set enable-bracketed-paste off' 2>/dev/null; {restore}; {DEFAULTS}; \
 mkdir -p \"$HOME/{RUN_DIR}\"; \
 find \"$HOME/{RUN_DIR}\" -type f -mtime +7 -delete 2>/dev/null; \

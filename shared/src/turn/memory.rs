@@ -121,12 +121,22 @@ mod tests {
             still_running: false,
             completion_marker: None,
         };
-        let line = summary_line("t1", 7, &"m".repeat(1000), Some("done"), Some(AgentStatus::Completed), &[step]);
+        let line = summary_line(
+            "t1",
+            7,
+            &"m".repeat(1000),
+            Some("done"),
+            Some(AgentStatus::Completed),
+            &[step],
+        );
         assert!(!line.contains('\n'));
         let v: serde_json::Value = serde_json::from_str(&line).expect("json");
         assert_eq!(v["status"], "completed");
         assert_eq!(v["commands"][0]["command"], "ls\n-la");
         assert!(v["message"].as_str().is_some_and(|m| m.len() < 400));
-        assert!(!line.contains("secret output"), "outputs are not copied into memory");
+        assert!(
+            !line.contains("secret output"),
+            "outputs are not copied into memory"
+        );
     }
 }

@@ -8,14 +8,15 @@ mod memory;
 
 pub use memory::{read_memory, summary_line, TURNS_FILE};
 
-use crate::agent::{Agent, AgentError, AgentOutcome, AgentStatus, ChatMessage, Limits, TurnInput, Usage};
+use crate::agent::{
+    Agent, AgentError, AgentOutcome, AgentStatus, ChatMessage, Limits, TurnInput, Usage,
+};
 use crate::api::TurnRequest;
 use crate::clock::now_ms;
 use crate::dedalus::{self, ExecutionRequest, Phase};
 use crate::provision::{BootstrapOutcome, Ensure, ProvisionError, Provisioner, WorkerTrigger};
 use crate::runner::{
-    read_completion, CommandOutcome, ExecutionsRunner, RunnerError, TerminalRunner,
-    Transport,
+    read_completion, CommandOutcome, ExecutionsRunner, RunnerError, TerminalRunner, Transport,
 };
 use crate::store::{
     AcquireOutcome, Hold, LeaseKind, LeasePurpose, MachineState, StoreError, UserRecord, UserStore,
@@ -135,6 +136,14 @@ pub enum TurnError {
     /// The turn has no time left at all.
     #[error("no time left for the turn")]
     NoTime,
+    /// The item's machine no longer exists (404, or destroyed outside
+    /// agenthome). [`TurnService::run`] marks the item lost and starts
+    /// provisioning again instead of returning this.
+    #[error("machine {machine_id} no longer exists")]
+    MachineLost {
+        /// The machine the item referenced.
+        machine_id: String,
+    },
 }
 
 impl TurnError {
@@ -144,7 +153,7 @@ impl TurnError {
             TurnError::Store(e) => e.is_retryable(),
             TurnError::Provision(e) => e.is_retryable(),
             TurnError::Dedalus(e) => e.is_retryable(),
-            TurnError::WakeTimeout | TurnError::NoTime => true,
+            TurnError::WakeTimeout | TurnError::NoTime | TurnError::MachineLost { .. } => true,
             TurnError::Runner(_) | TurnError::Agent(_) => false,
         }
     }
@@ -190,7 +199,9 @@ where
         let store = self.provisioner.store();
         match store.get(user_id).await? {
             Some(rec) if rec.state == MachineState::Ready => {}
-            Some(rec) if rec.state == MachineState::Destroying => return Ok(TurnOutcome::Destroying),
+            Some(rec) if rec.state == MachineState::Destroying => {
+                return Ok(TurnOutcome::Destroying)
+            }
             _ => return self.provisioning(user_id).await,
         }
         let turn_id = uuid::Uuid::now_v7().simple().to_string();
@@ -199,16 +210,52 @@ where
             Ok(rec) => rec,
             Err(outcome) => return Ok(outcome),
         };
+        // The item may have changed between the read and the acquisition
+        // (the sweep found the machine lost, a provisioning restarted).
+        if rec.state != MachineState::Ready || rec.machine_id.is_none() {
+            if let Err(e) = store.release_lease(user_id, &owner, now_ms()).await {
+                tracing::warn!(user_id, error = %e, "could not release the turn lease; it expires by itself");
+            }
+            return match rec.state {
+                MachineState::Destroying => Ok(TurnOutcome::Destroying),
+                _ => self.provisioning(user_id).await,
+            };
+        }
         let renewer = self.spawn_renewer(user_id, &owner);
-        let result = self.drive(rec, &owner, &turn_id, request, started, deadline).await;
+        let result = self
+            .drive(rec, &owner, &turn_id, request, started, deadline)
+            .await;
         renewer.abort();
-        // Bookkeeping happens whatever the turn did: activity, then release.
+        // Bookkeeping happens whatever the turn did: activity (or the loss of
+        // the machine), then release.
         let now = now_ms();
-        if let Err(e) = store.touch(user_id, &owner, now).await {
+        let lost = match &result {
+            Err(TurnError::MachineLost { machine_id }) => Some(machine_id.clone()),
+            _ => None,
+        };
+        if let Some(machine_id) = &lost {
+            tracing::warn!(
+                user_id,
+                machine_id,
+                "the user's machine is gone; provisioning a new one"
+            );
+            store
+                .mark_lost(
+                    user_id,
+                    &owner,
+                    "machine not found when a turn tried to wake it",
+                    now,
+                )
+                .await?;
+        } else if let Err(e) = store.touch(user_id, &owner, now).await {
             tracing::warn!(user_id, error = %e, "could not record the turn's activity");
         }
         if let Err(e) = store.release_lease(user_id, &owner, now).await {
             tracing::warn!(user_id, error = %e, "could not release the turn lease; it expires by itself");
+        }
+        if lost.is_some() {
+            // The item is `failed` without a machine: provision a new one.
+            return self.provisioning(user_id).await;
         }
         result.map(|r| TurnOutcome::Done(Box::new(r)))
     }
@@ -291,7 +338,10 @@ where
             loop {
                 tokio::time::sleep(ttl / 3).await;
                 let now = now_ms();
-                if let Err(e) = store.renew_lease(&user_id, &owner, now + millis(ttl), now).await {
+                if let Err(e) = store
+                    .renew_lease(&user_id, &owner, now + millis(ttl), now)
+                    .await
+                {
                     tracing::warn!(user_id, error = %e, "turn lease renewal failed");
                 }
             }
@@ -321,25 +371,38 @@ where
         // Wake (never run commands on a sleeping machine: invariant 3).
         let wake_started = Instant::now();
         let woke = self.wake(&dedalus, &machine_id, deadline).await?;
-        let wake_ms = if woke { millis(wake_started.elapsed()) } else { 0 };
+        let wake_ms = if woke {
+            millis(wake_started.elapsed())
+        } else {
+            0
+        };
         store.mark_awake(user_id, owner, now_ms()).await?;
         if woke {
             // The root filesystem may have been reset: re-check the tools.
             let settings = self.provisioner.settings();
             let budget = deadline.min(Instant::now() + settings.bootstrap_timeout);
-            match settings.bootstrap.ensure(&dedalus, &machine_id, budget).await {
+            match settings
+                .bootstrap
+                .ensure(&dedalus, &machine_id, budget)
+                .await
+            {
                 Ok(BootstrapOutcome::Failed { exit_code, tail }) => {
                     tracing::warn!(user_id, ?exit_code, %tail, "toolchain re-bootstrap failed; the turn continues");
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(user_id, error = %e, "toolchain check failed; the turn continues"),
+                Err(e) => {
+                    tracing::warn!(user_id, error = %e, "toolchain check failed; the turn continues")
+                }
             }
         }
 
         // A command an earlier turn left running: release its hold once done.
         if let Some(hold) = &rec.hold {
             let done = now_ms() > hold.until
-                || matches!(read_completion(&dedalus, &machine_id, &hold.marker).await, Ok(Some(_)));
+                || matches!(
+                    read_completion(&dedalus, &machine_id, &hold.marker).await,
+                    Ok(Some(_))
+                );
             if done {
                 store.clear_hold(user_id, owner, now_ms()).await?;
             }
@@ -373,7 +436,9 @@ where
                 let (mut runner, terminal_id) =
                     TerminalRunner::open(&dedalus, &machine_id, rec.terminal_id.clone()).await?;
                 if rec.terminal_id.as_deref() != Some(terminal_id.as_str()) {
-                    store.set_terminal(user_id, owner, Some(&terminal_id), now_ms()).await?;
+                    store
+                        .set_terminal(user_id, owner, Some(&terminal_id), now_ms())
+                        .await?;
                 }
                 let outcome = self.agent.run(input, &mut runner, limits).await;
                 if runner.terminal_id() != terminal_id {
@@ -429,21 +494,38 @@ where
         machine_id: &str,
         deadline: Instant,
     ) -> Result<bool, TurnError> {
-        let machine = dedalus.get_machine(machine_id).await?;
-        if machine.phase == Phase::Running {
-            return Ok(false);
+        let lost = || TurnError::MachineLost {
+            machine_id: machine_id.to_string(),
+        };
+        let machine = match dedalus.get_machine(machine_id).await {
+            Ok(m) => m,
+            Err(e) if e.is_not_found() => return Err(lost()),
+            Err(e) => return Err(e.into()),
+        };
+        match machine.phase {
+            Phase::Running => return Ok(false),
+            Phase::Destroying | Phase::Destroyed => return Err(lost()),
+            _ => {}
         }
         match dedalus.wake_machine(machine_id, None, None).await {
             Ok(_) => {}
+            Err(e) if e.is_not_found() => return Err(lost()),
             Err(e) if matches!(e.status().map(|s| s.as_u16()), Some(401 | 403)) => {
-                tracing::warn!(machine_id, code = e.code().unwrap_or(""), "wake refused; waking through a no-op execution");
+                tracing::warn!(
+                    machine_id,
+                    code = e.code().unwrap_or(""),
+                    "wake refused; waking through a no-op execution"
+                );
                 dedalus
                     .create_execution(machine_id, &ExecutionRequest::new(["/bin/true"]), None)
                     .await?;
             }
             Err(e) => return Err(e.into()),
         }
-        match dedalus.wait_until(machine_id, Phase::Running, deadline).await {
+        match dedalus
+            .wait_until(machine_id, Phase::Running, deadline)
+            .await
+        {
             Ok(_) => Ok(true),
             Err(e) if e.is_deadline_exceeded() => Err(TurnError::WakeTimeout),
             Err(e) => Err(e.into()),
@@ -466,7 +548,12 @@ where
             until: now + millis(self.settings.max_hold),
             marker,
         };
-        if let Err(e) = self.provisioner.store().set_hold(user_id, owner, &hold, now).await {
+        if let Err(e) = self
+            .provisioner
+            .store()
+            .set_hold(user_id, owner, &hold, now)
+            .await
+        {
             tracing::warn!(user_id, error = %e, "could not record the hold for a running command");
         }
     }
