@@ -27,5 +27,5 @@ pub mod machines;
 pub mod provision;
 pub mod runner;
 pub mod store;
-pub mod turn;
 pub mod sweep;
+pub mod turn;

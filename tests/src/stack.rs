@@ -146,6 +146,11 @@ impl Stack {
         };
         let provision = provision_fn::Service {
             provisioner: provisioner(tx),
+            sweeper: agenthome::sweep::Sweeper::new(
+                std::sync::Arc::new(store.clone()),
+                &emu.client(),
+                agenthome::sweep::SweepSettings::default(),
+            ),
             auth_mode: options.auth_mode,
             admin_scope: ADMIN_SCOPE.into(),
         };

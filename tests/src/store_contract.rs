@@ -846,6 +846,10 @@ pub async fn mark_lost_forgets_the_machine<S: UserStore>(store: S) {
     assert_eq!(lost.state, MachineState::Failed);
     assert_eq!(lost.power, Power::Unknown);
     assert_eq!(lost.machine_id, None);
+    assert_ne!(
+        lost.create_key, rec.create_key,
+        "a lost machine's create key is replaced, so a new machine is created"
+    );
     assert_eq!(lost.awake_shard, None);
     assert_eq!(lost.awake_ms_total, 4_000);
     let error = lost.last_error.clone().unwrap_or_default();

@@ -41,11 +41,17 @@ async fn stack() -> Stack {
         },
         Bootstrap::new("echo bootstrapped >> ~/bootstrap.log", None),
     );
+    let sweeper = agenthome::sweep::Sweeper::new(
+        std::sync::Arc::new(store.clone()),
+        &emu.client(),
+        agenthome::sweep::SweepSettings::default(),
+    );
     let provisioner = Provisioner::new(store, emu.client(), QueueTrigger(tx), settings);
     Stack {
         emu,
         service: Service {
             provisioner,
+            sweeper,
             auth_mode: AuthMode::Jwt,
             admin_scope: ADMIN.into(),
         },
@@ -267,4 +273,104 @@ async fn bad_input_is_a_4xx_problem_never_a_5xx_or_panic() {
             "{garbage}"
         );
     }
+}
+
+#[tokio::test]
+async fn sleep_now_sleeps_an_idle_machine_but_never_one_a_turn_holds() {
+    use agenthome::store::LeasePurpose;
+    let mut s = stack().await;
+    s.call("PUT", "/v1/users/alice/machine", alice()).await;
+    s.drain_worker().await;
+    let store = s.service.provisioner.store();
+    let now = agenthome::clock::now_ms();
+
+    // GIVEN a turn holds alice's machine WHEN the conversation-ended sleep
+    // arrives THEN it is refused with 409 and the machine keeps running
+    store
+        .acquire_lease("alice", "turn-x", LeasePurpose::Turn, now + 60_000, now)
+        .await
+        .unwrap();
+    let (status, headers, body) = s
+        .call("POST", "/v1/users/alice/machine/sleep", alice())
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("turn_in_progress")),
+        "{body}"
+    );
+    assert!(headers["retry-after"].as_str().is_some());
+    let (_, _, got) = s.call("GET", "/v1/users/alice/machine", alice()).await;
+    assert_eq!(got["phase"], "running");
+
+    // WHEN the turn ends and the sleep is sent again THEN the machine sleeps
+    store
+        .release_lease("alice", "turn-x", agenthome::clock::now_ms())
+        .await
+        .unwrap();
+    let (status, _, body) = s
+        .call("POST", "/v1/users/alice/machine/sleep", alice())
+        .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("asleep")),
+        "{body}"
+    );
+    let item = store.get("alice").await.unwrap().unwrap();
+    assert_eq!(item.power, agenthome::store::Power::Asleep);
+    assert_eq!(
+        item.awake_shard, None,
+        "an asleep item leaves the awake index"
+    );
+    let machine_id = item.machine_id.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    s.emu
+        .client()
+        .wait_until(&machine_id, agenthome::dedalus::Phase::Sleeping, deadline)
+        .await
+        .unwrap();
+    // AND a second sleep is a no-op 200
+    let (status, _, _) = s
+        .call("POST", "/v1/users/alice/machine/sleep", alice())
+        .await;
+    assert_eq!(status, 200);
+    // AND bob, who has no machine, gets 404
+    let bob = Auth::Jwt {
+        sub: "bob",
+        scopes: &[],
+    };
+    let (status, _, _) = s.call("POST", "/v1/users/bob/machine/sleep", bob).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn sleep_now_inside_the_platform_hold_window_is_scheduled_not_lost() {
+    let mut s = stack().await;
+    s.call("PUT", "/v1/users/alice/machine", alice()).await;
+    s.drain_worker().await;
+    // GIVEN the platform refuses sleep for an hour after a wake
+    s.emu.configure(json!({"hold_window_ms": 3_600_000})).await;
+    // WHEN the conversation-ended sleep arrives
+    let (status, headers, body) = s
+        .call("POST", "/v1/users/alice/machine/sleep", alice())
+        .await;
+    // THEN it is accepted for later, with the time the sweep will use
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (202, Some("scheduled")),
+        "{body}"
+    );
+    let after: u64 = headers["retry-after"].as_str().unwrap().parse().unwrap();
+    assert!(after > 3000, "Retry-After {after}");
+    let item = s
+        .service
+        .provisioner
+        .store()
+        .get("alice")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(item
+        .sleep_eligible_at
+        .is_some_and(|t| t > agenthome::clock::now_ms() + 3_000_000));
+    assert_eq!(item.power, agenthome::store::Power::Awake);
 }

@@ -773,8 +773,6 @@ async fn a_machine_lost_behind_our_back_starts_provisioning_instead_of_a_5xx() {
 }
 
 #[tokio::test]
-#[ignore = "provisioner bug (shared/src/provision, not owned here): after a lost machine, \
-            ensure() resumes with CreateKey::Keep, so the create call returns the destroyed machine"]
 async fn a_machine_lost_behind_our_back_is_replaced_by_a_new_one() {
     let (s, machine_id) = lost_machine_stack().await;
     let r = s.turn("alice", "echo after-loss").await;

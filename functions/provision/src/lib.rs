@@ -8,6 +8,7 @@ use agenthome::entry::{self, Route};
 use agenthome::machines::{self, Destroyed};
 use agenthome::provision::{Ensure, ProvisionEvent, Provisioner, WorkerTrigger};
 use agenthome::store::UserStore;
+use agenthome::sweep::{SleepNow, Sweeper};
 use lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpResponse;
 use lambda_http::{Body, Request, Response};
 use serde_json::Value;
@@ -15,11 +16,15 @@ use std::time::Duration;
 
 /// How long `DELETE` waits for the platform to confirm the machine is gone.
 const DESTROY_WAIT: Duration = Duration::from_secs(20);
+/// Upper bound of `POST …/machine/sleep`.
+const SLEEP_WAIT: Duration = Duration::from_secs(20);
 
 /// Everything the handler needs, built once per cold start.
 pub struct Service<S, T> {
     /// Provisioning (store, Dedalus client, trigger).
     pub provisioner: Provisioner<S, T>,
+    /// The sleep path shared with the sweep (`POST …/machine/sleep`).
+    pub sweeper: Sweeper<S>,
     /// Who may call.
     pub auth_mode: AuthMode,
     /// The scope that may act for any user.
@@ -46,7 +51,7 @@ pub fn classify(event: Value) -> Result<Incoming, String> {
     Ok(Incoming::Http(Box::new(req.into())))
 }
 
-impl<S: UserStore, T: WorkerTrigger> Service<S, T> {
+impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
     /// Handle any event; HTTP requests get an API Gateway v2 response.
     pub async fn handle(&self, event: Value) -> Result<Value, lambda_runtime::Error> {
         match classify(event) {
@@ -140,12 +145,56 @@ impl<S: UserStore, T: WorkerTrigger> Service<S, T> {
                     }
                 }
             }
-            Route::SleepMachine(_) => Err(Problem::new(
-                501,
-                "not_implemented",
-                "Not implemented",
-                "sleep-now lands with the sleep sweep",
-            )),
+            Route::SleepMachine(_) => {
+                let now = agenthome::clock::now_ms();
+                let deadline = tokio::time::Instant::now() + SLEEP_WAIT;
+                match self.sweeper.sleep_now(user, now, deadline).await {
+                    SleepNow::Asleep => Ok(entry::json(
+                        200,
+                        &serde_json::json!({"user_id": user, "status": "asleep"}),
+                        None,
+                    )),
+                    SleepNow::Busy => Err(Problem::new(
+                        409,
+                        "turn_in_progress",
+                        "Conflict",
+                        "a turn is running on the machine; it stays awake until the turn ends",
+                    )
+                    .with_retry_after(Duration::from_secs(5))),
+                    SleepNow::HeldByRunningCommand => Ok(entry::json(
+                        202,
+                        &serde_json::json!({"user_id": user, "status": "held",
+                            "detail": "a command the agent left running keeps the machine awake; the sweep puts it to sleep when the command ends"}),
+                        None,
+                    )),
+                    SleepNow::NotYetEligible { eligible_at_ms } => {
+                        let wait = Duration::from_millis(eligible_at_ms.saturating_sub(now));
+                        Ok(entry::json(
+                            202,
+                            &serde_json::json!({"user_id": user, "status": "scheduled",
+                                "sleep_eligible_at_ms": eligible_at_ms,
+                                "detail": "the platform refuses sleep shortly after a wake; the sweep puts the machine to sleep once it may"}),
+                            Some(wait),
+                        ))
+                    }
+                    SleepNow::AwaitingAutosleep => Ok(entry::json(
+                        202,
+                        &serde_json::json!({"user_id": user, "status": "awaiting_autosleep",
+                            "detail": "explicit sleep is unavailable for this API key; the platform's autosleep puts the machine to sleep"}),
+                        None,
+                    )),
+                    SleepNow::NoMachine => Err(Problem::not_found(
+                        "no_machine",
+                        format!("user {user} has no machine"),
+                    )),
+                    SleepNow::Failed => Err(Problem::upstream(
+                        503,
+                        "sleep_unavailable",
+                        "the machine could not be put to sleep now; the sweep retries",
+                    )
+                    .with_retry_after(Duration::from_secs(5))),
+                }
+            }
             Route::Turn(_) => Err(Problem::not_found(
                 "no_such_route",
                 "turns are served by the chat-turn function",

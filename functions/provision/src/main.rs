@@ -1,6 +1,7 @@
 //! `provision` Lambda: sets up tracing, builds the clients once, serves.
 
 use agenthome::app::App;
+use agenthome::sweep::{SweepSettings, Sweeper};
 use lambda_runtime::{service_fn, LambdaEvent};
 use provision_fn::Service;
 
@@ -16,8 +17,14 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let provisioner = app.provisioner().ok_or(
         "PROVISION_FUNCTION is required but not set (the function name or ARN of this function)",
     )?;
+    let sweeper = Sweeper::new(
+        std::sync::Arc::new(app.store.clone()),
+        &app.dedalus,
+        SweepSettings::from_env()?,
+    );
     let service = Service {
         provisioner,
+        sweeper,
         auth_mode: app.config.auth_mode,
         admin_scope: app.config.admin_scope.clone(),
     };

@@ -133,6 +133,10 @@ mod tests {
         assert!(d.duration_since(start) < Duration::from_millis(100));
         // `cargo lambda watch` sends the timeout, not a deadline.
         let d = run_deadline(600_000, 1_795_867_058_000, Duration::from_secs(10));
-        assert!(d.duration_since(start) >= Duration::from_secs(30), "{:?}", d.duration_since(start));
+        assert!(
+            d.duration_since(start) >= Duration::from_secs(30),
+            "{:?}",
+            d.duration_since(start)
+        );
     }
 }

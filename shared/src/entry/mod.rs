@@ -187,8 +187,16 @@ mod tests {
     fn a_relative_deadline_is_not_taken_for_an_absolute_one() {
         let now = 1_795_867_058_000;
         assert_eq!(remaining(now + 5_000, now), Some(Duration::from_secs(5)));
-        assert_eq!(remaining(now - 1_000, now), Some(Duration::ZERO), "just past: no time");
-        assert_eq!(remaining(600_000, now), None, "cargo lambda watch sends the timeout");
+        assert_eq!(
+            remaining(now - 1_000, now),
+            Some(Duration::ZERO),
+            "just past: no time"
+        );
+        assert_eq!(
+            remaining(600_000, now),
+            None,
+            "cargo lambda watch sends the timeout"
+        );
         assert_eq!(remaining(0, now), None);
     }
 }

@@ -806,6 +806,10 @@ impl<B: Backend> UserStore for B {
                 Action::Remove(attr::HOLD_UNTIL),
                 Action::Remove(attr::HOLD_MARKER),
                 Action::Remove(attr::BOOTSTRAP_VERSION),
+                // The old key's create produced the machine that is now
+                // gone: a retry with it would get that machine back. The
+                // next provisioning creates a new one under a fresh key.
+                Action::Set(attr::CREATE_KEY, s(&crate::store::new_create_key())),
             ]
         };
         end_awake_period(

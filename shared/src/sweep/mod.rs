@@ -158,6 +158,30 @@ enum Outcome {
     NotReached,
 }
 
+/// What [`Sweeper::sleep_now`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SleepNow {
+    /// The machine is asleep (now, or already).
+    Asleep,
+    /// A turn holds the machine; nothing was done.
+    Busy,
+    /// A command the agent left running keeps it awake (the sweep sleeps it
+    /// once the command ends).
+    HeldByRunningCommand,
+    /// The platform's post-wake hold window: the sweep sleeps it from then.
+    NotYetEligible {
+        /// Epoch ms from which sleep is accepted.
+        eligible_at_ms: u64,
+    },
+    /// Explicit sleep is refused for this key: the platform's autosleep
+    /// will sleep it.
+    AwaitingAutosleep,
+    /// The user has no machine (none yet, or it was lost).
+    NoMachine,
+    /// A dependency failed; nothing changed.
+    Failed,
+}
+
 /// What reconciliation did with one machine or item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reconciled {
@@ -254,6 +278,47 @@ impl<S: UserStore + 'static> Sweeper<S> {
             sleeps: self.sleeps.with_deadline(deadline),
             mode: tokio::sync::Mutex::new(SleepMode::Unprobed),
             unavailable: AtomicBool::new(false),
+        }
+    }
+
+    /// Sleep one user's machine now (`POST …/machine/sleep`: the
+    /// conversation ended), through the same per-candidate path as the sweep
+    /// — so the same conditions hold: never under a live turn lease, never
+    /// while a command the agent left running is still running, the hold
+    /// window honoured.
+    pub async fn sleep_now(&self, user_id: &str, now_ms: u64, deadline: Instant) -> SleepNow {
+        let rec = match self.store.get(user_id).await {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return SleepNow::NoMachine,
+            Err(error) => {
+                tracing::warn!(user_id, error = %error, "sleep now: item not read");
+                return SleepNow::Failed;
+            }
+        };
+        if rec.machine_id.is_none() {
+            return SleepNow::NoMachine;
+        }
+        if rec.power == Power::Asleep {
+            return SleepNow::Asleep;
+        }
+        let run = self.start(now_ms, deadline);
+        let eligible_at = rec.sleep_eligible_at;
+        match self.candidate(&run, rec).await {
+            Outcome::Slept | Outcome::Fixed => SleepNow::Asleep,
+            Outcome::AwaitingAutosleep => SleepNow::AwaitingAutosleep,
+            Outcome::SkippedBusy => SleepNow::Busy,
+            Outcome::Held => SleepNow::HeldByRunningCommand,
+            Outcome::SkippedHold => {
+                let at = match self.store.get(user_id).await {
+                    Ok(Some(r)) => r.sleep_eligible_at,
+                    _ => eligible_at,
+                };
+                SleepNow::NotYetEligible {
+                    eligible_at_ms: at.unwrap_or(now_ms),
+                }
+            }
+            Outcome::Lost => SleepNow::NoMachine,
+            Outcome::Failed | Outcome::NotReached => SleepNow::Failed,
         }
     }
 

@@ -431,10 +431,26 @@ where
                 .checked_sub(self.settings.finish_reserve)
                 .unwrap_or(deadline),
         };
-        let outcome = match self.settings.transport {
+        // Terminals are the default; where the API has none (newer SDKs
+        // dropped them: 404/501 on create), the executions backend runs the
+        // turn and the result says so (`transport`).
+        let mut transport = self.settings.transport;
+        let terminal = match transport {
+            Transport::Executions => None,
             Transport::Terminal => {
-                let (mut runner, terminal_id) =
-                    TerminalRunner::open(&dedalus, &machine_id, rec.terminal_id.clone()).await?;
+                match TerminalRunner::open(&dedalus, &machine_id, rec.terminal_id.clone()).await {
+                    Ok(opened) => Some(opened),
+                    Err(e) if terminals_unavailable(&e) => {
+                        tracing::warn!(user_id, machine_id, error = %e, "terminals are not available; using the executions backend");
+                        transport = Transport::Executions;
+                        None
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        let outcome = match terminal {
+            Some((mut runner, terminal_id)) => {
                 if rec.terminal_id.as_deref() != Some(terminal_id.as_str()) {
                     store
                         .set_terminal(user_id, owner, Some(&terminal_id), now_ms())
@@ -448,7 +464,7 @@ where
                 }
                 outcome
             }
-            Transport::Executions => {
+            None => {
                 let mut runner = ExecutionsRunner::new(&dedalus, &machine_id);
                 self.agent.run(input, &mut runner, limits).await
             }
@@ -481,7 +497,7 @@ where
                 wake_ms,
                 total_ms: millis(started.elapsed()),
             },
-            transport: self.settings.transport,
+            transport,
         })
     }
 
@@ -556,6 +572,14 @@ where
         {
             tracing::warn!(user_id, error = %e, "could not record the hold for a running command");
         }
+    }
+}
+
+/// The API has no terminals (newer SDKs dropped them): 404 or 501 on create.
+fn terminals_unavailable(e: &RunnerError) -> bool {
+    match e {
+        RunnerError::Api(err) => matches!(err.status().map(|s| s.as_u16()), Some(404 | 501)),
+        _ => false,
     }
 }
 
