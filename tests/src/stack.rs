@@ -43,6 +43,11 @@ pub struct StackOptions {
     pub turn_deadline: Duration,
     /// Who may call.
     pub auth_mode: AuthMode,
+    /// `MACHINE_AUTOSLEEP` of the machines the stack creates (default
+    /// `30m`; a short one such as `2s` lets the platform sleep them).
+    pub autosleep: String,
+    /// Event streams' keep-alive interval (chat-turn's `heartbeat`).
+    pub heartbeat: Duration,
 }
 
 impl Default for StackOptions {
@@ -55,6 +60,8 @@ impl Default for StackOptions {
             },
             turn_deadline: Duration::from_secs(60),
             auth_mode: AuthMode::Jwt,
+            autosleep: "30m".into(),
+            heartbeat: chat_turn_fn::HEARTBEAT,
         }
     }
 }
@@ -99,8 +106,8 @@ pub fn admin() -> Auth<'static> {
 pub struct Stack {
     /// The Dedalus emulator.
     pub emu: Emulator,
-    /// The chat-turn function.
-    pub chat: chat_turn_fn::Service<DynamoStore, QueueTrigger>,
+    /// The chat-turn function (shared with the streaming handler's turn task).
+    pub chat: std::sync::Arc<chat_turn_fn::Service<DynamoStore, QueueTrigger>>,
     /// The provision function.
     pub provision: provision_fn::Service<DynamoStore, QueueTrigger>,
     /// The table.
@@ -123,13 +130,14 @@ impl Stack {
         create_table(&client, &table).await.expect("create table");
         let store = DynamoStore::new(client, table);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let autosleep = options.autosleep.clone();
         let settings = || {
             ProvisionSettings::new(
                 MachineSpec {
                     vcpu: 1.0,
                     memory_mib: 1024,
                     storage_gib: 10,
-                    autosleep: "30m".into(),
+                    autosleep: autosleep.clone(),
                 },
                 Bootstrap::new(BOOTSTRAP, None),
             )
@@ -143,6 +151,7 @@ impl Stack {
             admin_scope: ADMIN_SCOPE.into(),
             turn_deadline: options.turn_deadline,
             margin: Duration::from_secs(2),
+            heartbeat: options.heartbeat,
         };
         let provision = provision_fn::Service {
             provisioner: provisioner(tx),
@@ -156,7 +165,7 @@ impl Stack {
         };
         Stack {
             emu,
-            chat,
+            chat: std::sync::Arc::new(chat),
             provision,
             store,
             events: Mutex::new(rx),
@@ -204,6 +213,23 @@ impl Stack {
     pub async fn post_turn(&self, user: &str, body: &str, auth: Auth<'_>) -> Reply {
         let path = format!("/v1/users/{user}/turns");
         self.send(&http("POST", &path, Some(body), auth)).await
+    }
+
+    /// `POST /v1/users/{user}/turns` with `message` as `user` itself,
+    /// `Accept: text/event-stream`, through the streaming handler
+    /// (`RESPONSE_MODE=streaming`). The body is a stream of chunks.
+    pub async fn stream_turn(
+        &self,
+        user: &str,
+        message: &str,
+    ) -> lambda_http::Response<chat_turn_fn::StreamBody> {
+        let body = serde_json::json!({ "message": message }).to_string();
+        let path = format!("/v1/users/{user}/turns");
+        let mut event = http("POST", &path, Some(&body), jwt(user));
+        event["headers"]["accept"] = Value::String("text/event-stream".into());
+        let req = lambda_http::request::from_str(&event.to_string())
+            .expect("the event is an API Gateway v2 request");
+        std::sync::Arc::clone(&self.chat).handle_streaming(req).await
     }
 
     /// A turn with `message`, as `user` itself.

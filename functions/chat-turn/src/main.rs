@@ -1,14 +1,43 @@
-//! `chat-turn` Lambda: sets up tracing, builds the clients once, serves.
+//! `chat-turn` Lambda: sets up tracing, builds the clients once, serves
+//! buffered (`RESPONSE_MODE=buffered`, API Gateway) or streamed
+//! (`RESPONSE_MODE=streaming`, a Function URL with response streaming).
 
 use agenthome::agent::Agent;
 use agenthome::app::App;
 use agenthome::turn::{TurnService, TurnSettings};
-use chat_turn_fn::Service;
+use chat_turn_fn::{Service, HEARTBEAT};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// How the function answers (`RESPONSE_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResponseMode {
+    /// Buffered responses (API Gateway HTTP API): JSON only.
+    Buffered,
+    /// Response streaming (a Function URL with `InvokeMode: RESPONSE_STREAM`):
+    /// Server-Sent Events on `Accept: text/event-stream`, else JSON.
+    Streaming,
+}
+
+fn response_mode() -> Result<ResponseMode, String> {
+    match std::env::var("RESPONSE_MODE")
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "" | "buffered" => Ok(ResponseMode::Buffered),
+        "streaming" | "stream" => Ok(ResponseMode::Streaming),
+        other => Err(format!(
+            "RESPONSE_MODE must be `buffered` or `streaming`, not {other:?}"
+        )),
+    }
+}
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     lambda_http::tracing::init_default_subscriber();
+    let mode = response_mode()?;
     let app = App::from_env().await?;
     if app.config.auth_mode == agenthome::api::AuthMode::None {
         tracing::warn!(
@@ -33,12 +62,30 @@ async fn main() -> Result<(), lambda_http::Error> {
         admin_scope: c.admin_scope.clone(),
         turn_deadline: c.turn_deadline,
         margin: Duration::from_secs(2),
+        heartbeat: HEARTBEAT,
     };
-    let service = &service;
-    lambda_http::run(lambda_http::service_fn(
-        move |req: lambda_http::Request| async move {
-            Ok::<_, std::convert::Infallible>(service.handle(&req).await)
-        },
-    ))
-    .await
+    match mode {
+        ResponseMode::Buffered => {
+            let service = &service;
+            lambda_http::run(lambda_http::service_fn(
+                move |req: lambda_http::Request| async move {
+                    Ok::<_, std::convert::Infallible>(service.handle(&req).await)
+                },
+            ))
+            .await
+        }
+        ResponseMode::Streaming => {
+            let service = Arc::new(service);
+            lambda_http::run_with_streaming_response(lambda_http::service_fn(
+                move |req: lambda_http::Request| {
+                    let service = Arc::clone(&service);
+                    // Boxed: the streaming handler's future is deep.
+                    Box::pin(async move {
+                        Ok::<_, std::convert::Infallible>(service.handle_streaming(req).await)
+                    })
+                },
+            ))
+            .await
+        }
+    }
 }

@@ -22,6 +22,8 @@ use tokio::time::Instant;
 
 use crate::runner::{CommandOutcome, CommandRunner, RunnerError};
 
+pub use crate::runner::{NoObserver, Observer};
+
 pub use llm::{
     parse_completion, parse_tool_call, tools_json, Completion, FunctionCall, LlmClient, LlmConfig,
     LlmError, RunCommandArgs, TokenUsage, ToolCall, ToolCallError, WireMessage, RUN_COMMAND,
@@ -252,9 +254,20 @@ impl Agent {
         runner: &mut impl CommandRunner,
         limits: Limits,
     ) -> Result<AgentOutcome, AgentError> {
+        self.run_observed(input, runner, limits, &NoObserver).await
+    }
+
+    /// Runs one turn; `observer` sees each step start, its output and its end.
+    pub async fn run_observed(
+        &self,
+        input: TurnInput,
+        runner: &mut impl CommandRunner,
+        limits: Limits,
+        observer: &dyn Observer,
+    ) -> Result<AgentOutcome, AgentError> {
         match &self.mode {
-            Mode::Shell => self.run_shell(input, runner, limits).await,
-            Mode::Llm(llm) => self.run_llm(llm, input, runner, limits).await,
+            Mode::Shell => self.run_shell(input, runner, limits, observer).await,
+            Mode::Llm(llm) => self.run_llm(llm, input, runner, limits, observer).await,
         }
     }
 
@@ -263,6 +276,7 @@ impl Agent {
         input: TurnInput,
         runner: &mut impl CommandRunner,
         limits: Limits,
+        observer: &dyn Observer,
     ) -> Result<AgentOutcome, AgentError> {
         let remaining = limits.deadline.saturating_duration_since(Instant::now());
         if remaining < self.options.min_command_time {
@@ -275,7 +289,7 @@ impl Agent {
         }
         let timeout = limits.command_timeout.min(remaining);
         let capped = limits.command_timeout > remaining;
-        let outcome = run_step(runner, &input.message, timeout)
+        let outcome = run_step(runner, &input.message, timeout, 0, observer)
             .await
             .map_err(|source| AgentError::Runner {
                 source,
@@ -338,6 +352,7 @@ impl Agent {
         input: TurnInput,
         runner: &mut impl CommandRunner,
         limits: Limits,
+        observer: &dyn Observer,
     ) -> Result<AgentOutcome, AgentError> {
         let mut messages = vec![WireMessage::text(
             "system",
@@ -475,15 +490,16 @@ impl Agent {
                     .unwrap_or(limits.command_timeout);
                 let capped = requested >= remaining;
                 let timeout = requested.min(remaining);
-                let outcome = match run_step(runner, &args.command, timeout).await {
-                    Ok(o) => o,
-                    Err(source) => {
-                        return Err(AgentError::Runner {
-                            source,
-                            partial: partial(&steps, usage),
-                        })
-                    }
-                };
+                let outcome =
+                    match run_step(runner, &args.command, timeout, steps.len(), observer).await {
+                        Ok(o) => o,
+                        Err(source) => {
+                            return Err(AgentError::Runner {
+                                source,
+                                partial: partial(&steps, usage),
+                            })
+                        }
+                    };
                 messages.push(WireMessage::tool(&call.id, tool_result(&outcome)));
                 if outcome.still_running && capped {
                     end = Some(AgentStatus::Deadline);
@@ -538,21 +554,36 @@ impl Agent {
 
 /// Runs one command; a busy shell or a terminal that closed before the
 /// command started is replaced once and the command retried. A command that
-/// made the shell exit is reported as a step without exit code.
+/// made the shell exit is reported as a step without exit code. `observer`
+/// sees step `index` start, its output and its end (not a failed step).
 async fn run_step(
     runner: &mut impl CommandRunner,
     command: &str,
     timeout: Duration,
+    index: usize,
+    observer: &dyn Observer,
+) -> Result<CommandOutcome, RunnerError> {
+    observer.step_started(index, command);
+    let outcome = run_step_inner(runner, command, timeout, observer).await?;
+    observer.step_finished(index, &outcome);
+    Ok(outcome)
+}
+
+async fn run_step_inner(
+    runner: &mut impl CommandRunner,
+    command: &str,
+    timeout: Duration,
+    observer: &dyn Observer,
 ) -> Result<CommandOutcome, RunnerError> {
     let started = Instant::now();
-    match runner.run(command, timeout).await {
+    match runner.run_observed(command, timeout, observer).await {
         Ok(o) => Ok(o),
         Err(RunnerError::Busy { .. } | RunnerError::TerminalClosed { started: false }) => {
             runner.reopen().await?;
             let left = timeout
                 .saturating_sub(started.elapsed())
                 .max(Duration::from_secs(1));
-            runner.run(command, left).await
+            runner.run_observed(command, left, observer).await
         }
         Err(RunnerError::TerminalClosed { started: true }) => {
             runner.reopen().await?;

@@ -1,7 +1,9 @@
 //! Machine lifecycle endpoints: create, get, list, update, wake, sleep,
 //! delete.
 
-use http::Method;
+use std::future::Future;
+
+use http::{Method, StatusCode};
 
 use super::client::{Call, Client, Response};
 use super::error::Result;
@@ -17,6 +19,37 @@ fn machine(resp: Response<Machine>) -> Machine {
 }
 
 impl Client {
+    /// Sends a mutation of `machine_id` (`send(if_match)`). `If-Match` is
+    /// optional in the current API; a deployment still on the spec's old
+    /// rule answers 428 when it is missing. Then the machine's current
+    /// revision is read and the call is sent once more with it (the refused
+    /// call was not processed, so its idempotency key is not spent).
+    async fn with_if_match<F, Fut>(
+        &self,
+        machine_id: &str,
+        if_match: Option<&str>,
+        send: F,
+    ) -> Result<Machine>
+    where
+        F: Fn(Option<String>) -> Fut,
+        Fut: Future<Output = Result<Response<Machine>>>,
+    {
+        let answer = send(if_match.map(str::to_owned)).await;
+        match answer {
+            Err(e)
+                if if_match.is_none() && e.status() == Some(StatusCode::PRECONDITION_REQUIRED) =>
+            {
+                let current = self.get_machine(machine_id).await?;
+                tracing::debug!(
+                    machine_id,
+                    "If-Match required; resending with the current revision"
+                );
+                send(current.revision).await.map(machine)
+            }
+            other => other.map(machine),
+        }
+    }
+
     /// `POST /v1/machines`. Pass the persisted key of the logical create so a
     /// retry after a crash returns the same machine; `None` uses a fresh key.
     pub async fn create_machine(
@@ -70,15 +103,18 @@ impl Client {
         if_match: Option<&str>,
         key: Option<&IdempotencyKey>,
     ) -> Result<Machine> {
-        let call = Call::new(
-            "machines.update",
-            Method::PATCH,
-            vec!["machines", machine_id],
-        )
-        .json(request)?
-        .if_match(if_match)
-        .key(key);
-        self.call(call).await.map(machine)
+        self.with_if_match(machine_id, if_match, |rev| async move {
+            let call = Call::new(
+                "machines.update",
+                Method::PATCH,
+                vec!["machines", machine_id],
+            )
+            .json(request)?
+            .if_match(rev.as_deref())
+            .key(key);
+            self.call(call).await
+        })
+        .await
     }
 
     /// `POST /v1/machines/{id}/wake` (a no-op on a running machine).
@@ -88,14 +124,17 @@ impl Client {
         if_match: Option<&str>,
         key: Option<&IdempotencyKey>,
     ) -> Result<Machine> {
-        let call = Call::new(
-            "machines.wake",
-            Method::POST,
-            vec!["machines", machine_id, "wake"],
-        )
-        .if_match(if_match)
-        .key(key);
-        self.call(call).await.map(machine)
+        self.with_if_match(machine_id, if_match, |rev| async move {
+            let call = Call::new(
+                "machines.wake",
+                Method::POST,
+                vec!["machines", machine_id, "wake"],
+            )
+            .if_match(rev.as_deref())
+            .key(key);
+            self.call(call).await
+        })
+        .await
     }
 
     /// `POST /v1/machines/{id}/sleep`. Within the hold window after a wake it
@@ -106,14 +145,17 @@ impl Client {
         if_match: Option<&str>,
         key: Option<&IdempotencyKey>,
     ) -> Result<Machine> {
-        let call = Call::new(
-            "machines.sleep",
-            Method::POST,
-            vec!["machines", machine_id, "sleep"],
-        )
-        .if_match(if_match)
-        .key(key);
-        self.call(call).await.map(machine)
+        self.with_if_match(machine_id, if_match, |rev| async move {
+            let call = Call::new(
+                "machines.sleep",
+                Method::POST,
+                vec!["machines", machine_id, "sleep"],
+            )
+            .if_match(rev.as_deref())
+            .key(key);
+            self.call(call).await
+        })
+        .await
     }
 
     /// `DELETE /v1/machines/{id}`.
@@ -123,13 +165,16 @@ impl Client {
         if_match: Option<&str>,
         key: Option<&IdempotencyKey>,
     ) -> Result<Machine> {
-        let call = Call::new(
-            "machines.delete",
-            Method::DELETE,
-            vec!["machines", machine_id],
-        )
-        .if_match(if_match)
-        .key(key);
-        self.call(call).await.map(machine)
+        self.with_if_match(machine_id, if_match, |rev| async move {
+            let call = Call::new(
+                "machines.delete",
+                Method::DELETE,
+                vec!["machines", machine_id],
+            )
+            .if_match(rev.as_deref())
+            .key(key);
+            self.call(call).await
+        })
+        .await
     }
 }

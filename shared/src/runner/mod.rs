@@ -146,6 +146,25 @@ impl Default for RunnerOptions {
     }
 }
 
+/// Sees a turn's commands as they run (the chat-turn function streams them
+/// to chat UIs). Every method defaults to doing nothing; implementations must
+/// be cheap and never block (they are called from the read loop).
+pub trait Observer: Send + Sync {
+    /// Step `index` (0-based, in turn order) starts running `command`.
+    fn step_started(&self, _index: usize, _command: &str) {}
+    /// Raw output of the step running now, as it arrives (the terminal
+    /// backend) or all at once at its end (the executions backend).
+    fn output(&self, _chunk: &[u8]) {}
+    /// Step `index` ended (or was left running) with `outcome`.
+    fn step_finished(&self, _index: usize, _outcome: &CommandOutcome) {}
+}
+
+/// The observer that ignores everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoObserver;
+
+impl Observer for NoObserver {}
+
 /// Runs shell commands on one machine, keeping shell context between them.
 pub trait CommandRunner: Send {
     /// Runs `command`, waiting at most `timeout`. A command that outlives it
@@ -156,6 +175,22 @@ pub trait CommandRunner: Send {
         command: &str,
         timeout: Duration,
     ) -> impl Future<Output = Result<CommandOutcome, RunnerError>> + Send;
+
+    /// [`CommandRunner::run`], telling `observer` the output. By default
+    /// the output is reported once, when the command has ended (as the
+    /// outcome holds it); backends that see output as it arrives override it.
+    fn run_observed(
+        &mut self,
+        command: &str,
+        timeout: Duration,
+        observer: &dyn Observer,
+    ) -> impl Future<Output = Result<CommandOutcome, RunnerError>> + Send {
+        async move {
+            let outcome = self.run(command, timeout).await?;
+            observer.output(outcome.output.as_bytes());
+            Ok(outcome)
+        }
+    }
 
     /// Which backend this is.
     fn transport(&self) -> Transport;

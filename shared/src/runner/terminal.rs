@@ -7,7 +7,10 @@ use tokio::time::Instant;
 use super::output::OutputCollector;
 use super::script;
 use super::sentinel::SentinelScanner;
-use super::{millis, CommandOutcome, CommandRunner, RunnerError, RunnerOptions, Transport};
+use super::{
+    millis, CommandOutcome, CommandRunner, NoObserver, Observer, RunnerError, RunnerOptions,
+    Transport,
+};
 use crate::dedalus::{
     self, Client, CreateTerminalRequest, ExecutionRequest, IdempotencyKey, TerminalEvent,
     TerminalSession, TerminalStatus,
@@ -253,7 +256,7 @@ impl TerminalRunner {
             .await?;
         let mut scanner = SentinelScanner::new(&id);
         match self
-            .read_until(&mut scanner, None, self.setup_deadline())
+            .read_until(&mut scanner, None, &NoObserver, self.setup_deadline())
             .await?
         {
             ReadEnd::Done(_) => Ok(()),
@@ -269,6 +272,7 @@ impl TerminalRunner {
         &mut self,
         scanner: &mut SentinelScanner,
         mut collector: Option<&mut OutputCollector>,
+        observer: &dyn Observer,
         deadline: Instant,
     ) -> Result<ReadEnd, RunnerError> {
         let mut bad_frames = 0u32;
@@ -298,6 +302,9 @@ impl TerminalRunner {
                     let scan = scanner.feed(&bytes);
                     if let Some(c) = collector.as_deref_mut() {
                         c.push(&scan.output);
+                    }
+                    if !scan.output.is_empty() {
+                        observer.output(&scan.output);
                     }
                 }
                 TerminalEvent::Error { code, message } => {
@@ -346,7 +353,10 @@ impl TerminalRunner {
             return Ok(());
         };
         let deadline = Instant::now() + Duration::from_millis(50);
-        match self.read_until(&mut pending.scanner, None, deadline).await {
+        match self
+            .read_until(&mut pending.scanner, None, &NoObserver, deadline)
+            .await
+        {
             Ok(ReadEnd::Done(_)) => Ok(()),
             Ok(ReadEnd::TimedOut) => {
                 let id = pending.id.clone();
@@ -361,11 +371,13 @@ impl TerminalRunner {
     }
 }
 
-impl CommandRunner for TerminalRunner {
-    async fn run(
+impl TerminalRunner {
+    /// One command; `observer` sees its output as it arrives.
+    async fn run_with(
         &mut self,
         command: &str,
         timeout: Duration,
+        observer: &dyn Observer,
     ) -> Result<CommandOutcome, RunnerError> {
         if self.closed {
             return Err(RunnerError::TerminalClosed { started: false });
@@ -379,10 +391,13 @@ impl CommandRunner for TerminalRunner {
         let mut scanner = SentinelScanner::new(&id);
         let mut collector = OutputCollector::new(self.options.output_limit);
         let end = self
-            .read_until(&mut scanner, Some(&mut collector), deadline)
+            .read_until(&mut scanner, Some(&mut collector), observer, deadline)
             .await?;
         if matches!(end, ReadEnd::TimedOut) {
             collector.push(scanner.held_output());
+            if !scanner.held_output().is_empty() {
+                observer.output(scanner.held_output());
+            }
         }
         let collected = collector.snapshot();
         let mut outcome = CommandOutcome {
@@ -405,6 +420,25 @@ impl CommandRunner for TerminalRunner {
             }
         }
         Ok(outcome)
+    }
+}
+
+impl CommandRunner for TerminalRunner {
+    async fn run(
+        &mut self,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<CommandOutcome, RunnerError> {
+        self.run_with(command, timeout, &NoObserver).await
+    }
+
+    async fn run_observed(
+        &mut self,
+        command: &str,
+        timeout: Duration,
+        observer: &dyn Observer,
+    ) -> Result<CommandOutcome, RunnerError> {
+        self.run_with(command, timeout, observer).await
     }
 
     fn transport(&self) -> Transport {

@@ -4,9 +4,13 @@
 //! a wake → reuse or open the shell → run the agent → remember the turn in
 //! `~/.agenthome/turns.jsonl` → record activity and holds → reply.
 
+mod events;
 mod memory;
 
+pub use events::{MachineStage, NoEvents, StreamSettings, TurnEvent, TurnEvents, TRUNCATED_NOTE};
 pub use memory::{read_memory, summary_line, TURNS_FILE};
+
+use events::EventObserver;
 
 use crate::agent::{
     Agent, AgentError, AgentOutcome, AgentStatus, ChatMessage, Limits, TurnInput, Usage,
@@ -44,6 +48,8 @@ pub struct TurnSettings {
     pub finish_reserve: Duration,
     /// How many recent turn summaries the prompt includes.
     pub memory_lines: usize,
+    /// How progress events stream output (coalescing, cap).
+    pub stream: StreamSettings,
 }
 
 impl Default for TurnSettings {
@@ -57,6 +63,7 @@ impl Default for TurnSettings {
             sweep_wait: Duration::from_secs(5),
             finish_reserve: Duration::from_secs(3),
             memory_lines: 5,
+            stream: StreamSettings::default(),
         }
     }
 }
@@ -192,7 +199,59 @@ where
         request: TurnRequest,
         deadline: Instant,
     ) -> Result<TurnOutcome, TurnError> {
+        self.run_with_events(user_id, request, deadline, &NoEvents)
+            .await
+    }
+
+    /// [`TurnService::run`], telling `sink` the turn's progress
+    /// ([`TurnEvent`]): `machine`, then per command `step_started`,
+    /// `output`…, `step_finished`, and for a turn that ran `reply` and
+    /// `done` (the result itself). Failures and the other outcomes are
+    /// returned as by `run` (no `error` event: the caller maps them). The
+    /// sink never affects the turn: its bookkeeping runs to the end whether
+    /// or not anyone reads the events.
+    pub async fn run_with_events(
+        &self,
+        user_id: &str,
+        request: TurnRequest,
+        deadline: Instant,
+        sink: &dyn TurnEvents,
+    ) -> Result<TurnOutcome, TurnError> {
         let started = Instant::now();
+        let obs = EventObserver::new(sink, self.settings.stream, started);
+        let turn = self.run_observed(user_id, request, deadline, &obs, started);
+        tokio::pin!(turn);
+        // Coalesced output goes out on a timer, not only when more arrives.
+        let period = self
+            .settings
+            .stream
+            .output_interval
+            .max(Duration::from_millis(10));
+        let mut tick = tokio::time::interval_at(started + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut turn => break outcome,
+                _ = tick.tick() => obs.tick(),
+            }
+        };
+        if let Ok(TurnOutcome::Done(result)) = &outcome {
+            obs.emit(TurnEvent::Reply {
+                text: result.reply.clone(),
+            });
+            obs.emit(TurnEvent::Done(result.clone()));
+        }
+        outcome
+    }
+
+    async fn run_observed(
+        &self,
+        user_id: &str,
+        request: TurnRequest,
+        deadline: Instant,
+        obs: &EventObserver<'_>,
+        started: Instant,
+    ) -> Result<TurnOutcome, TurnError> {
         if deadline <= started + self.settings.finish_reserve {
             return Err(TurnError::NoTime);
         }
@@ -202,7 +261,7 @@ where
             Some(rec) if rec.state == MachineState::Destroying => {
                 return Ok(TurnOutcome::Destroying)
             }
-            _ => return self.provisioning(user_id).await,
+            _ => return self.provisioning(user_id, obs).await,
         }
         let turn_id = uuid::Uuid::now_v7().simple().to_string();
         let owner = format!("turn-{turn_id}");
@@ -218,12 +277,12 @@ where
             }
             return match rec.state {
                 MachineState::Destroying => Ok(TurnOutcome::Destroying),
-                _ => self.provisioning(user_id).await,
+                _ => self.provisioning(user_id, obs).await,
             };
         }
         let renewer = self.spawn_renewer(user_id, &owner);
         let result = self
-            .drive(rec, &owner, &turn_id, request, started, deadline)
+            .drive(rec, &owner, &turn_id, request, started, deadline, obs)
             .await;
         renewer.abort();
         // Bookkeeping happens whatever the turn did: activity (or the loss of
@@ -255,13 +314,20 @@ where
         }
         if lost.is_some() {
             // The item is `failed` without a machine: provision a new one.
-            return self.provisioning(user_id).await;
+            return self.provisioning(user_id, obs).await;
         }
         result.map(|r| TurnOutcome::Done(Box::new(r)))
     }
 
-    async fn provisioning(&self, user_id: &str) -> Result<TurnOutcome, TurnError> {
+    async fn provisioning(
+        &self,
+        user_id: &str,
+        obs: &EventObserver<'_>,
+    ) -> Result<TurnOutcome, TurnError> {
         let ensure = self.provisioner.ensure(user_id).await?;
+        if let Ensure::Ready(rec) | Ensure::Started(rec) | Ensure::InProgress(rec) = &ensure {
+            obs.machine(MachineStage::Provisioning, rec.state.as_str());
+        }
         let retry_after = ensure.retry_after().max(Duration::from_secs(1));
         Ok(match ensure {
             Ensure::Destroying(_) => TurnOutcome::Destroying,
@@ -356,6 +422,7 @@ where
         request: TurnRequest,
         started: Instant,
         deadline: Instant,
+        obs: &EventObserver<'_>,
     ) -> Result<TurnResult, TurnError> {
         let store = self.provisioner.store();
         let user_id = rec.user_id.as_str();
@@ -370,7 +437,7 @@ where
 
         // Wake (never run commands on a sleeping machine: invariant 3).
         let wake_started = Instant::now();
-        let woke = self.wake(&dedalus, &machine_id, deadline).await?;
+        let woke = self.wake(&dedalus, &machine_id, deadline, obs).await?;
         let wake_ms = if woke {
             millis(wake_started.elapsed())
         } else {
@@ -456,7 +523,10 @@ where
                         .set_terminal(user_id, owner, Some(&terminal_id), now_ms())
                         .await?;
                 }
-                let outcome = self.agent.run(input, &mut runner, limits).await;
+                let outcome = self
+                    .agent
+                    .run_observed(input, &mut runner, limits, obs)
+                    .await;
                 if runner.terminal_id() != terminal_id {
                     store
                         .set_terminal(user_id, owner, Some(runner.terminal_id()), now_ms())
@@ -466,7 +536,9 @@ where
             }
             None => {
                 let mut runner = ExecutionsRunner::new(&dedalus, &machine_id);
-                self.agent.run(input, &mut runner, limits).await
+                self.agent
+                    .run_observed(input, &mut runner, limits, obs)
+                    .await
             }
         };
 
@@ -509,6 +581,7 @@ where
         dedalus: &dedalus::Client,
         machine_id: &str,
         deadline: Instant,
+        obs: &EventObserver<'_>,
     ) -> Result<bool, TurnError> {
         let lost = || TurnError::MachineLost {
             machine_id: machine_id.to_string(),
@@ -519,10 +592,14 @@ where
             Err(e) => return Err(e.into()),
         };
         match machine.phase {
-            Phase::Running => return Ok(false),
+            Phase::Running => {
+                obs.machine(MachineStage::Ready, machine.phase.as_str());
+                return Ok(false);
+            }
             Phase::Destroying | Phase::Destroyed => return Err(lost()),
             _ => {}
         }
+        obs.machine(MachineStage::Waking, machine.phase.as_str());
         match dedalus.wake_machine(machine_id, None, None).await {
             Ok(_) => {}
             Err(e) if e.is_not_found() => return Err(lost()),
@@ -542,7 +619,10 @@ where
             .wait_until(machine_id, Phase::Running, deadline)
             .await
         {
-            Ok(_) => Ok(true),
+            Ok(m) => {
+                obs.machine(MachineStage::Ready, m.phase.as_str());
+                Ok(true)
+            }
             Err(e) if e.is_deadline_exceeded() => Err(TurnError::WakeTimeout),
             Err(e) => Err(e.into()),
         }

@@ -1,0 +1,372 @@
+//! A [`UserStore`] decorator that counts calls, items read and the time spent
+//! in the table, without changing what the wrapped store does.
+
+use agenthome::store::{
+    AcquireOutcome, ClaimOutcome, CreateKey, Cursor, DeleteGuard, DeleteOutcome, Hold, Lease,
+    LeasePurpose, Page, Power, ReleaseOutcome, Result, UserRecord, UserStore,
+};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Counters shared by every clone of an [`InstrumentedStore`].
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Every call.
+    pub calls: AtomicU64,
+    /// Point reads (`get`).
+    pub gets: AtomicU64,
+    /// Index queries (`query_awake_idle`, `find_by_machine`).
+    pub queries: AtomicU64,
+    /// Items returned by index queries (what DynamoDB bills a query for).
+    pub query_items: AtomicU64,
+    /// Writes (conditional puts, updates, deletes).
+    pub writes: AtomicU64,
+    /// Nanoseconds spent inside the wrapped store (summed over concurrent calls).
+    pub nanos: AtomicU64,
+}
+
+/// A snapshot of [`Counters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Every call.
+    pub calls: u64,
+    /// Point reads.
+    pub gets: u64,
+    /// Index queries.
+    pub queries: u64,
+    /// Items returned by index queries.
+    pub query_items: u64,
+    /// Writes.
+    pub writes: u64,
+    /// Nanoseconds in the store.
+    pub nanos: u64,
+}
+
+impl Snapshot {
+    /// `self - earlier`, field by field.
+    pub fn since(&self, earlier: &Snapshot) -> Snapshot {
+        Snapshot {
+            calls: self.calls - earlier.calls,
+            gets: self.gets - earlier.gets,
+            queries: self.queries - earlier.queries,
+            query_items: self.query_items - earlier.query_items,
+            writes: self.writes - earlier.writes,
+            nanos: self.nanos - earlier.nanos,
+        }
+    }
+
+    /// Items read: point reads plus items returned by queries.
+    pub fn items_read(&self) -> u64 {
+        self.gets + self.query_items
+    }
+
+    /// Time in the store, in ms.
+    pub fn ms(&self) -> f64 {
+        self.nanos as f64 / 1e6
+    }
+}
+
+/// The decorator.
+#[derive(Debug)]
+pub struct InstrumentedStore<S> {
+    inner: Arc<S>,
+    counters: Arc<Counters>,
+}
+
+impl<S> Clone for InstrumentedStore<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            counters: Arc::clone(&self.counters),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Get,
+    Query,
+    Write,
+}
+
+impl<S: UserStore> InstrumentedStore<S> {
+    /// Wrap `inner`.
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner: Arc::new(inner),
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    /// The wrapped store.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> Snapshot {
+        let c = &self.counters;
+        Snapshot {
+            calls: c.calls.load(Ordering::Relaxed),
+            gets: c.gets.load(Ordering::Relaxed),
+            queries: c.queries.load(Ordering::Relaxed),
+            query_items: c.query_items.load(Ordering::Relaxed),
+            writes: c.writes.load(Ordering::Relaxed),
+            nanos: c.nanos.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn timed<T>(
+        &self,
+        kind: Kind,
+        fut: impl Future<Output = Result<T>>,
+        items: impl Fn(&T) -> u64,
+    ) -> Result<T> {
+        let started = Instant::now();
+        let out = fut.await;
+        let c = &self.counters;
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        c.nanos.fetch_add(nanos, Ordering::Relaxed);
+        c.calls.fetch_add(1, Ordering::Relaxed);
+        match kind {
+            Kind::Get => c.gets.fetch_add(1, Ordering::Relaxed),
+            Kind::Query => {
+                if let Ok(v) = &out {
+                    c.query_items.fetch_add(items(v), Ordering::Relaxed);
+                }
+                c.queries.fetch_add(1, Ordering::Relaxed)
+            }
+            Kind::Write => c.writes.fetch_add(1, Ordering::Relaxed),
+        };
+        out
+    }
+}
+
+fn none<T>(_: &T) -> u64 {
+    0
+}
+
+impl<S: UserStore> UserStore for InstrumentedStore<S> {
+    async fn get(&self, user_id: &str) -> Result<Option<UserRecord>> {
+        self.timed(Kind::Get, self.inner.get(user_id), none).await
+    }
+
+    async fn find_by_machine(&self, machine_id: &str) -> Result<Vec<UserRecord>> {
+        self.timed(Kind::Query, self.inner.find_by_machine(machine_id), |v| {
+            v.len() as u64
+        })
+        .await
+    }
+
+    async fn claim(
+        &self,
+        user_id: &str,
+        create_key: &str,
+        lease: &Lease,
+        now_ms: u64,
+    ) -> Result<ClaimOutcome> {
+        let f = self.inner.claim(user_id, create_key, lease, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn record_machine_id(
+        &self,
+        user_id: &str,
+        create_key: &str,
+        machine_id: &str,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let f = self
+            .inner
+            .record_machine_id(user_id, create_key, machine_id, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn mark_bootstrapping(
+        &self,
+        user_id: &str,
+        owner: &str,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let f = self.inner.mark_bootstrapping(user_id, owner, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn mark_ready(
+        &self,
+        user_id: &str,
+        owner: &str,
+        bootstrap_version: &str,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let f = self
+            .inner
+            .mark_ready(user_id, owner, bootstrap_version, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn mark_failed(
+        &self,
+        user_id: &str,
+        owner: &str,
+        error: &str,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let f = self.inner.mark_failed(user_id, owner, error, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn restart_provisioning(
+        &self,
+        user_id: &str,
+        expected_generation: u64,
+        lease: &Lease,
+        create_key: CreateKey,
+        now_ms: u64,
+    ) -> Result<AcquireOutcome> {
+        let f = self.inner.restart_provisioning(
+            user_id,
+            expected_generation,
+            lease,
+            create_key,
+            now_ms,
+        );
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn acquire_lease(
+        &self,
+        user_id: &str,
+        owner: &str,
+        purpose: LeasePurpose,
+        until_ms: u64,
+        now_ms: u64,
+    ) -> Result<AcquireOutcome> {
+        let f = self
+            .inner
+            .acquire_lease(user_id, owner, purpose, until_ms, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn renew_lease(
+        &self,
+        user_id: &str,
+        owner: &str,
+        until_ms: u64,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let f = self.inner.renew_lease(user_id, owner, until_ms, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn release_lease(
+        &self,
+        user_id: &str,
+        owner: &str,
+        now_ms: u64,
+    ) -> Result<ReleaseOutcome> {
+        let f = self.inner.release_lease(user_id, owner, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn mark_awake(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
+        let f = self.inner.mark_awake(user_id, owner, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn touch(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
+        let f = self.inner.touch(user_id, owner, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn set_terminal(
+        &self,
+        user_id: &str,
+        owner: &str,
+        terminal_id: Option<&str>,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let f = self.inner.set_terminal(user_id, owner, terminal_id, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn set_hold(
+        &self,
+        user_id: &str,
+        owner: &str,
+        hold: &Hold,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let f = self.inner.set_hold(user_id, owner, hold, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn clear_hold(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
+        let f = self.inner.clear_hold(user_id, owner, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn mark_asleep(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
+        let f = self.inner.mark_asleep(user_id, owner, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn set_sleep_eligible_at(
+        &self,
+        user_id: &str,
+        owner: &str,
+        eligible_at_ms: u64,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let f = self
+            .inner
+            .set_sleep_eligible_at(user_id, owner, eligible_at_ms, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn mark_lost(
+        &self,
+        user_id: &str,
+        owner: &str,
+        error: &str,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let f = self.inner.mark_lost(user_id, owner, error, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn set_power(
+        &self,
+        current: &UserRecord,
+        power: Power,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let f = self.inner.set_power(current, power, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn mark_destroying(&self, user_id: &str, now_ms: u64) -> Result<UserRecord> {
+        let f = self.inner.mark_destroying(user_id, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn delete(&self, user_id: &str, guard: DeleteGuard) -> Result<DeleteOutcome> {
+        let f = self.inner.delete(user_id, guard);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn query_awake_idle(
+        &self,
+        shard: &str,
+        idle_before_ms: u64,
+        cursor: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Page<UserRecord>> {
+        let f = self
+            .inner
+            .query_awake_idle(shard, idle_before_ms, cursor, limit);
+        self.timed(Kind::Query, f, |p| p.items.len() as u64).await
+    }
+}
