@@ -137,6 +137,7 @@ impl TurnStack {
             admin_scope: agenthome_tests::stack::ADMIN_SCOPE.into(),
             turn_deadline: Duration::from_secs(60),
             margin: Duration::from_secs(2),
+            heartbeat: chat_turn_fn::HEARTBEAT,
         };
         let client = emu.client();
         let mut stack = TurnStack {

@@ -229,7 +229,9 @@ impl Stack {
         event["headers"]["accept"] = Value::String("text/event-stream".into());
         let req = lambda_http::request::from_str(&event.to_string())
             .expect("the event is an API Gateway v2 request");
-        std::sync::Arc::clone(&self.chat).handle_streaming(req).await
+        std::sync::Arc::clone(&self.chat)
+            .handle_streaming(req)
+            .await
     }
 
     /// A turn with `message`, as `user` itself.

@@ -120,6 +120,7 @@ async fn sweep(s: &Stack) -> SweepReport {
 }
 
 /// A 200 turn result; panics with the body (and the emulator log) otherwise.
+#[track_caller]
 fn done<'a>(r: &'a Reply, emu: &Emulator) -> &'a Value {
     assert_eq!(
         r.status,
@@ -408,9 +409,15 @@ async fn with_sleep_refused_one_sweep_run_makes_at_most_one_sleep_call() {
         assert_eq!(s.item(u).await.power, Power::Awake);
     }
     s.emu.configure(json!({"refuse_sleep": true})).await;
+    // A refusal slow to arrive (a fault answers, after the delay, exactly
+    // what the refuse_sleep switch answers), so calls made concurrently
+    // would overlap. (A delay-only fault would not delay a refusal: the
+    // drift switch answers before the delay is applied.)
     s.emu
         .inject_fault(json!({
-            "method": "POST", "path": "/v1/machines/*/sleep", "times": 0, "delay_ms": 300
+            "method": "POST", "path": "/v1/machines/*/sleep", "times": 0, "delay_ms": 800,
+            "status": 401, "error_code": "AUTH_INVALID",
+            "message": "missing internal route signature", "retryable": false
         }))
         .await;
 

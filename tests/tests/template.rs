@@ -279,6 +279,8 @@ const READ_BY_CODE: &[&str] = &[
     "ADMIN_SCOPE",
     "PROVISION_FUNCTION",
     "PROVISION_INVOKE",
+    // functions/chat-turn/src/main.rs
+    "RESPONSE_MODE",
     // sweep/settings.rs
     "SWEEP_CONCURRENCY",
     "RECONCILE_EVERY",
@@ -311,10 +313,11 @@ fn rust_sources(dir: &Path, out: &mut String) {
 fn given_the_code_when_its_sources_are_read_then_every_listed_variable_is_still_read() {
     let mut code = String::new();
     rust_sources(&root().join("shared/src"), &mut code);
+    rust_sources(&root().join("functions"), &mut code);
     for name in READ_BY_CODE {
         assert!(
             code.contains(&format!("\"{name}\"")),
-            "{name} is listed in READ_BY_CODE but no longer appears in shared/src: \
+            "{name} is listed in READ_BY_CODE but no longer appears in shared/src or functions/: \
              update the list (and template.yaml)"
         );
     }
@@ -324,7 +327,11 @@ fn given_the_code_when_its_sources_are_read_then_every_listed_variable_is_still_
 fn given_the_template_when_environments_are_listed_then_the_code_reads_every_variable() {
     let t = template();
     let fns = functions(&t);
-    assert_eq!(fns.len(), 3, "three functions");
+    assert_eq!(
+        fns.len(),
+        4,
+        "four functions (chat-turn twice: HTTP API and streaming Function URL)"
+    );
     for f in &fns {
         for (name, value) in &f.env {
             assert!(
@@ -346,7 +353,38 @@ fn given_the_template_when_environments_are_listed_then_the_code_reads_every_var
         for required in ["TABLE_NAME", "DEDALUS_API_KEY_SECRET_ARN", "AUTH_MODE"] {
             assert!(f.env.contains_key(required), "{}: {required} missing", f.id);
         }
-        assert_eq!(f.env["AUTH_MODE"], "jwt", "{}: AUTH_MODE", f.id);
+        // The HTTP API's JWT authorizer fronts every function but the
+        // streaming chat turn, whose Function URL is IAM-authenticated.
+        let url = &f.resource["Properties"]["FunctionUrlConfig"];
+        if url.is_null() {
+            assert_eq!(f.env["AUTH_MODE"], "jwt", "{}: AUTH_MODE", f.id);
+            assert!(
+                f.env.get("RESPONSE_MODE").is_none_or(|m| m == "buffered"),
+                "{}: API Gateway cannot stream",
+                f.id
+            );
+        } else {
+            assert_eq!(f.binary, "chat-turn", "{}: only chat-turn streams", f.id);
+            assert_eq!(url["AuthType"], "AWS_IAM", "{}: Function URL auth", f.id);
+            assert_eq!(url["InvokeMode"], "RESPONSE_STREAM", "{}", f.id);
+            assert_eq!(f.env["AUTH_MODE"], "iam", "{}: AUTH_MODE", f.id);
+            assert_eq!(f.env["RESPONSE_MODE"], "streaming", "{}", f.id);
+            assert_eq!(
+                f.resource["Properties"]["Timeout"], 900,
+                "{}: a streamed turn may use Lambda's maximum",
+                f.id
+            );
+            let deadline = &f.env["TURN_DEADLINE"]["Ref"];
+            let default = t["Parameters"][deadline.as_str().expect("a parameter")]["Default"]
+                .as_str()
+                .expect("a default");
+            let secs: u64 = default.trim_end_matches('s').parse().expect("seconds");
+            assert!(
+                secs < 900,
+                "{}: TURN_DEADLINE {default} under the timeout",
+                f.id
+            );
+        }
     }
     for binary in ["chat-turn", "provision"] {
         assert!(

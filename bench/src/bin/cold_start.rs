@@ -88,7 +88,9 @@ fn main() {
         "`{profile}` binaries in `{}`; {runs} starts each, from `spawn` to the first `GET /2018-06-01/runtime/invocation/next` on a fake runtime API on loopback. Target: init < 40 ms.\n",
         dir.display()
     );
-    println!("| function | size (MiB) | init p50 ms | init p95 ms | target |\n|---|---|---|---|---|");
+    println!(
+        "| function | size (MiB) | init p50 ms | init p95 ms | target |\n|---|---|---|---|---|"
+    );
     for name in FUNCTIONS {
         let bin = dir.join(name);
         let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
@@ -100,14 +102,21 @@ fn main() {
         let _ = once(&bin, name);
         let sample: Vec<f64> = (0..runs).filter_map(|_| once(&bin, name)).map(ms).collect();
         let s = summarize(&sample);
-        let met = if s.n == runs && s.p50 < 40.0 { "met" } else { "MISSED" };
+        let met = if s.n == runs && s.p50 < 40.0 {
+            "met"
+        } else {
+            "MISSED"
+        };
         println!(
             "| {name} | {:.1} | {:.1} | {:.1} | {met}{} |",
             size as f64 / 1048576.0,
             s.p50,
             s.p95,
             if s.n < runs {
-                format!(" ({} of {runs} starts never asked for an event)", runs - s.n)
+                format!(
+                    " ({} of {runs} starts never asked for an event)",
+                    runs - s.n
+                )
             } else {
                 String::new()
             }

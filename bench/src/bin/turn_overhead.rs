@@ -23,15 +23,28 @@ async fn main() {
     let r = turn::run(turns, warmup).await;
     let ratio = r.full.p50 / r.direct.p50.max(1e-9);
     let target_ms = 5.0;
-    let met = if r.added.p50 < target_ms { "met" } else { "MISSED" };
+    let met = if r.added.p50 < target_ms {
+        "met"
+    } else {
+        "MISSED"
+    };
     println!("## 1. Turn overhead\n");
     println!(
         "{turns} timed turns after {warmup} warm-up rounds; shell mode, one warm machine, emulator with zero injected latency, table on moto (serialized). Full, direct and minimal iterations are interleaved; `added` is the paired per-iteration difference.\n"
     );
     println!("| series | p50 ms | p95 ms | mean ms |\n|---|---|---|---|");
-    println!("{}", row("full turn (chat-turn handler, in-process)", &r.full));
-    println!("{}", row("direct: the same Dedalus calls with the client", &r.direct));
-    println!("{}", row("minimal: status read + one execution", &r.minimal));
+    println!(
+        "{}",
+        row("full turn (chat-turn handler, in-process)", &r.full)
+    );
+    println!(
+        "{}",
+        row("direct: the same Dedalus calls with the client", &r.direct)
+    );
+    println!(
+        "{}",
+        row("minimal: status read + one execution", &r.minimal)
+    );
     println!("{}", row("**added** = full − direct (paired)", &r.added));
     println!("{}", row("  of which: time in the table (moto)", &r.store));
     println!("{}", row("  added − table time", &r.added_without_store));

@@ -214,8 +214,11 @@ pub fn wants_event_stream(req: &Request) -> bool {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| {
-            v.split(',')
-                .any(|t| t.trim().to_ascii_lowercase().starts_with("text/event-stream"))
+            v.split(',').any(|t| {
+                t.trim()
+                    .to_ascii_lowercase()
+                    .starts_with("text/event-stream")
+            })
         })
 }
 

@@ -135,14 +135,31 @@ impl SentinelScanner {
                 scan.exit_code = Some(code);
             }
             None => {
-                // Hold back what could be "\r\n" plus a partial marker.
-                let keep = self.end.len() + 1;
-                let cut = self.pending.len().saturating_sub(keep);
+                // Hold back only what could begin the marker: its longest
+                // prefix ending the data, and the newline ("\n" or "\r\n")
+                // just before it, which belongs to the marker line.
+                let mut cut = self.pending.len() - partial_suffix(&self.pending, &self.end);
+                if cut > 0 && self.pending[cut - 1] == b'\r' && cut == self.pending.len() {
+                    cut -= 1;
+                } else if cut > 0 && self.pending[cut - 1] == b'\n' {
+                    cut -= 1;
+                    if cut > 0 && self.pending[cut - 1] == b'\r' {
+                        cut -= 1;
+                    }
+                }
                 scan.output = self.pending.drain(..cut).collect();
             }
         }
         scan
     }
+}
+
+/// Length of the longest proper prefix of `needle` that `haystack` ends with.
+fn partial_suffix(haystack: &[u8], needle: &[u8]) -> usize {
+    (1..needle.len().min(haystack.len() + 1))
+        .rev()
+        .find(|&k| haystack.ends_with(&needle[..k]))
+        .unwrap_or(0)
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

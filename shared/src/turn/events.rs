@@ -195,6 +195,11 @@ impl<'a> EventObserver<'a> {
         }
     }
 
+    /// When the turn started.
+    pub(super) fn started(&self) -> Instant {
+        self.started
+    }
+
     pub(super) fn emit(&self, event: TurnEvent) {
         self.sink.emit(event);
     }

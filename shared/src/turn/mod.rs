@@ -282,7 +282,7 @@ where
         }
         let renewer = self.spawn_renewer(user_id, &owner);
         let result = self
-            .drive(rec, &owner, &turn_id, request, started, deadline, obs)
+            .drive(rec, &owner, &turn_id, request, deadline, obs)
             .await;
         renewer.abort();
         // Bookkeeping happens whatever the turn did: activity (or the loss of
@@ -420,7 +420,6 @@ where
         owner: &str,
         turn_id: &str,
         request: TurnRequest,
-        started: Instant,
         deadline: Instant,
         obs: &EventObserver<'_>,
     ) -> Result<TurnResult, TurnError> {
@@ -567,7 +566,7 @@ where
             usage,
             timings: Timings {
                 wake_ms,
-                total_ms: millis(started.elapsed()),
+                total_ms: millis(obs.started().elapsed()),
             },
             transport,
         })
