@@ -102,6 +102,9 @@ start_local_stack() {
   export AUTH_MODE=none PROVISION_FUNCTION=provision PROVISION_INVOKE=detached
   export BOOTSTRAP_SCRIPT="${BOOTSTRAP_SCRIPT:-echo \"bootstrapped at \$(date)\" >> ~/.agenthome-bootstrap.log}"
   export IDLE_AFTER="${IDLE_AFTER:-2s}" TURN_DEADLINE="${TURN_DEADLINE:-25s}"
+  # One chat-turn serving both: JSON, or Server-Sent Events with
+  # `Accept: text/event-stream` (as the streaming Function URL does in AWS).
+  export RESPONSE_MODE="${RESPONSE_MODE:-streaming}"
   export RUST_LOG="${RUST_LOG:-info}"
   (cd "$ROOT" && exec cargo-lambda lambda watch --invoke-address 127.0.0.1 --invoke-port "$lambda_port" \
       --ignore-changes --quiet > "$STACK_DIR/lambda.log" 2>&1) &
