@@ -474,7 +474,24 @@ where
             }
         }
 
-        let memory = read_memory(&dedalus, &machine_id, self.settings.memory_lines).await;
+        // The memory read and the shell's set-up are independent round trips
+        // to the machine: do them together.
+        // (Boxed: the joined futures are large, and a turn runs deep.)
+        let (memory, terminal) = tokio::join!(
+            Box::pin(read_memory(
+                &dedalus,
+                &machine_id,
+                self.settings.memory_lines
+            )),
+            Box::pin(async {
+                match self.settings.transport {
+                    Transport::Executions => None,
+                    Transport::Terminal => Some(
+                        TerminalRunner::open(&dedalus, &machine_id, rec.terminal_id.clone()).await,
+                    ),
+                }
+            })
+        );
         let input = TurnInput {
             message: request.message.clone(),
             history: request
@@ -501,19 +518,15 @@ where
         // dropped them: 404/501 on create), the executions backend runs the
         // turn and the result says so (`transport`).
         let mut transport = self.settings.transport;
-        let terminal = match transport {
-            Transport::Executions => None,
-            Transport::Terminal => {
-                match TerminalRunner::open(&dedalus, &machine_id, rec.terminal_id.clone()).await {
-                    Ok(opened) => Some(opened),
-                    Err(e) if terminals_unavailable(&e) => {
-                        tracing::warn!(user_id, machine_id, error = %e, "terminals are not available; using the executions backend");
-                        transport = Transport::Executions;
-                        None
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+        let terminal = match terminal {
+            None => None,
+            Some(Ok(opened)) => Some(opened),
+            Some(Err(e)) if terminals_unavailable(&e) => {
+                tracing::warn!(user_id, machine_id, error = %e, "terminals are not available; using the executions backend");
+                transport = Transport::Executions;
+                None
             }
+            Some(Err(e)) => return Err(e.into()),
         };
         let outcome = match terminal {
             Some((mut runner, terminal_id)) => {
