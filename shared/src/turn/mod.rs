@@ -281,9 +281,11 @@ where
             };
         }
         let renewer = self.spawn_renewer(user_id, &owner);
-        let result = self
-            .drive(rec, &owner, &turn_id, request, deadline, obs)
-            .await;
+        // Boxed and type-erased: the turn's future is large and deep (wake,
+        // shell, agent, bookkeeping); callers' futures stay small.
+        let drive: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
+            Box::pin(self.drive(rec, &owner, &turn_id, request, deadline, obs));
+        let result = drive.await;
         renewer.abort();
         // Bookkeeping happens whatever the turn did: activity (or the loss of
         // the machine), then release.
