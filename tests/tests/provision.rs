@@ -378,7 +378,7 @@ async fn crash_after_recording_the_id_before_bootstrap_resumes_on_that_machine()
             user,
             &create_key,
             &created.machine_id,
-            agenthome::provision::now_ms(),
+            agenthome::clock::now_ms(),
         )
         .await
         .expect("record machine id");
@@ -600,8 +600,9 @@ async fn redelivered_event_still_yields_one_machine_and_one_bootstrap() {
 
 mod domain {
     use super::*;
+    use agenthome::clock::now_ms;
     use agenthome::dedalus::{ApiKey, Client, ClientConfig, RetryPolicy, Url};
-    use agenthome::provision::{now_ms, TriggerError, WorkerTrigger};
+    use agenthome::provision::{TriggerError, WorkerTrigger};
     use agenthome::store::{new_create_key, Lease, LeaseKind, MemoryStore};
 
     /// A client for a port nothing listens on: any Dedalus call fails.

@@ -21,6 +21,7 @@ mod trigger;
 pub use bootstrap::{Bootstrap, BootstrapOutcome};
 pub use trigger::{LambdaTrigger, ProvisionEvent, QueueTrigger, TriggerError, WorkerTrigger};
 
+use crate::clock::now_ms;
 use crate::dedalus::{self, CreateMachineRequest, IdempotencyKey, Phase};
 use crate::store::{
     new_create_key, AcquireOutcome, ClaimOutcome, CreateKey, Lease, LeaseKind, LeasePurpose,
@@ -156,14 +157,6 @@ fn exit_text(code: Option<i64>) -> String {
         Some(c) => format!("exit code {c}"),
         None => "no exit code: killed or timed out".to_string(),
     }
-}
-
-/// Epoch milliseconds now.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Whether the worker has work on this item: `provisioning` and
