@@ -83,8 +83,9 @@ pub fn usage() -> Value {
     json!({"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110})
 }
 
-/// A response asking to run `run_command` with `args`.
-pub fn tool_call(id: &str, args: Value) -> (u16, Value) {
+/// A response asking to run `run_command` with `arguments` given as raw JSON
+/// text (so tests can send malformed arguments).
+pub fn tool_call_raw(id: &str, arguments: &str) -> (u16, Value) {
     (
         200,
         json!({
@@ -92,11 +93,16 @@ pub fn tool_call(id: &str, args: Value) -> (u16, Value) {
             "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
                 "role": "assistant", "content": null,
                 "tool_calls": [{"id": id, "type": "function",
-                    "function": {"name": "run_command", "arguments": args.to_string()}}]
+                    "function": {"name": "run_command", "arguments": arguments}}]
             }}],
             "usage": usage()
         }),
     )
+}
+
+/// A response asking to run `run_command` with `args`.
+pub fn tool_call(id: &str, args: Value) -> (u16, Value) {
+    tool_call_raw(id, &args.to_string())
 }
 
 /// A final answer.

@@ -4,8 +4,6 @@
 //! Commands are harmless and write only under `$HOME`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agenthome::agent::{
@@ -15,108 +13,10 @@ use agenthome::agent::{
 use agenthome::config::Secret;
 use agenthome::dedalus::{Client, CreateMachineRequest, Phase};
 use agenthome::runner::TerminalRunner;
+use agenthome_tests::llm::{answer, scripted_llm, tool_call, tool_call_raw};
 use agenthome_tests::Emulator;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::time::Instant;
-
-// ---------------------------------------------------------------------------
-// Scripted OpenAI-compatible server
-// ---------------------------------------------------------------------------
-
-/// (Authorization header, body) of one request.
-type Recorded = (Option<String>, Value);
-
-#[derive(Clone, Default)]
-struct Script {
-    replies: Arc<Mutex<VecDeque<(u16, Value)>>>,
-    /// (Authorization header, body) of every request.
-    requests: Arc<Mutex<Vec<Recorded>>>,
-}
-
-impl Script {
-    fn requests(&self) -> Vec<Recorded> {
-        self.requests.lock().unwrap().clone()
-    }
-
-    /// The `messages` of request `i`.
-    fn messages(&self, i: usize) -> Vec<Value> {
-        self.requests()[i].1["messages"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    }
-}
-
-async fn completions(
-    State(script): State<Script>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    let auth = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    script.requests.lock().unwrap().push((auth, body));
-    let next = script.replies.lock().unwrap().pop_front();
-    let (status, body) = next.unwrap_or((500, json!({"error": {"message": "script exhausted"}})));
-    (StatusCode::from_u16(status).unwrap(), Json(body)).into_response()
-}
-
-/// Starts the server; returns its base URL (`…/v1`) and the script.
-async fn scripted_llm(replies: Vec<(u16, Value)>) -> (String, Script) {
-    let script = Script::default();
-    script.replies.lock().unwrap().extend(replies);
-    let app = Router::new()
-        .route("/v1/chat/completions", post(completions))
-        .with_state(script.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (format!("http://{addr}/v1"), script)
-}
-
-fn usage() -> Value {
-    json!({"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110})
-}
-
-/// A response asking to run `command` (arguments given as raw JSON text).
-fn tool_call_raw(id: &str, arguments: &str) -> (u16, Value) {
-    (
-        200,
-        json!({
-            "id": "chatcmpl-1", "object": "chat.completion", "model": "test-model",
-            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
-                "role": "assistant", "content": null,
-                "tool_calls": [{"id": id, "type": "function",
-                    "function": {"name": "run_command", "arguments": arguments}}]
-            }}],
-            "usage": usage()
-        }),
-    )
-}
-
-fn tool_call(id: &str, args: Value) -> (u16, Value) {
-    tool_call_raw(id, &args.to_string())
-}
-
-fn answer(text: &str) -> (u16, Value) {
-    (
-        200,
-        json!({
-            "id": "chatcmpl-2", "object": "chat.completion",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                "message": {"role": "assistant", "content": text}}],
-            "usage": usage()
-        }),
-    )
-}
 
 // ---------------------------------------------------------------------------
 // Fixtures
