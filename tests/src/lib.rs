@@ -11,6 +11,8 @@
 
 pub mod events;
 pub mod llm;
+pub mod openapi;
+pub mod schema;
 pub mod spec;
 pub mod stack;
 pub mod store_contract;
