@@ -111,3 +111,22 @@ fn main() -> ExitCode {
         ExitCode::FAILURE
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_response_head_curl_wrote_is_read() {
+        let head = "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\nRetry-After: 5\r\n\r\n";
+        let (status, headers) = parse_head(head).expect("a head");
+        assert_eq!(status, 202);
+        assert_eq!(headers.get("retry-after").map(String::as_str), Some("5"));
+        assert_eq!(
+            headers.get("content-type").map(String::as_str),
+            Some("application/json")
+        );
+        assert!(parse_head("").is_err());
+        assert!(parse_head("garbage\r\n\r\n").is_err());
+    }
+}
