@@ -4,6 +4,8 @@
 //! - [`Emulator`]: a fresh `dcs-emulator` process per test (free port, temp
 //!   data dir, fast timings), with helpers for its admin routes.
 //! - [`Moto`]: one `moto_server` (DynamoDB-compatible) per test binary.
+//! - [`openapi`]: every request the tests deliver to the functions' HTTP
+//!   routes, and its response, is checked against `openapi.yaml`.
 //!
 //! Child processes are killed when their handle drops and, as a backstop,
 //! when the test binary dies (`PR_SET_PDEATHSIG`), so a failed or killed test
@@ -11,6 +13,8 @@
 
 pub mod events;
 pub mod llm;
+pub mod openapi;
+pub mod schema;
 pub mod spec;
 pub mod stack;
 pub mod store_contract;

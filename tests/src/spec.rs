@@ -5,6 +5,7 @@
 //! validated by compiling the whole document with a root `$ref` pointing at
 //! the response's schema, so every internal `$ref` resolves as written.
 
+use crate::schema::{escape_pointer, Document};
 use serde_json::Value;
 use std::sync::OnceLock;
 
@@ -12,39 +13,18 @@ use std::sync::OnceLock;
 /// machine responses although the spec's schemas forbid extra properties.
 pub const NEWER_MACHINE_FIELDS: &[&str] = &["autosleep_seconds", "phase"];
 
-fn document() -> &'static Value {
-    static DOC: OnceLock<Value> = OnceLock::new();
+fn document() -> &'static Document {
+    static DOC: OnceLock<Document> = OnceLock::new();
     DOC.get_or_init(|| {
         let path = crate::workspace_root().join("spec/machines-openapi.json");
         let text = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-        serde_json::from_str(&text).expect("spec is JSON")
+        Document::new(serde_json::from_str(&text).expect("spec is JSON"))
     })
 }
 
-/// One JSON-pointer segment, escaped (RFC 6901) and made URI-fragment safe.
-fn escape_pointer(segment: &str) -> String {
-    segment
-        .replace('~', "~0")
-        .replace('/', "~1")
-        .replace('{', "%7B")
-        .replace('}', "%7D")
-}
-
 fn validate_at(pointer: &str, instance: &Value) -> Result<(), String> {
-    let mut schema = document().clone();
-    schema["$ref"] = Value::String(format!("#{pointer}"));
-    let validator =
-        jsonschema::validator_for(&schema).map_err(|e| format!("schema {pointer}: {e}"))?;
-    let errors: Vec<String> = validator
-        .iter_errors(instance)
-        .map(|e| format!("{} at {}", e, e.instance_path()))
-        .collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("{pointer}: {}", errors.join("; ")))
-    }
+    document().validate_at(pointer, instance)
 }
 
 /// Remove the newer machine fields NOTES.md lists, wherever a machine object
@@ -77,7 +57,7 @@ pub fn validate_response(
     body: &Value,
 ) -> Result<(), String> {
     let method = method.to_ascii_lowercase();
-    let op = &document()["paths"][path_template][&method];
+    let op = &document().root()["paths"][path_template][&method];
     if op.is_null() {
         return Err(format!("no operation {method} {path_template} in the spec"));
     }

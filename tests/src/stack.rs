@@ -11,6 +11,7 @@
 //! runs commands on the host.
 
 use crate::events::{http, Auth};
+use crate::openapi::{self, BodyCheck, Function};
 use crate::{unique_table_name, Emulator, Moto};
 use agenthome::agent::Agent;
 use agenthome::api::AuthMode;
@@ -172,11 +173,12 @@ impl Stack {
         }
     }
 
-    /// Deliver an API Gateway v2 event to the chat-turn function.
+    /// Deliver an API Gateway v2 event to the chat-turn function; the
+    /// exchange must conform to the API document ([`crate::openapi`]).
     pub async fn send(&self, event: &Value) -> Reply {
         let req = lambda_http::request::from_str(&event.to_string())
             .expect("the event is an API Gateway v2 request");
-        self.send_request(req).await
+        self.send_request(event, req).await
     }
 
     /// Deliver an API Gateway v2 event as an invocation whose deadline is
@@ -188,10 +190,12 @@ impl Stack {
         let mut context = lambda_http::Context::default();
         context.request_id = "test-invocation".into();
         context.deadline = deadline_ms;
-        self.send_request(req.with_lambda_context(context)).await
+        self.send_request(event, req.with_lambda_context(context))
+            .await
     }
 
-    async fn send_request(&self, req: lambda_http::Request) -> Reply {
+    async fn send_request(&self, event: &Value, req: lambda_http::Request) -> Reply {
+        let checked = openapi::check_event(Function::ChatTurn, event);
         let resp = self.chat.handle(&req).await;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
@@ -200,6 +204,11 @@ impl Stack {
             Body::Binary(b) => String::from_utf8_lossy(b).into_owned(),
             _ => String::new(),
         };
+        checked.assert_response(
+            status,
+            &openapi::headers_from_map(&headers),
+            text.as_bytes(),
+        );
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
         Reply {
             status,
@@ -207,6 +216,53 @@ impl Stack {
             text,
             body,
         }
+    }
+
+    /// Deliver an API Gateway v2 / Function URL event to the chat-turn
+    /// function's streaming handler (`RESPONSE_MODE=streaming`). The
+    /// response must conform to the API document: its head at once, a JSON
+    /// body at once, an event stream event by event as the test reads it
+    /// (the returned body panics on the first event that does not conform).
+    pub async fn send_streaming(
+        &self,
+        event: &Value,
+    ) -> lambda_http::Response<chat_turn_fn::StreamBody> {
+        use futures_util::StreamExt as _;
+        let checked = openapi::check_event(Function::ChatTurn, event);
+        let req = lambda_http::request::from_str(&event.to_string())
+            .expect("the event is an API Gateway v2 request");
+        let resp = std::sync::Arc::clone(&self.chat)
+            .handle_streaming(req)
+            .await;
+        let (parts, body) = resp.into_parts();
+        let status = parts.status.as_u16();
+        let label = format!("{} → {status}", checked.label());
+        let check = checked
+            .check_head(status, &openapi::headers_from_map(&parts.headers))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{label}: does not conform to {}: {e}",
+                    openapi::DOCUMENT_PATH
+                )
+            });
+        let body = match check {
+            BodyCheck::EventStream(events) => {
+                chat_turn_fn::StreamBody::stream(openapi::validated_stream(body, events, label))
+            }
+            other => {
+                let chunks: Vec<_> = body.collect().await;
+                let whole: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+                if let Err(e) = checked.check_body(other, status, &whole) {
+                    panic!(
+                        "{label}: does not conform to {}: {e}\nbody: {}",
+                        openapi::DOCUMENT_PATH,
+                        String::from_utf8_lossy(&whole)
+                    );
+                }
+                chat_turn_fn::StreamBody::stream(futures_util::stream::iter(chunks))
+            }
+        };
+        lambda_http::Response::from_parts(parts, body)
     }
 
     /// `POST /v1/users/{user}/turns` with `body` as `auth`.
@@ -227,11 +283,7 @@ impl Stack {
         let path = format!("/v1/users/{user}/turns");
         let mut event = http("POST", &path, Some(&body), jwt(user));
         event["headers"]["accept"] = Value::String("text/event-stream".into());
-        let req = lambda_http::request::from_str(&event.to_string())
-            .expect("the event is an API Gateway v2 request");
-        std::sync::Arc::clone(&self.chat)
-            .handle_streaming(req)
-            .await
+        self.send_streaming(&event).await
     }
 
     /// A turn with `message`, as `user` itself.

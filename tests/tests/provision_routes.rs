@@ -10,6 +10,7 @@ use agenthome::provision::{
 };
 use agenthome::store::{create_table, DynamoStore, UserStore};
 use agenthome_tests::events::{http, response_parts, Auth};
+use agenthome_tests::openapi;
 use agenthome_tests::{unique_table_name, Emulator, Moto};
 use provision_fn::Service;
 use serde_json::{json, Value};
@@ -60,12 +61,17 @@ async fn stack() -> Stack {
 }
 
 impl Stack {
+    /// Deliver a request to the provision function; the exchange must
+    /// conform to the API document.
     async fn call(&self, method: &str, path: &str, auth: Auth<'_>) -> (u16, Value, Value) {
+        let event = http(method, path, None, auth);
+        let checked = openapi::check_event(openapi::Function::Provision, &event);
         let resp = self
             .service
-            .handle(http(method, path, None, auth))
+            .handle(event)
             .await
             .expect("HTTP events always get a response");
+        checked.assert_apigw_response(&resp);
         response_parts(&resp)
     }
 

@@ -388,8 +388,7 @@ async fn the_streaming_handler_answers_json_without_the_accept_header_and_before
         Some(r#"{"message":"echo plain"}"#),
         agenthome_tests::stack::jwt("erin"),
     );
-    let req = lambda_http::request::from_str(&event.to_string()).unwrap();
-    let resp = std::sync::Arc::clone(&s.chat).handle_streaming(req).await;
+    let resp = s.send_streaming(&event).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(
         resp.headers()
@@ -410,8 +409,7 @@ async fn the_streaming_handler_answers_json_without_the_accept_header_and_before
         agenthome_tests::stack::jwt("erin"),
     );
     event["headers"]["accept"] = json!("text/event-stream");
-    let req = lambda_http::request::from_str(&event.to_string()).unwrap();
-    let resp = std::sync::Arc::clone(&s.chat).handle_streaming(req).await;
+    let resp = s.send_streaming(&event).await;
     assert_eq!(resp.status(), 422);
     assert_eq!(
         resp.headers()
@@ -470,10 +468,10 @@ async fn a_function_url_request_signed_with_iam_is_authorized_under_auth_mode_ia
         ..StackOptions::default()
     })
     .await;
+    let stack = &s;
     let send = |signed| {
-        let req = lambda_http::request::from_str(&function_url_event("frank", signed).to_string())
-            .unwrap();
-        std::sync::Arc::clone(&s.chat).handle_streaming(req)
+        let event = function_url_event("frank", signed);
+        async move { stack.send_streaming(&event).await }
     };
     // Unsigned (no IAM identity): 401
     assert_eq!(send(false).await.status(), 401);
