@@ -14,7 +14,8 @@
 //! and see only each other's processes. Sleep, destroy and shutdown kill the
 //! sandbox's init, and the kernel then kills every process of its PID
 //! namespace, daemons included. Waking starts a fresh sandbox over the same
-//! home. If the emulator dies, the sandbox's stdin closes and it ends too.
+//! home. If the emulator dies, the sandbox's stdin closes and its holder
+//! kills every process in it.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -40,6 +41,12 @@ const COW_DIR: &str = "/.dcs-cow";
 /// Top-level host directories that are never shown (replaced by empty
 /// private file systems) or that get a dedicated mount.
 const PRIVATE_DIRS: [&str; 3] = ["tmp", "run", "home"];
+
+/// The sandbox's command: says it is up, then waits until its stdin (held
+/// by the emulator) closes and kills every process of the sandbox, so the
+/// namespace's init, which waits for all of them, ends too. `kill -1` only
+/// runs as PID 2 (bwrap's init is 1), i.e. inside a fresh PID namespace.
+const HOLDER: &str = "echo ready; read -r _; [ $$ -eq 2 ] && kill -9 -1";
 
 /// Mounts the overlays (`$1` = scratch dir, then directories up to `--`)
 /// and hides the paths after `--`. Runs once per sandbox with the
@@ -507,16 +514,9 @@ impl Layout {
         args.push(hostname.into());
         args.extend(self.mounts.iter().cloned());
         args.extend(
-            [
-                "--chdir",
-                MACHINE_HOME,
-                "--",
-                "/bin/sh",
-                "-c",
-                "echo ready; read -r _",
-            ]
-            .iter()
-            .map(OsString::from),
+            ["--chdir", MACHINE_HOME, "--", "/bin/sh", "-c", HOLDER]
+                .iter()
+                .map(OsString::from),
         );
         args
     }
@@ -662,6 +662,13 @@ mod tests {
             assert!(joined.contains(expected), "{expected} in {joined}");
         }
         assert!(!joined.contains("/sock"), "{joined}");
+        let bwrap = layout.bwrap_args("dm-1");
+        let pos = |flag: &str| bwrap.iter().position(|a| a == flag);
+        assert!(
+            pos("--unshare-pid").is_some() && pos("--unshare-user").is_some(),
+            "the holder's kill -1 needs its own PID namespace"
+        );
+        assert_eq!(bwrap.last().map(OsString::as_os_str), Some(HOLDER.as_ref()));
         assert!(!joined.contains("--ro-bind /root"), "{joined}");
     }
 

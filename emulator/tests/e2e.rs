@@ -789,3 +789,32 @@ fn isolation_unavailable_is_one_clear_line() {
     );
     assert!(lines[0].contains("--isolation none"), "{stderr}");
 }
+
+#[tokio::test]
+async fn isolation_sandboxes_end_when_the_emulator_dies() {
+    // GIVEN a machine with a background process
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let id = emu.running_machine().await;
+    let sleeper = unique_sleep();
+    let (e, _) = emu
+        .sh(&id, &format!("nohup sleep {sleeper} >/dev/null 2>&1 &"))
+        .await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+    assert_eq!(host_pids_with_arg(&sleeper).len(), 1);
+
+    // WHEN the emulator is killed (no chance to clean up)
+    emu.child.kill().expect("kill the emulator");
+    emu.child.wait().expect("reap the emulator");
+
+    // THEN the machine's sandbox and everything in it end by themselves
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !host_pids_with_arg(&sleeper).is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        host_pids_with_arg(&sleeper),
+        Vec::<i32>::new(),
+        "a machine process outlived the emulator"
+    );
+}
