@@ -48,21 +48,24 @@ const PRIVATE_DIRS: [&str; 3] = ["tmp", "run", "home"];
 /// runs as PID 2 (bwrap's init is 1), i.e. inside a fresh PID namespace.
 const HOLDER: &str = "echo ready; read -r _; [ $$ -eq 2 ] && kill -9 -1";
 
-/// Mounts the overlays (`$1` = scratch dir, then directories up to `--`)
-/// and hides the paths after `--`. Runs once per sandbox with the
+/// Mounts the overlays (`$1` = scratch dir, then directories up to `--`;
+/// their names have no blanks or globs) and hides the paths after `--`. Runs once per sandbox with the
 /// capabilities of the sandbox's user namespace.
-const SETUP_SCRIPT: &str = r#"set -u
+const SETUP_SCRIPT: &str = r#"set -uf
 cow=$1; shift
-failed=
+dirs= layers=
 while [ "$1" != -- ]; do
-  d=$1; shift
-  opts="lowerdir=/$d,upperdir=$cow/$d/upper,workdir=$cow/$d/work"
-  mkdir -p "$cow/$d/upper" "$cow/$d/work" && {
-    mount -t overlay overlay -o "userxattr,$opts" "/$d" 2>/dev/null ||
-      mount -t overlay overlay -o "$opts" "/$d" 2>/dev/null
-  } || failed="$failed /$d"
+  dirs="$dirs $1" layers="$layers $cow/$1/upper $cow/$1/work"; shift
 done
 shift
+failed=
+[ -z "$layers" ] || mkdir -p $layers || { echo "cannot create the overlay layers" >&2; exit 1; }
+for d in $dirs; do
+  opts="lowerdir=/$d,upperdir=$cow/$d/upper,workdir=$cow/$d/work"
+  mount -t overlay overlay -o "userxattr,$opts" "/$d" 2>/dev/null ||
+    mount -t overlay overlay -o "$opts" "/$d" 2>/dev/null ||
+    failed="$failed /$d"
+done
 for p in "$@"; do
   mount -t tmpfs -o mode=000,size=4k tmpfs "$p" || { echo "cannot hide $p" >&2; exit 1; }
 done
@@ -274,10 +277,12 @@ async fn ensure(
     if let Some(old) = live.remove(machine_id) {
         old.stop().await;
     }
+    let began = std::time::Instant::now();
     let sandbox = start(tools, machine_id, home, &app.args.data_dir, op).await?;
     let init = sandbox.init;
     live.insert(machine_id.to_owned(), sandbox);
-    tracing::info!(machine = %machine_id, init, "sandbox started");
+    let elapsed_ms = began.elapsed().as_millis();
+    tracing::info!(machine = %machine_id, init, elapsed_ms, "sandbox started");
     Ok(init)
 }
 
@@ -482,7 +487,9 @@ impl Layout {
                 (_, Entry::File) => push(&["--ro-bind".as_ref(), at, at]),
                 (n, Entry::Dir) => {
                     push(&["--ro-bind".as_ref(), at, at]);
-                    if !n.contains([',', ':', '\\', '=']) {
+                    if n.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c))
+                    {
                         overlays.push(n.to_owned());
                     }
                 }

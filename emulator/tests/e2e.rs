@@ -354,6 +354,13 @@ async fn terminal_websocket_round_trip() {
         .await;
     let id = created["machine_id"].as_str().expect("id").to_owned();
     emu.wait_phase(&id, "running").await;
+    // An execution leaves a file outside the home; the terminal, in the same
+    // sandbox, sees it.
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let (e, _) = emu
+        .sh(&id, &format!("echo shared-sandbox > /etc/dcs-term-{tag}"))
+        .await;
+    assert_eq!(e["status"], "succeeded", "{e}");
 
     let (s, term) = emu
         .call(
@@ -379,13 +386,16 @@ async fn terminal_websocket_round_trip() {
         .await
         .expect("ws connect");
 
-    let input = json!({"type": "input", "data": STANDARD.encode("echo hi\necho $((40+2))x\n")});
+    let typed =
+        format!("echo hi\necho $((40+2))x\ncd ~; echo \"[$(pwd)]\"; cat /etc/dcs-term-{tag}\n");
+    let input = json!({"type": "input", "data": STANDARD.encode(typed)});
     ws.send(Message::text(input.to_string()))
         .await
         .expect("send");
     let mut seen = String::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !(seen.contains("hi") && seen.contains("42x")) {
+    let expected = ["hi", "42x", "[/root]", "shared-sandbox"];
+    while !expected.iter().all(|x| seen.contains(x)) {
         let msg = tokio::time::timeout_at(deadline, ws.next())
             .await
             .unwrap_or_else(|_| panic!("no output in time; got {seen:?}"))
