@@ -35,6 +35,25 @@ ensure_python_tools() {
   echo "$want" > "$stamp"
 }
 
+# bubblewrap, which the emulator uses to give each machine its own sandbox
+# (see emulator/README.md), from the OS packages: apt-get as root (or with
+# passwordless sudo), the package lists refreshed only if the first try fails.
+# Skipped when bwrap is installed or with DCS_EMULATOR_ISOLATION=none.
+ensure_sandbox_tools() {
+  if [ "${DCS_EMULATOR_ISOLATION:-namespaces}" = none ] || command -v bwrap >/dev/null; then
+    return 0
+  fi
+  local as_root=()
+  [ "$(id -u)" = 0 ] || as_root=(sudo -n)
+  command -v apt-get >/dev/null && { [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; } ||
+    die "the emulator needs bubblewrap (bwrap): install it with your package manager, or set DCS_EMULATOR_ISOLATION=none to run machine commands unisolated on this host"
+  log "installing bubblewrap (apt-get, once)"
+  export DEBIAN_FRONTEND=noninteractive
+  "${as_root[@]}" apt-get install -y -q bubblewrap >/dev/null 2>&1 ||
+    { "${as_root[@]}" apt-get update -q >/dev/null && "${as_root[@]}" apt-get install -y -q bubblewrap >/dev/null; } ||
+    die "cannot install bubblewrap with apt-get"
+}
+
 # A free TCP port on 127.0.0.1.
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
@@ -70,6 +89,7 @@ trap stop_started EXIT INT TERM
 # STACK_DIR. Everything is stopped by the EXIT trap.
 start_local_stack() {
   ensure_python_tools
+  ensure_sandbox_tools
   local_aws_env
   export PATH="$VENV/bin:$PATH" # cargo-lambda, and the Python that has ziglang
   STACK_DIR="$(mktemp -d "${TMPDIR:-/tmp}/agenthome-stack.XXXXXX")"
@@ -94,8 +114,9 @@ start_local_stack() {
   lambda_port="$(free_port)"
   export LAMBDA_URL="http://127.0.0.1:$lambda_port"
   # The functions' environment: local endpoints, no auth, shell mode unless
-  # an LLM is configured, a harmless bootstrap (the emulator runs commands on
-  # this host), and "detached" provisioning invokes (cargo lambda runs async
+  # an LLM is configured, a harmless bootstrap (machine commands run as root
+  # without capabilities in the emulator's sandbox: no package installs),
+  # and "detached" provisioning invokes (cargo lambda runs async
   # invokes to the end before answering).
   export DEDALUS_BASE_URL="$EMU_URL" DEDALUS_API_KEY=local-dev-key
   export AWS_ENDPOINT_URL_DYNAMODB="$DDB_URL" AWS_ENDPOINT_URL_LAMBDA="$LAMBDA_URL"

@@ -11,6 +11,7 @@ use tokio::sync::{oneshot, watch};
 use crate::config::{Args, Drift, Timing};
 use crate::faults::FaultTable;
 use crate::reqlog::RequestLog;
+use crate::sandbox::Sandboxes;
 use crate::state::{self, State};
 use crate::terminal::TermSession;
 use crate::util::now_ms;
@@ -29,6 +30,8 @@ pub struct Runtime {
 pub struct App {
     pub args: Args,
     pub base_url: String,
+    /// Live machine sandboxes (none with `--isolation none`).
+    pub sandboxes: Sandboxes,
     timing: Mutex<Timing>,
     drift: Mutex<Drift>,
     state: Mutex<State>,
@@ -45,12 +48,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl App {
-    pub fn new(args: Args, state: State, addr: SocketAddr) -> Self {
+    pub fn new(args: Args, state: State, addr: SocketAddr, sandboxes: Sandboxes) -> Self {
         let timing = Timing::from_args(&args);
         let drift = Drift::from_args(&args);
         Self {
             args,
             base_url: format!("http://{addr}"),
+            sandboxes,
             timing: Mutex::new(timing),
             drift: Mutex::new(drift),
             state: Mutex::new(state),

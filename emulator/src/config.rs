@@ -84,6 +84,16 @@ impl Serialize for RefuseTerminals {
     }
 }
 
+/// How machine processes are isolated from the host and from each other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum Isolation {
+    /// One sandbox (user, mount, PID, IPC, UTS namespaces) per awake machine.
+    #[default]
+    Namespaces,
+    /// None: machine commands run directly on the host.
+    None,
+}
+
 /// A local, faithful Dedalus Machines API server for development and tests.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "dcs-emulator", version, about, args_override_self = true)]
@@ -152,6 +162,15 @@ pub struct Args {
     /// delete answers 428.
     #[arg(long, env = "DCS_EMULATOR_REQUIRE_IF_MATCH", value_parser = BoolishValueParser::new())]
     pub require_if_match: bool,
+    /// `namespaces`: each machine in its own sandbox (needs bubblewrap);
+    /// `none`: machine commands run directly on the host.
+    #[arg(
+        long,
+        env = "DCS_EMULATOR_ISOLATION",
+        value_enum,
+        default_value = "namespaces"
+    )]
+    pub isolation: Isolation,
 }
 
 /// Drift switches: reproduce real-world differences from the spec, one at a
@@ -474,6 +493,16 @@ mod tests {
         .expect("repeated flags parse");
         assert_eq!(args.hold_window, Duration::from_secs(3600));
         assert_eq!(args.default_autosleep, 0);
+    }
+
+    #[test]
+    fn isolation_defaults_to_namespaces() {
+        let args = Args::try_parse_from(["dcs-emulator"]).expect("no flags");
+        assert_eq!(args.isolation, Isolation::Namespaces);
+        let args =
+            Args::try_parse_from(["dcs-emulator", "--isolation", "none"]).expect("isolation");
+        assert_eq!(args.isolation, Isolation::None);
+        assert!(Args::try_parse_from(["dcs-emulator", "--isolation", "chroot"]).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`lifecycle`]: phase transitions, hold window, autosleep
 //! - [`runner`]: execution processes
 //! - [`terminal`]: PTY sessions
+//! - [`sandbox`]: one isolated sandbox per awake machine
 //! - [`proc`]: signals to machine processes (the only `unsafe`)
 //! - [`api`]: HTTP routes; [`auth`], [`drift`], [`idempotency`], [`faults`],
 //!   [`reqlog`]: the `/v1` middleware stack
@@ -25,6 +26,7 @@ pub mod pagination;
 pub mod proc;
 pub mod reqlog;
 pub mod runner;
+pub mod sandbox;
 pub mod state;
 pub mod terminal;
 pub mod util;
@@ -35,7 +37,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use crate::app::App;
-use crate::config::{Args, Timing};
+use crate::config::{Args, Isolation, Timing};
 
 /// Loads state, binds, prints the listening line, and serves until SIGINT
 /// or SIGTERM; then ends every machine process.
@@ -46,6 +48,13 @@ pub async fn run(args: Args) -> Result<(), String> {
     let mut state = state::load(&data_dir)?;
     let recovered = state.recover_after_restart(Timing::from_args(&args).hold_window_ms);
     let known: HashSet<String> = state.machines.keys().cloned().collect();
+    // Processes do not survive a restart (sandboxes included).
+    if !known.is_empty() {
+        let _ = tokio::task::spawn_blocking(move || proc::kill_marked(|v| known.contains(v), None))
+            .await;
+    }
+    let sandboxes = sandbox::from_flag(args.isolation, &data_dir).await?;
+    announce_isolation(args.isolation);
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -53,14 +62,9 @@ pub async fn run(args: Args) -> Result<(), String> {
     let addr = listener
         .local_addr()
         .map_err(|e| format!("cannot read the bound address: {e}"))?;
-    let app = Arc::new(App::new(args, state, addr));
+    let app = Arc::new(App::new(args, state, addr, sandboxes));
     if recovered {
         app.persist().await;
-    }
-    // Processes do not survive a restart.
-    if !known.is_empty() {
-        let _ = tokio::task::spawn_blocking(move || proc::kill_marked(|v| known.contains(v), None))
-            .await;
     }
 
     {
@@ -76,10 +80,24 @@ pub async fn run(args: Args) -> Result<(), String> {
         r = server => r.map_err(|e| format!("server error: {e}"))?,
         () = shutdown_signal() => tracing::info!("shutting down"),
     }
+    app.sandboxes.stop_all().await;
     let ids: HashSet<String> = app.state().machines.keys().cloned().collect();
     let _ = tokio::task::spawn_blocking(move || proc::kill_marked(|v| ids.contains(v), None)).await;
     app.persist().await;
     Ok(())
+}
+
+/// One line on stderr when machines are not isolated.
+fn announce_isolation(isolation: Isolation) {
+    match isolation {
+        Isolation::Namespaces => {
+            tracing::info!("isolation: one sandbox per machine (bubblewrap namespaces)");
+        }
+        Isolation::None => eprintln!(
+            "dcs-emulator: --isolation none: machine commands run directly on this host, \
+             unisolated"
+        ),
+    }
 }
 
 async fn shutdown_signal() {

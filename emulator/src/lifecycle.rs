@@ -195,6 +195,10 @@ async fn advance(app: &AppRef, id: &str, op: u64, from: &[Phase], to: Phase, rea
         }
     };
     if changed {
+        if matches!(to, Phase::Sleeping | Phase::Destroyed) {
+            // A sandbox started while the machine was stopping goes too.
+            app.sandboxes.stop(id).await;
+        }
         if to == Phase::Destroyed {
             let dir = app.machine_dir(id);
             if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
@@ -460,7 +464,9 @@ pub fn stop_machine_processes(
         s.mark_closed();
     }
     let mid = machine_id.to_owned();
+    let app = app.clone();
     async move {
+        app.sandboxes.stop(&mid).await;
         let result = tokio::task::spawn_blocking(move || {
             proc::kill_marked(|v| v == mid, None);
         })

@@ -86,6 +86,25 @@ fn marker_in(environ: &[u8]) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
+/// Pids whose parent is `parent` (blocking: reads `/proc`).
+pub fn children_of(parent: u32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            (parse_ppid(&stat)? == i64::from(parent)).then_some(pid)
+        })
+        .collect()
+}
+
+fn parse_ppid(stat: &str) -> Option<i64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Lists processes (blocking: reads `/proc`).
 pub fn scan() -> Vec<ProcInfo> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -178,6 +197,20 @@ mod tests {
         let stat = "1234 (my (weird) name) S 1 1234 1234 0 -1 4194560";
         assert_eq!(parse_stat(stat), Some((1234, 1234)));
         assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(parse_ppid(stat), Some(1));
+    }
+
+    #[test]
+    fn finds_own_children() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("spawn sleep");
+        let kids = children_of(std::process::id());
+        let _ = child.kill();
+        let _ = child.wait();
+        let pid = i32::try_from(child.id()).expect("pid");
+        assert!(kids.contains(&pid), "{kids:?} has {pid}");
     }
 
     #[test]

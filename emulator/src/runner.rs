@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use crate::app::AppRef;
 use crate::lifecycle;
 use crate::proc;
+use crate::sandbox;
 use crate::state::{EventKind, ExecStatus};
 use crate::terminal::host_path;
 
@@ -126,12 +127,7 @@ async fn run(
         return;
     }
 
-    let home = app.home_dir(machine_id);
-    if let Err(e) = tokio::fs::create_dir_all(&home).await {
-        tracing::warn!(machine = %machine_id, error = %e, "cannot create home");
-    }
-    let cwd = resolve_cwd(&home, spec.cwd.as_deref());
-    let Some((program, args)) = spec.command.split_first() else {
+    if spec.command.is_empty() {
         finish(
             app,
             execution_id,
@@ -139,13 +135,25 @@ async fn run(
             Some(("INVALID_COMMAND", "empty command".to_owned())),
         );
         return;
+    }
+    let launch = match sandbox::launch(app, machine_id, &spec.command, spec.cwd.as_deref()).await {
+        Ok(l) => l,
+        Err(e) => {
+            finish(
+                app,
+                execution_id,
+                ExecStatus::Failed,
+                Some(("EXECUTION_START_FAILED", e.to_string())),
+            );
+            return;
+        }
     };
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
-        .current_dir(&cwd)
+    let mut cmd = tokio::process::Command::new(&launch.program);
+    cmd.args(&launch.args)
+        .current_dir(&launch.dir)
         .env_clear()
         .env("PATH", host_path())
-        .env("HOME", &home)
+        .env("HOME", &launch.home)
         .env("USER", "root")
         .env("LANG", "C.UTF-8")
         .envs(&spec.env)
@@ -162,7 +170,11 @@ async fn run(
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            let msg = format!("cannot start {program:?} in {}: {e}", cwd.display());
+            let msg = format!(
+                "cannot start {:?} in {}: {e}",
+                launch.program,
+                launch.dir.display()
+            );
             finish(
                 app,
                 execution_id,

@@ -2,7 +2,6 @@
 //! no client is connected, and hand-over to the connected WebSocket client.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -12,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::app::AppRef;
 use crate::proc;
+use crate::sandbox::Launch;
 use crate::state::TermStatus;
 
 /// Output kept while no client is connected.
@@ -50,8 +50,8 @@ pub struct Attached {
 /// How to start a shell.
 pub struct ShellSpec<'a> {
     pub shell: &'a str,
-    pub cwd: &'a Path,
-    pub home: &'a Path,
+    /// The shell process as planned by [`crate::sandbox::launch`].
+    pub launch: &'a Launch,
     pub env: &'a BTreeMap<String, String>,
     pub width: u16,
     pub height: u16,
@@ -151,17 +151,18 @@ pub fn spawn(
     let (pty, pts) = pty_process::open().map_err(|e| format!("cannot open a pty: {e}"))?;
     pty.resize(pty_process::Size::new(spec.height, spec.width))
         .map_err(|e| format!("cannot size the pty: {e}"))?;
-    let cmd = pty_process::Command::new(spec.shell)
+    let cmd = pty_process::Command::new(&spec.launch.program)
+        .args(&spec.launch.args)
         .env_clear()
         .env("PATH", host_path())
-        .env("HOME", spec.home)
+        .env("HOME", &spec.launch.home)
         .env("TERM", "xterm-256color")
         .env("LANG", "C.UTF-8")
         .env("USER", "root")
         .env("SHELL", spec.shell)
         .envs(spec.env.iter())
         .env(proc::MACHINE_ENV, machine_id)
-        .current_dir(spec.cwd);
+        .current_dir(&spec.launch.dir);
     let mut child = cmd
         .spawn(pts)
         .map_err(|e| format!("cannot start {}: {e}", spec.shell))?;

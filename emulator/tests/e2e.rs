@@ -24,6 +24,10 @@ struct Emu {
 
 impl Emu {
     fn start(data: &Path, listen: &str) -> Emu {
+        Self::start_with(data, listen, &[])
+    }
+
+    fn start_with(data: &Path, listen: &str, extra: &[&str]) -> Emu {
         let mut child = Command::new(env!("CARGO_BIN_EXE_dcs-emulator"))
             .args(["--listen", listen, "--api-key", KEY])
             .arg("--data-dir")
@@ -44,6 +48,7 @@ impl Emu {
                 "--hold-jitter",
                 "0s",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -128,6 +133,51 @@ impl Emu {
         panic!("execution {eid} never finished");
     }
 
+    /// Runs `script` with bash; returns the execution and its stdout.
+    async fn sh(&self, id: &str, script: &str) -> (Value, String) {
+        let e = self.run(id, &["bash", "-c", script]).await;
+        let eid = e["execution_id"].as_str().expect("eid");
+        let (_, out) = self
+            .call(
+                "GET",
+                &format!("/v1/machines/{id}/executions/{eid}/output"),
+                None,
+            )
+            .await;
+        (e, out["stdout"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// Creates a machine and waits until it runs.
+    async fn running_machine(&self) -> String {
+        let (s, created) = self
+            .call(
+                "POST",
+                "/v1/machines",
+                Some(json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5, "autosleep": "1h"})),
+            )
+            .await;
+        assert!(s == 200 || s == 202, "{s} {created}");
+        let id = created["machine_id"].as_str().expect("id").to_owned();
+        self.wait_phase(&id, "running").await;
+        id
+    }
+
+    async fn sleep_machine(&self, id: &str) {
+        let (s, body) = self
+            .call("POST", &format!("/v1/machines/{id}/sleep"), None)
+            .await;
+        assert!(s == 200 || s == 202, "{s} {body}");
+        self.wait_phase(id, "sleeping").await;
+    }
+
+    async fn wake_machine(&self, id: &str) {
+        let (s, body) = self
+            .call("POST", &format!("/v1/machines/{id}/wake"), None)
+            .await;
+        assert!(s == 200 || s == 202, "{s} {body}");
+        self.wait_phase(id, "running").await;
+    }
+
     fn home(&self, id: &str) -> PathBuf {
         self.data.join("machines").join(id).join("home")
     }
@@ -138,6 +188,30 @@ impl Drop for Emu {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A unique `sleep` duration: it names a process on the host whatever its
+/// pid inside a machine's namespace.
+fn unique_sleep() -> String {
+    format!("3600.{}", uuid::Uuid::now_v7().as_u128() % 1_000_000_000)
+}
+
+/// Host pids of live processes that have `arg` among their arguments.
+fn host_pids_with_arg(arg: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            cmdline
+                .split(|b| *b == 0)
+                .any(|a| a == arg.as_bytes())
+                .then_some(pid)
+        })
+        .filter(|pid| alive(*pid))
+        .collect()
 }
 
 fn alive(pid: i32) -> bool {
@@ -171,16 +245,9 @@ async fn lifecycle_executions_sleep_kills_processes_and_files_survive() {
     emu.wait_phase(&id, "running").await;
 
     // An execution writes a file in the home and leaves a background process.
-    let e = emu
-        .run(
-            &id,
-            &[
-                "bash",
-                "-c",
-                "echo kept > file.txt; sleep 100 >/dev/null 2>&1 & echo $! > sleeper.pid; pwd",
-            ],
-        )
-        .await;
+    let sleeper = unique_sleep();
+    let script = format!("echo kept > file.txt; sleep {sleeper} >/dev/null 2>&1 & pwd");
+    let e = emu.run(&id, &["bash", "-c", &script]).await;
     assert_eq!(e["status"], "succeeded", "{e}");
     assert_eq!(e["exit_code"], 0);
     let eid = e["execution_id"].as_str().expect("eid");
@@ -191,17 +258,16 @@ async fn lifecycle_executions_sleep_kills_processes_and_files_survive() {
             None,
         )
         .await;
-    let home = emu.home(&id);
+    assert_eq!(out["stdout"], "/root\n", "the home is /root in the machine");
     assert_eq!(
-        out["stdout"].as_str().map(str::trim),
-        home.canonicalize().ok().as_deref().and_then(Path::to_str)
+        std::fs::read_to_string(emu.home(&id).join("file.txt")).expect("on the host"),
+        "kept\n"
     );
-    let pid: i32 = std::fs::read_to_string(home.join("sleeper.pid"))
-        .expect("pid file")
-        .trim()
-        .parse()
-        .expect("pid");
-    assert!(alive(pid), "background process runs before sleep");
+    assert_eq!(
+        host_pids_with_arg(&sleeper).len(),
+        1,
+        "background process runs before sleep"
+    );
 
     // A failing execution reports its exit code; events are paged.
     let e = emu.run(&id, &["bash", "-c", "echo oops >&2; exit 7"]).await;
@@ -226,7 +292,11 @@ async fn lifecycle_executions_sleep_kills_processes_and_files_survive() {
         .await;
     assert!(s == 200 || s == 202, "{s} {body}");
     emu.wait_phase(&id, "sleeping").await;
-    assert!(!alive(pid), "background process {pid} survived sleep");
+    assert_eq!(
+        host_pids_with_arg(&sleeper),
+        Vec::<i32>::new(),
+        "background process survived sleep"
+    );
 
     let (s, body) = emu
         .call("POST", &format!("/v1/machines/{id}/wake"), None)
@@ -284,6 +354,13 @@ async fn terminal_websocket_round_trip() {
         .await;
     let id = created["machine_id"].as_str().expect("id").to_owned();
     emu.wait_phase(&id, "running").await;
+    // An execution leaves a file outside the home; the terminal, in the same
+    // sandbox, sees it.
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let (e, _) = emu
+        .sh(&id, &format!("echo shared-sandbox > /etc/dcs-term-{tag}"))
+        .await;
+    assert_eq!(e["status"], "succeeded", "{e}");
 
     let (s, term) = emu
         .call(
@@ -309,13 +386,16 @@ async fn terminal_websocket_round_trip() {
         .await
         .expect("ws connect");
 
-    let input = json!({"type": "input", "data": STANDARD.encode("echo hi\necho $((40+2))x\n")});
+    let typed =
+        format!("echo hi\necho $((40+2))x\ncd ~; echo \"[$(pwd)]\"; cat /etc/dcs-term-{tag}\n");
+    let input = json!({"type": "input", "data": STANDARD.encode(typed)});
     ws.send(Message::text(input.to_string()))
         .await
         .expect("send");
     let mut seen = String::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !(seen.contains("hi") && seen.contains("42x")) {
+    let expected = ["hi", "42x", "[/root]", "shared-sandbox"];
+    while !expected.iter().all(|x| seen.contains(x)) {
         let msg = tokio::time::timeout_at(deadline, ws.next())
             .await
             .unwrap_or_else(|_| panic!("no output in time; got {seen:?}"))
@@ -549,4 +629,202 @@ async fn autosleep_and_status_stream() {
 
     // Idle for its autosleep period → sleeping.
     emu.wait_phase(&id, "sleeping").await;
+}
+
+#[tokio::test]
+async fn isolation_home_is_root_and_system_writes_last_until_sleep() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let id = emu.running_machine().await;
+
+    // `cd ~` lands in /root, which is HOME.
+    let (e, out) = emu
+        .sh(&id, "cd /tmp && cd ~ && pwd && echo \"$HOME\"")
+        .await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+    assert_eq!(out, "/root\n/root\n");
+
+    // Writes outside the home stay inside the machine...
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let etc = format!("/etc/dcs-iso-{tag}");
+    let local = format!("/usr/local/dcs-iso-{tag}");
+    let tmp = format!("/tmp/dcs-iso-{tag}");
+    let (e, _) = emu
+        .sh(
+            &id,
+            &format!("echo e > {etc} && mkdir {local} && echo l > {local}/f && echo t > {tmp}"),
+        )
+        .await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+    for path in [&etc, &local, &tmp] {
+        assert!(!Path::new(path).exists(), "{path} leaked to the host");
+    }
+    // ...and the machine's next command sees them (one sandbox per machine).
+    let (e, out) = emu.sh(&id, &format!("cat {etc} {local}/f {tmp}")).await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+    assert_eq!(out, "e\nl\nt\n");
+
+    // Background processes, however detached (a daemon in its own session,
+    // without the emulator's marker), run until the machine sleeps.
+    let (nohup, daemon) = (unique_sleep(), unique_sleep());
+    let (e, _) = emu
+        .sh(
+            &id,
+            &format!(
+                "nohup sleep {nohup} >/dev/null 2>&1 & \\
+                 env -u DCS_EMULATOR_MACHINE_ID setsid -f sleep {daemon} >/dev/null 2>&1"
+            ),
+        )
+        .await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+    assert_eq!(host_pids_with_arg(&nohup).len(), 1, "nohup process runs");
+    assert_eq!(host_pids_with_arg(&daemon).len(), 1, "daemon runs");
+
+    emu.sleep_machine(&id).await;
+    assert_eq!(
+        host_pids_with_arg(&nohup),
+        Vec::<i32>::new(),
+        "nohup survived"
+    );
+    assert_eq!(
+        host_pids_with_arg(&daemon),
+        Vec::<i32>::new(),
+        "daemon survived"
+    );
+
+    // After a wake: a fresh sandbox, the home kept, the rest discarded.
+    emu.wake_machine(&id).await;
+    let (e, out) = emu
+        .sh(
+            &id,
+            &format!(
+                "for p in {etc} {local} {tmp}; do test -e $p && echo kept $p; done; \
+                 ps -e -o comm= | grep -c '^sleep$'; echo done"
+            ),
+        )
+        .await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+    assert_eq!(
+        out, "0\ndone\n",
+        "writes outside /root and processes are gone"
+    );
+}
+
+#[tokio::test]
+async fn isolation_machines_cannot_reach_each_other() {
+    // A data dir under an overlaid host directory (not /tmp), so hiding it
+    // takes more than the private /tmp.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let a = emu.running_machine().await;
+    let b = emu.running_machine().await;
+
+    // GIVEN machine B with a secret in its home and a running process
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let sleeper = unique_sleep();
+    let (e, _) = emu
+        .sh(
+            &b,
+            &format!(
+                "echo secret-{tag} > ~/secret-{tag} && echo t > /tmp/b-{tag}; \
+                 nohup sleep {sleeper} >/dev/null 2>&1 &"
+            ),
+        )
+        .await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+    let b_home = emu.home(&b).canonicalize().expect("B's home");
+    let data = dir.path().canonicalize().expect("data dir");
+
+    // WHEN machine A looks for it by every path it could know
+    let script = format!(
+        "cat {bh}/secret-{tag}; ls {bh} {data} {data}/machines; cat /tmp/b-{tag}; \
+         cat /proc/[0-9]*/root/root/secret-{tag}; \
+         find / -name 'secret-{tag}' -not -path '/proc/*' 2>/dev/null; ls -a ~",
+        bh = b_home.display(),
+        data = data.display(),
+    );
+    let (_, out) = emu.sh(&a, &script).await;
+    let (_, procs) = emu.sh(&a, "ps -e -o args=").await;
+
+    // THEN A sees neither the secret, nor B's home, nor B's processes
+    assert!(!out.contains(&format!("secret-{tag}")), "{out}");
+    assert!(!out.contains(&b), "A can list the data dir: {out}");
+    assert!(procs.contains("ps -e -o args="), "{procs}");
+    assert!(
+        !procs.contains(&sleeper),
+        "B's process is visible to A: {procs}"
+    );
+    // while B itself still has both
+    let (_, out) = emu
+        .sh(&b, &format!("cat ~/secret-{tag} /tmp/b-{tag}"))
+        .await;
+    assert_eq!(out, format!("secret-{tag}\nt\n"));
+    assert_eq!(host_pids_with_arg(&sleeper).len(), 1);
+}
+
+#[tokio::test]
+async fn isolation_none_runs_on_the_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emu = Emu::start_with(dir.path(), "127.0.0.1:0", &["--isolation", "none"]);
+    let id = emu.running_machine().await;
+    let (e, out) = emu.sh(&id, "cd ~ && pwd").await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+    let home = emu.home(&id).canonicalize().expect("home");
+    assert_eq!(out.trim(), home.to_str().expect("utf-8 path"));
+}
+
+#[test]
+fn isolation_unavailable_is_one_clear_line() {
+    // GIVEN a host where bubblewrap cannot be found
+    let empty = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("tempdir");
+    let run = Command::new(env!("CARGO_BIN_EXE_dcs-emulator"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .env("PATH", empty.path())
+        .env_remove("DCS_EMULATOR_ISOLATION")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run dcs-emulator");
+
+    // THEN it refuses to start, says why and how to go on, in one line
+    assert!(!run.status.success());
+    assert!(run.stdout.is_empty(), "it never listened");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("isolation is unavailable") && lines[0].contains("bwrap"),
+        "{stderr}"
+    );
+    assert!(lines[0].contains("--isolation none"), "{stderr}");
+}
+
+#[tokio::test]
+async fn isolation_sandboxes_end_when_the_emulator_dies() {
+    // GIVEN a machine with a background process
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let id = emu.running_machine().await;
+    let sleeper = unique_sleep();
+    let (e, _) = emu
+        .sh(&id, &format!("nohup sleep {sleeper} >/dev/null 2>&1 &"))
+        .await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+    assert_eq!(host_pids_with_arg(&sleeper).len(), 1);
+
+    // WHEN the emulator is killed (no chance to clean up)
+    emu.child.kill().expect("kill the emulator");
+    emu.child.wait().expect("reap the emulator");
+
+    // THEN the machine's sandbox and everything in it end by themselves
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !host_pids_with_arg(&sleeper).is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        host_pids_with_arg(&sleeper),
+        Vec::<i32>::new(),
+        "a machine process outlived the emulator"
+    );
 }

@@ -138,6 +138,25 @@ pub const FAST_EMULATOR_FLAGS: &[&str] = &[
     "0s",
 ];
 
+/// Host pids of live (not zombie) processes that have `arg` among their
+/// arguments: finds a machine's process on the host whatever its pid inside
+/// the machine's PID namespace.
+pub fn host_pids_with_arg(arg: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+            let has = cmdline.split(|b| *b == 0).any(|a| a == arg.as_bytes());
+            (has && !matches!(state, 'Z' | 'X')).then_some(pid)
+        })
+        .collect()
+}
+
 /// A running `dcs-emulator` process.
 pub struct Emulator {
     child: Option<Child>,

@@ -11,7 +11,7 @@ use agenthome::dedalus::{
     CreateMachineRequest, DesiredState, Error, ExecutionRequest, ExecutionStatus, IdempotencyKey,
     Phase, RetryPolicy, UpdateMachineRequest,
 };
-use agenthome_tests::{fast_retry_policy, Emulator};
+use agenthome_tests::{fast_retry_policy, host_pids_with_arg, Emulator};
 use client_support::*;
 use serde_json::json;
 
@@ -308,23 +308,26 @@ async fn files_survive_sleep_and_wake_processes_do_not() {
         .await
         .expect("write file");
     assert!(wrote.success(), "{wrote:?}");
+    // (a unique duration names the process on the host, whatever its pid in
+    // the machine)
+    let duration = format!("300.{}", uuid::Uuid::now_v7().as_u128() % 1_000_000_000);
     let long = client
         .create_execution(
             &id,
-            &ExecutionRequest::shell("echo $$ > \"$HOME/pid\"; exec sleep 300"),
+            &ExecutionRequest::shell(format!(
+                "echo started > \"$HOME/pid\"; exec sleep {duration}"
+            )),
             None,
         )
         .await
         .expect("start long process");
     let pid_file = emu.machine_home(&id).join("pid");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !pid_file.exists() && std::time::Instant::now() < deadline {
+    while host_pids_with_arg(&duration).is_empty() && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let pid = std::fs::read_to_string(&pid_file)
-        .expect("pid file")
-        .trim()
-        .to_owned();
+    assert!(pid_file.exists(), "the long process started");
+    assert_eq!(host_pids_with_arg(&duration).len(), 1, "it runs");
 
     // WHEN the machine sleeps and wakes
     client.sleep_machine(&id, None, None).await.expect("sleep");
@@ -359,15 +362,11 @@ async fn files_survive_sleep_and_wake_processes_do_not() {
         .expect("get long exec");
     assert!(exec.status.is_terminal(), "{:?}", exec.status);
     assert_ne!(exec.status, ExecutionStatus::Succeeded);
-    let alive = client
-        .run_and_wait(
-            &id,
-            &ExecutionRequest::shell(format!("kill -0 {pid}")),
-            within(10),
-        )
-        .await
-        .expect("kill -0");
-    assert_ne!(alive.exit_code(), Some(0), "process {pid} survived sleep");
+    assert_eq!(
+        host_pids_with_arg(&duration),
+        Vec::<i32>::new(),
+        "the process survived sleep"
+    );
 }
 
 #[tokio::test]

@@ -22,7 +22,7 @@ use crate::errors::{parse_json, ApiError, DcsError};
 use crate::faults::DropWebSocket;
 use crate::lifecycle;
 use crate::pagination::{page_request, paginate};
-use crate::runner::resolve_cwd;
+use crate::sandbox;
 use crate::state::{Phase, TermStatus, Terminal};
 use crate::terminal::{self, Outbound, ShellSpec, TermSession};
 use crate::util::{now_ms, terminal_id};
@@ -153,20 +153,21 @@ fn fail(app: &AppRef, terminal_id: &str, code: &str, message: &str) {
 
 /// Starts the shell for a terminal whose machine runs; returns the record.
 async fn start_shell(app: &AppRef, t: &Terminal) -> Terminal {
-    let home = app.home_dir(&t.machine_id);
-    if let Err(e) = tokio::fs::create_dir_all(&home).await {
-        tracing::warn!(machine = %t.machine_id, error = %e, "cannot create home");
-    }
-    let cwd = resolve_cwd(&home, t.cwd.as_deref());
-    let spec = ShellSpec {
-        shell: &t.shell,
-        cwd: &cwd,
-        home: &home,
-        env: &t.env,
-        width: t.width,
-        height: t.height,
+    let argv = [t.shell.clone()];
+    let started = match sandbox::launch(app, &t.machine_id, &argv, t.cwd.as_deref()).await {
+        Ok(launch) => {
+            let spec = ShellSpec {
+                shell: &t.shell,
+                launch: &launch,
+                env: &t.env,
+                width: t.width,
+                height: t.height,
+            };
+            terminal::spawn(app, &t.id, &t.machine_id, &spec)
+        }
+        Err(e) => Err(e.to_string()),
     };
-    match terminal::spawn(app, &t.id, &t.machine_id, &spec) {
+    match started {
         Ok(session) => {
             let still_pending = {
                 let mut st = app.state();
