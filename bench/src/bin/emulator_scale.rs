@@ -44,7 +44,7 @@ async fn main() {
         fill_concurrency: agenthome_bench::arg("--fill-concurrency", 4),
     };
     let bin = std::env::var("DCS_EMULATOR_BIN").unwrap_or_default();
-    let profile = if bin.contains("/release/") {
+    let profile = if bin.contains("release") {
         "release"
     } else {
         "debug"
