@@ -266,6 +266,16 @@ pub async fn delete(
     ))
 }
 
+/// Records a terminal's new size (written with the next flush).
+fn resized(app: &AppRef, terminal_id: &str, width: u16, height: u16) {
+    let mut st = app.state();
+    if let Some(t) = st.terminals.get_mut(terminal_id) {
+        t.width = width;
+        t.height = height;
+        st.mark(RecordKey::terminal(terminal_id));
+    }
+}
+
 fn not_streamable(status: TermStatus) -> ApiError {
     let current = serde_json::to_value(status)
         .ok()
@@ -433,9 +443,8 @@ async fn serve_socket(
                     ClientFrame::Resize(w, h) => {
                         if let Err(e) = session.resize(w, h).await {
                             let _ = tx.send(error_frame("TERMINAL_RESIZE_FAILED", &e)).await;
-                        } else if let Some(t) = app.state().terminals.get_mut(&session.terminal_id) {
-                            t.width = w;
-                            t.height = h;
+                        } else {
+                            resized(&app, &session.terminal_id, w, h);
                         }
                     }
                     ClientFrame::Invalid(msg) => {
