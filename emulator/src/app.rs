@@ -1,9 +1,11 @@
 //! The shared application object: configuration, state, run-time process
-//! handles, change notification and persistence.
+//! handles, change notification and persistence (group commit of the
+//! changed records).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{oneshot, watch};
@@ -12,7 +14,8 @@ use crate::config::{Args, Drift, Timing};
 use crate::faults::FaultTable;
 use crate::reqlog::RequestLog;
 use crate::sandbox::Sandboxes;
-use crate::state::{self, State};
+use crate::state::{Retention, State};
+use crate::store::{self, RecordKey, Snapshot};
 use crate::terminal::TermSession;
 use crate::util::now_ms;
 
@@ -38,7 +41,12 @@ pub struct App {
     rt: Mutex<Runtime>,
     faults: Mutex<FaultTable>,
     reqlog: Mutex<RequestLog>,
+    /// One flush at a time; a flush writes every record changed before it
+    /// started (group commit).
     persist_lock: tokio::sync::Mutex<()>,
+    /// Flushes asked for so far / covered by a finished flush.
+    persist_requested: AtomicU64,
+    persist_done: AtomicU64,
     /// Bumped on every machine or terminal change; watchers re-read state.
     pub changed: watch::Sender<u64>,
 }
@@ -62,6 +70,8 @@ impl App {
             faults: Mutex::new(FaultTable::default()),
             reqlog: Mutex::new(RequestLog::default()),
             persist_lock: tokio::sync::Mutex::new(()),
+            persist_requested: AtomicU64::new(0),
+            persist_done: AtomicU64::new(0),
             changed: watch::Sender::new(0),
         }
     }
@@ -123,26 +133,68 @@ impl App {
         }
     }
 
-    /// Writes the current state to `state.json` (temp file + rename).
-    /// Writers are serialised and each writes the newest snapshot.
+    /// How long ended things are kept.
+    pub fn retention(&self) -> Retention {
+        let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        Retention {
+            ended_ms: ms(self.args.retention),
+            executions_per_machine: usize::try_from(self.args.executions_per_machine)
+                .unwrap_or(usize::MAX),
+            idempotency_ms: ms(self.args.idempotency_ttl),
+        }
+    }
+
+    /// Marks one record changed and waits until it is on disk.
+    pub async fn save(&self, key: RecordKey) {
+        self.state().mark(key);
+        self.persist().await;
+    }
+
+    /// Waits until every record changed before this call is on disk. Only
+    /// the changed records are written (see [`crate::store`]), off the
+    /// state lock; concurrent callers share one flush.
     pub async fn persist(&self) {
+        let ticket = self.persist_requested.fetch_add(1, Ordering::SeqCst) + 1;
         let _guard = self.persist_lock.lock().await;
-        let bytes = {
-            let st = self.state();
-            serde_json::to_vec(&*st)
+        if self.persist_done.load(Ordering::SeqCst) >= ticket {
+            return;
+        }
+        let covered = self.persist_requested.load(Ordering::SeqCst);
+        let snapshots: Vec<Snapshot> = {
+            let mut st = self.state();
+            let keys = st.take_dirty();
+            keys.iter().map(|k| Snapshot::take(&st, k)).collect()
         };
-        let bytes = match bytes {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot serialise state");
-                return;
+        if !snapshots.is_empty() {
+            self.flush(snapshots).await;
+        }
+        self.persist_done.store(covered, Ordering::SeqCst);
+    }
+
+    /// Writes snapshots; records whose write failed are marked again so the
+    /// next flush retries them.
+    async fn flush(&self, snapshots: Vec<Snapshot>) {
+        let root = store::records_dir(&self.args.data_dir);
+        let job = move || {
+            let mut ops = Vec::with_capacity(snapshots.len());
+            for s in snapshots {
+                match s.encode() {
+                    Ok(op) => ops.push(op),
+                    Err(e) => tracing::error!(error = %e, "cannot serialise a record"),
+                }
             }
+            store::write_batch(&root, ops)
         };
-        let dir = self.args.data_dir.clone();
-        match tokio::task::spawn_blocking(move || state::write_atomically(&dir, &bytes)).await {
+        match tokio::task::spawn_blocking(job).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot write state.json"),
-            Err(e) => tracing::error!(error = %e, "state writer panicked"),
+            Ok(Err((failed, e))) => {
+                tracing::error!(error = %e, records = failed.len(), "cannot write records");
+                let mut st = self.state();
+                for key in failed {
+                    st.mark(key);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "record writer panicked"),
         }
     }
 }

@@ -101,7 +101,8 @@ pub struct Args {
     /// Where to serve (`127.0.0.1:0` picks a free port).
     #[arg(long, env = "DCS_EMULATOR_LISTEN", default_value = "127.0.0.1:4010")]
     pub listen: SocketAddr,
-    /// State (`state.json`) and machine homes (`machines/<id>/home`).
+    /// State (`records/`, one file per record) and machine homes
+    /// (`machines/<id>/home`).
     #[arg(
         long,
         env = "DCS_EMULATOR_DATA_DIR",
@@ -135,6 +136,16 @@ pub struct Args {
     /// Executions keep at most this many bytes of stdout and of stderr.
     #[arg(long, env = "DCS_EMULATOR_OUTPUT_LIMIT", default_value_t = 1_048_576)]
     pub output_limit: u64,
+    /// Ended executions and terminals, and destroyed machines, are removed
+    /// this long after they ended.
+    #[arg(long, env = "DCS_EMULATOR_RETENTION", default_value = "1h", value_parser = parse_duration)]
+    pub retention: Duration,
+    /// Each machine keeps at most this many ended executions (the newest).
+    #[arg(long, env = "DCS_EMULATOR_EXECUTIONS_PER_MACHINE", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub executions_per_machine: u64,
+    /// Idempotency records are replayed for this long.
+    #[arg(long, env = "DCS_EMULATOR_IDEMPOTENCY_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub idempotency_ttl: Duration,
     /// Machine ids as `dm-<32 hex>` or bare lowercase UUIDs.
     #[arg(long, env = "DCS_EMULATOR_ID_FORMAT", value_enum, default_value = "dm")]
     pub id_format: IdFormat,

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::app::AppRef;
 use crate::errors::{ApiError, DcsError};
 use crate::faults::Delay;
-use crate::state::{IdemRecord, IDEMPOTENCY_TTL_MS};
+use crate::state::IdemRecord;
 use crate::util::now_ms;
 
 /// Largest request body accepted.
@@ -156,9 +156,10 @@ pub async fn middleware(State(app): State<AppRef>, req: Request<Body>, next: Nex
     let fp = fingerprint(parts.method.as_str(), parts.uri.path(), &bytes);
 
     // Look up or claim the key.
+    let ttl_ms = app.retention().idempotency_ms;
     let conflict = {
         let mut st = app.state();
-        if let Some(rec) = st.idempotency.get(&key) {
+        if let Some(rec) = st.idempotency_record(&key, now_ms(), ttl_ms) {
             if rec.fingerprint == fp {
                 return replay(rec);
             }
@@ -212,38 +213,41 @@ pub async fn middleware(State(app): State<AppRef>, req: Request<Body>, next: Nex
         }
     };
     if is_final(parts.status, &body) {
-        let headers = parts
-            .headers
-            .iter()
-            .filter(|(k, _)| *k != "content-length" && *k != "date")
-            .filter_map(|(k, v)| {
-                v.to_str()
-                    .ok()
-                    .map(|v| (k.as_str().to_owned(), v.to_owned()))
-            })
-            .collect();
-        let now = now_ms();
-        {
-            let mut st = app.state();
-            st.idempotency
-                .retain(|_, r| r.created_ms >= now - IDEMPOTENCY_TTL_MS);
-            st.idempotency.insert(
-                key,
-                IdemRecord {
-                    fingerprint: fp,
-                    created_ms: now,
-                    status: parts.status.as_u16(),
-                    headers,
-                    body: String::from_utf8_lossy(&body).into_owned(),
-                },
-            );
-        }
+        let record = IdemRecord {
+            fingerprint: fp,
+            created_ms: now_ms(),
+            status: parts.status.as_u16(),
+            headers: replay_headers(&parts.headers),
+            body: String::from_utf8_lossy(&body).into_owned(),
+        };
+        app.state().insert_idempotency(key.clone(), record);
         drop(guard);
         app.persist().await;
     } else {
         drop(guard);
     }
     Response::from_parts(parts, Body::from(body))
+}
+
+/// The response headers a replay needs: those that describe the body and
+/// the resource (`content-type`, `etag`, retry hints, `location`).
+fn replay_headers(headers: &axum::http::HeaderMap) -> Vec<(String, String)> {
+    const KEEP: [&str; 5] = [
+        "content-type",
+        "etag",
+        "retry-after",
+        "retry-after-ms",
+        "location",
+    ];
+    headers
+        .iter()
+        .filter(|(k, _)| KEEP.contains(&k.as_str()))
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_owned(), v.to_owned()))
+        })
+        .collect()
 }
 
 struct InFlightGuard {

@@ -3,7 +3,9 @@
 //! Module map:
 //! - [`config`]: flags, timing knobs, duration/autosleep parsing
 //! - [`app`]: shared application object, persistence, change notification
-//! - [`state`]: durable model and `state.json`
+//! - [`state`]: durable model, per-machine indexes, retention
+//! - [`store`]: one file per record under `records/`
+//! - [`prune`]: the retention ticker
 //! - [`lifecycle`]: phase transitions, hold window, autosleep
 //! - [`runner`]: execution processes
 //! - [`terminal`]: PTY sessions
@@ -24,10 +26,12 @@ pub mod idempotency;
 pub mod lifecycle;
 pub mod pagination;
 pub mod proc;
+pub mod prune;
 pub mod reqlog;
 pub mod runner;
 pub mod sandbox;
 pub mod state;
+pub mod store;
 pub mod terminal;
 pub mod util;
 pub mod views;
@@ -45,7 +49,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     let data_dir = args.data_dir.clone();
     std::fs::create_dir_all(data_dir.join("machines"))
         .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
-    let mut state = state::load(&data_dir)?;
+    let (mut state, migrated) = load_state(&data_dir)?;
     let recovered = state.recover_after_restart(Timing::from_args(&args).hold_window_ms);
     let known: HashSet<String> = state.machines.keys().cloned().collect();
     // Processes do not survive a restart (sandboxes included).
@@ -63,8 +67,12 @@ pub async fn run(args: Args) -> Result<(), String> {
         .local_addr()
         .map_err(|e| format!("cannot read the bound address: {e}"))?;
     let app = Arc::new(App::new(args, state, addr, sandboxes));
-    if recovered {
+    if recovered || migrated {
         app.persist().await;
+    }
+    if migrated {
+        store::retire_legacy(&data_dir).map_err(|e| e.to_string())?;
+        tracing::info!("migrated state.json to records/");
     }
 
     {
@@ -75,6 +83,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     tracing::info!(%addr, data_dir = %data_dir.display(), "serving");
 
     lifecycle::spawn_autosleep(app.clone());
+    prune::spawn_pruner(app.clone());
     let server = axum::serve(listener, api::router(app.clone()));
     tokio::select! {
         r = server => r.map_err(|e| format!("server error: {e}"))?,
@@ -98,6 +107,16 @@ fn announce_isolation(isolation: Isolation) {
              unisolated"
         ),
     }
+}
+
+/// The records under `records/`, or an earlier version's `state.json`
+/// (then `true`: it is to be written as records and retired).
+fn load_state(data_dir: &std::path::Path) -> Result<(state::State, bool), String> {
+    store::create_dirs(data_dir).map_err(|e| e.to_string())?;
+    if let Some(legacy) = store::load_legacy(data_dir).map_err(|e| e.to_string())? {
+        return Ok((legacy, true));
+    }
+    Ok((store::load(data_dir).map_err(|e| e.to_string())?, false))
 }
 
 async fn shutdown_signal() {

@@ -9,7 +9,8 @@ use rand::Rng;
 use crate::app::AppRef;
 use crate::errors::{ApiError, DcsError};
 use crate::proc;
-use crate::state::{Desired, ExecStatus, Machine, Phase, TermStatus};
+use crate::state::{Desired, Machine, Phase};
+use crate::store::RecordKey;
 use crate::util::{machine_id, now_ms, rfc3339};
 
 /// How often autosleep looks at machines.
@@ -124,7 +125,7 @@ pub async fn create(app: &AppRef, new: NewMachine) -> Machine {
             last_activity_ms: now,
             op: 1,
         };
-        st.machines.insert(id.clone(), m.clone());
+        st.insert_machine(m.clone());
         m
     };
     if let Err(e) = tokio::fs::create_dir_all(app.home_dir(&id)).await {
@@ -189,6 +190,7 @@ async fn advance(app: &AppRef, id: &str, op: u64, from: &[Phase], to: Phase, rea
                     }
                     _ => {}
                 }
+                st.mark(RecordKey::machine(id));
                 true
             }
             _ => false,
@@ -238,7 +240,9 @@ pub async fn wake(app: &AppRef, id: &str, if_match: Option<&str>) -> Result<Mach
                 m.desired = Desired::Running;
                 m.op += 1;
                 m.transition(Phase::Starting, "wake_requested");
-                (m.clone(), m.op)
+                let out = (m.clone(), m.op);
+                st.mark(RecordKey::machine(id));
+                out
             }
         }
     };
@@ -316,7 +320,9 @@ pub async fn sleep(
                     SleepCause::Autosleep => "autosleep",
                 };
                 m.transition(Phase::Stopping, reason);
-                (m.clone(), m.op)
+                let out = (m.clone(), m.op);
+                st.mark(RecordKey::machine(id));
+                out
             }
         }
     };
@@ -354,7 +360,9 @@ pub async fn destroy(app: &AppRef, id: &str, if_match: Option<&str>) -> Result<M
         m.desired = Desired::Destroyed;
         m.op += 1;
         m.transition(Phase::Destroying, "destroy_requested");
-        (m.clone(), m.op)
+        let out = (m.clone(), m.op);
+        st.mark(RecordKey::machine(id));
+        out
     };
     let kill = stop_machine_processes(app, id, "MACHINE_DESTROYED", "the machine was destroyed");
     app.notify();
@@ -404,7 +412,9 @@ pub async fn update(
             m.autosleep_seconds = v;
         }
         m.touch_revision();
-        m.clone()
+        let out = m.clone();
+        st.mark(RecordKey::machine(id));
+        out
     };
     app.notify();
     app.persist().await;
@@ -421,29 +431,9 @@ pub fn stop_machine_processes(
     error_code: &str,
     message: &str,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let (exec_ids, term_ids) = {
-        let mut st = app.state();
-        let mut execs = Vec::new();
-        for e in st.executions.values_mut() {
-            if e.machine_id == machine_id
-                && matches!(e.status, ExecStatus::Queued | ExecStatus::Running)
-                && e.finish(
-                    ExecStatus::Cancelled,
-                    Some((error_code, message.to_owned())),
-                )
-            {
-                execs.push(e.id.clone());
-            }
-        }
-        let mut terms = Vec::new();
-        for t in st.terminals.values_mut() {
-            if t.machine_id == machine_id && t.status == TermStatus::Ready {
-                t.status = TermStatus::Closed;
-                terms.push(t.id.clone());
-            }
-        }
-        (execs, terms)
-    };
+    let (exec_ids, term_ids) = app
+        .state()
+        .end_machine_work(machine_id, error_code, message);
     let (cancels, sessions) = {
         let mut rt = app.rt();
         let cancels: Vec<_> = exec_ids

@@ -16,6 +16,7 @@ use crate::lifecycle;
 use crate::proc;
 use crate::sandbox;
 use crate::state::{EventKind, ExecStatus};
+use crate::store::RecordKey;
 use crate::terminal::host_path;
 
 /// Longest wait for a machine to wake before an execution gives up.
@@ -63,7 +64,7 @@ pub fn start(app: &AppRef, execution_id: String, machine_id: String, spec: ExecS
         run(&app, &execution_id, &machine_id, spec, rx).await;
         app.rt().exec_cancel.remove(&execution_id);
         app.touch_activity(&machine_id);
-        app.persist().await;
+        app.save(RecordKey::execution(&execution_id)).await;
     });
 }
 
@@ -194,7 +195,8 @@ async fn run(
         return;
     }
     app.touch_activity(machine_id);
-    app.persist().await;
+    // Written with the next flush: a restart fails a running execution anyway.
+    app.state().mark(RecordKey::execution(execution_id));
 
     if let (Some(input), Some(mut stdin)) = (spec.stdin, child.stdin.take()) {
         tokio::spawn(async move {

@@ -13,6 +13,7 @@ use crate::app::AppRef;
 use crate::proc;
 use crate::sandbox::Launch;
 use crate::state::TermStatus;
+use crate::store::RecordKey;
 
 /// Output kept while no client is connected.
 pub const BUFFER_CAP: usize = 1024 * 1024;
@@ -239,7 +240,7 @@ async fn finish(app: &AppRef, session: &Arc<TermSession>) {
     }
     if changed {
         app.notify();
-        app.persist().await;
+        app.save(RecordKey::terminal(&session.terminal_id)).await;
     }
 }
 

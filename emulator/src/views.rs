@@ -112,13 +112,23 @@ pub fn output(e: &Execution) -> Value {
     })
 }
 
-/// ExecutionEvent.
-pub fn event(ev: &ExecEvent) -> Value {
+/// The text of an output event: its byte range of the stream's kept data.
+fn chunk(e: &Execution, ev: &ExecEvent) -> Option<String> {
+    let [start, end] = ev.range?;
+    let data = &e.captured(ev.kind).data;
+    let start = usize::try_from(start).ok()?;
+    let end = usize::try_from(end).ok()?;
+    data.get(start..end)
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+/// ExecutionEvent of execution `e`.
+pub fn event(e: &Execution, ev: &ExecEvent) -> Value {
     let mut map = Map::new();
     map.insert("sequence".into(), ev.sequence.into());
     map.insert("type".into(), enum_str(&ev.kind));
     map.insert("at".into(), rfc3339(ev.at_ms).into());
-    insert_opt(&mut map, "chunk", ev.chunk.clone());
+    insert_opt(&mut map, "chunk", chunk(e, ev));
     insert_opt(&mut map, "status", ev.status.map(|s| enum_str(&s)));
     insert_opt(&mut map, "exit_code", ev.exit_code);
     insert_opt(&mut map, "signal", ev.signal);

@@ -22,13 +22,22 @@ struct Emu {
     http: reqwest::Client,
 }
 
+/// The emulator under test: `$DCS_EMULATOR_BIN` if set (to compare
+/// builds), else the one cargo built for these tests.
+fn emulator_bin() -> PathBuf {
+    std::env::var_os("DCS_EMULATOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_dcs-emulator")))
+}
+
 impl Emu {
     fn start(data: &Path, listen: &str) -> Emu {
         Self::start_with(data, listen, &[])
     }
 
+    /// Like [`Emu::start`], with `extra` flags after the defaults.
     fn start_with(data: &Path, listen: &str, extra: &[&str]) -> Emu {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dcs-emulator"))
+        let mut child = Command::new(emulator_bin())
             .args(["--listen", listen, "--api-key", KEY])
             .arg("--data-dir")
             .arg(data)
@@ -827,4 +836,386 @@ async fn isolation_sandboxes_end_when_the_emulator_dies() {
         Vec::<i32>::new(),
         "a machine process outlived the emulator"
     );
+}
+
+// ---------------------------------------------------------------------------
+// History: persistence cost, retention, restart, crash, migration.
+// ---------------------------------------------------------------------------
+
+impl Emu {
+    /// Runs `count` executions of `argv`, `parallel` at a time, each to its end.
+    async fn run_many(&self, id: &str, argv: &[&str], count: usize, parallel: usize) {
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(parallel);
+            futures_util::future::join_all((0..n).map(|_| self.run(id, argv))).await;
+            left -= n;
+        }
+    }
+
+    /// Every execution of a machine, following cursors `limit` at a time.
+    async fn all_executions(&self, id: &str, limit: usize) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let path = format!("/v1/machines/{id}/executions?limit={limit}{cursor}");
+            let (s, page) = self.call("GET", &path, None).await;
+            assert_eq!(s, 200, "{page}");
+            let items = page["items"].as_array().cloned().unwrap_or_default();
+            assert!(items.len() <= limit);
+            out.extend(items);
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = format!("&cursor={c}"),
+                None => return out,
+            }
+        }
+    }
+
+    fn record_files(&self, kind: &str) -> usize {
+        std::fs::read_dir(self.data.join("records").join(kind))
+            .map(|d| d.filter_map(Result::ok).count())
+            .unwrap_or(0)
+    }
+
+    /// Bytes the emulator process passed to `write`-family calls so far.
+    fn written_bytes(&self) -> u64 {
+        let io = std::fs::read_to_string(format!("/proc/{}/io", self.child.id()))
+            .expect("/proc/<pid>/io");
+        io.lines()
+            .find_map(|l| l.strip_prefix("wchar:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("wchar")
+    }
+
+    fn kill_and_restart(&mut self, extra: &[&str]) {
+        let listen = self.base.trim_start_matches("http://").to_owned();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let replacement = Emu::start_with(&self.data, &listen, extra);
+        *self = replacement;
+    }
+}
+
+async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Persisting a change costs in proportion to the change: the bytes the
+/// emulator writes for 10 executions do not grow with the history.
+#[tokio::test]
+async fn write_cost_does_not_grow_with_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let id = emu.running_machine().await;
+    let echo = ["echo", "some output of a command"];
+    emu.run_many(&id, &echo, 20, 4).await;
+    let before = emu.written_bytes();
+    emu.run_many(&id, &echo, 10, 1).await;
+    let early = emu.written_bytes() - before;
+
+    emu.run_many(&id, &echo, 280, 8).await;
+    let before = emu.written_bytes();
+    emu.run_many(&id, &echo, 10, 1).await;
+    let late = emu.written_bytes() - before;
+    eprintln!("bytes written by 10 executions: {early} after 20, {late} after 310");
+    assert!(
+        late <= early + early / 2 + 32 * 1024,
+        "10 executions wrote {early} bytes after 20 executions but {late} after 310"
+    );
+}
+
+/// A machine busy with big outputs does not delay status reads of another.
+#[tokio::test]
+async fn busy_machine_does_not_delay_status_reads_of_another() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let a = emu.running_machine().await;
+    let b = emu.running_machine().await;
+    let big = [
+        "sh",
+        "-c",
+        "yes abcdefghijklmnopqrstuvwxyz | head -c 1048576",
+    ];
+    emu.run_many(&a, &big, 6, 3).await;
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let busy = async {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            emu.run_many(&a, &big, 2, 2).await;
+        }
+    };
+    let reads = async {
+        let mut ms = Vec::new();
+        for _ in 0..60 {
+            let t = std::time::Instant::now();
+            let (s, _) = emu.call("GET", &format!("/v1/machines/{b}"), None).await;
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(s, 200);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        ms
+    };
+    let (_, mut ms) = tokio::join!(busy, reads);
+    ms.sort_by(f64::total_cmp);
+    let (p50, p90) = (ms[ms.len() / 2], ms[ms.len() * 9 / 10]);
+    eprintln!("status reads of B while A is busy: p50 {p50:.1} ms, p90 {p90:.1} ms");
+    assert!(
+        p50 < 25.0 && p90 < 100.0,
+        "status reads of B while A is busy: p50 {p50:.1} ms, p90 {p90:.1} ms ({ms:?})"
+    );
+}
+
+/// Ended executions beyond the per-machine cap and after the retention are
+/// removed (from lists, GET and disk); lists still paginate; idempotency
+/// records expire after their TTL.
+#[tokio::test]
+async fn retention_prunes_executions_and_idempotency_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flags = [
+        "--executions-per-machine",
+        "3",
+        "--retention",
+        "3s",
+        "--idempotency-ttl",
+        "2s",
+    ];
+    let emu = Emu::start_with(dir.path(), "127.0.0.1:0", &flags);
+    let id = emu.running_machine().await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let e = emu.run(&id, &["echo", &i.to_string()]).await;
+        ids.push(e["execution_id"].as_str().expect("id").to_owned());
+    }
+    wait_until("the cap applies", Duration::from_secs(5), || async {
+        emu.all_executions(&id, 50).await.len() == 3 && emu.record_files("executions") == 3
+    })
+    .await;
+    let listed: Vec<String> = emu
+        .all_executions(&id, 2)
+        .await
+        .iter()
+        .map(|e| e["execution_id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        listed,
+        ids[3..],
+        "the newest three, in order, over two pages"
+    );
+    let (s, _) = emu
+        .call(
+            "GET",
+            &format!("/v1/machines/{id}/executions/{}", ids[0]),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404);
+    let (_, out) = emu
+        .call(
+            "GET",
+            &format!("/v1/machines/{id}/executions/{}/output", ids[5]),
+            None,
+        )
+        .await;
+    assert_eq!(out["stdout"], "5\n");
+
+    // Idempotency: replayed within the TTL, processed anew after it.
+    let url = format!("{}/v1/machines", emu.base);
+    let body = json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5});
+    let first = send_after_restart(&emu, &url, &body, "k-ttl").await;
+    let again = send_after_restart(&emu, &url, &body, "k-ttl").await;
+    assert_eq!(first["machine_id"], again["machine_id"]);
+
+    wait_until(
+        "ended executions expire",
+        Duration::from_secs(10),
+        || async {
+            emu.all_executions(&id, 50).await.is_empty() && emu.record_files("executions") == 0
+        },
+    )
+    .await;
+    let later = send_after_restart(&emu, &url, &body, "k-ttl").await;
+    assert!(later["machine_id"].is_string(), "{later}");
+    assert_ne!(first["machine_id"], later["machine_id"], "expired key");
+}
+
+/// State survives a restart after many executions: lists, outputs, events
+/// and idempotent replays are all still there.
+#[tokio::test]
+async fn state_survives_restart_after_many_executions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let id = emu.running_machine().await;
+    emu.run_many(&id, &["sh", "-c", "echo out; echo err >&2"], 120, 8)
+        .await;
+    let url = format!("{}/v1/machines/{id}/executions", emu.base);
+    let body = json!({"command": ["echo", "keyed"]});
+    let keyed = send_after_restart(&emu, &url, &body, "k-exec").await;
+    let keyed_id = keyed["execution_id"].as_str().expect("id").to_owned();
+    emu.wait_phase(&id, "running").await;
+    wait_until(
+        "the keyed execution ends",
+        Duration::from_secs(10),
+        || async {
+            let (_, e) = emu
+                .call(
+                    "GET",
+                    &format!("/v1/machines/{id}/executions/{keyed_id}"),
+                    None,
+                )
+                .await;
+            e["status"] == "succeeded"
+        },
+    )
+    .await;
+    let before = emu.all_executions(&id, 50).await;
+    assert_eq!(before.len(), 121);
+
+    emu.kill_and_restart(&[]);
+    let m = emu.wait_phase(&id, "running").await;
+    assert_eq!(m["machine_id"], id.as_str());
+    let after = emu.all_executions(&id, 50).await;
+    assert_eq!(after, before, "the same executions, in the same order");
+    let oldest = after[0]["execution_id"].as_str().expect("id");
+    let (_, out) = emu
+        .call(
+            "GET",
+            &format!("/v1/machines/{id}/executions/{oldest}/output"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (out["stdout"].as_str(), out["stderr"].as_str()),
+        (Some("out\n"), Some("err\n"))
+    );
+    let (_, events) = emu
+        .call(
+            "GET",
+            &format!("/v1/machines/{id}/executions/{oldest}/events"),
+            None,
+        )
+        .await;
+    let chunks: String = events["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|e| e["type"] == "stdout")
+        .filter_map(|e| e["chunk"].as_str())
+        .collect();
+    assert_eq!(chunks, "out\n");
+    let replay = send_after_restart(&emu, &url, &body, "k-exec").await;
+    assert_eq!(replay["execution_id"], keyed_id.as_str());
+    let fresh = emu.run(&id, &["echo", "after"]).await;
+    assert_eq!(fresh["status"], "succeeded");
+}
+
+/// A crash (SIGKILL) in the middle of writes leaves loadable state: the
+/// emulator starts again, and every execution is readable and settled.
+#[tokio::test]
+async fn crash_during_writes_leaves_loadable_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let id = emu.running_machine().await;
+    let path = format!("{}/v1/machines/{id}/executions", emu.base);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let client = |n: usize| {
+        let http = emu.http.clone();
+        let path = path.clone();
+        let stop = &stop;
+        async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Errors are expected once the process is killed.
+                let _ = http
+                    .post(&path)
+                    .bearer_auth(KEY)
+                    .header("idempotency-key", uuid::Uuid::now_v7().simple().to_string())
+                    .json(&json!({"command": ["sh", "-c", format!("echo {n}; sleep 0.05")]}))
+                    .send()
+                    .await;
+            }
+        }
+    };
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let _ = emu.child.kill();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    let clients = futures_util::future::join_all((0..8).map(client));
+    tokio::join!(clients, killer);
+    let _ = emu.child.wait();
+    // A temporary file as a write interrupted before its rename leaves it.
+    let stray = dir.path().join("records/executions/ex-stray.json.tmp");
+    std::fs::write(&stray, b"{\"id\": \"ex-str").expect("stray temp file");
+
+    emu.kill_and_restart(&[]);
+    emu.wait_phase(&id, "running").await;
+    let all = emu.all_executions(&id, 100).await;
+    assert!(!all.is_empty());
+    for e in &all {
+        let status = e["status"].as_str().unwrap_or_default();
+        assert!(
+            ["succeeded", "failed", "cancelled", "expired"].contains(&status),
+            "settled after the restart: {e}"
+        );
+    }
+    assert!(!stray.exists(), "leftover temporary files are removed");
+}
+
+/// A `state.json` of an earlier version is migrated to record files.
+#[tokio::test]
+async fn legacy_state_json_is_migrated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Recent, so the retention keeps the execution.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let legacy = json!({
+        "next_seq": 2,
+        "machines": {"dm-legacy": {
+            "id": "dm-legacy", "seq": 1, "vcpu": 1.0, "memory_mib": 512, "storage_gib": 5,
+            "desired": "sleeping", "phase": "sleeping", "reason": "sleeping",
+            "revision": 7, "last_transition_ms": now, "last_progress_ms": now, "created_ms": now,
+            "autosleep_seconds": 0, "last_activity_ms": now, "op": 3
+        }},
+        "executions": {"ex-legacy": {
+            "id": "ex-legacy", "machine_id": "dm-legacy", "seq": 2, "command": ["echo", "hi"],
+            "cwd": "/root", "env_keys": [], "status": "succeeded", "created_ms": now,
+            "completed_ms": now, "exit_code": 0,
+            "stdout": {"data": "aGkK", "bytes": 3, "truncated": false},
+            "stderr": {"data": "", "bytes": 0, "truncated": false},
+            "events": [
+                {"sequence": 1, "kind": "lifecycle", "at_ms": 1, "status": "queued"},
+                {"sequence": 2, "kind": "stdout", "at_ms": 1, "chunk": "hi\n"},
+                {"sequence": 3, "kind": "lifecycle", "at_ms": 2, "status": "succeeded", "exit_code": 0}
+            ]
+        }},
+        "terminals": {},
+        "idempotency": {}
+    });
+    std::fs::write(dir.path().join("state.json"), legacy.to_string()).expect("legacy state");
+    let emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let (s, m) = emu.call("GET", "/v1/machines/dm-legacy", None).await;
+    assert_eq!(s, 200, "{m}");
+    assert_eq!(m["status"]["phase"], "sleeping");
+    let (_, out) = emu
+        .call(
+            "GET",
+            "/v1/machines/dm-legacy/executions/ex-legacy/output",
+            None,
+        )
+        .await;
+    assert_eq!(out["stdout"], "hi\n");
+    assert!(!dir.path().join("state.json").exists());
+    assert!(dir.path().join("state.json.migrated").exists());
+    assert_eq!(emu.record_files("machines"), 1);
+    assert_eq!(emu.record_files("executions"), 1);
 }

@@ -14,6 +14,7 @@ use crate::app::AppRef;
 use crate::config::{ConfigPatch, Drift, Timing};
 use crate::errors::{parse_json, ApiError};
 use crate::faults::FaultSpec;
+use crate::store::RecordKey;
 
 pub async fn health() -> Response {
     json_response(StatusCode::OK, &json!({"ok": true}))
@@ -83,6 +84,7 @@ pub async fn patch_config(State(app): State<AppRef>, body: Bytes) -> Result<Resp
         // A changed hold window applies to machines already running, as if
         // they had woken under it (jitter capped by the new maximum).
         let mut st = app.state();
+        let mut changed = Vec::new();
         for m in st.machines.values_mut() {
             if let (Some(since), Some(_)) = (m.running_since_ms, m.hold_until_ms) {
                 m.hold_window_ms = timing.hold_window_ms;
@@ -90,7 +92,11 @@ pub async fn patch_config(State(app): State<AppRef>, body: Bytes) -> Result<Resp
                 let hold = timing.hold_window_ms.saturating_add(m.hold_jitter_ms);
                 m.hold_until_ms =
                     Some(since.saturating_add(i64::try_from(hold).unwrap_or(i64::MAX)));
+                changed.push(RecordKey::machine(&m.id));
             }
+        }
+        for key in changed {
+            st.mark(key);
         }
     }
     Ok(json_response(StatusCode::OK, &config_json(timing, drift)))

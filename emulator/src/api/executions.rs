@@ -15,6 +15,7 @@ use crate::errors::{parse_json, ApiError};
 use crate::pagination::{encode_cursor, page_request, paginate};
 use crate::runner::{self, ExecSpec};
 use crate::state::{ExecStatus, Execution, Phase};
+use crate::store::RecordKey;
 use crate::util::{execution_id, now_ms};
 use crate::views;
 
@@ -32,17 +33,20 @@ struct CreateExecutionBody {
     timeout_ms: Option<i64>,
 }
 
-fn execution_or_404(
+/// Renders an execution of a machine with `view` (under the state lock,
+/// without copying its output), or 404.
+fn view_execution(
     app: &AppRef,
     machine_id: &str,
     execution_id: &str,
-) -> Result<Execution, ApiError> {
+    view: impl FnOnce(&Execution) -> serde_json::Value,
+) -> Result<serde_json::Value, ApiError> {
     let st = app.state();
     machine_or_404(&st, machine_id)?;
     st.executions
         .get(execution_id)
         .filter(|e| e.machine_id == machine_id)
-        .cloned()
+        .map(view)
         .ok_or_else(|| ApiError::not_found(format!("execution {execution_id} not found")))
 }
 
@@ -106,7 +110,8 @@ pub async fn create(
             events: Vec::new(),
         };
         e.set_status(status);
-        st.executions.insert(id.clone(), e.clone());
+        // The per-machine cap is enforced by the pruner, off this path.
+        st.insert_execution(e.clone());
         e
     };
     app.touch_activity(&machine_id);
@@ -122,7 +127,8 @@ pub async fn create(
             timeout_ms,
         },
     );
-    app.persist().await;
+    // The idempotency layer around every POST flushes this record together
+    // with the stored response (one write batch per request).
     Ok(json_response(StatusCode::OK, &views::execution(&record)))
 }
 
@@ -135,14 +141,10 @@ pub async fn list(
     let items = {
         let st = app.state();
         machine_or_404(&st, &machine_id)?;
-        let mut es: Vec<&Execution> = st
-            .executions
-            .values()
-            .filter(|e| e.machine_id == machine_id)
-            .collect();
-        es.sort_by_key(|e| e.seq);
-        es.into_iter()
-            .map(|e| (e.seq, views::execution(e)))
+        // One more than the page, so `paginate` knows whether there is more.
+        st.executions_of(&machine_id, page.after)
+            .take(page.limit.saturating_add(1))
+            .map(|(seq, e)| (seq, views::execution(e)))
             .collect::<Vec<_>>()
     };
     let (items, next) = paginate(items, page);
@@ -157,8 +159,8 @@ pub async fn get_one(
     State(app): State<AppRef>,
     Path((machine_id, execution_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let e = execution_or_404(&app, &machine_id, &execution_id)?;
-    Ok(json_response(StatusCode::OK, &views::execution(&e)))
+    let v = view_execution(&app, &machine_id, &execution_id, views::execution)?;
+    Ok(json_response(StatusCode::OK, &v))
 }
 
 /// Cancels a queued or running execution (no-op once it ended).
@@ -166,10 +168,12 @@ pub async fn delete(
     State(app): State<AppRef>,
     Path((machine_id, execution_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    execution_or_404(&app, &machine_id, &execution_id)?;
+    view_execution(&app, &machine_id, &execution_id, |_| {
+        serde_json::Value::Null
+    })?;
     let cancelled = {
         let mut st = app.state();
-        st.executions.get_mut(&execution_id).is_some_and(|e| {
+        let cancelled = st.executions.get_mut(&execution_id).is_some_and(|e| {
             e.finish(
                 ExecStatus::Cancelled,
                 Some((
@@ -177,7 +181,11 @@ pub async fn delete(
                     "the execution was cancelled".to_owned(),
                 )),
             )
-        })
+        });
+        if cancelled {
+            st.mark(RecordKey::execution(&execution_id));
+        }
+        cancelled
     };
     if cancelled {
         let tx = app.rt().exec_cancel.remove(&execution_id);
@@ -187,16 +195,16 @@ pub async fn delete(
         app.touch_activity(&machine_id);
         app.persist().await;
     }
-    let e = execution_or_404(&app, &machine_id, &execution_id)?;
-    Ok(json_response(StatusCode::OK, &views::execution(&e)))
+    let v = view_execution(&app, &machine_id, &execution_id, views::execution)?;
+    Ok(json_response(StatusCode::OK, &v))
 }
 
 pub async fn output(
     State(app): State<AppRef>,
     Path((machine_id, execution_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let e = execution_or_404(&app, &machine_id, &execution_id)?;
-    Ok(json_response(StatusCode::OK, &views::output(&e)))
+    let v = view_execution(&app, &machine_id, &execution_id, views::output)?;
+    Ok(json_response(StatusCode::OK, &v))
 }
 
 pub async fn events(
@@ -213,9 +221,11 @@ pub async fn events(
             .get(&execution_id)
             .filter(|e| e.machine_id == machine_id)
             .ok_or_else(|| ApiError::not_found(format!("execution {execution_id} not found")))?;
-        e.events
+        let first = e.events.partition_point(|ev| ev.sequence <= page.after);
+        e.events[first..]
             .iter()
-            .map(|ev| (ev.sequence, views::event(ev)))
+            .take(page.limit.saturating_add(1))
+            .map(|ev| (ev.sequence, views::event(e, ev)))
             .collect()
     };
     // Events keep coming while the execution runs, so a non-empty page

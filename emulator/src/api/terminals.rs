@@ -24,6 +24,7 @@ use crate::lifecycle;
 use crate::pagination::{page_request, paginate};
 use crate::sandbox;
 use crate::state::{Phase, TermStatus, Terminal};
+use crate::store::RecordKey;
 use crate::terminal::{self, Outbound, ShellSpec, TermSession};
 use crate::util::{now_ms, terminal_id};
 use crate::views;
@@ -111,7 +112,7 @@ pub async fn create(
             error_code: None,
             error_message: None,
         };
-        st.terminals.insert(id.clone(), t.clone());
+        st.insert_terminal(t.clone());
         (t, running)
     };
     app.touch_activity(&machine_id);
@@ -141,11 +142,15 @@ pub async fn create(
 }
 
 fn fail(app: &AppRef, terminal_id: &str, code: &str, message: &str) {
-    if let Some(t) = app.state().terminals.get_mut(terminal_id) {
-        if t.status == TermStatus::WakeInProgress {
-            t.status = TermStatus::Failed;
-            t.error_code = Some(code.to_owned());
-            t.error_message = Some(message.to_owned());
+    {
+        let mut st = app.state();
+        if let Some(t) = st.terminals.get_mut(terminal_id) {
+            if t.status == TermStatus::WakeInProgress {
+                t.status = TermStatus::Failed;
+                t.error_code = Some(code.to_owned());
+                t.error_message = Some(message.to_owned());
+                st.mark(RecordKey::terminal(terminal_id));
+            }
         }
     }
     app.notify();
@@ -175,6 +180,7 @@ async fn start_shell(app: &AppRef, t: &Terminal) -> Terminal {
                     Some(rec) if rec.status == TermStatus::WakeInProgress => {
                         rec.status = TermStatus::Ready;
                         rec.ready_ms = Some(now_ms());
+                        st.mark(RecordKey::terminal(&t.id));
                         true
                     }
                     _ => false,
@@ -204,14 +210,9 @@ pub async fn list(
     let items = {
         let st = app.state();
         machine_or_404(&st, &machine_id)?;
-        let mut ts: Vec<&Terminal> = st
-            .terminals
-            .values()
-            .filter(|t| t.machine_id == machine_id)
-            .collect();
-        ts.sort_by_key(|t| t.seq);
-        ts.into_iter()
-            .map(|t| (t.seq, views::terminal(t, &app.base_url)))
+        st.terminals_of(&machine_id, page.after)
+            .take(page.limit.saturating_add(1))
+            .map(|(seq, t)| (seq, views::terminal(t, &app.base_url)))
             .collect::<Vec<_>>()
     };
     let (items, next) = paginate(items, page);
@@ -244,6 +245,7 @@ pub async fn delete(
         match st.terminals.get_mut(&terminal_id) {
             Some(t) if t.status == TermStatus::Ready || t.status == TermStatus::WakeInProgress => {
                 t.status = TermStatus::Closed;
+                st.mark(RecordKey::terminal(&terminal_id));
                 true
             }
             _ => false,
@@ -263,6 +265,16 @@ pub async fn delete(
         StatusCode::OK,
         &views::terminal(&t, &app.base_url),
     ))
+}
+
+/// Records a terminal's new size (written with the next flush).
+fn resized(app: &AppRef, terminal_id: &str, width: u16, height: u16) {
+    let mut st = app.state();
+    if let Some(t) = st.terminals.get_mut(terminal_id) {
+        t.width = width;
+        t.height = height;
+        st.mark(RecordKey::terminal(terminal_id));
+    }
 }
 
 fn not_streamable(status: TermStatus) -> ApiError {
@@ -432,9 +444,8 @@ async fn serve_socket(
                     ClientFrame::Resize(w, h) => {
                         if let Err(e) = session.resize(w, h).await {
                             let _ = tx.send(error_frame("TERMINAL_RESIZE_FAILED", &e)).await;
-                        } else if let Some(t) = app.state().terminals.get_mut(&session.terminal_id) {
-                            t.width = w;
-                            t.height = h;
+                        } else {
+                            resized(&app, &session.terminal_id, w, h);
                         }
                     }
                     ClientFrame::Invalid(msg) => {
