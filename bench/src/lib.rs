@@ -3,6 +3,7 @@
 //! are also compiled into `tests/tests/bench_guard.rs` (through `#[path]`),
 //! so they use only crates `agenthome-tests` depends on.
 
+pub mod runtime_api;
 pub mod standin;
 pub mod stats;
 pub mod store;
