@@ -4,6 +4,8 @@
 //! so they use only crates `agenthome-tests` depends on.
 
 pub mod emu_scale;
+pub mod runtime_api;
+pub mod smoke;
 pub mod standin;
 pub mod stats;
 pub mod store;

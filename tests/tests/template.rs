@@ -2,7 +2,8 @@
 //! `agenthome::store::table::describe()` defines; every environment variable
 //! the template sets is one the code reads (and the secrets it names are the
 //! ones the function may read); the functions' binaries are the workspace's
-//! `[[bin]]` targets; the routes are DESIGN §3's; IAM never grants `*`
+//! `[[bin]]` targets, built by `scripts/sam-build` for the template's
+//! `Architecture`; the routes are DESIGN §3's; IAM never grants `*`
 //! actions or `dynamodb:Scan`; the alarms watch metrics the sweep publishes.
 //!
 //! `scripts/check-template` lints the same file with cfn-lint and
@@ -507,8 +508,110 @@ fn given_the_template_when_binaries_are_listed_then_they_are_the_functions_bin_t
     let g = &t["Globals"]["Function"];
     assert_eq!(g["Runtime"], "provided.al2023");
     assert_eq!(g["Handler"], "bootstrap");
-    assert_eq!(g["Architectures"], json!(["arm64"]));
+    assert_eq!(g["Architectures"], json!([{ "Ref": "Architecture" }]));
     assert_eq!(g["CodeUri"], ".", "built from the workspace root");
+}
+
+// -------------------------------------------------------- architecture --
+
+/// `scripts/sam-build --plan [--architecture A] [--template T]`: what the
+/// build script would build (`architecture`, `target`, `function <id>
+/// <binary>` lines), or its error.
+fn build_plan(arch: Option<&str>, template: Option<&Path>) -> Result<Vec<Vec<String>>, String> {
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(root().join("scripts/sam-build")).arg("--plan");
+    if let Some(a) = arch {
+        cmd.args(["--architecture", a]);
+    }
+    if let Some(t) = template {
+        cmd.arg("--template").arg(t);
+    }
+    let out = cmd.output().expect("run scripts/sam-build --plan");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        .collect())
+}
+
+fn plan_value(plan: &[Vec<String>], key: &str) -> String {
+    plan.iter()
+        .find(|l| l.first().map(String::as_str) == Some(key))
+        .and_then(|l| l.get(1).cloned())
+        .unwrap_or_else(|| panic!("no `{key}` line in the plan: {plan:?}"))
+}
+
+#[test]
+fn given_the_architecture_parameter_when_the_build_script_plans_then_both_agree() {
+    let t = template();
+    let p = &t["Parameters"]["Architecture"];
+    assert_eq!(p["Default"], "arm64", "Graviton by default");
+    assert_eq!(p["AllowedValues"], json!(["arm64", "x86_64"]));
+    // Every function runs on the parameter's architecture: none overrides it.
+    let fns = functions(&t);
+    for f in &fns {
+        assert!(
+            f.resource["Properties"]["Architectures"].is_null(),
+            "{}: Architectures comes from Globals (the Architecture parameter)",
+            f.id
+        );
+    }
+    let expected: BTreeSet<(String, String)> = fns
+        .iter()
+        .map(|f| (f.id.to_owned(), f.binary.clone()))
+        .collect();
+
+    // By default the script builds the parameter's default, for its target,
+    // every function of the template.
+    let plan = build_plan(None, None).expect("scripts/sam-build --plan");
+    assert_eq!(plan_value(&plan, "architecture"), "arm64");
+    assert_eq!(plan_value(&plan, "target"), "aarch64-unknown-linux-gnu");
+    let planned: BTreeSet<(String, String)> = plan
+        .iter()
+        .filter(|l| l.first().map(String::as_str) == Some("function"))
+        .map(|l| (l[1].clone(), l[2].clone()))
+        .collect();
+    assert_eq!(planned, expected, "functions built vs. functions deployed");
+
+    // The other allowed value, and only allowed values.
+    let plan = build_plan(Some("x86_64"), None).expect("--architecture x86_64");
+    assert_eq!(plan_value(&plan, "architecture"), "x86_64");
+    assert_eq!(plan_value(&plan, "target"), "x86_64-unknown-linux-gnu");
+    let err = build_plan(Some("sparc"), None).expect_err("sparc is not allowed");
+    assert!(err.contains("arm64 x86_64"), "{err}");
+}
+
+/// template.yaml with `from` replaced by `to` (which must occur once).
+fn edited_template(dir: &Path, from: &str, to: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(root().join("template.yaml")).expect("template.yaml");
+    assert_eq!(text.matches(from).count(), 1, "{from:?} occurs once");
+    let path = dir.join("template.yaml");
+    std::fs::write(&path, text.replace(from, to)).expect("write the edited template");
+    path
+}
+
+#[test]
+fn given_an_edited_template_when_the_build_script_plans_then_it_follows_or_refuses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The script reads the default from the template, not from itself.
+    let x86 = edited_template(
+        dir.path(),
+        "    Default: arm64\n    AllowedValues: [arm64, x86_64]",
+        "    Default: x86_64\n    AllowedValues: [arm64, x86_64]",
+    );
+    let plan = build_plan(None, Some(&x86)).expect("plan of an x86_64 default");
+    assert_eq!(plan_value(&plan, "architecture"), "x86_64");
+    assert_eq!(plan_value(&plan, "target"), "x86_64-unknown-linux-gnu");
+    // Functions that ignore the parameter would deploy what was not built.
+    let fixed = edited_template(
+        dir.path(),
+        "Architectures: [!Ref Architecture]",
+        "Architectures: [x86_64]",
+    );
+    let err = build_plan(None, Some(&fixed)).expect_err("a fixed architecture is refused");
+    assert!(err.contains("must be [!Ref Architecture]"), "{err}");
 }
 
 // ----------------------------------------------------------------- IAM --
