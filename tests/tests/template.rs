@@ -781,7 +781,8 @@ fn given_the_sweep_when_scheduled_then_the_rate_expression_is_well_formed() {
 #[test]
 fn given_the_alarms_when_they_watch_agenthome_metrics_then_the_sweep_publishes_them() {
     let t = template();
-    let emf = agenthome::sweep::SweepReport::default().to_emf(0);
+    let emf = agenthome::sweep::SweepReport::default()
+        .to_emf(&agenthome::metrics::MetricsConfig::default(), 0);
     let directive = &emf["_aws"]["CloudWatchMetrics"][0];
     let namespace = directive["Namespace"].as_str().expect("namespace");
     let published: BTreeSet<&str> = directive["Metrics"]
