@@ -205,6 +205,8 @@ pub struct LineSpec {
     pub metrics: &'static [MetricSpec],
     /// Extra dimension sets for some metrics.
     pub breakdowns: &'static [Breakdown],
+    /// Plain members (for Logs Insights): never metrics, never dimensions.
+    pub properties: &'static [&'static str],
 }
 
 impl LineSpec {
@@ -299,6 +301,16 @@ pub const TURN_LINE: LineSpec = LineSpec {
             metrics: &["turn_failures"],
         },
     ],
+    properties: &[
+        "user_id",
+        "mode",
+        "turn_id",
+        "machine_id",
+        "status",
+        "state",
+        "code",
+        "error",
+    ],
 };
 
 /// One line per run of the provisioning worker.
@@ -322,6 +334,7 @@ pub const PROVISION_LINE: LineSpec = LineSpec {
         dimensions: &["Outcome"],
         metrics: &["provisions"],
     }],
+    properties: &["user_id", "machine_id", "state", "error_kind", "error"],
 };
 
 /// Every kind of line the functions emit.
@@ -389,16 +402,14 @@ impl EmfDoc {
         self.metric(name, u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
-    /// A property: searchable in Logs Insights, never a metric or dimension.
-    /// Names taken by a dimension or metric of the spec are ignored.
+    /// Set a declared property: searchable in Logs Insights, never a metric
+    /// or dimension (an undeclared one is ignored).
     pub fn property(&mut self, name: &str, value: impl Into<Value>) -> &mut Self {
-        let taken = name == "_aws"
-            || name == STACK
-            || name == FUNCTION
-            || self.spec.metric(name).is_some()
-            || self.spec.dimension(name).is_some();
-        if !taken {
-            self.properties.insert(name.to_owned(), value.into());
+        match self.spec.properties.iter().find(|p| **p == name) {
+            Some(p) => {
+                self.properties.insert((*p).to_owned(), value.into());
+            }
+            None => tracing::warn!(property = name, "undeclared metric line property dropped"),
         }
         self
     }
@@ -690,6 +701,16 @@ mod tests {
             .metric("not_a_metric", 5)
             .property("turns", "shadowed")
             .property("user_id", "alice");
+        assert!(
+            TURN_LINE
+                .properties
+                .iter()
+                .all(|p| TURN_LINE.metric(p).is_none()
+                    && TURN_LINE.dimension(p).is_none()
+                    && *p != STACK
+                    && *p != FUNCTION),
+            "properties never shadow metrics or dimensions"
+        );
         let v = doc.to_value();
         assert_eq!(v["Code"], OTHER);
         assert_eq!(v["Outcome"], "failed");

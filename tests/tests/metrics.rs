@@ -111,6 +111,16 @@ fn check_line(line: &str, namespace: &str, stack: &str, ids: &[String]) -> BTree
         "timestamp {ts} is recent epoch ms"
     );
 
+    // Every member is a declared metric, dimension or property.
+    for name in doc.as_object().unwrap().keys() {
+        let declared = name == "_aws"
+            || name == STACK
+            || name == FUNCTION
+            || spec.metric(name).is_some()
+            || spec.dimension(name).is_some()
+            || spec.properties.contains(&name.as_str());
+        assert!(declared, "{line}: undeclared member {name}");
+    }
     let mut published = BTreeSet::new();
     for directive in doc["_aws"]["CloudWatchMetrics"].as_array().unwrap() {
         assert_eq!(directive["Namespace"], namespace, "{line}");

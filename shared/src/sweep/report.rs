@@ -81,6 +81,7 @@ pub const SWEEP_LINE: LineSpec = LineSpec {
         MetricSpec::ms("duration_ms"),
     ],
     breakdowns: &[],
+    properties: &["reconciled"],
 };
 
 impl SweepReport {
