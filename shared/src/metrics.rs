@@ -243,9 +243,7 @@ pub const TURN_CODES: &[&str] = &[
     "machine_waking",
     "no_time",
     "temporarily_unavailable",
-    "internal",
-    "table_unavailable",
-    "machine_provisioning",
+    "internal_error",
 ];
 
 /// One line per chat turn (`chat-turn`, buffered or streamed).

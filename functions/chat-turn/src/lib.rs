@@ -575,3 +575,30 @@ fn problem_of(e: &TurnError) -> Problem {
         _ => Problem::internal("the turn failed; see the function's logs"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_turn_errors_when_mapped_then_their_codes_are_declared_metric_dimension_values() {
+        let errors = [
+            TurnError::WakeTimeout,
+            TurnError::NoTime,
+            TurnError::MachineLost {
+                machine_id: "dm-1".into(),
+            },
+            TurnError::Store(agenthome::store::StoreError::Malformed {
+                attribute: "state".into(),
+                message: "bad".into(),
+            }),
+        ];
+        for e in &errors {
+            let code = problem_of(e).code;
+            assert!(
+                agenthome::metrics::TURN_CODES.contains(&code.as_str()),
+                "{code} is not a declared Code value"
+            );
+        }
+    }
+}
