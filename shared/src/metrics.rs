@@ -512,6 +512,12 @@ impl Metrics {
         }
     }
 
+    /// [`Metrics::stdout`] with `METRICS_NAMESPACE` and `METRICS_STACK`
+    /// (each function, once per cold start).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self::stdout(MetricsConfig::from_env()?))
+    }
+
     /// Keep the lines in memory (local tools and tests read them back).
     pub fn capture(config: MetricsConfig) -> (Self, Captured) {
         let lines = Arc::new(Mutex::new(Vec::new()));

@@ -81,9 +81,11 @@ where
         mode: &'static str,
     ) -> Result<TurnOutcome, TurnError> {
         let seen = Seen::new(sink);
-        let run = self
-            .turns
-            .run_with_events(&p.user, p.request, p.deadline, &seen);
+        // Boxed: the turn's future is deep; the caller's stays small.
+        let run = Box::pin(
+            self.turns
+                .run_with_events(&p.user, p.request, p.deadline, &seen),
+        );
         let (result, tally) = metrics::tallied(run).await;
         let mut doc = turn_line(&self.metrics, &result, &seen, tally);
         doc.property("user_id", p.user.as_str())

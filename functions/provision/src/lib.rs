@@ -85,7 +85,8 @@ impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
     /// Run the provisioning worker and emit its metric line.
     async fn run_worker_measured(&self, ev: &ProvisionEvent) -> Result<UserRecord, ProvisionError> {
         let started = tokio::time::Instant::now();
-        let (result, tally) = metrics::tallied(self.provisioner.run_worker(ev)).await;
+        let run = Box::pin(self.provisioner.run_worker(ev));
+        let (result, tally) = metrics::tallied(run).await;
         let mut doc = provision_line(&self.metrics, &result, tally, started.elapsed());
         doc.property("user_id", ev.user_id.as_str());
         self.metrics.emit(&doc);

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agenthome::app::App;
-use agenthome::metrics::{Metrics, MetricsConfig};
+use agenthome::metrics::Metrics;
 use agenthome::store::DynamoStore;
 use agenthome::sweep::{SweepReport, SweepSettings, Sweeper};
 use lambda_runtime::{service_fn, LambdaEvent};
@@ -46,7 +46,7 @@ async fn main() -> Result<(), BoxError> {
 /// Configuration and clients, once per cold start.
 async fn start() -> Result<(Sweeper<DynamoStore>, Metrics), BoxError> {
     let settings = SweepSettings::from_env()?;
-    let metrics = Metrics::stdout(MetricsConfig::from_env()?);
+    let metrics = Metrics::from_env()?;
     let app = App::from_env().await?;
     tracing::info!(
         table = %app.config.table_name,
