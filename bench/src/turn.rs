@@ -138,6 +138,7 @@ impl TurnStack {
             turn_deadline: Duration::from_secs(60),
             margin: Duration::from_secs(2),
             heartbeat: chat_turn_fn::HEARTBEAT,
+            metrics: agenthome::metrics::Metrics::off(),
         };
         let client = emu.client();
         let mut stack = TurnStack {

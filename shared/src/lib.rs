@@ -11,6 +11,7 @@
 //! - [`app`]: the clients each function builds once per cold start.
 //! - [`entry`]: Lambda HTTP events ↔ the API contract (routes, auth, bodies, responses).
 //! - [`machines`]: status reads (never wake) and destruction of a user's machine.
+//! - [`metrics`]: one CloudWatch EMF line per turn, provisioning run and sweep run.
 //! - [`turn`]: one chat turn: lease, wake, shell, agent, memory, bookkeeping.
 //! - [`config`]: configuration from the environment, read once at cold start.
 //! - [`runner`]: running commands on a machine (terminal or executions backend).
@@ -24,6 +25,7 @@ pub mod config;
 pub mod dedalus;
 pub mod entry;
 pub mod machines;
+pub mod metrics;
 pub mod provision;
 pub mod runner;
 pub mod store;

@@ -16,6 +16,7 @@ use crate::{unique_table_name, Emulator, Moto};
 use agenthome::agent::Agent;
 use agenthome::api::AuthMode;
 use agenthome::dedalus::Phase;
+use agenthome::metrics::{Captured, Metrics, MetricsConfig};
 use agenthome::provision::{
     Bootstrap, MachineSpec, ProvisionEvent, ProvisionSettings, Provisioner, QueueTrigger,
 };
@@ -113,6 +114,8 @@ pub struct Stack {
     pub provision: provision_fn::Service<DynamoStore, QueueTrigger>,
     /// The table.
     pub store: DynamoStore,
+    /// Every metric line both functions emitted, in order.
+    pub metrics: Captured,
     events: Mutex<UnboundedReceiver<ProvisionEvent>>,
 }
 
@@ -146,6 +149,10 @@ impl Stack {
         let provisioner =
             |tx| Provisioner::new(store.clone(), emu.client(), QueueTrigger(tx), settings());
         let turns = TurnService::new(provisioner(tx.clone()), options.agent, options.settings);
+        let (metrics, captured) = Metrics::capture(MetricsConfig {
+            namespace: "agenthome-test".into(),
+            stack: "test-stack".into(),
+        });
         let chat = chat_turn_fn::Service {
             turns,
             auth_mode: options.auth_mode,
@@ -153,6 +160,7 @@ impl Stack {
             turn_deadline: options.turn_deadline,
             margin: Duration::from_secs(2),
             heartbeat: options.heartbeat,
+            metrics: metrics.clone(),
         };
         let provision = provision_fn::Service {
             provisioner: provisioner(tx),
@@ -163,12 +171,14 @@ impl Stack {
             ),
             auth_mode: options.auth_mode,
             admin_scope: ADMIN_SCOPE.into(),
+            metrics,
         };
         Stack {
             emu,
             chat: std::sync::Arc::new(chat),
             provision,
             store,
+            metrics: captured,
             events: Mutex::new(rx),
         }
     }

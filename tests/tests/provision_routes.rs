@@ -55,6 +55,7 @@ async fn stack() -> Stack {
             sweeper,
             auth_mode: AuthMode::Jwt,
             admin_scope: ADMIN.into(),
+            metrics: agenthome::metrics::Metrics::off(),
         },
         events: rx,
     }

@@ -158,6 +158,15 @@ async fn keys_never_reach_a_machine_a_log_line_or_a_response() {
             "a key is in {path}"
         );
     }
+    // in any metric line (one per turn and provisioning run),
+    let metric_lines = stack.metrics.lines();
+    assert!(metric_lines.len() >= 3, "{metric_lines:?}");
+    for line in &metric_lines {
+        assert!(
+            !line.contains(&llm_key) && !line.contains(&dedalus_key),
+            "a key is in a metric line"
+        );
+    }
     // or in any log line of this process (which logged plenty).
     let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
     assert!(

@@ -4,7 +4,9 @@
 //! ones the function may read); the functions' binaries are the workspace's
 //! `[[bin]]` targets, built by `scripts/sam-build` for the template's
 //! `Architecture`; the routes are DESIGN §3's; IAM never grants `*`
-//! actions or `dynamodb:Scan`; the alarms watch metrics the sweep publishes.
+//! actions or `dynamodb:Scan`; the alarms and the dashboard watch metrics the
+//! functions emit (`agenthome::metrics::LINES`), and the saved Logs Insights
+//! queries name fields their lines carry.
 //!
 //! `scripts/check-template` lints the same file with cfn-lint and
 //! `sam validate --lint`; this test checks what no linter can know.
@@ -280,6 +282,9 @@ const READ_BY_CODE: &[&str] = &[
     "ADMIN_SCOPE",
     "PROVISION_FUNCTION",
     "PROVISION_INVOKE",
+    // metrics.rs
+    "METRICS_NAMESPACE",
+    "METRICS_STACK",
     // functions/chat-turn/src/main.rs
     "RESPONSE_MODE",
     // sweep/settings.rs
@@ -881,47 +886,348 @@ fn given_the_sweep_when_scheduled_then_the_rate_expression_is_well_formed() {
     }
 }
 
-#[test]
-fn given_the_alarms_when_they_watch_agenthome_metrics_then_the_sweep_publishes_them() {
-    let t = template();
-    let emf = agenthome::sweep::SweepReport::default().to_emf(0);
-    let directive = &emf["_aws"]["CloudWatchMetrics"][0];
-    let namespace = directive["Namespace"].as_str().expect("namespace");
-    let published: BTreeSet<&str> = directive["Metrics"]
-        .as_array()
-        .expect("metrics")
+// ------------------------------------------- metrics, dashboard, queries --
+
+/// A metric of the functions' namespace, as an alarm or a dashboard names it.
+struct Watched {
+    name: String,
+    /// Dimension name → value (`{"Ref": "AWS::StackName"}` or a string).
+    dimensions: Vec<(String, Json)>,
+}
+
+/// `watched` is a metric the functions emit (`agenthome::metrics::LINES`):
+/// the stack dimension is the stack's name, `Function` names a catalogued
+/// line, the metric is in it, published under exactly this dimension set,
+/// and every other dimension value is one the code may set.
+fn assert_emitted(what: &str, watched: &Watched, stack: &Json) {
+    use agenthome::metrics::{FUNCTION, LINES, OTHER, STACK};
+    let value = |name: &str| {
+        watched
+            .dimensions
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{what}: {} has no {name} dimension", watched.name))
+    };
+    assert_eq!(&value(STACK), stack, "{what}: {} Stack", watched.name);
+    let function = value(FUNCTION);
+    let spec = LINES
         .iter()
-        .map(|m| m["Name"].as_str().expect("name"))
-        .collect();
-    // An alarm matches a metric only with the exact dimension set.
-    let dimension_sets = directive["Dimensions"].as_array().expect("dimensions");
-    let mut watched = BTreeSet::new();
-    for (id, alarm) in resources_of_type(&t, "AWS::CloudWatch::Alarm") {
-        let p = &alarm["Properties"];
-        if p["Namespace"] != namespace {
+        .find(|s| function == s.function)
+        .unwrap_or_else(|| panic!("{what}: no function {function} emits metrics"));
+    assert!(
+        spec.metric(&watched.name).is_some(),
+        "{what}: {} never publishes {}",
+        spec.function,
+        watched.name
+    );
+    let mut names: Vec<&str> = watched.dimensions.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    let published = spec
+        .dimension_sets(&watched.name)
+        .into_iter()
+        .any(|mut set| {
+            set.sort_unstable();
+            set == names
+        });
+    assert!(
+        published,
+        "{what}: {} is not published under {names:?} (an alarm or graph matches only the exact set)",
+        watched.name
+    );
+    for (name, v) in &watched.dimensions {
+        if name == STACK || name == FUNCTION {
             continue;
         }
-        let metric = p["MetricName"].as_str().expect("MetricName");
+        let declared = spec.dimension(name).expect("checked by the set");
+        let v = v.as_str().expect("dimension value");
         assert!(
-            published.contains(metric),
-            "{id}: the sweep publishes no {metric}"
+            declared.values.contains(&v) || v == OTHER,
+            "{what}: {name}={v} is never emitted"
         );
-        let dims: Vec<Json> = one_or_many(&p["Dimensions"])
-            .iter()
-            .map(|d| d["Name"].clone())
-            .collect();
-        assert!(
-            dimension_sets
-                .iter()
-                .any(|set| set.as_array().is_some_and(|s| *s == dims)),
-            "{id}: dimensions {dims:?} are not a set the sweep publishes"
-        );
-        watched.insert(metric.to_owned());
     }
-    assert!(
-        watched.contains("failed"),
-        "an alarm on the sweep's `failed`"
-    );
+}
+
+fn dimension_pairs(dims: &Json) -> Vec<(String, Json)> {
+    one_or_many(dims)
+        .iter()
+        .map(|d| {
+            (
+                d["Name"].as_str().expect("dimension Name").to_owned(),
+                d["Value"].clone(),
+            )
+        })
+        .collect()
+}
+
+/// Every metric an alarm watches: (namespace, metric), single or metric math.
+fn alarm_metrics(alarm: &Json) -> Vec<(Json, Watched)> {
+    let p = &alarm["Properties"];
+    if p.get("MetricName").is_some() {
+        return vec![(
+            p["Namespace"].clone(),
+            Watched {
+                name: p["MetricName"].as_str().expect("MetricName").to_owned(),
+                dimensions: dimension_pairs(&p["Dimensions"]),
+            },
+        )];
+    }
+    one_or_many(&p["Metrics"])
+        .iter()
+        .filter_map(|m| m.get("MetricStat").map(|s| s["Metric"].clone()))
+        .map(|m| {
+            (
+                m["Namespace"].clone(),
+                Watched {
+                    name: m["MetricName"].as_str().expect("MetricName").to_owned(),
+                    dimensions: dimension_pairs(&m["Dimensions"]),
+                },
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn given_the_alarms_when_they_watch_custom_metrics_then_the_functions_emit_them() {
+    let t = template();
+    let namespace = json!({"Ref": "MetricsNamespace"});
+    let stack = json!({"Ref": "AWS::StackName"});
+    let mut watched = BTreeSet::new();
+    for (id, alarm) in resources_of_type(&t, "AWS::CloudWatch::Alarm") {
+        for (ns, metric) in alarm_metrics(alarm) {
+            if ns.as_str().is_some_and(|n| n.starts_with("AWS/")) {
+                continue;
+            }
+            assert_eq!(
+                ns, namespace,
+                "{id}: custom metrics live in MetricsNamespace"
+            );
+            assert_emitted(id, &metric, &stack);
+            watched.insert(metric.name);
+        }
+    }
+    for needed in [
+        "failed",
+        "orphans",
+        "turn_failures",
+        "turns",
+        "time_to_first_command_ms",
+        "provisions",
+    ] {
+        assert!(watched.contains(needed), "an alarm on {needed}");
+    }
+    // Every function passes the namespace and the stack to the code.
+    for f in functions(&t) {
+        assert_eq!(f.env["METRICS_NAMESPACE"], namespace, "{}", f.id);
+        assert_eq!(f.env["METRICS_STACK"], stack, "{}", f.id);
+    }
+}
+
+/// `Fn::Sub` of the dashboard body with every variable replaced by a
+/// stand-in; a variable that is not a parameter, a pseudo parameter or a
+/// resource (attribute) fails.
+fn substitute(t: &Json, text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("${") {
+        out.push_str(&rest[..at]);
+        let end = rest[at..].find('}').expect("closing }") + at;
+        let var = &rest[at + 2..end];
+        let known = var.starts_with("AWS::")
+            || t["Parameters"].get(var).is_some()
+            || resources(t).contains_key(var.split('.').next().unwrap_or(var));
+        assert!(known, "dashboard: unknown variable ${{{var}}}");
+        let stand_in = match var {
+            "MetricsNamespace" => "NAMESPACE".to_owned(),
+            "AWS::StackName" => "STACK".to_owned(),
+            other => format!("<{other}>"),
+        };
+        out.push_str(&stand_in);
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn dashboard(t: &Json) -> Json {
+    let dashboards = resources_of_type(t, "AWS::CloudWatch::Dashboard");
+    assert_eq!(dashboards.len(), 1, "one dashboard");
+    let body = dashboards[0].1["Properties"]["DashboardBody"]["Fn::Sub"]
+        .as_str()
+        .expect("DashboardBody: !Sub string");
+    serde_json::from_str(&substitute(t, body)).expect("the dashboard body is JSON")
+}
+
+#[test]
+fn given_the_dashboard_when_its_widgets_are_read_then_each_graphs_a_metric_the_functions_emit() {
+    let t = template();
+    let stack = json!("STACK");
+    let mut graphed = BTreeSet::new();
+    let widgets = dashboard(&t)["widgets"]
+        .as_array()
+        .expect("widgets")
+        .clone();
+    for w in &widgets {
+        let p = &w["properties"];
+        let title = p["title"].as_str().expect("every widget has a title");
+        let right = w["x"].as_u64().expect("x") + w["width"].as_u64().expect("width");
+        assert!(right <= 24, "{title}: the grid is 24 wide");
+        if w["type"] == "log" {
+            check_query(title, p["query"].as_str().expect("query"));
+            continue;
+        }
+        assert_eq!(w["type"], "metric", "{title}");
+        for row in p["metrics"].as_array().expect("metrics") {
+            let row = row.as_array().expect("a metric row");
+            if row[0].get("expression").is_some() {
+                continue;
+            }
+            let namespace = row[0].as_str().expect("namespace");
+            let name = row[1].as_str().expect("metric name").to_owned();
+            let mut dimensions = Vec::new();
+            let mut i = 2;
+            while i + 1 < row.len() && row[i].is_string() {
+                dimensions.push((row[i].as_str().unwrap().to_owned(), row[i + 1].clone()));
+                i += 2;
+            }
+            if let Some(stat) = row.last().and_then(|o| o.get("stat")) {
+                let stat = stat.as_str().expect("stat");
+                let percentile = stat
+                    .strip_prefix('p')
+                    .is_some_and(|n| n.parse::<f64>().is_ok());
+                assert!(
+                    percentile
+                        || ["Sum", "Average", "Maximum", "Minimum", "SampleCount"].contains(&stat),
+                    "{title}: stat {stat}"
+                );
+            }
+            match namespace {
+                "NAMESPACE" => assert_emitted(
+                    title,
+                    &Watched {
+                        name: name.clone(),
+                        dimensions,
+                    },
+                    &stack,
+                ),
+                "AWS/SQS" => assert_eq!(
+                    dimensions,
+                    [(
+                        "QueueName".to_owned(),
+                        json!("<ProvisionDeadLetterQueue.QueueName>")
+                    )],
+                    "{title}"
+                ),
+                other => panic!("{title}: unexpected namespace {other}"),
+            }
+            graphed.insert(name);
+        }
+    }
+    for needed in [
+        "turns",
+        "turn_total_ms",
+        "time_to_first_command_ms",
+        "wake_ms",
+        "turn_failures",
+        "machines_running",
+        "slept",
+        "provision_total_ms",
+        "provisions",
+        "prompt_tokens",
+        "completion_tokens",
+        "ApproximateNumberOfMessagesVisible",
+    ] {
+        assert!(graphed.contains(needed), "the dashboard graphs {needed}");
+    }
+}
+
+/// Logs Insights: every field a query names is a member of a metric line
+/// (a metric, dimension or property of `agenthome::metrics::LINES`), a
+/// field of the functions' JSON log lines (`fields.…`) or a built-in
+/// (`@…`). Keywords, functions, aliases and string literals aside.
+fn check_query(what: &str, query: &str) {
+    use agenthome::metrics::{FUNCTION, LINES, STACK};
+    const WORDS: &[&str] = &[
+        "SOURCE",
+        "fields",
+        "filter",
+        "sort",
+        "desc",
+        "asc",
+        "limit",
+        "and",
+        "or",
+        "not",
+        "as",
+        "ispresent",
+        "stats",
+        "by",
+        "count",
+        "avg",
+        "max",
+        "min",
+        "pct",
+        "bin",
+        "like",
+        "in",
+    ];
+    let mut unquoted = String::new();
+    let mut quote = None;
+    for c in query.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None => unquoted.push(c),
+        }
+    }
+    let tokens: Vec<&str> = unquoted
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '@'))
+        .filter(|t| !t.is_empty())
+        .collect();
+    let known = |name: &str| {
+        name == STACK
+            || name == FUNCTION
+            || LINES.iter().any(|s| {
+                s.metric(name).is_some()
+                    || s.dimension(name).is_some()
+                    || s.properties.contains(&name)
+            })
+    };
+    for (i, tok) in tokens.iter().enumerate() {
+        let alias = i > 0 && tokens[i - 1] == "as";
+        if alias
+            || WORDS.contains(tok)
+            || tok.starts_with('@')
+            || tok.starts_with("fields.")
+            || tok.parse::<f64>().is_ok()
+        {
+            continue;
+        }
+        assert!(
+            known(tok),
+            "{what}: `{tok}` is no member of any metric line"
+        );
+    }
+}
+
+#[test]
+fn given_the_saved_queries_when_read_then_they_name_fields_the_functions_log() {
+    let t = template();
+    let queries = resources_of_type(&t, "AWS::Logs::QueryDefinition");
+    assert!(queries.len() >= 3, "saved queries for the common questions");
+    for (id, q) in queries {
+        let p = &q["Properties"];
+        check_query(id, p["QueryString"].as_str().expect("QueryString"));
+        for group in one_or_many(&p["LogGroupNames"]) {
+            let target = group["Ref"].as_str().expect("!Ref to a log group");
+            assert_eq!(
+                resources(&t)[target]["Type"],
+                "AWS::Logs::LogGroup",
+                "{id}: {target}"
+            );
+        }
+    }
 }
 
 #[test]

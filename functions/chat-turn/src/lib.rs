@@ -3,12 +3,16 @@
 //! [`agenthome::turn`] and the outcome back to HTTP, so tests can drive it
 //! in-process against real adapters.
 
-use agenthome::agent::AgentError;
+use agenthome::agent::{AgentError, AgentStatus};
 use agenthome::api::{AuthMode, Problem, TurnRequest};
 use agenthome::entry::{self, Route};
+use agenthome::metrics::{self, Metrics, Tally, TURN_LINE};
 use agenthome::provision::WorkerTrigger;
+use agenthome::runner::Transport;
 use agenthome::store::UserStore;
-use agenthome::turn::{MachineStage, TurnError, TurnEvent, TurnOutcome, TurnService};
+use agenthome::turn::{
+    MachineStage, NoEvents, TurnError, TurnEvent, TurnEvents, TurnOutcome, TurnService,
+};
 use bytes::Bytes;
 use futures_util::Stream;
 use lambda_http::{Body, Request, Response};
@@ -16,7 +20,8 @@ use serde_json::json;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -36,6 +41,8 @@ pub struct Service<S, T> {
     pub margin: Duration,
     /// Event streams send a `: keep-alive` comment after this much silence.
     pub heartbeat: Duration,
+    /// Where each turn's metric line goes.
+    pub metrics: Metrics,
 }
 
 /// The default [`Service::heartbeat`].
@@ -57,11 +64,34 @@ where
     pub async fn handle(&self, req: &Request) -> Response<Body> {
         match self.prepare(req) {
             Ok(p) => {
-                let result = self.turns.run(&p.user, p.request, p.deadline).await;
-                respond(&p.user, result)
+                let user = p.user.clone();
+                let result = self.run_measured(p, &NoEvents, "json").await;
+                respond(&user, result)
             }
             Err(p) => problem_response(&p),
         }
+    }
+
+    /// Run the turn, telling `sink` its progress, and emit its metric line
+    /// (whatever the outcome; `mode` is `json` or `stream`).
+    async fn run_measured(
+        &self,
+        p: Prepared,
+        sink: &dyn TurnEvents,
+        mode: &'static str,
+    ) -> Result<TurnOutcome, TurnError> {
+        let seen = Seen::new(sink);
+        // Boxed: the turn's future is deep; the caller's stays small.
+        let run = Box::pin(
+            self.turns
+                .run_with_events(&p.user, p.request, p.deadline, &seen),
+        );
+        let (result, tally) = metrics::tallied(run).await;
+        let mut doc = turn_line(&self.metrics, &result, &seen, tally);
+        doc.property("user_id", p.user.as_str())
+            .property("mode", mode);
+        self.metrics.emit(&doc);
+        result
     }
 
     /// Route, authorize, parse and budget the request.
@@ -116,12 +146,7 @@ where
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let service = Arc::clone(&self);
         let user = p.user.clone();
-        let mut task = tokio::spawn(async move {
-            service
-                .turns
-                .run_with_events(&p.user, p.request, p.deadline, &tx)
-                .await
-        });
+        let mut task = tokio::spawn(async move { service.run_measured(p, &tx, "stream").await });
         let mut first = VecDeque::new();
         loop {
             match rx.recv().await {
@@ -205,6 +230,135 @@ struct StreamState {
     task: Option<JoinHandle<Result<TurnOutcome, TurnError>>>,
     heartbeat: tokio::time::Interval,
     user: String,
+}
+
+/// Watches a turn's events on their way to the caller's sink, for the
+/// metric line: when the first command started, the wake, steps started.
+struct Seen<'a> {
+    inner: &'a dyn TurnEvents,
+    started: Instant,
+    first_command_ms: OnceLock<u64>,
+    waking_ms: OnceLock<u64>,
+    ready_ms: OnceLock<u64>,
+    steps: AtomicU64,
+}
+
+impl<'a> Seen<'a> {
+    fn new(inner: &'a dyn TurnEvents) -> Self {
+        Seen {
+            inner,
+            started: Instant::now(),
+            first_command_ms: OnceLock::new(),
+            waking_ms: OnceLock::new(),
+            ready_ms: OnceLock::new(),
+            steps: AtomicU64::new(0),
+        }
+    }
+
+    /// How long the machine took to wake, if this turn woke it.
+    fn wake_ms(&self) -> Option<u64> {
+        let waking = *self.waking_ms.get()?;
+        Some(self.ready_ms.get()?.saturating_sub(waking))
+    }
+}
+
+impl TurnEvents for Seen<'_> {
+    fn emit(&self, event: TurnEvent) {
+        match &event {
+            TurnEvent::Machine {
+                stage, elapsed_ms, ..
+            } => match stage {
+                MachineStage::Waking => {
+                    let _ = self.waking_ms.set(*elapsed_ms);
+                }
+                MachineStage::Ready => {
+                    let _ = self.ready_ms.set(*elapsed_ms);
+                }
+                MachineStage::Provisioning => {}
+            },
+            TurnEvent::StepStarted { .. } => {
+                let elapsed = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let _ = self.first_command_ms.set(elapsed);
+                self.steps.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        self.inner.emit(event);
+    }
+}
+
+/// The turn's metric line ([`TURN_LINE`]): outcome (and problem code on
+/// failure), latency, time to first command, wake, steps, LLM usage, output
+/// and what the turn cost in Dedalus requests and table calls.
+fn turn_line(
+    metrics: &Metrics,
+    result: &Result<TurnOutcome, TurnError>,
+    seen: &Seen<'_>,
+    tally: Tally,
+) -> agenthome::metrics::EmfDoc {
+    let mut doc = metrics.doc(&TURN_LINE);
+    doc.metric("turns", 1)
+        .millis("turn_total_ms", seen.started.elapsed())
+        .metric("steps", seen.steps.load(Ordering::Relaxed))
+        .metric("dedalus_requests", tally.dedalus_requests)
+        .metric("table_calls", tally.table_calls);
+    if let Some(ms) = seen.first_command_ms.get() {
+        doc.metric("time_to_first_command_ms", *ms);
+    }
+    if let Some(ms) = seen.wake_ms() {
+        doc.metric("wake_ms", ms);
+    }
+    match result {
+        Ok(TurnOutcome::Done(r)) => {
+            let output: u64 = r.steps.iter().map(|s| s.output_bytes).sum();
+            doc.dimension("Outcome", status_name(r.status))
+                .dimension("Transport", transport_name(r.transport))
+                .metric("llm_calls", u64::from(r.usage.llm_calls))
+                .metric("prompt_tokens", r.usage.prompt_tokens)
+                .metric("completion_tokens", r.usage.completion_tokens)
+                .metric("output_bytes", output)
+                .property("turn_id", r.turn_id.as_str())
+                .property("machine_id", r.machine_id.as_str())
+                .property("status", 200);
+        }
+        Ok(TurnOutcome::Provisioning { record, .. }) => {
+            doc.dimension("Outcome", "provisioning")
+                .property("state", record.state.as_str())
+                .property("status", 202);
+        }
+        Ok(TurnOutcome::Busy { .. }) => {
+            doc.dimension("Outcome", "busy").property("status", 409);
+        }
+        Ok(TurnOutcome::Destroying) => {
+            doc.dimension("Outcome", "destroying")
+                .property("status", 409);
+        }
+        Err(e) => {
+            let p = problem_of(e);
+            doc.dimension("Outcome", "failed")
+                .dimension("Code", &p.code)
+                .metric("turn_failures", 1)
+                .property("code", p.code.as_str())
+                .property("status", p.status)
+                .property("error", e.to_string());
+        }
+    }
+    doc
+}
+
+fn status_name(s: AgentStatus) -> &'static str {
+    match s {
+        AgentStatus::Completed => "completed",
+        AgentStatus::Deadline => "deadline",
+        AgentStatus::StepLimit => "step_limit",
+    }
+}
+
+fn transport_name(t: Transport) -> &'static str {
+    match t {
+        Transport::Terminal => "terminal",
+        Transport::Executions => "executions",
+    }
 }
 
 /// The client asked for Server-Sent Events.
@@ -387,6 +541,11 @@ impl<S, T> Service<S, T> {
 /// error messages of the LLM client are redacted at the source).
 pub fn turn_problem(user_id: &str, e: &TurnError) -> Problem {
     tracing::warn!(user_id, error = %e, retryable = e.is_retryable(), "turn failed");
+    problem_of(e)
+}
+
+/// [`turn_problem`] without the log line.
+fn problem_of(e: &TurnError) -> Problem {
     let retry = Duration::from_secs(5);
     match e {
         TurnError::Agent(AgentError::Llm { source, .. }) => Problem::upstream(
@@ -416,5 +575,32 @@ pub fn turn_problem(user_id: &str, e: &TurnError) -> Problem {
         )
         .with_retry_after(retry),
         _ => Problem::internal("the turn failed; see the function's logs"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_turn_errors_when_mapped_then_their_codes_are_declared_metric_dimension_values() {
+        let errors = [
+            TurnError::WakeTimeout,
+            TurnError::NoTime,
+            TurnError::MachineLost {
+                machine_id: "dm-1".into(),
+            },
+            TurnError::Store(agenthome::store::StoreError::Malformed {
+                attribute: "state".into(),
+                message: "bad".into(),
+            }),
+        ];
+        for e in &errors {
+            let code = problem_of(e).code;
+            assert!(
+                agenthome::metrics::TURN_CODES.contains(&code.as_str()),
+                "{code} is not a declared Code value"
+            );
+        }
     }
 }

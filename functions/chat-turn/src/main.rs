@@ -4,6 +4,7 @@
 
 use agenthome::agent::Agent;
 use agenthome::app::App;
+use agenthome::metrics::Metrics;
 use agenthome::turn::{TurnService, TurnSettings};
 use chat_turn_fn::{Service, HEARTBEAT};
 use std::sync::Arc;
@@ -63,6 +64,7 @@ async fn main() -> Result<(), lambda_http::Error> {
         turn_deadline: c.turn_deadline,
         margin: Duration::from_secs(2),
         heartbeat: HEARTBEAT,
+        metrics: Metrics::from_env()?,
     };
     match mode {
         ResponseMode::Buffered => {

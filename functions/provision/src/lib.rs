@@ -6,8 +6,9 @@
 use agenthome::api::{AuthMode, Problem};
 use agenthome::entry::{self, Route};
 use agenthome::machines::{self, Destroyed};
-use agenthome::provision::{Ensure, ProvisionEvent, Provisioner, WorkerTrigger};
-use agenthome::store::UserStore;
+use agenthome::metrics::{self, EmfDoc, Metrics, Tally, PROVISION_LINE};
+use agenthome::provision::{Ensure, ProvisionError, ProvisionEvent, Provisioner, WorkerTrigger};
+use agenthome::store::{MachineState, UserRecord, UserStore};
 use agenthome::sweep::{SleepNow, Sweeper};
 use lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpResponse;
 use lambda_http::{Body, Request, Response};
@@ -29,6 +30,8 @@ pub struct Service<S, T> {
     pub auth_mode: AuthMode,
     /// The scope that may act for any user.
     pub admin_scope: String,
+    /// Where each provisioning run's metric line goes.
+    pub metrics: Metrics,
 }
 
 /// One incoming event: an HTTP request, or the worker's provision event.
@@ -56,7 +59,7 @@ impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
     pub async fn handle(&self, event: Value) -> Result<Value, lambda_runtime::Error> {
         match classify(event) {
             Ok(Incoming::Provision(ev)) => {
-                match self.provisioner.run_worker(&ev).await {
+                match self.run_worker_measured(&ev).await {
                     Ok(rec) => Ok(serde_json::json!({"user_id": rec.user_id, "state": rec.state})),
                     // A retryable failure makes Lambda retry the async event
                     // (bounded by the function's EventInvokeConfig); a final
@@ -77,6 +80,17 @@ impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
                 Err(detail.into())
             }
         }
+    }
+
+    /// Run the provisioning worker and emit its metric line.
+    async fn run_worker_measured(&self, ev: &ProvisionEvent) -> Result<UserRecord, ProvisionError> {
+        let started = tokio::time::Instant::now();
+        let run = Box::pin(self.provisioner.run_worker(ev));
+        let (result, tally) = metrics::tallied(run).await;
+        let mut doc = provision_line(&self.metrics, &result, tally, started.elapsed());
+        doc.property("user_id", ev.user_id.as_str());
+        self.metrics.emit(&doc);
+        result
     }
 
     /// Handle one HTTP request of the machine routes.
@@ -200,6 +214,64 @@ impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
                 "turns are served by the chat-turn function",
             )),
         }
+    }
+}
+
+/// A worker run's metric line ([`PROVISION_LINE`]). Outcome: `ready` (the
+/// run did the work and the machine is ready), `skipped` (nothing to do:
+/// ready already, another worker holds the lease, or the item waits for the
+/// next trigger), `retrying` (a retryable failure: Lambda retries the event)
+/// or `failed` (recorded on the item; the next trigger resumes).
+fn provision_line(
+    metrics: &Metrics,
+    result: &Result<UserRecord, ProvisionError>,
+    tally: Tally,
+    total: Duration,
+) -> EmfDoc {
+    let mut doc = metrics.doc(&PROVISION_LINE);
+    doc.metric("provisions", 1)
+        .millis("provision_total_ms", total)
+        .metric("resumed", u64::from(tally.resumed))
+        .metric("dedalus_requests", tally.dedalus_requests)
+        .metric("table_calls", tally.table_calls);
+    if let Some(ms) = tally.boot_ms {
+        doc.metric("boot_ms", ms);
+    }
+    if let Some(ms) = tally.bootstrap_ms {
+        doc.metric("bootstrap_ms", ms);
+    }
+    match result {
+        Ok(rec) => {
+            let worked = tally.boot_ms.is_some() && rec.state == MachineState::Ready;
+            doc.dimension("Outcome", if worked { "ready" } else { "skipped" })
+                .property("state", rec.state.as_str());
+            if let Some(id) = &rec.machine_id {
+                doc.property("machine_id", id.as_str());
+            }
+        }
+        Err(e) => {
+            let outcome = if e.is_retryable() {
+                "retrying"
+            } else {
+                "failed"
+            };
+            doc.dimension("Outcome", outcome)
+                .metric("provision_failures", 1)
+                .property("error_kind", error_kind(e))
+                .property("error", e.to_string());
+        }
+    }
+    doc
+}
+
+/// A bounded name for a provisioning error (a property of the line).
+fn error_kind(e: &ProvisionError) -> &'static str {
+    match e {
+        ProvisionError::Store(_) => "table",
+        ProvisionError::Dedalus(_) => "dedalus",
+        ProvisionError::Trigger(_) => "trigger",
+        ProvisionError::Bootstrap { .. } => "bootstrap",
+        ProvisionError::Superseded(_) => "superseded",
     }
 }
 

@@ -1,6 +1,7 @@
 //! `provision` Lambda: sets up tracing, builds the clients once, serves.
 
 use agenthome::app::App;
+use agenthome::metrics::Metrics;
 use agenthome::sweep::{SweepSettings, Sweeper};
 use lambda_runtime::{service_fn, LambdaEvent};
 use provision_fn::Service;
@@ -27,6 +28,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         sweeper,
         auth_mode: app.config.auth_mode,
         admin_scope: app.config.admin_scope.clone(),
+        metrics: Metrics::from_env()?,
     };
     let service = &service;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {

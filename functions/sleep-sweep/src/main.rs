@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agenthome::app::App;
+use agenthome::metrics::Metrics;
 use agenthome::store::DynamoStore;
 use agenthome::sweep::{SweepReport, SweepSettings, Sweeper};
 use lambda_runtime::{service_fn, LambdaEvent};
@@ -27,8 +28,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     lambda_runtime::tracing::init_default_subscriber();
-    let sweeper = match start().await {
-        Ok(s) => Arc::new(s),
+    let (sweeper, metrics) = match start().await {
+        Ok((s, m)) => (Arc::new(s), Arc::new(m)),
         Err(error) => {
             tracing::error!(error = %error, "sleep-sweep cannot start");
             return Err(error);
@@ -36,14 +37,16 @@ async fn main() -> Result<(), BoxError> {
     };
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
         let sweeper = Arc::clone(&sweeper);
-        async move { handle(&sweeper, event).await }
+        let metrics = Arc::clone(&metrics);
+        async move { handle(&sweeper, &metrics, event).await }
     }))
     .await
 }
 
 /// Configuration and clients, once per cold start.
-async fn start() -> Result<Sweeper<DynamoStore>, BoxError> {
+async fn start() -> Result<(Sweeper<DynamoStore>, Metrics), BoxError> {
     let settings = SweepSettings::from_env()?;
+    let metrics = Metrics::from_env()?;
     let app = App::from_env().await?;
     tracing::info!(
         table = %app.config.table_name,
@@ -54,11 +57,15 @@ async fn start() -> Result<Sweeper<DynamoStore>, BoxError> {
         margin_s = settings.margin.as_secs(),
         "sleep-sweep started"
     );
-    Ok(Sweeper::new(Arc::new(app.store), &app.dedalus, settings))
+    Ok((
+        Sweeper::new(Arc::new(app.store), &app.dedalus, settings),
+        metrics,
+    ))
 }
 
 async fn handle(
     sweeper: &Sweeper<DynamoStore>,
+    metrics: &Metrics,
     event: LambdaEvent<Value>,
 ) -> Result<SweepReport, BoxError> {
     let now_ms = agenthome::clock::now_ms();
@@ -73,7 +80,7 @@ async fn handle(
         .run_scheduled(event_time_ms, now_ms, deadline, force)
         .await;
     // One summary line per run, in Embedded Metric Format, on stdout.
-    println!("{}", report.emf_line(now_ms));
+    metrics.emit(&report.emf_doc(metrics.config(), now_ms));
     Ok(report)
 }
 

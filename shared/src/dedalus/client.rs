@@ -215,6 +215,7 @@ impl Client {
             }
             async move {
                 let started = Instant::now();
+                crate::metrics::dedalus_request();
                 let resp = builder
                     .send()
                     .await

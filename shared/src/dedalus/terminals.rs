@@ -120,6 +120,7 @@ impl Client {
             let timeout = self.attempt_timeout(attempt.remaining);
             async move {
                 let request = request.map_err(|e| ws_error(CONNECT, e))?;
+                crate::metrics::dedalus_request();
                 match tokio::time::timeout(timeout, tokio_tungstenite::connect_async(request)).await
                 {
                     Err(_) => Err(ws_error(

@@ -163,6 +163,7 @@ impl Client {
         if let Some(id) = last_event_id.as_deref() {
             req = req.header("last-event-id", id);
         }
+        crate::metrics::dedalus_request();
         let resp = match req.send().await {
             Ok(r) => r,
             Err(source) => {

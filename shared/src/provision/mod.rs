@@ -421,7 +421,10 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
         // 1. The machine: created with the stored key, so a retry after a
         //    crash between "create" and "record" returns the same machine.
         let machine_id = match rec.machine_id.clone() {
-            Some(id) => id,
+            Some(id) => {
+                crate::metrics::resumed();
+                id
+            }
             None => {
                 let key = IdempotencyKey::parse(rec.create_key.clone()).map_err(|e| {
                     ProvisionError::Superseded(format!("stored create_key is unusable: {e}"))
@@ -445,7 +448,8 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
         self.renew(&user_id, owner).await?;
 
         // 2. Running (a machine that slept meanwhile is woken).
-        let deadline = Instant::now() + self.settings.boot_timeout;
+        let boot_started = Instant::now();
+        let deadline = boot_started + self.settings.boot_timeout;
         let machine = self.dedalus.get_machine(&machine_id).await?;
         if matches!(machine.phase, Phase::Sleeping | Phase::Stopping) {
             self.dedalus.wake_machine(&machine_id, None, None).await?;
@@ -453,6 +457,7 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
         self.dedalus
             .wait_until(&machine_id, Phase::Running, deadline)
             .await?;
+        crate::metrics::boot_took(boot_started.elapsed());
 
         // 3. Bootstrap (idempotent: skipped when its marker and tools exist).
         //    Marking `bootstrapping` also checks the lease is still ours and
@@ -464,13 +469,15 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
                 .map_err(lease_lost)?;
         }
         self.renew(&user_id, owner).await?;
-        let deadline = Instant::now() + self.settings.bootstrap_timeout;
-        match self
+        let bootstrap_started = Instant::now();
+        let deadline = bootstrap_started + self.settings.bootstrap_timeout;
+        let bootstrapped = self
             .settings
             .bootstrap
             .ensure(&self.dedalus, &machine_id, deadline)
-            .await?
-        {
+            .await;
+        crate::metrics::bootstrap_took(bootstrap_started.elapsed());
+        match bootstrapped? {
             BootstrapOutcome::AlreadyDone | BootstrapOutcome::Ran => {}
             BootstrapOutcome::Failed { exit_code, tail } => {
                 return Err(ProvisionError::Bootstrap { exit_code, tail });

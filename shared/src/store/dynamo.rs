@@ -199,6 +199,7 @@ fn awake_key_from(lek: &Item) -> Result<AwakeKey> {
 
 impl Backend for DynamoStore {
     async fn get_item(&self, user_id: &str) -> Result<Option<UserRecord>> {
+        crate::metrics::table_call();
         let out = self
             .client
             .get_item()
@@ -212,6 +213,7 @@ impl Backend for DynamoStore {
     }
 
     async fn put_new(&self, record: &UserRecord) -> Result<std::result::Result<(), Refused>> {
+        crate::metrics::table_call();
         let sent = self
             .client
             .put_item()
@@ -243,6 +245,7 @@ impl Backend for DynamoStore {
         let update_expression = expr.update(&update.actions);
         let condition = expr.condition(&update.cond);
         let (names, values) = expr.values();
+        crate::metrics::table_call();
         let sent = self
             .client
             .update_item()
@@ -280,6 +283,7 @@ impl Backend for DynamoStore {
         let mut expr = Expr::default();
         let condition = expr.condition(&cond);
         let (names, values) = expr.values();
+        crate::metrics::table_call();
         let sent = self
             .client
             .delete_item()
@@ -320,6 +324,7 @@ impl Backend for DynamoStore {
                 ),
             ])
         });
+        crate::metrics::table_call();
         let out = self
             .client
             .query()
@@ -352,6 +357,7 @@ impl Backend for DynamoStore {
         let mut found = Vec::new();
         let mut start = None;
         loop {
+            crate::metrics::table_call();
             let out = self
                 .client
                 .query()

@@ -73,7 +73,7 @@ use crate::store::{
 };
 
 pub use key::{orphan_sleep_key, sleep_key};
-pub use report::SweepReport;
+pub use report::{SweepReport, SWEEP_LINE};
 pub use settings::SweepSettings;
 
 /// Machines per `GET /v1/machines` page during reconciliation.
@@ -737,6 +737,11 @@ impl<S: UserStore + 'static> Sweeper<S> {
                 }
             };
             report.machines_listed += page.items.len() as u64;
+            report.machines_running += page
+                .items
+                .iter()
+                .filter(|m| m.phase == Phase::Running)
+                .count() as u64;
             listed.extend(page.items.iter().map(|m| m.machine_id.clone()));
             let results: Vec<Reconciled> = stream::iter(page.items)
                 .map(|m| self.reconcile_machine(run, m))

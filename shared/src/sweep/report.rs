@@ -2,7 +2,9 @@
 //! CloudWatch Embedded Metric Format.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
+
+use crate::metrics::{EmfDoc, LineSpec, MetricSpec, MetricsConfig};
 
 /// Counts of one run. Every candidate lands in exactly one of `slept`,
 /// `skipped_busy`, `skipped_hold`, `held_by_running_command`, `failed`,
@@ -47,26 +49,40 @@ pub struct SweepReport {
     pub reconciled: bool,
     /// Machines reconciliation looked at.
     pub machines_listed: u64,
+    /// Of those, the machines the platform said were running (awake and
+    /// billed), counted by reconciliation only.
+    pub machines_running: u64,
     /// Wall time of the run.
     pub duration_ms: u64,
 }
 
-/// The counters published as metrics (name, value) — everything but flags.
-const COUNTS: &[&str] = &[
-    "candidates",
-    "slept",
-    "skipped_busy",
-    "skipped_hold",
-    "held_by_running_command",
-    "failed",
-    "lost",
-    "orphans",
-    "orphans_slept",
-    "fixed",
-    "awaiting_autosleep",
-    "not_reached",
-    "machines_listed",
-];
+/// The run's EMF line: every count, the two flags as 0/1 and the run's
+/// duration; `machines_running` only on runs that reconciled.
+pub const SWEEP_LINE: LineSpec = LineSpec {
+    function: "sleep-sweep",
+    dimensions: &[],
+    metrics: &[
+        MetricSpec::count("candidates"),
+        MetricSpec::count("slept"),
+        MetricSpec::count("skipped_busy"),
+        MetricSpec::count("skipped_hold"),
+        MetricSpec::count("held_by_running_command"),
+        MetricSpec::count("failed"),
+        MetricSpec::count("lost"),
+        MetricSpec::count("orphans"),
+        MetricSpec::count("orphans_slept"),
+        MetricSpec::count("fixed"),
+        MetricSpec::count("awaiting_autosleep"),
+        MetricSpec::count("not_reached"),
+        MetricSpec::count("machines_listed"),
+        MetricSpec::count("machines_running"),
+        MetricSpec::count("sleep_unavailable"),
+        MetricSpec::count("remaining"),
+        MetricSpec::ms("duration_ms"),
+    ],
+    breakdowns: &[],
+    properties: &["reconciled"],
+};
 
 impl SweepReport {
     /// Add another part's counts (the sweep and the reconciliation of one run).
@@ -87,59 +103,49 @@ impl SweepReport {
         self.remaining |= other.remaining;
         self.reconciled |= other.reconciled;
         self.machines_listed += other.machines_listed;
+        self.machines_running += other.machines_running;
         self.duration_ms = self.duration_ms.max(other.duration_ms);
     }
 
-    /// The run's summary as one CloudWatch Embedded Metric Format document:
-    /// namespace `agenthome`, no dimensions, every count as a `Count`
-    /// metric, `duration_ms` as `Milliseconds`, flags as 0/1 `Count`s.
-    pub fn to_emf(&self, timestamp_ms: u64) -> Value {
-        let mut doc = Map::new();
-        let mut metrics = Vec::new();
+    /// The run's summary as one CloudWatch Embedded Metric Format line
+    /// ([`SWEEP_LINE`]), published under `Stack` and `Function`; the
+    /// `reconciled` flag is a property.
+    pub fn emf_doc(&self, config: &MetricsConfig, timestamp_ms: u64) -> EmfDoc {
+        let mut doc = EmfDoc::new(&SWEEP_LINE, config, timestamp_ms);
         let fields = match serde_json::to_value(self) {
             Ok(Value::Object(m)) => m,
-            _ => Map::new(),
+            _ => serde_json::Map::new(),
         };
-        for name in COUNTS {
-            metrics.push(json!({"Name": name, "Unit": "Count"}));
-            doc.insert(
-                (*name).to_owned(),
-                fields.get(*name).cloned().unwrap_or(json!(0)),
-            );
+        for m in SWEEP_LINE.metrics {
+            if m.name == "machines_running" && !self.reconciled {
+                continue;
+            }
+            let value = match fields.get(m.name) {
+                Some(Value::Bool(b)) => u64::from(*b),
+                Some(v) => v.as_u64().unwrap_or(0),
+                None => 0,
+            };
+            doc.metric(m.name, value);
         }
-        for (name, flag) in [
-            ("sleep_unavailable", self.sleep_unavailable),
-            ("remaining", self.remaining),
-        ] {
-            metrics.push(json!({"Name": name, "Unit": "Count"}));
-            doc.insert(name.to_owned(), json!(u64::from(flag)));
-        }
-        metrics.push(json!({"Name": "duration_ms", "Unit": "Milliseconds"}));
-        doc.insert("duration_ms".to_owned(), json!(self.duration_ms));
-        doc.insert("reconciled".to_owned(), json!(self.reconciled));
-        doc.insert(
-            "_aws".to_owned(),
-            json!({
-                "Timestamp": timestamp_ms,
-                "CloudWatchMetrics": [{
-                    "Namespace": "agenthome",
-                    "Dimensions": [[]],
-                    "Metrics": metrics,
-                }],
-            }),
-        );
-        Value::Object(doc)
+        doc.property("reconciled", self.reconciled);
+        doc
+    }
+
+    /// [`SweepReport::emf_doc`] as JSON.
+    pub fn to_emf(&self, config: &MetricsConfig, timestamp_ms: u64) -> Value {
+        self.emf_doc(config, timestamp_ms).to_value()
     }
 
     /// [`SweepReport::to_emf`] as one JSON line (no newline inside).
-    pub fn emf_line(&self, timestamp_ms: u64) -> String {
-        self.to_emf(timestamp_ms).to_string()
+    pub fn emf_line(&self, config: &MetricsConfig, timestamp_ms: u64) -> String {
+        self.emf_doc(config, timestamp_ms).line()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn given_a_report_when_rendered_as_emf_then_every_metric_has_a_value() {
@@ -151,13 +157,18 @@ mod tests {
             duration_ms: 42,
             ..SweepReport::default()
         };
-        let line = r.emf_line(1_700_000_000_000);
+        let line = r.emf_line(&MetricsConfig::default(), 1_700_000_000_000);
         assert!(!line.contains('\n'));
         let v: Value = serde_json::from_str(&line).expect("json");
         assert_eq!(v["_aws"]["Timestamp"], 1_700_000_000_000u64);
         let cwm = &v["_aws"]["CloudWatchMetrics"][0];
         assert_eq!(cwm["Namespace"], "agenthome");
-        assert_eq!(cwm["Dimensions"], json!([[]]));
+        assert_eq!(cwm["Dimensions"], json!([["Stack", "Function"]]));
+        assert_eq!(
+            (v["Stack"].as_str(), v["Function"].as_str()),
+            (Some("agenthome"), Some("sleep-sweep"))
+        );
+        assert!(v.get("machines_running").is_none(), "only when reconciled");
         for m in cwm["Metrics"].as_array().expect("metrics") {
             let name = m["Name"].as_str().expect("name");
             assert!(v[name].is_number(), "{name} has a numeric value");
