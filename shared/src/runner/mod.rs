@@ -118,6 +118,10 @@ pub enum RunnerError {
     /// Something the runner could not make sense of.
     #[error("runner protocol error: {0}")]
     Protocol(String),
+    /// The turn no longer holds the machine (its lease was lost): no
+    /// command may be sent.
+    #[error("the turn lost its lease on the machine; nothing more is run")]
+    LeaseLost,
 }
 
 /// Tunables shared by both backends.
@@ -190,6 +194,13 @@ pub trait CommandRunner: Send {
             observer.output(outcome.output.as_bytes());
             Ok(outcome)
         }
+    }
+
+    /// Whether a command may be sent now; called before each step. The
+    /// default always allows it; a turn's wrapper checks its lease
+    /// ([`RunnerError::LeaseLost`]).
+    fn permit(&mut self) -> impl Future<Output = Result<(), RunnerError>> + Send {
+        async { Ok(()) }
     }
 
     /// Which backend this is.

@@ -5,12 +5,14 @@
 //! `~/.agenthome/turns.jsonl` → record activity and holds → reply.
 
 mod events;
+mod lease;
 mod memory;
 
 pub use events::{MachineStage, NoEvents, StreamSettings, TurnEvent, TurnEvents, TRUNCATED_NOTE};
 pub use memory::{read_memory, summary_line, TURNS_FILE};
 
 use events::EventObserver;
+use lease::{Leased, TurnLease};
 
 use crate::agent::{
     Agent, AgentError, AgentOutcome, AgentStatus, ChatMessage, Limits, TurnInput, Usage,
@@ -280,13 +282,21 @@ where
                 _ => self.provisioning(user_id, obs).await,
             };
         }
-        let renewer = self.spawn_renewer(user_id, &owner);
+        // Renewed while it lives; dropped (the renewer aborted) on every
+        // path out of here, a panic or a cancelled turn included.
+        let lease = TurnLease::start(
+            std::sync::Arc::new(store.clone()),
+            user_id,
+            &owner,
+            rec.lease.as_ref().map_or(0, |l| l.until),
+            self.settings.lease_ttl,
+        );
         // Boxed and type-erased: the turn's future is large and deep (wake,
         // shell, agent, bookkeeping); callers' futures stay small.
         let drive: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
-            Box::pin(self.drive(rec, &owner, &turn_id, request, deadline, obs));
+            Box::pin(self.drive(rec, &lease, &turn_id, request, deadline, obs));
         let result = drive.await;
-        renewer.abort();
+        drop(lease);
         // Bookkeeping happens whatever the turn did: activity (or the loss of
         // the machine), then release.
         let now = now_ms();
@@ -398,34 +408,17 @@ where
         }))
     }
 
-    fn spawn_renewer(&self, user_id: &str, owner: &str) -> tokio::task::JoinHandle<()> {
-        let store = self.provisioner.store().clone();
-        let (user_id, owner) = (user_id.to_string(), owner.to_string());
-        let ttl = self.settings.lease_ttl;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(ttl / 3).await;
-                let now = now_ms();
-                if let Err(e) = store
-                    .renew_lease(&user_id, &owner, now + millis(ttl), now)
-                    .await
-                {
-                    tracing::warn!(user_id, error = %e, "turn lease renewal failed");
-                }
-            }
-        })
-    }
-
     async fn drive(
         &self,
         rec: UserRecord,
-        owner: &str,
+        lease: &TurnLease<S>,
         turn_id: &str,
         request: TurnRequest,
         deadline: Instant,
         obs: &EventObserver<'_>,
     ) -> Result<TurnResult, TurnError> {
         let store = self.provisioner.store();
+        let owner = lease.owner();
         let user_id = rec.user_id.as_str();
         let machine_id = rec
             .machine_id
@@ -533,38 +526,51 @@ where
         let outcome = match terminal {
             Some((mut runner, terminal_id)) => {
                 if rec.terminal_id.as_deref() != Some(terminal_id.as_str()) {
-                    store
-                        .set_terminal(user_id, owner, Some(&terminal_id), now_ms())
-                        .await?;
+                    self.store_terminal(user_id, owner, &terminal_id).await;
                 }
+                let mut leased = Leased {
+                    inner: &mut runner,
+                    lease,
+                };
                 let outcome = self
                     .agent
-                    .run_observed(input, &mut runner, limits, obs)
+                    .run_observed(input, &mut leased, limits, obs)
                     .await;
                 if runner.terminal_id() != terminal_id {
-                    store
-                        .set_terminal(user_id, owner, Some(runner.terminal_id()), now_ms())
-                        .await?;
+                    self.store_terminal(user_id, owner, runner.terminal_id())
+                        .await;
                 }
                 outcome
             }
             None => {
                 let mut runner = ExecutionsRunner::new(&dedalus, &machine_id);
+                let mut leased = Leased {
+                    inner: &mut runner,
+                    lease,
+                };
                 self.agent
-                    .run_observed(input, &mut runner, limits, obs)
+                    .run_observed(input, &mut leased, limits, obs)
                     .await
             }
         };
 
-        // Remember the turn on the machine, whatever the agent did.
+        // Remember the turn on the machine, whatever the agent did — unless
+        // the turn lost the machine: then nothing more is sent to it.
         let (steps, status, reply) = match &outcome {
             Ok(o) => (o.steps.as_slice(), Some(o.status), Some(o.reply.as_str())),
             Err(e) => (e.partial().steps.as_slice(), None, None),
         };
-        self.hold_for_running(user_id, owner, steps).await;
-        let line = summary_line(turn_id, now_ms(), &request.message, reply, status, steps);
-        if let Err(e) = memory::append(&dedalus, &machine_id, &line).await {
-            tracing::warn!(user_id, error = %e, "could not append the turn summary");
+        if lease.is_lost() {
+            tracing::warn!(
+                user_id,
+                "the turn lost its lease: no hold or summary recorded"
+            );
+        } else {
+            self.hold_for_running(user_id, owner, steps).await;
+            let line = summary_line(turn_id, now_ms(), &request.message, reply, status, steps);
+            if let Err(e) = memory::append(&dedalus, &machine_id, &line).await {
+                tracing::warn!(user_id, error = %e, "could not append the turn summary");
+            }
         }
         let AgentOutcome {
             reply,
@@ -639,6 +645,19 @@ where
             }
             Err(e) if e.is_deadline_exceeded() => Err(TurnError::WakeTimeout),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Store the terminal to reuse next time. A failure (the lease was
+    /// lost meanwhile) costs only the reuse: the turn and its result go on.
+    async fn store_terminal(&self, user_id: &str, owner: &str, terminal_id: &str) {
+        if let Err(e) = self
+            .provisioner
+            .store()
+            .set_terminal(user_id, owner, Some(terminal_id), now_ms())
+            .await
+        {
+            tracing::warn!(user_id, terminal_id, error = %e, "could not store the terminal for reuse");
         }
     }
 
