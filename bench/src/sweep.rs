@@ -73,6 +73,7 @@ pub fn seed(users: u64, awake: u64, now_ms: u64) -> MemoryStore {
             awake_ms_total: 0,
             sleep_eligible_at: None,
             hold: None,
+            holds: Vec::new(),
             last_error: None,
             updated_at: last_active_at,
             created_at: now_ms - 7 * day,

@@ -133,6 +133,7 @@ async fn simulate(users: &[User], cfg: &Config) -> Vec<(f64, f64, u64)> {
             awake_ms_total: 0,
             sleep_eligible_at: None,
             hold: None,
+            holds: Vec::new(),
             last_error: None,
             updated_at: T0 - 86_400_000,
             created_at: T0 - 7 * 86_400_000,

@@ -58,8 +58,12 @@ pub mod attr {
     pub const SLEEP_ELIGIBLE_AT: &str = "sleep_eligible_at";
     /// Hold expiry, epoch ms.
     pub const HOLD_UNTIL: &str = "hold_until";
-    /// Completion marker path of the held command.
+    /// Completion marker path of the held command (an item written before
+    /// holds became a set; new holds go to [`HOLDS`]).
     pub const HOLD_MARKER: &str = "hold_marker";
+    /// The holds: a list of `{until, marker}` maps, one per command left
+    /// running (every one of them keeps the machine awake).
+    pub const HOLDS: &str = "holds";
     /// Last error message.
     pub const LAST_ERROR: &str = "last_error";
     /// Epoch ms of the last write.

@@ -457,17 +457,9 @@ where
             }
         }
 
-        // A command an earlier turn left running: release its hold once done.
-        if let Some(hold) = &rec.hold {
-            let done = now_ms() > hold.until
-                || matches!(
-                    read_completion(&dedalus, &machine_id, &hold.marker).await,
-                    Ok(Some(_))
-                );
-            if done {
-                store.clear_hold(user_id, owner, now_ms()).await?;
-            }
-        }
+        // Commands earlier turns left running: release the holds of those
+        // that finished (the others keep holding the machine).
+        self.release_finished_holds(&dedalus, &rec, owner).await;
 
         // The memory read and the shell's set-up are independent round trips
         // to the machine: do them together.
@@ -661,29 +653,62 @@ where
         }
     }
 
-    /// A command still running keeps the machine awake (up to the maximum
-    /// hold) until its completion marker exists.
-    async fn hold_for_running(&self, user_id: &str, owner: &str, steps: &[CommandOutcome]) {
-        let Some(marker) = steps
-            .iter()
-            .rev()
-            .find(|s| s.still_running)
-            .and_then(|s| s.completion_marker.clone())
-        else {
+    /// Drops the holds whose command finished (marker present) or expired.
+    async fn release_finished_holds(
+        &self,
+        dedalus: &dedalus::Client,
+        rec: &UserRecord,
+        owner: &str,
+    ) {
+        let Some(machine_id) = rec.machine_id.as_deref() else {
             return;
         };
-        let now = now_ms();
-        let hold = Hold {
-            until: now + millis(self.settings.max_hold),
-            marker,
-        };
+        let mut finished = Vec::new();
+        for hold in rec.all_holds() {
+            let done = now_ms() > hold.until
+                || matches!(
+                    read_completion(dedalus, machine_id, &hold.marker).await,
+                    Ok(Some(_))
+                );
+            if done {
+                finished.push(hold.marker.clone());
+            }
+        }
+        if finished.is_empty() {
+            return;
+        }
+        let user_id = rec.user_id.as_str();
         if let Err(e) = self
             .provisioner
             .store()
-            .set_hold(user_id, owner, &hold, now)
+            .release_holds(user_id, owner, &finished, now_ms())
             .await
         {
-            tracing::warn!(user_id, error = %e, "could not record the hold for a running command");
+            tracing::warn!(user_id, error = %e, "could not release the holds of finished commands");
+        }
+    }
+
+    /// Every command still running keeps the machine awake (up to the
+    /// maximum hold) until its completion marker exists.
+    async fn hold_for_running(&self, user_id: &str, owner: &str, steps: &[CommandOutcome]) {
+        let markers = steps
+            .iter()
+            .filter(|s| s.still_running)
+            .filter_map(|s| s.completion_marker.clone());
+        for marker in markers {
+            let now = now_ms();
+            let hold = Hold {
+                until: now + millis(self.settings.max_hold),
+                marker,
+            };
+            if let Err(e) = self
+                .provisioner
+                .store()
+                .set_hold(user_id, owner, &hold, now)
+                .await
+            {
+                tracing::warn!(user_id, error = %e, "could not record the hold for a running command");
+            }
         }
     }
 }
