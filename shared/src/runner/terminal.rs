@@ -251,7 +251,7 @@ impl TerminalRunner {
     /// Sets up the shell (echo off, empty prompts, history, defaults) and
     /// waits until it has run.
     async fn setup(&mut self, restore: bool) -> Result<(), RunnerError> {
-        let id = script::new_command_id();
+        let id = script::new_nonce();
         self.send_line(&script::terminal_setup(&id, restore))
             .await?;
         let mut scanner = SentinelScanner::new(&id);
@@ -384,11 +384,12 @@ impl TerminalRunner {
         }
         self.poll_pending().await?;
         let id = script::new_command_id();
+        let nonce = script::new_nonce();
         let started_at = Instant::now();
         let deadline = started_at + timeout;
-        self.send_line(&script::terminal_line(&id, &self.terminal_id, command))
-            .await?;
-        let mut scanner = SentinelScanner::new(&id);
+        let line = self.command_line(&id, &nonce, command).await?;
+        self.send_line(&line).await?;
+        let mut scanner = SentinelScanner::new(&nonce);
         let mut collector = OutputCollector::new(self.options.output_limit);
         let end = self
             .read_until(&mut scanner, Some(&mut collector), observer, deadline)
@@ -420,6 +421,46 @@ impl TerminalRunner {
             }
         }
         Ok(outcome)
+    }
+}
+
+impl TerminalRunner {
+    /// The line to type for `command`. A long one is first written to a
+    /// file on the machine (an execution, no terminal involved), so the
+    /// typed line stays short: bash never sees a partial line, whatever it
+    /// was doing when the line arrived.
+    async fn command_line(
+        &self,
+        id: &str,
+        nonce: &str,
+        command: &str,
+    ) -> Result<String, RunnerError> {
+        let line = script::terminal_line(id, nonce, &self.terminal_id, command);
+        if line.len() <= script::MAX_TYPED_LINE {
+            return Ok(line);
+        }
+        let request = ExecutionRequest::new([
+            "bash".to_owned(),
+            "-c".to_owned(),
+            script::write_command_script(id),
+        ])
+        .stdin(command)
+        .timeout_ms(millis(self.options.setup_timeout).max(1));
+        let run = self
+            .client
+            .run_and_wait(&self.machine_id, &request, self.setup_deadline())
+            .await?;
+        if !run.success() {
+            return Err(RunnerError::Protocol(format!(
+                "could not deliver a long command to the machine (exit code {:?})",
+                run.exit_code()
+            )));
+        }
+        Ok(script::terminal_line_from_file(
+            id,
+            nonce,
+            &self.terminal_id,
+        ))
     }
 }
 
