@@ -69,6 +69,7 @@ pub fn seed(users: u64, awake: u64, now_ms: u64) -> MemoryStore {
             last_active_at,
             lease: None,
             terminal_id: Some(format!("term-{i}")),
+            parked_terminals: Vec::new(),
             awake_since: is_awake.then_some(last_active_at - 60_000),
             awake_ms_total: 0,
             sleep_eligible_at: None,

@@ -48,6 +48,7 @@ macro_rules! user_store_contract_tests {
             find_by_machine_uses_the_machine_index,
             turn_bookkeeping_needs_the_lease,
             holds_are_a_set,
+            parked_terminals_are_stored_by_the_lease_holder,
             mark_lost_forgets_the_machine,
             set_power_needs_the_generation_read,
             destroy_and_delete,
@@ -897,6 +898,47 @@ pub async fn holds_are_a_set<S: UserStore>(store: S) {
     assert!(rec.holds.is_empty() && rec.hold.is_none(), "{rec:?}");
     let got = store.get("hal").await.expect("get").expect("item");
     assert_eq!(got.all_holds().count(), 0);
+}
+
+/// GIVEN a turn lease THEN the current and the parked terminals are stored
+/// together by the lease holder only, and an empty list removes them.
+pub async fn parked_terminals_are_stored_by_the_lease_holder<S: UserStore>(store: S) {
+    ready_user(&store, "pat", "dm-p", T0).await;
+    acquired(
+        &store,
+        "pat",
+        "turn-1",
+        LeasePurpose::Turn,
+        T0 + MINUTE,
+        T0 + 1,
+    )
+    .await;
+    let parked = vec!["tm-a".to_owned(), "tm-b".to_owned()];
+    conflict_current(
+        store
+            .set_terminals("pat", "turn-x", Some("tm-c"), &parked, T0 + 2)
+            .await,
+    );
+    let rec = store
+        .set_terminals("pat", "turn-1", Some("tm-c"), &parked, T0 + 2)
+        .await
+        .expect("terminals");
+    assert_eq!(rec.terminal_id.as_deref(), Some("tm-c"));
+    assert_eq!(rec.parked_terminals, parked);
+    let got = store.get("pat").await.expect("get").expect("item");
+    assert_eq!(got.parked_terminals, parked);
+    let rec = store
+        .set_terminals("pat", "turn-1", Some("tm-a"), &[], T0 + 3)
+        .await
+        .expect("terminals");
+    assert_eq!(rec.terminal_id.as_deref(), Some("tm-a"));
+    assert!(rec.parked_terminals.is_empty());
+    assert!(matches!(
+        store
+            .set_terminals("pat", "turn-1", Some("tm-a"), &[String::new()], T0 + 4)
+            .await,
+        Err(StoreError::InvalidArgument(_))
+    ));
 }
 
 /// GIVEN an awake machine that turned out to be gone WHEN marked lost THEN

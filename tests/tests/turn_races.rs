@@ -163,6 +163,73 @@ async fn a_cancelled_turn_stops_renewing_its_lease() {
 }
 
 // ---------------------------------------------------------------------------
+// 6. Terminals do not pile up
+// ---------------------------------------------------------------------------
+
+/// The machine's terminals with a live shell.
+async fn ready_terminals(s: &Stack, machine_id: &str) -> Vec<String> {
+    let page = s
+        .emu
+        .client()
+        .list_terminals(machine_id, None, Some(100))
+        .await
+        .expect("list terminals");
+    assert!(page.next_cursor.is_none(), "more than 100 terminals");
+    page.items
+        .into_iter()
+        .filter(|t| t.status == agenthome::dedalus::TerminalStatus::Ready)
+        .map(|t| t.terminal_id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminals_left_busy_by_earlier_turns_do_not_pile_up() {
+    // GIVEN turns whose command outlives its 1 s timeout, one after another
+    // (each finds the shell busy and needs another terminal)
+    let s = Stack::start_with(StackOptions {
+        settings: TurnSettings {
+            command_timeout: Duration::from_secs(1),
+            ..TurnSettings::default()
+        },
+        ..StackOptions::default()
+    })
+    .await;
+    let machine_id = s.ready_user("alice").await;
+    for i in 0..5 {
+        let r = s.turn("alice", &format!("sleep 3; echo {i}")).await;
+        assert_eq!(done(&r)["steps"][0]["still_running"], true, "turn {i}");
+    }
+    // WHEN those commands have ended and the next turns run
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for _ in 0..2 {
+        let r = s.turn("alice", "echo later").await;
+        assert_eq!(done(&r)["steps"][0]["output"], "later\n");
+    }
+    // THEN the machine keeps only the terminal in use and one spare
+    let ready = ready_terminals(&s, &machine_id).await;
+    assert!(ready.len() <= 2, "terminals piled up: {ready:?}");
+    let item = s.item("alice").await;
+    let current = item.terminal_id.clone().expect("a terminal is stored");
+    assert!(ready.contains(&current), "{ready:?} {item:?}");
+    assert!(item.parked_terminals.len() <= 1, "{item:?}");
+    for t in &item.parked_terminals {
+        assert!(ready.contains(t), "a parked terminal is live: {t}");
+    }
+    // AND a terminal closed behind our back is deleted, not kept
+    s.emu
+        .client()
+        .delete_terminal(&machine_id, &current, None)
+        .await
+        .expect("close the current terminal");
+    let r = s.turn("alice", "echo after-close").await;
+    assert_eq!(done(&r)["steps"][0]["output"], "after-close\n");
+    let item = s.item("alice").await;
+    assert_ne!(item.terminal_id.as_deref(), Some(current.as_str()));
+    assert!(!item.parked_terminals.contains(&current), "{item:?}");
+    assert!(ready_terminals(&s, &machine_id).await.len() <= 2);
+}
+
+// ---------------------------------------------------------------------------
 // 7. A long command arrives whole, whatever the shell was doing
 // ---------------------------------------------------------------------------
 

@@ -129,6 +129,7 @@ async fn simulate(users: &[User], cfg: &Config) -> Vec<(f64, f64, u64)> {
             last_active_at: T0 - 86_400_000,
             lease: None,
             terminal_id: None,
+            parked_terminals: Vec::new(),
             awake_since: None,
             awake_ms_total: 0,
             sleep_eligible_at: None,

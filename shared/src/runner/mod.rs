@@ -19,6 +19,7 @@
 
 mod executions;
 mod output;
+mod pool;
 pub mod script;
 mod sentinel;
 mod terminal;

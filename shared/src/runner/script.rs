@@ -191,11 +191,14 @@ pub fn read_marker_script(marker: &str) -> String {
     )
 }
 
-/// A script printing `busy` when terminal `terminal_id` runs a command.
-pub fn busy_check_script(terminal_id: &str) -> String {
+/// A script printing `<id> busy` or `<id> idle` for each terminal of
+/// `terminal_ids`, one per line (busy: its shell runs a command).
+pub fn busy_list_script(terminal_ids: &[String]) -> String {
+    let ids: Vec<String> = terminal_ids.iter().map(|t| shell_quote(t)).collect();
     format!(
-        "if [ -e \"$HOME/{RUN_DIR}/term-\"{}.busy ]; then echo busy; else echo idle; fi",
-        shell_quote(terminal_id)
+        "for t in {}; do if [ -e \"$HOME/{RUN_DIR}/term-$t.busy\" ]; then echo \"$t busy\"; \
+else echo \"$t idle\"; fi; done",
+        ids.join(" ")
     )
 }
 

@@ -498,6 +498,7 @@ impl<B: Backend> UserStore for B {
             last_active_at: now_ms,
             lease: Some(lease.clone()),
             terminal_id: None,
+            parked_terminals: Vec::new(),
             awake_since: None,
             awake_ms_total: 0,
             sleep_eligible_at: None,
@@ -778,6 +779,45 @@ impl<B: Backend> UserStore for B {
         .await
     }
 
+    async fn set_terminals(
+        &self,
+        user_id: &str,
+        owner: &str,
+        current: Option<&str>,
+        parked: &[String],
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let mut actions = vec![match current {
+            Some(t) => {
+                non_empty("terminal_id", t)?;
+                Action::Set(attr::TERMINAL_ID, s(t))
+            }
+            None => Action::Remove(attr::TERMINAL_ID),
+        }];
+        if parked.iter().any(String::is_empty) {
+            return Err(StoreError::InvalidArgument(
+                "parked terminal id is empty".to_owned(),
+            ));
+        }
+        actions.push(if parked.is_empty() {
+            Action::Remove(attr::PARKED_TERMINALS)
+        } else {
+            Action::Set(
+                attr::PARKED_TERMINALS,
+                AttributeValue::L(parked.iter().map(|t| s(t)).collect()),
+            )
+        });
+        apply_or_conflict(
+            self,
+            "set_terminals",
+            user_id,
+            lease_owned_by(owner),
+            actions,
+            now_ms,
+        )
+        .await
+    }
+
     async fn set_hold(
         &self,
         user_id: &str,
@@ -878,6 +918,7 @@ impl<B: Backend> UserStore for B {
                 ),
                 Action::Remove(attr::MACHINE_ID),
                 Action::Remove(attr::TERMINAL_ID),
+                Action::Remove(attr::PARKED_TERMINALS),
                 Action::Remove(attr::HOLD_UNTIL),
                 Action::Remove(attr::HOLD_MARKER),
                 Action::Remove(attr::HOLDS),

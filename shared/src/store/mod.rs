@@ -373,6 +373,17 @@ pub trait UserStore: Send + Sync {
         now_ms: u64,
     ) -> impl Future<Output = Result<UserRecord>> + Send;
 
+    /// The lease holder stores the terminal to reuse and the other terminals
+    /// it keeps (busy with a command left running, or one idle spare).
+    fn set_terminals(
+        &self,
+        user_id: &str,
+        owner: &str,
+        current: Option<&str>,
+        parked: &[String],
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
     /// The lease holder keeps the machine awake for a command left running:
     /// `hold` joins the set of holds (replacing one with the same marker;
     /// expired ones are dropped). Every other hold stays: each command left

@@ -156,6 +156,9 @@ pub struct UserRecord {
     pub lease: Option<Lease>,
     /// Terminal to reuse on the next turn.
     pub terminal_id: Option<String>,
+    /// Other terminals kept: busy with a command left running, or the one
+    /// idle spare.
+    pub parked_terminals: Vec<String>,
     /// Epoch ms the machine was last seen waking (present while awake).
     pub awake_since: Option<u64>,
     /// Accumulated awake time, ms.
@@ -239,6 +242,8 @@ struct Wire {
     lease_until: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     terminal_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    parked_terminals: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     awake_since: Option<u64>,
     #[serde(default)]
@@ -283,6 +288,7 @@ impl From<UserRecord> for Wire {
             lease_kind,
             lease_until,
             terminal_id: r.terminal_id,
+            parked_terminals: r.parked_terminals,
             awake_since: r.awake_since,
             awake_ms_total: r.awake_ms_total,
             sleep_eligible_at: r.sleep_eligible_at,
@@ -345,6 +351,7 @@ impl TryFrom<Wire> for UserRecord {
             last_active_at: w.last_active_at,
             lease,
             terminal_id: w.terminal_id,
+            parked_terminals: w.parked_terminals,
             awake_since: w.awake_since,
             awake_ms_total: w.awake_ms_total,
             sleep_eligible_at: w.sleep_eligible_at,
@@ -374,6 +381,7 @@ mod tests {
             last_active_at: 1_700_000_000_000,
             lease: Some(Lease::new("turn-1", LeaseKind::Turn, 1_700_000_060_000)),
             terminal_id: Some("t-1".into()),
+            parked_terminals: vec!["t-0".into()],
             awake_since: Some(1_699_999_000_000),
             awake_ms_total: 42,
             sleep_eligible_at: None,

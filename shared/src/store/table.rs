@@ -56,6 +56,10 @@ pub mod attr {
     pub const AWAKE_MS_TOTAL: &str = "awake_ms_total";
     /// When a refused sleep may be retried, epoch ms.
     pub const SLEEP_ELIGIBLE_AT: &str = "sleep_eligible_at";
+    /// Terminals of the machine other than the current one that agenthome
+    /// keeps: ones still running a command left running, and at most one
+    /// idle spare (a list of terminal ids).
+    pub const PARKED_TERMINALS: &str = "parked_terminals";
     /// Hold expiry, epoch ms.
     pub const HOLD_UNTIL: &str = "hold_until";
     /// Completion marker path of the held command (an item written before

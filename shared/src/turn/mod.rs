@@ -22,7 +22,8 @@ use crate::clock::now_ms;
 use crate::dedalus::{self, ExecutionRequest, Phase};
 use crate::provision::{BootstrapOutcome, Ensure, ProvisionError, Provisioner, WorkerTrigger};
 use crate::runner::{
-    read_completion, CommandOutcome, ExecutionsRunner, RunnerError, TerminalRunner, Transport,
+    read_completion, CommandOutcome, ExecutionsRunner, RunnerError, RunnerOptions, TerminalRunner,
+    Transport,
 };
 use crate::store::{
     AcquireOutcome, Hold, LeaseKind, LeasePurpose, MachineState, StoreError, UserRecord, UserStore,
@@ -474,7 +475,14 @@ where
                 match self.settings.transport {
                     Transport::Executions => None,
                     Transport::Terminal => Some(
-                        TerminalRunner::open(&dedalus, &machine_id, rec.terminal_id.clone()).await,
+                        TerminalRunner::open_pool(
+                            &dedalus,
+                            &machine_id,
+                            rec.terminal_id.clone(),
+                            rec.parked_terminals.clone(),
+                            RunnerOptions::default(),
+                        )
+                        .await,
                     ),
                 }
             })
@@ -516,10 +524,9 @@ where
             Some(Err(e)) => return Err(e.into()),
         };
         let outcome = match terminal {
-            Some((mut runner, terminal_id)) => {
-                if rec.terminal_id.as_deref() != Some(terminal_id.as_str()) {
-                    self.store_terminal(user_id, owner, &terminal_id).await;
-                }
+            Some(mut runner) => {
+                let stored = (rec.terminal_id.clone(), rec.parked_terminals.clone());
+                let stored = self.store_terminals(user_id, owner, &runner, stored).await;
                 let mut leased = Leased {
                     inner: &mut runner,
                     lease,
@@ -528,10 +535,7 @@ where
                     .agent
                     .run_observed(input, &mut leased, limits, obs)
                     .await;
-                if runner.terminal_id() != terminal_id {
-                    self.store_terminal(user_id, owner, runner.terminal_id())
-                        .await;
-                }
+                self.store_terminals(user_id, owner, &runner, stored).await;
                 outcome
             }
             None => {
@@ -640,16 +644,35 @@ where
         }
     }
 
-    /// Store the terminal to reuse next time. A failure (the lease was
-    /// lost meanwhile) costs only the reuse: the turn and its result go on.
-    async fn store_terminal(&self, user_id: &str, owner: &str, terminal_id: &str) {
-        if let Err(e) = self
+    /// Store the terminal to reuse next time and the parked ones, if they
+    /// differ from `stored`; returns what is stored now. A failure (the
+    /// lease was lost meanwhile) costs only the reuse: the turn and its
+    /// result go on.
+    async fn store_terminals(
+        &self,
+        user_id: &str,
+        owner: &str,
+        runner: &TerminalRunner,
+        stored: (Option<String>, Vec<String>),
+    ) -> (Option<String>, Vec<String>) {
+        let now = (
+            Some(runner.terminal_id().to_owned()),
+            runner.parked().to_vec(),
+        );
+        if now == stored {
+            return stored;
+        }
+        match self
             .provisioner
             .store()
-            .set_terminal(user_id, owner, Some(terminal_id), now_ms())
+            .set_terminals(user_id, owner, now.0.as_deref(), &now.1, now_ms())
             .await
         {
-            tracing::warn!(user_id, terminal_id, error = %e, "could not store the terminal for reuse");
+            Ok(_) => now,
+            Err(e) => {
+                tracing::warn!(user_id, terminal_id = runner.terminal_id(), error = %e, "could not store the terminals for reuse");
+                stored
+            }
         }
     }
 
