@@ -5,7 +5,11 @@
 //! - [`TerminalRunner`] (default): one persistent bash on a terminal
 //!   WebSocket. Each command is one line that `eval`s it in that shell (so
 //!   `cd` and `export` persist) and prints start and end markers carrying
-//!   the exit code — completion never depends on prompt regexes.
+//!   the exit code and a per-command secret nonce — completion never
+//!   depends on prompt regexes, and a machine process cannot forge it. A
+//!   long command is written to a file first (an execution), so the typed
+//!   line stays short. The terminals a user's turns keep are bounded
+//!   (`pool`: closed ones deleted, busy ones parked, one idle spare).
 //! - [`ExecutionsRunner`] (`AGENT_TRANSPORT=executions`): one execution per
 //!   command, with cwd and exported variables carried between commands in
 //!   files under `~/.agenthome/shell/`.

@@ -9,7 +9,10 @@
 //!   their last MiB when the command ends; files older than 7 days are
 //!   pruned when a shell is set up);
 //! - `run/term-<terminal id>.busy` — present while a terminal's shell runs a
-//!   command (so a later turn does not type into a busy shell);
+//!   command (so a later turn does not type into a busy shell); it holds the
+//!   command id, never the nonce of its markers;
+//! - `run/<id>.cmd` — a long command, delivered before its (short) line is
+//!   typed, removed as the line reads it;
 //! - `shell/cwd`, `shell/env` — the working directory and exported
 //!   variables after the last command (`export -p`), restored by new shells.
 

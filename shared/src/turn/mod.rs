@@ -1,5 +1,6 @@
 //! One chat turn (DESIGN §5 "Chat turn", invariants 2–4): load the user's
-//! item → take the turn lease (renewed while the turn runs, always released)
+//! item → take the turn lease (renewed while the turn runs, checked before
+//! every command — a turn that lost it stops — always released; see `lease`)
 //! → wake the machine and wait for `running` → re-check the toolchain after
 //! a wake → reuse or open the shell → run the agent → remember the turn in
 //! `~/.agenthome/turns.jsonl` → record activity and holds → reply.
@@ -89,7 +90,7 @@ pub struct TurnResult {
     pub reply: String,
     /// The user's machine.
     pub machine_id: String,
-    /// `completed`, `deadline` or `step_limit`.
+    /// `completed`, `deadline`, `step_limit` or `lease_lost`.
     pub status: AgentStatus,
     /// Every command run, with truncated output.
     pub steps: Vec<CommandOutcome>,
