@@ -21,7 +21,8 @@ use crate::runner::{CommandOutcome, CommandRunner, Observer, RunnerError, Transp
 use crate::store::{MachineState, StoreError, UserStore};
 
 /// Safety margin: the lease counts as lost this long before its last
-/// confirmed expiry (clock skew, the time a command takes to start).
+/// confirmed expiry (clock skew, the time a command takes to start) — or a
+/// quarter of the lease if that is shorter (renewals come every third).
 const EXPIRY_MARGIN_MS: u64 = 1000;
 
 /// Aborts a spawned task when dropped.
@@ -56,6 +57,7 @@ pub struct TurnLease<S> {
     user_id: String,
     owner: String,
     shared: Arc<Shared>,
+    margin_ms: u64,
     _renewer: AbortOnDrop,
 }
 
@@ -82,6 +84,7 @@ where
             user_id: user_id.to_owned(),
             owner: owner.to_owned(),
             shared,
+            margin_ms: EXPIRY_MARGIN_MS.min(millis(ttl) / 4),
             _renewer: AbortOnDrop(renewer),
         }
     }
@@ -101,7 +104,7 @@ where
             return Err(LeaseLost::Taken);
         }
         let until = self.shared.confirmed_until.load(Ordering::SeqCst);
-        if now_ms().saturating_add(EXPIRY_MARGIN_MS) >= until {
+        if now_ms().saturating_add(self.margin_ms) >= until {
             self.shared.lost.store(true, Ordering::SeqCst);
             return Err(LeaseLost::Expired);
         }
@@ -188,7 +191,7 @@ async fn renew<S: UserStore>(
     ttl: Duration,
     shared: Arc<Shared>,
 ) {
-    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    let ttl_ms = millis(ttl);
     loop {
         tokio::time::sleep(ttl / 3).await;
         let now = now_ms();
@@ -205,6 +208,10 @@ async fn renew<S: UserStore>(
             }
         }
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
