@@ -80,26 +80,17 @@ impl TerminalRunner {
         Ok(runner)
     }
 
-    /// The state of each of `known`, in order: one status read each and one
-    /// execution for the busy flags of the ready ones.
+    /// The state of each of `known`, in order: one status read each (all
+    /// at once) and one execution for the busy flags of the ready ones.
     async fn survey(&self, known: &[String]) -> Vec<(String, Seen)> {
         let client = self.client().with_deadline(self.setup_deadline());
-        let mut seen = Vec::with_capacity(known.len());
-        for tid in known {
-            let state = match client.get_terminal(self.machine_id(), tid).await {
-                Ok(t) => match t.status {
-                    TerminalStatus::Ready => Seen::Idle,
-                    TerminalStatus::WakeInProgress | TerminalStatus::Unknown(_) => Seen::Unknown,
-                    _ => Seen::Dead,
-                },
-                Err(e) if e.is_not_found() => Seen::Gone,
-                Err(e) => {
-                    tracing::debug!(terminal_id = %tid, error = %e, "terminal status unknown");
-                    Seen::Unknown
-                }
-            };
-            seen.push((tid.clone(), state));
-        }
+        let states = futures_util::future::join_all(
+            known
+                .iter()
+                .map(|tid| terminal_state(&client, self.machine_id(), tid)),
+        )
+        .await;
+        let mut seen: Vec<(String, Seen)> = known.iter().cloned().zip(states).collect();
         let ready: Vec<String> = seen
             .iter()
             .filter(|(_, s)| *s == Seen::Idle)
@@ -151,6 +142,22 @@ impl TerminalRunner {
                     tracing::warn!(terminal_id = %tid, error = %e, "could not delete a terminal")
                 }
             }
+        }
+    }
+}
+
+/// One terminal's state from its status read.
+async fn terminal_state(client: &Client, machine_id: &str, tid: &str) -> Seen {
+    match client.get_terminal(machine_id, tid).await {
+        Ok(t) => match t.status {
+            TerminalStatus::Ready => Seen::Idle,
+            TerminalStatus::WakeInProgress | TerminalStatus::Unknown(_) => Seen::Unknown,
+            _ => Seen::Dead,
+        },
+        Err(e) if e.is_not_found() => Seen::Gone,
+        Err(e) => {
+            tracing::debug!(terminal_id = %tid, error = %e, "terminal status unknown");
+            Seen::Unknown
         }
     }
 }
