@@ -163,6 +163,51 @@ async fn a_cancelled_turn_stops_renewing_its_lease() {
 }
 
 // ---------------------------------------------------------------------------
+// 5. Every command left running holds the machine
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_running_command_keeps_its_hold_when_a_later_one_ends() {
+    // GIVEN two turns that each leave a command running (1 s timeout): the
+    // first for 8 s, the second for 2 s
+    let s = Stack::start_with(StackOptions {
+        settings: TurnSettings {
+            command_timeout: Duration::from_secs(1),
+            ..TurnSettings::default()
+        },
+        ..StackOptions::default()
+    })
+    .await;
+    let machine_id = s.ready_user("alice").await;
+    let first = s.turn("alice", "sleep 8; echo first > ~/first.txt").await;
+    let first_marker = done(&first)["steps"][0]["completion_marker"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let second = s.turn("alice", "sleep 2").await;
+    let second_marker = done(&second)["steps"][0]["completion_marker"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let markers =
+        |item: &UserRecord| -> Vec<String> { item.all_holds().map(|h| h.marker.clone()).collect() };
+    let item = s.item("alice").await;
+    assert_eq!(
+        markers(&item),
+        vec![first_marker.clone(), second_marker.clone()]
+    );
+    // WHEN the second ends and a turn runs
+    wait_for_file(&s, &machine_id, &second_marker).await;
+    let r = s.turn("alice", "echo meanwhile").await;
+    assert_eq!(done(&r)["steps"][0]["output"], "meanwhile\n");
+    // THEN only the finished command's hold is released: the first still
+    // runs and still holds the machine
+    assert!(!s.home(&machine_id).join("first.txt").exists());
+    let item = s.item("alice").await;
+    assert_eq!(markers(&item), vec![first_marker], "{item:?}");
+}
+
+// ---------------------------------------------------------------------------
 // 6. Terminals do not pile up
 // ---------------------------------------------------------------------------
 
