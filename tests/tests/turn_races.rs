@@ -139,6 +139,39 @@ async fn a_turn_that_lost_its_lease_stops_before_the_next_command() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_that_lost_its_lease_while_waking_runs_nothing() {
+    // GIVEN a machine whose status read answers slowly (the turn's wake step)
+    let s = Stack::start().await;
+    let machine_id = s.ready_user("alice").await;
+    s.emu
+        .inject_fault(json!({
+            "method": "GET", "path": format!("/v1/machines/{machine_id}"),
+            "times": 1, "delay_ms": 1500
+        }))
+        .await;
+    // WHEN another owner takes the lease while the turn waits for it
+    let turn = s.turn("alice", "echo ran > ~/ran.txt");
+    let intruder = async {
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let item = s.item("alice").await;
+            if item.lease.is_some_and(|l| l.owner.starts_with("turn-")) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < give_up, "no turn lease seen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        steal_lease(&s, "alice").await;
+    };
+    let (r, ()) = tokio::join!(turn, intruder);
+    // THEN the turn stops cleanly: a result saying so, nothing run
+    let body = done(&r);
+    assert_eq!(body["status"], "lease_lost", "{body}");
+    assert_eq!(body["steps"].as_array().unwrap().len(), 0, "{body}");
+    assert!(!s.home(&machine_id).join("ran.txt").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_turn_stops_renewing_its_lease() {
     // GIVEN a short turn lease (1.5 s, renewed every 0.5 s)
     let s = Stack::start_with(StackOptions {

@@ -648,6 +648,13 @@ fn still_running_note(o: &CommandOutcome) -> String {
     }
 }
 
+impl AgentOutcome {
+    /// A turn that lost its lease before the agent ran: nothing was run.
+    pub fn lease_lost() -> Self {
+        lease_lost_outcome(None, Vec::new(), Usage::default())
+    }
+}
+
 /// The turn stopped because it lost its lease: nothing more was run.
 fn lease_lost_outcome(
     last_text: Option<&str>,

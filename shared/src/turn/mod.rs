@@ -439,7 +439,13 @@ where
         } else {
             0
         };
-        store.mark_awake(user_id, owner, now_ms()).await?;
+        match store.mark_awake(user_id, owner, now_ms()).await {
+            Ok(_) => {}
+            Err(StoreError::Conflict { .. }) => {
+                return Ok(self.stopped(turn_id, machine_id, wake_ms, obs));
+            }
+            Err(e) => return Err(e.into()),
+        }
         if woke {
             // The root filesystem may have been reset: re-check the tools.
             let settings = self.provisioner.settings();
@@ -457,6 +463,11 @@ where
                     tracing::warn!(user_id, error = %e, "toolchain check failed; the turn continues")
                 }
             }
+        }
+
+        // Nothing is typed into the machine once the lease is lost.
+        if lease.check().await.is_err() {
+            return Ok(self.stopped(turn_id, machine_id, wake_ms, obs));
         }
 
         // Commands earlier turns left running: release the holds of those
@@ -642,6 +653,39 @@ where
             }
             Err(e) if e.is_deadline_exceeded() => Err(TurnError::WakeTimeout),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The result of a turn that lost its lease before the agent ran.
+    fn stopped(
+        &self,
+        turn_id: &str,
+        machine_id: String,
+        wake_ms: u64,
+        obs: &EventObserver<'_>,
+    ) -> TurnResult {
+        tracing::warn!(
+            machine_id,
+            "the turn lost its lease before running anything"
+        );
+        let AgentOutcome {
+            reply,
+            steps,
+            usage,
+            status,
+        } = AgentOutcome::lease_lost();
+        TurnResult {
+            turn_id: turn_id.to_string(),
+            reply,
+            machine_id,
+            status,
+            steps,
+            usage,
+            timings: Timings {
+                wake_ms,
+                total_ms: millis(obs.started().elapsed()),
+            },
+            transport: self.settings.transport,
         }
     }
 
