@@ -303,6 +303,31 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
         self.timed(Kind::Write, f, none).await
     }
 
+    async fn set_terminals(
+        &self,
+        user_id: &str,
+        owner: &str,
+        current: Option<&str>,
+        parked: &[String],
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let f = self
+            .inner
+            .set_terminals(user_id, owner, current, parked, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn release_holds(
+        &self,
+        user_id: &str,
+        owner: &str,
+        markers: &[String],
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let f = self.inner.release_holds(user_id, owner, markers, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
     async fn clear_hold(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
         let f = self.inner.clear_hold(user_id, owner, now_ms);
         self.timed(Kind::Write, f, none).await

@@ -47,6 +47,8 @@ macro_rules! user_store_contract_tests {
             query_awake_idle_pages_through_idle_awake_items_of_one_shard,
             find_by_machine_uses_the_machine_index,
             turn_bookkeeping_needs_the_lease,
+            holds_are_a_set,
+            parked_terminals_are_stored_by_the_lease_holder,
             mark_lost_forgets_the_machine,
             set_power_needs_the_generation_read,
             destroy_and_delete,
@@ -804,7 +806,8 @@ pub async fn turn_bookkeeping_needs_the_lease<S: UserStore>(store: S) {
         .set_hold("ned", "turn-1", &hold, T0 + 23)
         .await
         .expect("hold");
-    assert_eq!(held.hold, Some(hold));
+    assert_eq!(held.holds, vec![hold]);
+    assert_eq!(held.hold, None);
     let eligible = store
         .set_sleep_eligible_at("ned", "turn-1", T0 + 5 * MINUTE, T0 + 24)
         .await
@@ -815,11 +818,127 @@ pub async fn turn_bookkeeping_needs_the_lease<S: UserStore>(store: S) {
         .await
         .expect("clear");
     assert_eq!(cleared.hold, None);
+    assert!(cleared.holds.is_empty(), "{cleared:?}");
     let cleared = store
         .set_terminal("ned", "turn-1", None, T0 + 26)
         .await
         .expect("terminal");
     assert_eq!(cleared.terminal_id, None);
+}
+
+/// GIVEN a turn lease WHEN holds are set for several commands THEN each
+/// joins the set (an earlier one keeps holding), the same marker is
+/// replaced, expired ones drop out, finished ones are released one by one,
+/// and only the lease holder may change them.
+pub async fn holds_are_a_set<S: UserStore>(store: S) {
+    ready_user(&store, "hal", "dm-h", T0).await;
+    acquired(
+        &store,
+        "hal",
+        "turn-1",
+        LeasePurpose::Turn,
+        T0 + 60 * MINUTE,
+        T0 + 1,
+    )
+    .await;
+    let hold = |marker: &str, until: u64| Hold {
+        until,
+        marker: marker.to_owned(),
+    };
+    let a = hold(".agenthome/run/a.done", T0 + 30 * MINUTE);
+    let b = hold(".agenthome/run/b.done", T0 + 40 * MINUTE);
+    let short = hold(".agenthome/run/s.done", T0 + 2);
+    store
+        .set_hold("hal", "turn-1", &a, T0 + 2)
+        .await
+        .expect("a");
+    store
+        .set_hold("hal", "turn-1", &short, T0 + 2)
+        .await
+        .expect("short");
+    let rec = store
+        .set_hold("hal", "turn-1", &b, T0 + 3)
+        .await
+        .expect("b");
+    assert_eq!(
+        rec.holds,
+        vec![a.clone(), b.clone()],
+        "the earlier hold stays; the expired one dropped out"
+    );
+    assert_eq!(rec.all_holds().count(), 2);
+    let a2 = hold(&a.marker, T0 + 50 * MINUTE);
+    let rec = store
+        .set_hold("hal", "turn-1", &a2, T0 + 4)
+        .await
+        .expect("a again");
+    assert_eq!(
+        rec.holds,
+        vec![b.clone(), a2.clone()],
+        "same marker replaced"
+    );
+    conflict_current(
+        store
+            .release_holds("hal", "turn-x", std::slice::from_ref(&b.marker), T0 + 5)
+            .await,
+    );
+    conflict_current(store.set_hold("hal", "turn-x", &b, T0 + 5).await);
+    let rec = store
+        .release_holds("hal", "turn-1", std::slice::from_ref(&b.marker), T0 + 5)
+        .await
+        .expect("release b");
+    assert_eq!(
+        rec.holds,
+        vec![a2.clone()],
+        "only the finished one released"
+    );
+    let rec = store
+        .release_holds("hal", "turn-1", std::slice::from_ref(&a2.marker), T0 + 6)
+        .await
+        .expect("release a");
+    assert!(rec.holds.is_empty() && rec.hold.is_none(), "{rec:?}");
+    let got = store.get("hal").await.expect("get").expect("item");
+    assert_eq!(got.all_holds().count(), 0);
+}
+
+/// GIVEN a turn lease THEN the current and the parked terminals are stored
+/// together by the lease holder only, and an empty list removes them.
+pub async fn parked_terminals_are_stored_by_the_lease_holder<S: UserStore>(store: S) {
+    ready_user(&store, "pat", "dm-p", T0).await;
+    acquired(
+        &store,
+        "pat",
+        "turn-1",
+        LeasePurpose::Turn,
+        T0 + MINUTE,
+        T0 + 1,
+    )
+    .await;
+    let parked = vec!["tm-a".to_owned(), "tm-b".to_owned()];
+    conflict_current(
+        store
+            .set_terminals("pat", "turn-x", Some("tm-c"), &parked, T0 + 2)
+            .await,
+    );
+    let rec = store
+        .set_terminals("pat", "turn-1", Some("tm-c"), &parked, T0 + 2)
+        .await
+        .expect("terminals");
+    assert_eq!(rec.terminal_id.as_deref(), Some("tm-c"));
+    assert_eq!(rec.parked_terminals, parked);
+    let got = store.get("pat").await.expect("get").expect("item");
+    assert_eq!(got.parked_terminals, parked);
+    let rec = store
+        .set_terminals("pat", "turn-1", Some("tm-a"), &[], T0 + 3)
+        .await
+        .expect("terminals");
+    assert_eq!(rec.terminal_id.as_deref(), Some("tm-a"));
+    assert!(rec.parked_terminals.is_empty());
+    assert!(matches!(
+        store
+            .set_terminals("pat", "turn-1", Some("tm-a"), &[String::new()], T0 + 4)
+            .await,
+        Err(StoreError::InvalidArgument(_))
+    ));
 }
 
 /// GIVEN an awake machine that turned out to be gone WHEN marked lost THEN

@@ -474,11 +474,14 @@ async fn a_running_command_holds_the_machine_until_its_marker_exists_or_the_hold
     assert_eq!(phase(&client, &held).await, Phase::Running);
     let rec = item(&*store, "held").await;
     assert_consistent_awake(&rec);
-    assert!(rec.hold.is_some(), "hold kept while the command runs");
+    assert!(
+        rec.all_holds().next().is_some(),
+        "hold kept while the command runs"
+    );
     assert!(is_asleep(&phase(&client, &expired).await));
     let exp = item(&*store, "expired").await;
     assert_asleep(&exp);
-    assert!(exp.hold.is_none(), "expired hold cleared");
+    assert!(exp.all_holds().next().is_none(), "expired hold cleared");
     let sleeps = sleep_requests(&emu).await;
     assert!(
         sleeps
@@ -495,7 +498,7 @@ async fn a_running_command_holds_the_machine_until_its_marker_exists_or_the_hold
     assert_eq!((r2.slept, r2.held_by_running_command), (1, 0), "{r2:?}");
     let rec = item(&*store, "held").await;
     assert_asleep(&rec);
-    assert!(rec.hold.is_none(), "hold cleared: {rec:?}");
+    assert!(rec.all_holds().next().is_none(), "hold cleared: {rec:?}");
     assert!(is_asleep(&phase(&client, &held).await));
 
     // Invariant 5: the marker checks never woke a machine.
@@ -506,6 +509,62 @@ async fn a_running_command_holds_the_machine_until_its_marker_exists_or_the_hold
         .filter(|r| r["path"].as_str().is_some_and(|p| p.ends_with("/wake")))
         .count();
     assert_eq!(wakes, 0);
+}
+
+/// GIVEN two turns that each left a command running — the first still
+/// running, the second finished (its marker exists) — WHEN the sweep runs
+/// THEN the machine stays awake: every hold counts, not only the last one
+/// set; WHEN the first finishes too THEN the machine sleeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_command_still_running_keeps_holding_after_a_later_one_finished() {
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let store = dynamo().await;
+    let t = now_ms() - 10 * MINUTE;
+    let machine = ready_user(&*store, &client, "two", t, "never").await;
+    let (first, second) = (".agenthome/run/first.done", ".agenthome/run/second.done");
+    for (i, marker) in [first, second].into_iter().enumerate() {
+        let owner = format!("turn-{i}");
+        let at = t + i as u64;
+        store
+            .acquire_lease("two", &owner, LeasePurpose::Turn, at + MINUTE, at)
+            .await
+            .expect("lease");
+        let hold = Hold {
+            until: now_ms() + 30 * MINUTE,
+            marker: marker.to_owned(),
+        };
+        store
+            .set_hold("two", &owner, &hold, at)
+            .await
+            .expect("hold");
+        store
+            .release_lease("two", &owner, at)
+            .await
+            .expect("release");
+    }
+    let finish = |marker: &str| {
+        let path = emu.machine_home(&machine).join(marker);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, "0\n").expect("marker");
+    };
+    finish(second);
+    let sweeper = Sweeper::new(Arc::clone(&store), &client, settings());
+
+    let r1 = sweeper.run(now_ms(), deadline()).await;
+    assert_eq!(
+        (r1.slept, r1.held_by_running_command),
+        (0, 1),
+        "the first command still runs: {r1:?}"
+    );
+    assert_eq!(phase(&client, &machine).await, Phase::Running);
+
+    finish(first);
+    let r2 = sweeper.run(now_ms(), deadline()).await;
+    assert_eq!((r2.slept, r2.held_by_running_command), (1, 0), "{r2:?}");
+    let rec = item(&*store, "two").await;
+    assert_asleep(&rec);
+    assert_eq!(rec.all_holds().count(), 0, "{rec:?}");
 }
 
 // ---------------------------------------------------------------------------

@@ -441,7 +441,8 @@ async fn a_command_outliving_the_deadline_keeps_running_and_holds_the_machine() 
     // AND the item holds the machine awake until the command's marker exists
     let item = s.item("alice").await;
     assert_lease_released(&item);
-    let hold = item.hold.clone().expect("a hold for the running command");
+    assert_eq!(item.holds.len(), 1, "one hold: {:?}", item.holds);
+    let hold = item.holds[0].clone();
     assert!(hold.until > now_ms());
     assert!(!hold.marker.starts_with('/'), "{hold:?}");
     let marker = s.home(&machine_id).join(&hold.marker);
@@ -453,8 +454,8 @@ async fn a_command_outliving_the_deadline_keeps_running_and_holds_the_machine() 
     assert_eq!(output(done(&r)), "meanwhile\n");
     let item = s.item("alice").await;
     assert_eq!(
-        item.hold.as_ref(),
-        Some(&hold),
+        item.holds,
+        vec![hold.clone()],
         "the hold stays while the command runs"
     );
     assert!(!s.home(&machine_id).join("late.txt").exists());
@@ -477,9 +478,9 @@ async fn a_command_outliving_the_deadline_keeps_running_and_holds_the_machine() 
     assert_eq!(output(body), "finished\n");
     let item = s.item("alice").await;
     assert!(
-        item.hold.is_none(),
+        item.all_holds().next().is_none(),
         "hold cleared once the marker exists: {:?}",
-        item.hold
+        item.holds
     );
     assert_lease_released(&item);
 }

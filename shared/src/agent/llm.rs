@@ -24,6 +24,8 @@ pub const RUN_COMMAND: &str = "run_command";
 
 /// Longest server-provided retry wait honoured.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(20);
+/// The longest `retry-after` believed (a larger or absurd value is cut to it).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// Longest error-body excerpt kept in an error message.
 const MAX_ERROR_EXCERPT: usize = 300;
 
@@ -584,16 +586,29 @@ fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
     {
-        if ms.is_finite() && ms >= 0.0 {
-            return Some(Duration::from_millis(ms as u64));
+        if let Some(d) = seconds(ms / 1000.0) {
+            return Some(d);
         }
     }
     headers
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+        .and_then(seconds)
+}
+
+/// A server-given number of seconds as a duration, cut to
+/// [`MAX_RETRY_AFTER`]; `None` for a negative or non-finite value. Never
+/// panics, whatever the network sent.
+fn seconds(s: f64) -> Option<Duration> {
+    if !s.is_finite() || s < 0.0 {
+        return None;
+    }
+    Some(
+        Duration::try_from_secs_f64(s)
+            .unwrap_or(MAX_RETRY_AFTER)
+            .min(MAX_RETRY_AFTER),
+    )
 }
 
 #[cfg(test)]
@@ -737,5 +752,21 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
         h.insert("retry-after-ms", HeaderValue::from_static("150"));
         assert_eq!(retry_after(&h), Some(Duration::from_millis(150)));
+    }
+
+    #[test]
+    fn absurd_retry_after_values_never_panic() {
+        for value in ["1e30", "1e300", "18446744073709551616", "1e19"] {
+            let mut h = http::HeaderMap::new();
+            h.insert(RETRY_AFTER, HeaderValue::from_str(value).expect("header"));
+            let got = retry_after(&h);
+            assert!(
+                got.is_some_and(|d| d <= MAX_RETRY_AFTER),
+                "{value}: {got:?}"
+            );
+        }
+        let mut h = http::HeaderMap::new();
+        h.insert("retry-after-ms", HeaderValue::from_static("1e300"));
+        assert!(retry_after(&h).is_some_and(|d| d <= MAX_RETRY_AFTER));
     }
 }

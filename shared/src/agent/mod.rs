@@ -100,6 +100,9 @@ pub enum AgentStatus {
     Deadline,
     /// The model wanted more commands than the step limit allows.
     StepLimit,
+    /// The turn lost its lease on the machine (another turn or the sleep
+    /// sweep took over): it stopped before the next command.
+    LeaseLost,
 }
 
 /// Model usage of one turn.
@@ -289,12 +292,18 @@ impl Agent {
         }
         let timeout = limits.command_timeout.min(remaining);
         let capped = limits.command_timeout > remaining;
-        let outcome = run_step(runner, &input.message, timeout, 0, observer)
-            .await
-            .map_err(|source| AgentError::Runner {
-                source,
-                partial: Box::default(),
-            })?;
+        let outcome = match run_step(runner, &input.message, timeout, 0, observer).await {
+            Ok(o) => o,
+            Err(RunnerError::LeaseLost) => {
+                return Ok(lease_lost_outcome(None, Vec::new(), Usage::default()))
+            }
+            Err(source) => {
+                return Err(AgentError::Runner {
+                    source,
+                    partial: Box::default(),
+                })
+            }
+        };
         let mut reply = if outcome.output.is_empty() {
             "(no output)".to_owned()
         } else {
@@ -493,6 +502,9 @@ impl Agent {
                 let outcome =
                     match run_step(runner, &args.command, timeout, steps.len(), observer).await {
                         Ok(o) => o,
+                        Err(RunnerError::LeaseLost) => {
+                            return Ok(lease_lost_outcome(last_text.as_deref(), steps, usage))
+                        }
                         Err(source) => {
                             return Err(AgentError::Runner {
                                 source,
@@ -563,6 +575,7 @@ async fn run_step(
     index: usize,
     observer: &dyn Observer,
 ) -> Result<CommandOutcome, RunnerError> {
+    runner.permit().await?;
     observer.step_started(index, command);
     let outcome = run_step_inner(runner, command, timeout, observer).await?;
     observer.step_finished(index, &outcome);
@@ -632,6 +645,37 @@ fn still_running_note(o: &CommandOutcome) -> String {
             "The command `{}` is still running on the machine.",
             truncate_str(&o.command, 200)
         ),
+    }
+}
+
+impl AgentOutcome {
+    /// A turn that lost its lease before the agent ran: nothing was run.
+    pub fn lease_lost() -> Self {
+        lease_lost_outcome(None, Vec::new(), Usage::default())
+    }
+}
+
+/// The turn stopped because it lost its lease: nothing more was run.
+fn lease_lost_outcome(
+    last_text: Option<&str>,
+    steps: Vec<CommandOutcome>,
+    usage: Usage,
+) -> AgentOutcome {
+    let mut reply = String::new();
+    if let Some(t) = last_text {
+        reply.push_str(t);
+        reply.push_str("\n\n");
+    }
+    reply.push_str(&format!(
+        "This turn stopped after {} command(s): it lost its hold on the machine (another \
+         turn or the sleep sweep took over), so nothing more was run. Ask me to continue.",
+        steps.len()
+    ));
+    AgentOutcome {
+        reply,
+        steps,
+        usage,
+        status: AgentStatus::LeaseLost,
     }
 }
 

@@ -5,7 +5,11 @@
 //! - [`TerminalRunner`] (default): one persistent bash on a terminal
 //!   WebSocket. Each command is one line that `eval`s it in that shell (so
 //!   `cd` and `export` persist) and prints start and end markers carrying
-//!   the exit code — completion never depends on prompt regexes.
+//!   the exit code and a per-command secret nonce — completion never
+//!   depends on prompt regexes, and a machine process cannot forge it. A
+//!   long command is written to a file first (an execution), so the typed
+//!   line stays short. The terminals a user's turns keep are bounded
+//!   (`pool`: closed ones deleted, busy ones parked, one idle spare).
 //! - [`ExecutionsRunner`] (`AGENT_TRANSPORT=executions`): one execution per
 //!   command, with cwd and exported variables carried between commands in
 //!   files under `~/.agenthome/shell/`.
@@ -19,6 +23,7 @@
 
 mod executions;
 mod output;
+mod pool;
 pub mod script;
 mod sentinel;
 mod terminal;
@@ -118,6 +123,10 @@ pub enum RunnerError {
     /// Something the runner could not make sense of.
     #[error("runner protocol error: {0}")]
     Protocol(String),
+    /// The turn no longer holds the machine (its lease was lost): no
+    /// command may be sent.
+    #[error("the turn lost its lease on the machine; nothing more is run")]
+    LeaseLost,
 }
 
 /// Tunables shared by both backends.
@@ -190,6 +199,13 @@ pub trait CommandRunner: Send {
             observer.output(outcome.output.as_bytes());
             Ok(outcome)
         }
+    }
+
+    /// Whether a command may be sent now; called before each step. The
+    /// default always allows it; a turn's wrapper checks its lease
+    /// ([`RunnerError::LeaseLost`]).
+    fn permit(&mut self) -> impl Future<Output = Result<(), RunnerError>> + Send {
+        async { Ok(()) }
     }
 
     /// Which backend this is.

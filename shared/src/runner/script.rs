@@ -9,7 +9,10 @@
 //!   their last MiB when the command ends; files older than 7 days are
 //!   pruned when a shell is set up);
 //! - `run/term-<terminal id>.busy` — present while a terminal's shell runs a
-//!   command (so a later turn does not type into a busy shell);
+//!   command (so a later turn does not type into a busy shell); it holds the
+//!   command id, never the nonce of its markers;
+//! - `run/<id>.cmd` — a long command, delivered before its (short) line is
+//!   typed, removed as the line reads it;
 //! - `shell/cwd`, `shell/env` — the working directory and exported
 //!   variables after the last command (`export -p`), restored by new shells.
 
@@ -28,10 +31,32 @@ pub fn log_path(id: &str) -> String {
     format!("{RUN_DIR}/{id}.log")
 }
 
+/// The file a long command is delivered in before its line is typed,
+/// relative to home (removed as the line reads it).
+pub fn command_file(id: &str) -> String {
+    format!("{RUN_DIR}/{id}.cmd")
+}
+
 /// A fresh command id (32 hex digits, time-ordered).
 pub fn new_command_id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
 }
+
+/// A fresh secret for one command's markers (32 random hex digits). It is
+/// never written to a file on the machine: the shell prints it only in the
+/// markers, the end marker once the command has ended, so no process on the
+/// machine can learn it before then (the command id, in the busy file and
+/// the marker paths, is not enough to forge an end marker).
+pub fn new_nonce() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Typed lines longer than this are not typed whole: the command goes to a
+/// file first ([`write_command_script`]) and a short line runs it
+/// ([`terminal_line_from_file`]). Bash reads a line typed while it is still
+/// busy in canonical mode, where the kernel keeps at most 4095 bytes of an
+/// unfinished line; this stays well below.
+pub const MAX_TYPED_LINE: usize = 2048;
 
 /// `s` as a single-quoted shell word.
 pub fn shell_quote(s: &str) -> String {
@@ -94,27 +119,47 @@ printf '\\n%s_%s\\n' __AH_START {id}; printf '\\n%s_%s:%d\\n' __AH_END {id} 0\n"
 ///
 /// It starts with a space (`HISTCONTROL=ignorespace` keeps it out of the
 /// history), decodes the command from base64 (no quoting issues), marks the
-/// terminal busy, prints the start marker (straight to the terminal, so it
-/// is seen even if the command makes the shell exit), then runs it with
-/// `eval` inside a brace group — in the
+/// terminal busy (the busy file holds the command id), prints the start
+/// marker (straight to the terminal, so it is seen even if the command makes
+/// the shell exit), then runs it with `eval` inside a brace group — in the
 /// shell itself, so `cd` and `export` persist — with stdin from /dev/null
 /// and stdout+stderr through `tee` into the command's log. The group ends
 /// by writing the completion marker and printing the end marker *through
 /// the same pipe*, so the marker can never overtake the command's output.
-/// Then the command (not this line) is added to the history and appended
-/// to `~/.bash_history`, and cwd/env are saved for new shells.
-pub fn terminal_line(id: &str, terminal_id: &str, command: &str) -> String {
+/// Both markers carry `nonce` (see [`new_nonce`]), not the id. Then the
+/// command (not this line) is added to the history and appended to
+/// `~/.bash_history`, and cwd/env are saved for new shells.
+pub fn terminal_line(id: &str, nonce: &str, terminal_id: &str, command: &str) -> String {
+    let load = format!("printf %s {} | base64 -d", shell_quote(&b64(command)));
+    line(id, nonce, terminal_id, &load)
+}
+
+/// [`terminal_line`] for a command delivered in [`command_file`] (by
+/// [`write_command_script`]): the line stays short whatever the command's
+/// size, and removes the file once read.
+pub fn terminal_line_from_file(id: &str, nonce: &str, terminal_id: &str) -> String {
+    let file = format!("\"$HOME/{}\"", command_file(id));
+    line(id, nonce, terminal_id, &format!("cat {file}; rm -f {file}"))
+}
+
+/// The `bash -c` script (for an execution, the command on its stdin) that
+/// writes command `id` to [`command_file`] atomically.
+pub fn write_command_script(id: &str) -> String {
+    let file = format!("\"$HOME/{}\"", command_file(id));
+    format!("mkdir -p \"$HOME/{RUN_DIR}\" && cat > {file}.tmp && mv -f {file}.tmp {file}")
+}
+
+fn line(id: &str, nonce: &str, terminal_id: &str, load: &str) -> String {
     let run = format!("\"$HOME/{RUN_DIR}\"");
     let log = format!("\"$HOME/{}\"", log_path(id));
     let busy = format!("\"$HOME/{RUN_DIR}/term-{terminal_id}.busy\"");
     let trim = trim_log(&log);
     format!(
-        " __ah_c=\"$(printf %s {b} | base64 -d)\"; mkdir -p {run}; printf %s {id} > {busy}; \
-printf '\\n%s_%s\\n' __AH_START {id}; {{ eval \"$__ah_c\" < /dev/null; __ah=$?; \
-printf '%d\\n' \"$__ah\" > {run}/{id}.done; printf '\\n%s_%s:%d\\n' __AH_END {id} \"$__ah\"; }} \
+        " __ah_c=\"$({load})\"; mkdir -p {run}; printf %s {id} > {busy}; \
+printf '\\n%s_%s\\n' __AH_START {nonce}; {{ eval \"$__ah_c\" < /dev/null; __ah=$?; \
+printf '%d\\n' \"$__ah\" > {run}/{id}.done; printf '\\n%s_%s:%d\\n' __AH_END {nonce} \"$__ah\"; }} \
 > >(tee -a {log}) 2>&1; rm -f {busy}; history -s -- \"$__ah_c\"; history -a; {SAVE}; {trim}; \
 stty -echo -onlcr 2>/dev/null; unset __ah_c\n",
-        b = shell_quote(&b64(command)),
     )
 }
 
@@ -149,11 +194,14 @@ pub fn read_marker_script(marker: &str) -> String {
     )
 }
 
-/// A script printing `busy` when terminal `terminal_id` runs a command.
-pub fn busy_check_script(terminal_id: &str) -> String {
+/// A script printing `<id> busy` or `<id> idle` for each terminal of
+/// `terminal_ids`, one per line (busy: its shell runs a command).
+pub fn busy_list_script(terminal_ids: &[String]) -> String {
+    let ids: Vec<String> = terminal_ids.iter().map(|t| shell_quote(t)).collect();
     format!(
-        "if [ -e \"$HOME/{RUN_DIR}/term-\"{}.busy ]; then echo busy; else echo idle; fi",
-        shell_quote(terminal_id)
+        "for t in {}; do if [ -e \"$HOME/{RUN_DIR}/term-$t.busy\" ]; then echo \"$t busy\"; \
+else echo \"$t idle\"; fi; done",
+        ids.join(" ")
     )
 }
 
@@ -168,10 +216,40 @@ mod tests {
     }
 
     #[test]
+    fn markers_carry_the_nonce_and_never_the_id() {
+        let (id, nonce) = (new_command_id(), new_nonce());
+        for line in [
+            terminal_line(&id, &nonce, "tm-1", "echo hi"),
+            terminal_line_from_file(&id, &nonce, "tm-1"),
+        ] {
+            assert!(line.contains(&format!("__AH_START {nonce}")), "{line}");
+            assert!(line.contains(&format!("__AH_END {nonce}")), "{line}");
+            assert!(!line.contains(&format!("__AH_END {id}")), "{line}");
+            assert!(
+                line.contains(&format!("printf %s {id} >")),
+                "busy file: {line}"
+            );
+            assert!(!line.contains(&format!("{nonce} >")), "{line}");
+        }
+        assert!(!write_command_script(&id).contains(&nonce));
+    }
+
+    #[test]
+    fn a_long_command_line_stays_short_when_delivered_in_a_file() {
+        let big = "x".repeat(64 * 1024);
+        let id = new_command_id();
+        assert!(terminal_line(&id, "n", "tm", &big).len() > MAX_TYPED_LINE);
+        let line = terminal_line_from_file(&id, "n", "tm");
+        assert!(line.len() < MAX_TYPED_LINE, "{}", line.len());
+        assert!(line.contains(&command_file(&id)));
+    }
+
+    #[test]
     fn lines_never_contain_their_own_markers() {
         let id = new_command_id();
         for line in [
-            terminal_line(&id, "tm-1", "echo hi"),
+            terminal_line(&id, &id, "tm-1", "echo hi"),
+            terminal_line_from_file(&id, &id, "tm-1"),
             terminal_setup(&id, true),
             execution_wrapper(&id, "echo hi"),
         ] {
@@ -184,7 +262,7 @@ mod tests {
 
     #[test]
     fn command_travels_as_base64() {
-        let line = terminal_line("id", "tm", "echo 'x' \"$y\"\nls");
+        let line = terminal_line("id", "n", "tm", "echo 'x' \"$y\"\nls");
         assert!(!line.contains("echo 'x'"));
         assert!(
             line.starts_with(' '),

@@ -1,9 +1,11 @@
 //! Streaming detection of the start and end markers the runner's command
 //! line prints around a command's output.
 //!
-//! The shell prints `\n__AH_START_<id>\n`, then the command's output, then
-//! `\n__AH_END_<id>:<exit code>\n`. The markers are printed with
-//! `printf '%s_%s' __AH_END <id>`, so the command line itself (should the
+//! The shell prints `\n__AH_START_<nonce>\n`, then the command's output, then
+//! `\n__AH_END_<nonce>:<exit code>\n`. The nonce is a per-command secret
+//! that is never written to a file on the machine (unlike the command id), so
+//! a process there cannot forge the end marker. The markers are printed with
+//! `printf '%s_%s' __AH_END <nonce>`, so the command line itself (should the
 //! terminal echo it) never contains them. Markers may be split across any
 //! number of output frames; the scanner keeps only a marker-sized window of
 //! unconfirmed bytes, so memory stays bounded.
@@ -44,7 +46,7 @@ pub struct SentinelScanner {
 }
 
 impl SentinelScanner {
-    /// A scanner for the command with this id.
+    /// A scanner for the command whose markers carry `id` (its nonce).
     pub fn new(id: &str) -> Self {
         Self {
             start: format!("{START_TAG}_{id}").into_bytes(),

@@ -13,7 +13,7 @@ use super::{
 };
 use crate::dedalus::{
     self, Client, CreateTerminalRequest, ExecutionRequest, IdempotencyKey, TerminalEvent,
-    TerminalSession, TerminalStatus,
+    TerminalSession,
 };
 
 /// Columns of the terminals this runner opens.
@@ -55,6 +55,7 @@ pub struct TerminalRunner {
     session: Option<TerminalSession>,
     pending: Option<Pending>,
     closed: bool,
+    parked: Vec<String>,
     options: RunnerOptions,
 }
 
@@ -63,6 +64,7 @@ impl TerminalRunner {
     /// terminal id) if it is `ready` and not busy with a command left
     /// running, else creates a new terminal (cwd = home, 200×50) and sets up
     /// its shell. Returns the runner and the terminal id to store.
+    /// ([`TerminalRunner::open_pool`] also tidies the other terminals.)
     pub async fn open(
         client: &Client,
         machine_id: &str,
@@ -78,30 +80,42 @@ impl TerminalRunner {
         reuse: Option<String>,
         options: RunnerOptions,
     ) -> Result<(Self, String), RunnerError> {
-        let mut runner = TerminalRunner {
+        let runner = Self::open_pool(client, machine_id, reuse, Vec::new(), options).await?;
+        let id = runner.terminal_id.clone();
+        Ok((runner, id))
+    }
+
+    /// A runner with no terminal yet.
+    pub(super) fn unopened(client: &Client, machine_id: &str, options: RunnerOptions) -> Self {
+        TerminalRunner {
             client: client.clone(),
             machine_id: machine_id.to_owned(),
             terminal_id: String::new(),
             session: None,
             pending: None,
             closed: true,
+            parked: Vec::new(),
             options,
-        };
-        if let Some(tid) = reuse.filter(|t| !t.is_empty()) {
-            match runner.try_reuse(&tid).await {
-                Ok(true) => {
-                    let id = runner.terminal_id.clone();
-                    return Ok((runner, id));
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::debug!(terminal_id = %tid, error = %e, "stored terminal not reusable");
-                }
-            }
         }
-        runner.open_new().await?;
-        let id = runner.terminal_id.clone();
-        Ok((runner, id))
+    }
+
+    /// Whether a terminal is attached and usable.
+    pub(super) fn is_open(&self) -> bool {
+        !self.closed
+    }
+
+    pub(super) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub(super) fn set_parked(&mut self, parked: Vec<String>) {
+        self.parked = parked;
+    }
+
+    /// The other terminals kept (busy with a command left running, or the
+    /// one idle spare): store them with [`TerminalRunner::terminal_id`].
+    pub fn parked(&self) -> &[String] {
+        &self.parked
     }
 
     /// The terminal in use (store it for the next turn).
@@ -127,41 +141,29 @@ impl TerminalRunner {
         }
     }
 
-    fn setup_deadline(&self) -> Instant {
+    pub(super) fn setup_deadline(&self) -> Instant {
         Instant::now() + self.options.setup_timeout
     }
 
-    /// Reuses `tid` if it is ready and idle. `Ok(false)`: not reusable.
-    async fn try_reuse(&mut self, tid: &str) -> Result<bool, RunnerError> {
-        let client = self.client.with_deadline(self.setup_deadline());
-        let terminal = match client.get_terminal(&self.machine_id, tid).await {
-            Ok(t) => t,
-            Err(e) if e.is_not_found() => return Ok(false),
-            Err(e) => return Err(e.into()),
-        };
-        if terminal.status != TerminalStatus::Ready {
-            return Ok(false);
-        }
-        // A command left running by an earlier turn would read whatever we
-        // type: check the busy flag the command line keeps in home.
-        let check = ExecutionRequest::shell(script::busy_check_script(tid)).timeout_ms(30_000);
-        let run = client
-            .run_and_wait(&self.machine_id, &check, self.setup_deadline())
-            .await?;
-        if run.output.stdout.trim() != "idle" {
-            tracing::info!(terminal_id = %tid, "stored terminal is busy; opening a new one");
-            return Ok(false);
-        }
+    /// Attaches to `tid` (ready and idle) and sets up its shell.
+    pub(super) async fn attach(&mut self, tid: &str) -> Result<(), RunnerError> {
         self.terminal_id = tid.to_owned();
         self.session = None;
+        self.pending = None;
         self.closed = false;
-        self.connect().await?;
-        self.setup(false).await?;
-        Ok(true)
+        let attached = match self.connect().await {
+            Ok(()) => self.setup(false).await,
+            Err(e) => Err(e),
+        };
+        if attached.is_err() {
+            self.closed = true;
+            self.session = None;
+        }
+        attached
     }
 
     /// Creates a terminal in the home directory and sets up its shell.
-    async fn open_new(&mut self) -> Result<(), RunnerError> {
+    pub(super) async fn open_new(&mut self) -> Result<(), RunnerError> {
         let client = self.client.with_deadline(self.setup_deadline());
         let mut request = CreateTerminalRequest::new(TERMINAL_WIDTH, TERMINAL_HEIGHT);
         request.cwd = Some("/root".to_owned());
@@ -251,7 +253,7 @@ impl TerminalRunner {
     /// Sets up the shell (echo off, empty prompts, history, defaults) and
     /// waits until it has run.
     async fn setup(&mut self, restore: bool) -> Result<(), RunnerError> {
-        let id = script::new_command_id();
+        let id = script::new_nonce();
         self.send_line(&script::terminal_setup(&id, restore))
             .await?;
         let mut scanner = SentinelScanner::new(&id);
@@ -384,11 +386,12 @@ impl TerminalRunner {
         }
         self.poll_pending().await?;
         let id = script::new_command_id();
+        let nonce = script::new_nonce();
         let started_at = Instant::now();
         let deadline = started_at + timeout;
-        self.send_line(&script::terminal_line(&id, &self.terminal_id, command))
-            .await?;
-        let mut scanner = SentinelScanner::new(&id);
+        let line = self.command_line(&id, &nonce, command).await?;
+        self.send_line(&line).await?;
+        let mut scanner = SentinelScanner::new(&nonce);
         let mut collector = OutputCollector::new(self.options.output_limit);
         let end = self
             .read_until(&mut scanner, Some(&mut collector), observer, deadline)
@@ -423,6 +426,46 @@ impl TerminalRunner {
     }
 }
 
+impl TerminalRunner {
+    /// The line to type for `command`. A long one is first written to a
+    /// file on the machine (an execution, no terminal involved), so the
+    /// typed line stays short: bash never sees a partial line, whatever it
+    /// was doing when the line arrived.
+    async fn command_line(
+        &self,
+        id: &str,
+        nonce: &str,
+        command: &str,
+    ) -> Result<String, RunnerError> {
+        let line = script::terminal_line(id, nonce, &self.terminal_id, command);
+        if line.len() <= script::MAX_TYPED_LINE {
+            return Ok(line);
+        }
+        let request = ExecutionRequest::new([
+            "bash".to_owned(),
+            "-c".to_owned(),
+            script::write_command_script(id),
+        ])
+        .stdin(command)
+        .timeout_ms(millis(self.options.setup_timeout).max(1));
+        let run = self
+            .client
+            .run_and_wait(&self.machine_id, &request, self.setup_deadline())
+            .await?;
+        if !run.success() {
+            return Err(RunnerError::Protocol(format!(
+                "could not deliver a long command to the machine (exit code {:?})",
+                run.exit_code()
+            )));
+        }
+        Ok(script::terminal_line_from_file(
+            id,
+            nonce,
+            &self.terminal_id,
+        ))
+    }
+}
+
 impl CommandRunner for TerminalRunner {
     async fn run(
         &mut self,
@@ -448,6 +491,16 @@ impl CommandRunner for TerminalRunner {
     async fn reopen(&mut self) -> Result<(), RunnerError> {
         if let Some(session) = self.session.take() {
             let _ = session.close().await;
+        }
+        // The terminal left behind: a closed one is deleted, a busy one
+        // (its command keeps running) parked.
+        let old = std::mem::take(&mut self.terminal_id);
+        if !old.is_empty() {
+            if self.closed {
+                self.delete_terminals(std::slice::from_ref(&old)).await;
+            } else if !self.parked.contains(&old) {
+                self.parked.push(old);
+            }
         }
         self.open_new().await
     }

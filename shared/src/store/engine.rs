@@ -408,6 +408,64 @@ async fn end_awake_period<B: Backend>(
     }
 }
 
+/// The hold set as the lease holder rewrites it: `next` computes it from
+/// the item as read (the generation pins that read; a concurrent write is
+/// retried a few times while `owner` still holds the lease). A single hold
+/// of an older item moves into the set.
+async fn rewrite_holds<B: Backend>(
+    b: &B,
+    op: &'static str,
+    user_id: &str,
+    owner: &str,
+    next: impl Fn(&UserRecord) -> Vec<Hold>,
+    now_ms: u64,
+) -> Result<UserRecord> {
+    non_empty("user_id", user_id)?;
+    let mut current = b
+        .get_item(user_id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            user_id: user_id.to_owned(),
+        })?;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let holds = next(&current);
+        let set = if holds.is_empty() {
+            Action::Remove(attr::HOLDS)
+        } else {
+            let value =
+                serde_dynamo::to_attribute_value(&holds).map_err(|e| StoreError::Malformed {
+                    attribute: attr::HOLDS.to_owned(),
+                    message: format!("cannot encode the holds: {e}"),
+                })?;
+            Action::Set(attr::HOLDS, value)
+        };
+        let actions = vec![
+            set,
+            Action::Remove(attr::HOLD_UNTIL),
+            Action::Remove(attr::HOLD_MARKER),
+        ];
+        let cond = Cond::And(vec![
+            lease_owned_by(owner),
+            Cond::Eq(attr::GENERATION, n(current.generation)),
+        ]);
+        match apply(b, op, user_id, cond, actions, now_ms).await? {
+            Ok(rec) => return Ok(rec),
+            Err(now) => {
+                let still_ours = lease_owned_by(owner).eval(&now.to_item()?);
+                if !still_ours || attempt >= 3 {
+                    return Err(StoreError::Conflict {
+                        op,
+                        current: Some(Box::new(now)),
+                    });
+                }
+                current = now;
+            }
+        }
+    }
+}
+
 impl<B: Backend> UserStore for B {
     async fn get(&self, user_id: &str) -> Result<Option<UserRecord>> {
         non_empty("user_id", user_id)?;
@@ -440,10 +498,12 @@ impl<B: Backend> UserStore for B {
             last_active_at: now_ms,
             lease: Some(lease.clone()),
             terminal_id: None,
+            parked_terminals: Vec::new(),
             awake_since: None,
             awake_ms_total: 0,
             sleep_eligible_at: None,
             hold: None,
+            holds: Vec::new(),
             last_error: None,
             updated_at: now_ms,
             created_at: now_ms,
@@ -719,20 +779,37 @@ impl<B: Backend> UserStore for B {
         .await
     }
 
-    async fn set_hold(
+    async fn set_terminals(
         &self,
         user_id: &str,
         owner: &str,
-        hold: &Hold,
+        current: Option<&str>,
+        parked: &[String],
         now_ms: u64,
     ) -> Result<UserRecord> {
-        let actions = vec![
-            Action::Set(attr::HOLD_UNTIL, n(hold.until)),
-            Action::Set(attr::HOLD_MARKER, s(&hold.marker)),
-        ];
+        let mut actions = vec![match current {
+            Some(t) => {
+                non_empty("terminal_id", t)?;
+                Action::Set(attr::TERMINAL_ID, s(t))
+            }
+            None => Action::Remove(attr::TERMINAL_ID),
+        }];
+        if parked.iter().any(String::is_empty) {
+            return Err(StoreError::InvalidArgument(
+                "parked terminal id is empty".to_owned(),
+            ));
+        }
+        actions.push(if parked.is_empty() {
+            Action::Remove(attr::PARKED_TERMINALS)
+        } else {
+            Action::Set(
+                attr::PARKED_TERMINALS,
+                AttributeValue::L(parked.iter().map(|t| s(t)).collect()),
+            )
+        });
         apply_or_conflict(
             self,
-            "set_hold",
+            "set_terminals",
             user_id,
             lease_owned_by(owner),
             actions,
@@ -741,10 +818,48 @@ impl<B: Backend> UserStore for B {
         .await
     }
 
+    async fn set_hold(
+        &self,
+        user_id: &str,
+        owner: &str,
+        hold: &Hold,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        non_empty("marker", &hold.marker)?;
+        let add = |current: &UserRecord| {
+            let mut holds: Vec<Hold> = current
+                .all_holds()
+                .filter(|h| h.marker != hold.marker && h.until >= now_ms)
+                .cloned()
+                .collect();
+            holds.push(hold.clone());
+            holds
+        };
+        rewrite_holds(self, "set_hold", user_id, owner, add, now_ms).await
+    }
+
+    async fn release_holds(
+        &self,
+        user_id: &str,
+        owner: &str,
+        markers: &[String],
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let keep = |current: &UserRecord| {
+            current
+                .all_holds()
+                .filter(|h| !markers.contains(&h.marker))
+                .cloned()
+                .collect()
+        };
+        rewrite_holds(self, "release_holds", user_id, owner, keep, now_ms).await
+    }
+
     async fn clear_hold(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
         let actions = vec![
             Action::Remove(attr::HOLD_UNTIL),
             Action::Remove(attr::HOLD_MARKER),
+            Action::Remove(attr::HOLDS),
         ];
         apply_or_conflict(
             self,
@@ -803,8 +918,10 @@ impl<B: Backend> UserStore for B {
                 ),
                 Action::Remove(attr::MACHINE_ID),
                 Action::Remove(attr::TERMINAL_ID),
+                Action::Remove(attr::PARKED_TERMINALS),
                 Action::Remove(attr::HOLD_UNTIL),
                 Action::Remove(attr::HOLD_MARKER),
+                Action::Remove(attr::HOLDS),
                 Action::Remove(attr::BOOTSTRAP_VERSION),
                 // The old key's create produced the machine that is now
                 // gone: a retry with it would get that machine back. The

@@ -373,7 +373,21 @@ pub trait UserStore: Send + Sync {
         now_ms: u64,
     ) -> impl Future<Output = Result<UserRecord>> + Send;
 
-    /// The lease holder keeps the machine awake for a command left running.
+    /// The lease holder stores the terminal to reuse and the other terminals
+    /// it keeps (busy with a command left running, or one idle spare).
+    fn set_terminals(
+        &self,
+        user_id: &str,
+        owner: &str,
+        current: Option<&str>,
+        parked: &[String],
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// The lease holder keeps the machine awake for a command left running:
+    /// `hold` joins the set of holds (replacing one with the same marker;
+    /// expired ones are dropped). Every other hold stays: each command left
+    /// running holds the machine until its own marker exists.
     fn set_hold(
         &self,
         user_id: &str,
@@ -382,7 +396,17 @@ pub trait UserStore: Send + Sync {
         now_ms: u64,
     ) -> impl Future<Output = Result<UserRecord>> + Send;
 
-    /// The lease holder drops the hold (marker found, or hold expired).
+    /// The lease holder drops the holds of `markers` (those commands
+    /// finished); the others stay.
+    fn release_holds(
+        &self,
+        user_id: &str,
+        owner: &str,
+        markers: &[String],
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// The lease holder drops every hold (all markers found, or expired).
     fn clear_hold(
         &self,
         user_id: &str,

@@ -124,7 +124,7 @@ impl Lease {
 }
 
 /// Keeps the machine awake while a command the agent left running finishes.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Hold {
     /// Epoch ms after which the hold no longer counts.
     pub until: u64,
@@ -156,14 +156,21 @@ pub struct UserRecord {
     pub lease: Option<Lease>,
     /// Terminal to reuse on the next turn.
     pub terminal_id: Option<String>,
+    /// Other terminals kept: busy with a command left running, or the one
+    /// idle spare.
+    pub parked_terminals: Vec<String>,
     /// Epoch ms the machine was last seen waking (present while awake).
     pub awake_since: Option<u64>,
     /// Accumulated awake time, ms.
     pub awake_ms_total: u64,
     /// Set when sleep was refused by the platform's hold window.
     pub sleep_eligible_at: Option<u64>,
-    /// Hold set by a turn that left a command running.
+    /// Hold of an item written before holds became a set (read, never
+    /// written: [`UserRecord::holds`] has the others).
     pub hold: Option<Hold>,
+    /// One hold per command a turn left running; each keeps the machine
+    /// awake until its marker exists or it expires.
+    pub holds: Vec<Hold>,
     /// Last error (provisioning failure, lost machine).
     pub last_error: Option<String>,
     /// Epoch ms of the last write.
@@ -175,6 +182,11 @@ pub struct UserRecord {
 }
 
 impl UserRecord {
+    /// Every hold: the set and a single hold from an older item.
+    pub fn all_holds(&self) -> impl Iterator<Item = &Hold> {
+        self.hold.iter().chain(self.holds.iter())
+    }
+
     /// The lease if it is still live at `now_ms`.
     pub fn live_lease(&self, now_ms: u64) -> Option<&Lease> {
         self.lease.as_ref().filter(|l| l.is_live(now_ms))
@@ -230,6 +242,8 @@ struct Wire {
     lease_until: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     terminal_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    parked_terminals: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     awake_since: Option<u64>,
     #[serde(default)]
@@ -240,6 +254,8 @@ struct Wire {
     hold_until: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     hold_marker: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    holds: Vec<Hold>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_error: Option<String>,
     updated_at: u64,
@@ -272,11 +288,13 @@ impl From<UserRecord> for Wire {
             lease_kind,
             lease_until,
             terminal_id: r.terminal_id,
+            parked_terminals: r.parked_terminals,
             awake_since: r.awake_since,
             awake_ms_total: r.awake_ms_total,
             sleep_eligible_at: r.sleep_eligible_at,
             hold_until,
             hold_marker,
+            holds: r.holds,
             last_error: r.last_error,
             updated_at: r.updated_at,
             created_at: r.created_at,
@@ -333,10 +351,12 @@ impl TryFrom<Wire> for UserRecord {
             last_active_at: w.last_active_at,
             lease,
             terminal_id: w.terminal_id,
+            parked_terminals: w.parked_terminals,
             awake_since: w.awake_since,
             awake_ms_total: w.awake_ms_total,
             sleep_eligible_at: w.sleep_eligible_at,
             hold,
+            holds: w.holds,
             last_error: w.last_error,
             updated_at: w.updated_at,
             created_at: w.created_at,
@@ -361,6 +381,7 @@ mod tests {
             last_active_at: 1_700_000_000_000,
             lease: Some(Lease::new("turn-1", LeaseKind::Turn, 1_700_000_060_000)),
             terminal_id: Some("t-1".into()),
+            parked_terminals: vec!["t-0".into()],
             awake_since: Some(1_699_999_000_000),
             awake_ms_total: 42,
             sleep_eligible_at: None,
@@ -368,6 +389,10 @@ mod tests {
                 until: 1_700_000_900_000,
                 marker: "/home/u/.agenthome/done-1".into(),
             }),
+            holds: vec![Hold {
+                until: 1_700_000_900_001,
+                marker: ".agenthome/run/b.done".into(),
+            }],
             last_error: None,
             updated_at: 1_700_000_000_001,
             created_at: 1_600_000_000_000,

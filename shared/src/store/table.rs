@@ -56,10 +56,18 @@ pub mod attr {
     pub const AWAKE_MS_TOTAL: &str = "awake_ms_total";
     /// When a refused sleep may be retried, epoch ms.
     pub const SLEEP_ELIGIBLE_AT: &str = "sleep_eligible_at";
+    /// Terminals of the machine other than the current one that agenthome
+    /// keeps: ones still running a command left running, and at most one
+    /// idle spare (a list of terminal ids).
+    pub const PARKED_TERMINALS: &str = "parked_terminals";
     /// Hold expiry, epoch ms.
     pub const HOLD_UNTIL: &str = "hold_until";
-    /// Completion marker path of the held command.
+    /// Completion marker path of the held command (an item written before
+    /// holds became a set; new holds go to [`HOLDS`]).
     pub const HOLD_MARKER: &str = "hold_marker";
+    /// The holds: a list of `{until, marker}` maps, one per command left
+    /// running (every one of them keeps the machine awake).
+    pub const HOLDS: &str = "holds";
     /// Last error message.
     pub const LAST_ERROR: &str = "last_error";
     /// Epoch ms of the last write.

@@ -85,8 +85,9 @@ const DEFAULT_HOLD_RETRY: Duration = Duration::from_secs(60);
 /// The completion-marker check: exit 0 if the marker exists, 1 if not. The
 /// marker is passed as `$1` (never interpolated into the script); relative
 /// paths are under the machine's home.
-const MARKER_SCRIPT: &str =
-    r#"case "$1" in /*) p="$1" ;; *) p="${HOME:-/root}/$1" ;; esac; test -f "$p""#;
+/// Exits 0 when every marker given as an argument exists, 1 when one is
+/// missing.
+const MARKER_SCRIPT: &str = r#"for m in "$@"; do case "$m" in /*) p="$m" ;; *) p="${HOME:-/root}/$m" ;; esac; test -f "$p" || exit 1; done; exit 0"#;
 
 /// The sleep sweep and reconciliation over a [`UserStore`] and a Dedalus
 /// [`dedalus::Client`].
@@ -449,19 +450,19 @@ impl<S: UserStore + 'static> Sweeper<S> {
         if c.live_lease(now).is_some() {
             return Outcome::SkippedBusy;
         }
-        if let Some(hold) = &c.hold {
-            if now < hold.until {
-                match self.check_marker(run, &machine_id, hold).await {
-                    Marker::Absent => {
-                        tracing::info!(run_id = %run.id, user_id, machine_id, action = "held", hold_until = hold.until, "command still running; machine kept awake");
-                        return Outcome::Held;
-                    }
-                    Marker::Unknown => return Outcome::Failed,
-                    Marker::NotRunning(phase) => {
-                        tracing::debug!(run_id = %run.id, user_id, machine_id, phase = %phase, "held machine is not running; the hold no longer applies");
-                    }
-                    Marker::Present | Marker::Gone => {}
+        // Every live hold counts: one command still running keeps it awake.
+        let live: Vec<&Hold> = c.all_holds().filter(|h| now < h.until).collect();
+        if let Some(hold_until) = live.iter().map(|h| h.until).max() {
+            match self.check_marker(run, &machine_id, &live).await {
+                Marker::Absent => {
+                    tracing::info!(run_id = %run.id, user_id, machine_id, action = "held", hold_until, holds = live.len(), "command still running; machine kept awake");
+                    return Outcome::Held;
                 }
+                Marker::Unknown => return Outcome::Failed,
+                Marker::NotRunning(phase) => {
+                    tracing::debug!(run_id = %run.id, user_id, machine_id, phase = %phase, "held machine is not running; the hold no longer applies");
+                }
+                Marker::Present | Marker::Gone => {}
             }
         }
 
@@ -514,10 +515,11 @@ impl<S: UserStore + 'static> Sweeper<S> {
         if rec.machine_id.as_deref() != Some(machine_id)
             || rec.power != Power::Awake
             || rec.hold != seen.hold
+            || rec.holds != seen.holds
         {
             return Outcome::SkippedBusy;
         }
-        if rec.hold.is_some() {
+        if rec.all_holds().next().is_some() {
             if let Err(error) = self.store.clear_hold(user_id, owner, run.now()).await {
                 tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "hold not cleared");
                 return Outcome::Failed;
@@ -671,7 +673,9 @@ impl<S: UserStore + 'static> Sweeper<S> {
     }
 
     /// Whether a held command finished, without ever waking the machine.
-    async fn check_marker(&self, run: &Run, machine_id: &str, hold: &Hold) -> Marker {
+    /// Whether the commands of `holds` finished: [`Marker::Present`] only
+    /// when every marker exists.
+    async fn check_marker(&self, run: &Run, machine_id: &str, holds: &[&Hold]) -> Marker {
         match run.reads.get_machine(machine_id).await {
             Ok(m) if m.phase == Phase::Running => {}
             Ok(m) => return Marker::NotRunning(m.phase),
@@ -683,15 +687,12 @@ impl<S: UserStore + 'static> Sweeper<S> {
         }
         let budget = self.settings.marker_check_timeout;
         let deadline = (Instant::now() + budget).min(run.deadline);
-        let request = ExecutionRequest::new([
-            "/bin/sh",
-            "-c",
-            MARKER_SCRIPT,
-            "agenthome-marker-check",
-            hold.marker.as_str(),
-        ])
-        .cwd("/root")
-        .timeout_ms(ms(budget).max(1));
+        let args = ["/bin/sh", "-c", MARKER_SCRIPT, "agenthome-marker-check"]
+            .into_iter()
+            .chain(holds.iter().map(|h| h.marker.as_str()));
+        let request = ExecutionRequest::new(args)
+            .cwd("/root")
+            .timeout_ms(ms(budget).max(1));
         match run.reads.run_and_wait(machine_id, &request, deadline).await {
             Ok(result) => match result.exit_code() {
                 Some(0) => Marker::Present,

@@ -1,16 +1,19 @@
 //! One chat turn (DESIGN §5 "Chat turn", invariants 2–4): load the user's
-//! item → take the turn lease (renewed while the turn runs, always released)
+//! item → take the turn lease (renewed while the turn runs, checked before
+//! every command — a turn that lost it stops — always released; see `lease`)
 //! → wake the machine and wait for `running` → re-check the toolchain after
 //! a wake → reuse or open the shell → run the agent → remember the turn in
 //! `~/.agenthome/turns.jsonl` → record activity and holds → reply.
 
 mod events;
+mod lease;
 mod memory;
 
 pub use events::{MachineStage, NoEvents, StreamSettings, TurnEvent, TurnEvents, TRUNCATED_NOTE};
 pub use memory::{read_memory, summary_line, TURNS_FILE};
 
 use events::EventObserver;
+use lease::{Leased, TurnLease};
 
 use crate::agent::{
     Agent, AgentError, AgentOutcome, AgentStatus, ChatMessage, Limits, TurnInput, Usage,
@@ -20,7 +23,8 @@ use crate::clock::now_ms;
 use crate::dedalus::{self, ExecutionRequest, Phase};
 use crate::provision::{BootstrapOutcome, Ensure, ProvisionError, Provisioner, WorkerTrigger};
 use crate::runner::{
-    read_completion, CommandOutcome, ExecutionsRunner, RunnerError, TerminalRunner, Transport,
+    read_completion, CommandOutcome, ExecutionsRunner, RunnerError, RunnerOptions, TerminalRunner,
+    Transport,
 };
 use crate::store::{
     AcquireOutcome, Hold, LeaseKind, LeasePurpose, MachineState, StoreError, UserRecord, UserStore,
@@ -86,7 +90,7 @@ pub struct TurnResult {
     pub reply: String,
     /// The user's machine.
     pub machine_id: String,
-    /// `completed`, `deadline` or `step_limit`.
+    /// `completed`, `deadline`, `step_limit` or `lease_lost`.
     pub status: AgentStatus,
     /// Every command run, with truncated output.
     pub steps: Vec<CommandOutcome>,
@@ -280,13 +284,21 @@ where
                 _ => self.provisioning(user_id, obs).await,
             };
         }
-        let renewer = self.spawn_renewer(user_id, &owner);
+        // Renewed while it lives; dropped (the renewer aborted) on every
+        // path out of here, a panic or a cancelled turn included.
+        let lease = TurnLease::start(
+            std::sync::Arc::new(store.clone()),
+            user_id,
+            &owner,
+            rec.lease.as_ref().map_or(0, |l| l.until),
+            self.settings.lease_ttl,
+        );
         // Boxed and type-erased: the turn's future is large and deep (wake,
         // shell, agent, bookkeeping); callers' futures stay small.
         let drive: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
-            Box::pin(self.drive(rec, &owner, &turn_id, request, deadline, obs));
+            Box::pin(self.drive(rec, &lease, &turn_id, request, deadline, obs));
         let result = drive.await;
-        renewer.abort();
+        drop(lease);
         // Bookkeeping happens whatever the turn did: activity (or the loss of
         // the machine), then release.
         let now = now_ms();
@@ -398,34 +410,17 @@ where
         }))
     }
 
-    fn spawn_renewer(&self, user_id: &str, owner: &str) -> tokio::task::JoinHandle<()> {
-        let store = self.provisioner.store().clone();
-        let (user_id, owner) = (user_id.to_string(), owner.to_string());
-        let ttl = self.settings.lease_ttl;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(ttl / 3).await;
-                let now = now_ms();
-                if let Err(e) = store
-                    .renew_lease(&user_id, &owner, now + millis(ttl), now)
-                    .await
-                {
-                    tracing::warn!(user_id, error = %e, "turn lease renewal failed");
-                }
-            }
-        })
-    }
-
     async fn drive(
         &self,
         rec: UserRecord,
-        owner: &str,
+        lease: &TurnLease<S>,
         turn_id: &str,
         request: TurnRequest,
         deadline: Instant,
         obs: &EventObserver<'_>,
     ) -> Result<TurnResult, TurnError> {
         let store = self.provisioner.store();
+        let owner = lease.owner();
         let user_id = rec.user_id.as_str();
         let machine_id = rec
             .machine_id
@@ -444,7 +439,13 @@ where
         } else {
             0
         };
-        store.mark_awake(user_id, owner, now_ms()).await?;
+        match store.mark_awake(user_id, owner, now_ms()).await {
+            Ok(_) => {}
+            Err(StoreError::Conflict { .. }) => {
+                return Ok(self.stopped(turn_id, machine_id, wake_ms, obs));
+            }
+            Err(e) => return Err(e.into()),
+        }
         if woke {
             // The root filesystem may have been reset: re-check the tools.
             let settings = self.provisioner.settings();
@@ -464,17 +465,14 @@ where
             }
         }
 
-        // A command an earlier turn left running: release its hold once done.
-        if let Some(hold) = &rec.hold {
-            let done = now_ms() > hold.until
-                || matches!(
-                    read_completion(&dedalus, &machine_id, &hold.marker).await,
-                    Ok(Some(_))
-                );
-            if done {
-                store.clear_hold(user_id, owner, now_ms()).await?;
-            }
+        // Nothing is typed into the machine once the lease is lost.
+        if lease.check().await.is_err() {
+            return Ok(self.stopped(turn_id, machine_id, wake_ms, obs));
         }
+
+        // Commands earlier turns left running: release the holds of those
+        // that finished (the others keep holding the machine).
+        self.release_finished_holds(&dedalus, &rec, owner).await;
 
         // The memory read and the shell's set-up are independent round trips
         // to the machine: do them together.
@@ -489,7 +487,14 @@ where
                 match self.settings.transport {
                     Transport::Executions => None,
                     Transport::Terminal => Some(
-                        TerminalRunner::open(&dedalus, &machine_id, rec.terminal_id.clone()).await,
+                        TerminalRunner::open_pool(
+                            &dedalus,
+                            &machine_id,
+                            rec.terminal_id.clone(),
+                            rec.parked_terminals.clone(),
+                            RunnerOptions::default(),
+                        )
+                        .await,
                     ),
                 }
             })
@@ -531,40 +536,49 @@ where
             Some(Err(e)) => return Err(e.into()),
         };
         let outcome = match terminal {
-            Some((mut runner, terminal_id)) => {
-                if rec.terminal_id.as_deref() != Some(terminal_id.as_str()) {
-                    store
-                        .set_terminal(user_id, owner, Some(&terminal_id), now_ms())
-                        .await?;
-                }
+            Some(mut runner) => {
+                let stored = (rec.terminal_id.clone(), rec.parked_terminals.clone());
+                let stored = self.store_terminals(user_id, owner, &runner, stored).await;
+                let mut leased = Leased {
+                    inner: &mut runner,
+                    lease,
+                };
                 let outcome = self
                     .agent
-                    .run_observed(input, &mut runner, limits, obs)
+                    .run_observed(input, &mut leased, limits, obs)
                     .await;
-                if runner.terminal_id() != terminal_id {
-                    store
-                        .set_terminal(user_id, owner, Some(runner.terminal_id()), now_ms())
-                        .await?;
-                }
+                self.store_terminals(user_id, owner, &runner, stored).await;
                 outcome
             }
             None => {
                 let mut runner = ExecutionsRunner::new(&dedalus, &machine_id);
+                let mut leased = Leased {
+                    inner: &mut runner,
+                    lease,
+                };
                 self.agent
-                    .run_observed(input, &mut runner, limits, obs)
+                    .run_observed(input, &mut leased, limits, obs)
                     .await
             }
         };
 
-        // Remember the turn on the machine, whatever the agent did.
+        // Remember the turn on the machine, whatever the agent did — unless
+        // the turn lost the machine: then nothing more is sent to it.
         let (steps, status, reply) = match &outcome {
             Ok(o) => (o.steps.as_slice(), Some(o.status), Some(o.reply.as_str())),
             Err(e) => (e.partial().steps.as_slice(), None, None),
         };
-        self.hold_for_running(user_id, owner, steps).await;
-        let line = summary_line(turn_id, now_ms(), &request.message, reply, status, steps);
-        if let Err(e) = memory::append(&dedalus, &machine_id, &line).await {
-            tracing::warn!(user_id, error = %e, "could not append the turn summary");
+        if lease.is_lost() {
+            tracing::warn!(
+                user_id,
+                "the turn lost its lease: no hold or summary recorded"
+            );
+        } else {
+            self.hold_for_running(user_id, owner, steps).await;
+            let line = summary_line(turn_id, now_ms(), &request.message, reply, status, steps);
+            if let Err(e) = memory::append(&dedalus, &machine_id, &line).await {
+                tracing::warn!(user_id, error = %e, "could not append the turn summary");
+            }
         }
         let AgentOutcome {
             reply,
@@ -642,29 +656,127 @@ where
         }
     }
 
-    /// A command still running keeps the machine awake (up to the maximum
-    /// hold) until its completion marker exists.
-    async fn hold_for_running(&self, user_id: &str, owner: &str, steps: &[CommandOutcome]) {
-        let Some(marker) = steps
-            .iter()
-            .rev()
-            .find(|s| s.still_running)
-            .and_then(|s| s.completion_marker.clone())
-        else {
+    /// The result of a turn that lost its lease before the agent ran.
+    fn stopped(
+        &self,
+        turn_id: &str,
+        machine_id: String,
+        wake_ms: u64,
+        obs: &EventObserver<'_>,
+    ) -> TurnResult {
+        tracing::warn!(
+            machine_id,
+            "the turn lost its lease before running anything"
+        );
+        let AgentOutcome {
+            reply,
+            steps,
+            usage,
+            status,
+        } = AgentOutcome::lease_lost();
+        TurnResult {
+            turn_id: turn_id.to_string(),
+            reply,
+            machine_id,
+            status,
+            steps,
+            usage,
+            timings: Timings {
+                wake_ms,
+                total_ms: millis(obs.started().elapsed()),
+            },
+            transport: self.settings.transport,
+        }
+    }
+
+    /// Store the terminal to reuse next time and the parked ones, if they
+    /// differ from `stored`; returns what is stored now. A failure (the
+    /// lease was lost meanwhile) costs only the reuse: the turn and its
+    /// result go on.
+    async fn store_terminals(
+        &self,
+        user_id: &str,
+        owner: &str,
+        runner: &TerminalRunner,
+        stored: (Option<String>, Vec<String>),
+    ) -> (Option<String>, Vec<String>) {
+        let now = (
+            Some(runner.terminal_id().to_owned()),
+            runner.parked().to_vec(),
+        );
+        if now == stored {
+            return stored;
+        }
+        match self
+            .provisioner
+            .store()
+            .set_terminals(user_id, owner, now.0.as_deref(), &now.1, now_ms())
+            .await
+        {
+            Ok(_) => now,
+            Err(e) => {
+                tracing::warn!(user_id, terminal_id = runner.terminal_id(), error = %e, "could not store the terminals for reuse");
+                stored
+            }
+        }
+    }
+
+    /// Drops the holds whose command finished (marker present) or expired.
+    async fn release_finished_holds(
+        &self,
+        dedalus: &dedalus::Client,
+        rec: &UserRecord,
+        owner: &str,
+    ) {
+        let Some(machine_id) = rec.machine_id.as_deref() else {
             return;
         };
-        let now = now_ms();
-        let hold = Hold {
-            until: now + millis(self.settings.max_hold),
-            marker,
-        };
+        let mut finished = Vec::new();
+        for hold in rec.all_holds() {
+            let done = now_ms() > hold.until
+                || matches!(
+                    read_completion(dedalus, machine_id, &hold.marker).await,
+                    Ok(Some(_))
+                );
+            if done {
+                finished.push(hold.marker.clone());
+            }
+        }
+        if finished.is_empty() {
+            return;
+        }
+        let user_id = rec.user_id.as_str();
         if let Err(e) = self
             .provisioner
             .store()
-            .set_hold(user_id, owner, &hold, now)
+            .release_holds(user_id, owner, &finished, now_ms())
             .await
         {
-            tracing::warn!(user_id, error = %e, "could not record the hold for a running command");
+            tracing::warn!(user_id, error = %e, "could not release the holds of finished commands");
+        }
+    }
+
+    /// Every command still running keeps the machine awake (up to the
+    /// maximum hold) until its completion marker exists.
+    async fn hold_for_running(&self, user_id: &str, owner: &str, steps: &[CommandOutcome]) {
+        let markers = steps
+            .iter()
+            .filter(|s| s.still_running)
+            .filter_map(|s| s.completion_marker.clone());
+        for marker in markers {
+            let now = now_ms();
+            let hold = Hold {
+                until: now + millis(self.settings.max_hold),
+                marker,
+            };
+            if let Err(e) = self
+                .provisioner
+                .store()
+                .set_hold(user_id, owner, &hold, now)
+                .await
+            {
+                tracing::warn!(user_id, error = %e, "could not record the hold for a running command");
+            }
         }
     }
 }
