@@ -256,6 +256,7 @@ pub const TURN_LINE: LineSpec = LineSpec {
                 "completed",
                 "deadline",
                 "step_limit",
+                "lease_lost",
                 "provisioning",
                 "busy",
                 "destroying",

@@ -351,6 +351,7 @@ fn status_name(s: AgentStatus) -> &'static str {
         AgentStatus::Completed => "completed",
         AgentStatus::Deadline => "deadline",
         AgentStatus::StepLimit => "step_limit",
+        AgentStatus::LeaseLost => "lease_lost",
     }
 }
 
