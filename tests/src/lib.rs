@@ -10,6 +10,7 @@
 //! run leaves nothing behind.
 
 pub mod events;
+pub mod idp;
 pub mod llm;
 pub mod spec;
 pub mod stack;

@@ -13,8 +13,9 @@
 use crate::events::{http, Auth};
 use crate::{unique_table_name, Emulator, Moto};
 use agenthome::agent::Agent;
-use agenthome::api::AuthMode;
+use agenthome::api::{AccessPolicy, AuthMode, JwtVerifier};
 use agenthome::dedalus::Phase;
+use agenthome::entry::Authorizer;
 use agenthome::provision::{
     Bootstrap, MachineSpec, ProvisionEvent, ProvisionSettings, Provisioner, QueueTrigger,
 };
@@ -30,6 +31,20 @@ use tokio::sync::Mutex;
 /// The admin scope the stack's services accept.
 pub const ADMIN_SCOPE: &str = "agenthome/admin";
 
+/// The OAuth client whose tokens may use [`ADMIN_SCOPE`].
+pub const ADMIN_CLIENT: &str = "chat-backend-client";
+
+/// The admin policy of every stack.
+pub fn access_policy() -> AccessPolicy {
+    AccessPolicy::new(ADMIN_SCOPE, Some(ADMIN_CLIENT.into()))
+}
+
+/// An authorizer for `mode` (not `bearer`: see [`StackOptions::verifier`])
+/// with [`access_policy`].
+pub fn authorizer(mode: AuthMode) -> Authorizer {
+    Authorizer::new(mode, access_policy(), None).expect("an authorizer without a verifier")
+}
+
 /// The harmless bootstrap every stack uses.
 pub const BOOTSTRAP: &str = "echo bootstrapped >> ~/bootstrap.log";
 
@@ -43,6 +58,8 @@ pub struct StackOptions {
     pub turn_deadline: Duration,
     /// Who may call.
     pub auth_mode: AuthMode,
+    /// The bearer-token verifier (`AuthMode::Bearer` needs one).
+    pub verifier: Option<JwtVerifier>,
     /// `MACHINE_AUTOSLEEP` of the machines the stack creates (default
     /// `30m`; a short one such as `2s` lets the platform sleep them).
     pub autosleep: String,
@@ -60,6 +77,7 @@ impl Default for StackOptions {
             },
             turn_deadline: Duration::from_secs(60),
             auth_mode: AuthMode::Jwt,
+            verifier: None,
             autosleep: "30m".into(),
             heartbeat: chat_turn_fn::HEARTBEAT,
         }
@@ -94,11 +112,12 @@ pub fn jwt(user: &str) -> Auth<'_> {
     }
 }
 
-/// A JWT carrying the admin scope.
+/// A JWT carrying the admin scope, issued to the admin client.
 pub fn admin() -> Auth<'static> {
-    Auth::Jwt {
+    Auth::Client {
         sub: "chat-backend",
         scopes: &[ADMIN_SCOPE],
+        client_id: ADMIN_CLIENT,
     }
 }
 
@@ -130,6 +149,8 @@ impl Stack {
         create_table(&client, &table).await.expect("create table");
         let store = DynamoStore::new(client, table);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let auth = Authorizer::new(options.auth_mode, access_policy(), options.verifier)
+            .expect("StackOptions::verifier is set for AuthMode::Bearer");
         let autosleep = options.autosleep.clone();
         let settings = || {
             ProvisionSettings::new(
@@ -147,8 +168,7 @@ impl Stack {
         let turns = TurnService::new(provisioner(tx.clone()), options.agent, options.settings);
         let chat = chat_turn_fn::Service {
             turns,
-            auth_mode: options.auth_mode,
-            admin_scope: ADMIN_SCOPE.into(),
+            auth: auth.clone(),
             turn_deadline: options.turn_deadline,
             margin: Duration::from_secs(2),
             heartbeat: options.heartbeat,
@@ -160,8 +180,7 @@ impl Stack {
                 &emu.client(),
                 agenthome::sweep::SweepSettings::default(),
             ),
-            auth_mode: options.auth_mode,
-            admin_scope: ADMIN_SCOPE.into(),
+            auth,
         };
         Stack {
             emu,

@@ -277,6 +277,10 @@ const READ_BY_CODE: &[&str] = &[
     "MAX_STEPS",
     "AUTH_MODE",
     "ADMIN_SCOPE",
+    "ADMIN_CLIENT_ID",
+    "USER_SCOPE",
+    "JWT_ISSUER",
+    "JWT_AUDIENCE",
     "PROVISION_FUNCTION",
     "PROVISION_INVOKE",
     // functions/chat-turn/src/main.rs
@@ -354,7 +358,9 @@ fn given_the_template_when_environments_are_listed_then_the_code_reads_every_var
             assert!(f.env.contains_key(required), "{}: {required} missing", f.id);
         }
         // The HTTP API's JWT authorizer fronts every function but the
-        // streaming chat turn, whose Function URL is IAM-authenticated.
+        // streaming chat turn, whose Function URL has no authorizer: the
+        // function verifies the same tokens itself (no IAM principal may
+        // act for an arbitrary user).
         let url = &f.resource["Properties"]["FunctionUrlConfig"];
         if url.is_null() {
             assert_eq!(f.env["AUTH_MODE"], "jwt", "{}: AUTH_MODE", f.id);
@@ -365,9 +371,27 @@ fn given_the_template_when_environments_are_listed_then_the_code_reads_every_var
             );
         } else {
             assert_eq!(f.binary, "chat-turn", "{}: only chat-turn streams", f.id);
-            assert_eq!(url["AuthType"], "AWS_IAM", "{}: Function URL auth", f.id);
+            assert_eq!(url["AuthType"], "NONE", "{}: Function URL auth", f.id);
             assert_eq!(url["InvokeMode"], "RESPONSE_STREAM", "{}", f.id);
-            assert_eq!(f.env["AUTH_MODE"], "iam", "{}: AUTH_MODE", f.id);
+            assert_eq!(f.env["AUTH_MODE"], "bearer", "{}: AUTH_MODE", f.id);
+            assert_eq!(
+                f.env["JWT_ISSUER"],
+                json!({"Ref": "JwtIssuer"}),
+                "{}: the HTTP API's issuer",
+                f.id
+            );
+            assert_eq!(
+                f.env["JWT_AUDIENCE"],
+                json!({"Fn::Join": [",", {"Ref": "JwtAudience"}]}),
+                "{}: the HTTP API's audiences",
+                f.id
+            );
+            assert_eq!(
+                f.env["ADMIN_CLIENT_ID"],
+                json!({"Ref": "AdminClientId"}),
+                "{}: admin bound to a client",
+                f.id
+            );
             assert_eq!(f.env["RESPONSE_MODE"], "streaming", "{}", f.id);
             assert_eq!(
                 f.resource["Properties"]["Timeout"], 900,
@@ -685,6 +709,13 @@ fn given_the_template_when_routes_are_listed_then_they_are_design_section_3() {
     assert!(
         jwt["issuer"].is_object() && jwt["audience"].is_object(),
         "JWT issuer and audience are parameters"
+    );
+    // Route-level scopes: a token needs the user scope or the admin scope
+    // before any function runs.
+    assert_eq!(
+        auth["Authorizers"][default]["AuthorizationScopes"],
+        json!([{"Ref": "UserScope"}, {"Ref": "AdminScope"}]),
+        "route-level authorization scopes"
     );
 
     let mut routes = BTreeSet::new();

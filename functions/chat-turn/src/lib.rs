@@ -4,8 +4,8 @@
 //! in-process against real adapters.
 
 use agenthome::agent::AgentError;
-use agenthome::api::{AuthMode, Problem, TurnRequest};
-use agenthome::entry::{self, Route};
+use agenthome::api::{Problem, TurnRequest};
+use agenthome::entry::{self, Authorizer, Route};
 use agenthome::provision::WorkerTrigger;
 use agenthome::store::UserStore;
 use agenthome::turn::{MachineStage, TurnError, TurnEvent, TurnOutcome, TurnService};
@@ -26,10 +26,8 @@ use tokio::time::Instant;
 pub struct Service<S, T> {
     /// The turn service (provisioning, agent, settings).
     pub turns: TurnService<S, T>,
-    /// Who may call.
-    pub auth_mode: AuthMode,
-    /// The scope that may act for any user.
-    pub admin_scope: String,
+    /// Who may call (mode, admin policy, bearer-token verifier).
+    pub auth: Authorizer,
     /// Upper bound of a turn (`TURN_DEADLINE`).
     pub turn_deadline: Duration,
     /// Kept before the Lambda deadline for the response itself.
@@ -55,7 +53,7 @@ where
 {
     /// Handle one request; every failure is a problem response.
     pub async fn handle(&self, req: &Request) -> Response<Body> {
-        match self.prepare(req) {
+        match self.prepare(req).await {
             Ok(p) => {
                 let result = self.turns.run(&p.user, p.request, p.deadline).await;
                 respond(&p.user, result)
@@ -65,7 +63,7 @@ where
     }
 
     /// Route, authorize, parse and budget the request.
-    fn prepare(&self, req: &Request) -> Result<Prepared, Problem> {
+    async fn prepare(&self, req: &Request) -> Result<Prepared, Problem> {
         let route = entry::route(req)?;
         let Route::Turn(user) = route else {
             return Err(Problem::not_found(
@@ -73,7 +71,7 @@ where
                 "this function serves POST /v1/users/{user_id}/turns only",
             ));
         };
-        entry::authorize(req, self.auth_mode, &self.admin_scope, &user)?;
+        self.auth.authorize(req, &user).await?;
         let body = entry::body_bytes(req, agenthome::api::turn_request::MAX_BODY_BYTES)?;
         let request = TurnRequest::from_json(body)?;
         let budget = self.budget(req);
@@ -109,7 +107,7 @@ where
         if !wants_event_stream(&req) {
             return full(self.handle(&req).await);
         }
-        let p = match self.prepare(&req) {
+        let p = match self.prepare(&req).await {
             Ok(p) => p,
             Err(p) => return full(problem_response(&p)),
         };

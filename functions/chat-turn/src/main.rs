@@ -49,6 +49,7 @@ async fn main() -> Result<(), lambda_http::Error> {
     )?;
     let agent = Agent::from_config(&app.config)?;
     let c = &app.config;
+    let auth = agenthome::entry::Authorizer::from_config(c)?;
     let settings = TurnSettings {
         transport: c.agent_transport,
         max_steps: c.max_steps,
@@ -58,8 +59,7 @@ async fn main() -> Result<(), lambda_http::Error> {
     };
     let service = Service {
         turns: TurnService::new(provisioner, agent, settings),
-        auth_mode: c.auth_mode,
-        admin_scope: c.admin_scope.clone(),
+        auth,
         turn_deadline: c.turn_deadline,
         margin: Duration::from_secs(2),
         heartbeat: HEARTBEAT,

@@ -3,8 +3,8 @@
 //! clients; this library maps events to `agenthome` and back, so tests can
 //! drive it in-process against real adapters.
 
-use agenthome::api::{AuthMode, Problem};
-use agenthome::entry::{self, Route};
+use agenthome::api::Problem;
+use agenthome::entry::{self, Authorizer, Route};
 use agenthome::machines::{self, Destroyed};
 use agenthome::provision::{Ensure, ProvisionEvent, Provisioner, WorkerTrigger};
 use agenthome::store::UserStore;
@@ -25,10 +25,8 @@ pub struct Service<S, T> {
     pub provisioner: Provisioner<S, T>,
     /// The sleep path shared with the sweep (`POST …/machine/sleep`).
     pub sweeper: Sweeper<S>,
-    /// Who may call.
-    pub auth_mode: AuthMode,
-    /// The scope that may act for any user.
-    pub admin_scope: String,
+    /// Who may call (mode, admin policy, bearer-token verifier).
+    pub auth: Authorizer,
 }
 
 /// One incoming event: an HTTP request, or the worker's provision event.
@@ -94,7 +92,7 @@ impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
 
     async fn route(&self, req: &Request) -> Result<Response<Body>, Problem> {
         let route = entry::route(req)?;
-        entry::authorize(req, self.auth_mode, &self.admin_scope, route.user())?;
+        self.auth.authorize(req, route.user()).await?;
         let user = route.user().as_str();
         let store = self.provisioner.store();
         let dedalus = self.provisioner.dedalus();

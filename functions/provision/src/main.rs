@@ -25,8 +25,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let service = Service {
         provisioner,
         sweeper,
-        auth_mode: app.config.auth_mode,
-        admin_scope: app.config.admin_scope.clone(),
+        auth: agenthome::entry::Authorizer::from_config(&app.config)?,
     };
     let service = &service;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
