@@ -134,6 +134,7 @@ impl TurnStack {
         let chat = chat_turn_fn::Service {
             turns,
             auth: agenthome_tests::stack::authorizer(AuthMode::Jwt),
+            fair_use: agenthome::entry::FairUse::OFF,
             turn_deadline: Duration::from_secs(60),
             margin: Duration::from_secs(2),
             heartbeat: chat_turn_fn::HEARTBEAT,

@@ -115,6 +115,13 @@ pub struct Config {
     /// `JWKS_URL`: where the issuer's signing keys are (default: the
     /// `jwks_uri` of the issuer's OpenID configuration).
     pub jwks_url: Option<url::Url>,
+    /// `MAX_TURNS_PER_MINUTE`: turns a user may start per minute (default
+    /// 30; `0` = no limit).
+    pub max_turns_per_minute: u32,
+    /// `MAX_STATUS_READS_PER_MINUTE`: status reads per user and minute that
+    /// reach Dedalus; more are served from the table (default 30; `0` = no
+    /// limit).
+    pub max_status_reads_per_minute: u32,
     /// `PROVISION_FUNCTION` (name or ARN of the provision worker)
     pub provision_function: Option<String>,
     /// `PROVISION_INVOKE=detached`: send the worker invoke without awaiting
@@ -245,6 +252,16 @@ impl Config {
             jwt_issuer,
             jwt_audience,
             jwks_url: optional_url("JWKS_URL")?,
+            max_turns_per_minute: parse_num(
+                num("MAX_TURNS_PER_MINUTE"),
+                "MAX_TURNS_PER_MINUTE",
+                30,
+            )?,
+            max_status_reads_per_minute: parse_num(
+                num("MAX_STATUS_READS_PER_MINUTE"),
+                "MAX_STATUS_READS_PER_MINUTE",
+                30,
+            )?,
             provision_function: get("PROVISION_FUNCTION").map(str::to_string),
             provision_invoke_detached: match get("PROVISION_INVOKE") {
                 None | Some("async") => false,
@@ -318,6 +335,7 @@ mod tests {
         for (name, bad) in [
             ("IDLE_AFTER", "five minutes"),
             ("MAX_STEPS", "-1"),
+            ("MAX_TURNS_PER_MINUTE", "ten"),
             ("MACHINE_MEMORY_MIB", "2G"),
             ("AUTH_MODE", "open"),
             ("DEDALUS_BASE_URL", "ftp://x"),

@@ -60,6 +60,8 @@ pub struct StackOptions {
     pub auth_mode: AuthMode,
     /// The bearer-token verifier (`AuthMode::Bearer` needs one).
     pub verifier: Option<JwtVerifier>,
+    /// Per-user limits (default: off).
+    pub fair_use: agenthome::entry::FairUse,
     /// `MACHINE_AUTOSLEEP` of the machines the stack creates (default
     /// `30m`; a short one such as `2s` lets the platform sleep them).
     pub autosleep: String,
@@ -78,6 +80,7 @@ impl Default for StackOptions {
             turn_deadline: Duration::from_secs(60),
             auth_mode: AuthMode::Jwt,
             verifier: None,
+            fair_use: agenthome::entry::FairUse::OFF,
             autosleep: "30m".into(),
             heartbeat: chat_turn_fn::HEARTBEAT,
         }
@@ -169,6 +172,7 @@ impl Stack {
         let chat = chat_turn_fn::Service {
             turns,
             auth: auth.clone(),
+            fair_use: options.fair_use,
             turn_deadline: options.turn_deadline,
             margin: Duration::from_secs(2),
             heartbeat: options.heartbeat,
@@ -181,6 +185,7 @@ impl Stack {
                 agenthome::sweep::SweepSettings::default(),
             ),
             auth,
+            fair_use: options.fair_use,
         };
         Stack {
             emu,

@@ -54,6 +54,7 @@ async fn stack() -> Stack {
             provisioner,
             sweeper,
             auth: authorizer(AuthMode::Jwt),
+            fair_use: agenthome::entry::FairUse::OFF,
         },
         events: rx,
     }

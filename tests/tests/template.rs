@@ -279,6 +279,8 @@ const READ_BY_CODE: &[&str] = &[
     "ADMIN_SCOPE",
     "ADMIN_CLIENT_ID",
     "USER_SCOPE",
+    "MAX_TURNS_PER_MINUTE",
+    "MAX_STATUS_READS_PER_MINUTE",
     "JWT_ISSUER",
     "JWT_AUDIENCE",
     "PROVISION_FUNCTION",
@@ -752,6 +754,32 @@ fn given_the_template_when_routes_are_listed_then_they_are_design_section_3() {
         }
     }
     assert_eq!(routes, route_set(ROUTES));
+}
+
+// ------------------------------------------------------------ fair use --
+
+#[test]
+fn given_fair_use_when_deployed_then_the_sweep_has_reserved_concurrency_and_the_api_a_ceiling() {
+    let t = template();
+    let fns = functions(&t);
+    let sweep = function(&fns, "sleep-sweep");
+    assert_eq!(
+        sweep.resource["Properties"]["ReservedConcurrentExecutions"],
+        json!({"Ref": "SweepReservedConcurrency"}),
+        "the sweep can always run"
+    );
+    let (_, api) = resources_of_type(&t, "AWS::Serverless::HttpApi")[0];
+    let route = &api["Properties"]["DefaultRouteSettings"];
+    assert!(
+        route["ThrottlingRateLimit"].is_object() && route["ThrottlingBurstLimit"].is_object(),
+        "stage throttling: {route}"
+    );
+    for binary in ["chat-turn", "provision"] {
+        let f = function(&fns, binary);
+        for name in ["MAX_TURNS_PER_MINUTE", "MAX_STATUS_READS_PER_MINUTE"] {
+            assert!(f.env.contains_key(name), "{binary}: {name}");
+        }
+    }
 }
 
 // ---------------------------------------------------- sweep and alarms --

@@ -5,7 +5,7 @@
 
 use agenthome::agent::AgentError;
 use agenthome::api::{Problem, TurnRequest};
-use agenthome::entry::{self, Authorizer, Route};
+use agenthome::entry::{self, Authorizer, FairUse, Route};
 use agenthome::provision::WorkerTrigger;
 use agenthome::store::UserStore;
 use agenthome::turn::{MachineStage, TurnError, TurnEvent, TurnOutcome, TurnService};
@@ -28,6 +28,8 @@ pub struct Service<S, T> {
     pub turns: TurnService<S, T>,
     /// Who may call (mode, admin policy, bearer-token verifier).
     pub auth: Authorizer,
+    /// Per-user limits (`MAX_TURNS_PER_MINUTE`).
+    pub fair_use: FairUse,
     /// Upper bound of a turn (`TURN_DEADLINE`).
     pub turn_deadline: Duration,
     /// Kept before the Lambda deadline for the response itself.
@@ -72,6 +74,8 @@ where
             ));
         };
         self.auth.authorize(req, &user).await?;
+        let store = self.turns.provisioner().store();
+        self.fair_use.admit_turn(store, &user).await?;
         let body = entry::body_bytes(req, agenthome::api::turn_request::MAX_BODY_BYTES)?;
         let request = TurnRequest::from_json(body)?;
         let budget = self.budget(req);

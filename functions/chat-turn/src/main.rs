@@ -60,6 +60,7 @@ async fn main() -> Result<(), lambda_http::Error> {
     let service = Service {
         turns: TurnService::new(provisioner, agent, settings),
         auth,
+        fair_use: agenthome::entry::FairUse::from_config(c),
         turn_deadline: c.turn_deadline,
         margin: Duration::from_secs(2),
         heartbeat: HEARTBEAT,

@@ -4,7 +4,7 @@
 //! drive it in-process against real adapters.
 
 use agenthome::api::Problem;
-use agenthome::entry::{self, Authorizer, Route};
+use agenthome::entry::{self, Authorizer, FairUse, Route};
 use agenthome::machines::{self, Destroyed};
 use agenthome::provision::{Ensure, ProvisionEvent, Provisioner, WorkerTrigger};
 use agenthome::store::UserStore;
@@ -27,6 +27,8 @@ pub struct Service<S, T> {
     pub sweeper: Sweeper<S>,
     /// Who may call (mode, admin policy, bearer-token verifier).
     pub auth: Authorizer,
+    /// Per-user limits (`MAX_STATUS_READS_PER_MINUTE`).
+    pub fair_use: FairUse,
 }
 
 /// One incoming event: an HTTP request, or the worker's provision event.
@@ -90,6 +92,20 @@ impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
         }
     }
 
+    /// The live status, or the table's once the user's status reads per
+    /// minute are used up (one user's polling never reaches Dedalus past it).
+    async fn status(
+        &self,
+        user: &agenthome::api::UserId,
+    ) -> Result<Option<machines::MachineStatus>, agenthome::store::StoreError> {
+        let store = self.provisioner.store();
+        if self.fair_use.live_status_allowed(store, user).await {
+            machines::status(store, self.provisioner.dedalus(), user.as_str()).await
+        } else {
+            machines::table_status(store, user.as_str()).await
+        }
+    }
+
     async fn route(&self, req: &Request) -> Result<Response<Body>, Problem> {
         let route = entry::route(req)?;
         self.auth.authorize(req, route.user()).await?;
@@ -97,7 +113,7 @@ impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
         let store = self.provisioner.store();
         let dedalus = self.provisioner.dedalus();
         match route {
-            Route::GetMachine(_) => match machines::status(store, dedalus, user).await {
+            Route::GetMachine(ref id) => match self.status(id).await {
                 Ok(Some(status)) => Ok(entry::json(200, &status, None)),
                 Ok(None) => Err(Problem::not_found(
                     "no_machine",

@@ -26,6 +26,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         provisioner,
         sweeper,
         auth: agenthome::entry::Authorizer::from_config(&app.config)?,
+        fair_use: agenthome::entry::FairUse::from_config(&app.config),
     };
     let service = &service;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {

@@ -2,8 +2,10 @@
 //! URLs, `cargo lambda watch`) mapped onto the product's HTTP contract
 //! ([`crate::api`]) and back. Domain code never sees these types.
 
+mod fair_use;
 mod route;
 
+pub use fair_use::FairUse;
 pub use route::{route, Route};
 
 use crate::api::jwt::{split_scopes, JwtError, JwtSettings, JwtVerifier};

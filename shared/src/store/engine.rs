@@ -14,9 +14,9 @@ use base64::Engine as _;
 use super::record::Item;
 use super::table::{attr, shard_for};
 use super::{
-    AcquireOutcome, ClaimOutcome, CreateKey, Cursor, DeleteGuard, DeleteOutcome, Hold, Lease,
-    LeaseKind, LeasePurpose, MachineState, Page, Power, ReleaseOutcome, Result, StoreError,
-    UserRecord, UserStore,
+    AcquireOutcome, ClaimOutcome, CountOutcome, Counter, CreateKey, Cursor, DeleteGuard,
+    DeleteOutcome, Hold, Lease, LeaseKind, LeasePurpose, MachineState, Page, Power, ReleaseOutcome,
+    Result, StoreError, UserRecord, UserStore,
 };
 
 /// A condition over an item's attributes (DynamoDB semantics: comparisons
@@ -882,6 +882,65 @@ impl<B: Backend> UserStore for B {
                 }),
             },
         }
+    }
+
+    async fn count_request(
+        &self,
+        user_id: &str,
+        counter: Counter,
+        limit: u32,
+        window_ms: u64,
+        now_ms: u64,
+    ) -> Result<CountOutcome> {
+        non_empty("user_id", user_id)?;
+        let window_ms = window_ms.max(1);
+        let window = now_ms - now_ms % window_ms;
+        let limited = CountOutcome::Limited {
+            retry_after_ms: window + window_ms - now_ms,
+        };
+        if limit == 0 {
+            return Ok(limited);
+        }
+        let (win_attr, count_attr) = counter.attributes();
+        // Count in the current window, below the limit ...
+        let bump = Update {
+            cond: Cond::And(vec![
+                Cond::Exists(attr::USER_ID),
+                Cond::Eq(win_attr, n(window)),
+                Cond::Lt(count_attr, u64::from(limit)),
+            ]),
+            actions: vec![Action::Add(count_attr, 1)],
+        };
+        // ... or start the current window (the stored one is older or absent).
+        let start = Update {
+            cond: Cond::And(vec![
+                Cond::Exists(attr::USER_ID),
+                Cond::Or(vec![Cond::NotExists(win_attr), Cond::Lt(win_attr, window)]),
+            ]),
+            actions: vec![
+                Action::Set(win_attr, n(window)),
+                Action::Set(count_attr, n(1)),
+            ],
+        };
+        // A concurrent start between the two makes the first one succeed on
+        // the next round; windows only move forward, so this ends.
+        for _ in 0..2 {
+            if self
+                .update("count_request", user_id, bump.clone())
+                .await?
+                .is_ok()
+            {
+                return Ok(CountOutcome::Counted);
+            }
+            match self.update("count_request", user_id, start.clone()).await? {
+                Ok(_) => return Ok(CountOutcome::Counted),
+                Err(None) if self.get_item(user_id).await?.is_none() => {
+                    return Ok(CountOutcome::NoItem)
+                }
+                Err(_) => {}
+            }
+        }
+        Ok(limited)
     }
 
     async fn query_awake_idle(

@@ -68,6 +68,14 @@ pub mod attr {
     pub const CREATED_AT: &str = "created_at";
     /// Shard of the `awake` index; present only while awake.
     pub const AWAKE_SHARD: &str = "awake_shard";
+    /// Fair use: start (epoch ms) of the current turn-rate window.
+    pub const TURNS_WINDOW: &str = "turns_window";
+    /// Fair use: turns counted in `turns_window`.
+    pub const TURNS_COUNT: &str = "turns_count";
+    /// Fair use: start (epoch ms) of the current status-read window.
+    pub const STATUS_WINDOW: &str = "status_window";
+    /// Fair use: live status reads counted in `status_window`.
+    pub const STATUS_COUNT: &str = "status_count";
 }
 
 /// Name of the sparse GSI the sweep queries.
