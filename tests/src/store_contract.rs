@@ -1031,7 +1031,7 @@ pub async fn count_request_limits_each_user_and_window<S: UserStore + 'static>(s
             store
                 .count_request("alice", Counter::Turns, 3, MINUTE, at + i)
                 .await
-                .unwrap(),
+                .expect("count"),
             CountOutcome::Counted,
             "request {i}"
         );
@@ -1040,7 +1040,7 @@ pub async fn count_request_limits_each_user_and_window<S: UserStore + 'static>(s
         store
             .count_request("alice", Counter::Turns, 3, MINUTE, at + 5)
             .await
-            .unwrap(),
+            .expect("count"),
         CountOutcome::Limited {
             retry_after_ms: MINUTE - 10_005
         }
@@ -1050,14 +1050,14 @@ pub async fn count_request_limits_each_user_and_window<S: UserStore + 'static>(s
         store
             .count_request("alice", Counter::StatusReads, 3, MINUTE, at)
             .await
-            .unwrap(),
+            .expect("count"),
         CountOutcome::Counted
     );
     assert_eq!(
         store
             .count_request("bob", Counter::Turns, 3, MINUTE, at)
             .await
-            .unwrap(),
+            .expect("count"),
         CountOutcome::Counted
     );
     // The next window counts afresh
@@ -1065,7 +1065,7 @@ pub async fn count_request_limits_each_user_and_window<S: UserStore + 'static>(s
         store
             .count_request("alice", Counter::Turns, 3, MINUTE, start + MINUTE)
             .await
-            .unwrap(),
+            .expect("count"),
         CountOutcome::Counted
     );
     // Concurrent requests in a fresh window: exactly `limit` are counted
@@ -1083,7 +1083,7 @@ pub async fn count_request_limits_each_user_and_window<S: UserStore + 'static>(s
         .collect();
     let mut counted = 0;
     for t in tasks {
-        if t.await.unwrap().unwrap() == CountOutcome::Counted {
+        if t.await.expect("task").expect("count") == CountOutcome::Counted {
             counted += 1;
         }
     }
@@ -1093,7 +1093,7 @@ pub async fn count_request_limits_each_user_and_window<S: UserStore + 'static>(s
         store
             .count_request("bob", Counter::Turns, 0, MINUTE, at)
             .await
-            .unwrap(),
+            .expect("count"),
         CountOutcome::Limited { .. }
     ));
     // No item: reported, not created
@@ -1101,11 +1101,11 @@ pub async fn count_request_limits_each_user_and_window<S: UserStore + 'static>(s
         store
             .count_request("nobody", Counter::Turns, 3, MINUTE, at)
             .await
-            .unwrap(),
+            .expect("count"),
         CountOutcome::NoItem
     );
-    assert!(store.get("nobody").await.unwrap().is_none());
+    assert!(store.get("nobody").await.expect("get").is_none());
     // Counters are not state: the generation did not move
-    let now = store.get("alice").await.unwrap().unwrap();
+    let now = store.get("alice").await.expect("get").expect("item");
     assert_eq!(now.generation, alice.generation);
 }
