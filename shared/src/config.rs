@@ -122,6 +122,9 @@ pub struct Config {
     /// reach Dedalus; more are served from the table (default 30; `0` = no
     /// limit).
     pub max_status_reads_per_minute: u32,
+    /// `MAX_HISTORY_CHARS`: characters of the request's history sent to the
+    /// model per turn, newest first (default 32768).
+    pub max_history_chars: usize,
     /// `PROVISION_FUNCTION` (name or ARN of the provision worker)
     pub provision_function: Option<String>,
     /// `PROVISION_INVOKE=detached`: send the worker invoke without awaiting
@@ -261,6 +264,11 @@ impl Config {
                 num("MAX_STATUS_READS_PER_MINUTE"),
                 "MAX_STATUS_READS_PER_MINUTE",
                 30,
+            )?,
+            max_history_chars: parse_num(
+                num("MAX_HISTORY_CHARS"),
+                "MAX_HISTORY_CHARS",
+                crate::agent::DEFAULT_HISTORY_BUDGET,
             )?,
             provision_function: get("PROVISION_FUNCTION").map(str::to_string),
             provision_invoke_detached: match get("PROVISION_INVOKE") {
