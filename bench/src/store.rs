@@ -372,6 +372,11 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
         self.timed(Kind::Write, f, none).await
     }
 
+    async fn note_awake_day(&self, user_id: &str, day_start: u64, base_ms: u64) -> Result<()> {
+        let f = self.inner.note_awake_day(user_id, day_start, base_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
     async fn query_awake_idle(
         &self,
         shard: &str,

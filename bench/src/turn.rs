@@ -135,6 +135,7 @@ impl TurnStack {
             turns,
             auth: agenthome_tests::stack::authorizer(AuthMode::Jwt),
             fair_use: agenthome::entry::FairUse::OFF,
+            awake_budget: None,
             turn_deadline: Duration::from_secs(60),
             margin: Duration::from_secs(2),
             heartbeat: chat_turn_fn::HEARTBEAT,

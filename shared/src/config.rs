@@ -122,6 +122,9 @@ pub struct Config {
     /// reach Dedalus; more are served from the table (default 30; `0` = no
     /// limit).
     pub max_status_reads_per_minute: u32,
+    /// `MAX_AWAKE_PER_DAY`: awake time per user and UTC day after which
+    /// the machine sleeps and turns get 429 until midnight (default: off).
+    pub max_awake_per_day: Option<Duration>,
     /// `MAX_HISTORY_CHARS`: characters of the request's history sent to the
     /// model per turn, newest first (default 32768).
     pub max_history_chars: usize,
@@ -265,6 +268,13 @@ impl Config {
                 "MAX_STATUS_READS_PER_MINUTE",
                 30,
             )?,
+            max_awake_per_day: match get("MAX_AWAKE_PER_DAY") {
+                None | Some("off") | Some("0") => None,
+                Some(raw) => Some(
+                    humantime::parse_duration(raw)
+                        .map_err(|e| malformed("MAX_AWAKE_PER_DAY", raw, e))?,
+                ),
+            },
             max_history_chars: parse_num(
                 num("MAX_HISTORY_CHARS"),
                 "MAX_HISTORY_CHARS",
@@ -344,6 +354,7 @@ mod tests {
             ("IDLE_AFTER", "five minutes"),
             ("MAX_STEPS", "-1"),
             ("MAX_TURNS_PER_MINUTE", "ten"),
+            ("MAX_AWAKE_PER_DAY", "two hours"),
             ("MACHINE_MEMORY_MIB", "2G"),
             ("AUTH_MODE", "open"),
             ("DEDALUS_BASE_URL", "ftp://x"),

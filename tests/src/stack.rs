@@ -62,6 +62,8 @@ pub struct StackOptions {
     pub verifier: Option<JwtVerifier>,
     /// Per-user limits (default: off).
     pub fair_use: agenthome::entry::FairUse,
+    /// `MAX_AWAKE_PER_DAY` (default: off).
+    pub awake_per_day: Option<Duration>,
     /// `MACHINE_AUTOSLEEP` of the machines the stack creates (default
     /// `30m`; a short one such as `2s` lets the platform sleep them).
     pub autosleep: String,
@@ -81,6 +83,7 @@ impl Default for StackOptions {
             auth_mode: AuthMode::Jwt,
             verifier: None,
             fair_use: agenthome::entry::FairUse::OFF,
+            awake_per_day: None,
             autosleep: "30m".into(),
             heartbeat: chat_turn_fn::HEARTBEAT,
         }
@@ -173,6 +176,16 @@ impl Stack {
             turns,
             auth: auth.clone(),
             fair_use: options.fair_use,
+            awake_budget: options
+                .awake_per_day
+                .map(|per_day| agenthome::entry::AwakeBudget {
+                    per_day,
+                    sweeper: agenthome::sweep::Sweeper::new(
+                        std::sync::Arc::new(store.clone()),
+                        &emu.client(),
+                        agenthome::sweep::SweepSettings::default(),
+                    ),
+                }),
             turn_deadline: options.turn_deadline,
             margin: Duration::from_secs(2),
             heartbeat: options.heartbeat,

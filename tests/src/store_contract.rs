@@ -52,6 +52,7 @@ macro_rules! user_store_contract_tests {
             destroy_and_delete,
             writes_never_create_missing_items,
             count_request_limits_each_user_and_window,
+            note_awake_day_keeps_the_first_baseline_of_a_day,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -1108,4 +1109,41 @@ pub async fn count_request_limits_each_user_and_window<S: UserStore + 'static>(s
     // Counters are not state: the generation did not move
     let now = store.get("alice").await.expect("get").expect("item");
     assert_eq!(now.generation, alice.generation);
+}
+
+/// GIVEN an item WHEN the day's awake baseline is noted twice THEN the first
+/// stays, a later day replaces it, the generation is untouched, and a
+/// missing item is NotFound (not created).
+pub async fn note_awake_day_keeps_the_first_baseline_of_a_day<S: UserStore>(store: S) {
+    let rec = claimed(&store, "alice", T0).await;
+    let day = 1_699_920_000_000;
+    store.note_awake_day("alice", day, 40).await.expect("note");
+    store
+        .note_awake_day("alice", day, 99)
+        .await
+        .expect("second note");
+    let now = store.get("alice").await.expect("get").expect("item");
+    assert_eq!(
+        now.awake_day,
+        Some(agenthome::store::AwakeDay {
+            day_start: day,
+            base_ms: 40
+        })
+    );
+    assert_eq!(now.generation, rec.generation);
+    let next = day + 86_400_000;
+    store
+        .note_awake_day("alice", next, 7)
+        .await
+        .expect("next day");
+    let now = store.get("alice").await.expect("get").expect("item");
+    assert_eq!(
+        now.awake_day.map(|d| (d.day_start, d.base_ms)),
+        Some((next, 7))
+    );
+    assert!(matches!(
+        store.note_awake_day("nobody", day, 0).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(store.get("nobody").await.expect("get").is_none());
 }

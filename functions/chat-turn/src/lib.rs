@@ -5,7 +5,7 @@
 
 use agenthome::agent::AgentError;
 use agenthome::api::{Problem, TurnRequest};
-use agenthome::entry::{self, Authorizer, FairUse, Route};
+use agenthome::entry::{self, Authorizer, AwakeBudget, FairUse, Route};
 use agenthome::provision::WorkerTrigger;
 use agenthome::store::UserStore;
 use agenthome::turn::{MachineStage, TurnError, TurnEvent, TurnOutcome, TurnService};
@@ -30,6 +30,8 @@ pub struct Service<S, T> {
     pub auth: Authorizer,
     /// Per-user limits (`MAX_TURNS_PER_MINUTE`).
     pub fair_use: FairUse,
+    /// Per-user awake time per UTC day (`MAX_AWAKE_PER_DAY`), if set.
+    pub awake_budget: Option<AwakeBudget<S>>,
     /// Upper bound of a turn (`TURN_DEADLINE`).
     pub turn_deadline: Duration,
     /// Kept before the Lambda deadline for the response itself.
@@ -58,9 +60,18 @@ where
         match self.prepare(req).await {
             Ok(p) => {
                 let result = self.turns.run(&p.user, p.request, p.deadline).await;
+                self.after_turn(&p.user).await;
                 respond(&p.user, result)
             }
             Err(p) => problem_response(&p),
+        }
+    }
+
+    /// Bookkeeping after any turn: a machine whose awake budget ran out
+    /// goes to sleep now.
+    async fn after_turn(&self, user: &str) {
+        if let Some(budget) = &self.awake_budget {
+            budget.enforce(self.turns.provisioner().store(), user).await;
         }
     }
 
@@ -76,6 +87,9 @@ where
         self.auth.authorize(req, &user).await?;
         let store = self.turns.provisioner().store();
         self.fair_use.admit_turn(store, &user).await?;
+        if let Some(budget) = &self.awake_budget {
+            budget.admit(store, &user).await?;
+        }
         let body = entry::body_bytes(req, agenthome::api::turn_request::MAX_BODY_BYTES)?;
         let request = TurnRequest::from_json(body)?;
         let budget = self.budget(req);
@@ -119,10 +133,13 @@ where
         let service = Arc::clone(&self);
         let user = p.user.clone();
         let mut task = tokio::spawn(async move {
-            service
+            let result = service
                 .turns
                 .run_with_events(&p.user, p.request, p.deadline, &tx)
-                .await
+                .await;
+            drop(tx);
+            service.after_turn(&p.user).await;
+            result
         });
         let mut first = VecDeque::new();
         loop {

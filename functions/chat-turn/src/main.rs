@@ -61,6 +61,17 @@ async fn main() -> Result<(), lambda_http::Error> {
         turns: TurnService::new(provisioner, agent, settings),
         auth,
         fair_use: agenthome::entry::FairUse::from_config(c),
+        awake_budget: match c.max_awake_per_day {
+            Some(per_day) => Some(agenthome::entry::AwakeBudget {
+                per_day,
+                sweeper: agenthome::sweep::Sweeper::new(
+                    Arc::new(app.store.clone()),
+                    &app.dedalus,
+                    agenthome::sweep::SweepSettings::from_env()?,
+                ),
+            }),
+            None => None,
+        },
         turn_deadline: c.turn_deadline,
         margin: Duration::from_secs(2),
         heartbeat: HEARTBEAT,

@@ -2,9 +2,11 @@
 //! URLs, `cargo lambda watch`) mapped onto the product's HTTP contract
 //! ([`crate::api`]) and back. Domain code never sees these types.
 
+pub mod awake_budget;
 mod fair_use;
 mod route;
 
+pub use awake_budget::AwakeBudget;
 pub use fair_use::FairUse;
 pub use route::{route, Route};
 

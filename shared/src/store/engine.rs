@@ -448,6 +448,7 @@ impl<B: Backend> UserStore for B {
             updated_at: now_ms,
             created_at: now_ms,
             awake_shard: None,
+            awake_day: None,
         };
         match self.put_new(&record).await? {
             Ok(()) => Ok(ClaimOutcome::Claimed(record)),
@@ -941,6 +942,32 @@ impl<B: Backend> UserStore for B {
             }
         }
         Ok(limited)
+    }
+
+    async fn note_awake_day(&self, user_id: &str, day_start: u64, base_ms: u64) -> Result<()> {
+        non_empty("user_id", user_id)?;
+        let update = Update {
+            cond: Cond::And(vec![
+                Cond::Exists(attr::USER_ID),
+                Cond::Or(vec![
+                    Cond::NotExists(attr::AWAKE_DAY),
+                    Cond::Lt(attr::AWAKE_DAY, day_start),
+                ]),
+            ]),
+            actions: vec![
+                Action::Set(attr::AWAKE_DAY, n(day_start)),
+                Action::Set(attr::AWAKE_DAY_BASE, n(base_ms)),
+            ],
+        };
+        match self.update("note_awake_day", user_id, update).await? {
+            Ok(_) | Err(Some(_)) => Ok(()),
+            Err(None) => match self.get_item(user_id).await? {
+                Some(_) => Ok(()),
+                None => Err(StoreError::NotFound {
+                    user_id: user_id.to_owned(),
+                }),
+            },
+        }
     }
 
     async fn query_awake_idle(

@@ -34,7 +34,7 @@ pub mod table;
 
 pub use dynamo::DynamoStore;
 pub use memory::MemoryStore;
-pub use record::{Hold, Item, Lease, LeaseKind, MachineState, Power, UserRecord};
+pub use record::{AwakeDay, Hold, Item, Lease, LeaseKind, MachineState, Power, UserRecord};
 pub use table::{create_table, shard_for, AWAKE_SHARDS};
 
 /// Result of store operations.
@@ -496,6 +496,17 @@ pub trait UserStore: Send + Sync {
         window_ms: u64,
         now_ms: u64,
     ) -> impl Future<Output = Result<CountOutcome>> + Send;
+
+    /// Record the awake budget's baseline of the UTC day `day_start`
+    /// (`awake_day`, `awake_day_base`) unless one of that day (or a later
+    /// one) is recorded: the first write of a day wins. Like the counters,
+    /// no `generation` bump. A missing item is [`StoreError::NotFound`].
+    fn note_awake_day(
+        &self,
+        user_id: &str,
+        day_start: u64,
+        base_ms: u64,
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// One page of awake items of `shard` idle since before `idle_before_ms`
     /// (`awake_shard = shard AND last_active_at < idle_before_ms`, oldest

@@ -124,6 +124,16 @@ impl Lease {
 }
 
 /// Keeps the machine awake while a command the agent left running finishes.
+/// The awake budget's daily baseline: `awake_ms_total` as of the start of
+/// the UTC day `day_start` (see `entry::awake_budget`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AwakeDay {
+    /// Epoch ms of the UTC midnight starting the day.
+    pub day_start: u64,
+    /// `awake_ms_total` at that midnight.
+    pub base_ms: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Hold {
     /// Epoch ms after which the hold no longer counts.
@@ -172,6 +182,8 @@ pub struct UserRecord {
     pub created_at: u64,
     /// Shard of the `awake` index; present only while awake (makes it sparse).
     pub awake_shard: Option<String>,
+    /// The awake budget's baseline of the current day, once noted.
+    pub awake_day: Option<AwakeDay>,
 }
 
 impl UserRecord {
@@ -247,6 +259,10 @@ struct Wire {
     created_at: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     awake_shard: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    awake_day: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    awake_day_base: Option<u64>,
 }
 
 impl From<UserRecord> for Wire {
@@ -281,6 +297,8 @@ impl From<UserRecord> for Wire {
             updated_at: r.updated_at,
             created_at: r.created_at,
             awake_shard: r.awake_shard,
+            awake_day: r.awake_day.map(|d| d.day_start),
+            awake_day_base: r.awake_day.map(|d| d.base_ms),
         }
     }
 }
@@ -341,6 +359,12 @@ impl TryFrom<Wire> for UserRecord {
             updated_at: w.updated_at,
             created_at: w.created_at,
             awake_shard: w.awake_shard,
+            // Both or neither; a half-written pair is ignored (the next
+            // turn writes it whole).
+            awake_day: match (w.awake_day, w.awake_day_base) {
+                (Some(day_start), Some(base_ms)) => Some(AwakeDay { day_start, base_ms }),
+                _ => None,
+            },
         })
     }
 }
@@ -372,6 +396,10 @@ mod tests {
             updated_at: 1_700_000_000_001,
             created_at: 1_600_000_000_000,
             awake_shard: Some("3".into()),
+            awake_day: Some(AwakeDay {
+                day_start: 1_699_920_000_000,
+                base_ms: 40,
+            }),
         }
     }
 

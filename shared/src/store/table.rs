@@ -76,6 +76,10 @@ pub mod attr {
     pub const STATUS_WINDOW: &str = "status_window";
     /// Fair use: live status reads counted in `status_window`.
     pub const STATUS_COUNT: &str = "status_count";
+    /// Awake budget: the UTC day (epoch ms of its midnight) of `awake_day_base`.
+    pub const AWAKE_DAY: &str = "awake_day";
+    /// Awake budget: `awake_ms_total` at the start of `awake_day`.
+    pub const AWAKE_DAY_BASE: &str = "awake_day_base";
 }
 
 /// Name of the sparse GSI the sweep queries.
