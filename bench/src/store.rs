@@ -2,8 +2,9 @@
 //! in the table, without changing what the wrapped store does.
 
 use agenthome::store::{
-    AcquireOutcome, ClaimOutcome, CreateKey, Cursor, DeleteGuard, DeleteOutcome, Hold, Lease,
-    LeasePurpose, Page, Power, ReleaseOutcome, Result, UserRecord, UserStore,
+    AcquireOutcome, ClaimOutcome, CountOutcome, Counter, CreateKey, Cursor, DeleteGuard,
+    DeleteOutcome, Hold, Lease, LeasePurpose, Page, Power, ReleaseOutcome, Result, UserRecord,
+    UserStore,
 };
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -379,6 +380,25 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn delete(&self, user_id: &str, guard: DeleteGuard) -> Result<DeleteOutcome> {
         let f = self.inner.delete(user_id, guard);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn count_request(
+        &self,
+        user_id: &str,
+        counter: Counter,
+        limit: u32,
+        window_ms: u64,
+        now_ms: u64,
+    ) -> Result<CountOutcome> {
+        let f = self
+            .inner
+            .count_request(user_id, counter, limit, window_ms, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn note_awake_day(&self, user_id: &str, day_start: u64, base_ms: u64) -> Result<()> {
+        let f = self.inner.note_awake_day(user_id, day_start, base_ms);
         self.timed(Kind::Write, f, none).await
     }
 

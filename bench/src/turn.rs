@@ -133,8 +133,9 @@ impl TurnStack {
         );
         let chat = chat_turn_fn::Service {
             turns,
-            auth_mode: AuthMode::Jwt,
-            admin_scope: agenthome_tests::stack::ADMIN_SCOPE.into(),
+            auth: agenthome_tests::stack::authorizer(AuthMode::Jwt),
+            fair_use: agenthome::entry::FairUse::OFF,
+            awake_budget: None,
             turn_deadline: Duration::from_secs(60),
             margin: Duration::from_secs(2),
             heartbeat: chat_turn_fn::HEARTBEAT,

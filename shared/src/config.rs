@@ -102,6 +102,32 @@ pub struct Config {
     pub auth_mode: AuthMode,
     /// `ADMIN_SCOPE` (default `agenthome/admin`)
     pub admin_scope: String,
+    /// `ADMIN_CLIENT_ID`: the OAuth client (`azp` or `client_id` claim) whose
+    /// tokens may use the admin scope. Unset: no token is admin.
+    pub admin_client_id: Option<String>,
+    /// `USER_SCOPE`: a scope every non-admin token must carry (unset: none).
+    pub user_scope: Option<String>,
+    /// `JWT_ISSUER`: the accepted `iss` (required by `AUTH_MODE=bearer`).
+    pub jwt_issuer: Option<String>,
+    /// `JWT_AUDIENCE`: accepted `aud` (or, without `aud`, `client_id`)
+    /// values, comma-separated (required by `AUTH_MODE=bearer`).
+    pub jwt_audience: Vec<String>,
+    /// `JWKS_URL`: where the issuer's signing keys are (default: the
+    /// `jwks_uri` of the issuer's OpenID configuration).
+    pub jwks_url: Option<url::Url>,
+    /// `MAX_TURNS_PER_MINUTE`: turns a user may start per minute (default
+    /// 30; `0` = no limit).
+    pub max_turns_per_minute: u32,
+    /// `MAX_STATUS_READS_PER_MINUTE`: status reads per user and minute that
+    /// reach Dedalus; more are served from the table (default 30; `0` = no
+    /// limit).
+    pub max_status_reads_per_minute: u32,
+    /// `MAX_AWAKE_PER_DAY`: awake time per user and UTC day after which
+    /// the machine sleeps and turns get 429 until midnight (default: off).
+    pub max_awake_per_day: Option<Duration>,
+    /// `MAX_HISTORY_CHARS`: characters of the request's history sent to the
+    /// model per turn, newest first (default 32768).
+    pub max_history_chars: usize,
     /// `PROVISION_FUNCTION` (name or ARN of the provision worker)
     pub provision_function: Option<String>,
     /// `PROVISION_INVOKE=detached`: send the worker invoke without awaiting
@@ -131,14 +157,11 @@ impl Config {
         let url = |name: &'static str, default: &str| -> Result<url::Url, ConfigError> {
             let raw = get(name).unwrap_or(default);
             let parsed = url::Url::parse(raw).map_err(|e| malformed(name, raw, e))?;
-            match parsed.scheme() {
-                "http" | "https" => Ok(parsed),
-                other => Err(malformed(
-                    name,
-                    raw,
-                    format!("scheme {other} is not http(s)"),
-                )),
-            }
+            crate::net::require_secure(&parsed).map_err(|e| malformed(name, raw, e))?;
+            Ok(parsed)
+        };
+        let optional_url = |name: &'static str| -> Result<Option<url::Url>, ConfigError> {
+            get(name).map(|raw| url(name, raw)).transpose()
         };
         let num = |name: &'static str| get(name).map(str::to_string);
         let duration = |name: &'static str, default: Duration| -> Result<Duration, ConfigError> {
@@ -171,6 +194,33 @@ impl Config {
             ));
         }
         let max_steps: u32 = parse_num(num("MAX_STEPS"), "MAX_STEPS", 20)?;
+        let auth_mode = match get("AUTH_MODE") {
+            None => AuthMode::Jwt,
+            Some(raw) => raw
+                .parse()
+                .map_err(|e: String| malformed("AUTH_MODE", raw, e))?,
+        };
+        // Kept as written: `iss` must match it exactly (a URL parser would
+        // add a trailing slash to a bare host).
+        let jwt_issuer = match get("JWT_ISSUER") {
+            Some(raw) => url("JWT_ISSUER", raw).map(|_| Some(raw.to_string()))?,
+            None => None,
+        };
+        let jwt_audience: Vec<String> = get("JWT_AUDIENCE")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect();
+        if auth_mode == AuthMode::Bearer {
+            if jwt_issuer.is_none() {
+                return Err(ConfigError::Missing("JWT_ISSUER"));
+            }
+            if jwt_audience.is_empty() {
+                return Err(ConfigError::Missing("JWT_AUDIENCE"));
+            }
+        }
         if max_steps == 0 {
             return Err(malformed("MAX_STEPS", "0", "must be at least 1"));
         }
@@ -201,13 +251,35 @@ impl Config {
                     malformed("AGENT_TRANSPORT", raw, "expected terminal or executions")
                 })?,
             },
-            auth_mode: match get("AUTH_MODE") {
-                None => AuthMode::Jwt,
-                Some(raw) => raw
-                    .parse()
-                    .map_err(|e: String| malformed("AUTH_MODE", raw, e))?,
-            },
+            auth_mode,
             admin_scope: get("ADMIN_SCOPE").unwrap_or("agenthome/admin").to_string(),
+            admin_client_id: get("ADMIN_CLIENT_ID").map(str::to_string),
+            user_scope: get("USER_SCOPE").map(str::to_string),
+            jwt_issuer,
+            jwt_audience,
+            jwks_url: optional_url("JWKS_URL")?,
+            max_turns_per_minute: parse_num(
+                num("MAX_TURNS_PER_MINUTE"),
+                "MAX_TURNS_PER_MINUTE",
+                30,
+            )?,
+            max_status_reads_per_minute: parse_num(
+                num("MAX_STATUS_READS_PER_MINUTE"),
+                "MAX_STATUS_READS_PER_MINUTE",
+                30,
+            )?,
+            max_awake_per_day: match get("MAX_AWAKE_PER_DAY") {
+                None | Some("off") | Some("0") => None,
+                Some(raw) => Some(
+                    humantime::parse_duration(raw)
+                        .map_err(|e| malformed("MAX_AWAKE_PER_DAY", raw, e))?,
+                ),
+            },
+            max_history_chars: parse_num(
+                num("MAX_HISTORY_CHARS"),
+                "MAX_HISTORY_CHARS",
+                crate::agent::DEFAULT_HISTORY_BUDGET,
+            )?,
             provision_function: get("PROVISION_FUNCTION").map(str::to_string),
             provision_invoke_detached: match get("PROVISION_INVOKE") {
                 None | Some("async") => false,
@@ -281,9 +353,14 @@ mod tests {
         for (name, bad) in [
             ("IDLE_AFTER", "five minutes"),
             ("MAX_STEPS", "-1"),
+            ("MAX_TURNS_PER_MINUTE", "ten"),
+            ("MAX_AWAKE_PER_DAY", "two hours"),
             ("MACHINE_MEMORY_MIB", "2G"),
             ("AUTH_MODE", "open"),
             ("DEDALUS_BASE_URL", "ftp://x"),
+            ("DEDALUS_BASE_URL", "http://dcs.example.com"),
+            ("LLM_BASE_URL", "http://llm.example.com/v1"),
+            ("JWKS_URL", "http://idp.example.com/jwks.json"),
         ] {
             let err = Config::from_map(&env(&[
                 ("TABLE_NAME", "t"),
@@ -296,6 +373,32 @@ mod tests {
                 "{name}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn bearer_mode_needs_an_issuer_and_an_audience() {
+        let base = [
+            ("TABLE_NAME", "t"),
+            ("DEDALUS_API_KEY", "k"),
+            ("AUTH_MODE", "bearer"),
+        ];
+        assert_eq!(
+            Config::from_map(&env(&base)).unwrap_err(),
+            ConfigError::Missing("JWT_ISSUER")
+        );
+        let mut with_issuer = base.to_vec();
+        with_issuer.push(("JWT_ISSUER", "https://idp.example.com/"));
+        assert_eq!(
+            Config::from_map(&env(&with_issuer)).unwrap_err(),
+            ConfigError::Missing("JWT_AUDIENCE")
+        );
+        with_issuer.push(("JWT_AUDIENCE", " app-1 , app-2,"));
+        with_issuer.push(("ADMIN_CLIENT_ID", "backend"));
+        let c = Config::from_map(&env(&with_issuer)).expect("config");
+        assert_eq!(c.auth_mode, AuthMode::Bearer);
+        assert_eq!(c.jwt_audience, ["app-1", "app-2"]);
+        assert_eq!(c.admin_client_id.as_deref(), Some("backend"));
+        assert_eq!(c.jwks_url, None);
     }
 
     #[test]

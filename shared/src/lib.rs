@@ -16,6 +16,7 @@
 //! - [`config`]: configuration from the environment, read once at cold start.
 //! - [`runner`]: running commands on a machine (terminal or executions backend).
 //! - [`agent`]: the agent loop: the LLM client, the `run_command` tool, limits.
+//! - [`net`]: outbound HTTP hygiene (https outside loopback, no redirects).
 
 pub mod agent;
 pub mod api;
@@ -26,6 +27,7 @@ pub mod dedalus;
 pub mod entry;
 pub mod machines;
 pub mod metrics;
+pub mod net;
 pub mod provision;
 pub mod runner;
 pub mod store;

@@ -95,6 +95,24 @@ pub async fn status<S: UserStore>(
     Ok(Some(MachineStatus::new(&rec, live, now_ms())))
 }
 
+/// The user's status from the table alone (no Dedalus call): for status
+/// reads above the per-user limit. `phase` is absent and `phase_error`
+/// says why; `power` is the table's view.
+pub async fn table_status<S: UserStore>(
+    store: &S,
+    user_id: &str,
+) -> Result<Option<MachineStatus>, StoreError> {
+    let Some(rec) = store.get(user_id).await? else {
+        return Ok(None);
+    };
+    let why = "the live phase was not read: too many status reads for this user in the last minute; `power` is the table's view";
+    Ok(Some(MachineStatus::new(
+        &rec,
+        Err(why.to_string()),
+        now_ms(),
+    )))
+}
+
 /// Outcome of [`destroy`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destroyed {

@@ -15,14 +15,42 @@ pub enum Auth<'a> {
         /// The token's scopes.
         scopes: &'a [&'a str],
     },
+    /// As [`Auth::Jwt`], for a token issued to the OAuth client `client_id`
+    /// (its `azp` claim).
+    Client {
+        /// The token's subject.
+        sub: &'a str,
+        /// The token's scopes.
+        scopes: &'a [&'a str],
+        /// The client the token was issued to.
+        client_id: &'a str,
+    },
+    /// No authorizer; an `Authorization: Bearer <token>` header (a Function
+    /// URL, which the function itself must verify).
+    Bearer(&'a str),
+    /// A Function URL request signed with SigV4: IAM authorizer data, no JWT.
+    Iam(&'a str),
 }
 
 /// An API Gateway HTTP API (payload 2.0) event.
 pub fn http(method: &str, path: &str, body: Option<&str>, auth: Auth<'_>) -> Value {
-    let authorizer = match auth {
-        Auth::None => Value::Null,
+    let authorizer = match &auth {
+        Auth::None | Auth::Bearer(_) => Value::Null,
         Auth::Jwt { sub, scopes } => json!({
             "jwt": {"claims": {"sub": sub, "scope": scopes.join(" ")}, "scopes": null}
+        }),
+        Auth::Client {
+            sub,
+            scopes,
+            client_id,
+        } => json!({
+            "jwt": {"claims": {"sub": sub, "scope": scopes.join(" "), "azp": client_id},
+                    "scopes": null}
+        }),
+        Auth::Iam(arn) => json!({
+            "iam": {"accessKey": "AKIAEXAMPLE", "accountId": "123456789012",
+                    "callerId": "AROAEXAMPLE:session", "principalOrgId": null,
+                    "userArn": arn, "userId": "AROAEXAMPLE:session"}
         }),
     };
     let mut event = json!({
@@ -48,6 +76,9 @@ pub fn http(method: &str, path: &str, body: Option<&str>, auth: Auth<'_>) -> Val
     });
     if !authorizer.is_null() {
         event["requestContext"]["authorizer"] = authorizer;
+    }
+    if let Auth::Bearer(token) = auth {
+        event["headers"]["authorization"] = Value::String(format!("Bearer {token}"));
     }
     if let Some(b) = body {
         event["body"] = Value::String(b.to_string());

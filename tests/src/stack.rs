@@ -14,9 +14,10 @@ use crate::events::{http, Auth};
 use crate::openapi::{self, BodyCheck, Function};
 use crate::{unique_table_name, Emulator, Moto};
 use agenthome::agent::Agent;
-use agenthome::api::AuthMode;
+use agenthome::api::{AccessPolicy, AuthMode, JwtVerifier};
 use agenthome::dedalus::Phase;
 use agenthome::metrics::{Captured, Metrics, MetricsConfig};
+use agenthome::entry::Authorizer;
 use agenthome::provision::{
     Bootstrap, MachineSpec, ProvisionEvent, ProvisionSettings, Provisioner, QueueTrigger,
 };
@@ -32,6 +33,20 @@ use tokio::sync::Mutex;
 /// The admin scope the stack's services accept.
 pub const ADMIN_SCOPE: &str = "agenthome/admin";
 
+/// The OAuth client whose tokens may use [`ADMIN_SCOPE`].
+pub const ADMIN_CLIENT: &str = "chat-backend-client";
+
+/// The admin policy of every stack.
+pub fn access_policy() -> AccessPolicy {
+    AccessPolicy::new(ADMIN_SCOPE, Some(ADMIN_CLIENT.into()))
+}
+
+/// An authorizer for `mode` (not `bearer`: see [`StackOptions::verifier`])
+/// with [`access_policy`].
+pub fn authorizer(mode: AuthMode) -> Authorizer {
+    Authorizer::new(mode, access_policy(), None).expect("an authorizer without a verifier")
+}
+
 /// The harmless bootstrap every stack uses.
 pub const BOOTSTRAP: &str = "echo bootstrapped >> ~/bootstrap.log";
 
@@ -45,6 +60,12 @@ pub struct StackOptions {
     pub turn_deadline: Duration,
     /// Who may call.
     pub auth_mode: AuthMode,
+    /// The bearer-token verifier (`AuthMode::Bearer` needs one).
+    pub verifier: Option<JwtVerifier>,
+    /// Per-user limits (default: off).
+    pub fair_use: agenthome::entry::FairUse,
+    /// `MAX_AWAKE_PER_DAY` (default: off).
+    pub awake_per_day: Option<Duration>,
     /// `MACHINE_AUTOSLEEP` of the machines the stack creates (default
     /// `30m`; a short one such as `2s` lets the platform sleep them).
     pub autosleep: String,
@@ -62,6 +83,9 @@ impl Default for StackOptions {
             },
             turn_deadline: Duration::from_secs(60),
             auth_mode: AuthMode::Jwt,
+            verifier: None,
+            fair_use: agenthome::entry::FairUse::OFF,
+            awake_per_day: None,
             autosleep: "30m".into(),
             heartbeat: chat_turn_fn::HEARTBEAT,
         }
@@ -96,11 +120,12 @@ pub fn jwt(user: &str) -> Auth<'_> {
     }
 }
 
-/// A JWT carrying the admin scope.
+/// A JWT carrying the admin scope, issued to the admin client.
 pub fn admin() -> Auth<'static> {
-    Auth::Jwt {
+    Auth::Client {
         sub: "chat-backend",
         scopes: &[ADMIN_SCOPE],
+        client_id: ADMIN_CLIENT,
     }
 }
 
@@ -134,6 +159,8 @@ impl Stack {
         create_table(&client, &table).await.expect("create table");
         let store = DynamoStore::new(client, table);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let auth = Authorizer::new(options.auth_mode, access_policy(), options.verifier)
+            .expect("StackOptions::verifier is set for AuthMode::Bearer");
         let autosleep = options.autosleep.clone();
         let settings = || {
             ProvisionSettings::new(
@@ -155,8 +182,18 @@ impl Stack {
         });
         let chat = chat_turn_fn::Service {
             turns,
-            auth_mode: options.auth_mode,
-            admin_scope: ADMIN_SCOPE.into(),
+            auth: auth.clone(),
+            fair_use: options.fair_use,
+            awake_budget: options
+                .awake_per_day
+                .map(|per_day| agenthome::entry::AwakeBudget {
+                    per_day,
+                    sweeper: agenthome::sweep::Sweeper::new(
+                        std::sync::Arc::new(store.clone()),
+                        &emu.client(),
+                        agenthome::sweep::SweepSettings::default(),
+                    ),
+                }),
             turn_deadline: options.turn_deadline,
             margin: Duration::from_secs(2),
             heartbeat: options.heartbeat,
@@ -169,8 +206,8 @@ impl Stack {
                 &emu.client(),
                 agenthome::sweep::SweepSettings::default(),
             ),
-            auth_mode: options.auth_mode,
-            admin_scope: ADMIN_SCOPE.into(),
+            auth,
+            fair_use: options.fair_use,
             metrics,
         };
         Stack {

@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agenthome::store::{
-    shard_for, AcquireOutcome, ClaimOutcome, CreateKey, Cursor, DeleteGuard, DeleteOutcome, Hold,
-    Lease, LeaseKind, LeasePurpose, MachineState, Power, ReleaseOutcome, StoreError, UserRecord,
-    UserStore,
+    shard_for, AcquireOutcome, ClaimOutcome, CountOutcome, Counter, CreateKey, Cursor, DeleteGuard,
+    DeleteOutcome, Hold, Lease, LeaseKind, LeasePurpose, MachineState, Power, ReleaseOutcome,
+    StoreError, UserRecord, UserStore,
 };
 
 /// Base time of every case (epoch ms).
@@ -53,6 +53,8 @@ macro_rules! user_store_contract_tests {
             set_power_needs_the_generation_read,
             destroy_and_delete,
             writes_never_create_missing_items,
+            count_request_limits_each_user_and_window,
+            note_awake_day_keeps_the_first_baseline_of_a_day,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -1132,4 +1134,135 @@ pub async fn writes_never_create_missing_items<S: UserStore>(store: S) {
         matches!(empty, Err(StoreError::InvalidArgument(_))),
         "{empty:?}"
     );
+}
+
+/// GIVEN a limit of 3 per minute WHEN a user's requests are counted THEN the
+/// 4th in the window is limited until the window ends, another counter and
+/// another user are unaffected, the next window counts afresh, concurrent
+/// counts never exceed the limit, a missing item is reported (and not
+/// created), and the item's generation is untouched.
+pub async fn count_request_limits_each_user_and_window<S: UserStore + 'static>(store: S) {
+    let alice = claimed(&store, "alice", T0).await;
+    claimed(&store, "bob", T0).await;
+    let start = T0 - T0 % MINUTE;
+    let at = start + 10_000;
+    for i in 0..3 {
+        assert_eq!(
+            store
+                .count_request("alice", Counter::Turns, 3, MINUTE, at + i)
+                .await
+                .expect("count"),
+            CountOutcome::Counted,
+            "request {i}"
+        );
+    }
+    assert_eq!(
+        store
+            .count_request("alice", Counter::Turns, 3, MINUTE, at + 5)
+            .await
+            .expect("count"),
+        CountOutcome::Limited {
+            retry_after_ms: MINUTE - 10_005
+        }
+    );
+    // Another counter, another user: unaffected
+    assert_eq!(
+        store
+            .count_request("alice", Counter::StatusReads, 3, MINUTE, at)
+            .await
+            .expect("count"),
+        CountOutcome::Counted
+    );
+    assert_eq!(
+        store
+            .count_request("bob", Counter::Turns, 3, MINUTE, at)
+            .await
+            .expect("count"),
+        CountOutcome::Counted
+    );
+    // The next window counts afresh
+    assert_eq!(
+        store
+            .count_request("alice", Counter::Turns, 3, MINUTE, start + MINUTE)
+            .await
+            .expect("count"),
+        CountOutcome::Counted
+    );
+    // Concurrent requests in a fresh window: exactly `limit` are counted
+    let store = Arc::new(store);
+    let next = start + 2 * MINUTE;
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .count_request("alice", Counter::Turns, 3, MINUTE, next)
+                    .await
+            })
+        })
+        .collect();
+    let mut counted = 0;
+    for t in tasks {
+        if t.await.expect("task").expect("count") == CountOutcome::Counted {
+            counted += 1;
+        }
+    }
+    assert_eq!(counted, 3, "never more than the limit");
+    // Limit 0: always limited
+    assert!(matches!(
+        store
+            .count_request("bob", Counter::Turns, 0, MINUTE, at)
+            .await
+            .expect("count"),
+        CountOutcome::Limited { .. }
+    ));
+    // No item: reported, not created
+    assert_eq!(
+        store
+            .count_request("nobody", Counter::Turns, 3, MINUTE, at)
+            .await
+            .expect("count"),
+        CountOutcome::NoItem
+    );
+    assert!(store.get("nobody").await.expect("get").is_none());
+    // Counters are not state: the generation did not move
+    let now = store.get("alice").await.expect("get").expect("item");
+    assert_eq!(now.generation, alice.generation);
+}
+
+/// GIVEN an item WHEN the day's awake baseline is noted twice THEN the first
+/// stays, a later day replaces it, the generation is untouched, and a
+/// missing item is NotFound (not created).
+pub async fn note_awake_day_keeps_the_first_baseline_of_a_day<S: UserStore>(store: S) {
+    let rec = claimed(&store, "alice", T0).await;
+    let day = 1_699_920_000_000;
+    store.note_awake_day("alice", day, 40).await.expect("note");
+    store
+        .note_awake_day("alice", day, 99)
+        .await
+        .expect("second note");
+    let now = store.get("alice").await.expect("get").expect("item");
+    assert_eq!(
+        now.awake_day,
+        Some(agenthome::store::AwakeDay {
+            day_start: day,
+            base_ms: 40
+        })
+    );
+    assert_eq!(now.generation, rec.generation);
+    let next = day + 86_400_000;
+    store
+        .note_awake_day("alice", next, 7)
+        .await
+        .expect("next day");
+    let now = store.get("alice").await.expect("get").expect("item");
+    assert_eq!(
+        now.awake_day.map(|d| (d.day_start, d.base_ms)),
+        Some((next, 7))
+    );
+    assert!(matches!(
+        store.note_awake_day("nobody", day, 0).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(store.get("nobody").await.expect("get").is_none());
 }

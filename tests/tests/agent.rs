@@ -465,3 +465,40 @@ async fn shell_mode_runs_the_message_as_a_command() {
     assert!(out.reply.starts_with("from-shell-mode\n"), "{}", out.reply);
     assert!(out.reply.contains("[exit code 4]"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_over_the_budget_is_trimmed_oldest_first_and_stated() {
+    let key = secret_key();
+    let (url, script) = scripted_llm(vec![answer("ok")]).await;
+    let agent = agent(&url, &key).with_options(AgentOptions {
+        min_llm_time: Duration::from_millis(500),
+        history_budget: 2500,
+        ..AgentOptions::default()
+    });
+    let mut m = machine().await;
+    let mut turn = input("hi");
+    turn.history = (0..10)
+        .map(|n| ChatMessage {
+            role: if n % 2 == 0 { "user" } else { "assistant" }.into(),
+            content: format!("entry-{n}:{}", "x".repeat(992)),
+        })
+        .collect();
+    let out = agent
+        .run(turn, &mut m.runner, limits(60))
+        .await
+        .expect("turn");
+    assert_eq!(out.usage.history_dropped, 8);
+    let sent = script.messages(0);
+    let contents: Vec<&str> = sent.iter().filter_map(|m| m["content"].as_str()).collect();
+    assert!(contents.iter().any(|c| c.starts_with("entry-8:")));
+    assert!(contents.iter().any(|c| c.starts_with("entry-9:")));
+    assert!(
+        !contents.iter().any(|c| c.starts_with("entry-7:")),
+        "older entries are not sent"
+    );
+    assert!(contents
+        .iter()
+        .any(|c| c.contains("8 older message(s) of the conversation were left out")));
+    let v = serde_json::to_value(&out).unwrap();
+    assert_eq!(v["usage"]["history_dropped"], 8, "stated in the result");
+}

@@ -11,6 +11,7 @@ use agenthome::provision::{
 use agenthome::store::{create_table, DynamoStore, UserStore};
 use agenthome_tests::events::{http, response_parts, Auth};
 use agenthome_tests::openapi;
+use agenthome_tests::stack::{admin, authorizer};
 use agenthome_tests::{unique_table_name, Emulator, Moto};
 use provision_fn::Service;
 use serde_json::{json, Value};
@@ -53,8 +54,8 @@ async fn stack() -> Stack {
         service: Service {
             provisioner,
             sweeper,
-            auth_mode: AuthMode::Jwt,
-            admin_scope: ADMIN.into(),
+            auth: authorizer(AuthMode::Jwt),
+            fair_use: agenthome::entry::FairUse::OFF,
             metrics: agenthome::metrics::Metrics::off(),
         },
         events: rx,
@@ -180,12 +181,21 @@ async fn users_may_act_only_for_themselves_unless_admin() {
     // AND without a token THEN 401
     let (status, _, _) = s.call("GET", "/v1/users/alice/machine", Auth::None).await;
     assert_eq!(status, 401);
-    // AND the backend's admin scope may act for alice
-    let admin = Auth::Jwt {
-        sub: "chat-backend",
+    // AND the admin scope in a token of another client is not admin
+    let other_client = Auth::Client {
+        sub: "mallory",
         scopes: &[ADMIN],
+        client_id: "some-other-app",
     };
-    let (status, _, body) = s.call("GET", "/v1/users/alice/machine", admin).await;
+    for (method, path) in [
+        ("GET", "/v1/users/alice/machine"),
+        ("DELETE", "/v1/users/alice/machine"),
+    ] {
+        let (status, _, body) = s.call(method, path, other_client.clone()).await;
+        assert_eq!(status, 403, "{method} {path}: {body}");
+    }
+    // AND the backend's admin token (scope and client) may act for alice
+    let (status, _, body) = s.call("GET", "/v1/users/alice/machine", admin()).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["user_id"], "alice");
 }

@@ -280,6 +280,14 @@ const READ_BY_CODE: &[&str] = &[
     "MAX_STEPS",
     "AUTH_MODE",
     "ADMIN_SCOPE",
+    "ADMIN_CLIENT_ID",
+    "USER_SCOPE",
+    "MAX_TURNS_PER_MINUTE",
+    "MAX_STATUS_READS_PER_MINUTE",
+    "MAX_HISTORY_CHARS",
+    "MAX_AWAKE_PER_DAY",
+    "JWT_ISSUER",
+    "JWT_AUDIENCE",
     "PROVISION_FUNCTION",
     "PROVISION_INVOKE",
     // metrics.rs
@@ -360,7 +368,9 @@ fn given_the_template_when_environments_are_listed_then_the_code_reads_every_var
             assert!(f.env.contains_key(required), "{}: {required} missing", f.id);
         }
         // The HTTP API's JWT authorizer fronts every function but the
-        // streaming chat turn, whose Function URL is IAM-authenticated.
+        // streaming chat turn, whose Function URL has no authorizer: the
+        // function verifies the same tokens itself (no IAM principal may
+        // act for an arbitrary user).
         let url = &f.resource["Properties"]["FunctionUrlConfig"];
         if url.is_null() {
             assert_eq!(f.env["AUTH_MODE"], "jwt", "{}: AUTH_MODE", f.id);
@@ -371,9 +381,27 @@ fn given_the_template_when_environments_are_listed_then_the_code_reads_every_var
             );
         } else {
             assert_eq!(f.binary, "chat-turn", "{}: only chat-turn streams", f.id);
-            assert_eq!(url["AuthType"], "AWS_IAM", "{}: Function URL auth", f.id);
+            assert_eq!(url["AuthType"], "NONE", "{}: Function URL auth", f.id);
             assert_eq!(url["InvokeMode"], "RESPONSE_STREAM", "{}", f.id);
-            assert_eq!(f.env["AUTH_MODE"], "iam", "{}: AUTH_MODE", f.id);
+            assert_eq!(f.env["AUTH_MODE"], "bearer", "{}: AUTH_MODE", f.id);
+            assert_eq!(
+                f.env["JWT_ISSUER"],
+                json!({"Ref": "JwtIssuer"}),
+                "{}: the HTTP API's issuer",
+                f.id
+            );
+            assert_eq!(
+                f.env["JWT_AUDIENCE"],
+                json!({"Fn::Join": [",", {"Ref": "JwtAudience"}]}),
+                "{}: the HTTP API's audiences",
+                f.id
+            );
+            assert_eq!(
+                f.env["ADMIN_CLIENT_ID"],
+                json!({"Ref": "AdminClientId"}),
+                "{}: admin bound to a client",
+                f.id
+            );
             assert_eq!(f.env["RESPONSE_MODE"], "streaming", "{}", f.id);
             assert_eq!(
                 f.resource["Properties"]["Timeout"], 900,
@@ -794,6 +822,13 @@ fn given_the_template_when_routes_are_listed_then_they_are_design_section_3() {
         jwt["issuer"].is_object() && jwt["audience"].is_object(),
         "JWT issuer and audience are parameters"
     );
+    // Route-level scopes: a token needs the user scope or the admin scope
+    // before any function runs.
+    assert_eq!(
+        auth["Authorizers"][default]["AuthorizationScopes"],
+        json!([{"Ref": "UserScope"}, {"Ref": "AdminScope"}]),
+        "route-level authorization scopes"
+    );
 
     let mut routes = BTreeSet::new();
     for f in functions(&t) {
@@ -829,6 +864,32 @@ fn given_the_template_when_routes_are_listed_then_they_are_design_section_3() {
         }
     }
     assert_eq!(routes, route_set(ROUTES));
+}
+
+// ------------------------------------------------------------ fair use --
+
+#[test]
+fn given_fair_use_when_deployed_then_the_sweep_has_reserved_concurrency_and_the_api_a_ceiling() {
+    let t = template();
+    let fns = functions(&t);
+    let sweep = function(&fns, "sleep-sweep");
+    assert_eq!(
+        sweep.resource["Properties"]["ReservedConcurrentExecutions"],
+        json!({"Ref": "SweepReservedConcurrency"}),
+        "the sweep can always run"
+    );
+    let (_, api) = resources_of_type(&t, "AWS::Serverless::HttpApi")[0];
+    let route = &api["Properties"]["DefaultRouteSettings"];
+    assert!(
+        route["ThrottlingRateLimit"].is_object() && route["ThrottlingBurstLimit"].is_object(),
+        "stage throttling: {route}"
+    );
+    for binary in ["chat-turn", "provision"] {
+        let f = function(&fns, binary);
+        for name in ["MAX_TURNS_PER_MINUTE", "MAX_STATUS_READS_PER_MINUTE"] {
+            assert!(f.env.contains_key(name), "{binary}: {name}");
+        }
+    }
 }
 
 // ---------------------------------------------------- sweep and alarms --

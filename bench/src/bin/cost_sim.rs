@@ -139,6 +139,7 @@ async fn simulate(users: &[User], cfg: &Config) -> Vec<(f64, f64, u64)> {
             updated_at: T0 - 86_400_000,
             created_at: T0 - 7 * 86_400_000,
             awake_shard: None,
+            awake_day: None,
         };
         store.put_raw(rec.to_item().expect("item")).expect("seed");
     }

@@ -4,8 +4,8 @@
 //! in-process against real adapters.
 
 use agenthome::agent::{AgentError, AgentStatus};
-use agenthome::api::{AuthMode, Problem, TurnRequest};
-use agenthome::entry::{self, Route};
+use agenthome::api::{Problem, TurnRequest};
+use agenthome::entry::{self, Authorizer, AwakeBudget, FairUse, Route};
 use agenthome::metrics::{self, Metrics, Tally, TURN_LINE};
 use agenthome::provision::WorkerTrigger;
 use agenthome::runner::Transport;
@@ -31,10 +31,12 @@ use tokio::time::Instant;
 pub struct Service<S, T> {
     /// The turn service (provisioning, agent, settings).
     pub turns: TurnService<S, T>,
-    /// Who may call.
-    pub auth_mode: AuthMode,
-    /// The scope that may act for any user.
-    pub admin_scope: String,
+    /// Who may call (mode, admin policy, bearer-token verifier).
+    pub auth: Authorizer,
+    /// Per-user limits (`MAX_TURNS_PER_MINUTE`).
+    pub fair_use: FairUse,
+    /// Per-user awake time per UTC day (`MAX_AWAKE_PER_DAY`), if set.
+    pub awake_budget: Option<AwakeBudget<S>>,
     /// Upper bound of a turn (`TURN_DEADLINE`).
     pub turn_deadline: Duration,
     /// Kept before the Lambda deadline for the response itself.
@@ -62,10 +64,11 @@ where
 {
     /// Handle one request; every failure is a problem response.
     pub async fn handle(&self, req: &Request) -> Response<Body> {
-        match self.prepare(req) {
+        match self.prepare(req).await {
             Ok(p) => {
                 let user = p.user.clone();
                 let result = self.run_measured(p, &NoEvents, "json").await;
+                self.after_turn(&user).await;
                 respond(&user, result)
             }
             Err(p) => problem_response(&p),
@@ -94,8 +97,16 @@ where
         result
     }
 
+    /// Bookkeeping after any turn: a machine whose awake budget ran out
+    /// goes to sleep now.
+    async fn after_turn(&self, user: &str) {
+        if let Some(budget) = &self.awake_budget {
+            budget.enforce(self.turns.provisioner().store(), user).await;
+        }
+    }
+
     /// Route, authorize, parse and budget the request.
-    fn prepare(&self, req: &Request) -> Result<Prepared, Problem> {
+    async fn prepare(&self, req: &Request) -> Result<Prepared, Problem> {
         let route = entry::route(req)?;
         let Route::Turn(user) = route else {
             return Err(Problem::not_found(
@@ -103,7 +114,12 @@ where
                 "this function serves POST /v1/users/{user_id}/turns only",
             ));
         };
-        entry::authorize(req, self.auth_mode, &self.admin_scope, &user)?;
+        self.auth.authorize(req, &user).await?;
+        let store = self.turns.provisioner().store();
+        self.fair_use.admit_turn(store, &user).await?;
+        if let Some(budget) = &self.awake_budget {
+            budget.admit(store, &user).await?;
+        }
         let body = entry::body_bytes(req, agenthome::api::turn_request::MAX_BODY_BYTES)?;
         let request = TurnRequest::from_json(body)?;
         let budget = self.budget(req);
@@ -139,14 +155,20 @@ where
         if !wants_event_stream(&req) {
             return full(self.handle(&req).await);
         }
-        let p = match self.prepare(&req) {
+        let p = match self.prepare(&req).await {
             Ok(p) => p,
             Err(p) => return full(problem_response(&p)),
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let service = Arc::clone(&self);
         let user = p.user.clone();
-        let mut task = tokio::spawn(async move { service.run_measured(p, &tx, "stream").await });
+        let task_user = p.user.clone();
+        let mut task = tokio::spawn(async move {
+            let result = service.run_measured(p, &tx, "stream").await;
+            drop(tx);
+            service.after_turn(&task_user).await;
+            result
+        });
         let mut first = VecDeque::new();
         loop {
             match rx.recv().await {

@@ -50,6 +50,7 @@ async fn main() -> Result<(), lambda_http::Error> {
     )?;
     let agent = Agent::from_config(&app.config)?;
     let c = &app.config;
+    let auth = agenthome::entry::Authorizer::from_config(c)?;
     let settings = TurnSettings {
         transport: c.agent_transport,
         max_steps: c.max_steps,
@@ -59,8 +60,19 @@ async fn main() -> Result<(), lambda_http::Error> {
     };
     let service = Service {
         turns: TurnService::new(provisioner, agent, settings),
-        auth_mode: c.auth_mode,
-        admin_scope: c.admin_scope.clone(),
+        auth,
+        fair_use: agenthome::entry::FairUse::from_config(c),
+        awake_budget: match c.max_awake_per_day {
+            Some(per_day) => Some(agenthome::entry::AwakeBudget {
+                per_day,
+                sweeper: agenthome::sweep::Sweeper::new(
+                    Arc::new(app.store.clone()),
+                    &app.dedalus,
+                    agenthome::sweep::SweepSettings::from_env()?,
+                ),
+            }),
+            None => None,
+        },
         turn_deadline: c.turn_deadline,
         margin: Duration::from_secs(2),
         heartbeat: HEARTBEAT,

@@ -3,8 +3,8 @@
 //! clients; this library maps events to `agenthome` and back, so tests can
 //! drive it in-process against real adapters.
 
-use agenthome::api::{AuthMode, Problem};
-use agenthome::entry::{self, Route};
+use agenthome::api::Problem;
+use agenthome::entry::{self, Authorizer, FairUse, Route};
 use agenthome::machines::{self, Destroyed};
 use agenthome::metrics::{self, EmfDoc, Metrics, Tally, PROVISION_LINE};
 use agenthome::provision::{Ensure, ProvisionError, ProvisionEvent, Provisioner, WorkerTrigger};
@@ -26,10 +26,10 @@ pub struct Service<S, T> {
     pub provisioner: Provisioner<S, T>,
     /// The sleep path shared with the sweep (`POST …/machine/sleep`).
     pub sweeper: Sweeper<S>,
-    /// Who may call.
-    pub auth_mode: AuthMode,
-    /// The scope that may act for any user.
-    pub admin_scope: String,
+    /// Who may call (mode, admin policy, bearer-token verifier).
+    pub auth: Authorizer,
+    /// Per-user limits (`MAX_STATUS_READS_PER_MINUTE`).
+    pub fair_use: FairUse,
     /// Where each provisioning run's metric line goes.
     pub metrics: Metrics,
 }
@@ -106,14 +106,28 @@ impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
         }
     }
 
+    /// The live status, or the table's once the user's status reads per
+    /// minute are used up (one user's polling never reaches Dedalus past it).
+    async fn status(
+        &self,
+        user: &agenthome::api::UserId,
+    ) -> Result<Option<machines::MachineStatus>, agenthome::store::StoreError> {
+        let store = self.provisioner.store();
+        if self.fair_use.live_status_allowed(store, user).await {
+            machines::status(store, self.provisioner.dedalus(), user.as_str()).await
+        } else {
+            machines::table_status(store, user.as_str()).await
+        }
+    }
+
     async fn route(&self, req: &Request) -> Result<Response<Body>, Problem> {
         let route = entry::route(req)?;
-        entry::authorize(req, self.auth_mode, &self.admin_scope, route.user())?;
+        self.auth.authorize(req, route.user()).await?;
         let user = route.user().as_str();
         let store = self.provisioner.store();
         let dedalus = self.provisioner.dedalus();
         match route {
-            Route::GetMachine(_) => match machines::status(store, dedalus, user).await {
+            Route::GetMachine(ref id) => match self.status(id).await {
                 Ok(Some(status)) => Ok(entry::json(200, &status, None)),
                 Ok(None) => Err(Problem::not_found(
                     "no_machine",

@@ -26,8 +26,8 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let service = Service {
         provisioner,
         sweeper,
-        auth_mode: app.config.auth_mode,
-        admin_scope: app.config.admin_scope.clone(),
+        auth: agenthome::entry::Authorizer::from_config(&app.config)?,
+        fair_use: agenthome::entry::FairUse::from_config(&app.config),
         metrics: Metrics::from_env()?,
     };
     let service = &service;

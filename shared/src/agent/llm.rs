@@ -28,6 +28,8 @@ const MAX_RETRY_WAIT: Duration = Duration::from_secs(20);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// Longest error-body excerpt kept in an error message.
 const MAX_ERROR_EXCERPT: usize = 300;
+/// The default cap of one response body ([`LlmConfig::max_response_bytes`]).
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 2 * 1024 * 1024;
 
 /// Failures of the LLM client. Display and Debug never contain the key.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +71,13 @@ pub enum LlmError {
         #[source]
         source: reqwest::Error,
     },
+    /// The response body exceeded [`LlmConfig::max_response_bytes`]; it was
+    /// not read further.
+    #[error("the LLM response exceeded {limit} bytes")]
+    ResponseTooLarge {
+        /// The cap.
+        limit: usize,
+    },
     /// A 2xx answer that is not a chat completion.
     #[error("malformed LLM response: {0}")]
     MalformedResponse(String),
@@ -109,6 +118,9 @@ pub struct LlmConfig {
     pub request_timeout: Duration,
     /// Attempts per call (429/5xx/timeouts are retried).
     pub max_attempts: u32,
+    /// Cap of one response body; a larger body fails the call
+    /// ([`LlmError::ResponseTooLarge`]) without being read to its end.
+    pub max_response_bytes: usize,
 }
 
 impl LlmConfig {
@@ -120,6 +132,7 @@ impl LlmConfig {
             model: model.into(),
             request_timeout: Duration::from_secs(120),
             max_attempts: 3,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
 }
@@ -405,6 +418,7 @@ pub struct LlmClient {
     model: String,
     request_timeout: Duration,
     max_attempts: u32,
+    max_response_bytes: usize,
 }
 
 impl std::fmt::Debug for LlmClient {
@@ -423,6 +437,8 @@ impl LlmClient {
         if endpoint.cannot_be_a_base() {
             return Err(LlmError::Config("LLM_BASE_URL cannot be a base URL".into()));
         }
+        crate::net::require_secure(&endpoint)
+            .map_err(|e| LlmError::Config(format!("LLM_BASE_URL: {e}")))?;
         {
             let mut path = endpoint.path().trim_end_matches('/').to_owned();
             path.push_str("/chat/completions");
@@ -439,9 +455,7 @@ impl LlmClient {
             }
             _ => None,
         };
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("agenthome/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
+        let http = crate::net::client_builder(Duration::from_secs(10))
             .build()
             .map_err(|e| LlmError::Config(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self {
@@ -452,6 +466,7 @@ impl LlmClient {
             model: config.model,
             request_timeout: config.request_timeout,
             max_attempts: config.max_attempts.max(1),
+            max_response_bytes: config.max_response_bytes,
         })
     }
 
@@ -517,7 +532,7 @@ impl LlmClient {
         let resp = req.send().await.map_err(|e| self.transport(e))?;
         let status = resp.status();
         let retry_after = retry_after(resp.headers());
-        let bytes = resp.bytes().await.map_err(|e| self.transport(e))?;
+        let bytes = self.read_capped(resp).await?;
         match status.as_u16() {
             200..=299 => parse_completion(&bytes),
             401 | 403 => Err(LlmError::Auth {
@@ -532,6 +547,16 @@ impl LlmClient {
                 message: self.excerpt(&bytes),
             }),
         }
+    }
+
+    /// The body, refused once it passes the cap.
+    async fn read_capped(&self, resp: reqwest::Response) -> Result<Vec<u8>, LlmError> {
+        crate::net::read_capped(resp, self.max_response_bytes)
+            .await
+            .map_err(|e| match e {
+                crate::net::ReadError::TooLarge { limit } => LlmError::ResponseTooLarge { limit },
+                crate::net::ReadError::Transport(e) => self.transport(e),
+            })
     }
 
     fn transport(&self, e: reqwest::Error) -> LlmError {

@@ -114,6 +114,33 @@ pub struct Usage {
     pub prompt_tokens: u64,
     /// Sum of `completion_tokens`.
     pub completion_tokens: u64,
+    /// Oldest history entries left out to fit the history budget
+    /// ([`AgentOptions::history_budget`]); absent when none were.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub history_dropped: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The default [`AgentOptions::history_budget`] (characters).
+pub const DEFAULT_HISTORY_BUDGET: usize = 32 * 1024;
+
+/// The newest entries of `history` whose contents fit in `budget`
+/// characters together (oldest dropped first), and how many were dropped.
+pub fn fit_history(history: &[ChatMessage], budget: usize) -> (&[ChatMessage], usize) {
+    let mut used = 0usize;
+    let mut keep = 0usize;
+    for m in history.iter().rev() {
+        used = used.saturating_add(m.content.chars().count());
+        if used > budget {
+            break;
+        }
+        keep += 1;
+    }
+    let dropped = history.len() - keep;
+    (&history[dropped..], dropped)
 }
 
 /// The result of a turn.
@@ -181,6 +208,11 @@ pub struct AgentOptions {
     pub tool_error_budget: u32,
     /// Longest memory line kept in the prompt (bytes).
     pub max_memory_line: usize,
+    /// Characters of the chat product's history sent to the model per
+    /// turn (`MAX_HISTORY_CHARS`); older entries are left out first and the
+    /// turn's `usage.history_dropped` says how many. Every LLM call of a
+    /// turn re-sends the history, so this bounds what a turn costs.
+    pub history_budget: usize,
 }
 
 impl Default for AgentOptions {
@@ -190,6 +222,7 @@ impl Default for AgentOptions {
             min_command_time: Duration::from_secs(1),
             tool_error_budget: 1,
             max_memory_line: 1000,
+            history_budget: DEFAULT_HISTORY_BUDGET,
         }
     }
 }
@@ -236,7 +269,10 @@ impl Agent {
             config.llm_api_key.clone(),
             config.agent_model.trim(),
         ))?;
-        Ok(Self::llm(llm))
+        Ok(Self::llm(llm).with_options(AgentOptions {
+            history_budget: config.max_history_chars,
+            ..AgentOptions::default()
+        }))
     }
 
     /// Replaces the loop's tunables.
@@ -367,7 +403,16 @@ impl Agent {
             "system",
             self.system_prompt(&input.memory),
         )];
-        for m in &input.history {
+        let (history, dropped) = fit_history(&input.history, self.options.history_budget);
+        if dropped > 0 {
+            messages.push(WireMessage::text(
+                "system",
+                format!(
+                    "{dropped} older message(s) of the conversation were left out to fit the history budget."
+                ),
+            ));
+        }
+        for m in history {
             let role = if m.role == "assistant" {
                 "assistant"
             } else {
@@ -378,7 +423,10 @@ impl Agent {
         messages.push(WireMessage::text("user", input.message.clone()));
 
         let mut steps: Vec<CommandOutcome> = Vec::new();
-        let mut usage = Usage::default();
+        let mut usage = Usage {
+            history_dropped: u32::try_from(dropped).unwrap_or(u32::MAX),
+            ..Usage::default()
+        };
         let mut tool_errors = 0u32;
         let mut last_text: Option<String> = None;
         let partial = |steps: &[CommandOutcome], usage: Usage| {
@@ -706,6 +754,36 @@ fn truncate_str(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn msg(n: usize, len: usize) -> ChatMessage {
+        ChatMessage {
+            role: if n % 2 == 0 { "user" } else { "assistant" }.into(),
+            content: format!("{n}").repeat(len),
+        }
+    }
+
+    #[test]
+    fn history_is_trimmed_oldest_first_to_the_budget() {
+        let history: Vec<ChatMessage> = (0..10).map(|n| msg(n, 1000)).collect();
+        let (kept, dropped) = fit_history(&history, 3500);
+        assert_eq!(dropped, 7);
+        assert_eq!(kept, &history[7..], "the newest three");
+        assert_eq!(fit_history(&history, 10_000), (&history[..], 0));
+        assert_eq!(fit_history(&history, 999).1, 10, "not even the newest fits");
+        assert_eq!(fit_history(&[], 0).1, 0);
+    }
+
+    #[test]
+    fn usage_states_dropped_history_only_when_there_was_some() {
+        let v = serde_json::to_value(Usage::default()).expect("json");
+        assert!(v.get("history_dropped").is_none(), "{v}");
+        let v = serde_json::to_value(Usage {
+            history_dropped: 7,
+            ..Usage::default()
+        })
+        .expect("json");
+        assert_eq!(v["history_dropped"], 7);
+    }
 
     #[test]
     fn status_serializes_lowercase() {

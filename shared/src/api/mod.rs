@@ -4,11 +4,13 @@
 //! events onto these and back.
 
 pub mod auth;
+pub mod jwt;
 pub mod problem;
 pub mod turn_request;
 pub mod user_id;
 
-pub use auth::{AuthMode, Caller};
+pub use auth::{AccessPolicy, AuthMode, Caller};
+pub use jwt::{JwtError, JwtSettings, JwtVerifier};
 pub use problem::{Problem, PROBLEM_JSON};
 pub use turn_request::{HistoryEntry, Role, TurnRequest};
 pub use user_id::UserId;

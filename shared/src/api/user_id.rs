@@ -1,8 +1,13 @@
-//! The `{user_id}` path parameter, parsed once.
+//! The `{user_id}` path parameter, parsed once. The alphabet covers the
+//! `sub` claims identity providers issue (`auth0|…`, `google-oauth2|…`,
+//! `user@example.com`, `urn:…:…`, Cognito UUIDs) and nothing a path, a
+//! shell or a log line could misread: no `/`, whitespace, quotes, `%`,
+//! `#` or control characters. The id is only ever a DynamoDB key value and
+//! a percent-encoded path segment; it never reaches a machine or a shell.
 
 use std::fmt;
 
-/// A validated user id: `^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$`.
+/// A validated user id: `^[A-Za-z0-9][A-Za-z0-9._@|:-]{0,127}$`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UserId(String);
 
@@ -18,8 +23,8 @@ pub enum UserIdError {
     /// First character not a letter or digit.
     #[error("user_id must start with a letter or digit")]
     BadStart,
-    /// A character outside `A-Za-z0-9._@-`.
-    #[error("user_id contains {0:?}; allowed are letters, digits and . _ @ -")]
+    /// A character outside `A-Za-z0-9._@|:-`.
+    #[error("user_id contains {0:?}; allowed are letters, digits and . _ @ | : -")]
     BadChar(char),
 }
 
@@ -36,10 +41,9 @@ impl UserId {
         if !first.is_ascii_alphanumeric() {
             return Err(UserIdError::BadStart);
         }
-        if let Some(bad) = raw
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '-')))
-        {
+        if let Some(bad) = raw.chars().find(|c| {
+            !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '|' | ':' | '-'))
+        }) {
             return Err(UserIdError::BadChar(bad));
         }
         Ok(UserId(raw.to_string()))
@@ -69,7 +73,17 @@ mod tests {
 
     #[test]
     fn accepts_the_documented_alphabet() {
-        for ok in ["a", "A9", "user@example.com", "u_1.2-3", &"x".repeat(128)] {
+        for ok in [
+            "a",
+            "A9",
+            "user@example.com",
+            "u_1.2-3",
+            "auth0|5f7c8ec7c33c6c004bbafe82",
+            "google-oauth2|104917340458512345678",
+            "urn:example:user:42",
+            "0b1c2d3e-aaaa-bbbb-cccc-1234567890ab",
+            &"x".repeat(128),
+        ] {
             assert_eq!(UserId::parse(ok).map(|u| u.0), Ok(ok.to_string()));
         }
     }
@@ -87,5 +101,17 @@ mod tests {
         assert_eq!(UserId::parse("a b"), Err(UserIdError::BadChar(' ')));
         assert_eq!(UserId::parse("é"), Err(UserIdError::BadStart));
         assert_eq!(UserId::parse("a\u{0}"), Err(UserIdError::BadChar('\u{0}')));
+        for (raw, bad) in [
+            ("a;b", ';'),
+            ("a$b", '$'),
+            ("a`b", '`'),
+            ("a'b", '\''),
+            ("a%2Fb", '%'),
+            ("a#b", '#'),
+            ("a\\b", '\\'),
+        ] {
+            assert_eq!(UserId::parse(raw), Err(UserIdError::BadChar(bad)), "{raw}");
+        }
+        assert_eq!(UserId::parse("|a"), Err(UserIdError::BadStart));
     }
 }

@@ -20,7 +20,6 @@ use super::idempotency::IdempotencyKey;
 use super::retry::{self, RetryPolicy};
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const X_ORG_ID: HeaderName = HeaderName::from_static("x-dedalus-org-id");
 
 /// Typed async client of the Dedalus Machines API. Cheap to clone: clones
@@ -56,27 +55,21 @@ impl Client {
                 config.base_url
             )));
         }
-        match config.base_url.scheme() {
-            "http" | "https" => {}
-            other => return Err(Error::Config(format!("unsupported URL scheme {other}"))),
-        }
+        crate::net::require_secure(&config.base_url)
+            .map_err(|e| Error::Config(format!("base URL {}: {e}", config.base_url)))?;
         let mut auth_headers = HeaderMap::new();
         let mut bearer = HeaderValue::from_str(&format!("Bearer {}", config.api_key.expose()))
             .map_err(|_| Error::Config("API key is not a valid header value".into()))?;
         bearer.set_sensitive(true);
+        // One header only: `x-api-key` is not a header HTTP clients treat as
+        // a credential (nothing strips or masks it), so it is never sent.
         auth_headers.insert(AUTHORIZATION, bearer);
-        let mut raw = HeaderValue::from_str(config.api_key.expose())
-            .map_err(|_| Error::Config("API key is not a valid header value".into()))?;
-        raw.set_sensitive(true);
-        auth_headers.insert(X_API_KEY, raw);
         if let Some(org) = &config.org_id {
             let v = HeaderValue::from_str(org)
                 .map_err(|_| Error::Config("org id is not a valid header value".into()))?;
             auth_headers.insert(X_ORG_ID, v);
         }
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("agenthome/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(config.connect_timeout)
+        let http = crate::net::client_builder(config.connect_timeout)
             .build()
             .map_err(|source| Error::Transport {
                 operation: "client.build",

@@ -59,7 +59,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ClientConfig {
     /// API root, e.g. `https://dcs.dedaluslabs.ai` (a path prefix is kept).
     pub base_url: Url,
-    /// Sent as `Authorization: Bearer` and `x-api-key`.
+    /// Sent as `Authorization: Bearer` (only).
     pub api_key: ApiKey,
     /// Timeout of one HTTP attempt (also bounded by the call's deadline).
     pub request_timeout: Duration,

@@ -2,15 +2,21 @@
 //! URLs, `cargo lambda watch`) mapped onto the product's HTTP contract
 //! ([`crate::api`]) and back. Domain code never sees these types.
 
+pub mod awake_budget;
+mod fair_use;
 mod route;
 
+pub use awake_budget::AwakeBudget;
+pub use fair_use::FairUse;
 pub use route::{route, Route};
 
-use crate::api::{auth, AuthMode, Caller, Problem, UserId, PROBLEM_JSON};
+use crate::api::jwt::{split_scopes, JwtError, JwtSettings, JwtVerifier};
+use crate::api::{auth, AccessPolicy, AuthMode, Caller, Problem, UserId, PROBLEM_JSON};
 use lambda_http::request::RequestContext;
 use lambda_http::{Body, Request, RequestExt, Response};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Who is calling, from the authorizer data API Gateway attached.
@@ -28,16 +34,14 @@ pub fn caller(req: &Request) -> Caller {
         caller.scopes = jwt.scopes.clone().unwrap_or_default();
         for claim in ["scope", "scp"] {
             if let Some(v) = jwt.claims.get(claim) {
-                // A space-separated string, or a JSON-ish "[a b]" list as API
-                // Gateway flattens arrays.
-                caller.scopes.extend(
-                    v.trim_matches(|c| c == '[' || c == ']')
-                        .split([' ', ','])
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_string),
-                );
+                caller.scopes.extend(split_scopes(v));
             }
         }
+        caller.client_id = jwt
+            .claims
+            .get("azp")
+            .or_else(|| jwt.claims.get("client_id"))
+            .cloned();
     }
     if let Some(iam) = &authorizer.iam {
         caller.iam_principal = iam
@@ -49,14 +53,94 @@ pub fn caller(req: &Request) -> Caller {
     caller
 }
 
-/// Authorize the caller of `req` for `user` under `mode`.
-pub fn authorize(
-    req: &Request,
+/// Who may call, built once per cold start: the mode, the admin policy and,
+/// for `AUTH_MODE=bearer`, the JWT verifier (with its cached keys).
+#[derive(Debug, Clone)]
+pub struct Authorizer {
     mode: AuthMode,
-    admin_scope: &str,
-    user: &UserId,
-) -> Result<(), Problem> {
-    auth::authorize(mode, admin_scope, &caller(req), user)
+    admin: AccessPolicy,
+    verifier: Option<Arc<JwtVerifier>>,
+}
+
+impl Authorizer {
+    /// An authorizer for `mode`; `AUTH_MODE=bearer` needs a verifier.
+    pub fn new(
+        mode: AuthMode,
+        admin: AccessPolicy,
+        verifier: Option<JwtVerifier>,
+    ) -> Result<Self, JwtError> {
+        if mode == AuthMode::Bearer && verifier.is_none() {
+            return Err(JwtError::Config(
+                "AUTH_MODE=bearer needs JWT_ISSUER and JWT_AUDIENCE".into(),
+            ));
+        }
+        Ok(Authorizer {
+            mode,
+            admin,
+            verifier: verifier.map(Arc::new),
+        })
+    }
+
+    /// The authorizer the configuration describes.
+    pub fn from_config(c: &crate::config::Config) -> Result<Self, JwtError> {
+        let verifier = match (&c.jwt_issuer, c.auth_mode) {
+            (Some(issuer), AuthMode::Bearer) => Some(JwtVerifier::new(JwtSettings {
+                issuer: issuer.clone(),
+                audiences: c.jwt_audience.clone(),
+                jwks_url: c.jwks_url.clone(),
+            })?),
+            _ => None,
+        };
+        let admin = AccessPolicy::new(c.admin_scope.clone(), c.admin_client_id.clone())
+            .with_user_scope(c.user_scope.clone());
+        Self::new(c.auth_mode, admin, verifier)
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    /// Authorize the caller of `req` for `user`.
+    pub async fn authorize(&self, req: &Request, user: &UserId) -> Result<(), Problem> {
+        let caller = match &self.verifier {
+            Some(verifier) if self.mode == AuthMode::Bearer => {
+                let token = bearer_token(req).ok_or_else(|| {
+                    Problem::unauthorized("an `Authorization: Bearer <JWT>` header is required")
+                })?;
+                verifier
+                    .verify(token)
+                    .await
+                    .map_err(|e| token_problem(&e))?
+            }
+            _ => caller(req),
+        };
+        auth::authorize(self.mode, &self.admin, &caller, user)
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer_token(req: &Request) -> Option<&str> {
+    let value = req.headers().get("authorization")?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// A refused token is 401 (the reason, never the token); keys that cannot
+/// be fetched are 503.
+fn token_problem(e: &JwtError) -> Problem {
+    if e.is_unavailable() {
+        tracing::error!(error = %e, "cannot verify bearer tokens");
+        return Problem::upstream(
+            503,
+            "auth_unavailable",
+            "the identity provider's signing keys are unavailable; retry shortly",
+        )
+        .with_retry_after(Duration::from_secs(5));
+    }
+    tracing::info!(error = %e, "bearer token refused");
+    Problem::unauthorized(e.to_string())
 }
 
 /// An error response.

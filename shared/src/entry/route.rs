@@ -144,6 +144,22 @@ mod tests {
             route_parts("GET", "/lambda-url/provision/v1/users/bob/machine/"),
             Ok(Route::GetMachine(user("bob")))
         );
+        // Identity-provider subjects, raw or percent-encoded
+        assert_eq!(
+            route_parts("POST", "/v1/users/auth0%7C5f7c8e/turns"),
+            Ok(Route::Turn(user("auth0|5f7c8e")))
+        );
+        assert_eq!(
+            route_parts("GET", "/v1/users/auth0|5f7c8e/machine"),
+            Ok(Route::GetMachine(user("auth0|5f7c8e")))
+        );
+        // An encoded slash is still not a user id
+        assert_eq!(
+            route_parts("GET", "/v1/users/a%2Fb/machine")
+                .unwrap_err()
+                .status,
+            400
+        );
     }
 
     #[test]

@@ -14,9 +14,9 @@ use base64::Engine as _;
 use super::record::Item;
 use super::table::{attr, shard_for};
 use super::{
-    AcquireOutcome, ClaimOutcome, CreateKey, Cursor, DeleteGuard, DeleteOutcome, Hold, Lease,
-    LeaseKind, LeasePurpose, MachineState, Page, Power, ReleaseOutcome, Result, StoreError,
-    UserRecord, UserStore,
+    AcquireOutcome, ClaimOutcome, CountOutcome, Counter, CreateKey, Cursor, DeleteGuard,
+    DeleteOutcome, Hold, Lease, LeaseKind, LeasePurpose, MachineState, Page, Power, ReleaseOutcome,
+    Result, StoreError, UserRecord, UserStore,
 };
 
 /// A condition over an item's attributes (DynamoDB semantics: comparisons
@@ -508,6 +508,7 @@ impl<B: Backend> UserStore for B {
             updated_at: now_ms,
             created_at: now_ms,
             awake_shard: None,
+            awake_day: None,
         };
         match self.put_new(&record).await? {
             Ok(()) => Ok(ClaimOutcome::Claimed(record)),
@@ -996,6 +997,91 @@ impl<B: Backend> UserStore for B {
                 Some(current) => Err(StoreError::Conflict {
                     op: "delete",
                     current: Some(Box::new(current)),
+                }),
+            },
+        }
+    }
+
+    async fn count_request(
+        &self,
+        user_id: &str,
+        counter: Counter,
+        limit: u32,
+        window_ms: u64,
+        now_ms: u64,
+    ) -> Result<CountOutcome> {
+        non_empty("user_id", user_id)?;
+        let window_ms = window_ms.max(1);
+        let window = now_ms - now_ms % window_ms;
+        let limited = CountOutcome::Limited {
+            retry_after_ms: window + window_ms - now_ms,
+        };
+        if limit == 0 {
+            return Ok(limited);
+        }
+        let (win_attr, count_attr) = counter.attributes();
+        // Count in the current window, below the limit ...
+        let bump = Update {
+            cond: Cond::And(vec![
+                Cond::Exists(attr::USER_ID),
+                Cond::Eq(win_attr, n(window)),
+                Cond::Lt(count_attr, u64::from(limit)),
+            ]),
+            actions: vec![Action::Add(count_attr, 1)],
+        };
+        // ... or start the current window (the stored one is older or absent).
+        let start = Update {
+            cond: Cond::And(vec![
+                Cond::Exists(attr::USER_ID),
+                Cond::Or(vec![Cond::NotExists(win_attr), Cond::Lt(win_attr, window)]),
+            ]),
+            actions: vec![
+                Action::Set(win_attr, n(window)),
+                Action::Set(count_attr, n(1)),
+            ],
+        };
+        // A concurrent start between the two makes the first one succeed on
+        // the next round; windows only move forward, so this ends.
+        for _ in 0..2 {
+            if self
+                .update("count_request", user_id, bump.clone())
+                .await?
+                .is_ok()
+            {
+                return Ok(CountOutcome::Counted);
+            }
+            match self.update("count_request", user_id, start.clone()).await? {
+                Ok(_) => return Ok(CountOutcome::Counted),
+                Err(None) if self.get_item(user_id).await?.is_none() => {
+                    return Ok(CountOutcome::NoItem)
+                }
+                Err(_) => {}
+            }
+        }
+        Ok(limited)
+    }
+
+    async fn note_awake_day(&self, user_id: &str, day_start: u64, base_ms: u64) -> Result<()> {
+        non_empty("user_id", user_id)?;
+        let update = Update {
+            cond: Cond::And(vec![
+                Cond::Exists(attr::USER_ID),
+                Cond::Or(vec![
+                    Cond::NotExists(attr::AWAKE_DAY),
+                    Cond::Lt(attr::AWAKE_DAY, day_start),
+                ]),
+            ]),
+            actions: vec![
+                Action::Set(attr::AWAKE_DAY, n(day_start)),
+                Action::Set(attr::AWAKE_DAY_BASE, n(base_ms)),
+            ],
+        };
+        match self.update("note_awake_day", user_id, update).await? {
+            Ok(_) | Err(Some(_)) => Ok(()),
+            Err(None) => match self.get_item(user_id).await? {
+                Some(_) => Ok(()),
+                None => Err(StoreError::NotFound {
+                    user_id: user_id.to_owned(),
                 }),
             },
         }

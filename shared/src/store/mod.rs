@@ -34,7 +34,7 @@ pub mod table;
 
 pub use dynamo::DynamoStore;
 pub use memory::MemoryStore;
-pub use record::{Hold, Item, Lease, LeaseKind, MachineState, Power, UserRecord};
+pub use record::{AwakeDay, Hold, Item, Lease, LeaseKind, MachineState, Power, UserRecord};
 pub use table::{create_table, shard_for, AWAKE_SHARDS};
 
 /// Result of store operations.
@@ -206,6 +206,40 @@ pub enum DeleteOutcome {
     Deleted(Box<UserRecord>),
     /// There was no item.
     AlreadyGone,
+}
+
+/// A per-user fair-use counter ([`UserStore::count_request`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    /// Chat turns started.
+    Turns,
+    /// Status reads that reach Dedalus.
+    StatusReads,
+}
+
+impl Counter {
+    /// The (window, count) attributes of the counter.
+    pub fn attributes(self) -> (&'static str, &'static str) {
+        use table::attr;
+        match self {
+            Self::Turns => (attr::TURNS_WINDOW, attr::TURNS_COUNT),
+            Self::StatusReads => (attr::STATUS_WINDOW, attr::STATUS_COUNT),
+        }
+    }
+}
+
+/// Outcome of [`UserStore::count_request`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountOutcome {
+    /// Counted; under the limit.
+    Counted,
+    /// The window's limit is reached; the next window starts in `retry_after_ms`.
+    Limited {
+        /// Until the window ends.
+        retry_after_ms: u64,
+    },
+    /// The user has no item (nothing to count on yet).
+    NoItem,
 }
 
 /// An opaque position in a paged query; pass it back to get the next page.
@@ -471,6 +505,32 @@ pub trait UserStore: Send + Sync {
         user_id: &str,
         guard: DeleteGuard,
     ) -> impl Future<Output = Result<DeleteOutcome>> + Send;
+
+    /// Count one request on the user's `counter` in the fixed window of
+    /// `window_ms` containing `now_ms`, unless `limit` requests were already
+    /// counted in it. One conditional write (two when a new window starts);
+    /// atomic per item, so concurrent instances share the limit. Counter
+    /// writes touch only the counter's attributes: no `generation` bump, no
+    /// `updated_at` (they change nothing another writer relies on).
+    fn count_request(
+        &self,
+        user_id: &str,
+        counter: Counter,
+        limit: u32,
+        window_ms: u64,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<CountOutcome>> + Send;
+
+    /// Record the awake budget's baseline of the UTC day `day_start`
+    /// (`awake_day`, `awake_day_base`) unless one of that day (or a later
+    /// one) is recorded: the first write of a day wins. Like the counters,
+    /// no `generation` bump. A missing item is [`StoreError::NotFound`].
+    fn note_awake_day(
+        &self,
+        user_id: &str,
+        day_start: u64,
+        base_ms: u64,
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// One page of awake items of `shard` idle since before `idle_before_ms`
     /// (`awake_shard = shard AND last_active_at < idle_before_ms`, oldest

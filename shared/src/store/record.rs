@@ -123,6 +123,16 @@ impl Lease {
     }
 }
 
+/// The awake budget's daily baseline: `awake_ms_total` as of the start of
+/// the UTC day `day_start` (see `entry::awake_budget`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AwakeDay {
+    /// Epoch ms of the UTC midnight starting the day.
+    pub day_start: u64,
+    /// `awake_ms_total` at that midnight.
+    pub base_ms: u64,
+}
+
 /// Keeps the machine awake while a command the agent left running finishes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Hold {
@@ -179,6 +189,8 @@ pub struct UserRecord {
     pub created_at: u64,
     /// Shard of the `awake` index; present only while awake (makes it sparse).
     pub awake_shard: Option<String>,
+    /// The awake budget's baseline of the current day, once noted.
+    pub awake_day: Option<AwakeDay>,
 }
 
 impl UserRecord {
@@ -263,6 +275,10 @@ struct Wire {
     created_at: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     awake_shard: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    awake_day: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    awake_day_base: Option<u64>,
 }
 
 impl From<UserRecord> for Wire {
@@ -299,6 +315,8 @@ impl From<UserRecord> for Wire {
             updated_at: r.updated_at,
             created_at: r.created_at,
             awake_shard: r.awake_shard,
+            awake_day: r.awake_day.map(|d| d.day_start),
+            awake_day_base: r.awake_day.map(|d| d.base_ms),
         }
     }
 }
@@ -361,6 +379,12 @@ impl TryFrom<Wire> for UserRecord {
             updated_at: w.updated_at,
             created_at: w.created_at,
             awake_shard: w.awake_shard,
+            // Both or neither; a half-written pair is ignored (the next
+            // turn writes it whole).
+            awake_day: match (w.awake_day, w.awake_day_base) {
+                (Some(day_start), Some(base_ms)) => Some(AwakeDay { day_start, base_ms }),
+                _ => None,
+            },
         })
     }
 }
@@ -397,6 +421,10 @@ mod tests {
             updated_at: 1_700_000_000_001,
             created_at: 1_600_000_000_000,
             awake_shard: Some("3".into()),
+            awake_day: Some(AwakeDay {
+                day_start: 1_699_920_000_000,
+                base_ms: 40,
+            }),
         }
     }
 

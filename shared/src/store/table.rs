@@ -76,6 +76,18 @@ pub mod attr {
     pub const CREATED_AT: &str = "created_at";
     /// Shard of the `awake` index; present only while awake.
     pub const AWAKE_SHARD: &str = "awake_shard";
+    /// Fair use: start (epoch ms) of the current turn-rate window.
+    pub const TURNS_WINDOW: &str = "turns_window";
+    /// Fair use: turns counted in `turns_window`.
+    pub const TURNS_COUNT: &str = "turns_count";
+    /// Fair use: start (epoch ms) of the current status-read window.
+    pub const STATUS_WINDOW: &str = "status_window";
+    /// Fair use: live status reads counted in `status_window`.
+    pub const STATUS_COUNT: &str = "status_count";
+    /// Awake budget: the UTC day (epoch ms of its midnight) of `awake_day_base`.
+    pub const AWAKE_DAY: &str = "awake_day";
+    /// Awake budget: `awake_ms_total` at the start of `awake_day`.
+    pub const AWAKE_DAY_BASE: &str = "awake_day_base";
 }
 
 /// Name of the sparse GSI the sweep queries.
