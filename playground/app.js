@@ -81,6 +81,8 @@ function turnView() {
           if (d.stage !== "ready") this.note("machine " + d.stage + " (" + d.phase + ")");
           break;
         case "step_started": {
+          // Text the model streamed before a command is its narration.
+          if (reply) { reply.classList.replace("reply", "narration"); reply.classList.remove("streaming"); reply = null; }
           const s = add(box, el("div", "step"));
           const cmd = s.appendChild(el("div", "cmd"));
           cmd.appendChild(el("code", "", d.command));
