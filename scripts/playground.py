@@ -49,7 +49,10 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         parts = self.path.split("/", 3)  # "", "api", function, rest
         if len(parts) < 4 or parts[1] != "api" or parts[2] not in FUNCTIONS:
             return self.send_error(404, "no such route")
-        length = int(self.headers.get("content-length") or 0)
+        try:
+            length = int(self.headers.get("content-length") or 0)
+        except ValueError:
+            return self.send_error(400, "bad content-length")
         if length < 0 or length > MAX_BODY:
             return self.send_error(413, "body too large")
         body = self.rfile.read(length) if length else None

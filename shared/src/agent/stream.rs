@@ -14,27 +14,38 @@ use super::llm::{Completion, FunctionCall, LlmError, TokenUsage, ToolCall};
 
 /// Longest SSE line accepted (a chunk's JSON); longer is a malformed stream.
 const MAX_LINE: usize = 1 << 20;
+/// Most bytes read from one completion stream.
+const MAX_STREAM: usize = 16 << 20;
 
 /// Splits a Server-Sent Events byte stream into the payloads of its `data:`
 /// lines (comments, `event:` and other fields are skipped).
 #[derive(Debug, Default)]
 pub(super) struct SseLines {
     buf: Vec<u8>,
+    total: usize,
 }
 
 impl SseLines {
     /// Adds bytes; returns the complete `data:` payloads they finish.
     pub(super) fn push(&mut self, bytes: &[u8]) -> Result<Vec<String>, LlmError> {
+        self.total += bytes.len();
+        if self.total > MAX_STREAM {
+            return Err(LlmError::MalformedResponse(format!(
+                "the completion stream exceeds {MAX_STREAM} bytes"
+            )));
+        }
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
-        while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.buf.drain(..=nl).collect();
-            let line = String::from_utf8_lossy(&line);
-            let line = line.trim_end_matches(['\n', '\r']);
+        let mut start = 0;
+        while let Some(nl) = self.buf[start..].iter().position(|&b| b == b'\n') {
+            let line = String::from_utf8_lossy(&self.buf[start..start + nl]);
+            let line = line.trim_end_matches('\r');
             if let Some(data) = line.strip_prefix("data:") {
                 out.push(data.strip_prefix(' ').unwrap_or(data).to_owned());
             }
+            start += nl + 1;
         }
+        self.buf.drain(..start);
         if self.buf.len() > MAX_LINE {
             return Err(LlmError::MalformedResponse(
                 "a line of the completion stream is too long".into(),
@@ -259,5 +270,11 @@ mod tests {
         assert!(acc.feed(r#"{"error": {"message": "overloaded"}}"#).is_err());
         let mut sse = SseLines::default();
         assert!(sse.push(&vec![b'x'; MAX_LINE + 1]).is_err());
+        let mut sse = SseLines::default();
+        let line = vec![b'\n'; MAX_LINE];
+        for _ in 0..MAX_STREAM / MAX_LINE {
+            assert!(sse.push(&line).is_ok());
+        }
+        assert!(sse.push(b"\n").is_err(), "the stream's total is capped");
     }
 }
