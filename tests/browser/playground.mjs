@@ -2,19 +2,23 @@
 // driven over the DevTools protocol on a pipe (--remote-debugging-pipe; no
 // extra packages, no network). Run by scripts/test-playground:
 //
-//   node tests/browser/playground.mjs URL SCREENSHOT.png
+//   node tests/browser/playground.mjs URL SCREENSHOT.png [shell|agent]
 //
-// It picks a user id, sends a shell-mode message that prints three lines a
-// second apart, and checks that the first line appears in the page while the
-// command still runs (streamed), that the turn then finishes with exit code 0
-// and the reply, and that "sleep now" puts the machine to sleep. It saves a
-// screenshot of the finished turn. Exit code 0 only if every check passed.
+// shell (the default): it picks a user id, sends a message that prints three
+// lines a second apart, and checks that the first line appears in the page
+// while the command still runs (streamed), that the turn then finishes with
+// exit code 0 and the reply, and that "sleep now" puts the machine to sleep.
+// agent (the stack runs against the scripted model, tests/src/bin/
+// scripted-llm.rs): the model's command runs and shows its output, and the
+// reply grows in the page piece by piece (reply_delta events) before the turn
+// finishes. It saves a screenshot of the finished turn. Exit code 0 only if
+// every check passed.
 import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
-const [url, screenshot] = process.argv.slice(2);
+const [url, screenshot, mode = "shell"] = process.argv.slice(2);
 if (!url || !screenshot) {
   console.error("usage: playground.mjs URL SCREENSHOT.png");
   process.exit(2);
@@ -120,45 +124,77 @@ await send("Runtime.enable", {}, session);
 await waitFor("the page to load", "document.readyState === 'complete' && !!document.getElementById('send')", 20_000);
 check(true, "the page loaded from " + url + " (" + secs() + ")");
 
-// Pick a user id, send the message with Enter.
-await typeInto("#user", USER);
-await evaluate("document.getElementById('user').dispatchEvent(new Event('change'))");
-await typeInto("#message", MESSAGE);
-await press("Enter", "Enter", 13);
-await waitFor("the message in the chat", `[...document.querySelectorAll('.msg.user')].some(e => e.textContent === ${JSON.stringify(MESSAGE)})`, 5_000);
-check(true, "the message was sent as user " + USER);
-
-// The first output line shows while the command still runs.
-const streamed = await waitFor("the streamed output line",
-  `(() => { const o = document.querySelector('.step .output');
-     return o && o.textContent.includes('tick 1')
-       ? { finished: !!document.querySelector('.turn[data-status]'), text: o.textContent } : null; })()`, 90_000);
-check(!streamed.finished && !streamed.text.includes("finished"),
-  "the output line 'tick 1' appeared while the command was still running (" + secs() + ")");
-
-// The turn finishes: exit code, reply, status, machine ready.
-const status = await waitFor("the finished turn", "document.querySelector('.turn[data-status]')?.dataset.status", 30_000);
-check(status === "completed", "the turn finished with status " + status + " (" + secs() + ")");
-const exit = await evaluate("document.querySelector('.step .exit').textContent");
-check(/^exit 0 /.test(exit), "the step shows its exit code: " + exit);
-const reply = await evaluate("document.querySelector('.msg.reply').textContent");
-check(reply.includes("tick 3") && reply.includes("finished"), "the reply shows the command's output");
-const state = await waitFor("the machine state ready", "document.getElementById('machine').dataset.state === 'ready'", 10_000);
-check(state, "the machine panel shows ready");
-
-const shot = await send("Page.captureScreenshot", { format: "png" }, session);
-writeFileSync(screenshot, Buffer.from(shot.data, "base64"));
-console.log("     screenshot: " + screenshot);
-
-// Sleep now: the machine goes to sleep (the local emulator has no hold window).
-await click("#sleep");
-await waitFor("the sleep answer", "[...document.querySelectorAll('.event')].some(e => e.textContent.startsWith('sleep now: HTTP'))", 15_000);
-const answer = await evaluate("[...document.querySelectorAll('.event')].find(e => e.textContent.startsWith('sleep now:')).textContent");
-check(/HTTP 20[02]/.test(answer), "sleep now was accepted (" + answer.trim() + ")");
-await waitFor("the machine state asleep", "document.getElementById('machine').dataset.state === 'asleep'", 15_000);
-check(true, "the machine panel shows asleep (" + secs() + ")");
-
+if (mode === "agent") await agentMode();
+else await shellMode();
 clearTimeout(overall);
 browser.removeAllListeners("exit");
 cleanup();
 process.exit(0);
+
+async function pickUserAndSend(message) {
+  await typeInto("#user", USER);
+  await evaluate("document.getElementById('user').dispatchEvent(new Event('change'))");
+  await typeInto("#message", message);
+  await press("Enter", "Enter", 13);
+  await waitFor("the message in the chat", `[...document.querySelectorAll('.msg.user')].some(e => e.textContent === ${JSON.stringify(message)})`, 5_000);
+  check(true, "the message was sent as user " + USER);
+}
+
+async function saveScreenshot() {
+  const shot = await send("Page.captureScreenshot", { format: "png" }, session);
+  writeFileSync(screenshot, Buffer.from(shot.data, "base64"));
+  console.log("     screenshot: " + screenshot);
+}
+
+async function agentMode() {
+  // Every text the reply bubble shows while it streams.
+  await evaluate(`window.replySeen = [];
+    new MutationObserver(() => { const r = document.querySelector('.msg.reply.streaming');
+      if (r) window.replySeen.push(r.textContent); })
+      .observe(document.getElementById('log'), { childList: true, subtree: true, characterData: true })`);
+  await pickUserAndSend("What is six times seven? Use the machine.");
+  await waitFor("the model's command output", "document.querySelector('.step .output')?.textContent.includes('agent-mode-42')", 90_000);
+  check(true, "the model's command ran and its output showed (" + secs() + ")");
+  const status = await waitFor("the finished turn", "document.querySelector('.turn[data-status]')?.dataset.status", 30_000);
+  check(status === "completed", "the turn finished with status " + status + " (" + secs() + ")");
+  const reply = await evaluate("document.querySelector('.msg.reply').textContent");
+  check(reply === "I ran the command on your machine: it printed agent-mode-42, which is six times seven.",
+    "the reply is the model's text: " + JSON.stringify(reply));
+  const seen = await evaluate("window.replySeen");
+  const partial = [...new Set(seen)].filter((t) => t.length > 0 && t.length < reply.length && reply.startsWith(t));
+  check(partial.length >= 3, "the reply grew in the page piece by piece (" + partial.length + " partial states seen)");
+  await saveScreenshot();
+}
+
+async function shellMode() {
+  // Pick a user id, send the message with Enter.
+  await pickUserAndSend(MESSAGE);
+
+  // The first output line shows while the command still runs.
+  const streamed = await waitFor("the streamed output line",
+    `(() => { const o = document.querySelector('.step .output');
+       return o && o.textContent.includes('tick 1')
+         ? { finished: !!document.querySelector('.turn[data-status]'), text: o.textContent } : null; })()`, 90_000);
+  check(!streamed.finished && !streamed.text.includes("finished"),
+    "the output line 'tick 1' appeared while the command was still running (" + secs() + ")");
+
+  // The turn finishes: exit code, reply, status, machine ready.
+  const status = await waitFor("the finished turn", "document.querySelector('.turn[data-status]')?.dataset.status", 30_000);
+  check(status === "completed", "the turn finished with status " + status + " (" + secs() + ")");
+  const exit = await evaluate("document.querySelector('.step .exit').textContent");
+  check(/^exit 0 /.test(exit), "the step shows its exit code: " + exit);
+  const reply = await evaluate("document.querySelector('.msg.reply').textContent");
+  check(reply.includes("tick 3") && reply.includes("finished"), "the reply shows the command's output");
+  const state = await waitFor("the machine state ready", "document.getElementById('machine').dataset.state === 'ready'", 10_000);
+  check(state, "the machine panel shows ready");
+
+  await saveScreenshot();
+
+  // Sleep now: the machine goes to sleep (the local emulator has no hold window).
+  await click("#sleep");
+  await waitFor("the sleep answer", "[...document.querySelectorAll('.event')].some(e => e.textContent.startsWith('sleep now: HTTP'))", 15_000);
+  const answer = await evaluate("[...document.querySelectorAll('.event')].find(e => e.textContent.startsWith('sleep now:')).textContent");
+  check(/HTTP 20[02]/.test(answer), "sleep now was accepted (" + answer.trim() + ")");
+  await waitFor("the machine state asleep", "document.getElementById('machine').dataset.state === 'asleep'", 15_000);
+  check(true, "the machine panel shows asleep (" + secs() + ")");
+}

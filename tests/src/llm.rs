@@ -177,12 +177,18 @@ pub fn stream_tool_calls(calls: &[(&str, Value)], split: usize) -> Reply {
 
 /// Starts a server; returns its base URL (`…/v1`) and the script.
 pub async fn scripted_llm<R: Into<Reply>>(replies: Vec<R>) -> (String, Script) {
+    scripted_llm_on("127.0.0.1:0", replies).await
+}
+
+/// Starts a server on `addr` (a loopback `host:port`); returns its base URL
+/// (`…/v1`) and the script.
+pub async fn scripted_llm_on<R: Into<Reply>>(addr: &str, replies: Vec<R>) -> (String, Script) {
     let script = Script::default();
     script.push(replies);
     let app = Router::new()
         .route("/v1/chat/completions", post(completions))
         .with_state(script.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
         .expect("bind the scripted LLM server");
     let addr = listener.local_addr().expect("local addr");
