@@ -39,22 +39,41 @@ const browser = spawn(CHROMIUM, [
 let stderr = "";
 browser.stderr.on("data", (d) => { stderr = (stderr + d).slice(-4000); });
 
-function cleanup() {
-  browser.kill("SIGKILL");
-  try { rmSync(profile, { recursive: true, force: true }); } catch { /* best effort */ }
+// Closes Chromium (gracefully, then by force), removes its profile, exits
+// (once).
+let finishing = null;
+function finish(code) {
+  finishing ??= closeAndExit(code);
+  return finishing;
 }
+async function closeAndExit(code) {
+  clearTimeout(overall);
+  browser.removeAllListeners("exit");
+  if (browser.exitCode === null && browser.signalCode === null) {
+    const exited = new Promise((r) => browser.once("exit", r));
+    toBrowser.write(JSON.stringify({ id: 0, method: "Browser.close" }) + "\0");
+    const forced = setTimeout(() => browser.kill("SIGKILL"), 3_000);
+    await exited;
+    clearTimeout(forced);
+  }
+  try { rmSync(profile, { recursive: true, force: true, maxRetries: 5, retryDelay: 200 }); } catch { /* best effort */ }
+  process.exit(code);
+}
+// A failed check: reports it, starts closing, and stops the test's steps.
+class Failed extends Error {}
 function fail(msg) {
   console.error("   ✗ " + msg);
   if (stderr) console.error("chromium stderr (tail):\n" + stderr);
-  cleanup();
-  process.exit(1);
+  finish(1);
+  throw new Failed(msg);
 }
-const overall = setTimeout(() => fail("the test took longer than " + TOTAL_LIMIT_MS / 1000 + " s"), TOTAL_LIMIT_MS);
-browser.on("exit", (code) => fail("chromium exited early (code " + code + ")"));
+const failLater = (msg) => { try { fail(msg); } catch { /* finishing */ } };
+const overall = setTimeout(() => failLater("the test took longer than " + TOTAL_LIMIT_MS / 1000 + " s"), TOTAL_LIMIT_MS);
+browser.on("exit", (code) => failLater("chromium exited early (code " + code + ")"));
+const toBrowser = browser.stdio[3];
 
 // The DevTools protocol over fds 3 (to Chromium) and 4 (from it): JSON
 // messages, each ended by a NUL byte.
-const toBrowser = browser.stdio[3];
 const fromBrowser = browser.stdio[4];
 let nextId = 1;
 const pending = new Map();
@@ -118,18 +137,24 @@ async function click(selector) {
 
 const t0 = Date.now();
 const secs = () => ((Date.now() - t0) / 1000).toFixed(1) + " s";
-const { targetId } = await send("Target.createTarget", { url });
-({ sessionId: session } = await send("Target.attachToTarget", { targetId, flatten: true }));
-await send("Runtime.enable", {}, session);
-await waitFor("the page to load", "document.readyState === 'complete' && !!document.getElementById('send')", 20_000);
-check(true, "the page loaded from " + url + " (" + secs() + ")");
 
-if (mode === "agent") await agentMode();
-else await shellMode();
-clearTimeout(overall);
-browser.removeAllListeners("exit");
-cleanup();
-process.exit(0);
+try {
+  await main();
+  await finish(0);
+} catch (e) {
+  if (!(e instanceof Failed)) console.error("   ✗ the test broke: " + (e?.stack || e));
+  await finish(1);
+}
+
+async function main() {
+  const { targetId } = await send("Target.createTarget", { url });
+  ({ sessionId: session } = await send("Target.attachToTarget", { targetId, flatten: true }));
+  await send("Runtime.enable", {}, session);
+  await waitFor("the page to load", "document.readyState === 'complete' && !!document.getElementById('send')", 20_000);
+  check(true, "the page loaded from " + url + " (" + secs() + ")");
+  if (mode === "agent") await agentMode();
+  else await shellMode();
+}
 
 async function pickUserAndSend(message) {
   await typeInto("#user", USER);
