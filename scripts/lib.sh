@@ -133,3 +133,15 @@ start_local_stack() {
   wait_port "$lambda_port" 120 || die "cargo lambda watch did not start ($STACK_DIR/lambda.log)"
   log "local stack up: emulator $EMU_URL, DynamoDB $DDB_URL, functions $LAMBDA_URL (logs in $STACK_DIR)"
 }
+
+# Serve the playground page (playground/) on 127.0.0.1:${PLAYGROUND_PORT:-a
+# free port}, proxying /api/<function>/… to the local functions (one origin,
+# so no CORS). Needs start_local_stack first. Exports PLAYGROUND_URL.
+start_playground_server() {
+  local port="${PLAYGROUND_PORT:-$(free_port)}"
+  "$VENV/bin/python" "$ROOT/scripts/playground.py" --listen "127.0.0.1:$port" \
+    --root "$ROOT/playground" --functions "$LAMBDA_URL/lambda-url" > "$STACK_DIR/playground.log" 2>&1 &
+  STARTED_PIDS+=($!)
+  wait_port "$port" 30 || die "the playground server did not start ($STACK_DIR/playground.log)"
+  export PLAYGROUND_URL="http://127.0.0.1:$port/"
+}

@@ -16,8 +16,8 @@ use crate::{unique_table_name, Emulator, Moto};
 use agenthome::agent::Agent;
 use agenthome::api::{AccessPolicy, AuthMode, JwtVerifier};
 use agenthome::dedalus::Phase;
-use agenthome::metrics::{Captured, Metrics, MetricsConfig};
 use agenthome::entry::Authorizer;
+use agenthome::metrics::{Captured, Metrics, MetricsConfig};
 use agenthome::provision::{
     Bootstrap, MachineSpec, ProvisionEvent, ProvisionSettings, Provisioner, QueueTrigger,
 };

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use agenthome::agent::Observer;
 use agenthome::agent::{
     Agent, AgentError, AgentOptions, AgentStatus, ChatMessage, Limits, LlmClient, LlmConfig,
     LlmError, TurnInput,
@@ -13,9 +14,13 @@ use agenthome::agent::{
 use agenthome::config::Secret;
 use agenthome::dedalus::{Client, CreateMachineRequest, Phase};
 use agenthome::runner::TerminalRunner;
-use agenthome_tests::llm::{answer, scripted_llm, tool_call, tool_call_raw};
+use agenthome_tests::llm::{
+    answer, scripted_llm, stream_chunk, stream_text, stream_tool_calls, tool_call, tool_call_raw,
+    Reply,
+};
 use agenthome_tests::Emulator;
 use serde_json::{json, Value};
+use std::sync::Mutex;
 use tokio::time::Instant;
 
 // ---------------------------------------------------------------------------
@@ -501,4 +506,206 @@ async fn history_over_the_budget_is_trimmed_oldest_first_and_stated() {
         .any(|c| c.contains("8 older message(s) of the conversation were left out")));
     let v = serde_json::to_value(&out).unwrap();
     assert_eq!(v["usage"]["history_dropped"], 8, "stated in the result");
+}
+
+// ---------------------------------------------------------------------------
+// Streamed completions (OpenAI wire format: SSE chunks, `data: [DONE]`)
+// ---------------------------------------------------------------------------
+
+/// Records the reply deltas and the steps started.
+#[derive(Default)]
+struct Seen {
+    deltas: Mutex<Vec<String>>,
+    steps: Mutex<Vec<String>>,
+}
+
+impl Observer for Seen {
+    fn step_started(&self, _index: usize, command: &str) {
+        self.steps.lock().unwrap().push(command.to_owned());
+    }
+    fn reply_delta(&self, text: &str) {
+        self.deltas.lock().unwrap().push(text.to_owned());
+    }
+}
+
+#[tokio::test]
+async fn a_streamed_tool_call_split_into_fragments_runs_and_the_reply_streams() {
+    // GIVEN a model that streams a tool call whose arguments arrive in four
+    // fragments, then streams its answer in three pieces
+    let mut m = machine().await;
+    let (base, script) = scripted_llm(vec![
+        stream_tool_calls(
+            &[("call_s1", json!({"command": "echo streamed-$((6*7))"}))],
+            4,
+        ),
+        stream_text(&["The command ", "printed ", "streamed-42."]),
+    ])
+    .await;
+    let seen = Seen::default();
+
+    // WHEN a turn runs
+    let out = agent(&base, &secret_key())
+        .run_observed(input("go"), &mut m.runner, limits(60), &seen)
+        .await
+        .expect("turn");
+
+    // THEN both calls asked for a stream, the assembled command ran, and the
+    // reply arrived as the three deltas, in order, adding up to the reply
+    for (_, body) in script.requests() {
+        assert_eq!(body["stream"], true, "{body}");
+    }
+    assert_eq!(out.status, AgentStatus::Completed);
+    assert_eq!(*seen.steps.lock().unwrap(), ["echo streamed-$((6*7))"]);
+    assert_eq!(out.steps[0].output, "streamed-42\n");
+    assert_eq!(
+        *seen.deltas.lock().unwrap(),
+        ["The command ", "printed ", "streamed-42."]
+    );
+    assert_eq!(out.reply, "The command printed streamed-42.");
+    // … usage comes from the streams' final chunks
+    assert_eq!(out.usage.llm_calls, 2);
+    assert_eq!(out.usage.prompt_tokens, 200);
+    // … and the model got its own call back with the whole arguments
+    let second = script.messages(1);
+    let n = second.len();
+    assert_eq!(second[n - 2]["tool_calls"][0]["id"], "call_s1");
+    assert_eq!(
+        second[n - 2]["tool_calls"][0]["function"]["arguments"],
+        json!({"command": "echo streamed-$((6*7))"}).to_string()
+    );
+    assert_eq!(second[n - 1]["tool_call_id"], "call_s1");
+}
+
+#[tokio::test]
+async fn two_parallel_streamed_tool_calls_both_run_in_order() {
+    // GIVEN a model that streams two tool calls at once, their fragments
+    // interleaved
+    let mut m = machine().await;
+    let (base, script) = scripted_llm(vec![
+        stream_tool_calls(
+            &[
+                ("call_a", json!({"command": "echo first-call"})),
+                ("call_b", json!({"command": "echo second-call"})),
+            ],
+            3,
+        ),
+        stream_text(&["Both ran."]),
+    ])
+    .await;
+    let seen = Seen::default();
+
+    // WHEN a turn runs
+    let out = agent(&base, &secret_key())
+        .run_observed(input("go"), &mut m.runner, limits(60), &seen)
+        .await
+        .expect("turn");
+
+    // THEN both commands ran, in index order, each answered under its id
+    assert_eq!(
+        *seen.steps.lock().unwrap(),
+        ["echo first-call", "echo second-call"]
+    );
+    assert_eq!(out.steps[0].output, "first-call\n");
+    assert_eq!(out.steps[1].output, "second-call\n");
+    assert_eq!(out.reply, "Both ran.");
+    let second = script.messages(1);
+    let n = second.len();
+    let calls = second[n - 3]["tool_calls"].as_array().unwrap();
+    let ids: Vec<&str> = calls.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["call_a", "call_b"]);
+    assert_eq!(second[n - 2]["tool_call_id"], "call_a");
+    assert_eq!(tool_content(&second[n - 2])["output"], "first-call\n");
+    assert_eq!(second[n - 1]["tool_call_id"], "call_b");
+    assert_eq!(tool_content(&second[n - 1])["output"], "second-call\n");
+}
+
+#[tokio::test]
+async fn a_server_that_rejects_streaming_gets_plain_calls_from_then_on() {
+    // GIVEN a model server that refuses `stream: true`, then answers plainly
+    let mut m = machine().await;
+    let (base, script) = scripted_llm(vec![
+        (
+            400,
+            json!({"error": {"message": "stream is not supported"}}),
+        ),
+        answer("plain answer"),
+        answer("second plain answer"),
+    ])
+    .await;
+    let agent = agent(&base, &secret_key());
+    let seen = Seen::default();
+
+    // WHEN two turns run
+    let first = agent
+        .run_observed(input("a"), &mut m.runner, limits(60), &seen)
+        .await
+        .expect("first turn");
+    let second = agent
+        .run(input("b"), &mut m.runner, limits(60))
+        .await
+        .expect("second turn");
+
+    // THEN the refused request is repeated without streaming, and the client
+    // does not ask for a stream again
+    assert_eq!(first.reply, "plain answer");
+    assert_eq!(second.reply, "second plain answer");
+    assert!(seen.deltas.lock().unwrap().is_empty());
+    let streams: Vec<Value> = script
+        .requests()
+        .iter()
+        .map(|(_, b)| b.get("stream").cloned().unwrap_or(Value::Null))
+        .collect();
+    assert_eq!(streams, [json!(true), Value::Null, Value::Null]);
+    assert_eq!(first.usage.llm_calls, 1);
+}
+
+#[tokio::test]
+async fn a_plain_json_answer_to_a_streaming_request_is_used_as_is() {
+    // GIVEN a server that ignores `stream: true` and answers with JSON
+    let mut m = machine().await;
+    let (base, script) = scripted_llm(vec![answer("json anyway")]).await;
+
+    // WHEN a turn runs, THEN that answer is the reply, after one request
+    let out = agent(&base, &secret_key())
+        .run(input("a"), &mut m.runner, limits(60))
+        .await
+        .expect("turn");
+    assert_eq!(out.reply, "json anyway");
+    assert_eq!(script.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_stream_that_breaks_off_after_text_fails_without_a_retry() {
+    // GIVEN a model whose stream stops after some text, without finishing
+    let mut m = machine().await;
+    let (base, script) = scripted_llm(vec![
+        Reply::BrokenStream(vec![
+            stream_chunk(json!({"content": "I will "}), None),
+            stream_chunk(json!({"content": "now"}), None),
+        ]),
+        stream_text(&["never sent"]),
+    ])
+    .await;
+    let seen = Seen::default();
+
+    // WHEN a turn runs
+    let err = agent(&base, &secret_key())
+        .run_observed(input("a"), &mut m.runner, limits(60), &seen)
+        .await
+        .expect_err("a broken stream fails the turn");
+
+    // THEN the turn fails with the interruption, the text shown is not
+    // repeated by a retry
+    assert!(
+        matches!(
+            err,
+            AgentError::Llm {
+                source: LlmError::Interrupted { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(*seen.deltas.lock().unwrap(), ["I will ", "now"]);
+    assert_eq!(script.requests().len(), 1);
 }

@@ -12,7 +12,7 @@ use agenthome::agent::{Agent, AgentOptions, LlmClient, LlmConfig};
 use agenthome::clock::now_ms;
 use agenthome::config::Secret;
 use agenthome::turn::{TurnSettings, TRUNCATED_NOTE, TURNS_FILE};
-use agenthome_tests::llm::{answer, scripted_llm, tool_call};
+use agenthome_tests::llm::{answer, scripted_llm, stream_text, stream_tool_calls, tool_call};
 use agenthome_tests::stack::{Stack, StackOptions};
 use chat_turn_fn::StreamBody;
 use futures_util::StreamExt;
@@ -519,4 +519,54 @@ async fn terminal_output_streams_as_it_arrives() {
     assert!(rest
         .iter()
         .any(|(n, d)| n == "output" && d["chunk"].as_str().unwrap().contains("late")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_model_reply_arrives_as_reply_delta_events_before_reply_and_done() {
+    // GIVEN a ready user and a model that streams a tool call, then its
+    // answer in pieces
+    let (base, _llm) = scripted_llm(vec![
+        stream_tool_calls(&[("c1", json!({"command": "echo delta-test"}))], 3),
+        stream_text(&["It printed ", "delta-test", "."]),
+    ])
+    .await;
+    let s = Stack::start_with(StackOptions {
+        agent: llm_agent(&base),
+        ..StackOptions::default()
+    })
+    .await;
+    s.ready_user("dora").await;
+
+    // WHEN the turn is streamed (every event is checked against openapi.yaml)
+    let resp = s.stream_turn("dora", "print it").await;
+    assert_sse_response(&resp);
+    let blocks = Reader::new(resp.into_body()).all().await;
+    let evs = events(&blocks);
+
+    // THEN the step runs, then the reply's pieces arrive as reply_delta
+    // events, in order, then reply and done with the whole text
+    let n = names(&evs);
+    assert_eq!(
+        n,
+        [
+            "machine",
+            "step_started",
+            "output",
+            "step_finished",
+            "reply_delta",
+            "reply_delta",
+            "reply_delta",
+            "reply",
+            "done"
+        ]
+    );
+    let deltas: Vec<&str> = evs
+        .iter()
+        .filter(|(n, _)| n == "reply_delta")
+        .map(|(_, d)| d["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, ["It printed ", "delta-test", "."]);
+    assert_eq!(evs[7].1["text"], "It printed delta-test.");
+    assert_eq!(evs[8].1["reply"], "It printed delta-test.");
+    assert_eq!(evs[8].1["steps"][0]["output"], "delta-test\n");
 }

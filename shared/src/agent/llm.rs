@@ -7,7 +7,15 @@
 //! jittered backoff (the server's `retry-after` preferred) as long as the
 //! wait fits before the caller's deadline; every request is bounded by the
 //! deadline, so a call never hangs.
+//!
+//! [`LlmClient::complete_streamed`] asks for a streamed answer
+//! (`"stream": true`) and hands each text delta to the caller as it arrives;
+//! a server that answers with plain JSON, or rejects the streaming request,
+//! gets the non-streaming call (remembered for the client's lifetime).
 
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderValue, AUTHORIZATION, RETRY_AFTER};
@@ -17,6 +25,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use url::Url;
 
+use super::stream::{SseLines, StreamAccumulator};
 use crate::config::Secret;
 
 /// The one tool the model gets.
@@ -84,6 +93,14 @@ pub enum LlmError {
     /// The model kept sending tool calls that cannot be run.
     #[error("the model sent an unusable tool call again: {0}")]
     MalformedToolCall(String),
+    /// A streamed answer broke off after part of it was delivered (not
+    /// retried: the text already shown would repeat).
+    #[error("the LLM stream broke off: {source}")]
+    Interrupted {
+        /// What broke it.
+        #[source]
+        source: Box<LlmError>,
+    },
     /// Too little time is left before the deadline for a call.
     #[error("no time left for an LLM call before the turn's deadline")]
     NoTime,
@@ -419,6 +436,8 @@ pub struct LlmClient {
     request_timeout: Duration,
     max_attempts: u32,
     max_response_bytes: usize,
+    /// Cleared when the server rejects streaming requests.
+    streaming: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for LlmClient {
@@ -467,6 +486,7 @@ impl LlmClient {
             request_timeout: config.request_timeout,
             max_attempts: config.max_attempts.max(1),
             max_response_bytes: config.max_response_bytes,
+            streaming: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -482,12 +502,65 @@ impl LlmClient {
         messages: &[WireMessage],
         deadline: Instant,
     ) -> Result<Completion, LlmError> {
-        let body = json!({
+        let body = self.request_body(messages, false);
+        self.retrying(deadline, |timeout| self.attempt(&body, timeout))
+            .await
+    }
+
+    /// One chat completion, streamed when the server supports it: `on_text`
+    /// gets each piece of the answer's text as it is generated (the
+    /// completion still carries the whole text). Retried like
+    /// [`LlmClient::complete`] until the first piece was delivered.
+    pub async fn complete_streamed(
+        &self,
+        messages: &[WireMessage],
+        deadline: Instant,
+        on_text: &(dyn Fn(&str) + Sync),
+    ) -> Result<Completion, LlmError> {
+        if !self.streaming.load(Ordering::Relaxed) {
+            return self.complete(messages, deadline).await;
+        }
+        let body = self.request_body(messages, true);
+        let result = self
+            .retrying(deadline, |timeout| {
+                self.attempt_streamed(&body, timeout, on_text)
+            })
+            .await;
+        match result {
+            Err(LlmError::Rejected { status, message }) if status == 400 || status == 422 => {
+                tracing::info!(status, %message, "the LLM endpoint rejected a streaming request; not streaming");
+                self.streaming.store(false, Ordering::Relaxed);
+                self.complete(messages, deadline).await
+            }
+            other => other,
+        }
+    }
+
+    fn request_body(&self, messages: &[WireMessage], stream: bool) -> Value {
+        let mut body = json!({
             "model": self.model,
             "messages": messages,
             "tools": tools_json(),
             "tool_choice": "auto",
         });
+        if stream {
+            body["stream"] = json!(true);
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        body
+    }
+
+    /// Runs `attempt` (given its timeout), retrying on 429/5xx/timeouts
+    /// while the deadline allows.
+    async fn retrying<F, Fut>(
+        &self,
+        deadline: Instant,
+        mut attempt_once: F,
+    ) -> Result<Completion, LlmError>
+    where
+        F: FnMut(Duration) -> Fut,
+        Fut: Future<Output = Result<Completion, LlmError>>,
+    {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -495,10 +568,7 @@ impl LlmClient {
             if remaining < Duration::from_millis(100) {
                 return Err(LlmError::NoTime);
             }
-            let err = match self
-                .attempt(&body, remaining.min(self.request_timeout))
-                .await
-            {
+            let err = match attempt_once(remaining.min(self.request_timeout)).await {
                 Ok(c) => return Ok(c),
                 Err(e) => e,
             };
@@ -521,6 +591,14 @@ impl LlmClient {
     }
 
     async fn attempt(&self, body: &Value, timeout: Duration) -> Result<Completion, LlmError> {
+        let resp = self.send(body, timeout).await?;
+        let status = resp.status();
+        let retry_after = retry_after(resp.headers());
+        let bytes = self.read_capped(resp).await?;
+        self.answer(status, retry_after, &bytes)
+    }
+
+    async fn send(&self, body: &Value, timeout: Duration) -> Result<reqwest::Response, LlmError> {
         let mut req = self
             .http
             .post(self.endpoint.clone())
@@ -529,12 +607,68 @@ impl LlmClient {
         if let Some(auth) = &self.auth {
             req = req.header(AUTHORIZATION, auth.clone());
         }
-        let resp = req.send().await.map_err(|e| self.transport(e))?;
+        req.send().await.map_err(|e| self.transport(e))
+    }
+
+    /// A streaming request: an SSE answer is read chunk by chunk, any other
+    /// answer as [`LlmClient::attempt`] reads it.
+    async fn attempt_streamed(
+        &self,
+        body: &Value,
+        timeout: Duration,
+        on_text: &(dyn Fn(&str) + Sync),
+    ) -> Result<Completion, LlmError> {
+        let mut resp = self.send(body, timeout).await?;
         let status = resp.status();
-        let retry_after = retry_after(resp.headers());
-        let bytes = self.read_capped(resp).await?;
+        let is_sse = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+        if !(status.is_success() && is_sse) {
+            let retry_after = retry_after(resp.headers());
+            let bytes = self.read_capped(resp).await?;
+            return self.answer(status, retry_after, &bytes);
+        }
+        let mut lines = SseLines::default();
+        let mut acc = StreamAccumulator::default();
+        let mut delivered = false;
+        let broke_off = |e: LlmError, delivered: bool| {
+            if delivered {
+                LlmError::Interrupted {
+                    source: Box::new(e),
+                }
+            } else {
+                e
+            }
+        };
+        loop {
+            let chunk = match resp.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => return acc.finish(false).map_err(|e| broke_off(e, delivered)),
+                Err(e) => return Err(broke_off(self.transport(e), delivered)),
+            };
+            for data in lines.push(&chunk).map_err(|e| broke_off(e, delivered))? {
+                if data.trim() == "[DONE]" {
+                    return acc.finish(true);
+                }
+                if let Some(text) = acc.feed(&data).map_err(|e| broke_off(e, delivered))? {
+                    delivered = true;
+                    on_text(&text);
+                }
+            }
+        }
+    }
+
+    /// The completion of a non-streamed answer, or the error its status means.
+    fn answer(
+        &self,
+        status: reqwest::StatusCode,
+        retry_after: Option<Duration>,
+        bytes: &[u8],
+    ) -> Result<Completion, LlmError> {
         match status.as_u16() {
-            200..=299 => parse_completion(&bytes),
+            200..=299 => parse_completion(bytes),
             401 | 403 => Err(LlmError::Auth {
                 status: status.as_u16(),
             }),
@@ -544,7 +678,7 @@ impl LlmClient {
             }),
             s => Err(LlmError::Rejected {
                 status: s,
-                message: self.excerpt(&bytes),
+                message: self.excerpt(bytes),
             }),
         }
     }

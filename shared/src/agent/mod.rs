@@ -13,6 +13,7 @@
 //! [`AgentStatus::Deadline`] and a reply saying it keeps running.
 
 mod llm;
+mod stream;
 
 use std::time::Duration;
 
@@ -446,7 +447,11 @@ impl Agent {
                     status: AgentStatus::Deadline,
                 });
             }
-            let completion = match llm.complete(&messages, limits.deadline).await {
+            let on_text = |text: &str| observer.reply_delta(text);
+            let completion = match llm
+                .complete_streamed(&messages, limits.deadline, &on_text)
+                .await
+            {
                 Ok(c) => c,
                 Err(LlmError::NoTime) => {
                     return Ok(AgentOutcome {

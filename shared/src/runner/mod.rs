@@ -166,6 +166,8 @@ pub trait Observer: Send + Sync {
     fn output(&self, _chunk: &[u8]) {}
     /// Step `index` ended (or was left running) with `outcome`.
     fn step_finished(&self, _index: usize, _outcome: &CommandOutcome) {}
+    /// A piece of the model's text as it is generated (streamed replies).
+    fn reply_delta(&self, _text: &str) {}
 }
 
 /// The observer that ignores everything.

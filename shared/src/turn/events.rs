@@ -93,6 +93,13 @@ pub enum TurnEvent {
         /// It keeps running on the machine.
         still_running: bool,
     },
+    /// A piece of the model's text as it is generated (streamed replies;
+    /// text before a command is the model's narration, the `reply` event
+    /// that follows is authoritative).
+    ReplyDelta {
+        /// The new text.
+        text: String,
+    },
     /// The agent's reply (also in `done`).
     Reply {
         /// The reply.
@@ -113,6 +120,7 @@ impl TurnEvent {
             TurnEvent::StepStarted { .. } => "step_started",
             TurnEvent::Output { .. } => "output",
             TurnEvent::StepFinished { .. } => "step_finished",
+            TurnEvent::ReplyDelta { .. } => "reply_delta",
             TurnEvent::Reply { .. } => "reply",
             TurnEvent::Done(_) => "done",
             TurnEvent::Error(_) => "error",
@@ -307,6 +315,12 @@ impl Observer for EventObserver<'_> {
             truncated: outcome.truncated,
             stream_truncated,
             still_running: outcome.still_running,
+        });
+    }
+
+    fn reply_delta(&self, text: &str) {
+        self.emit(TurnEvent::ReplyDelta {
+            text: text.to_string(),
         });
     }
 }
