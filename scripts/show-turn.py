@@ -1,4 +1,4 @@
-"""Print a chat-turn result (DESIGN §3) readably; used by scripts/demo."""
+"""Print a chat-turn result (docs/design.md §3) readably; used by scripts/demo."""
 import json
 import sys
 

@@ -1,4 +1,4 @@
-//! Configuration from the environment (DESIGN §7), read once at cold start.
+//! Configuration from the environment (docs/design.md §7), read once at cold start.
 //! A missing or malformed value fails the start with a message naming it.
 
 use crate::api::AuthMode;
@@ -136,7 +136,7 @@ pub struct Config {
     pub provision_invoke_detached: bool,
 }
 
-/// The default bootstrap (DESIGN §5).
+/// The default bootstrap (docs/design.md §5).
 pub const DEFAULT_BOOTSTRAP: &str =
     "apt-get update && apt-get install -y curl git python3-pip nodejs";
 

@@ -1,6 +1,6 @@
 //! agenthome: one persistent Dedalus Machine per chat user.
 //!
-//! Where things live (see DESIGN.md in the project docs):
+//! Where things live (docs/design.md §1 has the full table):
 //! - [`dedalus`]: the typed Dedalus Machines API client (machines, executions,
 //!   terminals), its retry policy and idempotency keys.
 //! - [`store`]: the user→machine DynamoDB table: typed item, conditional operations, adapters.

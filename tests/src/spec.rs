@@ -9,7 +9,7 @@ use crate::schema::{escape_pointer, Document};
 use serde_json::Value;
 use std::sync::OnceLock;
 
-/// Fields the newer SDKs added after the spec snapshot (NOTES.md): allowed in
+/// Fields the newer SDKs added after the spec snapshot (docs/compatibility.md): allowed in
 /// machine responses although the spec's schemas forbid extra properties.
 pub const NEWER_MACHINE_FIELDS: &[&str] = &["autosleep_seconds", "phase"];
 
@@ -27,7 +27,7 @@ fn validate_at(pointer: &str, instance: &Value) -> Result<(), String> {
     document().validate_at(pointer, instance)
 }
 
-/// Remove the newer machine fields NOTES.md lists, wherever a machine object
+/// Remove the newer machine fields docs/compatibility.md lists, wherever a machine object
 /// appears (top level, `items[]`).
 pub fn strip_newer_fields(body: &Value) -> Value {
     let mut body = body.clone();

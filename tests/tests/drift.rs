@@ -1,4 +1,4 @@
-//! Surviving Dedalus API drift (shared/dedalus/NOTES.md "Changes after the
+//! Surviving Dedalus API drift (docs/compatibility.md "Changes after the
 //! spec snapshot" and "Field reports"; emulator/README.md "Drift switches"):
 //! the whole product flow — provision, a turn that makes a file and sets
 //! cwd and an exported variable, the machine goes to sleep, a second turn

@@ -1,5 +1,5 @@
 //! Every response body the emulator sends validates against the official
-//! Dedalus Machines spec (except the newer fields NOTES.md lists), on the
+//! Dedalus Machines spec (except the newer fields docs/compatibility.md lists), on the
 //! happy paths and on the error paths the product relies on.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]

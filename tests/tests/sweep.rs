@@ -4,7 +4,7 @@
 //! semantics, written once in the store's engine) with the real emulator,
 //! plus a shorter run of the same race on DynamoDB.
 //!
-//! Invariants (DESIGN §6): 2 (never sleep a machine a turn holds or a
+//! Invariants (docs/design.md §6): 2 (never sleep a machine a turn holds or a
 //! running command holds), 5 (status reads never wake), 6 (orphans are
 //! found), and "no sweep ever scans the table".
 

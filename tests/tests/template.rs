@@ -3,7 +3,7 @@
 //! the template sets is one the code reads (and the secrets it names are the
 //! ones the function may read); the functions' binaries are the workspace's
 //! `[[bin]]` targets, built by `scripts/sam-build` for the template's
-//! `Architecture`; the routes are DESIGN §3's; IAM never grants `*`
+//! `Architecture`; the routes are docs/design.md §3's; IAM never grants `*`
 //! actions or `dynamodb:Scan`; the alarms and the dashboard watch metrics the
 //! functions emit (`agenthome::metrics::LINES`), and the saved Logs Insights
 //! queries name fields their lines carry.
@@ -231,7 +231,7 @@ fn given_the_template_when_its_table_is_compared_then_it_is_the_code_s_table() {
         "{id}: no LSIs"
     );
 
-    // DESIGN §4: point-in-time recovery and encryption on; the data outlives
+    // docs/design.md §4: point-in-time recovery and encryption on; the data outlives
     // the stack.
     assert_eq!(
         props["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"],
@@ -763,7 +763,7 @@ fn given_the_policies_when_actions_are_listed_then_they_are_least_privilege() {
 
 // -------------------------------------------------------------- routes --
 
-/// DESIGN §3: (method, path, function).
+/// docs/design.md §3: (method, path, function).
 const ROUTES: &[(&str, &str, &str)] = &[
     ("POST", "/v1/users/{user_id}/turns", "chat-turn"),
     ("GET", "/v1/users/{user_id}/machine", "provision"),
@@ -779,10 +779,9 @@ fn route_set(routes: &[(&str, &str, &str)]) -> BTreeSet<(String, String, String)
         .collect()
 }
 
-/// The §3 table of DESIGN.md, when the project's shared documents sit beside
-/// the work tree (as they do for developers and CI).
-fn design_routes() -> Option<BTreeSet<(String, String, String)>> {
-    let design = std::fs::read_to_string(root().parent()?.join("shared/DESIGN.md")).ok()?;
+/// The routes of the §3 table of docs/design.md.
+fn design_routes() -> BTreeSet<(String, String, String)> {
+    let design = std::fs::read_to_string(root().join("docs/design.md")).expect("docs/design.md");
     let mut routes = BTreeSet::new();
     for line in design.lines() {
         let cells: Vec<&str> = line.split('|').map(str::trim).collect();
@@ -796,15 +795,16 @@ fn design_routes() -> Option<BTreeSet<(String, String, String)>> {
             }
         }
     }
-    Some(routes)
+    routes
 }
 
 #[test]
 fn given_the_design_when_its_routes_are_read_then_the_list_here_is_the_same() {
-    match design_routes() {
-        Some(design) => assert_eq!(design, route_set(ROUTES), "DESIGN.md §3 vs. ROUTES"),
-        None => eprintln!("DESIGN.md not beside the work tree: checked against ROUTES only"),
-    }
+    assert_eq!(
+        design_routes(),
+        route_set(ROUTES),
+        "docs/design.md §3 vs. ROUTES"
+    );
 }
 
 #[test]

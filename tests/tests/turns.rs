@@ -1,4 +1,4 @@
-//! The chat turn end to end (DESIGN §3 turn result, §5 chat turn, §6
+//! The chat turn end to end (docs/design.md §3 turn result, §5 chat turn, §6
 //! invariants 2–4 and 7–8): the chat-turn function driven in-process with
 //! API Gateway v2 events, against a real emulator and a real
 //! DynamoDB-compatible server, provisioning through the provision
@@ -120,7 +120,7 @@ async fn first_message_provisions_then_a_turn_completes_with_the_documented_resu
 
     // WHEN she sends a message once the machine is ready
     let r = s.turn("alice", "echo hello-turn; echo err >&2").await;
-    // THEN the turn completes with DESIGN §3's result
+    // THEN the turn completes with docs/design.md §3's result
     let body = done(&r);
     assert_eq!(r.header("content-type"), Some("application/json"));
     let item = s.item("alice").await;

@@ -1,4 +1,4 @@
-//! The chat-turn function: `POST /v1/users/{user_id}/turns` (DESIGN §3).
+//! The chat-turn function: `POST /v1/users/{user_id}/turns` (docs/design.md §3).
 //! `main` only wires clients; this library maps the request to
 //! [`agenthome::turn`] and the outcome back to HTTP, so tests can drive it
 //! in-process against real adapters.

@@ -1,4 +1,4 @@
-//! The provision function: the machine routes of DESIGN §3 and the
+//! The provision function: the machine routes of docs/design.md §3 and the
 //! asynchronous provisioning worker, in one Lambda. `main` only wires
 //! clients; this library maps events to `agenthome` and back, so tests can
 //! drive it in-process against real adapters.

@@ -1,4 +1,4 @@
-//! `sleep-sweep` Lambda function (DESIGN §5 "Sleep sweep"): on every
+//! `sleep-sweep` Lambda function (docs/design.md §5 "Sleep sweep"): on every
 //! EventBridge schedule tick, put idle awake machines to sleep and, every
 //! `RECONCILE_EVERY`th minute, reconcile the table with the machine list.
 //!

@@ -1,6 +1,6 @@
 //! The agent loop: the model drives the user's machine through one tool,
 //! `run_command(command, timeout_s?)`, within a step limit, a per-command
-//! timeout and the turn's deadline (DESIGN §5 "Agent loop").
+//! timeout and the turn's deadline (docs/design.md §5 "Agent loop").
 //!
 //! - [`Agent::llm`]: an OpenAI-compatible model ([`LlmClient`]).
 //! - [`Agent::shell`] (`AGENT_MODEL=shell`): no model; the user's message is

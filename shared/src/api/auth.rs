@@ -1,4 +1,4 @@
-//! Who may call (DESIGN §3): `AUTH_MODE=jwt` reads the API Gateway JWT
+//! Who may call (docs/design.md §3): `AUTH_MODE=jwt` reads the API Gateway JWT
 //! authorizer's claims; `bearer` verifies the `Authorization: Bearer` JWT in
 //! the function ([`super::jwt`]; the streaming Function URL has no
 //! authorizer). Either way `sub` must equal `{user_id}` unless the token is

@@ -1,4 +1,4 @@
-//! The product's HTTP API contract (DESIGN §3), independent of Lambda types:
+//! The product's HTTP API contract (docs/design.md §3), independent of Lambda types:
 //! who may call ([`auth`]), what a valid request is ([`user_id`], request
 //! bodies), and how errors look ([`problem`]). The functions map API Gateway
 //! events onto these and back.

@@ -1,7 +1,7 @@
 //! Dedalus Machines API client.
 //!
 //! A typed async client of the Dedalus Cloud Services control plane
-//! (`spec/machines-openapi.json` plus the newer-SDK changes in NOTES.md):
+//! (`spec/machines-openapi.json` plus the newer-SDK changes in docs/compatibility.md):
 //! machines ([`Client::create_machine`], [`Client::wake_machine`],
 //! [`Client::wait_until`], …), executions ([`Client::run_and_wait`], …) and
 //! terminals ([`Client::connect`] → [`TerminalSession`]).

@@ -1,4 +1,4 @@
-//! Which route of DESIGN §3 a request is for.
+//! Which route of docs/design.md §3 a request is for.
 
 use crate::api::{Problem, UserId};
 use lambda_http::Request;

@@ -1,7 +1,7 @@
 //! The machine bootstrap: a versioned, idempotent script run through the
 //! executions API. A marker under the home directory names the version that
 //! succeeded; a tool check re-runs the script when the root filesystem lost
-//! its packages (NOTES.md: only home is sure to persist).
+//! its packages (docs/design.md §2: only home is sure to persist).
 
 use crate::config::DEFAULT_BOOTSTRAP;
 use crate::dedalus::{self, ExecutionRequest};

@@ -1,4 +1,4 @@
-//! Lazy, exactly-once provisioning (DESIGN §5 "Provisioning", invariants 1
+//! Lazy, exactly-once provisioning (docs/design.md §5 "Provisioning", invariants 1
 //! and 6).
 //!
 //! 1. [`Provisioner::ensure`] (a first message, `PUT …/machine`, a retry):

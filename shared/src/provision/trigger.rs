@@ -30,7 +30,7 @@ pub trait WorkerTrigger: Send + Sync {
 /// (`InvocationType=Event`; AWS answers 202 at once and retries failures).
 ///
 /// `cargo lambda watch` runs an "async" invoke to the end before answering
-/// (TOOLCHAIN.md), so with `detach` the invoke is sent from a background task
+/// (docs/design.md §8), so with `detach` the invoke is sent from a background task
 /// and not awaited: right for a long-lived local process, wrong in AWS, where
 /// a frozen sandbox may never send it.
 #[derive(Clone, Debug)]

@@ -1,6 +1,6 @@
 //! Running the agent's commands on a user's machine.
 //!
-//! One interface, [`CommandRunner`], with two backends (NOTES.md: the newest
+//! One interface, [`CommandRunner`], with two backends (docs/compatibility.md: the newest
 //! Python SDK dropped terminals, so both must work):
 //! - [`TerminalRunner`] (default): one persistent bash on a terminal
 //!   WebSocket. Each command is one line that `eval`s it in that shell (so
@@ -62,7 +62,7 @@ impl Transport {
 }
 
 /// What running one command produced. Serialized into the turn result's
-/// `steps` (DESIGN §3).
+/// `steps` (docs/design.md §3).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandOutcome {
     /// The command as given.

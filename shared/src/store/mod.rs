@@ -1,4 +1,4 @@
-//! The user→machine table (DESIGN §4): the typed item, the [`UserStore`]
+//! The user→machine table (docs/design.md §4): the typed item, the [`UserStore`]
 //! operations, and two adapters with identical semantics: [`DynamoStore`]
 //! (DynamoDB) and [`MemoryStore`] (in-process, for fast domain tests).
 //!

@@ -1,4 +1,4 @@
-//! The typed user→machine item (DESIGN §4) and its DynamoDB attribute mapping.
+//! The typed user→machine item (docs/design.md §4) and its DynamoDB attribute mapping.
 //!
 //! On the wire (DynamoDB and JSON) the item is flat: one attribute per field,
 //! `lease_owner`/`lease_kind`/`lease_until` and `hold_until`/`hold_marker`
@@ -142,7 +142,7 @@ pub struct Hold {
     pub marker: String,
 }
 
-/// One user's item in the user→machine table (DESIGN §4).
+/// One user's item in the user→machine table (docs/design.md §4).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "Wire", try_from = "Wire")]
 pub struct UserRecord {

@@ -1,4 +1,4 @@
-//! The sleep sweep and reconciliation (DESIGN §5 "Sleep sweep", §6
+//! The sleep sweep and reconciliation (docs/design.md §5 "Sleep sweep", §6
 //! invariants 2, 5, 6).
 //!
 //! [`Sweeper::run`] pages through the sparse `awake` index, shard by shard
@@ -26,7 +26,7 @@
 //!    rest of the run (see below).
 //! 6. The lease is always released (a failed release expires on its own).
 //!
-//! **Sleep unavailable.** Public keys may be refused on `…/sleep` (NOTES.md
+//! **Sleep unavailable.** Public keys may be refused on `…/sleep` (docs/compatibility.md
 //! field reports). Until one sleep call has been answered by the route,
 //! sleep calls of a run go out one at a time (a probe); the first 401/403
 //! switches the run to reading phases instead: `get_machine` → sleeping or

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::config::ConfigError;
 
-/// How the sleep sweep and reconciliation behave (DESIGN §5, §7).
+/// How the sleep sweep and reconciliation behave (docs/design.md §5, §7).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SweepSettings {
     /// `IDLE_AFTER` (default 5 min): an awake machine idle this long is a candidate.

@@ -1,4 +1,4 @@
-//! One chat turn (DESIGN §5 "Chat turn", invariants 2–4): load the user's
+//! One chat turn (docs/design.md §5 "Chat turn", invariants 2–4): load the user's
 //! item → take the turn lease (renewed while the turn runs, checked before
 //! every command — a turn that lost it stops — always released; see `lease`)
 //! → wake the machine and wait for `running` → re-check the toolchain after
@@ -81,7 +81,7 @@ pub struct Timings {
     pub total_ms: u64,
 }
 
-/// The turn result of DESIGN §3.
+/// The turn result of docs/design.md §3.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct TurnResult {
     /// This turn's id.
@@ -602,7 +602,7 @@ where
     }
 
     /// Make sure the machine runs; true if it had to be woken. If the wake
-    /// route is refused for this key (NOTES.md field reports), a no-op
+    /// route is refused for this key (docs/compatibility.md), a no-op
     /// execution wakes it instead.
     async fn wake(
         &self,
