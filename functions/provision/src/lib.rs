@@ -54,9 +54,28 @@ pub fn classify(event: Value) -> Result<Incoming, String> {
 impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
     /// Handle any event; HTTP requests get an API Gateway v2 response.
     pub async fn handle(&self, event: Value) -> Result<Value, lambda_runtime::Error> {
+        self.handle_until(event, None).await
+    }
+
+    /// [`Service::handle`] for an invocation that ends at `deadline_ms`
+    /// (the Lambda context's deadline, epoch ms): the worker works to it.
+    pub async fn handle_until(
+        &self,
+        event: Value,
+        deadline_ms: Option<u64>,
+    ) -> Result<Value, lambda_runtime::Error> {
         match classify(event) {
             Ok(Incoming::Provision(ev)) => {
-                match self.provisioner.run_worker(&ev).await {
+                let now = agenthome::clock::now_ms();
+                let worker = match deadline_ms.and_then(|d| entry::remaining(d, now)) {
+                    Some(left) => {
+                        let until =
+                            now.saturating_add(u64::try_from(left.as_millis()).unwrap_or(u64::MAX));
+                        self.provisioner.run_worker_until(&ev, until).await
+                    }
+                    None => self.provisioner.run_worker(&ev).await,
+                };
+                match worker {
                     Ok(rec) => Ok(serde_json::json!({"user_id": rec.user_id, "state": rec.state})),
                     // A retryable failure makes Lambda retry the async event
                     // (bounded by the function's EventInvokeConfig); a final

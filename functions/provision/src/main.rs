@@ -29,8 +29,12 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         admin_scope: app.config.admin_scope.clone(),
     };
     let service = &service;
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
-        service.handle(event.payload).await
-    }))
+    lambda_runtime::run(service_fn(
+        move |event: LambdaEvent<serde_json::Value>| async move {
+            service
+                .handle_until(event.payload, Some(event.context.deadline))
+                .await
+        },
+    ))
     .await
 }
