@@ -693,7 +693,11 @@ async fn reconciliation_fixes_autoslept_items_reports_orphans_and_marks_lost_ite
     );
     let before = emu.requests().await.len();
 
-    let sweeper = Sweeper::new(Arc::clone(&store), &client, settings());
+    let reporting = SweepSettings {
+        reconcile_destroy_orphans: false,
+        ..settings()
+    };
+    let sweeper = Sweeper::new(Arc::clone(&store), &client, reporting.clone());
     let r = sweeper.reconcile(now_ms(), deadline()).await;
     assert!(r.reconciled);
     assert_eq!(
@@ -725,7 +729,7 @@ async fn reconciliation_fixes_autoslept_items_reports_orphans_and_marks_lost_ite
         &client,
         SweepSettings {
             reconcile_sleep_orphans: true,
-            ..settings()
+            ..reporting.clone()
         },
     );
     let r = sleeping_orphans.reconcile(now_ms(), deadline()).await;
@@ -738,11 +742,74 @@ async fn reconciliation_fixes_autoslept_items_reports_orphans_and_marks_lost_ite
         &client,
         SweepSettings {
             orphan_grace: Duration::from_secs(3600),
-            ..settings()
+            ..reporting
         },
     );
     let r = graceful.reconcile(now_ms(), deadline()).await;
     assert_eq!(r.orphans, 0, "{r:?}");
+}
+
+/// GIVEN a running machine no item references (its user was deleted while
+/// its worker died between create and record) and a referenced one
+/// WHEN reconciliation runs before the grace period is over THEN nothing is
+/// destroyed; WHEN it runs after it THEN the orphan is destroyed and the
+/// referenced machine is untouched; with `RECONCILE_DESTROY_ORPHANS=false`
+/// an old orphan is only reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_destroys_orphans_older_than_the_grace() {
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let store = dynamo().await;
+    let kept = ready_user(&*store, &client, "kept", now_ms(), "never").await;
+    let orphan = create_machine(&client, "never").await;
+    let grace = Duration::from_secs(15 * 60);
+    let destroying = SweepSettings {
+        orphan_grace: grace,
+        reconcile_destroy_orphans: true,
+        ..settings()
+    };
+    let later = now_ms() + 16 * MINUTE;
+
+    let off = SweepSettings {
+        reconcile_destroy_orphans: false,
+        ..destroying.clone()
+    };
+    let r = Sweeper::new(Arc::clone(&store), &client, off)
+        .reconcile(later, deadline())
+        .await;
+    assert_eq!(
+        (r.orphans, r.orphans_destroyed),
+        (1, 0),
+        "off switch: {r:?}"
+    );
+    assert_eq!(phase(&client, &orphan).await, Phase::Running);
+
+    let sweeper = Sweeper::new(Arc::clone(&store), &client, destroying);
+    let r = sweeper.reconcile(now_ms(), deadline()).await;
+    assert_eq!((r.orphans, r.orphans_destroyed), (0, 0), "young: {r:?}");
+    assert_eq!(phase(&client, &orphan).await, Phase::Running);
+
+    let r = sweeper.reconcile(later, deadline()).await;
+    assert_eq!((r.orphans, r.orphans_destroyed), (1, 1), "{r:?}");
+    let end = Instant::now() + Duration::from_secs(10);
+    let gone = loop {
+        match client.get_machine(&orphan).await {
+            Err(e) if e.is_not_found() => break true,
+            Ok(m) if m.phase == Phase::Destroyed => break true,
+            _ if Instant::now() > end => break false,
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert!(gone, "the orphan was not destroyed");
+    assert_eq!(
+        phase(&client, &kept).await,
+        Phase::Running,
+        "referenced machine kept"
+    );
+    assert_eq!(
+        item(&*store, "kept").await.machine_id.as_deref(),
+        Some(kept.as_str())
+    );
 }
 
 /// GIVEN an item that says asleep while its machine runs WHEN

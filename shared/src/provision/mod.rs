@@ -529,7 +529,14 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
 
         // 2. Running (a machine that slept meanwhile is woken).
         let deadline = budget.step_end(self.settings.boot_timeout);
-        let machine = self.dedalus.get_machine(&machine_id).await?;
+        let machine = match self.dedalus.get_machine(&machine_id).await {
+            Ok(m) if !matches!(m.phase, Phase::Destroying | Phase::Destroyed) => m,
+            Ok(_) => return Err(self.machine_lost(&user_id, owner, &machine_id).await),
+            Err(e) if e.is_not_found() => {
+                return Err(self.machine_lost(&user_id, owner, &machine_id).await)
+            }
+            Err(e) => return Err(e.into()),
+        };
         if matches!(machine.phase, Phase::Sleeping | Phase::Stopping) {
             self.dedalus.wake_machine(&machine_id, None, None).await?;
         }
@@ -612,6 +619,20 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
         Err(ProvisionError::Superseded(format!(
             "{why} while the machine was being created; machine {machine_id} destroyed"
         )))
+    }
+
+    /// The machine (recorded, or replayed by the create key) is gone — e.g.
+    /// reconciliation destroyed it as an orphan while a crashed worker had
+    /// not recorded it. Forget it and its key (`mark_lost`), so the next
+    /// provisioning creates a new machine instead of replaying a dead one.
+    async fn machine_lost(&self, user_id: &str, owner: &str, machine_id: &str) -> ProvisionError {
+        let why = "destroyed before provisioning finished";
+        if let Err(e) = self.store.mark_lost(user_id, owner, why, now_ms()).await {
+            return lease_lost(e);
+        }
+        ProvisionError::Superseded(format!(
+            "machine {machine_id} was {why}; the next provisioning creates a new one"
+        ))
     }
 
     /// Extend the lease; losing it (another trigger resumed after it
