@@ -184,6 +184,50 @@ pub trait Backend: Send + Sync {
     ) -> impl Future<Output = Result<Vec<UserRecord>>> + Send;
 }
 
+/// A shared store is a store (e.g. one `MemoryStore` behind the provisioner
+/// and the sweeper of a simulation).
+impl<B: Backend> Backend for std::sync::Arc<B> {
+    fn get_item(&self, user_id: &str) -> impl Future<Output = Result<Option<UserRecord>>> + Send {
+        (**self).get_item(user_id)
+    }
+    fn put_new(
+        &self,
+        record: &UserRecord,
+    ) -> impl Future<Output = Result<std::result::Result<(), Refused>>> + Send {
+        (**self).put_new(record)
+    }
+    fn update(
+        &self,
+        op: &'static str,
+        user_id: &str,
+        update: Update,
+    ) -> impl Future<Output = Result<std::result::Result<UserRecord, Refused>>> + Send {
+        (**self).update(op, user_id, update)
+    }
+    fn delete_item(
+        &self,
+        user_id: &str,
+        cond: Cond,
+    ) -> impl Future<Output = Result<std::result::Result<UserRecord, Refused>>> + Send {
+        (**self).delete_item(user_id, cond)
+    }
+    fn query_awake(
+        &self,
+        shard: &str,
+        idle_before_ms: u64,
+        start: Option<AwakeKey>,
+        limit: u32,
+    ) -> impl Future<Output = Result<(Vec<UserRecord>, Option<AwakeKey>)>> + Send {
+        (**self).query_awake(shard, idle_before_ms, start, limit)
+    }
+    fn query_machine(
+        &self,
+        machine_id: &str,
+    ) -> impl Future<Output = Result<Vec<UserRecord>>> + Send {
+        (**self).query_machine(machine_id)
+    }
+}
+
 fn s(v: &str) -> AttributeValue {
     AttributeValue::S(v.to_owned())
 }

@@ -39,7 +39,7 @@ mod record;
 pub mod table;
 
 pub use dynamo::DynamoStore;
-pub use memory::MemoryStore;
+pub use memory::{MemoryStore, StoreHook};
 pub use record::{Hold, Item, Lease, LeaseKind, MachineState, Power, UserRecord};
 pub use table::{create_table, shard_for, AWAKE_SHARDS};
 
