@@ -102,9 +102,20 @@ impl Sched {
         })
     }
 
+    /// Until no actor runs (all parked or done).
     async fn quiescent(&self) {
+        self.until(|st| st.running == 0).await;
+    }
+
+    /// Until an actor waits to be let through, or none runs.
+    async fn someone_parked(&self) {
+        self.until(|st| st.running == 0 || !st.parked.is_empty())
+            .await;
+    }
+
+    async fn until(&self, done: impl Fn(&SchedState) -> bool) {
         loop {
-            if self.lock().running == 0 {
+            if done(&self.lock()) {
                 return;
             }
             self.changed.notified().await;
@@ -321,7 +332,17 @@ impl World {
         let mut killed = vec![false; ops.len()];
         let mut graveyard = Vec::new();
         loop {
-            let quiet = tokio::time::timeout(Duration::from_secs(60), self.sched.quiescent()).await;
+            // Mostly one operation at a time; sometimes the next one starts
+            // while another is still inside a Dedalus call (the windows the
+            // injected delays widen).
+            let overlap = rng.random_bool(0.3);
+            let wait = async {
+                self.sched.someone_parked().await;
+                if !overlap {
+                    self.sched.quiescent().await;
+                }
+            };
+            let quiet = tokio::time::timeout(Duration::from_secs(60), wait).await;
             if quiet.is_err() {
                 self.violation(format!("no progress for 60 s in round {ops:?}"));
                 for h in &handles {
@@ -341,7 +362,12 @@ impl World {
                     Some((key.0, tx))
                 }
             };
-            let Some((actor, tx)) = next else { break };
+            let Some((actor, tx)) = next else {
+                if self.sched.lock().running == 0 {
+                    break;
+                }
+                continue;
+            };
             if killable[actor] && rng.random_bool(0.04) {
                 handles[actor].abort();
                 killed[actor] = true;
@@ -645,16 +671,16 @@ fn draw_fault(rng: &mut StdRng) -> Option<serde_json::Value> {
             "error_code": "DEPENDENCY_UNAVAILABLE", "message": "injected", "retryable": true,
             "retry_after_ms": 10})
     };
-    match rng.random_range(0..8) {
+    let delay = |method: &str, path: &str| serde_json::json!({"method": method, "path": path, "times": 2, "delay_ms": 40});
+    match rng.random_range(0..10) {
         0 => Some(unavailable("POST", "/v1/machines/*/sleep")),
         1 => Some(unavailable("POST", "/v1/machines")),
         2 => Some(unavailable("DELETE", "/v1/machines/*")),
-        3 => Some(
-            serde_json::json!({"method": "POST", "path": "/v1/machines", "times": 1, "delay_ms": 30}),
-        ),
-        4 => Some(
-            serde_json::json!({"method": "POST", "path": "/v1/machines/*/sleep", "times": 1, "delay_ms": 30}),
-        ),
+        3 => Some(delay("POST", "/v1/machines")),
+        4 => Some(delay("POST", "/v1/machines/*/sleep")),
+        5 => Some(delay("GET", "/v1/machines/*")),
+        6 => Some(delay("DELETE", "/v1/machines/*")),
+        7 => Some(delay("POST", "/v1/machines/*/wake")),
         _ => None,
     }
 }
