@@ -383,9 +383,13 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
     /// next [`Provisioner::ensure`] (a stale or redelivered event does not
     /// retry it behind the caller's back).
     ///
-    /// Without an invocation deadline, the worker gets one lease TTL.
+    /// Without an invocation deadline, the worker's budget is its steps'
+    /// own timeouts plus one lease TTL (for the create and the writes).
     pub async fn run_worker(&self, event: &ProvisionEvent) -> Result<UserRecord, ProvisionError> {
-        self.run_worker_until(event, now_ms() + self.lease_ms())
+        let s = &self.settings;
+        let budget = s.boot_timeout + s.bootstrap_timeout + s.lease_ttl + s.margin;
+        let budget_ms = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX);
+        self.run_worker_until(event, now_ms().saturating_add(budget_ms))
             .await
     }
 
