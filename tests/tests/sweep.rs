@@ -1022,3 +1022,64 @@ async fn a_past_deadline_stops_the_run_and_reports_what_remains() {
     assert_eq!(r.slept, 0);
     assert_consistent_awake(&item(&*store, "u").await);
 }
+
+// ---------------------------------------------------------------------------
+// 5. Deletion wins over a sweep in flight
+// ---------------------------------------------------------------------------
+
+/// GIVEN an idle awake machine whose sweep holds the sweep lease while its
+/// sleep call is in flight (the emulator delays it by 600 ms)
+/// WHEN DELETE runs meanwhile: it marks the item `destroying` and destroys
+/// the machine, and its final conditional delete is held back (the
+/// in-memory store's hook) until the sweep is done
+/// THEN the sweep's sleep gets 404 but its `mark_lost` cannot turn the item
+/// into `failed`: DELETE completes, no item is left (the next message could
+/// not provision a new machine for the deleted user).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_that_finds_the_machine_gone_cannot_resurrect_a_deleted_user() {
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let hook_gate = Arc::clone(&gate);
+    let hook: agenthome::store::StoreHook = Arc::new(move |op, _user| {
+        let gate = Arc::clone(&hook_gate);
+        Box::pin(async move {
+            if op == "delete" {
+                let _ = gate.acquire().await.map(|p| p.forget());
+            }
+        })
+    });
+    let store = Arc::new(MemoryStore::with_hook(hook));
+    let machine = ready_user(&*store, &client, "del", now_ms() - 10 * MINUTE, "never").await;
+    emu.inject_fault(
+        json!({"method": "POST", "path": "/v1/machines/*/sleep", "times": 1, "delay_ms": 600}),
+    )
+    .await;
+
+    let sweeper = Sweeper::new(Arc::clone(&store), &client, settings());
+    let sweep = tokio::spawn(async move { sweeper.run(now_ms(), deadline()).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (s, c) = (Arc::clone(&store), client.clone());
+    let delete = tokio::spawn(async move {
+        agenthome::machines::destroy(&s, &c, "del", Duration::from_secs(10)).await
+    });
+    let report = sweep.await.expect("sweep task");
+    assert_eq!(report.slept, 0, "{report:?}");
+    let mid = item(&*store, "del").await;
+    assert_eq!(
+        mid.state,
+        MachineState::Destroying,
+        "the sweep overwrote the deletion: {mid:?}"
+    );
+    gate.add_permits(1);
+    let deleted = delete.await.expect("delete task");
+    assert!(
+        matches!(deleted, Ok(agenthome::machines::Destroyed::Done)),
+        "{deleted:?}"
+    );
+    assert_eq!(store.get("del").await.expect("get"), None);
+    assert!(client
+        .get_machine(&machine)
+        .await
+        .is_err_and(|e| e.is_not_found()));
+}
