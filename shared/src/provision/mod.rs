@@ -13,7 +13,12 @@
 //!    bootstrap through the executions API, and marks the item `ready`.
 //!
 //! A worker that dies anywhere leaves an item that the next trigger resumes
-//! with the same `create_key`; two triggers at once cannot both claim.
+//! with the same `create_key`; two triggers at once cannot both claim. A
+//! worker whose item was deleted (or is `destroying`, or was re-claimed)
+//! while its create was in flight destroys the machine it created. The
+//! worker works to its invocation's deadline ([`Provisioner::run_worker_until`]):
+//! its lease never outlives the invocation, and short of time it releases
+//! the lease and leaves the item resumable.
 
 mod bootstrap;
 mod trigger;
