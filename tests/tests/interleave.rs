@@ -201,6 +201,10 @@ fn sweep_settings() -> SweepSettings {
     }
 }
 
+fn is_asleep(phase: &Phase) -> bool {
+    matches!(phase, Phase::Sleeping | Phase::Stopping)
+}
+
 fn is_live(phase: &Phase) -> bool {
     !matches!(phase, Phase::Destroying | Phase::Destroyed)
 }
@@ -444,12 +448,15 @@ impl World {
             let Some(rec) = self.last.get(&user).cloned() else {
                 continue;
             };
-            let holds = rec.live_lease(now_ms()).is_some_and(|l| l.owner == owner);
+            // Deletion wins over a running turn: a `destroying` item's
+            // machine is destroyed under it by design.
+            let holds = rec.state != MachineState::Destroying
+                && rec.live_lease(now_ms()).is_some_and(|l| l.owner == owner);
             let Some(machine) = rec.machine_id.clone().filter(|_| holds) else {
                 continue;
             };
             if let Ok(m) = self.client.get_machine(&machine).await {
-                if m.phase != Phase::Running {
+                if is_asleep(&m.phase) {
                     self.violation(format!(
                         "{user}: machine {machine} is {} under a running turn",
                         m.phase
@@ -633,7 +640,7 @@ async fn turn_body(
     let touched = store.touch(user, owner, now_ms()).await;
     if touched.is_ok() {
         match client.get_machine(&machine).await {
-            Ok(m) if m.phase != Phase::Running => locked(&shared.violations).push(format!(
+            Ok(m) if is_asleep(&m.phase) => locked(&shared.violations).push(format!(
                 "{user}: machine {machine} is {} while its turn holds the lease",
                 m.phase
             )),
