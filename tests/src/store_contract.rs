@@ -55,6 +55,8 @@ macro_rules! user_store_contract_tests {
             writes_never_create_missing_items,
             count_request_limits_each_user_and_window,
             note_awake_day_keeps_the_first_baseline_of_a_day,
+            no_writer_leaves_destroying,
+            record_machine_id_refused_while_destroying,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -1265,4 +1267,95 @@ pub async fn note_awake_day_keeps_the_first_baseline_of_a_day<S: UserStore>(stor
         Err(StoreError::NotFound { .. })
     ));
     assert!(store.get("nobody").await.expect("get").is_none());
+}
+
+/// GIVEN a ready item whose lease holders (a sweep, then a turn) are mid-work
+/// WHEN account deletion marks it `destroying`
+/// THEN every write of a lease holder is refused and the item stays
+/// `destroying` (a sweep whose sleep got 404 after the destroy cannot turn it
+/// into `failed`), releasing the lease is still allowed, and DELETE's final
+/// conditional delete succeeds.
+pub async fn no_writer_leaves_destroying<S: UserStore>(store: S) {
+    ready_user(&store, "del", "dm-del", T0).await;
+    let sweep = LeasePurpose::Sweep {
+        expected_last_active_at: T0,
+    };
+    acquired(&store, "del", "sweep-1", sweep, T0 + MINUTE, T0 + 1).await;
+    store
+        .mark_destroying("del", T0 + 2)
+        .await
+        .expect("destroying");
+    let destroying = |r: Result<UserRecord, StoreError>| {
+        let current = conflict_current(r);
+        assert_eq!(current.state, MachineState::Destroying, "{current:?}");
+    };
+    let at = T0 + 3;
+    destroying(store.mark_lost("del", "sweep-1", "gone (404)", at).await);
+    destroying(store.mark_asleep("del", "sweep-1", at).await);
+    destroying(
+        store
+            .set_sleep_eligible_at("del", "sweep-1", at + MINUTE, at)
+            .await,
+    );
+    destroying(store.renew_lease("del", "sweep-1", at + MINUTE, at).await);
+    destroying(store.mark_awake("del", "sweep-1", at).await);
+    destroying(store.touch("del", "sweep-1", at).await);
+    destroying(store.set_terminal("del", "sweep-1", Some("t-1"), at).await);
+    destroying(store.set_terminal("del", "sweep-1", None, at).await);
+    let hold = Hold {
+        until: at + MINUTE,
+        marker: ".agenthome/done-1".into(),
+    };
+    destroying(store.set_hold("del", "sweep-1", &hold, at).await);
+    destroying(store.clear_hold("del", "sweep-1", at).await);
+    destroying(store.mark_ready("del", "sweep-1", "v2", at).await);
+    destroying(store.mark_failed("del", "sweep-1", "boom", at).await);
+    destroying(store.mark_bootstrapping("del", "sweep-1", at).await);
+    let current = store.get("del").await.expect("get").expect("item");
+    for power in [Power::Awake, Power::Asleep, Power::Unknown] {
+        destroying(store.set_power(&current, power, at).await);
+    }
+    let still = store.get("del").await.expect("get").expect("item");
+    assert_eq!(still.state, MachineState::Destroying);
+    assert_eq!(still.machine_id.as_deref(), Some("dm-del"));
+    assert_eq!(still.awake_shard, None);
+    assert_eq!(still.generation, current.generation, "nothing was written");
+    match store
+        .release_lease("del", "sweep-1", at)
+        .await
+        .expect("release")
+    {
+        ReleaseOutcome::Released(rec) => assert_eq!(rec.state, MachineState::Destroying),
+        other => panic!("expected Released, got {other:?}"),
+    }
+    match store
+        .delete("del", DeleteGuard::Destroying)
+        .await
+        .expect("delete")
+    {
+        DeleteOutcome::Deleted(old) => assert_eq!(old.machine_id.as_deref(), Some("dm-del")),
+        other => panic!("expected Deleted, got {other:?}"),
+    }
+}
+
+/// GIVEN a claimed item whose worker's create is in flight (no machine id
+/// yet) WHEN account deletion marks it `destroying` THEN the worker cannot
+/// record its machine there (it must destroy it instead): the item stays
+/// `destroying` without a machine id.
+pub async fn record_machine_id_refused_while_destroying<S: UserStore>(store: S) {
+    claimed(&store, "eve", T0).await;
+    store
+        .mark_destroying("eve", T0 + 1)
+        .await
+        .expect("destroying");
+    let current = conflict_current(
+        store
+            .record_machine_id("eve", KEY_A, "dm-eve", T0 + 2)
+            .await,
+    );
+    assert_eq!(current.state, MachineState::Destroying);
+    assert_eq!(current.machine_id, None);
+    let item = store.get("eve").await.expect("get").expect("item");
+    assert_eq!(item.machine_id, None);
+    assert_eq!(item.state, MachineState::Destroying);
 }

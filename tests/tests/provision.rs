@@ -55,6 +55,7 @@ fn settings(script: &str, lease_ttl: Duration) -> ProvisionSettings {
     s.lease_ttl = lease_ttl;
     s.boot_timeout = Duration::from_secs(20);
     s.bootstrap_timeout = Duration::from_secs(20);
+    s.margin = Duration::from_millis(200);
     s
 }
 
@@ -592,6 +593,173 @@ async fn redelivered_event_still_yields_one_machine_and_one_bootstrap() {
         "bootstrapped\n",
         "bootstrap ran once"
     );
+}
+
+/// Machines that are not destroyed (or on their way), after giving pending
+/// destroys `wait` to finish.
+async fn live_machines(emu: &Emulator, wait: Duration) -> Vec<Machine> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let live: Vec<Machine> = machines(emu)
+            .await
+            .into_iter()
+            .filter(|m| !matches!(m.phase, Phase::Destroyed | Phase::Destroying))
+            .collect();
+        if live.is_empty() || Instant::now() > deadline {
+            return live;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// GIVEN a worker whose `create_machine` is in flight (the emulator delays
+///       the create by 1.5 s), no machine id recorded yet
+/// WHEN DELETE runs meanwhile (it finds no machine and removes the item),
+///      and then the create answers
+/// THEN the worker finds its item gone and destroys the machine it created:
+///      no live machine is left for the deleted user; the same holds for a
+///      DELETE that is still in `destroying` when the create answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_during_create_leaves_no_machine() {
+    let emu = Emulator::start().await;
+    let table = fresh_table().await;
+    let (prov, mut rx) = provisioner(&emu, &table, BOOTSTRAP_OK, Duration::from_secs(60));
+    for (user, finish_delete) in [
+        ("user-deleted-mid-create", true),
+        ("user-destroying-mid-create", false),
+    ] {
+        emu.inject_fault(serde_json::json!({
+            "method": "POST", "path": "/v1/machines", "times": 1, "delay_ms": 1500
+        }))
+        .await;
+        prov.ensure(user).await.expect("ensure");
+        let events = drain(&mut rx);
+        assert_eq!(events.len(), 1);
+        let p = Arc::clone(&prov);
+        let event = events[0].clone();
+        let worker = tokio::spawn(async move { p.run_worker(&event).await });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        if finish_delete {
+            let deleted = agenthome::machines::destroy(
+                prov.store(),
+                prov.dedalus(),
+                user,
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("delete");
+            assert_eq!(deleted, agenthome::machines::Destroyed::Done);
+        } else {
+            prov.store()
+                .mark_destroying(user, agenthome::clock::now_ms())
+                .await
+                .expect("destroying");
+        }
+        let outcome = worker.await.expect("worker task");
+        let live = live_machines(&emu, Duration::from_secs(5)).await;
+        assert!(
+            live.is_empty(),
+            "{user}: a machine outlived the deletion of its user: {live:?}"
+        );
+        assert!(
+            matches!(outcome, Err(ProvisionError::Superseded(_))),
+            "{outcome:?}"
+        );
+        if !finish_delete {
+            let rec = item(&prov, user).await;
+            assert_eq!(rec.state, MachineState::Destroying, "{rec:?}");
+            assert_eq!(rec.machine_id, None, "{rec:?}");
+        }
+    }
+}
+
+/// GIVEN machines that take 3 s to boot and a worker invocation that ends
+///       1.5 s after it starts; the worker is killed while still working
+///       (the test aborts its task, as Lambda does to a hung invocation)
+/// WHEN Lambda's retry of the event runs right after the deadline
+/// THEN the retry finds no live lease of the killed worker, resumes on the
+///      same machine and finishes it (ready): the killed worker's lease never
+///      outlived its invocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_at_its_deadline_leaves_no_live_lease() {
+    let emu = Emulator::start_with(&["--boot-delay", "3s"]).await;
+    let table = fresh_table().await;
+    let (prov, mut rx) = provisioner(&emu, &table, BOOTSTRAP_OK, Duration::from_secs(60));
+    let user = "user-killed-worker";
+    prov.ensure(user).await.expect("ensure");
+    let event = drain(&mut rx).remove(0);
+
+    let invocation = Duration::from_millis(1500);
+    let deadline_ms = agenthome::clock::now_ms() + invocation.as_millis() as u64;
+    let p = Arc::clone(&prov);
+    let ev = event.clone();
+    // Killed while still working (before its own stop, as when a call hangs).
+    let kill_after = Duration::from_millis(1000);
+    let killed = tokio::time::timeout(kill_after, async move {
+        p.run_worker_until(&ev, deadline_ms).await
+    })
+    .await;
+    assert!(
+        killed.is_err(),
+        "the first invocation was not killed: {killed:?}"
+    );
+    // Lambda retries the event once the invocation's time is over.
+    tokio::time::sleep(invocation - kill_after + Duration::from_millis(50)).await;
+    let retry = prov
+        .run_worker_until(&event, agenthome::clock::now_ms() + 30_000)
+        .await
+        .expect("retry");
+    assert_eq!(
+        retry.state,
+        MachineState::Ready,
+        "the retry found the killed worker's lease still live and did nothing: {retry:?}"
+    );
+    assert_eq!(machines(&emu).await.len(), 1, "one machine");
+}
+
+/// GIVEN machines that take 3 s to boot
+/// WHEN the worker's invocation has only 1.5 s left
+/// THEN it stops at its deadline with a retryable error, leaves the item
+///      resumable (still provisioning, machine recorded, not `failed`) and no
+///      live lease; a later worker with time finishes it on the same machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_out_of_time_leaves_a_resumable_item_and_no_lease() {
+    let emu = Emulator::start_with(&["--boot-delay", "3s"]).await;
+    let table = fresh_table().await;
+    let (prov, mut rx) = provisioner(&emu, &table, BOOTSTRAP_OK, Duration::from_secs(60));
+    let user = "user-out-of-time";
+    prov.ensure(user).await.expect("ensure");
+    let event = drain(&mut rx).remove(0);
+
+    let started = Instant::now();
+    let deadline_ms = agenthome::clock::now_ms() + 1500;
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        prov.run_worker_until(&event, deadline_ms),
+    )
+    .await
+    .expect("the worker stops on its own");
+    let err = outcome.expect_err("no time to boot");
+    assert!(err.is_retryable(), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1600),
+        "{:?}",
+        started.elapsed()
+    );
+    let rec = item(&prov, user).await;
+    assert_eq!(rec.state, MachineState::Provisioning, "{rec:?}");
+    assert!(rec.machine_id.is_some(), "{rec:?}");
+    assert!(rec.last_error.is_none(), "{rec:?}");
+    assert!(
+        rec.live_lease(agenthome::clock::now_ms()).is_none(),
+        "a live lease was left behind: {rec:?}"
+    );
+    let done = prov
+        .run_worker_until(&event, agenthome::clock::now_ms() + 30_000)
+        .await
+        .expect("resumed");
+    assert_eq!(done.state, MachineState::Ready);
+    assert_eq!(done.machine_id, rec.machine_id);
 }
 
 // ---------------------------------------------------------------------------

@@ -752,7 +752,11 @@ async fn reconciliation_fixes_autoslept_items_reports_orphans_and_marks_lost_ite
     );
     let before = emu.requests().await.len();
 
-    let sweeper = Sweeper::new(Arc::clone(&store), &client, settings());
+    let reporting = SweepSettings {
+        reconcile_destroy_orphans: false,
+        ..settings()
+    };
+    let sweeper = Sweeper::new(Arc::clone(&store), &client, reporting.clone());
     let r = sweeper.reconcile(now_ms(), deadline()).await;
     assert!(r.reconciled);
     assert_eq!(
@@ -784,7 +788,7 @@ async fn reconciliation_fixes_autoslept_items_reports_orphans_and_marks_lost_ite
         &client,
         SweepSettings {
             reconcile_sleep_orphans: true,
-            ..settings()
+            ..reporting.clone()
         },
     );
     let r = sleeping_orphans.reconcile(now_ms(), deadline()).await;
@@ -797,11 +801,74 @@ async fn reconciliation_fixes_autoslept_items_reports_orphans_and_marks_lost_ite
         &client,
         SweepSettings {
             orphan_grace: Duration::from_secs(3600),
-            ..settings()
+            ..reporting
         },
     );
     let r = graceful.reconcile(now_ms(), deadline()).await;
     assert_eq!(r.orphans, 0, "{r:?}");
+}
+
+/// GIVEN a running machine no item references (its user was deleted while
+/// its worker died between create and record) and a referenced one
+/// WHEN reconciliation runs before the grace period is over THEN nothing is
+/// destroyed; WHEN it runs after it THEN the orphan is destroyed and the
+/// referenced machine is untouched; with `RECONCILE_DESTROY_ORPHANS=false`
+/// an old orphan is only reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_destroys_orphans_older_than_the_grace() {
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let store = dynamo().await;
+    let kept = ready_user(&*store, &client, "kept", now_ms(), "never").await;
+    let orphan = create_machine(&client, "never").await;
+    let grace = Duration::from_secs(15 * 60);
+    let destroying = SweepSettings {
+        orphan_grace: grace,
+        reconcile_destroy_orphans: true,
+        ..settings()
+    };
+    let later = now_ms() + 16 * MINUTE;
+
+    let off = SweepSettings {
+        reconcile_destroy_orphans: false,
+        ..destroying.clone()
+    };
+    let r = Sweeper::new(Arc::clone(&store), &client, off)
+        .reconcile(later, deadline())
+        .await;
+    assert_eq!(
+        (r.orphans, r.orphans_destroyed),
+        (1, 0),
+        "off switch: {r:?}"
+    );
+    assert_eq!(phase(&client, &orphan).await, Phase::Running);
+
+    let sweeper = Sweeper::new(Arc::clone(&store), &client, destroying);
+    let r = sweeper.reconcile(now_ms(), deadline()).await;
+    assert_eq!((r.orphans, r.orphans_destroyed), (0, 0), "young: {r:?}");
+    assert_eq!(phase(&client, &orphan).await, Phase::Running);
+
+    let r = sweeper.reconcile(later, deadline()).await;
+    assert_eq!((r.orphans, r.orphans_destroyed), (1, 1), "{r:?}");
+    let end = Instant::now() + Duration::from_secs(10);
+    let gone = loop {
+        match client.get_machine(&orphan).await {
+            Err(e) if e.is_not_found() => break true,
+            Ok(m) if m.phase == Phase::Destroyed => break true,
+            _ if Instant::now() > end => break false,
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert!(gone, "the orphan was not destroyed");
+    assert_eq!(
+        phase(&client, &kept).await,
+        Phase::Running,
+        "referenced machine kept"
+    );
+    assert_eq!(
+        item(&*store, "kept").await.machine_id.as_deref(),
+        Some(kept.as_str())
+    );
 }
 
 /// GIVEN an item that says asleep while its machine runs WHEN
@@ -1013,4 +1080,65 @@ async fn a_past_deadline_stops_the_run_and_reports_what_remains() {
     assert!(r.remaining, "{r:?}");
     assert_eq!(r.slept, 0);
     assert_consistent_awake(&item(&*store, "u").await);
+}
+
+// ---------------------------------------------------------------------------
+// 5. Deletion wins over a sweep in flight
+// ---------------------------------------------------------------------------
+
+/// GIVEN an idle awake machine whose sweep holds the sweep lease while its
+/// sleep call is in flight (the emulator delays it by 600 ms)
+/// WHEN DELETE runs meanwhile: it marks the item `destroying` and destroys
+/// the machine, and its final conditional delete is held back (the
+/// in-memory store's hook) until the sweep is done
+/// THEN the sweep's sleep gets 404 but its `mark_lost` cannot turn the item
+/// into `failed`: DELETE completes, no item is left (the next message could
+/// not provision a new machine for the deleted user).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_that_finds_the_machine_gone_cannot_resurrect_a_deleted_user() {
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let hook_gate = Arc::clone(&gate);
+    let hook: agenthome::store::StoreHook = Arc::new(move |op, _user| {
+        let gate = Arc::clone(&hook_gate);
+        Box::pin(async move {
+            if op == "delete" {
+                let _ = gate.acquire().await.map(|p| p.forget());
+            }
+        })
+    });
+    let store = Arc::new(MemoryStore::with_hook(hook));
+    let machine = ready_user(&*store, &client, "del", now_ms() - 10 * MINUTE, "never").await;
+    emu.inject_fault(
+        json!({"method": "POST", "path": "/v1/machines/*/sleep", "times": 1, "delay_ms": 600}),
+    )
+    .await;
+
+    let sweeper = Sweeper::new(Arc::clone(&store), &client, settings());
+    let sweep = tokio::spawn(async move { sweeper.run(now_ms(), deadline()).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (s, c) = (Arc::clone(&store), client.clone());
+    let delete = tokio::spawn(async move {
+        agenthome::machines::destroy(&s, &c, "del", Duration::from_secs(10)).await
+    });
+    let report = sweep.await.expect("sweep task");
+    assert_eq!(report.slept, 0, "{report:?}");
+    let mid = item(&*store, "del").await;
+    assert_eq!(
+        mid.state,
+        MachineState::Destroying,
+        "the sweep overwrote the deletion: {mid:?}"
+    );
+    gate.add_permits(1);
+    let deleted = delete.await.expect("delete task");
+    assert!(
+        matches!(deleted, Ok(agenthome::machines::Destroyed::Done)),
+        "{deleted:?}"
+    );
+    assert_eq!(store.get("del").await.expect("get"), None);
+    assert!(client
+        .get_machine(&machine)
+        .await
+        .is_err_and(|e| e.is_not_found()));
 }

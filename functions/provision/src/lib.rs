@@ -57,9 +57,19 @@ pub fn classify(event: Value) -> Result<Incoming, String> {
 impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
     /// Handle any event; HTTP requests get an API Gateway v2 response.
     pub async fn handle(&self, event: Value) -> Result<Value, lambda_runtime::Error> {
+        self.handle_until(event, None).await
+    }
+
+    /// [`Service::handle`] for an invocation that ends at `deadline_ms`
+    /// (the Lambda context's deadline, epoch ms): the worker works to it.
+    pub async fn handle_until(
+        &self,
+        event: Value,
+        deadline_ms: Option<u64>,
+    ) -> Result<Value, lambda_runtime::Error> {
         match classify(event) {
             Ok(Incoming::Provision(ev)) => {
-                match self.run_worker_measured(&ev).await {
+                match self.run_worker_measured(&ev, deadline_ms).await {
                     Ok(rec) => Ok(serde_json::json!({"user_id": rec.user_id, "state": rec.state})),
                     // A retryable failure makes Lambda retry the async event
                     // (bounded by the function's EventInvokeConfig); a final
@@ -83,9 +93,23 @@ impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
     }
 
     /// Run the provisioning worker and emit its metric line.
-    async fn run_worker_measured(&self, ev: &ProvisionEvent) -> Result<UserRecord, ProvisionError> {
+    /// Run the worker — to `deadline_ms` (epoch ms) when the invocation has
+    /// one — and emit its metric line.
+    async fn run_worker_measured(
+        &self,
+        ev: &ProvisionEvent,
+        deadline_ms: Option<u64>,
+    ) -> Result<UserRecord, ProvisionError> {
         let started = tokio::time::Instant::now();
-        let run = Box::pin(self.provisioner.run_worker(ev));
+        let now = agenthome::clock::now_ms();
+        let run = match deadline_ms.and_then(|d| entry::remaining(d, now)) {
+            Some(left) => {
+                let until = now.saturating_add(u64::try_from(left.as_millis()).unwrap_or(u64::MAX));
+                Box::pin(self.provisioner.run_worker_until(ev, until))
+                    as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>>
+            }
+            None => Box::pin(self.provisioner.run_worker(ev)),
+        };
         let (result, tally) = metrics::tallied(run).await;
         let mut doc = provision_line(&self.metrics, &result, tally, started.elapsed());
         doc.property("user_id", ev.user_id.as_str());
@@ -286,6 +310,7 @@ fn error_kind(e: &ProvisionError) -> &'static str {
         ProvisionError::Trigger(_) => "trigger",
         ProvisionError::Bootstrap { .. } => "bootstrap",
         ProvisionError::Superseded(_) => "superseded",
+        ProvisionError::OutOfTime => "out_of_time",
     }
 }
 

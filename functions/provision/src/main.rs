@@ -31,8 +31,12 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         metrics: Metrics::from_env()?,
     };
     let service = &service;
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
-        service.handle(event.payload).await
-    }))
+    lambda_runtime::run(service_fn(
+        move |event: LambdaEvent<serde_json::Value>| async move {
+            service
+                .handle_until(event.payload, Some(event.context.deadline))
+                .await
+        },
+    ))
     .await
 }

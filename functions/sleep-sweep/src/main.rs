@@ -54,6 +54,8 @@ async fn start() -> Result<(Sweeper<DynamoStore>, Metrics), BoxError> {
         concurrency = settings.concurrency,
         reconcile_every = settings.reconcile_every,
         reconcile_sleep_orphans = settings.reconcile_sleep_orphans,
+        reconcile_destroy_orphans = settings.reconcile_destroy_orphans,
+        orphan_grace_s = settings.orphan_grace.as_secs(),
         margin_s = settings.margin.as_secs(),
         "sleep-sweep started"
     );

@@ -13,7 +13,12 @@
 //!    bootstrap through the executions API, and marks the item `ready`.
 //!
 //! A worker that dies anywhere leaves an item that the next trigger resumes
-//! with the same `create_key`; two triggers at once cannot both claim.
+//! with the same `create_key`; two triggers at once cannot both claim. A
+//! worker whose item was deleted (or is `destroying`, or was re-claimed)
+//! while its create was in flight destroys the machine it created. The
+//! worker works to its invocation's deadline ([`Provisioner::run_worker_until`]):
+//! its lease never outlives the invocation, and short of time it releases
+//! the lease and leaves the item resumable.
 
 mod bootstrap;
 mod trigger;
@@ -58,6 +63,9 @@ pub struct ProvisionSettings {
     pub boot_timeout: Duration,
     /// How long the bootstrap may run.
     pub bootstrap_timeout: Duration,
+    /// How long before the invocation's deadline the worker stops, to
+    /// release its lease and answer (`run_worker_until`).
+    pub margin: Duration,
 }
 
 impl ProvisionSettings {
@@ -69,6 +77,7 @@ impl ProvisionSettings {
             lease_ttl: Duration::from_secs(15 * 60),
             boot_timeout: Duration::from_secs(5 * 60),
             bootstrap_timeout: Duration::from_secs(10 * 60),
+            margin: Duration::from_secs(10),
         }
     }
 }
@@ -130,6 +139,10 @@ pub enum ProvisionError {
     /// The item vanished or changed under the worker (e.g. deleted).
     #[error("the item changed under the worker: {0}")]
     Superseded(String),
+    /// The invocation's time ran out before the machine was ready: the item
+    /// is left as it was (resumable) with the lease released.
+    #[error("the worker's invocation ran out of time; the next run resumes")]
+    OutOfTime,
 }
 
 impl ProvisionError {
@@ -138,7 +151,7 @@ impl ProvisionError {
         match self {
             ProvisionError::Store(e) => e.is_retryable(),
             ProvisionError::Dedalus(e) => e.is_retryable(),
-            ProvisionError::Trigger(_) => true,
+            ProvisionError::Trigger(_) | ProvisionError::OutOfTime => true,
             ProvisionError::Bootstrap { .. } | ProvisionError::Superseded(_) => false,
         }
     }
@@ -181,6 +194,39 @@ fn lease_lost(e: StoreError) -> ProvisionError {
             current.map(|c| c.state)
         )),
         other => other.into(),
+    }
+}
+
+/// One worker invocation's time. The lease never outlives the invocation
+/// (`lease_end_ms`, its deadline), so a worker Lambda kills leaves no live
+/// lease behind for the retry to find; the work stops `margin` earlier so
+/// the lease can be released and the answer sent.
+struct Budget {
+    lease_end_ms: u64,
+    work_end: Instant,
+}
+
+impl Budget {
+    fn new(deadline_ms: u64, margin: Duration) -> Self {
+        let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
+        Budget {
+            lease_end_ms: deadline_ms,
+            work_end: Instant::now() + left.saturating_sub(margin),
+        }
+    }
+
+    fn exhausted(&self) -> bool {
+        Instant::now() >= self.work_end
+    }
+
+    /// A lease (or renewal) taken at `now` for `ttl_ms`, cut at the deadline.
+    fn lease_until(&self, now: u64, ttl_ms: u64) -> u64 {
+        now.saturating_add(ttl_ms).min(self.lease_end_ms)
+    }
+
+    /// The end of a step that may take `timeout`, cut at the work's end.
+    fn step_end(&self, timeout: Duration) -> Instant {
+        (Instant::now() + timeout).min(self.work_end)
     }
 }
 
@@ -341,8 +387,33 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
     /// `bootstrapping` items are worked on: a `failed` item waits for the
     /// next [`Provisioner::ensure`] (a stale or redelivered event does not
     /// retry it behind the caller's back).
+    ///
+    /// Without an invocation deadline, the worker's budget is its steps'
+    /// own timeouts plus one lease TTL (for the create and the writes).
     pub async fn run_worker(&self, event: &ProvisionEvent) -> Result<UserRecord, ProvisionError> {
+        let s = &self.settings;
+        let budget = s.boot_timeout + s.bootstrap_timeout + s.lease_ttl + s.margin;
+        let budget_ms = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX);
+        self.run_worker_until(event, now_ms().saturating_add(budget_ms))
+            .await
+    }
+
+    /// [`Provisioner::run_worker`] for an invocation that ends at
+    /// `deadline_ms` (epoch ms): the lease it takes never outlives that
+    /// deadline (a worker killed by Lambda leaves no live lease for the
+    /// retry to find), and it stops `margin` before it, releasing the lease
+    /// and leaving the item resumable, with [`ProvisionError::OutOfTime`]
+    /// (retryable, so Lambda retries the event).
+    pub async fn run_worker_until(
+        &self,
+        event: &ProvisionEvent,
+        deadline_ms: u64,
+    ) -> Result<UserRecord, ProvisionError> {
         let user_id = event.user_id.as_str();
+        let budget = Budget::new(deadline_ms, self.settings.margin);
+        if budget.exhausted() {
+            return Err(ProvisionError::OutOfTime);
+        }
         let Some(rec) = self.store.get(user_id).await? else {
             return Err(ProvisionError::Superseded(format!(
                 "no item for user {user_id}"
@@ -362,7 +433,7 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
                 user_id,
                 &owner,
                 LeasePurpose::Provision,
-                now + self.lease_ms(),
+                budget.lease_until(now, self.lease_ms()),
                 now,
             )
             .await
@@ -390,7 +461,20 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
                 return other.map(|_| rec);
             }
         }
-        let result = self.provision_steps(rec, &owner).await;
+        let result = match tokio::time::timeout_at(
+            budget.work_end,
+            self.provision_steps(rec, &owner, &budget),
+        )
+        .await
+        {
+            // A step cut by the invocation's end (not by its own timeout)
+            // is not a provisioning failure.
+            Ok(Err(e)) if budget.exhausted() && !matches!(e, ProvisionError::Superseded(_)) => {
+                Err(ProvisionError::OutOfTime)
+            }
+            Ok(result) => result,
+            Err(_elapsed) => Err(ProvisionError::OutOfTime),
+        };
         let now = now_ms();
         match result {
             Ok(rec) => {
@@ -399,6 +483,16 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
                     _ => rec,
                 };
                 Ok(rec)
+            }
+            Err(ProvisionError::OutOfTime) => {
+                // Not a failure of the provisioning: leave the item as it is
+                // (its step is recorded) and free it for the retry.
+                tracing::warn!(
+                    user_id,
+                    "provisioning worker out of time; releasing its lease for the next run"
+                );
+                let _ = self.store.release_lease(user_id, &owner, now).await;
+                Err(ProvisionError::OutOfTime)
             }
             Err(err) => {
                 tracing::warn!(user_id, error = %err, retryable = err.is_retryable(), "provisioning failed");
@@ -416,6 +510,7 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
         &self,
         mut rec: UserRecord,
         owner: &str,
+        budget: &Budget,
     ) -> Result<UserRecord, ProvisionError> {
         let user_id = rec.user_id.clone();
         // 1. The machine: created with the stored key, so a retry after a
@@ -438,19 +533,23 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
                 };
                 let machine = self.dedalus.create_machine(&request, Some(&key)).await?;
                 tracing::info!(user_id, machine_id = %machine.machine_id, "machine created");
-                rec = self
-                    .store
-                    .record_machine_id(&user_id, &rec.create_key, &machine.machine_id, now_ms())
-                    .await?;
+                rec = self.record_or_destroy(&rec, &machine.machine_id).await?;
                 machine.machine_id
             }
         };
-        self.renew(&user_id, owner).await?;
+        self.renew(&user_id, owner, budget).await?;
 
         // 2. Running (a machine that slept meanwhile is woken).
         let boot_started = Instant::now();
-        let deadline = boot_started + self.settings.boot_timeout;
-        let machine = self.dedalus.get_machine(&machine_id).await?;
+        let deadline = budget.step_end(self.settings.boot_timeout);
+        let machine = match self.dedalus.get_machine(&machine_id).await {
+            Ok(m) if !matches!(m.phase, Phase::Destroying | Phase::Destroyed) => m,
+            Ok(_) => return Err(self.machine_lost(&user_id, owner, &machine_id).await),
+            Err(e) if e.is_not_found() => {
+                return Err(self.machine_lost(&user_id, owner, &machine_id).await)
+            }
+            Err(e) => return Err(e.into()),
+        };
         if matches!(machine.phase, Phase::Sleeping | Phase::Stopping) {
             self.dedalus.wake_machine(&machine_id, None, None).await?;
         }
@@ -468,9 +567,9 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
                 .await
                 .map_err(lease_lost)?;
         }
-        self.renew(&user_id, owner).await?;
+        self.renew(&user_id, owner, budget).await?;
         let bootstrap_started = Instant::now();
-        let deadline = bootstrap_started + self.settings.bootstrap_timeout;
+        let deadline = budget.step_end(self.settings.bootstrap_timeout);
         let bootstrapped = self
             .settings
             .bootstrap
@@ -494,12 +593,80 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
         Ok(rec)
     }
 
+    /// Record the machine this worker created under `rec`'s create key. If
+    /// the item refuses it — deleted, `destroying`, or re-claimed under
+    /// another key (a DELETE won the race while the create was in flight) —
+    /// the machine belongs to no user: destroy it now, so a deleted user
+    /// keeps no machine and a PUT/DELETE loop cannot pile them up.
+    async fn record_or_destroy(
+        &self,
+        rec: &UserRecord,
+        machine_id: &str,
+    ) -> Result<UserRecord, ProvisionError> {
+        let user_id = rec.user_id.as_str();
+        let why = match self
+            .store
+            .record_machine_id(user_id, &rec.create_key, machine_id, now_ms())
+            .await
+        {
+            Ok(recorded) => return Ok(recorded),
+            Err(StoreError::NotFound { .. }) => "the item was deleted".to_string(),
+            Err(StoreError::Conflict { current, .. }) => match current {
+                Some(c)
+                    if c.machine_id.as_deref() == Some(machine_id)
+                        && c.state != MachineState::Destroying =>
+                {
+                    return Ok(*c)
+                }
+                Some(c) => format!(
+                    "the item is {:?} under another create key or machine",
+                    c.state
+                ),
+                None => "the item changed".to_string(),
+            },
+            Err(other) => return Err(other.into()),
+        };
+        tracing::warn!(user_id, machine_id, reason = %why, "created machine belongs to no user; destroying it");
+        match self.dedalus.delete_machine(machine_id, None, None).await {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+        Err(ProvisionError::Superseded(format!(
+            "{why} while the machine was being created; machine {machine_id} destroyed"
+        )))
+    }
+
+    /// The machine (recorded, or replayed by the create key) is gone — e.g.
+    /// reconciliation destroyed it as an orphan while a crashed worker had
+    /// not recorded it. Forget it and its key (`mark_lost`), so the next
+    /// provisioning creates a new machine instead of replaying a dead one.
+    async fn machine_lost(&self, user_id: &str, owner: &str, machine_id: &str) -> ProvisionError {
+        let why = "destroyed before provisioning finished";
+        if let Err(e) = self.store.mark_lost(user_id, owner, why, now_ms()).await {
+            return lease_lost(e);
+        }
+        ProvisionError::Superseded(format!(
+            "machine {machine_id} was {why}; the next provisioning creates a new one"
+        ))
+    }
+
     /// Extend the lease; losing it (another trigger resumed after it
     /// expired) ends this worker.
-    async fn renew(&self, user_id: &str, owner: &str) -> Result<(), ProvisionError> {
+    async fn renew(
+        &self,
+        user_id: &str,
+        owner: &str,
+        budget: &Budget,
+    ) -> Result<(), ProvisionError> {
         let now = now_ms();
         self.store
-            .renew_lease(user_id, owner, now + self.lease_ms(), now)
+            .renew_lease(
+                user_id,
+                owner,
+                budget.lease_until(now, self.lease_ms()),
+                now,
+            )
             .await
             .map_err(lease_lost)?;
         Ok(())

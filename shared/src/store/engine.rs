@@ -184,6 +184,50 @@ pub trait Backend: Send + Sync {
     ) -> impl Future<Output = Result<Vec<UserRecord>>> + Send;
 }
 
+/// A shared store is a store (e.g. one `MemoryStore` behind the provisioner
+/// and the sweeper of a simulation).
+impl<B: Backend> Backend for std::sync::Arc<B> {
+    fn get_item(&self, user_id: &str) -> impl Future<Output = Result<Option<UserRecord>>> + Send {
+        (**self).get_item(user_id)
+    }
+    fn put_new(
+        &self,
+        record: &UserRecord,
+    ) -> impl Future<Output = Result<std::result::Result<(), Refused>>> + Send {
+        (**self).put_new(record)
+    }
+    fn update(
+        &self,
+        op: &'static str,
+        user_id: &str,
+        update: Update,
+    ) -> impl Future<Output = Result<std::result::Result<UserRecord, Refused>>> + Send {
+        (**self).update(op, user_id, update)
+    }
+    fn delete_item(
+        &self,
+        user_id: &str,
+        cond: Cond,
+    ) -> impl Future<Output = Result<std::result::Result<UserRecord, Refused>>> + Send {
+        (**self).delete_item(user_id, cond)
+    }
+    fn query_awake(
+        &self,
+        shard: &str,
+        idle_before_ms: u64,
+        start: Option<AwakeKey>,
+        limit: u32,
+    ) -> impl Future<Output = Result<(Vec<UserRecord>, Option<AwakeKey>)>> + Send {
+        (**self).query_awake(shard, idle_before_ms, start, limit)
+    }
+    fn query_machine(
+        &self,
+        machine_id: &str,
+    ) -> impl Future<Output = Result<Vec<UserRecord>>> + Send {
+        (**self).query_machine(machine_id)
+    }
+}
+
 fn s(v: &str) -> AttributeValue {
     AttributeValue::S(v.to_owned())
 }
@@ -290,11 +334,29 @@ fn decode_cursor(cursor: &Cursor, shard: &str) -> Result<AwakeKey> {
     Ok(key)
 }
 
-/// Run a conditional update of an existing item: adds the existence check,
-/// the generation bump and `updated_at`. A refusal without the current item
-/// (the backend did not return it) is resolved with one consistent read, so
-/// a missing item is always [`StoreError::NotFound`].
+/// Run a conditional update of an existing item that is not `destroying`:
+/// deletion is a state no writer may leave or write under (a sweep's
+/// `mark_lost`, a turn's bookkeeping, a worker's `record_machine_id` are all
+/// refused once DELETE has begun). Only [`apply_any_state`] callers
+/// (`mark_destroying` itself, and `release_lease`, which changes no state)
+/// write a `destroying` item.
 async fn apply<B: Backend>(
+    b: &B,
+    op: &'static str,
+    user_id: &str,
+    cond: Cond,
+    actions: Vec<Action>,
+    now_ms: u64,
+) -> Result<std::result::Result<UserRecord, UserRecord>> {
+    let cond = Cond::And(vec![state_in(NOT_DESTROYING), cond]);
+    apply_any_state(b, op, user_id, cond, actions, now_ms).await
+}
+
+/// Run a conditional update of an existing item in any state: adds the
+/// existence check, the generation bump and `updated_at`. A refusal without
+/// the current item (the backend did not return it) is resolved with one
+/// consistent read, so a missing item is always [`StoreError::NotFound`].
+async fn apply_any_state<B: Backend>(
     b: &B,
     op: &'static str,
     user_id: &str,
@@ -395,7 +457,8 @@ async fn end_awake_period<B: Backend>(
             Ok(rec) => return Ok(rec),
             Err(now) => {
                 attempts += 1;
-                let guard_holds = guard.eval(&now.to_item()?);
+                let guard_holds =
+                    now.state != MachineState::Destroying && guard.eval(&now.to_item()?);
                 if !guard_holds || attempts >= 3 {
                     return Err(StoreError::Conflict {
                         op,
@@ -711,7 +774,7 @@ impl<B: Backend> UserStore for B {
         owner: &str,
         now_ms: u64,
     ) -> Result<ReleaseOutcome> {
-        let released = apply(
+        let released = apply_any_state(
             self,
             "release_lease",
             user_id,
@@ -977,7 +1040,12 @@ impl<B: Backend> UserStore for B {
         ];
         // Existence is the only condition: deletion wins over every state.
         let cond = Cond::Exists(attr::USER_ID);
-        apply_or_conflict(self, "mark_destroying", user_id, cond, actions, now_ms).await
+        apply_any_state(self, "mark_destroying", user_id, cond, actions, now_ms)
+            .await?
+            .map_err(|current| StoreError::Conflict {
+                op: "mark_destroying",
+                current: Some(Box::new(current)),
+            })
     }
 
     async fn delete(&self, user_id: &str, guard: DeleteGuard) -> Result<DeleteOutcome> {

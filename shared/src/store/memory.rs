@@ -6,7 +6,9 @@
 //! rely on either). For fast domain unit tests and the simulator.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
@@ -15,16 +17,47 @@ use super::record::Item;
 use super::table::attr;
 use super::{Result, StoreError, UserRecord};
 
+/// A hook awaited before every backend call (get, put, update, delete,
+/// query), with the call's name and user id (empty for index queries).
+/// Tests use it to pause operations at exact points and interleave
+/// concurrent callers deterministically.
+pub type StoreHook =
+    Arc<dyn Fn(&'static str, &str) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
 /// The in-memory user→machine table.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct MemoryStore {
     items: Mutex<HashMap<String, Item>>,
+    hook: Option<StoreHook>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("items", &self.lock().len())
+            .field("hook", &self.hook.is_some())
+            .finish()
+    }
 }
 
 impl MemoryStore {
     /// An empty table.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty table that awaits `hook` before every backend call.
+    pub fn with_hook(hook: StoreHook) -> Self {
+        Self {
+            items: Mutex::default(),
+            hook: Some(hook),
+        }
+    }
+
+    async fn pause(&self, op: &'static str, user_id: &str) {
+        if let Some(hook) = &self.hook {
+            hook(op, user_id).await;
+        }
     }
 
     /// Insert or replace a raw item (tests: seed odd or legacy items).
@@ -54,10 +87,12 @@ fn decode(item: Option<&Item>) -> Result<Option<UserRecord>> {
 
 impl Backend for MemoryStore {
     async fn get_item(&self, user_id: &str) -> Result<Option<UserRecord>> {
+        self.pause("get", user_id).await;
         decode(self.lock().get(user_id))
     }
 
     async fn put_new(&self, record: &UserRecord) -> Result<std::result::Result<(), Refused>> {
+        self.pause("claim", &record.user_id).await;
         let item = record.to_item()?;
         let mut items = self.lock();
         if let Some(existing) = items.get(&record.user_id) {
@@ -69,10 +104,11 @@ impl Backend for MemoryStore {
 
     async fn update(
         &self,
-        _op: &'static str,
+        op: &'static str,
         user_id: &str,
         update: Update,
     ) -> Result<std::result::Result<UserRecord, Refused>> {
+        self.pause(op, user_id).await;
         let mut items = self.lock();
         let current = items.get(user_id).cloned().unwrap_or_default();
         if !update.cond.eval(&current) {
@@ -92,6 +128,7 @@ impl Backend for MemoryStore {
         user_id: &str,
         cond: Cond,
     ) -> Result<std::result::Result<UserRecord, Refused>> {
+        self.pause("delete", user_id).await;
         let mut items = self.lock();
         let current = items.get(user_id).cloned().unwrap_or_default();
         if !cond.eval(&current) {
@@ -110,6 +147,7 @@ impl Backend for MemoryStore {
         start: Option<AwakeKey>,
         limit: u32,
     ) -> Result<(Vec<UserRecord>, Option<AwakeKey>)> {
+        self.pause("query_awake", "").await;
         let key_condition = Cond::And(vec![
             Cond::Eq(attr::AWAKE_SHARD, AttributeValue::S(shard.to_owned())),
             Cond::Lt(attr::LAST_ACTIVE_AT, idle_before_ms),
@@ -142,6 +180,7 @@ impl Backend for MemoryStore {
     }
 
     async fn query_machine(&self, machine_id: &str) -> Result<Vec<UserRecord>> {
+        self.pause("query_machine", "").await;
         let key_condition = Cond::Eq(attr::MACHINE_ID, AttributeValue::S(machine_id.to_owned()));
         let found: Vec<Item> = self
             .lock()

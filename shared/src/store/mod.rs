@@ -15,6 +15,12 @@
 //! need `lease_owner == owner` (an expired lease nobody took is still yours;
 //! a taken one is not). Owners must be unique per acquisition.
 //!
+//! Deletion wins: once [`UserStore::mark_destroying`] has run, every other
+//! write is refused (a `destroying` item is never turned back into
+//! `failed`, `ready` or awake, and no machine id is recorded on it); only
+//! [`UserStore::release_lease`] (no state change) and
+//! [`UserStore::delete`] still apply.
+//!
 //! Optimistic concurrency: operations a caller performs *because of what it
 //! read* ([`UserStore::restart_provisioning`], [`UserStore::set_power`],
 //! [`UserStore::delete`]) take the read `generation`; lease operations use
@@ -33,7 +39,7 @@ mod record;
 pub mod table;
 
 pub use dynamo::DynamoStore;
-pub use memory::MemoryStore;
+pub use memory::{MemoryStore, StoreHook};
 pub use record::{AwakeDay, Hold, Item, Lease, LeaseKind, MachineState, Power, UserRecord};
 pub use table::{create_table, shard_for, AWAKE_SHARDS};
 
@@ -492,7 +498,8 @@ pub trait UserStore: Send + Sync {
     ) -> impl Future<Output = Result<UserRecord>> + Send;
 
     /// Account deletion starts: state `destroying`, `awake_shard` removed (the
-    /// sweep stops seeing it), new leases refused. Idempotent.
+    /// sweep stops seeing it), new leases refused, and every other write
+    /// (except releasing a lease) refused from now on. Idempotent.
     fn mark_destroying(
         &self,
         user_id: &str,

@@ -36,7 +36,10 @@
 //!
 //! **Reconciliation** ([`Sweeper::reconcile`], every `RECONCILE_EVERY`th
 //! scheduled run or when forced) walks `GET /v1/machines` (reads only):
-//! machines no item references are orphans (reported; slept if
+//! machines no item references are orphans: once older than
+//! `RECONCILE_ORPHAN_GRACE` they are destroyed (`RECONCILE_DESTROY_ORPHANS`,
+//! the default; a deleted user's machine whose worker died between create
+//! and record ends here), or else reported (and slept if
 //! `RECONCILE_SLEEP_ORPHANS`); an item that says awake for a sleeping
 //! machine is fixed with [`UserStore::set_power`]`(Asleep)`, an item that
 //! says asleep for a running machine with `set_power(Awake)` (so the next
@@ -189,6 +192,7 @@ enum Reconciled {
     Consistent,
     Orphan,
     OrphanSlept,
+    OrphanDestroyed,
     Fixed,
     Lost,
     Busy,
@@ -853,6 +857,9 @@ impl<S: UserStore + 'static> Sweeper<S> {
             return Reconciled::Consistent;
         }
         tracing::warn!(run_id = %run.id, machine_id, phase = %machine.phase, action = "orphan", "machine referenced by no item");
+        if self.settings.reconcile_destroy_orphans {
+            return self.destroy_orphan(run, machine_id).await;
+        }
         if !self.settings.reconcile_sleep_orphans || machine.phase != Phase::Running {
             return Reconciled::Orphan;
         }
@@ -869,6 +876,31 @@ impl<S: UserStore + 'static> Sweeper<S> {
             }
             Err(err) => {
                 tracing::warn!(run_id = %run.id, machine_id, error = %err, "orphan not slept");
+                Reconciled::Orphan
+            }
+        }
+    }
+
+    /// Destroy an orphan older than the grace period. Its id is looked up
+    /// again first, so a machine an item came to reference since the list
+    /// read is kept.
+    async fn destroy_orphan(&self, run: &Run, machine_id: &str) -> Reconciled {
+        match self.store.find_by_machine(machine_id).await {
+            Ok(items) if items.is_empty() => {}
+            Ok(_) => return Reconciled::Consistent,
+            Err(error) => {
+                tracing::warn!(run_id = %run.id, machine_id, error = %error, "by-machine lookup failed; orphan kept");
+                return Reconciled::Failed;
+            }
+        }
+        match run.sleeps.delete_machine(machine_id, None, None).await {
+            Ok(_) => {
+                tracing::warn!(run_id = %run.id, machine_id, action = "orphan_destroyed", "orphan machine destroyed");
+                Reconciled::OrphanDestroyed
+            }
+            Err(err) if err.is_not_found() => Reconciled::Consistent,
+            Err(err) => {
+                tracing::warn!(run_id = %run.id, machine_id, error = %err, "orphan not destroyed; the next reconciliation retries");
                 Reconciled::Orphan
             }
         }
@@ -1025,6 +1057,10 @@ fn tally_reconciled(report: &mut SweepReport, r: Reconciled) {
         Reconciled::OrphanSlept => {
             report.orphans += 1;
             report.orphans_slept += 1;
+        }
+        Reconciled::OrphanDestroyed => {
+            report.orphans += 1;
+            report.orphans_destroyed += 1;
         }
         Reconciled::Fixed => report.fixed += 1,
         Reconciled::Lost => report.lost += 1,

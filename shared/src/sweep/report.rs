@@ -32,6 +32,9 @@ pub struct SweepReport {
     pub orphans: u64,
     /// Orphans put to sleep (`RECONCILE_SLEEP_ORPHANS=true`).
     pub orphans_slept: u64,
+    /// Orphans older than the grace period destroyed
+    /// (`RECONCILE_DESTROY_ORPHANS=true`).
+    pub orphans_destroyed: u64,
     /// Items corrected to the machine's real phase (slept on its own, or
     /// running while the item said asleep).
     pub fixed: u64,
@@ -71,6 +74,7 @@ pub const SWEEP_LINE: LineSpec = LineSpec {
         MetricSpec::count("lost"),
         MetricSpec::count("orphans"),
         MetricSpec::count("orphans_slept"),
+        MetricSpec::count("orphans_destroyed"),
         MetricSpec::count("fixed"),
         MetricSpec::count("awaiting_autosleep"),
         MetricSpec::count("not_reached"),
@@ -96,6 +100,7 @@ impl SweepReport {
         self.lost += other.lost;
         self.orphans += other.orphans;
         self.orphans_slept += other.orphans_slept;
+        self.orphans_destroyed += other.orphans_destroyed;
         self.fixed += other.fixed;
         self.sleep_unavailable |= other.sleep_unavailable;
         self.awaiting_autosleep += other.awaiting_autosleep;

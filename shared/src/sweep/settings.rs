@@ -40,7 +40,15 @@ pub struct SweepSettings {
     /// `RECONCILE_ORPHAN_GRACE` (default 15 min): a machine younger than
     /// this is not called an orphan (its provisioning may not have recorded
     /// its id yet, and the `by-machine` index is eventually consistent).
+    /// Keep it at least the provision function's timeout: a worker records
+    /// the machine it created within its invocation.
     pub orphan_grace: Duration,
+    /// `RECONCILE_DESTROY_ORPHANS` (default true): destroy machines no item
+    /// references once they are older than `orphan_grace` (a deleted user's
+    /// machine whose worker died before it could destroy it). `false` only
+    /// reports them (and sleeps them with `RECONCILE_SLEEP_ORPHANS`): set it
+    /// when the Dedalus key also owns machines agenthome did not create.
+    pub reconcile_destroy_orphans: bool,
 }
 
 impl Default for SweepSettings {
@@ -57,6 +65,7 @@ impl Default for SweepSettings {
             read_call_timeout: Duration::from_secs(10),
             marker_check_timeout: Duration::from_secs(8),
             orphan_grace: Duration::from_secs(15 * 60),
+            reconcile_destroy_orphans: true,
         }
     }
 }
@@ -115,6 +124,10 @@ impl SweepSettings {
             read_call_timeout: duration("SWEEP_READ_TIMEOUT", d.read_call_timeout)?,
             marker_check_timeout: duration("SWEEP_MARKER_TIMEOUT", d.marker_check_timeout)?,
             orphan_grace: duration("RECONCILE_ORPHAN_GRACE", d.orphan_grace)?,
+            reconcile_destroy_orphans: flag(
+                "RECONCILE_DESTROY_ORPHANS",
+                d.reconcile_destroy_orphans,
+            )?,
         };
         if settings.lease_ttl <= settings.sleep_call_timeout {
             return Err(malformed(
@@ -162,6 +175,7 @@ mod tests {
         assert_eq!(s.concurrency, 16);
         assert_eq!(s.reconcile_every, 10);
         assert!(!s.reconcile_sleep_orphans);
+        assert!(s.reconcile_destroy_orphans);
         assert_eq!(s.margin, Duration::from_secs(10));
     }
 
@@ -172,6 +186,7 @@ mod tests {
             ("SWEEP_CONCURRENCY", "4"),
             ("RECONCILE_EVERY", "1"),
             ("RECONCILE_SLEEP_ORPHANS", "TRUE"),
+            ("RECONCILE_DESTROY_ORPHANS", "false"),
             ("SWEEP_MARGIN", "2s"),
         ]))
         .expect("settings");
@@ -179,6 +194,7 @@ mod tests {
         assert_eq!(s.concurrency, 4);
         assert_eq!(s.reconcile_every, 1);
         assert!(s.reconcile_sleep_orphans);
+        assert!(!s.reconcile_destroy_orphans);
         assert_eq!(s.margin, Duration::from_secs(2));
     }
 
@@ -190,6 +206,7 @@ mod tests {
             ("SWEEP_CONCURRENCY", "-3"),
             ("RECONCILE_EVERY", "ten"),
             ("RECONCILE_SLEEP_ORPHANS", "maybe"),
+            ("RECONCILE_DESTROY_ORPHANS", "sometimes"),
             ("SWEEP_MARGIN", "10"),
             ("SWEEP_LEASE", "1s"),
         ] {
