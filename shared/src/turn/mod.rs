@@ -102,6 +102,39 @@ pub struct TurnResult {
     pub transport: Transport,
 }
 
+impl TurnResult {
+    /// The result of the agent's `outcome` on `machine_id`, timed from
+    /// `started`.
+    fn of(
+        turn_id: &str,
+        machine_id: String,
+        outcome: AgentOutcome,
+        wake_ms: u64,
+        started: Instant,
+        transport: Transport,
+    ) -> Self {
+        let AgentOutcome {
+            reply,
+            steps,
+            usage,
+            status,
+        } = outcome;
+        TurnResult {
+            turn_id: turn_id.to_string(),
+            reply,
+            machine_id,
+            status,
+            steps,
+            usage,
+            timings: Timings {
+                wake_ms,
+                total_ms: millis(started.elapsed()),
+            },
+            transport,
+        }
+    }
+}
+
 /// What a turn request led to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TurnOutcome {
@@ -580,25 +613,14 @@ where
                 tracing::warn!(user_id, error = %e, "could not append the turn summary");
             }
         }
-        let AgentOutcome {
-            reply,
-            steps,
-            usage,
-            status,
-        } = outcome?;
-        Ok(TurnResult {
-            turn_id: turn_id.to_string(),
-            reply,
+        Ok(TurnResult::of(
+            turn_id,
             machine_id,
-            status,
-            steps,
-            usage,
-            timings: Timings {
-                wake_ms,
-                total_ms: millis(obs.started().elapsed()),
-            },
+            outcome?,
+            wake_ms,
+            obs.started(),
             transport,
-        })
+        ))
     }
 
     /// Make sure the machine runs; true if it had to be woken. If the wake
@@ -668,25 +690,14 @@ where
             machine_id,
             "the turn lost its lease before running anything"
         );
-        let AgentOutcome {
-            reply,
-            steps,
-            usage,
-            status,
-        } = AgentOutcome::lease_lost();
-        TurnResult {
-            turn_id: turn_id.to_string(),
-            reply,
+        TurnResult::of(
+            turn_id,
             machine_id,
-            status,
-            steps,
-            usage,
-            timings: Timings {
-                wake_ms,
-                total_ms: millis(obs.started().elapsed()),
-            },
-            transport: self.settings.transport,
-        }
+            AgentOutcome::lease_lost(),
+            wake_ms,
+            obs.started(),
+            self.settings.transport,
+        )
     }
 
     /// Store the terminal to reuse next time and the parked ones, if they
