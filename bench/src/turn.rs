@@ -1,40 +1,48 @@
-//! Benchmark 1: what agenthome adds to a turn.
+//! Benchmark 1: what agenthome adds to a warm turn.
 //!
-//! One user on a warm, running machine (emulator with zero injected
-//! latency, table on the serialized `moto_server`). Each iteration runs, in
-//! turn (interleaved, so drift hits all three alike):
-//! - **full**: `POST /v1/users/{u}/turns {"message": "echo hi"}` as an API
-//!   Gateway v2 event string, parsed and handled by the chat-turn
-//!   function's `Service` in-process (shell mode);
-//! - **direct**: the same Dedalus calls the turn makes on a warm machine,
-//!   made with the client and runner directly (status read, memory read,
-//!   terminal reuse — status, busy check, WebSocket, shell setup line — the
-//!   command, memory append);
-//! - **minimal**: the least a client needs to run one command on a warm
-//!   machine (status read, one execution).
+//! Two users on warm, running machines (emulator with no boot/wake delays,
+//! table on the serialized `moto_server`), each turn a `POST
+//! /v1/users/{u}/turns` API Gateway v2 event handled by the chat-turn
+//! function's `Service` in-process:
+//! - **shell**: shell mode, the message is the command (`echo hi`);
+//! - **agent**: an LLM agent (a scripted model on loopback) that runs one
+//!   tool call (`echo hi`) and answers;
+//! - **floor**: the least any client needs for one command on a warm
+//!   machine with an open terminal — one status read, then the command over
+//!   a terminal opened once before the run.
 //!
-//! The table is wrapped in [`InstrumentedStore`] so the time spent in
-//! DynamoDB (moto here) is reported separately.
+//! Each series is measured with an injected per-request latency on the
+//! emulator (a fault rule delaying every `/v1` request, HTTP and WebSocket
+//! connect alike, by 0, 20 or 50 ms; frames on an open WebSocket are not
+//! delayed). Per turn the metric line gives the time to the first command
+//! (`time_to_first_command_ms`), the Dedalus requests in all and before the
+//! first command (the task-local tally); the table calls are counted by the
+//! [`InstrumentedStore`] around the table (every call the handler makes,
+//! the fair-use counter included).
 
-use crate::stats::{ms, paired_diff, summarize, Summary};
-use crate::store::{InstrumentedStore, Snapshot};
-use agenthome::agent::Agent;
+use crate::stats::{ms, summarize, Summary};
+use crate::store::InstrumentedStore;
+use agenthome::agent::{Agent, AgentOptions, LlmClient, LlmConfig};
 use agenthome::api::AuthMode;
-use agenthome::dedalus::{self, ExecutionRequest, Phase};
+use agenthome::config::Secret;
+use agenthome::dedalus::{self, Phase};
+use agenthome::entry::FairUse;
+use agenthome::metrics::{Captured, Metrics, MetricsConfig};
 use agenthome::provision::{
     Bootstrap, MachineSpec, ProvisionEvent, ProvisionSettings, Provisioner, QueueTrigger,
 };
 use agenthome::runner::{CommandRunner, TerminalRunner};
 use agenthome::store::{create_table, DynamoStore, UserStore};
-use agenthome::turn::{read_memory, TurnService, TurnSettings, TURNS_FILE};
+use agenthome::turn::{TurnService, TurnSettings};
 use agenthome_tests::events::{http, Auth};
+use agenthome_tests::llm::{answer, scripted_llm, tool_call, Script};
 use agenthome_tests::{unique_table_name, Emulator, Moto};
-use std::collections::BTreeMap;
+use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant;
 
-/// Emulator flags: no injected latency anywhere.
+/// Emulator flags: no boot, wake or sleep delays.
 pub const ZERO_LATENCY: &[&str] = &[
     "--boot-delay",
     "0s",
@@ -53,59 +61,148 @@ pub const ZERO_LATENCY: &[&str] = &[
 /// The command every turn runs.
 pub const COMMAND: &str = "echo hi";
 
-type Store = InstrumentedStore<DynamoStore>;
+/// The injected per-request latencies of the full run (ms).
+pub const LATENCIES: &[u64] = &[0, 20, 50];
 
-/// The in-process turn stack.
+type Store = InstrumentedStore<DynamoStore>;
+type Chat = chat_turn_fn::Service<Store, QueueTrigger>;
+
+const SHELL_USER: &str = "bench-shell";
+const AGENT_USER: &str = "bench-agent";
+
+/// The in-process turn stack: one emulator, one table, a shell-mode and an
+/// agent-mode chat-turn service.
 pub struct TurnStack {
     /// The emulator.
     pub emu: Emulator,
     /// The instrumented table.
     pub store: Store,
-    /// The chat-turn function's service.
-    pub chat: chat_turn_fn::Service<Store, QueueTrigger>,
-    /// A Dedalus client for the direct calls (same config as the turn's).
+    shell: Chat,
+    shell_lines: Captured,
+    agent: Chat,
+    agent_lines: Captured,
+    script: Script,
+    /// A Dedalus client (same config as the turn's).
     pub client: dedalus::Client,
     events: UnboundedReceiver<ProvisionEvent>,
 }
 
-/// Dedalus calls per iteration of one kind, by `METHOD path-shape`.
-pub type CallCounts = BTreeMap<String, f64>;
+/// One series at one latency: per-turn figures.
+#[derive(Debug, Clone, Default)]
+pub struct Series {
+    /// Time to the first command (ms).
+    pub first_command: Summary,
+    /// The whole turn (ms).
+    pub total: Summary,
+    /// Table calls per turn (mean).
+    pub table_calls: f64,
+    /// Dedalus requests per turn (mean).
+    pub dedalus: f64,
+    /// Dedalus requests before the first command (mean).
+    pub dedalus_before_first: f64,
+    /// Most table calls any turn made.
+    pub table_calls_max: u64,
+    /// Most Dedalus requests any turn made.
+    pub dedalus_max: u64,
+    /// Most Dedalus requests any turn made before its first command.
+    pub dedalus_before_first_max: u64,
+}
+
+/// The three series at one injected latency.
+#[derive(Debug, Clone, Default)]
+pub struct LatencyRow {
+    /// Injected per-request latency (ms).
+    pub latency_ms: u64,
+    /// Shell-mode turns.
+    pub shell: Series,
+    /// Agent turns with one tool call.
+    pub agent: Series,
+    /// Status read + one command over an open terminal.
+    pub floor: Series,
+}
 
 /// Results of [`run`].
 #[derive(Debug, Clone, Default)]
 pub struct TurnResults {
-    /// Timed iterations.
+    /// Timed turns per series and latency.
     pub turns: usize,
-    /// Full turn through the handler (ms).
-    pub full: Summary,
-    /// The same Dedalus calls, direct (ms).
-    pub direct: Summary,
-    /// Minimal Dedalus calls (ms).
-    pub minimal: Summary,
-    /// Paired `full - direct` (ms).
-    pub added: Summary,
-    /// Time in the table per full turn (ms).
-    pub store: Summary,
-    /// Paired `full - direct - store` (ms): agenthome's own CPU/await time.
-    pub added_without_store: Summary,
-    /// Table calls per full turn.
-    pub store_calls_per_turn: f64,
-    /// Dedalus calls per full turn.
-    pub calls_full: CallCounts,
-    /// Dedalus calls per direct iteration.
-    pub calls_direct: CallCounts,
-    /// Dedalus calls per minimal iteration.
-    pub calls_minimal: CallCounts,
+    /// One row per latency.
+    pub rows: Vec<LatencyRow>,
     /// `VmHWM` of this process after setup (kB).
     pub hwm_after_setup_kb: u64,
     /// `VmHWM` of this process after all turns (kB).
     pub hwm_after_turns_kb: u64,
 }
 
+/// What one measured turn cost.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    /// Time to the first command (ms).
+    pub first_command_ms: f64,
+    /// The whole turn (ms).
+    pub total_ms: f64,
+    /// Table calls.
+    pub table_calls: u64,
+    /// Dedalus requests.
+    pub dedalus: u64,
+    /// Dedalus requests before the first command.
+    pub dedalus_before_first: u64,
+}
+
+fn llm_agent(base_url: &str) -> Agent {
+    let config = LlmConfig::new(
+        dedalus::Url::parse(base_url).expect("LLM URL"),
+        Some(Secret::new("sk-bench")),
+        "bench-model",
+    );
+    Agent::llm(LlmClient::new(config).expect("LLM client")).with_options(AgentOptions {
+        min_llm_time: Duration::from_millis(100),
+        ..AgentOptions::default()
+    })
+}
+
+fn chat(store: &Store, emu: &Emulator, tx: &QueueTrigger, agent: Agent) -> (Chat, Captured) {
+    let settings = ProvisionSettings::new(
+        MachineSpec {
+            vcpu: 1.0,
+            memory_mib: 1024,
+            storage_gib: 10,
+            autosleep: "30m".into(),
+        },
+        Bootstrap::new(agenthome_tests::stack::BOOTSTRAP, None),
+    );
+    let provisioner = Provisioner::new(store.clone(), emu.client(), tx.clone(), settings);
+    let turns = TurnService::new(
+        provisioner,
+        agent,
+        TurnSettings {
+            command_timeout: Duration::from_secs(60),
+            ..TurnSettings::default()
+        },
+    );
+    let (metrics, lines) = Metrics::capture(MetricsConfig::default());
+    let service = chat_turn_fn::Service {
+        turns,
+        auth: agenthome_tests::stack::authorizer(AuthMode::Jwt),
+        // Counted like in production (default 30), but never reached.
+        fair_use: FairUse {
+            turns_per_minute: 1_000_000,
+            status_reads_per_minute: 0,
+        },
+        awake_budget: None,
+        turn_deadline: Duration::from_secs(60),
+        margin: Duration::from_secs(2),
+        heartbeat: chat_turn_fn::HEARTBEAT,
+        metrics,
+    };
+    (service, lines)
+}
+
 impl TurnStack {
-    /// Start the emulator (zero latency), a fresh table on moto, and the
-    /// services; provision one user and run one turn (opens the terminal).
-    pub async fn start(user: &str) -> (TurnStack, String, String) {
+    /// Start the emulator, a fresh table on moto and both services;
+    /// provision both users and run one turn each (opens their terminals).
+    /// Returns the stack and the shell user's machine.
+    pub async fn start() -> (TurnStack, String) {
         let emu = Emulator::start_with(ZERO_LATENCY).await;
         let moto = Moto::shared().await;
         let ddb = moto.dynamodb_client().await;
@@ -113,70 +210,51 @@ impl TurnStack {
         create_table(&ddb, &table).await.expect("create table");
         let store = InstrumentedStore::new(DynamoStore::new(ddb, table));
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let settings = ProvisionSettings::new(
-            MachineSpec {
-                vcpu: 1.0,
-                memory_mib: 1024,
-                storage_gib: 10,
-                autosleep: "30m".into(),
-            },
-            Bootstrap::new(agenthome_tests::stack::BOOTSTRAP, None),
-        );
-        let provisioner = Provisioner::new(store.clone(), emu.client(), QueueTrigger(tx), settings);
-        let turns = TurnService::new(
-            provisioner,
-            Agent::shell(),
-            TurnSettings {
-                command_timeout: Duration::from_secs(60),
-                ..TurnSettings::default()
-            },
-        );
-        let chat = chat_turn_fn::Service {
-            turns,
-            auth: agenthome_tests::stack::authorizer(AuthMode::Jwt),
-            fair_use: agenthome::entry::FairUse::OFF,
-            awake_budget: None,
-            turn_deadline: Duration::from_secs(60),
-            margin: Duration::from_secs(2),
-            heartbeat: chat_turn_fn::HEARTBEAT,
-            metrics: agenthome::metrics::Metrics::off(),
-        };
+        let trigger = QueueTrigger(tx);
+        let (base, script) = scripted_llm(Vec::<(u16, Value)>::new()).await;
+        let (shell, shell_lines) = chat(&store, &emu, &trigger, Agent::shell());
+        let (agent, agent_lines) = chat(&store, &emu, &trigger, llm_agent(&base));
         let client = emu.client();
         let mut stack = TurnStack {
             emu,
             store,
-            chat,
+            shell,
+            shell_lines,
+            agent,
+            agent_lines,
+            script,
             client,
             events: rx,
         };
-        let (status, body) = stack.turn(user).await;
-        assert_eq!(status, 202, "a first message provisions: {body}");
+        for user in [SHELL_USER, AGENT_USER] {
+            let (status, body) = stack.post(&stack.shell, user).await;
+            assert_eq!(status, 202, "a first message provisions: {body}");
+        }
         while let Ok(ev) = stack.events.try_recv() {
             stack
-                .chat
+                .shell
                 .turns
                 .provisioner()
                 .run_worker(&ev)
                 .await
                 .expect("provisioning worker");
         }
-        let (status, body) = stack.turn(user).await;
-        assert_eq!(status, 200, "a turn on the ready machine: {body}");
+        stack.shell_turn().await;
+        stack.agent_turn().await;
         let item = stack
             .store
-            .get(user)
+            .get(SHELL_USER)
             .await
-            .expect("table read")
+            .expect("read")
             .expect("item");
         let machine_id = item.machine_id.expect("machine id");
-        let terminal_id = item.terminal_id.expect("terminal id after a turn");
-        (stack, machine_id, terminal_id)
+        (stack, machine_id)
     }
 
-    /// One full turn: event string → handler → response. Returns status and body.
-    pub async fn turn(&self, user: &str) -> (u16, String) {
+    /// One request through `service`: event string → handler → response.
+    async fn post(&self, service: &Chat, user: &str) -> (u16, String) {
         let path = format!("/v1/users/{user}/turns");
-        let body = serde_json::json!({ "message": COMMAND }).to_string();
+        let body = json!({ "message": COMMAND }).to_string();
         let event = http(
             "POST",
             &path,
@@ -188,7 +266,7 @@ impl TurnStack {
         )
         .to_string();
         let req = lambda_http::request::from_str(&event).expect("API Gateway v2 event");
-        let resp = self.chat.handle(&req).await;
+        let resp = service.handle(&req).await;
         let text = match resp.body() {
             lambda_http::Body::Text(t) => t.clone(),
             lambda_http::Body::Binary(b) => String::from_utf8_lossy(b).into_owned(),
@@ -196,150 +274,132 @@ impl TurnStack {
         };
         (resp.status().as_u16(), text)
     }
+
+    /// One measured turn through `service`; its metric line is the last of
+    /// `lines`.
+    async fn measured(&self, service: &Chat, lines: &Captured, user: &str) -> Sample {
+        let before = self.store.snapshot();
+        let (status, body) = self.post(service, user).await;
+        assert_eq!(status, 200, "turn: {body}");
+        let table_calls = self.store.snapshot().since(&before).calls;
+        let line: Value = lines
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(&l).ok())
+            .expect("the turn's metric line");
+        let num = |k: &str| line[k].as_f64().unwrap_or(0.0);
+        Sample {
+            first_command_ms: num("time_to_first_command_ms"),
+            total_ms: num("turn_total_ms"),
+            table_calls,
+            dedalus: num("dedalus_requests") as u64,
+            dedalus_before_first: num("dedalus_requests_before_first_command") as u64,
+        }
+    }
+
+    /// One shell-mode turn.
+    pub async fn shell_turn(&self) -> Sample {
+        self.measured(&self.shell, &self.shell_lines, SHELL_USER)
+            .await
+    }
+
+    /// One agent turn with one tool call.
+    pub async fn agent_turn(&self) -> Sample {
+        self.script.push([
+            tool_call("c1", json!({ "command": COMMAND })),
+            answer("Done."),
+        ]);
+        self.measured(&self.agent, &self.agent_lines, AGENT_USER)
+            .await
+    }
+
+    /// Every `/v1` request delayed by `ms` (none for 0).
+    pub async fn set_latency(&self, ms: u64) {
+        self.emu.clear_faults().await;
+        if ms > 0 {
+            self.emu
+                .inject_fault(json!({"path": "/v1/**", "times": 0, "delay_ms": ms}))
+                .await;
+        }
+    }
 }
 
-/// The same Dedalus calls a turn makes on a warm machine, made directly.
-pub async fn direct_turn(client: &dedalus::Client, machine_id: &str, terminal_id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let c = client.with_deadline(deadline);
-    let m = c.get_machine(machine_id).await.expect("get machine");
+/// The floor: one status read, then one command over an open terminal.
+async fn floor_turn(
+    client: &dedalus::Client,
+    machine_id: &str,
+    runner: &mut TerminalRunner,
+) -> Sample {
+    let started = Instant::now();
+    let m = client.get_machine(machine_id).await.expect("get machine");
     assert_eq!(m.phase, Phase::Running, "the machine is warm");
-    let memory = read_memory(&c, machine_id, 5).await;
-    let (mut runner, _) = TerminalRunner::open(&c, machine_id, Some(terminal_id.to_string()))
-        .await
-        .expect("terminal");
+    let first_command_ms = ms(started.elapsed());
     let out = runner
         .run(COMMAND, Duration::from_secs(60))
         .await
         .expect("command");
     assert_eq!(out.exit_code, Some(0));
-    let line = serde_json::json!({"direct": true, "memory_lines": memory.len()}).to_string();
-    let append = ExecutionRequest::new([
-        "bash".to_string(),
-        "-c".to_string(),
-        format!("mkdir -p \"$HOME/.agenthome\" && cat >> \"$HOME/{TURNS_FILE}\""),
-    ])
-    .stdin(format!("{line}\n"))
-    .timeout_ms(15_000);
-    c.run_and_wait(machine_id, &append, deadline)
+    // One status read; the command travels over the open WebSocket.
+    Sample {
+        first_command_ms,
+        total_ms: ms(started.elapsed()),
+        table_calls: 0,
+        dedalus: 1,
+        dedalus_before_first: 1,
+    }
+}
+
+fn series(samples: &[Sample]) -> Series {
+    let n = samples.len().max(1) as f64;
+    let mean = |f: fn(&Sample) -> u64| samples.iter().map(f).sum::<u64>() as f64 / n;
+    let max = |f: fn(&Sample) -> u64| samples.iter().map(f).max().unwrap_or(0);
+    let first: Vec<f64> = samples.iter().map(|s| s.first_command_ms).collect();
+    let total: Vec<f64> = samples.iter().map(|s| s.total_ms).collect();
+    Series {
+        first_command: summarize(&first),
+        total: summarize(&total),
+        table_calls: mean(|s| s.table_calls),
+        dedalus: mean(|s| s.dedalus),
+        dedalus_before_first: mean(|s| s.dedalus_before_first),
+        table_calls_max: max(|s| s.table_calls),
+        dedalus_max: max(|s| s.dedalus),
+        dedalus_before_first_max: max(|s| s.dedalus_before_first),
+    }
+}
+
+/// Run `warmup` untimed and `turns` timed rounds (shell, agent, floor
+/// interleaved) at each of `latencies`.
+pub async fn run(turns: usize, warmup: usize, latencies: &[u64]) -> TurnResults {
+    let (stack, machine_id) = TurnStack::start().await;
+    let (mut floor, _) = TerminalRunner::open(&stack.client, &machine_id, None)
         .await
-        .expect("append");
-}
-
-/// The least a client needs to run one command on a warm machine.
-pub async fn minimal_turn(client: &dedalus::Client, machine_id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let c = client.with_deadline(deadline);
-    let m = c.get_machine(machine_id).await.expect("get machine");
-    assert_eq!(m.phase, Phase::Running, "the machine is warm");
-    let run = c
-        .run_and_wait(machine_id, &ExecutionRequest::shell(COMMAND), deadline)
-        .await
-        .expect("execution");
-    assert!(run.output.stdout.contains("hi"));
-}
-
-/// `METHOD /v1/machines/{id}/executions/{id}/output` style shape of a path.
-fn shape(method: &str, path: &str) -> String {
-    let parts: Vec<&str> = path.split('?').next().unwrap_or(path).split('/').collect();
-    let mut out = Vec::with_capacity(parts.len());
-    for (i, p) in parts.iter().enumerate() {
-        let prev = if i > 0 { parts[i - 1] } else { "" };
-        let id = matches!(prev, "machines" | "executions" | "terminals") && !p.is_empty();
-        out.push(if id { "{id}" } else { p });
-    }
-    format!("{method} {}", out.join("/"))
-}
-
-async fn request_count(emu: &Emulator) -> usize {
-    emu.requests().await.len()
-}
-
-async fn count_calls<F, Fut>(emu: &Emulator, reps: usize, mut f: F) -> CallCounts
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let before = request_count(emu).await;
-    for _ in 0..reps {
-        f().await;
-    }
-    let all = emu.requests().await;
-    let mut counts = CallCounts::new();
-    for r in all.iter().skip(before) {
-        let key = shape(
-            r["method"].as_str().unwrap_or("?"),
-            r["path"].as_str().unwrap_or("?"),
-        );
-        *counts.entry(key).or_default() += 1.0 / reps as f64;
-    }
-    counts
-}
-
-/// Total calls in `counts`.
-pub fn total(counts: &CallCounts) -> f64 {
-    counts.values().sum()
-}
-
-/// Run `warmup` untimed and `turns` timed iterations.
-pub async fn run(turns: usize, warmup: usize) -> TurnResults {
-    let user = "bench-user";
-    let (stack, machine_id, terminal_id) = TurnStack::start(user).await;
+        .expect("the floor's terminal");
     let hwm_after_setup_kb = crate::stats::proc_status_kb("VmHWM").unwrap_or(0);
-    let full_turn = || async {
-        let (status, body) = stack.turn(user).await;
-        assert_eq!(status, 200, "turn: {body}");
-    };
-    for _ in 0..warmup {
-        full_turn().await;
-        direct_turn(&stack.client, &machine_id, &terminal_id).await;
-        minimal_turn(&stack.client, &machine_id).await;
+    let mut rows = Vec::new();
+    for &latency_ms in latencies {
+        stack.set_latency(latency_ms).await;
+        for _ in 0..warmup {
+            stack.shell_turn().await;
+            stack.agent_turn().await;
+            floor_turn(&stack.client, &machine_id, &mut floor).await;
+        }
+        let (mut shell, mut agent, mut fl) = (vec![], vec![], vec![]);
+        for _ in 0..turns {
+            shell.push(stack.shell_turn().await);
+            agent.push(stack.agent_turn().await);
+            fl.push(floor_turn(&stack.client, &machine_id, &mut floor).await);
+        }
+        rows.push(LatencyRow {
+            latency_ms,
+            shell: series(&shell),
+            agent: series(&agent),
+            floor: series(&fl),
+        });
     }
-    // Call counts (untimed pass).
-    let reps = 3;
-    let calls_full = count_calls(&stack.emu, reps, full_turn).await;
-    let calls_direct = count_calls(&stack.emu, reps, || {
-        direct_turn(&stack.client, &machine_id, &terminal_id)
-    })
-    .await;
-    let calls_minimal = count_calls(&stack.emu, reps, || {
-        minimal_turn(&stack.client, &machine_id)
-    })
-    .await;
-
-    let (mut full, mut direct, mut minimal, mut store_ms) = (vec![], vec![], vec![], vec![]);
-    let mut store_total = Snapshot::default();
-    for _ in 0..turns {
-        let s0 = stack.store.snapshot();
-        let t = Instant::now();
-        full_turn().await;
-        full.push(ms(t.elapsed()));
-        let d = stack.store.snapshot().since(&s0);
-        store_ms.push(d.ms());
-        store_total.calls += d.calls;
-
-        let t = Instant::now();
-        direct_turn(&stack.client, &machine_id, &terminal_id).await;
-        direct.push(ms(t.elapsed()));
-
-        let t = Instant::now();
-        minimal_turn(&stack.client, &machine_id).await;
-        minimal.push(ms(t.elapsed()));
-    }
-    let added = paired_diff(&full, &direct);
-    let added_without_store = paired_diff(&added, &store_ms);
+    stack.set_latency(0).await;
     TurnResults {
         turns,
-        full: summarize(&full),
-        direct: summarize(&direct),
-        minimal: summarize(&minimal),
-        added: summarize(&added),
-        store: summarize(&store_ms),
-        added_without_store: summarize(&added_without_store),
-        store_calls_per_turn: store_total.calls as f64 / turns.max(1) as f64,
-        calls_full,
-        calls_direct,
-        calls_minimal,
+        rows,
         hwm_after_setup_kb,
         hwm_after_turns_kb: crate::stats::proc_status_kb("VmHWM").unwrap_or(0),
     }

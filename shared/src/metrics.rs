@@ -285,6 +285,7 @@ pub const TURN_LINE: LineSpec = LineSpec {
         MetricSpec::bytes("output_bytes"),
         MetricSpec::count("dedalus_requests"),
         MetricSpec::count("table_calls"),
+        MetricSpec::count("dedalus_requests_before_first_command"),
     ],
     breakdowns: &[
         Breakdown {
@@ -654,6 +655,12 @@ pub fn bootstrap_took(d: Duration) {
 /// Hook: the provisioning worker resumed an earlier run's work.
 pub fn resumed() {
     with_cell(|c| c.resumed.store(true, Ordering::Relaxed));
+}
+
+/// Dedalus requests counted so far by the enclosing [`tallied`] (`None`
+/// outside one): e.g. how many a turn made before its first command.
+pub fn dedalus_requests_so_far() -> Option<u64> {
+    TALLY.try_with(|c| c.dedalus.load(Ordering::Relaxed)).ok()
 }
 
 #[cfg(test)]

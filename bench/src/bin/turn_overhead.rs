@@ -1,79 +1,88 @@
-//! Benchmark 1: turn overhead. `turn_overhead [--turns 200] [--warmup 10]`;
+//! Benchmark 1: turn overhead. `turn_overhead [--turns 30] [--warmup 3]`;
 //! prints a Markdown section (see docs/benchmarks.md).
 
-use agenthome_bench::stats::Summary;
-use agenthome_bench::turn::{self, total, CallCounts};
+use agenthome_bench::turn::{self, LatencyRow, Series, LATENCIES};
 
-fn row(name: &str, s: &Summary) -> String {
-    format!("| {name} | {:.2} | {:.2} | {:.2} |", s.p50, s.p95, s.mean)
+/// Targets of a warm turn (issue "a lean warm turn").
+const MAX_TABLE_CALLS: f64 = 2.0;
+const MAX_DEDALUS_BEFORE_FIRST: f64 = 2.0;
+const MAX_DEDALUS_SHELL: f64 = 3.0;
+const MAX_RATIO_AT_50MS: f64 = 1.3;
+
+fn row(name: &str, s: &Series, floor: &Series) -> String {
+    format!(
+        "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}× | {:.1} | {:.1} | {:.1} |",
+        s.first_command.p50,
+        s.first_command.p95,
+        s.total.p50,
+        s.total.p95,
+        s.total.p50 / floor.total.p50.max(1e-9),
+        s.table_calls,
+        s.dedalus,
+        s.dedalus_before_first,
+    )
 }
 
-fn calls(c: &CallCounts) -> String {
-    c.iter()
-        .map(|(k, v)| format!("{k} ×{v:.1}"))
-        .collect::<Vec<_>>()
-        .join("; ")
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+fn print_row(r: &LatencyRow) {
+    println!("| **{} ms** | | | | | | | | |", r.latency_ms);
+    println!("{}", row("shell turn", &r.shell, &r.floor));
+    println!("{}", row("agent turn, one tool call", &r.agent, &r.floor));
+    println!(
+        "{}",
+        row(
+            "floor: status read + command on an open terminal",
+            &r.floor,
+            &r.floor
+        )
+    );
 }
 
 #[tokio::main]
 async fn main() {
     agenthome_bench::locate_emulator();
-    let turns: usize = agenthome_bench::arg("--turns", 200);
-    let warmup: usize = agenthome_bench::arg("--warmup", 10);
-    let r = turn::run(turns, warmup).await;
-    let ratio = r.full.p50 / r.direct.p50.max(1e-9);
-    let target_ms = 5.0;
-    let met = if r.added.p50 < target_ms {
-        "met"
-    } else {
-        "MISSED"
-    };
+    let turns: usize = agenthome_bench::arg("--turns", 30);
+    let warmup: usize = agenthome_bench::arg("--warmup", 3);
+    let r = turn::run(turns, warmup, LATENCIES).await;
     println!("## 1. Turn overhead\n");
     println!(
-        "{turns} timed turns after {warmup} warm-up rounds; shell mode, one warm machine, emulator with zero injected latency, table on moto (serialized). Full, direct and minimal iterations are interleaved; `added` is the paired per-iteration difference.\n"
+        "{turns} timed rounds per latency after {warmup} warm-up rounds; in each round a shell-mode turn, an agent turn with one tool call (scripted model on loopback) and the floor run in turn, on warm machines, through the chat-turn handler in-process (API Gateway v2 event → `Service::handle`); table on moto (serialized); every `/v1` request to the emulator (HTTP and WebSocket connect) delayed by the injected latency. Times in ms; `× floor` compares the total p50s.\n"
     );
-    println!("| series | p50 ms | p95 ms | mean ms |\n|---|---|---|---|");
-    println!(
-        "{}",
-        row("full turn (chat-turn handler, in-process)", &r.full)
-    );
-    println!(
-        "{}",
-        row("direct: the same Dedalus calls with the client", &r.direct)
-    );
-    println!(
-        "{}",
-        row("minimal: status read + one execution", &r.minimal)
-    );
-    println!("{}", row("**added** = full − direct (paired)", &r.added));
-    println!("{}", row("  of which: time in the table (moto)", &r.store));
-    println!("{}", row("  added − table time", &r.added_without_store));
+    println!("| series | first command p50 | p95 | total p50 | p95 | × floor | table calls | Dedalus requests | before first command |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for row in &r.rows {
+        print_row(row);
+    }
     println!();
+    for row in &r.rows {
+        let worst = |f: fn(&Series) -> f64| f(&row.shell).max(f(&row.agent));
+        let table = worst(|s| s.table_calls_max as f64);
+        let before = worst(|s| s.dedalus_before_first_max as f64);
+        let shell = row.shell.dedalus_max as f64;
+        println!(
+            "- {} ms: most table calls in a turn {table} (target ≤ {MAX_TABLE_CALLS}: {}); most Dedalus requests before the first command {before} (≤ {MAX_DEDALUS_BEFORE_FIRST}: {}); most Dedalus requests in a shell turn {shell} (≤ {MAX_DEDALUS_SHELL}: {}).",
+            row.latency_ms,
+            verdict(table <= MAX_TABLE_CALLS),
+            verdict(before <= MAX_DEDALUS_BEFORE_FIRST),
+            verdict(shell <= MAX_DEDALUS_SHELL),
+        );
+        if row.latency_ms == 50 {
+            let ratio = row.shell.total.p50 / row.floor.total.p50.max(1e-9);
+            println!(
+                "- 50 ms: shell turn total p50 / floor total p50 = **{ratio:.2}×** (target ≤ {MAX_RATIO_AT_50MS}: {}).",
+                verdict(ratio <= MAX_RATIO_AT_50MS)
+            );
+        }
+    }
     println!(
-        "- Ratio full/direct (p50): **{ratio:.2}×**; added p50 **{:.2} ms** — target < {target_ms} ms: **{met}**.",
-        r.added.p50
-    );
-    println!(
-        "- Table calls per turn: {:.1} (moto is a single-threaded Python server; real DynamoDB single-item calls take a few ms each in-region, so this share is moto's, not a prediction).",
-        r.store_calls_per_turn
-    );
-    println!(
-        "- Dedalus calls per full turn: **{:.1}** ({}).",
-        total(&r.calls_full),
-        calls(&r.calls_full)
-    );
-    println!(
-        "- Dedalus calls per direct iteration: {:.1} ({}).",
-        total(&r.calls_direct),
-        calls(&r.calls_direct)
-    );
-    println!(
-        "- Dedalus calls per minimal iteration: {:.1} ({}).",
-        total(&r.calls_minimal),
-        calls(&r.calls_minimal)
-    );
-    println!(
-        "- Peak RSS (`VmHWM` of the bench process, which runs the handler in-process together with the direct client and the harness; an upper bound for a chat-turn process): {:.1} MiB after setup, **{:.1} MiB** after all turns — target fits 128 MB.",
+        "- Peak RSS (`VmHWM` of the bench process: both handlers in-process, the floor's client and the harness; an upper bound for a chat-turn process): {:.1} MiB after setup, **{:.1} MiB** after all turns — target fits 128 MB.",
         r.hwm_after_setup_kb as f64 / 1024.0,
         r.hwm_after_turns_kb as f64 / 1024.0
     );

@@ -263,6 +263,7 @@ struct Seen<'a> {
     waking_ms: OnceLock<u64>,
     ready_ms: OnceLock<u64>,
     steps: AtomicU64,
+    requests_before_first_command: OnceLock<u64>,
 }
 
 impl<'a> Seen<'a> {
@@ -274,6 +275,7 @@ impl<'a> Seen<'a> {
             waking_ms: OnceLock::new(),
             ready_ms: OnceLock::new(),
             steps: AtomicU64::new(0),
+            requests_before_first_command: OnceLock::new(),
         }
     }
 
@@ -301,6 +303,9 @@ impl TurnEvents for Seen<'_> {
             TurnEvent::StepStarted { .. } => {
                 let elapsed = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 let _ = self.first_command_ms.set(elapsed);
+                if let Some(n) = metrics::dedalus_requests_so_far() {
+                    let _ = self.requests_before_first_command.set(n);
+                }
                 self.steps.fetch_add(1, Ordering::Relaxed);
             }
             _ => {}
@@ -329,6 +334,9 @@ fn turn_line(
     }
     if let Some(ms) = seen.wake_ms() {
         doc.metric("wake_ms", ms);
+    }
+    if let Some(n) = seen.requests_before_first_command.get() {
+        doc.metric("dedalus_requests_before_first_command", *n);
     }
     match result {
         Ok(TurnOutcome::Done(r)) => {
