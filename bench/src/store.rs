@@ -6,6 +6,7 @@ use agenthome::store::{
     DeleteOutcome, Hold, Lease, LeasePurpose, Page, Power, ReleaseOutcome, Result, UserRecord,
     UserStore,
 };
+use agenthome::store::{BeginTurn, TurnCount, TurnEnd};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -413,5 +414,30 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
             .inner
             .query_awake_idle(shard, idle_before_ms, cursor, limit);
         self.timed(Kind::Query, f, |p| p.items.len() as u64).await
+    }
+
+    async fn begin_turn(
+        &self,
+        user_id: &str,
+        owner: &str,
+        until_ms: u64,
+        count: Option<TurnCount>,
+        now_ms: u64,
+    ) -> Result<BeginTurn> {
+        let f = self
+            .inner
+            .begin_turn(user_id, owner, until_ms, count, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn end_turn(
+        &self,
+        user_id: &str,
+        owner: &str,
+        end: &TurnEnd,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let f = self.inner.end_turn(user_id, owner, end, now_ms);
+        self.timed(Kind::Write, f, none).await
     }
 }

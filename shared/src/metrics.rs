@@ -261,6 +261,7 @@ pub const TURN_LINE: LineSpec = LineSpec {
                 "busy",
                 "destroying",
                 "failed",
+                "rate_limited",
             ],
         },
         DimensionSpec {

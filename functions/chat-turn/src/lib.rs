@@ -85,10 +85,13 @@ where
     ) -> Result<TurnOutcome, TurnError> {
         let seen = Seen::new(sink);
         // Boxed: the turn's future is deep; the caller's stays small.
-        let run = Box::pin(
-            self.turns
-                .run_with_events(&p.user, p.request, p.deadline, &seen),
-        );
+        let run = Box::pin(self.turns.run_counted(
+            &p.user,
+            p.request,
+            p.deadline,
+            &seen,
+            self.fair_use.turns_per_minute,
+        ));
         let (result, tally) = metrics::tallied(run).await;
         let mut doc = turn_line(&self.metrics, &result, &seen, tally);
         doc.property("user_id", p.user.as_str())
@@ -115,13 +118,15 @@ where
             ));
         };
         self.auth.authorize(req, &user).await?;
-        let store = self.turns.provisioner().store();
-        self.fair_use.admit_turn(store, &user).await?;
-        if let Some(budget) = &self.awake_budget {
-            budget.admit(store, &user).await?;
-        }
+        // Bad input is refused before any table call; the fair-use count
+        // is part of the write that begins the turn.
         let body = entry::body_bytes(req, agenthome::api::turn_request::MAX_BODY_BYTES)?;
         let request = TurnRequest::from_json(body)?;
+        if let Some(budget) = &self.awake_budget {
+            budget
+                .admit(self.turns.provisioner().store(), &user)
+                .await?;
+        }
         let budget = self.budget(req);
         tracing::debug!(user_id = %user, budget_ms = budget.as_millis() as u64, "turn budget");
         Ok(Prepared {
@@ -363,6 +368,10 @@ fn turn_line(
             doc.dimension("Outcome", "destroying")
                 .property("status", 409);
         }
+        Ok(TurnOutcome::RateLimited { .. }) => {
+            doc.dimension("Outcome", "rate_limited")
+                .property("status", 429);
+        }
         Err(e) => {
             let p = problem_of(e);
             doc.dimension("Outcome", "failed")
@@ -446,6 +455,9 @@ fn respond(user: &str, result: Result<TurnOutcome, TurnError>) -> Response<Body>
             .with_retry_after(retry_after),
         ),
         Ok(TurnOutcome::Destroying) => problem_response(&destroying()),
+        Ok(TurnOutcome::RateLimited { limit, retry_after }) => {
+            problem_response(&FairUse::turn_limited(limit, retry_after))
+        }
         Err(e) => problem_response(&turn_problem(user, &e)),
     }
 }
@@ -473,6 +485,9 @@ fn stream_problem(user: &str, result: Result<TurnOutcome, TurnError>) -> Option<
             .with_retry_after(retry_after),
         ),
         Ok(TurnOutcome::Destroying) => Some(destroying()),
+        Ok(TurnOutcome::RateLimited { limit, retry_after }) => {
+            Some(FairUse::turn_limited(limit, retry_after))
+        }
         Err(e) => Some(turn_problem(user, &e)),
     }
 }

@@ -41,18 +41,20 @@ impl FairUse {
     /// `Retry-After` until the window ends.
     pub async fn admit_turn<S: UserStore>(&self, store: &S, user: &UserId) -> Result<(), Problem> {
         match count(store, user, Counter::Turns, self.turns_per_minute).await {
-            Some(retry_after) => Err(Problem::new(
-                429,
-                "rate_limited",
-                "Too many requests",
-                format!(
-                    "at most {} turns per minute per user; retry after Retry-After",
-                    self.turns_per_minute
-                ),
-            )
-            .with_retry_after(retry_after)),
+            Some(retry_after) => Err(Self::turn_limited(self.turns_per_minute, retry_after)),
             None => Ok(()),
         }
+    }
+
+    /// The 429 problem of a user over `limit` turns per minute.
+    pub fn turn_limited(limit: u32, retry_after: Duration) -> Problem {
+        Problem::new(
+            429,
+            "rate_limited",
+            "Too many requests",
+            format!("at most {limit} turns per minute per user; retry after Retry-After"),
+        )
+        .with_retry_after(retry_after)
     }
 
     /// Count a status read of `user`; `false` when it must not reach Dedalus.

@@ -87,6 +87,11 @@ pwd > \"$__ah_s/cwd.tmp\" && mv -f \"$__ah_s/cwd.tmp\" \"$__ah_s/cwd\"; \
 export -p | grep -Ev '^declare -x (PWD|OLDPWD|SHLVL|_|DCS_EMULATOR_MACHINE_ID)(=|$)' \
 > \"$__ah_s/env.tmp\" && mv -f \"$__ah_s/env.tmp\" \"$__ah_s/env\"; unset __ah_s; } 2>/dev/null";
 
+/// Remembers the shell's home as it was when agenthome first set the shell
+/// up (read-only: the agent cannot change it in that shell), so agenthome's
+/// own lines find `~/.agenthome` even after the agent changed `HOME`.
+const KEEP_HOME: &str = "[ -n \"${__AH_HOME:-}\" ] || readonly __AH_HOME=\"$HOME\" 2>/dev/null";
+
 /// Cuts a log over 1 MiB to its last MiB.
 fn trim_log(log: &str) -> String {
     format!(
@@ -108,7 +113,7 @@ pub fn terminal_setup(id: &str, restore: bool) -> String {
         " __ah_setup=1; stty -echo -onlcr 2>/dev/null; PS1=''; PS2=''; PROMPT_COMMAND=''; \
 HISTCONTROL=ignorespace; \
 case \"$(HISTTIMEFORMAT= history 1)\" in *__ah_setup*) history -d -1 ;; esac; shopt -s histappend; \
-bind 'set enable-bracketed-paste off' 2>/dev/null; {restore}; {DEFAULTS}; \
+bind 'set enable-bracketed-paste off' 2>/dev/null; {KEEP_HOME}; {restore}; {DEFAULTS}; \
 mkdir -p \"$HOME/{RUN_DIR}\"; \
 find \"$HOME/{RUN_DIR}\" -type f -mtime +7 -delete 2>/dev/null; \
 printf '\\n%s_%s\\n' __AH_START {id}; printf '\\n%s_%s:%d\\n' __AH_END {id} 0\n"
@@ -205,6 +210,27 @@ else echo \"$t idle\"; fi; done",
     )
 }
 
+/// A line agenthome types into a terminal's shell for its own work (not
+/// the agent's: nothing of it enters the history, cwd or environment):
+/// `script` runs in a fresh `bash --noprofile --norc` under `env -i`, so
+/// the agent's aliases, functions, shell options (`set -e`…) and variables
+/// (`BASH_ENV`, a changed `HOME`: the home set aside at setup is used) do
+/// not reach it, and `|| :` keeps a shell with `set -e` alive whatever it
+/// returns. Its output comes between the markers of `nonce`; the script
+/// travels as base64 (no quoting or terminal-control issues).
+pub fn internal_line(nonce: &str, script: &str) -> String {
+    let inner = format!(
+        "printf '\\n%s_%s\\n' __AH_START {nonce}; {{ eval \"$(printf %s {b} | base64 -d)\"; }} 2>&1; \
+printf '\\n%s_%s:%d\\n' __AH_END {nonce} \"$?\"",
+        b = shell_quote(&b64(script)),
+    );
+    format!(
+        " /usr/bin/env -i HOME=\"${{__AH_HOME:-$HOME}}\" PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+/bin/bash --noprofile --norc -c {} < /dev/null 2>&1 || :\n",
+        shell_quote(&inner)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +278,7 @@ mod tests {
             terminal_line_from_file(&id, &id, "tm-1"),
             terminal_setup(&id, true),
             execution_wrapper(&id, "echo hi"),
+            internal_line(&id, "echo 'hi'\nls"),
         ] {
             assert!(!line.contains(&format!("__AH_START_{id}")));
             assert!(!line.contains(&format!("__AH_END_{id}")));

@@ -506,6 +506,75 @@ impl CommandRunner for TerminalRunner {
     }
 }
 
+impl TerminalRunner {
+    /// Attaches to the stored terminal `terminal_id` with one WebSocket
+    /// connect and nothing else: no status read, no busy check, no set-up
+    /// line. Only for a terminal the previous turn left idle (its shell was
+    /// set up then and ran every command to its end); a refused or dead
+    /// stream is an error, and the caller opens the pool instead.
+    pub async fn connect_stored(
+        client: &Client,
+        machine_id: &str,
+        terminal_id: &str,
+        parked: Vec<String>,
+        options: RunnerOptions,
+    ) -> Result<Self, RunnerError> {
+        let mut runner = TerminalRunner::unopened(client, machine_id, options);
+        runner.terminal_id = terminal_id.to_owned();
+        runner.parked = parked;
+        runner.closed = false;
+        if let Err(e) = runner.connect().await {
+            runner.closed = true;
+            return Err(e);
+        }
+        Ok(runner)
+    }
+
+    /// Whether the shell can take a line now: open, and no command left
+    /// running in it.
+    pub fn is_idle(&self) -> bool {
+        !self.closed && self.pending.is_none()
+    }
+
+    /// Runs agenthome's own `script` in this shell ([`script::internal_line`]:
+    /// a fresh bash the agent's shell state cannot reach) and returns its
+    /// output (at most `limit` bytes kept), waiting at most `timeout`. A
+    /// shell that does not answer in time is treated as busy (no further
+    /// line is typed into it; [`CommandRunner::reopen`] replaces it).
+    pub async fn run_internal(
+        &mut self,
+        script: &str,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<String, RunnerError> {
+        if self.closed {
+            return Err(RunnerError::TerminalClosed { started: false });
+        }
+        self.poll_pending().await?;
+        let nonce = script::new_nonce();
+        self.send_line(&script::internal_line(&nonce, script))
+            .await?;
+        let mut scanner = SentinelScanner::new(&nonce);
+        let mut collector = OutputCollector::new(limit);
+        let deadline = Instant::now() + timeout;
+        match self
+            .read_until(&mut scanner, Some(&mut collector), &NoObserver, deadline)
+            .await?
+        {
+            ReadEnd::Done(_) => Ok(collector.snapshot().text),
+            ReadEnd::TimedOut => {
+                self.pending = Some(Pending {
+                    id: script::new_command_id(),
+                    scanner,
+                });
+                Err(RunnerError::Protocol(
+                    "the shell did not answer agenthome's line in time".into(),
+                ))
+            }
+        }
+    }
+}
+
 /// A connect error meaning the terminal is gone for good: 409 not retryable
 /// (closed), or 404.
 fn is_closed_error(e: &dedalus::Error) -> bool {

@@ -18,6 +18,7 @@ use super::{
     DeleteOutcome, Hold, Lease, LeaseKind, LeasePurpose, MachineState, Page, Power, ReleaseOutcome,
     Result, StoreError, UserRecord, UserStore,
 };
+use super::{BeginTurn, TurnCount, TurnEnd};
 
 /// A condition over an item's attributes (DynamoDB semantics: comparisons
 /// with a missing attribute are false).
@@ -572,6 +573,7 @@ impl<B: Backend> UserStore for B {
             created_at: now_ms,
             awake_shard: None,
             awake_day: None,
+            turns: Default::default(),
         };
         match self.put_new(&record).await? {
             Ok(()) => Ok(ClaimOutcome::Claimed(record)),
@@ -1177,6 +1179,204 @@ impl<B: Backend> UserStore for B {
             cursor: last.as_ref().map(encode_cursor).transpose()?,
         })
     }
+
+    async fn begin_turn(
+        &self,
+        user_id: &str,
+        owner: &str,
+        until_ms: u64,
+        count: Option<TurnCount>,
+        now_ms: u64,
+    ) -> Result<BeginTurn> {
+        begin_turn(self, user_id, owner, until_ms, count, now_ms).await
+    }
+
+    async fn end_turn(
+        &self,
+        user_id: &str,
+        owner: &str,
+        end: &TurnEnd,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        end_turn(self, user_id, owner, end, now_ms).await
+    }
+}
+
+// ------------------------------------------------------------ turn writes --
+
+/// How a turn's fair-use count is written: into the stored window (below
+/// the limit) or as the first turn of a new window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CountForm {
+    Bump,
+    Start,
+}
+
+/// The fair-use condition and actions of `form` for the window `window`.
+fn count_parts(form: CountForm, window: u64, limit: u32) -> (Cond, Vec<Action>) {
+    use super::table::attr::{TURNS_COUNT, TURNS_WINDOW};
+    match form {
+        CountForm::Bump => (
+            Cond::And(vec![
+                Cond::Eq(TURNS_WINDOW, n(window)),
+                Cond::Lt(TURNS_COUNT, u64::from(limit)),
+            ]),
+            vec![Action::Add(TURNS_COUNT, 1)],
+        ),
+        CountForm::Start => (
+            Cond::Or(vec![
+                Cond::NotExists(TURNS_WINDOW),
+                Cond::Lt(TURNS_WINDOW, window),
+            ]),
+            vec![
+                Action::Set(TURNS_WINDOW, n(window)),
+                Action::Set(TURNS_COUNT, n(1)),
+            ],
+        ),
+    }
+}
+
+/// The item allows a turn to begin at `now_ms` (counter aside).
+fn turn_may_begin(now_ms: u64) -> Cond {
+    Cond::And(vec![
+        Cond::Eq(attr::STATE, s(MachineState::Ready.as_str())),
+        Cond::Exists(attr::MACHINE_ID),
+        no_live_lease(now_ms),
+    ])
+}
+
+async fn begin_turn<B: Backend>(
+    b: &B,
+    user_id: &str,
+    owner: &str,
+    until_ms: u64,
+    count: Option<TurnCount>,
+    now_ms: u64,
+) -> Result<BeginTurn> {
+    non_empty("owner", owner)?;
+    let window = count.map(|c| {
+        let w = c.window_ms.max(1);
+        (now_ms - now_ms % w, w)
+    });
+    let mut form = match (count, window) {
+        (Some(c), Some((w, _))) if c.stored_window == Some(w) => CountForm::Bump,
+        _ => CountForm::Start,
+    };
+    let lease = Lease::new(owner, LeaseKind::Turn, until_ms);
+    // A wrong guess of the stored window is corrected once per form.
+    for _ in 0..3 {
+        let mut cond = vec![turn_may_begin(now_ms)];
+        let mut actions = set_lease(&lease).to_vec();
+        actions.push(Action::Set(attr::LAST_ACTIVE_AT, n(now_ms)));
+        actions.extend(awake_actions(user_id, now_ms));
+        actions.push(Action::Add(attr::TURN_SEQ, 1));
+        if let (Some(c), Some((w, _))) = (count, window) {
+            let (c_cond, c_actions) = count_parts(form, w, c.limit);
+            cond.push(c_cond);
+            actions.extend(c_actions);
+        }
+        let current = match apply(b, "begin_turn", user_id, Cond::And(cond), actions, now_ms).await
+        {
+            Ok(Ok(rec)) => return Ok(BeginTurn::Begun(rec)),
+            Ok(Err(current)) => current,
+            Err(StoreError::NotFound { .. }) => return Ok(BeginTurn::NoItem),
+            Err(e) => return Err(e),
+        };
+        let (Some(c), Some((w, len))) = (count, window) else {
+            return Ok(BeginTurn::Refused(current));
+        };
+        let marks = current.turns;
+        if marks.window == Some(w) && marks.count >= u64::from(c.limit) {
+            return Ok(BeginTurn::Limited {
+                retry_after_ms: w + len - now_ms,
+            });
+        }
+        let right = if marks.window == Some(w) {
+            CountForm::Bump
+        } else {
+            CountForm::Start
+        };
+        let may_begin = current.state != MachineState::Destroying
+            && turn_may_begin(now_ms).eval(&current.to_item()?);
+        if right == form || !may_begin {
+            return Ok(BeginTurn::Refused(current));
+        }
+        form = right;
+    }
+    // The window moved under us three times: another writer counts too.
+    Ok(BeginTurn::Limited {
+        retry_after_ms: 1000,
+    })
+}
+
+/// The actions storing the terminals a turn leaves.
+fn terminal_actions(current: Option<&str>, parked: &[String]) -> Result<Vec<Action>> {
+    if parked.iter().any(String::is_empty) || current.is_some_and(str::is_empty) {
+        return Err(StoreError::InvalidArgument(
+            "terminal id is empty".to_owned(),
+        ));
+    }
+    Ok(vec![
+        match current {
+            Some(t) => Action::Set(attr::TERMINAL_ID, s(t)),
+            None => Action::Remove(attr::TERMINAL_ID),
+        },
+        if parked.is_empty() {
+            Action::Remove(attr::PARKED_TERMINALS)
+        } else {
+            Action::Set(
+                attr::PARKED_TERMINALS,
+                AttributeValue::L(parked.iter().map(|t| s(t)).collect()),
+            )
+        },
+    ])
+}
+
+/// The actions writing the whole hold set (an older single hold moves in).
+fn hold_actions(holds: &[Hold]) -> Result<Vec<Action>> {
+    let set = if holds.is_empty() {
+        Action::Remove(attr::HOLDS)
+    } else {
+        let value = serde_dynamo::to_attribute_value(holds).map_err(|e| StoreError::Malformed {
+            attribute: attr::HOLDS.to_owned(),
+            message: format!("cannot encode the holds: {e}"),
+        })?;
+        Action::Set(attr::HOLDS, value)
+    };
+    Ok(vec![
+        set,
+        Action::Remove(attr::HOLD_UNTIL),
+        Action::Remove(attr::HOLD_MARKER),
+    ])
+}
+
+async fn end_turn<B: Backend>(
+    b: &B,
+    user_id: &str,
+    owner: &str,
+    end: &TurnEnd,
+    now_ms: u64,
+) -> Result<UserRecord> {
+    let mut actions = REMOVE_LEASE.to_vec();
+    actions.push(Action::Set(attr::LAST_ACTIVE_AT, n(now_ms)));
+    if let Some((current, parked)) = &end.terminals {
+        actions.extend(terminal_actions(current.as_deref(), parked)?);
+    }
+    if let Some(holds) = &end.holds {
+        actions.extend(hold_actions(holds)?);
+    }
+    if let Some(seq) = end.clean_seq {
+        actions.push(Action::Set(attr::CLEAN_SEQ, n(seq)));
+    }
+    apply_or_conflict(
+        b,
+        "end_turn",
+        user_id,
+        lease_owned_by(owner),
+        actions,
+        now_ms,
+    )
+    .await
 }
 
 /// The key of `rec` in the `awake` index, if it is in it.

@@ -40,7 +40,9 @@ pub mod table;
 
 pub use dynamo::DynamoStore;
 pub use memory::{MemoryStore, StoreHook};
-pub use record::{AwakeDay, Hold, Item, Lease, LeaseKind, MachineState, Power, UserRecord};
+pub use record::{
+    AwakeDay, Hold, Item, Lease, LeaseKind, MachineState, Power, TurnMarks, UserRecord,
+};
 pub use table::{create_table, shard_for, AWAKE_SHARDS};
 
 /// Result of store operations.
@@ -246,6 +248,49 @@ pub enum CountOutcome {
     },
     /// The user has no item (nothing to count on yet).
     NoItem,
+}
+
+/// The fair-use counter a turn is counted on ([`UserStore::begin_turn`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TurnCount {
+    /// Turns per window; more are refused ([`BeginTurn::Limited`]).
+    pub limit: u32,
+    /// The fixed window (ms), e.g. a minute.
+    pub window_ms: u64,
+    /// The window the caller believes is stored (from an earlier turn):
+    /// picks the form of the update that is likely to apply, so the turn
+    /// costs one write; a wrong guess costs one more.
+    pub stored_window: Option<u64>,
+}
+
+/// Outcome of [`UserStore::begin_turn`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BeginTurn {
+    /// The turn lease is ours; the item after the write.
+    Begun(UserRecord),
+    /// Not begun: the item as it is (not ready, no machine, a live lease or
+    /// being destroyed); the caller routes on it.
+    Refused(UserRecord),
+    /// The user's fair-use limit is reached until the window ends.
+    Limited {
+        /// Until the window ends.
+        retry_after_ms: u64,
+    },
+    /// The user has no item.
+    NoItem,
+}
+
+/// What a turn leaves for the next one ([`UserStore::end_turn`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TurnEnd {
+    /// The terminal to reuse and the parked ones, when the turn used
+    /// terminals (`None` leaves them as they are).
+    pub terminals: Option<(Option<String>, Vec<String>)>,
+    /// The whole hold set, when it changed (`None` leaves it as it is).
+    pub holds: Option<Vec<Hold>>,
+    /// The turn's `turn_seq`, when it ended with its shell idle (recorded
+    /// as `clean_seq`).
+    pub clean_seq: Option<u64>,
 }
 
 /// An opaque position in a paged query; pass it back to get the next page.
@@ -549,6 +594,33 @@ pub trait UserStore: Send + Sync {
         cursor: Option<&Cursor>,
         limit: u32,
     ) -> impl Future<Output = Result<Page<UserRecord>>> + Send;
+
+    /// A chat turn begins, in one conditional write: the item must be
+    /// `ready` with a machine and without a live lease; then the turn lease
+    /// is `owner`'s until `until_ms`, the machine counts as awake and active
+    /// (`last_active_at = now_ms`), `turn_seq` grows by one and, with
+    /// `count`, the fair-use counter counts the turn (refused at its limit:
+    /// [`BeginTurn::Limited`]). A refusal returns the item as it is, for the
+    /// caller to route on.
+    fn begin_turn(
+        &self,
+        user_id: &str,
+        owner: &str,
+        until_ms: u64,
+        count: Option<TurnCount>,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<BeginTurn>> + Send;
+
+    /// The lease holder ends its turn, in one conditional write: the lease
+    /// released, `last_active_at = now_ms`, and what `end` carries.
+    /// Refused ([`StoreError::Conflict`]) if `owner` no longer holds it.
+    fn end_turn(
+        &self,
+        user_id: &str,
+        owner: &str,
+        end: &TurnEnd,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
 }
 
 /// A fresh create key: 32 lowercase hex (UUID v7, so keys sort by time).

@@ -191,6 +191,32 @@ pub struct UserRecord {
     pub awake_shard: Option<String>,
     /// The awake budget's baseline of the current day, once noted.
     pub awake_day: Option<AwakeDay>,
+    /// What the turns wrote for the next turn (sequence, clean end,
+    /// fair-use counter).
+    pub turns: TurnMarks,
+}
+
+/// Per-turn bookkeeping on the item (`turn_seq`, `clean_seq`,
+/// `turns_window`, `turns_count`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct TurnMarks {
+    /// Turns begun (each begin adds one).
+    pub seq: u64,
+    /// `seq` of the last turn that ended with its shell known idle (its
+    /// commands all finished, the lease still its own).
+    pub clean_seq: u64,
+    /// Fair use: start (epoch ms) of the window `count` belongs to.
+    pub window: Option<u64>,
+    /// Fair use: turns counted in `window`.
+    pub count: u64,
+}
+
+impl TurnMarks {
+    /// The turn that began as `seq` follows a turn that ended cleanly: its
+    /// stored terminal was left idle and no command of it is running.
+    pub fn previous_ended_clean(&self) -> bool {
+        self.clean_seq > 0 && self.clean_seq + 1 == self.seq
+    }
 }
 
 impl UserRecord {
@@ -279,6 +305,18 @@ struct Wire {
     awake_day: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     awake_day_base: Option<u64>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    turn_seq: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    clean_seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    turns_window: Option<u64>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    turns_count: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl From<UserRecord> for Wire {
@@ -317,6 +355,10 @@ impl From<UserRecord> for Wire {
             awake_shard: r.awake_shard,
             awake_day: r.awake_day.map(|d| d.day_start),
             awake_day_base: r.awake_day.map(|d| d.base_ms),
+            turn_seq: r.turns.seq,
+            clean_seq: r.turns.clean_seq,
+            turns_window: r.turns.window,
+            turns_count: r.turns.count,
         }
     }
 }
@@ -385,6 +427,12 @@ impl TryFrom<Wire> for UserRecord {
                 (Some(day_start), Some(base_ms)) => Some(AwakeDay { day_start, base_ms }),
                 _ => None,
             },
+            turns: TurnMarks {
+                seq: w.turn_seq,
+                clean_seq: w.clean_seq,
+                window: w.turns_window,
+                count: w.turns_count,
+            },
         })
     }
 }
@@ -425,6 +473,12 @@ mod tests {
                 day_start: 1_699_920_000_000,
                 base_ms: 40,
             }),
+            turns: TurnMarks {
+                seq: 3,
+                clean_seq: 2,
+                window: Some(1_700_000_000_000),
+                count: 1,
+            },
         }
     }
 

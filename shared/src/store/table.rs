@@ -88,6 +88,10 @@ pub mod attr {
     pub const AWAKE_DAY: &str = "awake_day";
     /// Awake budget: `awake_ms_total` at the start of `awake_day`.
     pub const AWAKE_DAY_BASE: &str = "awake_day_base";
+    /// Turns begun on the item (each `begin_turn` adds one).
+    pub const TURN_SEQ: &str = "turn_seq";
+    /// `turn_seq` of the last turn that ended with its shell idle.
+    pub const CLEAN_SEQ: &str = "clean_seq";
 }
 
 /// Name of the sparse GSI the sweep queries.

@@ -6,8 +6,10 @@
 //!   lease is someone else's, the item is gone or being destroyed) marks the
 //!   lease lost at once; renewals failing for another reason leave it held
 //!   only until the last confirmed expiry (minus a margin).
-//! - [`TurnLease::check`] (before each command) also reads the item: the
-//!   lease must still be this turn's, live, and the machine `ready`.
+//! - [`TurnLease::check`] (before each command) reads the item only when
+//!   the last renewal failed (see its docs for why a confirmed lease needs
+//!   no read): the lease must still be this turn's, live, and the machine
+//!   `ready`.
 //! - The renewer is aborted when the [`TurnLease`] is dropped — on every exit
 //!   path of the turn, including a panic or a cancelled turn future — so a
 //!   dead turn never keeps its lease alive.
@@ -48,6 +50,9 @@ pub enum LeaseLost {
 struct Shared {
     lost: AtomicBool,
     confirmed_until: AtomicU64,
+    /// The last renewal failed (not refused): the table could not confirm
+    /// the lease since.
+    unconfirmed: AtomicBool,
 }
 
 /// The turn's lease, renewed while this value lives.
@@ -71,6 +76,7 @@ where
         let shared = Arc::new(Shared {
             lost: AtomicBool::new(false),
             confirmed_until: AtomicU64::new(until_ms),
+            unconfirmed: AtomicBool::new(false),
         });
         let renewer = tokio::spawn(renew(
             store.clone(),
@@ -111,10 +117,30 @@ where
         Ok(())
     }
 
-    /// Before a command: the lease is still this turn's (renewals, then the
-    /// item itself). A failed read falls back on the renewals' result.
+    /// Before a command: the lease is still this turn's.
+    ///
+    /// No table read while the lease is confirmed: the table acquired or
+    /// last renewed it until `confirmed_until`, and `local` refuses once
+    /// `now + margin` reaches that. Until then nobody can have taken it —
+    /// acquiring (a turn, the sweep, the provisioning worker) needs no live
+    /// lease, and liveness is judged by the acquirer's clock, which the
+    /// margin allows to be that far ahead of ours. A renewal refused
+    /// because the lease was taken (a clock further off) or the item is
+    /// being destroyed marks the lease lost within a third of the lease
+    /// length, before the next command. Only when the last renewal failed
+    /// (the table did not answer, so nothing confirmed the lease since) is
+    /// the item read, as the renewals' stand-in; a failed read falls back
+    /// on `local`.
     pub async fn check(&self) -> Result<(), LeaseLost> {
         self.local()?;
+        if !self.shared.unconfirmed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.read_check().await
+    }
+
+    /// [`TurnLease::check`] by reading the item.
+    async fn read_check(&self) -> Result<(), LeaseLost> {
         match self.store.get(&self.user_id).await {
             Ok(Some(rec))
                 if rec.state == MachineState::Ready
@@ -197,7 +223,10 @@ async fn renew<S: UserStore>(
         let now = now_ms();
         let until = now.saturating_add(ttl_ms);
         match store.renew_lease(&user_id, &owner, until, now).await {
-            Ok(_) => shared.confirmed_until.store(until, Ordering::SeqCst),
+            Ok(_) => {
+                shared.confirmed_until.store(until, Ordering::SeqCst);
+                shared.unconfirmed.store(false, Ordering::SeqCst);
+            }
             Err(e @ (StoreError::Conflict { .. } | StoreError::NotFound { .. })) => {
                 tracing::warn!(user_id, error = %e, "turn lease renewal refused: the lease is lost");
                 shared.lost.store(true, Ordering::SeqCst);
@@ -205,6 +234,7 @@ async fn renew<S: UserStore>(
             }
             Err(e) => {
                 tracing::warn!(user_id, error = %e, "turn lease renewal failed; retrying");
+                shared.unconfirmed.store(true, Ordering::SeqCst);
             }
         }
     }
@@ -267,7 +297,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_check_reads_the_item() {
+    async fn a_confirmed_lease_is_checked_without_a_read_and_an_unconfirmed_one_by_reading() {
         let store = ready_store("u").await;
         let until = take(&store, "u", "turn-a", now_ms()).await;
         let lease = TurnLease::start(
@@ -277,9 +307,11 @@ mod tests {
             until + 5_000,
             Duration::from_secs(60),
         );
-        take(&store, "u", "turn-b", now_ms() + 10_000).await;
-        // No renewal ran yet: only the read can tell.
-        assert!(!lease.is_lost());
+        // Taken with a clock an hour ahead: only a read can tell.
+        take(&store, "u", "turn-b", now_ms() + 3_600_000).await;
+        assert_eq!(lease.check().await, Ok(()), "confirmed: no read");
+        // A renewal failed: the next check reads the item.
+        lease.shared.unconfirmed.store(true, Ordering::SeqCst);
         assert_eq!(lease.check().await, Err(LeaseLost::Taken));
         assert!(lease.is_lost());
     }

@@ -3,7 +3,7 @@
 
 use crate::agent::AgentStatus;
 use crate::dedalus::{self, ExecutionRequest};
-use crate::runner::CommandOutcome;
+use crate::runner::{CommandOutcome, RunnerError, TerminalRunner};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::time::Duration;
@@ -132,6 +132,70 @@ pub fn summary_line(
     .to_string()
 }
 
+/// The script printing the last `n` lines of the memory file, bounded.
+fn read_script(n: usize) -> String {
+    let limit = n.saturating_mul(MAX_LINE + 1);
+    format!("tail -n {n} \"$HOME/{TURNS_FILE}\" 2>/dev/null | head -c {limit} || true")
+}
+
+/// The kept lines of the memory file's `text`.
+fn kept_lines(text: &str) -> Vec<String> {
+    text.lines().filter_map(validate_line).collect()
+}
+
+/// The script appending `line` (turn `turn_id`'s summary) to the memory
+/// file, once: a line of that turn already there is not written again (a
+/// line sent twice after a dropped connection). The line travels as
+/// base64 and is written with one `>>` of the whole line.
+fn append_script(turn_id: &str, line: &str) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{line}\n"));
+    format!(
+        "f=\"$HOME/{TURNS_FILE}\"; mkdir -p \"$HOME/.agenthome\" && \
+{{ grep -qF '\"turn_id\":\"{id}\"' \"$f\" 2>/dev/null || printf %s '{b64}' | base64 -d >> \"$f\"; }}",
+        id = turn_id.chars().filter(char::is_ascii_alphanumeric).collect::<String>(),
+    )
+}
+
+/// How long agenthome's own lines in the shell may take.
+const SHELL_LINE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// [`read_memory`] through the turn's shell (no execution); the caller
+/// falls back on [`read_memory`] if the shell fails.
+pub async fn read_memory_in(
+    runner: &mut TerminalRunner,
+    n: usize,
+) -> Result<Vec<String>, RunnerError> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let limit = n.saturating_mul(MAX_LINE + 1);
+    let text = runner
+        .run_internal(&read_script(n), limit, SHELL_LINE_TIMEOUT)
+        .await?;
+    Ok(kept_lines(&text))
+}
+
+/// [`append`] through the turn's shell (no execution), written at most
+/// once per turn; a line too long to type safely is refused
+/// ([`RunnerError::Protocol`]) and the caller appends through an execution.
+pub async fn append_in(
+    runner: &mut TerminalRunner,
+    turn_id: &str,
+    line: &str,
+) -> Result<(), RunnerError> {
+    let script = append_script(turn_id, line);
+    if script.len() > crate::runner::script::MAX_TYPED_LINE {
+        return Err(RunnerError::Protocol(
+            "the summary is too long to type".into(),
+        ));
+    }
+    runner
+        .run_internal(&script, 1024, SHELL_LINE_TIMEOUT)
+        .await
+        .map(|_| ())
+}
+
 /// The last `n` summary lines (empty if none or unreadable: memory is a
 /// help, not a precondition). Only lines of agenthome's own shape and size
 /// are kept ([`validate_line`]); the read itself is bounded.
@@ -139,21 +203,11 @@ pub async fn read_memory(client: &dedalus::Client, machine_id: &str, n: usize) -
     if n == 0 {
         return Vec::new();
     }
-    let limit = n.saturating_mul(MAX_LINE + 1);
-    let request = ExecutionRequest::new([
-        "bash".to_string(),
-        "-c".to_string(),
-        format!("tail -n {n} \"$HOME/{TURNS_FILE}\" 2>/dev/null | head -c {limit} || true"),
-    ])
-    .timeout_ms(15_000);
+    let request = ExecutionRequest::new(["bash".to_string(), "-c".to_string(), read_script(n)])
+        .timeout_ms(15_000);
     let deadline = Instant::now() + Duration::from_secs(20);
     match client.run_and_wait(machine_id, &request, deadline).await {
-        Ok(run) => run
-            .output
-            .stdout
-            .lines()
-            .filter_map(validate_line)
-            .collect(),
+        Ok(run) => kept_lines(&run.output.stdout),
         Err(e) => {
             tracing::warn!(machine_id, error = %e, "could not read the turn memory");
             Vec::new()
@@ -161,18 +215,19 @@ pub async fn read_memory(client: &dedalus::Client, machine_id: &str, n: usize) -
     }
 }
 
-/// Append `line` to the memory file (through stdin: no quoting issues).
+/// Append `line` (turn `turn_id`'s summary) to the memory file through an
+/// execution, at most once (see [`append_in`]).
 pub async fn append(
     client: &dedalus::Client,
     machine_id: &str,
+    turn_id: &str,
     line: &str,
 ) -> Result<(), dedalus::Error> {
     let request = ExecutionRequest::new([
         "bash".to_string(),
         "-c".to_string(),
-        format!("mkdir -p \"$HOME/.agenthome\" && cat >> \"$HOME/{TURNS_FILE}\""),
+        append_script(turn_id, line),
     ])
-    .stdin(format!("{line}\n"))
     .timeout_ms(15_000);
     let deadline = Instant::now() + Duration::from_secs(20);
     client.run_and_wait(machine_id, &request, deadline).await?;

@@ -1,34 +1,37 @@
-//! One chat turn (docs/design.md §5 "Chat turn", invariants 2–4): load the user's
-//! item → take the turn lease (renewed while the turn runs, checked before
-//! every command — a turn that lost it stops — always released; see `lease`)
-//! → wake the machine and wait for `running` → re-check the toolchain after
-//! a wake → reuse or open the shell → run the agent → remember the turn in
-//! `~/.agenthome/turns.jsonl` → record activity and holds → reply.
+//! One chat turn (docs/design.md §5 "Chat turn", invariants 2–4), as named
+//! steps: **begin** (one conditional table write takes the turn lease,
+//! checks the item is ready, records activity and counts fair use; see
+//! `begin`) → **reach the machine** (the status read, and on a warm turn
+//! the stored terminal's stream at the same time) → wake and wait for
+//! `running` if it slept → **after wake** (the toolchain re-check) →
+//! **open the shell** (the stored terminal when the previous turn left it
+//! idle, else today's checks: holds, the terminal pool) → **recall**
+//! (memory, agent mode only) → **run the agent** (lease renewed while it
+//! runs, checked before every command — a turn that lost it stops; see
+//! `lease`) → **after the reply** (holds for commands left running, the
+//! summary appended to `~/.agenthome/turns.jsonl` through the same shell)
+//! → **finish** (one conditional table write: release, activity, terminal,
+//! holds). See `steps`.
 
+mod begin;
 mod events;
 mod lease;
 mod memory;
+mod steps;
 
 pub use events::{MachineStage, NoEvents, StreamSettings, TurnEvent, TurnEvents, TRUNCATED_NOTE};
 pub use memory::{read_memory, summary_line, TURNS_FILE};
 
 use events::EventObserver;
-use lease::{Leased, TurnLease};
+use lease::TurnLease;
 
-use crate::agent::{
-    Agent, AgentError, AgentOutcome, AgentStatus, ChatMessage, Limits, TurnInput, Usage,
-};
+use crate::agent::{Agent, AgentError, AgentOutcome, AgentStatus, Usage};
 use crate::api::TurnRequest;
 use crate::clock::now_ms;
 use crate::dedalus::{self, ExecutionRequest, Phase};
-use crate::provision::{BootstrapOutcome, Ensure, ProvisionError, Provisioner, WorkerTrigger};
-use crate::runner::{
-    read_completion, CommandOutcome, ExecutionsRunner, RunnerError, RunnerOptions, TerminalRunner,
-    Transport,
-};
-use crate::store::{
-    AcquireOutcome, Hold, LeaseKind, LeasePurpose, MachineState, StoreError, UserRecord, UserStore,
-};
+use crate::provision::{Ensure, ProvisionError, Provisioner, WorkerTrigger};
+use crate::runner::{CommandOutcome, RunnerError, Transport};
+use crate::store::{StoreError, TurnEnd, UserRecord, UserStore};
 use serde::Serialize;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -154,6 +157,13 @@ pub enum TurnOutcome {
     },
     /// The user's machine is being destroyed.
     Destroying,
+    /// The user's fair-use limit (`MAX_TURNS_PER_MINUTE`) is reached.
+    RateLimited {
+        /// The limit (turns per minute).
+        limit: u32,
+        /// Until the counting window ends.
+        retry_after: Duration,
+    },
 }
 
 /// Why a turn failed. Every variant leaves the lease released.
@@ -208,6 +218,7 @@ pub struct TurnService<S, T> {
     provisioner: Provisioner<S, T>,
     agent: Agent,
     settings: TurnSettings,
+    windows: begin::RateWindows,
 }
 
 impl<S, T> TurnService<S, T>
@@ -221,6 +232,7 @@ where
             provisioner,
             agent,
             settings,
+            windows: begin::RateWindows::default(),
         }
     }
 
@@ -254,9 +266,24 @@ where
         deadline: Instant,
         sink: &dyn TurnEvents,
     ) -> Result<TurnOutcome, TurnError> {
+        self.run_counted(user_id, request, deadline, sink, 0).await
+    }
+
+    /// [`TurnService::run_with_events`], counting the turn on the user's
+    /// fair-use counter (`MAX_TURNS_PER_MINUTE` = `turns_per_minute`; 0 =
+    /// no limit) in the write that begins it: above the limit the outcome is
+    /// [`TurnOutcome::RateLimited`] and nothing else happens.
+    pub async fn run_counted(
+        &self,
+        user_id: &str,
+        request: TurnRequest,
+        deadline: Instant,
+        sink: &dyn TurnEvents,
+        turns_per_minute: u32,
+    ) -> Result<TurnOutcome, TurnError> {
         let started = Instant::now();
         let obs = EventObserver::new(sink, self.settings.stream, started);
-        let turn = self.run_observed(user_id, request, deadline, &obs, started);
+        let turn = self.run_observed(user_id, request, deadline, &obs, turns_per_minute);
         tokio::pin!(turn);
         // Coalesced output goes out on a timer, not only when more arrives.
         let period = self
@@ -281,87 +308,75 @@ where
         outcome
     }
 
+    /// The turn as a sequence of named steps: [`TurnService::begin`] (one
+    /// table write), [`TurnService::drive`] (the machine, the shell, the
+    /// agent, what is left for the next turn) and [`TurnService::finish`]
+    /// (one table write).
     async fn run_observed(
         &self,
         user_id: &str,
         request: TurnRequest,
         deadline: Instant,
         obs: &EventObserver<'_>,
-        started: Instant,
+        turn_limit: u32,
     ) -> Result<TurnOutcome, TurnError> {
-        if deadline <= started + self.settings.finish_reserve {
+        if deadline <= obs.started() + self.settings.finish_reserve {
             return Err(TurnError::NoTime);
-        }
-        let store = self.provisioner.store();
-        match store.get(user_id).await? {
-            Some(rec) if rec.state == MachineState::Ready => {}
-            Some(rec) if rec.state == MachineState::Destroying => {
-                return Ok(TurnOutcome::Destroying)
-            }
-            _ => return self.provisioning(user_id, obs).await,
         }
         let turn_id = uuid::Uuid::now_v7().simple().to_string();
         let owner = format!("turn-{turn_id}");
-        let rec = match self.acquire(user_id, &owner).await? {
+        let rec = match self.begin(user_id, &owner, turn_limit, obs).await? {
             Ok(rec) => rec,
             Err(outcome) => return Ok(outcome),
         };
-        // The item may have changed between the read and the acquisition
-        // (the sweep found the machine lost, a provisioning restarted).
-        if rec.state != MachineState::Ready || rec.machine_id.is_none() {
-            if let Err(e) = store.release_lease(user_id, &owner, now_ms()).await {
-                tracing::warn!(user_id, error = %e, "could not release the turn lease; it expires by itself");
-            }
-            return match rec.state {
-                MachineState::Destroying => Ok(TurnOutcome::Destroying),
-                _ => self.provisioning(user_id, obs).await,
-            };
-        }
         // Renewed while it lives; dropped (the renewer aborted) on every
         // path out of here, a panic or a cancelled turn included.
         let lease = TurnLease::start(
-            std::sync::Arc::new(store.clone()),
+            std::sync::Arc::new(self.provisioner.store().clone()),
             user_id,
             &owner,
             rec.lease.as_ref().map_or(0, |l| l.until),
             self.settings.lease_ttl,
         );
+        let mut end = TurnEnd::default();
         // Boxed and type-erased: the turn's future is large and deep (wake,
         // shell, agent, bookkeeping); callers' futures stay small.
         let drive: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
-            Box::pin(self.drive(rec, &lease, &turn_id, request, deadline, obs));
+            Box::pin(self.drive(rec, &lease, &turn_id, request, deadline, obs, &mut end));
         let result = drive.await;
         drop(lease);
-        // Bookkeeping happens whatever the turn did: activity (or the loss of
-        // the machine), then release.
+        self.finish(user_id, &owner, result, &end, obs).await
+    }
+
+    /// Bookkeeping whatever the turn did, in one write: release, activity
+    /// and what the turn leaves for the next one (`end`) — or, when the
+    /// machine turned out lost, the item marked so and a new provisioning.
+    async fn finish(
+        &self,
+        user_id: &str,
+        owner: &str,
+        result: Result<TurnResult, TurnError>,
+        end: &TurnEnd,
+        obs: &EventObserver<'_>,
+    ) -> Result<TurnOutcome, TurnError> {
+        let store = self.provisioner.store();
         let now = now_ms();
-        let lost = match &result {
-            Err(TurnError::MachineLost { machine_id }) => Some(machine_id.clone()),
-            _ => None,
-        };
-        if let Some(machine_id) = &lost {
+        if let Err(TurnError::MachineLost { machine_id }) = &result {
             tracing::warn!(
                 user_id,
                 machine_id,
                 "the user's machine is gone; provisioning a new one"
             );
-            store
-                .mark_lost(
-                    user_id,
-                    &owner,
-                    "machine not found when a turn tried to wake it",
-                    now,
-                )
-                .await?;
-        } else if let Err(e) = store.touch(user_id, &owner, now).await {
-            tracing::warn!(user_id, error = %e, "could not record the turn's activity");
-        }
-        if let Err(e) = store.release_lease(user_id, &owner, now).await {
-            tracing::warn!(user_id, error = %e, "could not release the turn lease; it expires by itself");
-        }
-        if lost.is_some() {
+            let error = "machine not found when a turn tried to wake it";
+            store.mark_lost(user_id, owner, error, now).await?;
+            if let Err(e) = store.release_lease(user_id, owner, now).await {
+                tracing::warn!(user_id, error = %e, "could not release the turn lease; it expires by itself");
+            }
             // The item is `failed` without a machine: provision a new one.
             return self.provisioning(user_id, obs).await;
+        }
+        if let Err(e) = store.end_turn(user_id, owner, end, now).await {
+            tracing::warn!(user_id, error = %e, "could not end the turn in the table; the lease expires by itself");
         }
         result.map(|r| TurnOutcome::Done(Box::new(r)))
     }
@@ -388,258 +403,19 @@ where
         })
     }
 
-    /// Take the turn lease; another turn → Busy; the sweep → wait briefly
-    /// (its hold is one API call) and try again.
-    async fn acquire(
-        &self,
-        user_id: &str,
-        owner: &str,
-    ) -> Result<Result<UserRecord, TurnOutcome>, TurnError> {
-        let store = self.provisioner.store();
-        let ttl = millis(self.settings.lease_ttl);
-        let give_up = Instant::now() + self.settings.sweep_wait;
-        // Bounded: a lease that expires between our write and our read makes
-        // the next attempt succeed; anything else returns.
-        for _ in 0..100 {
-            let now = now_ms();
-            let current = match store
-                .acquire_lease(user_id, owner, LeasePurpose::Turn, now + ttl, now)
-                .await?
-            {
-                AcquireOutcome::Acquired(rec) => return Ok(Ok(rec)),
-                AcquireOutcome::Busy(rec) | AcquireOutcome::Changed(rec) => rec,
-            };
-            if current.state == MachineState::Destroying {
-                return Ok(Err(TurnOutcome::Destroying));
-            }
-            let Some(lease) = current.live_lease(now_ms()).cloned() else {
-                continue;
-            };
-            match lease.kind {
-                LeaseKind::Turn => {
-                    let left = lease.until.saturating_sub(now_ms());
-                    return Ok(Err(TurnOutcome::Busy {
-                        retry_after: Duration::from_millis(left.clamp(1000, 30_000)),
-                    }));
-                }
-                LeaseKind::Provision => {
-                    return Ok(Err(TurnOutcome::Provisioning {
-                        record: Box::new(current),
-                        retry_after: Duration::from_secs(5),
-                    }))
-                }
-                LeaseKind::Sweep if Instant::now() < give_up => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                LeaseKind::Sweep => {
-                    return Ok(Err(TurnOutcome::Busy {
-                        retry_after: Duration::from_secs(1),
-                    }))
-                }
-            }
-        }
-        Ok(Err(TurnOutcome::Busy {
-            retry_after: Duration::from_secs(1),
-        }))
-    }
-
-    async fn drive(
-        &self,
-        rec: UserRecord,
-        lease: &TurnLease<S>,
-        turn_id: &str,
-        request: TurnRequest,
-        deadline: Instant,
-        obs: &EventObserver<'_>,
-    ) -> Result<TurnResult, TurnError> {
-        let store = self.provisioner.store();
-        let owner = lease.owner();
-        let user_id = rec.user_id.as_str();
-        let machine_id = rec
-            .machine_id
-            .clone()
-            .ok_or_else(|| StoreError::Malformed {
-                attribute: "machine_id".into(),
-                message: "a ready item has no machine".into(),
-            })?;
-        let dedalus = self.provisioner.dedalus().with_deadline(deadline);
-
-        // Wake (never run commands on a sleeping machine: invariant 3).
-        let wake_started = Instant::now();
-        let woke = self.wake(&dedalus, &machine_id, deadline, obs).await?;
-        let wake_ms = if woke {
-            millis(wake_started.elapsed())
-        } else {
-            0
-        };
-        match store.mark_awake(user_id, owner, now_ms()).await {
-            Ok(_) => {}
-            Err(StoreError::Conflict { .. }) => {
-                return Ok(self.stopped(turn_id, machine_id, wake_ms, obs));
-            }
-            Err(e) => return Err(e.into()),
-        }
-        if woke {
-            // The root filesystem may have been reset: re-check the tools.
-            let settings = self.provisioner.settings();
-            let budget = deadline.min(Instant::now() + settings.bootstrap_timeout);
-            match settings
-                .bootstrap
-                .ensure(&dedalus, &machine_id, budget)
-                .await
-            {
-                Ok(BootstrapOutcome::Failed { exit_code, tail }) => {
-                    tracing::warn!(user_id, ?exit_code, %tail, "toolchain re-bootstrap failed; the turn continues");
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(user_id, error = %e, "toolchain check failed; the turn continues")
-                }
-            }
-        }
-
-        // Nothing is typed into the machine once the lease is lost.
-        if lease.check().await.is_err() {
-            return Ok(self.stopped(turn_id, machine_id, wake_ms, obs));
-        }
-
-        // Commands earlier turns left running: release the holds of those
-        // that finished (the others keep holding the machine).
-        self.release_finished_holds(&dedalus, &rec, owner).await;
-
-        // The memory read and the shell's set-up are independent round trips
-        // to the machine: do them together.
-        // (Boxed: the joined futures are large, and a turn runs deep.)
-        let (memory, terminal) = tokio::join!(
-            Box::pin(read_memory(
-                &dedalus,
-                &machine_id,
-                self.settings.memory_lines
-            )),
-            Box::pin(async {
-                match self.settings.transport {
-                    Transport::Executions => None,
-                    Transport::Terminal => Some(
-                        TerminalRunner::open_pool(
-                            &dedalus,
-                            &machine_id,
-                            rec.terminal_id.clone(),
-                            rec.parked_terminals.clone(),
-                            RunnerOptions::default(),
-                        )
-                        .await,
-                    ),
-                }
-            })
-        );
-        let input = TurnInput {
-            message: request.message.clone(),
-            history: request
-                .history
-                .iter()
-                .map(|h| ChatMessage {
-                    role: match h.role {
-                        crate::api::Role::User => "user".into(),
-                        crate::api::Role::Assistant => "assistant".into(),
-                    },
-                    content: h.content.clone(),
-                })
-                .collect(),
-            memory,
-        };
-        let limits = Limits {
-            max_steps: self.settings.max_steps,
-            command_timeout: self.settings.command_timeout,
-            deadline: deadline
-                .checked_sub(self.settings.finish_reserve)
-                .unwrap_or(deadline),
-        };
-        // Terminals are the default; where the API has none (newer SDKs
-        // dropped them: 404/501 on create), the executions backend runs the
-        // turn and the result says so (`transport`).
-        let mut transport = self.settings.transport;
-        let terminal = match terminal {
-            None => None,
-            Some(Ok(opened)) => Some(opened),
-            Some(Err(e)) if terminals_unavailable(&e) => {
-                tracing::warn!(user_id, machine_id, error = %e, "terminals are not available; using the executions backend");
-                transport = Transport::Executions;
-                None
-            }
-            Some(Err(e)) => return Err(e.into()),
-        };
-        let outcome = match terminal {
-            Some(mut runner) => {
-                let stored = (rec.terminal_id.clone(), rec.parked_terminals.clone());
-                let stored = self.store_terminals(user_id, owner, &runner, stored).await;
-                let mut leased = Leased {
-                    inner: &mut runner,
-                    lease,
-                };
-                let outcome = self
-                    .agent
-                    .run_observed(input, &mut leased, limits, obs)
-                    .await;
-                self.store_terminals(user_id, owner, &runner, stored).await;
-                outcome
-            }
-            None => {
-                let mut runner = ExecutionsRunner::new(&dedalus, &machine_id);
-                let mut leased = Leased {
-                    inner: &mut runner,
-                    lease,
-                };
-                self.agent
-                    .run_observed(input, &mut leased, limits, obs)
-                    .await
-            }
-        };
-
-        // Remember the turn on the machine, whatever the agent did — unless
-        // the turn lost the machine: then nothing more is sent to it.
-        let (steps, status, reply) = match &outcome {
-            Ok(o) => (o.steps.as_slice(), Some(o.status), Some(o.reply.as_str())),
-            Err(e) => (e.partial().steps.as_slice(), None, None),
-        };
-        if lease.is_lost() {
-            tracing::warn!(
-                user_id,
-                "the turn lost its lease: no hold or summary recorded"
-            );
-        } else {
-            self.hold_for_running(user_id, owner, steps).await;
-            let line = summary_line(turn_id, now_ms(), &request.message, reply, status, steps);
-            if let Err(e) = memory::append(&dedalus, &machine_id, &line).await {
-                tracing::warn!(user_id, error = %e, "could not append the turn summary");
-            }
-        }
-        Ok(TurnResult::of(
-            turn_id,
-            machine_id,
-            outcome?,
-            wake_ms,
-            obs.started(),
-            transport,
-        ))
-    }
-
-    /// Make sure the machine runs; true if it had to be woken. If the wake
-    /// route is refused for this key (docs/compatibility.md), a no-op
-    /// execution wakes it instead.
+    /// Make sure the machine (`machine`, as just read) runs; true if it had
+    /// to be woken. If the wake route is refused for this key
+    /// (docs/compatibility.md), a no-op execution wakes it instead.
     async fn wake(
         &self,
         dedalus: &dedalus::Client,
-        machine_id: &str,
+        machine: dedalus::Machine,
         deadline: Instant,
         obs: &EventObserver<'_>,
     ) -> Result<bool, TurnError> {
+        let machine_id = machine.machine_id.as_str();
         let lost = || TurnError::MachineLost {
             machine_id: machine_id.to_string(),
-        };
-        let machine = match dedalus.get_machine(machine_id).await {
-            Ok(m) => m,
-            Err(e) if e.is_not_found() => return Err(lost()),
-            Err(e) => return Err(e.into()),
         };
         match machine.phase {
             Phase::Running => {
@@ -698,97 +474,6 @@ where
             obs.started(),
             self.settings.transport,
         )
-    }
-
-    /// Store the terminal to reuse next time and the parked ones, if they
-    /// differ from `stored`; returns what is stored now. A failure (the
-    /// lease was lost meanwhile) costs only the reuse: the turn and its
-    /// result go on.
-    async fn store_terminals(
-        &self,
-        user_id: &str,
-        owner: &str,
-        runner: &TerminalRunner,
-        stored: (Option<String>, Vec<String>),
-    ) -> (Option<String>, Vec<String>) {
-        let now = (
-            Some(runner.terminal_id().to_owned()),
-            runner.parked().to_vec(),
-        );
-        if now == stored {
-            return stored;
-        }
-        match self
-            .provisioner
-            .store()
-            .set_terminals(user_id, owner, now.0.as_deref(), &now.1, now_ms())
-            .await
-        {
-            Ok(_) => now,
-            Err(e) => {
-                tracing::warn!(user_id, terminal_id = runner.terminal_id(), error = %e, "could not store the terminals for reuse");
-                stored
-            }
-        }
-    }
-
-    /// Drops the holds whose command finished (marker present) or expired.
-    async fn release_finished_holds(
-        &self,
-        dedalus: &dedalus::Client,
-        rec: &UserRecord,
-        owner: &str,
-    ) {
-        let Some(machine_id) = rec.machine_id.as_deref() else {
-            return;
-        };
-        let mut finished = Vec::new();
-        for hold in rec.all_holds() {
-            let done = now_ms() > hold.until
-                || matches!(
-                    read_completion(dedalus, machine_id, &hold.marker).await,
-                    Ok(Some(_))
-                );
-            if done {
-                finished.push(hold.marker.clone());
-            }
-        }
-        if finished.is_empty() {
-            return;
-        }
-        let user_id = rec.user_id.as_str();
-        if let Err(e) = self
-            .provisioner
-            .store()
-            .release_holds(user_id, owner, &finished, now_ms())
-            .await
-        {
-            tracing::warn!(user_id, error = %e, "could not release the holds of finished commands");
-        }
-    }
-
-    /// Every command still running keeps the machine awake (up to the
-    /// maximum hold) until its completion marker exists.
-    async fn hold_for_running(&self, user_id: &str, owner: &str, steps: &[CommandOutcome]) {
-        let markers = steps
-            .iter()
-            .filter(|s| s.still_running)
-            .filter_map(|s| s.completion_marker.clone());
-        for marker in markers {
-            let now = now_ms();
-            let hold = Hold {
-                until: now + millis(self.settings.max_hold),
-                marker,
-            };
-            if let Err(e) = self
-                .provisioner
-                .store()
-                .set_hold(user_id, owner, &hold, now)
-                .await
-            {
-                tracing::warn!(user_id, error = %e, "could not record the hold for a running command");
-            }
-        }
     }
 }
 
