@@ -21,6 +21,7 @@ use agenthome::store::{
     DeleteOutcome, Hold, Lease, LeaseKind, LeasePurpose, MachineState, Power, ReleaseOutcome,
     StoreError, UserRecord, UserStore,
 };
+use agenthome::store::{BeginTurn, TurnCount, TurnEnd};
 
 /// Base time of every case (epoch ms).
 pub const T0: u64 = 1_700_000_000_000;
@@ -57,6 +58,8 @@ macro_rules! user_store_contract_tests {
             note_awake_day_keeps_the_first_baseline_of_a_day,
             no_writer_leaves_destroying,
             record_machine_id_refused_while_destroying,
+            begin_turn_takes_the_lease_and_counts_in_one_write,
+            end_turn_releases_and_stores_in_one_write,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -1358,4 +1361,173 @@ pub async fn record_machine_id_refused_while_destroying<S: UserStore>(store: S) 
     let item = store.get("eve").await.expect("get").expect("item");
     assert_eq!(item.machine_id, None);
     assert_eq!(item.state, MachineState::Destroying);
+}
+
+fn begun(outcome: BeginTurn) -> UserRecord {
+    match outcome {
+        BeginTurn::Begun(rec) => rec,
+        other => panic!("expected Begun, got {other:?}"),
+    }
+}
+
+fn refused(outcome: BeginTurn) -> UserRecord {
+    match outcome {
+        BeginTurn::Refused(rec) => rec,
+        other => panic!("expected Refused, got {other:?}"),
+    }
+}
+
+/// GIVEN no item, a provisioning item, a ready one WHEN a turn begins THEN
+/// a missing item is `NoItem`, a provisioning one is refused with the item,
+/// and a ready one is begun in one write: the turn lease, awake and active,
+/// `turn_seq` + 1, the turn counted; a second turn meanwhile is refused
+/// with the first one's lease; the counter refuses at its limit (with the
+/// window's remaining time), whichever form the caller guessed.
+pub async fn begin_turn_takes_the_lease_and_counts_in_one_write<S: UserStore>(store: S) {
+    let count = |stored_window| {
+        Some(TurnCount {
+            limit: 2,
+            window_ms: MINUTE,
+            stored_window,
+        })
+    };
+    let t = T0 - T0 % MINUTE + 1_000;
+    let none = store
+        .begin_turn("nobody", "turn-1", t + MINUTE, None, t)
+        .await;
+    assert_eq!(none.expect("begin"), BeginTurn::NoItem);
+    claimed(&store, "bo", t).await;
+    let cur = refused(
+        store
+            .begin_turn("bo", "turn-1", t + MINUTE, None, t)
+            .await
+            .expect("begin"),
+    );
+    assert_eq!(cur.state, MachineState::Provisioning);
+    ready_user(&store, "al", "dm-al", t).await;
+    let rec = begun(
+        store
+            .begin_turn("al", "turn-1", t + MINUTE, count(None), t + 1)
+            .await
+            .expect("begin"),
+    );
+    let lease = rec.lease.clone().expect("lease");
+    assert_eq!(
+        (lease.owner.as_str(), lease.kind),
+        ("turn-1", LeaseKind::Turn)
+    );
+    assert_eq!(rec.last_active_at, t + 1);
+    assert_eq!(rec.power, Power::Awake);
+    assert_eq!(rec.turns.seq, 1);
+    assert_eq!((rec.turns.window, rec.turns.count), (Some(t - 1_000), 1));
+    // Another turn while the lease lives: refused, the item says why.
+    let cur = refused(
+        store
+            .begin_turn("al", "turn-2", t + MINUTE, count(Some(t - 1_000)), t + 2)
+            .await
+            .expect("begin"),
+    );
+    assert_eq!(cur.lease.map(|l| l.owner), Some("turn-1".to_owned()));
+    assert_eq!(cur.turns.count, 1, "a refused turn is not counted");
+    // The second turn of the window, with a wrong guess of the window.
+    store
+        .release_lease("al", "turn-1", t + 3)
+        .await
+        .expect("release");
+    let rec = begun(
+        store
+            .begin_turn("al", "turn-2", t + MINUTE, count(None), t + 4)
+            .await
+            .expect("begin"),
+    );
+    assert_eq!((rec.turns.seq, rec.turns.count), (2, 2));
+    store
+        .release_lease("al", "turn-2", t + 5)
+        .await
+        .expect("release");
+    let limited = store
+        .begin_turn("al", "turn-3", t + MINUTE, count(Some(t - 1_000)), t + 6)
+        .await
+        .expect("begin");
+    assert_eq!(
+        limited,
+        BeginTurn::Limited {
+            retry_after_ms: MINUTE - 1_006
+        }
+    );
+    // The next window counts from one again.
+    let next = t - 1_000 + MINUTE;
+    let rec = begun(
+        store
+            .begin_turn("al", "turn-4", next + MINUTE, count(Some(t - 1_000)), next)
+            .await
+            .expect("begin"),
+    );
+    assert_eq!((rec.turns.window, rec.turns.count), (Some(next), 1));
+    assert!(store
+        .get("al")
+        .await
+        .expect("get")
+        .expect("item")
+        .live_lease(next)
+        .is_some());
+}
+
+/// GIVEN a begun turn WHEN it ends THEN one write releases the lease,
+/// records activity, the terminals, the hold set and the clean mark; an
+/// owner that no longer holds the lease writes nothing.
+pub async fn end_turn_releases_and_stores_in_one_write<S: UserStore>(store: S) {
+    ready_user(&store, "cy", "dm-cy", T0).await;
+    let rec = begun(
+        store
+            .begin_turn("cy", "turn-1", T0 + MINUTE, None, T0 + 1)
+            .await
+            .expect("begin"),
+    );
+    let hold = Hold {
+        until: T0 + MINUTE,
+        marker: ".agenthome/run/a.done".into(),
+    };
+    let end = TurnEnd {
+        terminals: Some((Some("t-1".into()), vec!["t-0".into()])),
+        holds: Some(vec![hold.clone()]),
+        clean_seq: Some(rec.turns.seq),
+    };
+    conflict_current(store.end_turn("cy", "turn-x", &end, T0 + 2).await);
+    let after = store
+        .end_turn("cy", "turn-1", &end, T0 + 3)
+        .await
+        .expect("end");
+    assert_eq!(after.lease, None);
+    assert_eq!(after.last_active_at, T0 + 3);
+    assert_eq!(after.terminal_id.as_deref(), Some("t-1"));
+    assert_eq!(after.parked_terminals, vec!["t-0".to_owned()]);
+    assert_eq!(after.holds, vec![hold]);
+    assert_eq!((after.turns.seq, after.turns.clean_seq), (1, 1));
+    // The next turn sees that the previous one ended cleanly.
+    let next = begun(
+        store
+            .begin_turn("cy", "turn-2", T0 + MINUTE, None, T0 + 4)
+            .await
+            .expect("begin"),
+    );
+    assert!(next.turns.previous_ended_clean());
+    // Ended without the clean mark: the one after does not see it.
+    let end = TurnEnd {
+        holds: Some(Vec::new()),
+        ..TurnEnd::default()
+    };
+    let after = store
+        .end_turn("cy", "turn-2", &end, T0 + 5)
+        .await
+        .expect("end");
+    assert!(after.holds.is_empty());
+    assert_eq!(after.terminal_id.as_deref(), Some("t-1"), "left as it was");
+    let third = begun(
+        store
+            .begin_turn("cy", "turn-3", T0 + MINUTE, None, T0 + 6)
+            .await
+            .expect("begin"),
+    );
+    assert!(!third.turns.previous_ended_clean());
 }

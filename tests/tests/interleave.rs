@@ -5,8 +5,8 @@
 //! every step.
 //!
 //! The domain code is the real one (`Provisioner`, `machines::destroy`,
-//! `Sweeper`; a turn is modelled by its table protocol: turn lease → wake →
-//! `mark_awake` → `touch` → release) over a `MemoryStore` whose hook parks
+//! `Sweeper`; a turn is modelled by its table protocol: `begin_turn` (lease,
+//! awake, active) → wake → the lease check before a command → `end_turn`) over a `MemoryStore` whose hook parks
 //! every store call. A scheduler lets exactly one operation run at a time
 //! between two store calls and picks the next one from a seeded RNG, so a
 //! schedule is decided by its seed (up to Dedalus timing). Dedalus is the
@@ -31,7 +31,7 @@ use agenthome::provision::{
     Bootstrap, MachineSpec, ProvisionEvent, ProvisionSettings, Provisioner, QueueTrigger,
 };
 use agenthome::store::{
-    AcquireOutcome, LeasePurpose, MachineState, MemoryStore, StoreHook, UserRecord, UserStore,
+    BeginTurn, MachineState, MemoryStore, StoreHook, TurnEnd, UserRecord, UserStore,
 };
 use agenthome::sweep::{SweepSettings, Sweeper};
 use agenthome_tests::Emulator;
@@ -567,36 +567,37 @@ impl World {
     }
 }
 
-/// A turn's table protocol around the machine (see the module docs).
+/// A turn's table protocol around the machine (see the module docs): one
+/// write begins it, one ends it.
 async fn turn(prov: Arc<Prov>, shared: Arc<Shared>, user: String) -> String {
     let store = prov.store();
-    let rec = match store.get(&user).await {
-        Ok(Some(rec)) if rec.state == MachineState::Ready => rec,
-        Ok(_) => {
+    let owner = format!("turn-{}", uuid::Uuid::now_v7().simple());
+    let now = now_ms();
+    let rec = match store
+        .begin_turn(&user, &owner, now + 60_000, None, now)
+        .await
+    {
+        Ok(BeginTurn::Begun(rec)) => rec,
+        Ok(BeginTurn::Refused(r)) if r.state == MachineState::Ready && r.machine_id.is_some() => {
+            return format!("busy: {:?}", r.lease.map(|l| l.kind))
+        }
+        Ok(BeginTurn::Refused(_) | BeginTurn::NoItem) => {
             return format!(
                 "ensure {:?}",
                 prov.ensure(&user).await.map(|e| e.record().state)
             )
         }
-        Err(e) => return format!("get failed: {e}"),
-    };
-    let owner = format!("turn-{}", uuid::Uuid::now_v7().simple());
-    let now = now_ms();
-    match store
-        .acquire_lease(&user, &owner, LeasePurpose::Turn, now + 60_000, now)
-        .await
-    {
-        Ok(AcquireOutcome::Acquired(_)) => {}
-        Ok(AcquireOutcome::Busy(_)) => return "busy".into(),
-        Ok(AcquireOutcome::Changed(r)) => return format!("changed: {:?}", r.state),
+        Ok(BeginTurn::Limited { .. }) => return "limited".into(),
         Err(e) => return format!("no lease: {e}"),
-    }
+    };
     *locked(&shared.turns).entry(user.clone()).or_default() += 1;
     let out = turn_body(&prov, &shared, &user, &owner, rec).await;
     locked(&shared.woken).remove(&(user.clone(), owner.clone()));
     *locked(&shared.turns).entry(user.clone()).or_default() -= 1;
-    let _ = store.release_lease(&user, &owner, now_ms()).await;
-    out
+    let ended = store
+        .end_turn(&user, &owner, &TurnEnd::default(), now_ms())
+        .await;
+    format!("{out}; ended {}", ended.is_ok())
 }
 
 async fn turn_body(
@@ -632,13 +633,13 @@ async fn turn_body(
             return format!("wake failed: {e}");
         }
     }
-    if let Err(e) = store.mark_awake(user, owner, now_ms()).await {
-        return format!("mark_awake refused: {e}");
-    }
     locked(&shared.woken).insert((user.to_string(), owner.to_string()));
-    // The "command": the machine must be running while the lease is ours.
-    let touched = store.touch(user, owner, now_ms()).await;
-    if touched.is_ok() {
+    // The "command", as the turn checks its lease before one: confirmed by
+    // the write that began the turn until `lease.until` (less the margin),
+    // no table read. Then the machine must be running.
+    let until = rec.lease.map_or(0, |l| l.until);
+    let confirmed = now_ms() + 1_000 < until;
+    if confirmed {
         match client.get_machine(&machine).await {
             Ok(m) if is_asleep(&m.phase) => locked(&shared.violations).push(format!(
                 "{user}: machine {machine} is {} while its turn holds the lease",
@@ -648,7 +649,7 @@ async fn turn_body(
         }
     }
     let power = store.get(user).await.ok().flatten().map(|r| r.power);
-    format!("turn done: touched {} power {power:?}", touched.is_ok())
+    format!("turn done: confirmed {confirmed} power {power:?}")
 }
 
 /// The operations of one round, drawn from `rng`.

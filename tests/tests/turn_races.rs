@@ -105,8 +105,15 @@ async fn a_turn_that_lost_its_lease_stops_before_the_next_command() {
         answer("Both done."),
     ])
     .await;
+    // (A short lease: a lease is taken only once it is no longer confirmed,
+    // and the renewal that finds it taken — every third of the lease —
+    // stops the turn; a confirmed lease is not read before each command.)
     let s = Stack::start_with(StackOptions {
         agent: llm_agent(&base),
+        settings: TurnSettings {
+            lease_ttl: Duration::from_millis(1500),
+            ..TurnSettings::default()
+        },
         ..StackOptions::default()
     })
     .await;
@@ -140,8 +147,16 @@ async fn a_turn_that_lost_its_lease_stops_before_the_next_command() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_that_lost_its_lease_while_waking_runs_nothing() {
-    // GIVEN a machine whose status read answers slowly (the turn's wake step)
-    let s = Stack::start().await;
+    // GIVEN a machine whose status read answers slowly (the turn's wake
+    // step), and a short lease (see the test above)
+    let s = Stack::start_with(StackOptions {
+        settings: TurnSettings {
+            lease_ttl: Duration::from_millis(1500),
+            ..TurnSettings::default()
+        },
+        ..StackOptions::default()
+    })
+    .await;
     let machine_id = s.ready_user("alice").await;
     s.emu
         .inject_fault(json!({

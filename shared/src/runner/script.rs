@@ -74,15 +74,15 @@ NO_COLOR=1 TERM=dumb PYTHONUNBUFFERED=1 DEBIAN_FRONTEND=noninteractive \
 HISTFILE=\"$HOME/.bash_history\"";
 
 /// Restores the saved working directory and exported variables.
-const RESTORE: &str = "__ah_s=\"$HOME/.agenthome/shell\"; \
-cd \"$HOME\" 2>/dev/null; \
+const RESTORE: &str = "__ah_s=\"${__AH_HOME:-$HOME}/.agenthome/shell\"; \
+cd \"${__AH_HOME:-$HOME}\" 2>/dev/null; \
 if [ -r \"$__ah_s/cwd\" ]; then cd -- \"$(cat \"$__ah_s/cwd\")\" 2>/dev/null; fi; \
 if [ -r \"$__ah_s/env\" ]; then . \"$__ah_s/env\" 2>/dev/null; fi; unset __ah_s";
 
 /// Saves the working directory and exported variables (atomically).
 /// Variables that describe the process rather than the user's context are
 /// left out.
-const SAVE: &str = "{ __ah_s=\"$HOME/.agenthome/shell\"; mkdir -p \"$__ah_s\" && \
+const SAVE: &str = "{ __ah_s=\"${__AH_HOME:-$HOME}/.agenthome/shell\"; mkdir -p \"$__ah_s\" && \
 pwd > \"$__ah_s/cwd.tmp\" && mv -f \"$__ah_s/cwd.tmp\" \"$__ah_s/cwd\"; \
 export -p | grep -Ev '^declare -x (PWD|OLDPWD|SHLVL|_|DCS_EMULATOR_MACHINE_ID)(=|$)' \
 > \"$__ah_s/env.tmp\" && mv -f \"$__ah_s/env.tmp\" \"$__ah_s/env\"; unset __ah_s; } 2>/dev/null";
@@ -91,6 +91,11 @@ export -p | grep -Ev '^declare -x (PWD|OLDPWD|SHLVL|_|DCS_EMULATOR_MACHINE_ID)(=
 /// up (read-only: the agent cannot change it in that shell), so agenthome's
 /// own lines find `~/.agenthome` even after the agent changed `HOME`.
 const KEEP_HOME: &str = "[ -n \"${__AH_HOME:-}\" ] || readonly __AH_HOME=\"$HOME\" 2>/dev/null";
+
+/// The home agenthome's shell lines use for their own files: the one set
+/// aside at setup ([`KEEP_HOME`]), or `HOME` where there is none (an
+/// execution, a shell set up before it existed).
+const AH_HOME: &str = "${__AH_HOME:-$HOME}";
 
 /// Cuts a log over 1 MiB to its last MiB.
 fn trim_log(log: &str) -> String {
@@ -114,8 +119,8 @@ pub fn terminal_setup(id: &str, restore: bool) -> String {
 HISTCONTROL=ignorespace; \
 case \"$(HISTTIMEFORMAT= history 1)\" in *__ah_setup*) history -d -1 ;; esac; shopt -s histappend; \
 bind 'set enable-bracketed-paste off' 2>/dev/null; {KEEP_HOME}; {restore}; {DEFAULTS}; \
-mkdir -p \"$HOME/{RUN_DIR}\"; \
-find \"$HOME/{RUN_DIR}\" -type f -mtime +7 -delete 2>/dev/null; \
+mkdir -p \"{AH_HOME}/{RUN_DIR}\"; \
+find \"{AH_HOME}/{RUN_DIR}\" -type f -mtime +7 -delete 2>/dev/null; \
 printf '\\n%s_%s\\n' __AH_START {id}; printf '\\n%s_%s:%d\\n' __AH_END {id} 0\n"
     )
 }
@@ -143,7 +148,7 @@ pub fn terminal_line(id: &str, nonce: &str, terminal_id: &str, command: &str) ->
 /// [`write_command_script`]): the line stays short whatever the command's
 /// size, and removes the file once read.
 pub fn terminal_line_from_file(id: &str, nonce: &str, terminal_id: &str) -> String {
-    let file = format!("\"$HOME/{}\"", command_file(id));
+    let file = format!("\"{AH_HOME}/{}\"", command_file(id));
     line(id, nonce, terminal_id, &format!("cat {file}; rm -f {file}"))
 }
 
@@ -155,9 +160,9 @@ pub fn write_command_script(id: &str) -> String {
 }
 
 fn line(id: &str, nonce: &str, terminal_id: &str, load: &str) -> String {
-    let run = format!("\"$HOME/{RUN_DIR}\"");
-    let log = format!("\"$HOME/{}\"", log_path(id));
-    let busy = format!("\"$HOME/{RUN_DIR}/term-{terminal_id}.busy\"");
+    let run = format!("\"{AH_HOME}/{RUN_DIR}\"");
+    let log = format!("\"{AH_HOME}/{}\"", log_path(id));
+    let busy = format!("\"{AH_HOME}/{RUN_DIR}/term-{terminal_id}.busy\"");
     let trim = trim_log(&log);
     format!(
         " __ah_c=\"$({load})\"; mkdir -p {run}; printf %s {id} > {busy}; \

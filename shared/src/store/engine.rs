@@ -1236,13 +1236,15 @@ fn count_parts(form: CountForm, window: u64, limit: u32) -> (Cond, Vec<Action>) 
     }
 }
 
-/// The item allows a turn to begin at `now_ms` (counter aside).
-fn turn_may_begin(now_ms: u64) -> Cond {
-    Cond::And(vec![
+/// The item allows a turn to begin at `now_ms` (counter aside). A flat
+/// list, spliced into the write's condition (DynamoDB refuses redundant
+/// parentheses).
+fn turn_may_begin(now_ms: u64) -> Vec<Cond> {
+    vec![
         Cond::Eq(attr::STATE, s(MachineState::Ready.as_str())),
         Cond::Exists(attr::MACHINE_ID),
         no_live_lease(now_ms),
-    ])
+    ]
 }
 
 async fn begin_turn<B: Backend>(
@@ -1265,7 +1267,7 @@ async fn begin_turn<B: Backend>(
     let lease = Lease::new(owner, LeaseKind::Turn, until_ms);
     // A wrong guess of the stored window is corrected once per form.
     for _ in 0..3 {
-        let mut cond = vec![turn_may_begin(now_ms)];
+        let mut cond = turn_may_begin(now_ms);
         let mut actions = set_lease(&lease).to_vec();
         actions.push(Action::Set(attr::LAST_ACTIVE_AT, n(now_ms)));
         actions.extend(awake_actions(user_id, now_ms));
@@ -1297,7 +1299,7 @@ async fn begin_turn<B: Backend>(
             CountForm::Start
         };
         let may_begin = current.state != MachineState::Destroying
-            && turn_may_begin(now_ms).eval(&current.to_item()?);
+            && Cond::And(turn_may_begin(now_ms)).eval(&current.to_item()?);
         if right == form || !may_begin {
             return Ok(BeginTurn::Refused(current));
         }
