@@ -94,6 +94,11 @@ pub struct Series {
     pub first_command: Summary,
     /// The whole turn (ms).
     pub total: Summary,
+    /// The whole turn less its time in the table (ms): what the turn
+    /// costs where single-item table calls take a few ms, not moto's tens.
+    pub total_without_table: Summary,
+    /// Time in the table per turn (ms).
+    pub table_ms: Summary,
     /// Table calls per turn (mean).
     pub table_calls: f64,
     /// Dedalus requests per turn (mean).
@@ -141,6 +146,8 @@ pub struct Sample {
     pub first_command_ms: f64,
     /// The whole turn (ms).
     pub total_ms: f64,
+    /// Time in the table (ms).
+    pub table_ms: f64,
     /// Table calls.
     pub table_calls: u64,
     /// Dedalus requests.
@@ -281,7 +288,8 @@ impl TurnStack {
         let before = self.store.snapshot();
         let (status, body) = self.post(service, user).await;
         assert_eq!(status, 200, "turn: {body}");
-        let logical = self.store.snapshot().since(&before).calls;
+        let in_table = self.store.snapshot().since(&before);
+        let logical = in_table.calls;
         let line: Value = lines
             .lines()
             .last()
@@ -295,6 +303,7 @@ impl TurnStack {
         Sample {
             first_command_ms: num("time_to_first_command_ms"),
             total_ms: num("turn_total_ms"),
+            table_ms: in_table.ms(),
             table_calls,
             dedalus: num("dedalus_requests") as u64,
             dedalus_before_first: num("dedalus_requests_before_first_command") as u64,
@@ -347,6 +356,7 @@ async fn floor_turn(
     Sample {
         first_command_ms,
         total_ms: ms(started.elapsed()),
+        table_ms: 0.0,
         table_calls: 0,
         dedalus: 1,
         dedalus_before_first: 1,
@@ -359,9 +369,13 @@ fn series(samples: &[Sample]) -> Series {
     let max = |f: fn(&Sample) -> u64| samples.iter().map(f).max().unwrap_or(0);
     let first: Vec<f64> = samples.iter().map(|s| s.first_command_ms).collect();
     let total: Vec<f64> = samples.iter().map(|s| s.total_ms).collect();
+    let table: Vec<f64> = samples.iter().map(|s| s.table_ms).collect();
+    let net: Vec<f64> = samples.iter().map(|s| s.total_ms - s.table_ms).collect();
     Series {
         first_command: summarize(&first),
         total: summarize(&total),
+        total_without_table: summarize(&net),
+        table_ms: summarize(&table),
         table_calls: mean(|s| s.table_calls),
         dedalus: mean(|s| s.dedalus),
         dedalus_before_first: mean(|s| s.dedalus_before_first),

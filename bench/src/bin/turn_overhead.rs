@@ -11,12 +11,15 @@ const MAX_RATIO_AT_50MS: f64 = 1.3;
 
 fn row(name: &str, s: &Series, floor: &Series) -> String {
     format!(
-        "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}× | {:.1} | {:.1} | {:.1} |",
+        "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}× | {:.1} | {:.1} | {:.2}× | {:.1} | {:.1} | {:.1} |",
         s.first_command.p50,
         s.first_command.p95,
         s.total.p50,
         s.total.p95,
         s.total.p50 / floor.total.p50.max(1e-9),
+        s.table_ms.p50,
+        s.total_without_table.p50,
+        s.total_without_table.p50 / floor.total.p50.max(1e-9),
         s.table_calls,
         s.dedalus,
         s.dedalus_before_first,
@@ -53,10 +56,10 @@ async fn main() {
     let r = turn::run(turns, warmup, LATENCIES).await;
     println!("## 1. Turn overhead\n");
     println!(
-        "{turns} timed rounds per latency after {warmup} warm-up rounds; in each round a shell-mode turn, an agent turn with one tool call (scripted model on loopback) and the floor run in turn, on warm machines, through the chat-turn handler in-process (API Gateway v2 event → `Service::handle`); table on moto (serialized); every `/v1` request to the emulator (HTTP and WebSocket connect) delayed by the injected latency. Times in ms; `× floor` compares the total p50s.\n"
+        "{turns} timed rounds per latency after {warmup} warm-up rounds; in each round a shell-mode turn, an agent turn with one tool call (scripted model on loopback) and the floor run in turn, on warm machines, through the chat-turn handler in-process (API Gateway v2 event → `Service::handle`); table on moto (serialized); every `/v1` request to the emulator (HTTP and WebSocket connect) delayed by the injected latency. Times in ms; `× floor` compares the total p50s; `table` is the time in the table (moto: single-threaded, tens of ms a call under load; DynamoDB answers single-item calls in a few ms), `net` the total without it.\n"
     );
-    println!("| series | first command p50 | p95 | total p50 | p95 | × floor | table calls | Dedalus requests | before first command |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| series | first command p50 | p95 | total p50 | p95 | × floor | table p50 | net p50 | net × floor | table calls | Dedalus requests | before first command |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in &r.rows {
         print_row(row);
     }
@@ -74,10 +77,13 @@ async fn main() {
             verdict(shell <= MAX_DEDALUS_SHELL),
         );
         if row.latency_ms == 50 {
-            let ratio = row.shell.total.p50 / row.floor.total.p50.max(1e-9);
+            let floor = row.floor.total.p50.max(1e-9);
+            let ratio = row.shell.total.p50 / floor;
+            let net = row.shell.total_without_table.p50 / floor;
             println!(
-                "- 50 ms: shell turn total p50 / floor total p50 = **{ratio:.2}×** (target ≤ {MAX_RATIO_AT_50MS}: {}).",
-                verdict(ratio <= MAX_RATIO_AT_50MS)
+                "- 50 ms: shell turn total p50 / floor total p50 = **{ratio:.2}×**, without the time in the table **{net:.2}×** (target ≤ {MAX_RATIO_AT_50MS}: {} / {}).",
+                verdict(ratio <= MAX_RATIO_AT_50MS),
+                verdict(net <= MAX_RATIO_AT_50MS)
             );
         }
     }

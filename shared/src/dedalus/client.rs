@@ -22,6 +22,20 @@ use super::retry::{self, RetryPolicy};
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const X_ORG_ID: HeaderName = HeaderName::from_static("x-dedalus-org-id");
 
+/// How long an idle pooled connection is kept. The client (and its pool)
+/// is built once per Lambda instance, so warm invocations reuse the
+/// connections of earlier ones (no TCP/TLS handshake before the status
+/// read); a connection idle longer — e.g. across a frozen instance — is
+/// dropped rather than tried, as load balancers in front of APIs commonly
+/// close idle connections after about a minute.
+///
+/// The terminal's WebSocket is not kept across invocations: a frozen
+/// instance answers no pings (the stream is dropped), the next turn may run
+/// on another instance (the lease, not the instance, owns the machine), and
+/// the warm path opens it in parallel with the status read, so it costs no
+/// extra round trip.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+
 /// Typed async client of the Dedalus Machines API. Cheap to clone: clones
 /// share one connection pool.
 #[derive(Clone)]
@@ -70,6 +84,7 @@ impl Client {
             auth_headers.insert(X_ORG_ID, v);
         }
         let http = crate::net::client_builder(config.connect_timeout)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build()
             .map_err(|source| Error::Transport {
                 operation: "client.build",

@@ -260,6 +260,34 @@ mod tests {
     }
 
     #[test]
+    fn a_summary_sent_twice_is_appended_once() {
+        let home = std::env::temp_dir().join(format!(
+            "agenthome-memory-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&home).expect("home");
+        let run = |turn_id: &str, line: &str| {
+            let status = std::process::Command::new("bash")
+                .arg("-c")
+                .arg(append_script(turn_id, line))
+                .env("HOME", &home)
+                .status()
+                .expect("bash");
+            assert!(status.success());
+        };
+        let a = "0123456789abcdef0123456789abcdef";
+        let b = "fedcba9876543210fedcba9876543210";
+        let line_a = summary_line(a, 1, "it's \"quoted\"", None, None, &[]);
+        let line_b = summary_line(b, 2, "second", None, None, &[]);
+        run(a, &line_a);
+        run(a, &line_a);
+        run(b, &line_b);
+        let text = std::fs::read_to_string(home.join(TURNS_FILE)).expect("file");
+        let _ = std::fs::remove_dir_all(&home);
+        assert_eq!(text, format!("{line_a}\n{line_b}\n"));
+    }
+
+    #[test]
     fn a_summary_is_one_json_line_with_short_fields() {
         let step = CommandOutcome {
             command: "ls\n-la".into(),
