@@ -35,7 +35,7 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 fn print_row(r: &LatencyRow) {
-    println!("| **{} ms** | | | | | | | | |", r.latency_ms);
+    println!("| **{} ms** | | | | | | | | | | | |", r.latency_ms);
     println!("{}", row("shell turn", &r.shell, &r.floor));
     println!("{}", row("agent turn, one tool call", &r.agent, &r.floor));
     println!(
