@@ -3,7 +3,8 @@
 //! read, stream) and runs nothing through executions; the memory travels
 //! through the shell, guarded so that an agent-modified shell cannot
 //! corrupt `~/.agenthome/turns.jsonl`; a turn after one that left a
-//! command running never types into that busy shell. Against the emulator
+//! command running, or died in the middle of one, never types into that
+//! busy shell. Against the emulator
 //! and the DynamoDB-compatible server (`agenthome_tests::stack`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -143,6 +144,47 @@ async fn a_turn_after_one_that_left_a_command_running_never_types_into_its_shell
     assert_eq!(done(&second)["status"], "completed");
     // THEN its command ran before the one still running ended: it was not
     // typed into that busy shell (where it would have waited behind it)
+    let order = s.home(&machine_id).join("order.txt");
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&order)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 2
+    {
+        assert!(tokio::time::Instant::now() < give_up, "both commands end");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(std::fs::read_to_string(&order).unwrap(), "second\nlate\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_after_one_that_died_mid_command_never_types_into_its_shell() {
+    // GIVEN a short lease (1.5 s) and a turn that dies while its command
+    // runs (its future dropped, as when the invocation is killed): no end
+    // write, so no clean mark and no hold
+    let s = Stack::start_with(StackOptions {
+        settings: TurnSettings {
+            lease_ttl: Duration::from_millis(1500),
+            command_timeout: Duration::from_secs(30),
+            ..TurnSettings::default()
+        },
+        ..StackOptions::default()
+    })
+    .await;
+    let machine_id = s.ready_user("alice").await;
+    done(&s.turn("alice", "echo warm-up").await);
+    let cut = tokio::time::timeout(
+        Duration::from_millis(1500),
+        s.turn("alice", "sleep 6; echo late >> ~/order.txt"),
+    )
+    .await;
+    assert!(cut.is_err(), "the turn was cut while its command ran");
+    // WHEN the next turn runs once the dead turn's lease expired
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let second = s.turn("alice", "echo second >> ~/order.txt").await;
+    assert_eq!(done(&second)["status"], "completed");
+    // THEN its command ran at once, not behind the dead turn's command
     let order = s.home(&machine_id).join("order.txt");
     let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
     while std::fs::read_to_string(&order)
