@@ -217,23 +217,42 @@ else echo \"$t idle\"; fi; done",
 
 /// A line agenthome types into a terminal's shell for its own work (not
 /// the agent's: nothing of it enters the history, cwd or environment):
-/// `script` runs in a fresh `bash --noprofile --norc` under `env -i`, so
-/// the agent's aliases, functions, shell options (`set -e`…) and variables
-/// (`BASH_ENV`, a changed `HOME`: the home set aside at setup is used) do
-/// not reach it, and `|| :` keeps a shell with `set -e` alive whatever it
-/// returns. Its output comes between the markers of `nonce`; the script
-/// travels as base64 (no quoting or terminal-control issues).
+/// `script` (agenthome's own text, one line) runs in a fresh
+/// `bash --noprofile --norc` under `env -i`, so the agent's aliases,
+/// functions, shell options (`set -e`…) and variables (`BASH_ENV`, a
+/// changed `HOME`: the home set aside at setup is used) do not reach it,
+/// and `|| :` keeps a shell with `set -e` alive whatever it returns. Its
+/// output comes between the markers of `nonce`.
 pub fn internal_line(nonce: &str, script: &str) -> String {
+    let script = script.replace('\n', " ");
     let inner = format!(
-        "printf '\\n%s_%s\\n' __AH_START {nonce}; {{ eval \"$(printf %s {b} | base64 -d)\"; }} 2>&1; \
-printf '\\n%s_%s:%d\\n' __AH_END {nonce} \"$?\"",
-        b = shell_quote(&b64(script)),
+        "printf '\\n%s_%s\\n' __AH_START {nonce}; {{ {script}; }} 2>&1; \
+printf '\\n%s_%s:%d\\n' __AH_END {nonce} \"$?\""
     );
     format!(
         " /usr/bin/env -i HOME=\"${{__AH_HOME:-$HOME}}\" PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
 /bin/bash --noprofile --norc -c {} < /dev/null 2>&1 || :\n",
         shell_quote(&inner)
     )
+}
+
+/// `text` as a bash ANSI-C quoted word (`$'…'`) of printable ASCII only:
+/// quotes, backslashes, control characters and every non-ASCII byte are
+/// escaped, so it can be typed into a terminal as it is and a builtin
+/// (`printf`) writes it without any other process.
+pub fn ansi_c_quote(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 3);
+    out.push_str("$'");
+    for b in text.bytes() {
+        match b {
+            b'\\' => out.push_str("\\\\"),
+            b'\'' => out.push_str("\\'"),
+            0x20..=0x7e => out.push(char::from(b)),
+            _ => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    out.push('\'');
+    out
 }
 
 #[cfg(test)]
@@ -283,7 +302,7 @@ mod tests {
             terminal_line_from_file(&id, &id, "tm-1"),
             terminal_setup(&id, true),
             execution_wrapper(&id, "echo hi"),
-            internal_line(&id, "echo 'hi'\nls"),
+            internal_line(&id, "echo 'hi'; ls"),
         ] {
             assert!(!line.contains(&format!("__AH_START_{id}")));
             assert!(!line.contains(&format!("__AH_END_{id}")));

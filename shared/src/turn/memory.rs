@@ -145,15 +145,19 @@ fn kept_lines(text: &str) -> Vec<String> {
 
 /// The script appending `line` (turn `turn_id`'s summary) to the memory
 /// file, once: a line of that turn already there is not written again (a
-/// line sent twice after a dropped connection). The line travels as
-/// base64 and is written with one `>>` of the whole line.
+/// line sent twice after a dropped connection). The line is one builtin
+/// `printf` of an ANSI-C quoted word (printable ASCII on the wire), one
+/// `>>` of the whole line.
 fn append_script(turn_id: &str, line: &str) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{line}\n"));
+    let dir = "\"$HOME/.agenthome\"";
     format!(
-        "f=\"$HOME/{TURNS_FILE}\"; mkdir -p \"$HOME/.agenthome\" && \
-{{ grep -qF '\"turn_id\":\"{id}\"' \"$f\" 2>/dev/null || printf %s '{b64}' | base64 -d >> \"$f\"; }}",
-        id = turn_id.chars().filter(char::is_ascii_alphanumeric).collect::<String>(),
+        "f=\"$HOME/{TURNS_FILE}\"; {{ [ -d {dir} ] || mkdir -p {dir}; }} && \
+{{ grep -qF '\"turn_id\":\"{id}\"' \"$f\" 2>/dev/null || printf '%s\\n' {quoted} >> \"$f\"; }}",
+        id = turn_id
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect::<String>(),
+        quoted = crate::runner::script::ansi_c_quote(line),
     )
 }
 
@@ -277,7 +281,7 @@ mod tests {
         };
         let a = "0123456789abcdef0123456789abcdef";
         let b = "fedcba9876543210fedcba9876543210";
-        let line_a = summary_line(a, 1, "it's \"quoted\"", None, None, &[]);
+        let line_a = summary_line(a, 1, "it's \"quoted\" \\ héllo ✓ \u{7f}", None, None, &[]);
         let line_b = summary_line(b, 2, "second", None, None, &[]);
         run(a, &line_a);
         run(a, &line_a);
