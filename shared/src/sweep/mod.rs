@@ -78,7 +78,8 @@ use crate::store::{
 };
 
 pub use coordinator::{
-    InvokeError, LambdaWorkers, LocalWorkers, WorkerInvoker, WorkerTask, WORKER_EVENT_KEY,
+    InvokeError, LambdaWorkers, LocalWorkers, WorkerFuture, WorkerInvoker, WorkerTask,
+    WORKER_EVENT_KEY,
 };
 pub use key::{orphan_sleep_key, sleep_key};
 pub use pace::{Deferred, Pacer};
