@@ -218,9 +218,7 @@ impl<S: agenthome::store::UserStore + 'static> WorkerInvoker for TimedWorkers<S>
                     });
                 report
             });
-            handle
-                .await
-                .map_err(agenthome::sweep::InvokeError::Local)
+            handle.await.map_err(agenthome::sweep::InvokeError::Local)
         })
     }
 }
@@ -245,17 +243,18 @@ pub async fn run_fanout(p: FanOut) -> FanOutResult {
     let client = standin.client();
     let worker = Arc::new(Sweeper::new(Arc::clone(&store), &client, settings.clone()));
     let results = Arc::new(Mutex::new(Vec::new()));
-    let coordinator = Sweeper::new(Arc::clone(&store), &client, settings).with_workers(Arc::new(
-        TimedWorkers {
+    let coordinator =
+        Sweeper::new(Arc::clone(&store), &client, settings).with_workers(Arc::new(TimedWorkers {
             sweeper: worker,
             results: Arc::clone(&results),
-        },
-    ));
+        }));
     let s0 = store.snapshot();
     let t = Instant::now();
     let deadline = tokio::time::Instant::now() + p.budget;
     // Minute 1 of the epoch: not a reconciliation minute.
-    let report = coordinator.run_scheduled(60_000, now_ms, deadline, false).await;
+    let report = coordinator
+        .run_scheduled(60_000, now_ms, deadline, false)
+        .await;
     let wall_ms = crate::stats::ms(t.elapsed());
     let mut workers = results.lock().unwrap_or_else(|p| p.into_inner()).clone();
     workers.sort_by_key(|w| w.worker);

@@ -62,7 +62,10 @@ async fn fan_out() {
         budget: std::time::Duration::from_secs(agenthome_bench::arg("--budget-s", 45)),
     };
     let r = sweep::run_fanout(p).await;
-    println!("### Fan-out: {} users, {} awake and idle, {} workers\n", p.users, p.awake, p.workers);
+    println!(
+        "### Fan-out: {} users, {} awake and idle, {} workers\n",
+        p.users, p.awake, p.workers
+    );
     println!(
         "One scheduled run (`Sweeper::run_scheduled`) with `AWAKE_SHARDS={}`, `SWEEP_WORKERS={}`, `SWEEP_SLEEP_RATE={}`/s (each worker paces itself at rate / workers = {:.1}/s), `SWEEP_FANOUT_THRESHOLD={}`, default `SWEEP_CONCURRENCY` (16 per worker), within a {} s budget (a 55 s Lambda minus the 10 s margin). The coordinator samples the first shard, fans out, and each worker is a spawned task in this one process (the simulated parallel invocation: the same `run_worker` a Lambda worker runs), all sharing the in-memory table (now indexed like the GSI: O(log n + page) per query) and the recorded-response stand-in. Wall times are real, measured on this 2-core machine with every worker's CPU work in one process. Seeding took {:.1} s (not counted).\n",
         p.shards,
