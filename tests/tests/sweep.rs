@@ -1546,3 +1546,127 @@ async fn a_dying_worker_leaves_nothing_locked_past_its_lease() {
     assert_eq!(r.slept, 1, "{r:?}");
     assert!(is_asleep(&phase(&client, &machine).await));
 }
+
+/// GIVEN two idle machines and sleep answering 429 once with
+/// `retry_after_ms` 1500 WHEN one run sweeps them THEN the first is counted
+/// `rate_limited` (and `failed`, left for the next run) and the second sleep
+/// call goes out only after the Retry-After has passed; GIVEN a rate of one
+/// sleep a second and three machines WHEN the run has about 2 s THEN the
+/// third is `deferred` (no lease taken for it) and the run says `remaining`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pacing_honours_retry_after_and_defers_what_the_rate_cannot_fit() {
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let store = Arc::new(MemoryStore::new());
+    for u in ["p1", "p2"] {
+        ready_user(&*store, &client, u, now_ms() - 10 * MINUTE, "never").await;
+    }
+    emu.inject_fault(json!({"method": "POST", "path": "/v1/machines/*/sleep", "times": 1, "status": 429,
+        "error_code": "RATE_LIMITED", "message": "slow down", "retryable": true, "retry_after_ms": 1500}))
+        .await;
+    let sweeper = Sweeper::new(
+        Arc::clone(&store),
+        &client,
+        SweepSettings {
+            concurrency: 1,
+            ..settings()
+        },
+    );
+    let started = Instant::now();
+    let r = sweeper.run(now_ms(), deadline()).await;
+    assert_eq!((r.rate_limited, r.failed, r.slept), (1, 1, 1), "{r:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "the second sleep waited for Retry-After: {:?}",
+        started.elapsed()
+    );
+    emu.clear_faults().await;
+
+    let store = Arc::new(MemoryStore::new());
+    for u in ["d1", "d2", "d3"] {
+        ready_user(&*store, &client, u, now_ms() - 10 * MINUTE, "never").await;
+    }
+    let slow = Sweeper::new(
+        Arc::clone(&store),
+        &client,
+        SweepSettings {
+            concurrency: 3,
+            sleep_rate: 1,
+            ..settings()
+        },
+    );
+    let r = slow
+        .run(now_ms(), Instant::now() + Duration::from_millis(2200))
+        .await;
+    assert_eq!((r.slept, r.deferred, r.remaining), (2, 1, true), "{r:?}");
+    let deferred: Vec<UserRecord> = {
+        let mut v = Vec::new();
+        for u in ["d1", "d2", "d3"] {
+            v.push(item(&*store, u).await);
+        }
+        v.into_iter().filter(|r| r.power == Power::Awake).collect()
+    };
+    assert_eq!(deferred.len(), 1);
+    assert!(
+        deferred[0].lease.is_none(),
+        "no lease for a deferred candidate"
+    );
+}
+
+/// GIVEN a fanned-out run whose second worker fails WHEN it ends THEN the
+/// coordinator counts `workers_failed` 1 and `remaining`, sums the first
+/// worker's sleeps; WHEN the next run's workers answer THEN the rest sleep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_worker_is_counted_and_its_shards_wait_for_the_next_run() {
+    struct Flaky<S> {
+        inner: agenthome::sweep::LocalWorkers<S>,
+        fail_worker: Option<u32>,
+    }
+    impl<S: UserStore + 'static> agenthome::sweep::WorkerInvoker for Flaky<S> {
+        fn invoke(&self, task: agenthome::sweep::WorkerTask) -> agenthome::sweep::WorkerFuture {
+            if Some(task.worker) == self.fail_worker {
+                return Box::pin(async {
+                    Err(agenthome::sweep::InvokeError::Function(
+                        "Unhandled: killed".into(),
+                    ))
+                });
+            }
+            self.inner.invoke(task)
+        }
+    }
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let store = Arc::new(MemoryStore::new().with_awake_shards(2));
+    let users = users_per_shard("flaky", 2, 2);
+    for u in &users {
+        ready_user(&*store, &client, u, now_ms() - 10 * MINUTE, "never").await;
+    }
+    let fan = SweepSettings {
+        shards: agenthome::store::ShardLayout::new(2),
+        workers: 2,
+        fanout_threshold: 2,
+        ..settings()
+    };
+    let worker = Arc::new(Sweeper::new(Arc::clone(&store), &client, fan.clone()));
+    let coordinator = |fail_worker| {
+        Sweeper::new(Arc::clone(&store), &client, fan.clone()).with_workers(Arc::new(Flaky {
+            inner: agenthome::sweep::LocalWorkers::new(Arc::clone(&worker)),
+            fail_worker,
+        }))
+    };
+    let r = coordinator(Some(1))
+        .run_scheduled(60_000, now_ms(), deadline(), false)
+        .await;
+    assert_eq!(
+        (r.workers, r.workers_failed, r.slept, r.remaining),
+        (2, 1, 2, true),
+        "{r:?}"
+    );
+    let r = coordinator(None)
+        .run_scheduled(60_000, now_ms(), deadline(), false)
+        .await;
+    assert_eq!((r.workers_failed, r.slept), (0, 2), "{r:?}");
+    for u in &users {
+        assert_asleep(&item(&*store, u).await);
+    }
+}
