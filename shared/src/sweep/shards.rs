@@ -55,6 +55,10 @@ impl<'a, S: UserStore> ShardWalk<'a, S> {
     /// deadline came.
     pub(crate) async fn next_page(&mut self, run_id: &str) -> Option<Vec<UserRecord>> {
         loop {
+            let done = self.current.is_none() && self.next_shard >= self.shards.len();
+            if done {
+                return None;
+            }
             if Instant::now() >= self.deadline {
                 self.incomplete = true;
                 return None;
