@@ -440,4 +440,9 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
         let f = self.inner.end_turn(user_id, owner, end, now_ms);
         self.timed(Kind::Write, f, none).await
     }
+
+    async fn move_awake_shard(&self, user_id: &str, from: &str, to: &str) -> Result<bool> {
+        let f = self.inner.move_awake_shard(user_id, from, to);
+        self.timed(Kind::Write, f, none).await
+    }
 }
