@@ -60,7 +60,8 @@ async fn start() -> Result<(Sweeper<DynamoStore>, Metrics), BoxError> {
         "sleep-sweep started"
     );
     Ok((
-        Sweeper::new(Arc::new(app.store), &app.dedalus, settings),
+        Sweeper::new(Arc::new(app.store), &app.dedalus, settings)
+            .with_journal(app.journal.clone(), app.config.hook_timeout),
         metrics,
     ))
 }
