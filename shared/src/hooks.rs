@@ -8,8 +8,9 @@
 //! [`HookReport`] goes to the journal (and, after a wake, to the turn's
 //! `machine` event).
 //!
-//! The same execution tells which completion markers are missing (the
-//! commands a sleep interrupted, after a wake): one round trip for both.
+//! The same execution reads completion markers (after a wake: did the
+//! commands left running finish, or did the sleep interrupt them?): one
+//! round trip for both.
 
 use std::time::Duration;
 
@@ -48,24 +49,35 @@ impl Hook {
 }
 
 /// The script: `$1` hook name, `$2` timeout in seconds (0: do not run the
-/// hook), then completion markers to check. Prints `AH-MISSING <marker>`
-/// per missing marker, then `AH-HOOK absent` or `AH-HOOK <exit code>`, then
+/// hook), then completion markers to read. Prints `AH-MARKER - - <marker>`
+/// per missing marker and `AH-MARKER <exit code> <mtime, epoch s> <marker>`
+/// per present one, then `AH-HOOK absent` or `AH-HOOK <exit code>`, then
 /// `AH-OUTPUT` and the end of the hook's output.
 const SCRIPT: &str = r#"home="${HOME:-/root}"; h="$home/.agenthome/hooks/$1"; t="$2"; shift 2
-for m in "$@"; do case "$m" in /*) p="$m" ;; *) p="$home/$m" ;; esac; [ -f "$p" ] || echo "AH-MISSING $m"; done
+for m in "$@"; do case "$m" in /*) p="$m" ;; *) p="$home/$m" ;; esac; if [ -f "$p" ]; then echo "AH-MARKER $(head -c 12 "$p" | tr -dc 0-9) $(stat -c %Y "$p") $m"; else echo "AH-MARKER - - $m"; fi; done
 if [ "$t" = 0 ] || [ -d "$h" ] || [ ! -x "$h" ]; then echo "AH-HOOK absent"; exit 0; fi
 o="$(mktemp)"; cd "$home" || true
 timeout -k 2 "$t" "$h" </dev/null 2>&1 | tail -c CAP >"$o"; rc=${PIPESTATUS[0]}
 echo "AH-HOOK $rc"; echo "AH-OUTPUT"; cat "$o"; rm -f "$o""#;
+
+/// A completion marker as the machine has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarkerState {
+    /// The marker's path, as asked.
+    pub marker: String,
+    /// The exit code it holds; `None` if it does not exist (or is empty).
+    pub exit_code: Option<i32>,
+    /// When it was written (epoch seconds), if it exists.
+    pub written_s: Option<u64>,
+}
 
 /// What one hook run found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HookRun {
     /// How the hook ran.
     pub report: HookReport,
-    /// The markers (of those asked about) that do not exist; empty if the
-    /// check could not run.
-    pub missing: Vec<String>,
+    /// The markers asked about; empty if the check could not run.
+    pub markers: Vec<MarkerState>,
 }
 
 /// Run `hook` on `machine_id` (if it exists and is executable) bounded by
@@ -103,7 +115,7 @@ pub async fn run(
             tracing::warn!(machine_id, hook = hook.name(), error = %error, "hook not run or its end not seen");
             HookRun {
                 report: report(hook, HookOutcome::Error, None, elapsed, String::new()),
-                missing: Vec::new(),
+                markers: Vec::new(),
             }
         }
     }
@@ -115,11 +127,19 @@ fn parse(hook: Hook, stdout: &str, elapsed: u64) -> HookRun {
         Some((head, out)) => (head, out),
         None => (stdout, ""),
     };
-    let mut missing = Vec::new();
+    let mut markers = Vec::new();
     let mut status = None;
     for line in head.lines() {
-        if let Some(m) = line.strip_prefix("AH-MISSING ") {
-            missing.push(m.to_owned());
+        if let Some(rest) = line.strip_prefix("AH-MARKER ") {
+            let mut parts = rest.splitn(3, ' ');
+            let (code, written, marker) = (parts.next(), parts.next(), parts.next());
+            if let Some(marker) = marker {
+                markers.push(MarkerState {
+                    marker: marker.to_owned(),
+                    exit_code: code.and_then(|c| c.parse().ok()),
+                    written_s: written.and_then(|w| w.parse().ok()),
+                });
+            }
         } else if let Some(s) = line.strip_prefix("AH-HOOK ") {
             status = Some(s.trim().to_owned());
         }
@@ -138,7 +158,7 @@ fn parse(hook: Hook, stdout: &str, elapsed: u64) -> HookRun {
     };
     HookRun {
         report: report(hook, outcome, exit_code, elapsed, output),
-        missing,
+        markers,
     }
 }
 
@@ -182,12 +202,23 @@ mod tests {
     fn the_script_output_is_read() {
         let run = parse(
             Hook::PostWake,
-            "AH-MISSING .agenthome/run/a.done\nAH-HOOK 124\nAH-OUTPUT\nAH-MISSING forged\nhi\n",
+            "AH-MARKER - - .agenthome/run/a.done\nAH-MARKER 143 1700000000 b c.done\n\
+AH-HOOK 124\nAH-OUTPUT\nAH-MARKER - - forged\nhi\n",
             5,
         );
-        assert_eq!(run.missing, [".agenthome/run/a.done"]);
+        let missing = MarkerState {
+            marker: ".agenthome/run/a.done".into(),
+            exit_code: None,
+            written_s: None,
+        };
+        let killed = MarkerState {
+            marker: "b c.done".into(),
+            exit_code: Some(143),
+            written_s: Some(1_700_000_000),
+        };
+        assert_eq!(run.markers, [missing, killed]);
         assert_eq!(run.report.outcome, HookOutcome::TimedOut);
-        assert_eq!(run.report.output, "AH-MISSING forged\nhi\n");
+        assert_eq!(run.report.output, "AH-MARKER - - forged\nhi\n");
         let absent = parse(Hook::PreSleep, "AH-HOOK absent\n", 1);
         assert_eq!(absent.report.outcome, HookOutcome::Absent);
         assert_eq!(

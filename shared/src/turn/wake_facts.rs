@@ -1,9 +1,12 @@
 //! What happened while the machine slept, told after a wake (docs/design.md
 //! §5 "Chat turn"): how long it slept and why (the journal's last `slept`
 //! entry), which commands left running the sleep interrupted (the holds and
-//! `held` entries since the previous wake whose completion marker does not
-//! exist), and how the `post-wake` hook ran — all found in one journal read
-//! and one execution (the hook and the marker check together). The facts go
+//! `held` entries since the previous wake whose completion marker is
+//! missing, or holds a kill-by-signal exit code — TERM, KILL, HUP: the shell
+//! around a command may outlive it long enough to write one — written no
+//! earlier than a minute before the sleep), and how the `post-wake` hook
+//! ran — all found in one journal read and one execution (the hook and the
+//! marker check together). The facts go
 //! to the model (a system message), to the turn's events (`machine`, stage
 //! `woke`) and to the journal (`woke`).
 
@@ -96,10 +99,12 @@ pub(super) async fn after_wake(
         summary: String::new(),
     };
     if let Some(ran) = ran {
+        let slept_s = slept.map(|e| e.at_ms / 1000);
         facts.interrupted = ran
-            .missing
+            .markers
             .iter()
-            .filter_map(|m| held.get(m).cloned())
+            .filter(|m| interrupted(m, slept_s))
+            .filter_map(|m| held.get(&m.marker).cloned())
             .collect();
         facts.hook = Some(ran.report).filter(|h| h.outcome != HookOutcome::Absent);
     }
@@ -107,6 +112,18 @@ pub(super) async fn after_wake(
     obs.woke(facts.clone());
     record_woke(&step, &facts);
     Some(facts.summary)
+}
+
+/// Whether the sleep (at `slept_s`, epoch s, if known) interrupted the
+/// command of `marker`.
+fn interrupted(marker: &hooks::MarkerState, slept_s: Option<u64>) -> bool {
+    match (marker.exit_code, marker.written_s) {
+        (None, _) => true,
+        (Some(129 | 137 | 143), Some(written)) => {
+            slept_s.is_none_or(|s| written.saturating_add(60) >= s)
+        }
+        _ => false,
+    }
 }
 
 /// The journal's entries since (not including) the last wake or
