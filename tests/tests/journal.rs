@@ -312,3 +312,31 @@ async fn the_dynamodb_adapter_pages_newest_first_and_expires_entries() {
         Some("expires_at")
     );
 }
+
+#[tokio::test]
+async fn a_sleep_the_platform_did_on_its_own_is_journaled_when_reconciliation_finds_it() {
+    // GIVEN a ready machine that the platform put to sleep behind the table's back
+    let s = Stack::start().await;
+    let machine_id = s.ready_user("alice").await;
+    s.sleep_machine(&machine_id).await;
+    // WHEN reconciliation runs
+    let report = s
+        .sweeper(SweepSettings::default())
+        .reconcile(
+            agenthome::clock::now_ms(),
+            tokio::time::Instant::now() + Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(report.fixed, 1, "{report:?}");
+    // THEN the journal says the platform slept it, and the awake time it had
+    let page = events_when(&s, "alice", 2).await;
+    assert_eq!(
+        kinds(&page)[0],
+        ("slept".to_owned(), "platform_autosleep".to_owned()),
+        "{page:#}"
+    );
+    let slept = &page["events"][0];
+    assert_eq!(slept["actor"], "sweep");
+    assert_eq!(slept["machine_id"], json!(machine_id));
+    assert!(slept["awake_ms"].as_u64().is_some(), "{slept}");
+}
