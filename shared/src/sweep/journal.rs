@@ -19,8 +19,9 @@ impl<S: UserStore + 'static> Sweeper<S> {
         self
     }
 
-    /// Run the `pre-sleep` hook under the sweep lease, then extend the
-    /// lease by the time it took. `None`: the lease was lost meanwhile (do
+    /// Run the `pre-sleep` hook under the sweep lease (waiting for it no
+    /// later than the sleep call needs), then extend the lease by the time
+    /// it took. `None`: the lease was lost meanwhile (do
     /// not sleep). Skipped (no hook, lease unchanged) when hooks are off or
     /// explicit sleep is unavailable in this run (agenthome initiates no
     /// sleep then).
@@ -37,7 +38,17 @@ impl<S: UserStore + 'static> Sweeper<S> {
         if self.hook_timeout.is_zero() || run.sleep_unavailable() {
             return Some((lease_until, None));
         }
-        let deadline = run.deadline.min(Instant::now() + self.hook_timeout * 2);
+        // Stop waiting in time for the sleep call (the route's time is
+        // short): a hook still running then is cut off by the sleep itself.
+        let reserve = self.settings.sleep_call_timeout + Duration::from_secs(1);
+        let deadline = run
+            .deadline
+            .checked_sub(reserve)
+            .unwrap_or(run.deadline)
+            .min(Instant::now() + self.hook_timeout * 2);
+        if deadline <= Instant::now() {
+            return Some((lease_until, None));
+        }
         let ran = hooks::run(
             &run.reads,
             machine_id,
