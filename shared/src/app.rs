@@ -69,7 +69,8 @@ impl App {
         let store = DynamoStore::new(
             aws_sdk_dynamodb::Client::new(&aws),
             config.table_name.clone(),
-        );
+        )
+        .with_awake_shards(crate::store::ShardLayout::from_env()?.shards);
         let journal = journal_of(&config, &aws);
         Ok(App {
             config,
