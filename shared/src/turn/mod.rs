@@ -18,9 +18,11 @@ mod events;
 mod lease;
 mod memory;
 mod steps;
+mod wake_facts;
 
 pub use events::{MachineStage, NoEvents, StreamSettings, TurnEvent, TurnEvents, TRUNCATED_NOTE};
 pub use memory::{read_memory, summary_line, TURNS_FILE};
+pub use wake_facts::WakeFacts;
 
 use events::EventObserver;
 use lease::TurnLease;
@@ -57,6 +59,8 @@ pub struct TurnSettings {
     pub memory_lines: usize,
     /// How progress events stream output (coalescing, cap).
     pub stream: StreamSettings,
+    /// Bound of the in-machine `post-wake` hook (`HOOK_TIMEOUT`; zero: not run).
+    pub hook_timeout: Duration,
 }
 
 impl Default for TurnSettings {
@@ -71,6 +75,7 @@ impl Default for TurnSettings {
             finish_reserve: Duration::from_secs(3),
             memory_lines: 5,
             stream: StreamSettings::default(),
+            hook_timeout: crate::hooks::DEFAULT_TIMEOUT,
         }
     }
 }
@@ -451,6 +456,26 @@ where
             }
             Err(e) if e.is_deadline_exceeded() => Err(TurnError::WakeTimeout),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// What the wake step needs (see `wake_facts`).
+    fn wake_step<'a>(
+        &'a self,
+        dedalus: &'a dedalus::Client,
+        rec: &'a UserRecord,
+        machine_id: &'a str,
+        wake_ms: u64,
+        deadline: Instant,
+    ) -> wake_facts::WakeStep<'a> {
+        wake_facts::WakeStep {
+            journal: self.provisioner.journal(),
+            hook_timeout: self.settings.hook_timeout,
+            dedalus,
+            rec,
+            machine_id,
+            wake_ms,
+            deadline,
         }
     }
 

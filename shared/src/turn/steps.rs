@@ -79,6 +79,13 @@ where
         if reached.woke {
             self.after_wake(&dedalus, &rec, &machine_id, deadline).await;
         }
+        // After a wake: the post-wake hook, and what the sleep interrupted.
+        let wake_note = super::wake_facts::after_wake(
+            self.wake_step(&dedalus, &rec, &machine_id, reached.wake_ms, deadline),
+            reached.woke,
+            obs,
+        )
+        .await;
         // Nothing is typed into the machine once the lease is lost.
         if lease.check().await.is_err() {
             return Ok(self.stopped(turn_id, machine_id, reached.wake_ms, obs));
@@ -88,7 +95,8 @@ where
             .open_shell(&dedalus, &rec, lease.owner(), reached.warm)
             .await?;
         let memory = self.recall(&dedalus, &machine_id, &mut shell).await;
-        let input = turn_input(&request, memory);
+        let mut input = turn_input(&request, memory);
+        input.wake_note = wake_note;
         let limits = Limits {
             max_steps: self.settings.max_steps,
             command_timeout: self.settings.command_timeout,
@@ -368,6 +376,7 @@ where
             Err(e) => (e.partial().steps.as_slice(), None, None),
         };
         self.hold_for_running(rec, steps, end);
+        self.journal_held(user_id, steps).await;
         let line = summary_line(turn_id, now_ms(), &request.message, reply, status, steps);
         let machine_id = rec.machine_id.as_deref().unwrap_or_default();
         self.remember(dedalus, machine_id, turn_id, &line, shell)
@@ -400,6 +409,23 @@ where
         holds.retain(|h| !markers.contains(&h.marker));
         holds.extend(markers.into_iter().map(|marker| Hold { until, marker }));
         end.holds = Some(holds);
+    }
+
+    /// The journal's `held` entry for each command left running.
+    async fn journal_held(&self, user_id: &str, steps: &[CommandOutcome]) {
+        let until = now_ms() + millis(self.settings.max_hold);
+        for step in steps.iter().filter(|s| s.still_running) {
+            let Some(marker) = step.completion_marker.as_deref() else {
+                continue;
+            };
+            let held = crate::journal::JournalEntry::new(
+                now_ms(),
+                crate::journal::Event::Held,
+                crate::journal::Actor::Turn,
+            )
+            .held(&step.command, marker, until);
+            self.provisioner.journal().record(user_id, held).await;
+        }
     }
 
     /// Append the turn's summary to the memory file: through the shell
@@ -453,5 +479,6 @@ fn turn_input(request: &TurnRequest, memory: Vec<String>) -> TurnInput {
             })
             .collect(),
         memory,
+        wake_note: None,
     }
 }
