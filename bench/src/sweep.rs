@@ -80,6 +80,7 @@ pub fn seed(users: u64, awake: u64, now_ms: u64) -> MemoryStore {
             created_at: now_ms - 7 * day,
             awake_shard: is_awake.then(|| shard_for(&user_id)),
             awake_day: None,
+            provision_attempts: 0,
             user_id,
         };
         store

@@ -17,14 +17,14 @@
 //! Counting what a unit of work cost: [`tallied`] runs a future with a
 //! task-local [`Tally`] that the Dedalus client (every HTTP attempt, event
 //! stream and WebSocket connect) and the DynamoDB adapter (every request)
-//! add to; the provisioning worker records its boot and bootstrap times in
-//! it. Work spawned onto other tasks (the turn lease's renewer) is not
+//! add to; the provisioning worker records its boot and bootstrap times and
+//! its attempt number in it. Work spawned onto other tasks (the turn lease's renewer) is not
 //! counted. Outside [`tallied`] the hooks do nothing.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -325,7 +325,7 @@ pub const PROVISION_LINE: LineSpec = LineSpec {
         MetricSpec::ms("provision_total_ms"),
         MetricSpec::ms("boot_ms"),
         MetricSpec::ms("bootstrap_ms"),
-        MetricSpec::count("resumed"),
+        MetricSpec::count("attempts"),
         MetricSpec::count("dedalus_requests"),
         MetricSpec::count("table_calls"),
     ],
@@ -583,9 +583,10 @@ pub struct Tally {
     pub boot_ms: Option<u64>,
     /// Provisioning: the bootstrap (check, and run when needed).
     pub bootstrap_ms: Option<u64>,
-    /// Provisioning: this run continued an earlier one's work (the machine
-    /// was already created).
-    pub resumed: bool,
+    /// Provisioning: which attempt at the provisioning this run was (the
+    /// item's `provision_attempts` once the run took the lease; `None` when
+    /// it took none).
+    pub attempts: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -595,7 +596,8 @@ struct Cell {
     /// ms + 1 (0: not recorded).
     boot: AtomicU64,
     bootstrap: AtomicU64,
-    resumed: AtomicBool,
+    /// attempts + 1 (0: not recorded).
+    attempts: AtomicU64,
 }
 
 tokio::task_local! {
@@ -612,7 +614,7 @@ pub async fn tallied<F: Future>(work: F) -> (F::Output, Tally) {
         table_calls: cell.table.load(Ordering::Relaxed),
         boot_ms: recorded(&cell.boot),
         bootstrap_ms: recorded(&cell.bootstrap),
-        resumed: cell.resumed.load(Ordering::Relaxed),
+        attempts: recorded(&cell.attempts),
     };
     (out, tally)
 }
@@ -651,9 +653,10 @@ pub fn bootstrap_took(d: Duration) {
     with_cell(|c| c.bootstrap.store(ms_plus_one(d), Ordering::Relaxed));
 }
 
-/// Hook: the provisioning worker resumed an earlier run's work.
-pub fn resumed() {
-    with_cell(|c| c.resumed.store(true, Ordering::Relaxed));
+/// Hook: the provisioning worker took the lease for attempt `n` (the
+/// item's `provision_attempts`).
+pub fn provision_attempt(n: u64) {
+    with_cell(|c| c.attempts.store(n.saturating_add(1), Ordering::Relaxed));
 }
 
 #[cfg(test)]
@@ -757,7 +760,7 @@ mod tests {
                 table_calls: 1,
                 boot_ms: Some(0),
                 bootstrap_ms: None,
-                resumed: false,
+                attempts: None,
             }
         );
     }

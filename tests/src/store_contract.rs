@@ -57,6 +57,7 @@ macro_rules! user_store_contract_tests {
             note_awake_day_keeps_the_first_baseline_of_a_day,
             no_writer_leaves_destroying,
             record_machine_id_refused_while_destroying,
+            provision_attempts_count_worker_leases_until_a_restart,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -1358,4 +1359,106 @@ pub async fn record_machine_id_refused_while_destroying<S: UserStore>(store: S) 
     let item = store.get("eve").await.expect("get").expect("item");
     assert_eq!(item.machine_id, None);
     assert_eq!(item.state, MachineState::Destroying);
+}
+
+/// GIVEN a claimed item WHEN provisioning leases are taken (each worker run)
+/// THEN `provision_attempts` counts them — other leases and refused
+/// acquisitions do not — and a restarted provisioning starts again at 0.
+pub async fn provision_attempts_count_worker_leases_until_a_restart<S: UserStore>(store: S) {
+    let rec = claimed(&store, "pia", T0).await;
+    assert_eq!(rec.provision_attempts, 0);
+    store
+        .release_lease("pia", "prov-1", T0 + 1)
+        .await
+        .expect("release");
+    let first = acquired(
+        &store,
+        "pia",
+        "w-1",
+        LeasePurpose::Provision,
+        T0 + MINUTE,
+        T0 + 2,
+    )
+    .await;
+    assert_eq!(first.provision_attempts, 1);
+    // Refused while w-1's lease is live: not an attempt.
+    let busy = store
+        .acquire_lease("pia", "w-2", LeasePurpose::Provision, T0 + MINUTE, T0 + 3)
+        .await
+        .expect("acquire");
+    assert!(matches!(busy, AcquireOutcome::Busy(_)), "{busy:?}");
+    store
+        .release_lease("pia", "w-1", T0 + 4)
+        .await
+        .expect("release");
+    let second = acquired(
+        &store,
+        "pia",
+        "w-2",
+        LeasePurpose::Provision,
+        T0 + MINUTE,
+        T0 + 5,
+    )
+    .await;
+    assert_eq!(second.provision_attempts, 2);
+    store
+        .release_lease("pia", "w-2", T0 + 6)
+        .await
+        .expect("release");
+    let turn = acquired(
+        &store,
+        "pia",
+        "turn-1",
+        LeasePurpose::Turn,
+        T0 + MINUTE,
+        T0 + 7,
+    )
+    .await;
+    assert_eq!(turn.provision_attempts, 2, "a turn's lease is no attempt");
+    store
+        .release_lease("pia", "turn-1", T0 + 8)
+        .await
+        .expect("release");
+    assert_eq!(
+        store
+            .get("pia")
+            .await
+            .expect("get")
+            .map(|r| r.provision_attempts),
+        Some(2)
+    );
+
+    // A failed provisioning restarted: a new count.
+    let third = acquired(
+        &store,
+        "pia",
+        "w-3",
+        LeasePurpose::Provision,
+        T0 + MINUTE,
+        T0 + 9,
+    )
+    .await;
+    let failed = store
+        .mark_failed("pia", "w-3", "bootstrap failed", T0 + 10)
+        .await
+        .expect("failed");
+    assert_eq!(
+        (third.provision_attempts, failed.provision_attempts),
+        (3, 3)
+    );
+    store
+        .release_lease("pia", "w-3", T0 + 11)
+        .await
+        .expect("release");
+    let failed = store.get("pia").await.expect("get").expect("item");
+    let lease = provision_lease("prov-2", T0 + 2 * MINUTE);
+    let restarted = match store
+        .restart_provisioning("pia", failed.generation, &lease, CreateKey::Keep, T0 + 12)
+        .await
+        .expect("restart")
+    {
+        AcquireOutcome::Acquired(rec) => rec,
+        other => panic!("expected Acquired, got {other:?}"),
+    };
+    assert_eq!(restarted.provision_attempts, 0);
 }

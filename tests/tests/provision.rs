@@ -754,12 +754,17 @@ async fn a_worker_out_of_time_leaves_a_resumable_item_and_no_lease() {
         rec.live_lease(agenthome::clock::now_ms()).is_none(),
         "a live lease was left behind: {rec:?}"
     );
+    assert_eq!(rec.provision_attempts, 1, "{rec:?}");
     let done = prov
         .run_worker_until(&event, agenthome::clock::now_ms() + 30_000)
         .await
         .expect("resumed");
     assert_eq!(done.state, MachineState::Ready);
     assert_eq!(done.machine_id, rec.machine_id);
+    assert_eq!(
+        done.provision_attempts, 2,
+        "the retry is the second attempt"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -140,6 +140,7 @@ async fn simulate(users: &[User], cfg: &Config) -> Vec<(f64, f64, u64)> {
             created_at: T0 - 7 * 86_400_000,
             awake_shard: None,
             awake_day: None,
+            provision_attempts: 0,
         };
         store.put_raw(rec.to_item().expect("item")).expect("seed");
     }

@@ -269,9 +269,11 @@ fn provision_line(
     let mut doc = metrics.doc(&PROVISION_LINE);
     doc.metric("provisions", 1)
         .millis("provision_total_ms", total)
-        .metric("resumed", u64::from(tally.resumed))
         .metric("dedalus_requests", tally.dedalus_requests)
         .metric("table_calls", tally.table_calls);
+    if let Some(n) = tally.attempts {
+        doc.metric("attempts", n);
+    }
     if let Some(ms) = tally.boot_ms {
         doc.metric("boot_ms", ms);
     }

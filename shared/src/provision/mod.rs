@@ -453,6 +453,7 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
             }
             Err(e) => return Err(e.into()),
         };
+        crate::metrics::provision_attempt(rec.provision_attempts);
         // The item may have moved on between the read and the acquisition.
         match worker_should_run(&rec) {
             Ok(true) => {}
@@ -516,10 +517,7 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
         // 1. The machine: created with the stored key, so a retry after a
         //    crash between "create" and "record" returns the same machine.
         let machine_id = match rec.machine_id.clone() {
-            Some(id) => {
-                crate::metrics::resumed();
-                id
-            }
+            Some(id) => id,
             None => {
                 let key = IdempotencyKey::parse(rec.create_key.clone()).map_err(|e| {
                     ProvisionError::Superseded(format!("stored create_key is unusable: {e}"))

@@ -572,6 +572,7 @@ impl<B: Backend> UserStore for B {
             created_at: now_ms,
             awake_shard: None,
             awake_day: None,
+            provision_attempts: 0,
         };
         match self.put_new(&record).await? {
             Ok(()) => Ok(ClaimOutcome::Claimed(record)),
@@ -690,6 +691,7 @@ impl<B: Backend> UserStore for B {
         let mut actions = vec![
             Action::Set(attr::STATE, s(MachineState::Provisioning.as_str())),
             Action::Remove(attr::LAST_ERROR),
+            Action::Set(attr::PROVISION_ATTEMPTS, n(0)),
         ];
         actions.extend(set_lease(lease));
         if let CreateKey::Replace(key) = &create_key {
@@ -731,7 +733,11 @@ impl<B: Backend> UserStore for B {
             conds.push(Cond::Eq(attr::LAST_ACTIVE_AT, n(expected_last_active_at)));
         }
         let lease = Lease::new(owner, purpose.kind(), until_ms);
-        let actions = set_lease(&lease).to_vec();
+        let mut actions = set_lease(&lease).to_vec();
+        if matches!(purpose, LeasePurpose::Provision) {
+            // The worker's run: one more attempt at this provisioning.
+            actions.push(Action::Add(attr::PROVISION_ATTEMPTS, 1));
+        }
         Ok(
             match apply(
                 self,

@@ -292,7 +292,7 @@ pub trait UserStore: Send + Sync {
 
     /// Create the user's item (`attribute_not_exists(user_id)`) in state
     /// `provisioning`, power `unknown`, with `create_key` (32 lowercase hex)
-    /// and the provisioning `lease`.
+    /// and the provisioning `lease` (`provision_attempts` 0).
     fn claim(
         &self,
         user_id: &str,
@@ -346,7 +346,8 @@ pub trait UserStore: Send + Sync {
     /// Restart a failed or stuck provisioning: only if `generation` is still
     /// `expected_generation`, the state is `failed`, `provisioning` or
     /// `bootstrapping`, and no lease is live. Sets state `provisioning`, the
-    /// new `lease`, clears `last_error`; see [`CreateKey`] for the key.
+    /// new `lease`, clears `last_error`, resets `provision_attempts` to 0;
+    /// see [`CreateKey`] for the key.
     fn restart_provisioning(
         &self,
         user_id: &str,
@@ -358,7 +359,7 @@ pub trait UserStore: Send + Sync {
 
     /// Take the lease for `owner` until `until_ms` if no lease is live at
     /// `now_ms` (plus the purpose's own condition; never on a `destroying`
-    /// item).
+    /// item). A provisioning lease also adds one to `provision_attempts`.
     fn acquire_lease(
         &self,
         user_id: &str,

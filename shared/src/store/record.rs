@@ -191,6 +191,9 @@ pub struct UserRecord {
     pub awake_shard: Option<String>,
     /// The awake budget's baseline of the current day, once noted.
     pub awake_day: Option<AwakeDay>,
+    /// Worker runs that took the provisioning lease since this provisioning
+    /// started (`claim` and `restart_provisioning` reset it to 0).
+    pub provision_attempts: u64,
 }
 
 impl UserRecord {
@@ -279,6 +282,8 @@ struct Wire {
     awake_day: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     awake_day_base: Option<u64>,
+    #[serde(default)]
+    provision_attempts: u64,
 }
 
 impl From<UserRecord> for Wire {
@@ -317,6 +322,7 @@ impl From<UserRecord> for Wire {
             awake_shard: r.awake_shard,
             awake_day: r.awake_day.map(|d| d.day_start),
             awake_day_base: r.awake_day.map(|d| d.base_ms),
+            provision_attempts: r.provision_attempts,
         }
     }
 }
@@ -385,6 +391,7 @@ impl TryFrom<Wire> for UserRecord {
                 (Some(day_start), Some(base_ms)) => Some(AwakeDay { day_start, base_ms }),
                 _ => None,
             },
+            provision_attempts: w.provision_attempts,
         })
     }
 }
@@ -425,6 +432,7 @@ mod tests {
                 day_start: 1_699_920_000_000,
                 base_ms: 40,
             }),
+            provision_attempts: 2,
         }
     }
 

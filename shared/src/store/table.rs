@@ -88,6 +88,9 @@ pub mod attr {
     pub const AWAKE_DAY: &str = "awake_day";
     /// Awake budget: `awake_ms_total` at the start of `awake_day`.
     pub const AWAKE_DAY_BASE: &str = "awake_day_base";
+    /// Provisioning: runs of the worker that took the lease since the
+    /// provisioning started (claim or restart reset it to 0).
+    pub const PROVISION_ATTEMPTS: &str = "provision_attempts";
 }
 
 /// Name of the sparse GSI the sweep queries.
