@@ -1,6 +1,6 @@
 //! The body of `POST /v1/users/{user_id}/turns`, parsed and validated once.
 
-use super::Problem;
+use super::{Problem, ProblemCode};
 use serde::{Deserialize, Serialize};
 
 /// Longest accepted message, in bytes.
@@ -54,33 +54,30 @@ impl TurnRequest {
     /// Parse a JSON body: unknown fields, an empty or oversized message, or
     /// an oversized history are 4xx problems naming the limit.
     pub fn from_json(bytes: &[u8]) -> Result<Self, Problem> {
-        let raw: RawTurnRequest = serde_json::from_slice(bytes).map_err(|e| {
-            if e.classify() == serde_json::error::Category::Data {
-                Problem::unprocessable("invalid_body", e.to_string())
-            } else {
-                Problem::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
-            }
-        })?;
+        let raw: RawTurnRequest = serde_json::from_slice(bytes)?;
         Self::validate(raw.message, raw.history.unwrap_or_default())
     }
 
     /// Validate the parts.
     pub fn validate(message: String, history: Vec<HistoryEntry>) -> Result<Self, Problem> {
         if message.trim().is_empty() {
-            return Err(Problem::unprocessable(
-                "invalid_message",
+            return Err(Problem::of(
+                ProblemCode::InvalidMessage,
                 "message must not be empty",
             ));
         }
         if message.len() > MAX_MESSAGE_BYTES {
-            return Err(Problem::too_large(format!(
-                "message is {} bytes; at most {MAX_MESSAGE_BYTES} are accepted",
-                message.len()
-            )));
+            return Err(Problem::of(
+                ProblemCode::PayloadTooLarge,
+                format!(
+                    "message is {} bytes; at most {MAX_MESSAGE_BYTES} are accepted",
+                    message.len()
+                ),
+            ));
         }
         if history.len() > MAX_HISTORY_ENTRIES {
-            return Err(Problem::unprocessable(
-                "invalid_history",
+            return Err(Problem::of(
+                ProblemCode::InvalidHistory,
                 format!(
                     "history has {} entries; at most {MAX_HISTORY_ENTRIES} are accepted",
                     history.len()
@@ -89,9 +86,10 @@ impl TurnRequest {
         }
         let bytes: usize = history.iter().map(|h| h.content.len()).sum();
         if bytes > MAX_HISTORY_BYTES {
-            return Err(Problem::too_large(format!(
-                "history is {bytes} bytes; at most {MAX_HISTORY_BYTES} are accepted"
-            )));
+            return Err(Problem::of(
+                ProblemCode::PayloadTooLarge,
+                format!("history is {bytes} bytes; at most {MAX_HISTORY_BYTES} are accepted"),
+            ));
         }
         Ok(TurnRequest { message, history })
     }
