@@ -25,6 +25,7 @@ pub mod clock;
 pub mod config;
 pub mod dedalus;
 pub mod entry;
+pub mod env;
 pub mod machines;
 pub mod metrics;
 pub mod net;

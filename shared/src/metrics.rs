@@ -31,6 +31,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use crate::config::ConfigError;
+use crate::env::{malformed, Env};
 
 /// Namespace of every metric unless `METRICS_NAMESPACE` says otherwise.
 pub const DEFAULT_NAMESPACE: &str = "agenthome";
@@ -70,16 +71,13 @@ impl MetricsConfig {
     }
 
     /// Read from a map (tests).
-    pub fn from_map(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let get = |name: &'static str| env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
-        let namespace = get("METRICS_NAMESPACE").unwrap_or(DEFAULT_NAMESPACE);
-        let stack = get("METRICS_STACK").unwrap_or(DEFAULT_STACK);
-        check_namespace(namespace)?;
-        check_stack(stack)?;
-        Ok(MetricsConfig {
-            namespace: namespace.into(),
-            stack: stack.into(),
-        })
+    pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let env = Env::new(vars);
+        let namespace = env.string("METRICS_NAMESPACE", DEFAULT_NAMESPACE);
+        let stack = env.string("METRICS_STACK", DEFAULT_STACK);
+        check_namespace(&namespace)?;
+        check_stack(&stack)?;
+        Ok(MetricsConfig { namespace, stack })
     }
 }
 
@@ -109,14 +107,6 @@ fn check_stack(stack: &str) -> Result<(), ConfigError> {
         stack,
         "1 to 128 letters, digits, '.', '_' or '-'",
     ))
-}
-
-fn malformed(name: &'static str, value: &str, reason: &str) -> ConfigError {
-    ConfigError::Malformed {
-        name,
-        value: value.to_string(),
-        reason: reason.to_string(),
-    }
 }
 
 // ------------------------------------------------------------------ specs --
@@ -663,12 +653,7 @@ pub fn provision_attempt(n: u64) {
 mod tests {
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::env::vars as env;
 
     #[test]
     fn given_no_settings_when_read_then_the_defaults_apply_and_bad_values_are_named() {

@@ -407,6 +407,18 @@ async fn apply_or_conflict<B: Backend>(
         })
 }
 
+/// A write only the lease holder `owner` may make ([`apply_or_conflict`]).
+async fn by_holder<B: Backend>(
+    b: &B,
+    op: &'static str,
+    user_id: &str,
+    owner: &str,
+    actions: Vec<Action>,
+    now_ms: u64,
+) -> Result<UserRecord> {
+    apply_or_conflict(b, op, user_id, lease_owned_by(owner), actions, now_ms).await
+}
+
 /// Classify a refused lease acquisition.
 fn refused_acquire(current: UserRecord, now_ms: u64) -> AcquireOutcome {
     if current.live_lease(now_ms).is_some() {
@@ -763,15 +775,7 @@ impl<B: Backend> UserStore for B {
         now_ms: u64,
     ) -> Result<UserRecord> {
         let actions = vec![Action::Set(attr::LEASE_UNTIL, n(until_ms))];
-        apply_or_conflict(
-            self,
-            "renew_lease",
-            user_id,
-            lease_owned_by(owner),
-            actions,
-            now_ms,
-        )
-        .await
+        by_holder(self, "renew_lease", user_id, owner, actions, now_ms).await
     }
 
     async fn release_lease(
@@ -800,28 +804,12 @@ impl<B: Backend> UserStore for B {
     async fn mark_awake(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
         let mut actions = vec![Action::Set(attr::LAST_ACTIVE_AT, n(now_ms))];
         actions.extend(awake_actions(user_id, now_ms));
-        apply_or_conflict(
-            self,
-            "mark_awake",
-            user_id,
-            lease_owned_by(owner),
-            actions,
-            now_ms,
-        )
-        .await
+        by_holder(self, "mark_awake", user_id, owner, actions, now_ms).await
     }
 
     async fn touch(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
         let actions = vec![Action::Set(attr::LAST_ACTIVE_AT, n(now_ms))];
-        apply_or_conflict(
-            self,
-            "touch",
-            user_id,
-            lease_owned_by(owner),
-            actions,
-            now_ms,
-        )
-        .await
+        by_holder(self, "touch", user_id, owner, actions, now_ms).await
     }
 
     async fn set_terminal(
@@ -838,15 +826,7 @@ impl<B: Backend> UserStore for B {
             }
             None => Action::Remove(attr::TERMINAL_ID),
         };
-        apply_or_conflict(
-            self,
-            "set_terminal",
-            user_id,
-            lease_owned_by(owner),
-            vec![action],
-            now_ms,
-        )
-        .await
+        by_holder(self, "set_terminal", user_id, owner, vec![action], now_ms).await
     }
 
     async fn set_terminals(
@@ -877,15 +857,7 @@ impl<B: Backend> UserStore for B {
                 AttributeValue::L(parked.iter().map(|t| s(t)).collect()),
             )
         });
-        apply_or_conflict(
-            self,
-            "set_terminals",
-            user_id,
-            lease_owned_by(owner),
-            actions,
-            now_ms,
-        )
-        .await
+        by_holder(self, "set_terminals", user_id, owner, actions, now_ms).await
     }
 
     async fn set_hold(
@@ -931,15 +903,7 @@ impl<B: Backend> UserStore for B {
             Action::Remove(attr::HOLD_MARKER),
             Action::Remove(attr::HOLDS),
         ];
-        apply_or_conflict(
-            self,
-            "clear_hold",
-            user_id,
-            lease_owned_by(owner),
-            actions,
-            now_ms,
-        )
-        .await
+        by_holder(self, "clear_hold", user_id, owner, actions, now_ms).await
     }
 
     async fn mark_asleep(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
@@ -959,11 +923,11 @@ impl<B: Backend> UserStore for B {
         now_ms: u64,
     ) -> Result<UserRecord> {
         let actions = vec![Action::Set(attr::SLEEP_ELIGIBLE_AT, n(eligible_at_ms))];
-        apply_or_conflict(
+        by_holder(
             self,
             "set_sleep_eligible_at",
             user_id,
-            lease_owned_by(owner),
+            owner,
             actions,
             now_ms,
         )

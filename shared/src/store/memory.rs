@@ -79,6 +79,17 @@ impl MemoryStore {
         // (writes replace whole items), so a poisoned lock is still usable.
         self.items.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Every item `cond` holds for (an index query's key condition).
+    fn matching(&self, cond: &Cond) -> Result<Vec<UserRecord>> {
+        let found: Vec<Item> = self
+            .lock()
+            .values()
+            .filter(|item| cond.eval(item))
+            .cloned()
+            .collect();
+        found.into_iter().map(UserRecord::from_item).collect()
+    }
 }
 
 fn decode(item: Option<&Item>) -> Result<Option<UserRecord>> {
@@ -148,20 +159,10 @@ impl Backend for MemoryStore {
         limit: u32,
     ) -> Result<(Vec<UserRecord>, Option<AwakeKey>)> {
         self.pause("query_awake", "").await;
-        let key_condition = Cond::And(vec![
+        let mut matching = self.matching(&Cond::And(vec![
             Cond::Eq(attr::AWAKE_SHARD, AttributeValue::S(shard.to_owned())),
             Cond::Lt(attr::LAST_ACTIVE_AT, idle_before_ms),
-        ]);
-        let matching: Vec<Item> = self
-            .lock()
-            .values()
-            .filter(|item| key_condition.eval(item))
-            .cloned()
-            .collect();
-        let mut matching = matching
-            .into_iter()
-            .map(UserRecord::from_item)
-            .collect::<Result<Vec<_>>>()?;
+        ]))?;
         let order = |r: &UserRecord| (r.last_active_at, r.user_id.clone());
         matching.sort_by_key(order);
         if let Some(start) = start {
@@ -181,13 +182,9 @@ impl Backend for MemoryStore {
 
     async fn query_machine(&self, machine_id: &str) -> Result<Vec<UserRecord>> {
         self.pause("query_machine", "").await;
-        let key_condition = Cond::Eq(attr::MACHINE_ID, AttributeValue::S(machine_id.to_owned()));
-        let found: Vec<Item> = self
-            .lock()
-            .values()
-            .filter(|item| key_condition.eval(item))
-            .cloned()
-            .collect();
-        found.into_iter().map(UserRecord::from_item).collect()
+        self.matching(&Cond::Eq(
+            attr::MACHINE_ID,
+            AttributeValue::S(machine_id.to_owned()),
+        ))
     }
 }
