@@ -640,7 +640,7 @@ async fn delete_during_create_leaves_no_machine() {
         let worker = tokio::spawn(async move { p.run_worker(&event).await });
         tokio::time::sleep(Duration::from_millis(400)).await;
         if finish_delete {
-            let deleted = agenthome::machines::destroy(
+            let deleted = agenthome::user_machine::destroy(
                 prov.store(),
                 prov.dedalus(),
                 user,
@@ -648,7 +648,7 @@ async fn delete_during_create_leaves_no_machine() {
             )
             .await
             .expect("delete");
-            assert_eq!(deleted, agenthome::machines::Destroyed::Done);
+            assert_eq!(deleted, agenthome::user_machine::Destroyed::Done);
         } else {
             prov.store()
                 .mark_destroying(user, agenthome::clock::now_ms())

@@ -13,7 +13,7 @@ use agenthome_tests::events::{http, response_parts, Auth};
 use agenthome_tests::openapi;
 use agenthome_tests::stack::{admin, authorizer};
 use agenthome_tests::{unique_table_name, Emulator, Moto};
-use provision_fn::Service;
+use provision_fn::ProvisionService;
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -22,7 +22,7 @@ const ADMIN: &str = "agenthome/admin";
 
 struct Stack {
     emu: Emulator,
-    service: Service<DynamoStore, QueueTrigger>,
+    service: ProvisionService<DynamoStore, QueueTrigger>,
     events: UnboundedReceiver<ProvisionEvent>,
 }
 
@@ -51,7 +51,7 @@ async fn stack() -> Stack {
     let provisioner = Provisioner::new(store, emu.client(), QueueTrigger(tx), settings);
     Stack {
         emu,
-        service: Service {
+        service: ProvisionService {
             provisioner,
             sweeper,
             auth: authorizer(AuthMode::Jwt),

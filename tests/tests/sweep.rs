@@ -1120,7 +1120,7 @@ async fn a_sweep_that_finds_the_machine_gone_cannot_resurrect_a_deleted_user() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (s, c) = (Arc::clone(&store), client.clone());
     let delete = tokio::spawn(async move {
-        agenthome::machines::destroy(&s, &c, "del", Duration::from_secs(10)).await
+        agenthome::user_machine::destroy(&s, &c, "del", Duration::from_secs(10)).await
     });
     let report = sweep.await.expect("sweep task");
     assert_eq!(report.slept, 0, "{report:?}");
@@ -1133,7 +1133,7 @@ async fn a_sweep_that_finds_the_machine_gone_cannot_resurrect_a_deleted_user() {
     gate.add_permits(1);
     let deleted = delete.await.expect("delete task");
     assert!(
-        matches!(deleted, Ok(agenthome::machines::Destroyed::Done)),
+        matches!(deleted, Ok(agenthome::user_machine::Destroyed::Done)),
         "{deleted:?}"
     );
     assert_eq!(store.get("del").await.expect("get"), None);

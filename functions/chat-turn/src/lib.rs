@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// Everything the handler needs, built once per cold start.
-pub struct Service<S, T> {
+pub struct ChatTurnService<S, T> {
     /// The turn service (provisioning, agent, settings).
     pub turns: TurnService<S, T>,
     /// Who may call (mode, admin policy, bearer-token verifier).
@@ -47,7 +47,7 @@ pub struct Service<S, T> {
     pub metrics: Metrics,
 }
 
-/// The default [`Service::heartbeat`].
+/// The default [`ChatTurnService::heartbeat`].
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// A validated turn request.
@@ -57,7 +57,7 @@ struct Prepared {
     deadline: Instant,
 }
 
-impl<S, T> Service<S, T>
+impl<S, T> ChatTurnService<S, T>
 where
     S: UserStore + Clone + 'static,
     T: WorkerTrigger,
@@ -132,7 +132,7 @@ where
     }
 }
 
-impl<S, T> Service<S, T>
+impl<S, T> ChatTurnService<S, T>
 where
     S: UserStore + Clone + Send + Sync + 'static,
     T: WorkerTrigger + 'static,
@@ -142,7 +142,7 @@ where
     /// the turn's progress streams as Server-Sent Events
     /// ([`agenthome::turn::TurnEvent`]: `event: <name>`, `data: <json>`;
     /// the last event is `done` with the turn result or `error` with a
-    /// problem). Without it, the response is the one [`Service::handle`]
+    /// problem). Without it, the response is the one [`ChatTurnService::handle`]
     /// gives, as one chunk.
     ///
     /// Until the turn holds the user's lease and reports the machine, the
@@ -543,7 +543,7 @@ impl http_body::Body for StreamBody {
     }
 }
 
-impl<S, T> Service<S, T> {
+impl<S, T> ChatTurnService<S, T> {
     /// The turn's time: `TURN_DEADLINE`, cut to the invocation's remaining
     /// time minus the margin when the runtime gave a deadline (a deadline
     /// already past leaves none: the turn answers `no_time` instead of

@@ -5,11 +5,11 @@
 
 use agenthome::api::{Problem, ProblemCode, UserId, RETRY_SOON};
 use agenthome::entry::{self, Authorizer, FairUse, Route};
-use agenthome::machines::{self as user_machine, Destroyed, MachineStatus};
 use agenthome::metrics::{self, EmfDoc, Metrics, Tally, PROVISION_LINE};
 use agenthome::provision::{Ensure, ProvisionError, ProvisionEvent, Provisioner, WorkerTrigger};
 use agenthome::store::{MachineState, StoreError, UserRecord, UserStore};
 use agenthome::sweep::{SleepNow, Sweeper};
+use agenthome::user_machine::{self, Destroyed, MachineStatus};
 use lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpResponse;
 use lambda_http::{Body, Request, Response};
 use serde_json::{json, Value};
@@ -21,7 +21,7 @@ const DESTROY_WAIT: Duration = Duration::from_secs(20);
 const SLEEP_WAIT: Duration = Duration::from_secs(20);
 
 /// Everything the handler needs, built once per cold start.
-pub struct Service<S, T> {
+pub struct ProvisionService<S, T> {
     /// Provisioning (store, Dedalus client, trigger).
     pub provisioner: Provisioner<S, T>,
     /// The sleep path shared with the sweep (`POST …/machine/sleep`).
@@ -54,13 +54,13 @@ pub fn classify(event: Value) -> Result<Incoming, String> {
     Ok(Incoming::Http(Box::new(req.into())))
 }
 
-impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
+impl<S: UserStore + 'static, T: WorkerTrigger> ProvisionService<S, T> {
     /// Handle any event; HTTP requests get an API Gateway v2 response.
     pub async fn handle(&self, event: Value) -> Result<Value, lambda_runtime::Error> {
         self.handle_until(event, None).await
     }
 
-    /// [`Service::handle`] for an invocation that ends at `deadline_ms`
+    /// [`ProvisionService::handle`] for an invocation that ends at `deadline_ms`
     /// (the Lambda context's deadline, epoch ms): the worker works to it.
     pub async fn handle_until(
         &self,

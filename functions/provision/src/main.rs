@@ -4,7 +4,7 @@ use agenthome::app::App;
 use agenthome::metrics::Metrics;
 use agenthome::sweep::{SweepSettings, Sweeper};
 use lambda_runtime::{service_fn, LambdaEvent};
-use provision_fn::Service;
+use provision_fn::ProvisionService;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
@@ -23,7 +23,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         &app.dedalus,
         SweepSettings::from_env()?,
     );
-    let service = Service {
+    let service = ProvisionService {
         provisioner,
         sweeper,
         auth: agenthome::entry::Authorizer::from_config(&app.config)?,
