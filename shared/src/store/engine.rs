@@ -419,13 +419,23 @@ async fn by_holder<B: Backend>(
     apply_or_conflict(b, op, user_id, lease_owned_by(owner), actions, now_ms).await
 }
 
-/// Classify a refused lease acquisition.
-fn refused_acquire(current: UserRecord, now_ms: u64) -> AcquireOutcome {
-    if current.live_lease(now_ms).is_some() {
-        AcquireOutcome::Busy(current)
-    } else {
-        AcquireOutcome::Changed(current)
-    }
+/// A write that takes a lease if all of `conds` hold: `Acquired`, or why
+/// not — `Busy` (a live lease) or `Changed` (the item moved on).
+async fn take_lease<B: Backend>(
+    b: &B,
+    op: &'static str,
+    user_id: &str,
+    conds: Vec<Cond>,
+    actions: Vec<Action>,
+    now_ms: u64,
+) -> Result<AcquireOutcome> {
+    Ok(
+        match apply(b, op, user_id, Cond::And(conds), actions, now_ms).await? {
+            Ok(rec) => AcquireOutcome::Acquired(rec),
+            Err(current) if current.live_lease(now_ms).is_some() => AcquireOutcome::Busy(current),
+            Err(current) => AcquireOutcome::Changed(current),
+        },
+    )
 }
 
 /// Writes that end an awake period (sleep, lost) need `awake_since` as read,
@@ -711,21 +721,15 @@ impl<B: Backend> UserStore for B {
             conds.push(Cond::NotExists(attr::MACHINE_ID));
             actions.push(Action::Set(attr::CREATE_KEY, s(key)));
         }
-        Ok(
-            match apply(
-                self,
-                "restart_provisioning",
-                user_id,
-                Cond::And(conds),
-                actions,
-                now_ms,
-            )
-            .await?
-            {
-                Ok(rec) => AcquireOutcome::Acquired(rec),
-                Err(current) => refused_acquire(current, now_ms),
-            },
+        take_lease(
+            self,
+            "restart_provisioning",
+            user_id,
+            conds,
+            actions,
+            now_ms,
         )
+        .await
     }
 
     async fn acquire_lease(
@@ -750,21 +754,7 @@ impl<B: Backend> UserStore for B {
             // The worker's run: one more attempt at this provisioning.
             actions.push(Action::Add(attr::PROVISION_ATTEMPTS, 1));
         }
-        Ok(
-            match apply(
-                self,
-                "acquire_lease",
-                user_id,
-                Cond::And(conds),
-                actions,
-                now_ms,
-            )
-            .await?
-            {
-                Ok(rec) => AcquireOutcome::Acquired(rec),
-                Err(current) => refused_acquire(current, now_ms),
-            },
-        )
+        take_lease(self, "acquire_lease", user_id, conds, actions, now_ms).await
     }
 
     async fn renew_lease(
