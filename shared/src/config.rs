@@ -145,7 +145,8 @@ impl Config {
         Self::from_map(&std::env::vars().collect())
     }
 
-    /// Read from a map (tests).
+    /// Read from a map (tests). Long as a list, not as logic: one line
+    /// per variable, each parsed by [`Env`].
     pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let env = Env::new(vars);
         let get = |name: &'static str| env.get(name);
