@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
+use crate::api::ProblemCode;
 use crate::config::ConfigError;
 use crate::env::{malformed, Env};
 
@@ -228,12 +229,12 @@ impl LineSpec {
 
 /// Problem codes a failed turn answers with (`Code` dimension).
 pub const TURN_CODES: &[&str] = &[
-    "llm_error",
-    "shell_error",
-    "machine_waking",
-    "no_time",
-    "temporarily_unavailable",
-    "internal_error",
+    ProblemCode::LlmError.code(),
+    ProblemCode::ShellError.code(),
+    ProblemCode::MachineWaking.code(),
+    ProblemCode::NoTime.code(),
+    ProblemCode::TemporarilyUnavailable.code(),
+    ProblemCode::InternalError.code(),
 ];
 
 /// One line per chat turn (`chat-turn`, buffered or streamed).
