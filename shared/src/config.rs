@@ -133,6 +133,13 @@ pub struct Config {
     /// it (local runs under `cargo lambda watch`, which runs "async" invokes
     /// to the end); default `async` (AWS answers 202 at once).
     pub provision_invoke_detached: bool,
+    /// `JOURNAL_TABLE`: the lifecycle journal's table (unset: no journal).
+    pub journal_table: Option<String>,
+    /// `JOURNAL_TTL_DAYS`: how long journal entries are kept (default 30).
+    pub journal_ttl_days: u32,
+    /// `HOOK_TIMEOUT`: bound of the in-machine hooks `pre-sleep` and
+    /// `post-wake` (default 30 s; `0` = hooks are not run).
+    pub hook_timeout: Duration,
 }
 
 /// The default bootstrap (docs/design.md §5).
@@ -248,6 +255,9 @@ impl Config {
                 "detached" => Ok(true),
                 _ => Err("expected async or detached"),
             })?,
+            journal_table: get("JOURNAL_TABLE").map(str::to_string),
+            journal_ttl_days: env.num("JOURNAL_TTL_DAYS", crate::journal::DEFAULT_TTL_DAYS)?,
+            hook_timeout: env.duration("HOOK_TIMEOUT", crate::hooks::DEFAULT_TIMEOUT)?,
         })
     }
 }

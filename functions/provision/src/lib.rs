@@ -131,6 +131,7 @@ impl<S: UserStore + 'static, T: WorkerTrigger> ProvisionService<S, T> {
             Route::PutMachine(ref user) => self.put_machine(user.as_str()).await,
             Route::DeleteMachine(ref user) => self.delete_machine(user.as_str()).await,
             Route::SleepMachine(ref user) => Ok(self.sleep_machine(user.as_str()).await),
+            Route::MachineEvents(ref user) => self.machine_events(req, user.as_str()).await,
             Route::Turn(_) => Err(Problem::of(
                 ProblemCode::NoSuchRoute,
                 "turns are served by the chat-turn function",
@@ -141,7 +142,12 @@ impl<S: UserStore + 'static, T: WorkerTrigger> ProvisionService<S, T> {
     /// `GET …/machine`: the machine's status (never wakes it).
     async fn get_machine(&self, user: &UserId) -> Result<Response<Body>, Problem> {
         match self.status(user).await.map_err(|e| store_problem(&e))? {
-            Some(status) => Ok(entry::json(200, &status, None)),
+            Some(mut status) => {
+                let journal = self.provisioner.journal();
+                let now = agenthome::clock::now_ms();
+                status.awake_days = entry::events::awake_days(journal, &status, now).await;
+                Ok(entry::json(200, &status, None))
+            }
             None => Err(Problem::of(
                 ProblemCode::NoMachine,
                 format!(
@@ -189,7 +195,8 @@ impl<S: UserStore + 'static, T: WorkerTrigger> ProvisionService<S, T> {
     async fn delete_machine(&self, user: &str) -> Result<Response<Body>, Problem> {
         let store = self.provisioner.store();
         let dedalus = self.provisioner.dedalus();
-        match user_machine::destroy(store, dedalus, user, DESTROY_WAIT).await {
+        let journal = self.provisioner.journal();
+        match user_machine::destroy_recorded(store, dedalus, user, DESTROY_WAIT, journal).await {
             Ok(Destroyed::Done) | Ok(Destroyed::AlreadyGone) => Ok(entry::empty(204)),
             Err(e) => {
                 tracing::warn!(user, error = %e, "destroy incomplete; a retry resumes it");
@@ -198,6 +205,19 @@ impl<S: UserStore + 'static, T: WorkerTrigger> ProvisionService<S, T> {
                     "the machine could not be destroyed yet; repeat the DELETE to resume",
                 ))
             }
+        }
+    }
+
+    /// `GET …/machine/events`: a page of the user's lifecycle journal.
+    async fn machine_events(&self, req: &Request, user: &str) -> Result<Response<Body>, Problem> {
+        let query = entry::events::page_query(req)?;
+        match self.provisioner.journal().page(user, &query).await {
+            Ok(page) => Ok(entry::json(200, &page, None)),
+            Err(StoreError::InvalidCursor) => Err(Problem::of(
+                ProblemCode::InvalidQuery,
+                "cursor is not a next_cursor this API returned",
+            )),
+            Err(e) => Err(store_problem(&e)),
         }
     }
 

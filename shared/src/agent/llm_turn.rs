@@ -130,7 +130,7 @@ impl<'a, R: CommandRunner> LlmTurn<'a, R> {
             runner,
             limits,
             observer,
-            messages: opening_messages(system_prompt, history, dropped, &input.message),
+            messages: opening_messages(system_prompt, input, history, dropped),
             steps: Vec::new(),
             usage: Usage {
                 history_dropped: u32::try_from(dropped).unwrap_or(u32::MAX),
@@ -309,14 +309,18 @@ fn not_run(why: &str) -> String {
     json!({ "error": format!("not run: {why}") }).to_string()
 }
 
-/// The conversation before the model's first call.
+/// The conversation before the model's first call: the system prompt, the
+/// note on the wake (if any), the history that fits and the user's message.
 fn opening_messages(
     system_prompt: String,
+    input: &TurnInput,
     history: &[ChatMessage],
     dropped: usize,
-    message: &str,
 ) -> Vec<WireMessage> {
     let mut messages = vec![WireMessage::text("system", system_prompt)];
+    if let Some(note) = &input.wake_note {
+        messages.push(WireMessage::text("system", note.clone()));
+    }
     if dropped > 0 {
         messages.push(WireMessage::text(
             "system",
@@ -333,6 +337,6 @@ fn opening_messages(
         };
         messages.push(WireMessage::text(role, m.content.clone()));
     }
-    messages.push(WireMessage::text("user", message));
+    messages.push(WireMessage::text("user", input.message.clone()));
     messages
 }

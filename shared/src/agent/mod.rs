@@ -59,6 +59,12 @@ and redirect their output to a file.
 You may also keep your own notes in files under ~ (for example ~/NOTES.md) and read them when \
 useful.
 - Do not print secrets, and never try to read credentials that are not the user's.
+- Hooks: if ~/.agenthome/hooks/pre-sleep exists and is executable, it runs before every \
+sleep (save state, stop a server cleanly); ~/.agenthome/hooks/post-wake runs after every \
+wake, before your first command (restart a dev server, refresh credentials). Each is any \
+executable (e.g. a bash script starting with #!/bin/bash), runs in ~ with no input, is \
+stopped after a time limit (30 seconds by default), and its failure never stops a sleep or a turn. You are \
+told after a wake how long the machine slept and which commands the sleep interrupted.
 
 Replies: be concise. Say what you did and what came out of it, with the key output or file \
 paths; do not paste long outputs.";
@@ -81,6 +87,8 @@ pub struct TurnInput {
     pub history: Vec<ChatMessage>,
     /// One-line summaries of the last few turns (from `~/.agenthome/turns.jsonl`).
     pub memory: Vec<String>,
+    /// After a wake: what the sleep kept and interrupted, how long it slept.
+    pub wake_note: Option<String>,
 }
 
 /// Bounds of one turn.

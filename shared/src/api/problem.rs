@@ -120,6 +120,8 @@ problem_codes! {
     AwakeBudgetExhausted = "awake_budget_exhausted", 429, "Awake budget exhausted", None;
     /// The issuer's signing keys could not be fetched.
     AuthUnavailable = "auth_unavailable", 503, UPSTREAM, Some(RETRY_SOON);
+    /// A query parameter is malformed.
+    InvalidQuery = "invalid_query", 422, UNPROCESSABLE, None;
 }
 
 /// An error response: status, stable `code`, human `title` and `detail`, and
