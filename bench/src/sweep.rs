@@ -80,6 +80,8 @@ pub fn seed(users: u64, awake: u64, now_ms: u64) -> MemoryStore {
             created_at: now_ms - 7 * day,
             awake_shard: is_awake.then(|| shard_for(&user_id)),
             awake_day: None,
+            pending_sleep: None,
+            gap_hist: Vec::new(),
             user_id,
         };
         store

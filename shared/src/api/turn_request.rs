@@ -39,6 +39,9 @@ struct RawTurnRequest {
     message: String,
     #[serde(default)]
     history: Option<Vec<HistoryEntry>>,
+    /// Must be a boolean when present (`null`, strings, numbers → 422).
+    #[serde(default)]
+    end_conversation: bool,
 }
 
 /// A validated turn request.
@@ -48,6 +51,10 @@ pub struct TurnRequest {
     pub message: String,
     /// Recent conversation, oldest first (≤ 50 entries, ≤ 256 KiB).
     pub history: Vec<HistoryEntry>,
+    /// The chat product says the conversation ends with this turn: after
+    /// the reply the machine is put to sleep at once (or as soon as the
+    /// platform allows; a command left running still holds it awake).
+    pub end_conversation: bool,
 }
 
 impl TurnRequest {
@@ -61,7 +68,9 @@ impl TurnRequest {
                 Problem::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
             }
         })?;
-        Self::validate(raw.message, raw.history.unwrap_or_default())
+        let mut request = Self::validate(raw.message, raw.history.unwrap_or_default())?;
+        request.end_conversation = raw.end_conversation;
+        Ok(request)
     }
 
     /// Validate the parts.
@@ -93,7 +102,11 @@ impl TurnRequest {
                 "history is {bytes} bytes; at most {MAX_HISTORY_BYTES} are accepted"
             )));
         }
-        Ok(TurnRequest { message, history })
+        Ok(TurnRequest {
+            message,
+            history,
+            end_conversation: false,
+        })
     }
 }
 
@@ -109,15 +122,37 @@ mod tests {
         .expect("valid");
         assert_eq!(t.message, "ls");
         assert_eq!(t.history[0].role, Role::User);
-        assert!(TurnRequest::from_json(br#"{"message":"ls"}"#)
-            .expect("valid")
-            .history
-            .is_empty());
+        let plain = TurnRequest::from_json(br#"{"message":"ls"}"#).expect("valid");
+        assert!(plain.history.is_empty());
+        assert!(!plain.end_conversation);
+        let last =
+            TurnRequest::from_json(br#"{"message":"bye","end_conversation":true}"#).expect("valid");
+        assert!(last.end_conversation);
     }
 
     #[test]
     fn bad_bodies_are_4xx_with_a_reason() {
-        let cases: [(&[u8], u16, &str); 7] = [
+        let cases: [(&[u8], u16, &str); 11] = [
+            (
+                br#"{"message":"x","end_conversation":"yes"}"#,
+                422,
+                "invalid_body",
+            ),
+            (
+                br#"{"message":"x","end_conversation":1}"#,
+                422,
+                "invalid_body",
+            ),
+            (
+                br#"{"message":"x","end_conversation":null}"#,
+                422,
+                "invalid_body",
+            ),
+            (
+                br#"{"message":"x","end_conversation":{}}"#,
+                422,
+                "invalid_body",
+            ),
             (b"{", 400, "invalid_json"),
             (b"[]", 422, "invalid_body"),
             (br#"{"message":""}"#, 422, "invalid_message"),

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use super::engine::{awake_key, AwakeKey, Backend, Cond, Refused, Update};
+use super::engine::{awake_key, pending_key, AwakeKey, Backend, Cond, PendingKey, Refused, Update};
 use super::record::Item;
 use super::table::attr;
 use super::{Result, StoreError, UserRecord};
@@ -189,5 +189,49 @@ impl Backend for MemoryStore {
             .cloned()
             .collect();
         found.into_iter().map(UserRecord::from_item).collect()
+    }
+
+    async fn query_pending(
+        &self,
+        shard: &str,
+        due_by_ms: u64,
+        start: Option<PendingKey>,
+        limit: u32,
+    ) -> Result<(Vec<UserRecord>, Option<PendingKey>)> {
+        self.pause("query_pending", "").await;
+        let key_condition = Cond::And(vec![
+            Cond::Eq(attr::SLEEP_SHARD, AttributeValue::S(shard.to_owned())),
+            Cond::Lt(attr::SLEEP_AT, due_by_ms.saturating_add(1)),
+        ]);
+        let matching: Vec<Item> = self
+            .lock()
+            .values()
+            .filter(|item| key_condition.eval(item) && item.contains_key(attr::SLEEP_AT))
+            .cloned()
+            .collect();
+        let mut matching = matching
+            .into_iter()
+            .map(UserRecord::from_item)
+            .collect::<Result<Vec<_>>>()?;
+        let order = |r: &UserRecord| {
+            (
+                r.pending_sleep.as_ref().map_or(0, |p| p.at),
+                r.user_id.clone(),
+            )
+        };
+        matching.sort_by_key(order);
+        if let Some(start) = start {
+            let after = (start.sleep_at, start.user_id);
+            matching.retain(|r| order(r) > after);
+        }
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let more = matching.len() > limit;
+        matching.truncate(limit);
+        let last = if more {
+            matching.last().and_then(pending_key)
+        } else {
+            None
+        };
+        Ok((matching, last))
     }
 }

@@ -88,12 +88,26 @@ pub mod attr {
     pub const AWAKE_DAY: &str = "awake_day";
     /// Awake budget: `awake_ms_total` at the start of `awake_day`.
     pub const AWAKE_DAY_BASE: &str = "awake_day_base";
+    /// Shard of the `pending-sleep` index; present only while a sleep is
+    /// pending (requested inside the hold window, or an adaptive idle
+    /// deadline), which makes that index sparse.
+    pub const SLEEP_SHARD: &str = "sleep_shard";
+    /// Epoch ms from which the pending sleep is due; sort key of the
+    /// `pending-sleep` index.
+    pub const SLEEP_AT: &str = "sleep_at";
+    /// Why the sleep is pending: `requested` or `adaptive`.
+    pub const SLEEP_REASON: &str = "sleep_reason";
+    /// Adaptive idle: the user's inter-turn gap histogram (a list of counts,
+    /// one per bucket of `turn::end::GAP_BUCKETS_S`).
+    pub const GAP_HIST: &str = "gap_hist";
 }
 
 /// Name of the sparse GSI the sweep queries.
 pub const AWAKE_INDEX: &str = "awake";
 /// Name of the GSI reconciliation queries by machine id.
 pub const BY_MACHINE_INDEX: &str = "by-machine";
+/// Name of the sparse GSI of pending sleeps (`sleep_shard`, `sleep_at`).
+pub const PENDING_SLEEP_INDEX: &str = "pending-sleep";
 /// Number of `awake_shard` values (`"0"` ..= `"7"`). Only ever increase it:
 /// a sweep queries shards `0..AWAKE_SHARDS`, and an item keeps the shard it
 /// was given when it last woke.
@@ -105,6 +119,8 @@ const KEY_ATTRIBUTES: &[(&str, &str)] = &[
     (attr::AWAKE_SHARD, "S"),
     (attr::LAST_ACTIVE_AT, "N"),
     (attr::MACHINE_ID, "S"),
+    (attr::SLEEP_SHARD, "S"),
+    (attr::SLEEP_AT, "N"),
 ];
 /// A key schema: (attribute, HASH|RANGE).
 type KeySchema = &'static [(&'static str, &'static str)];
@@ -118,6 +134,11 @@ const INDEXES: &[(&str, KeySchema, &str)] = &[
         "ALL",
     ),
     (BY_MACHINE_INDEX, &[(attr::MACHINE_ID, "HASH")], "ALL"),
+    (
+        PENDING_SLEEP_INDEX,
+        &[(attr::SLEEP_SHARD, "HASH"), (attr::SLEEP_AT, "RANGE")],
+        "ALL",
+    ),
 ];
 const BILLING_MODE: &str = "PAY_PER_REQUEST";
 
@@ -288,7 +309,15 @@ mod tests {
             .collect();
         assert_eq!(
             defined,
-            ["user_id", "awake_shard", "last_active_at", "machine_id"]
+            [
+                "user_id",
+                "awake_shard",
+                "last_active_at",
+                "machine_id",
+                "sleep_shard",
+                "sleep_at"
+            ]
         );
+        assert_eq!(gsis[2]["IndexName"], "pending-sleep");
     }
 }

@@ -55,7 +55,9 @@
 //! Time: `now_ms` is the run's start (a virtual clock in tests); store
 //! writes use `now_ms` plus the monotonic time elapsed since.
 
+pub mod adaptive;
 mod key;
+mod pending;
 mod report;
 mod settings;
 
@@ -75,6 +77,7 @@ use crate::store::{
     UserStore,
 };
 
+pub use adaptive::IdlePolicy;
 pub use key::{orphan_sleep_key, sleep_key};
 pub use report::{SweepReport, SWEEP_LINE};
 pub use settings::SweepSettings;
@@ -308,22 +311,29 @@ impl<S: UserStore + 'static> Sweeper<S> {
         }
         let run = self.start(now_ms, deadline);
         let eligible_at = rec.sleep_eligible_at;
+        let seen = rec.clone();
         match self.candidate(&run, rec).await {
             Outcome::Slept | Outcome::Fixed => SleepNow::Asleep,
             Outcome::AwaitingAutosleep => SleepNow::AwaitingAutosleep,
             Outcome::SkippedBusy => SleepNow::Busy,
-            Outcome::Held => SleepNow::HeldByRunningCommand,
+            Outcome::Held => {
+                self.record_request(&seen, run.now(), run.now()).await;
+                SleepNow::HeldByRunningCommand
+            }
             Outcome::SkippedHold => {
                 let at = match self.store.get(user_id).await {
                     Ok(Some(r)) => r.sleep_eligible_at,
                     _ => eligible_at,
                 };
-                SleepNow::NotYetEligible {
-                    eligible_at_ms: at.unwrap_or(now_ms),
-                }
+                let eligible_at_ms = at.unwrap_or(now_ms);
+                self.record_request(&seen, eligible_at_ms, run.now()).await;
+                SleepNow::NotYetEligible { eligible_at_ms }
             }
             Outcome::Lost => SleepNow::NoMachine,
-            Outcome::Failed | Outcome::NotReached => SleepNow::Failed,
+            Outcome::Failed | Outcome::NotReached => {
+                self.record_request(&seen, run.now(), run.now()).await;
+                SleepNow::Failed
+            }
         }
     }
 
@@ -332,6 +342,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
     pub async fn run(&self, now_ms: u64, deadline: Instant) -> SweepReport {
         let run = self.start(now_ms, deadline);
         let mut report = SweepReport::default();
+        self.pending_phase(&run, &mut report).await;
         self.sweep(&run, &mut report).await;
         self.finish(&run, report)
     }
@@ -355,6 +366,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
     ) -> SweepReport {
         let run = self.start(now_ms, deadline);
         let mut report = SweepReport::default();
+        self.pending_phase(&run, &mut report).await;
         self.sweep(&run, &mut report).await;
         if force_reconcile || self.settings.reconcile_due(event_time_ms) {
             if run.past_deadline() {
@@ -520,6 +532,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
             || rec.power != Power::Awake
             || rec.hold != seen.hold
             || rec.holds != seen.holds
+            || rec.pending_sleep != seen.pending_sleep
         {
             return Outcome::SkippedBusy;
         }

@@ -57,6 +57,10 @@ pub struct SweepReport {
     pub machines_running: u64,
     /// Wall time of the run.
     pub duration_ms: u64,
+    /// Due pending sleeps (requested or adaptive) the `pending-sleep` index
+    /// query returned; each lands in one of the outcome counts too.
+    #[serde(default)]
+    pub pending_candidates: u64,
 }
 
 /// The run's EMF line: every count, the two flags as 0/1 and the run's
@@ -83,6 +87,7 @@ pub const SWEEP_LINE: LineSpec = LineSpec {
         MetricSpec::count("sleep_unavailable"),
         MetricSpec::count("remaining"),
         MetricSpec::ms("duration_ms"),
+        MetricSpec::count("pending_candidates"),
     ],
     breakdowns: &[],
     properties: &["reconciled"],
@@ -110,6 +115,7 @@ impl SweepReport {
         self.machines_listed += other.machines_listed;
         self.machines_running += other.machines_running;
         self.duration_ms = self.duration_ms.max(other.duration_ms);
+        self.pending_candidates += other.pending_candidates;
     }
 
     /// The run's summary as one CloudWatch Embedded Metric Format line

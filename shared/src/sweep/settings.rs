@@ -49,6 +49,11 @@ pub struct SweepSettings {
     /// reports them (and sleeps them with `RECONCILE_SLEEP_ORPHANS`): set it
     /// when the Dedalus key also owns machines agenthome did not create.
     pub reconcile_destroy_orphans: bool,
+    /// `IDLE_POLICY` (default `fixed`): `adaptive` learns each user's
+    /// rhythm from the gaps between their turns and schedules an earlier
+    /// sleep when the history says they are gone (`IDLE_AFTER` stays the
+    /// ceiling; see `sweep::adaptive`).
+    pub idle_policy: super::adaptive::IdlePolicy,
 }
 
 impl Default for SweepSettings {
@@ -66,6 +71,7 @@ impl Default for SweepSettings {
             marker_check_timeout: Duration::from_secs(8),
             orphan_grace: Duration::from_secs(15 * 60),
             reconcile_destroy_orphans: true,
+            idle_policy: super::adaptive::IdlePolicy::Fixed,
         }
     }
 }
@@ -128,6 +134,11 @@ impl SweepSettings {
                 "RECONCILE_DESTROY_ORPHANS",
                 d.reconcile_destroy_orphans,
             )?,
+            idle_policy: match get("IDLE_POLICY") {
+                None => d.idle_policy,
+                Some(raw) => super::adaptive::IdlePolicy::parse(raw)
+                    .ok_or_else(|| malformed("IDLE_POLICY", raw, "expected fixed or adaptive"))?,
+            },
         };
         if settings.lease_ttl <= settings.sleep_call_timeout {
             return Err(malformed(
@@ -188,8 +199,10 @@ mod tests {
             ("RECONCILE_SLEEP_ORPHANS", "TRUE"),
             ("RECONCILE_DESTROY_ORPHANS", "false"),
             ("SWEEP_MARGIN", "2s"),
+            ("IDLE_POLICY", "adaptive"),
         ]))
         .expect("settings");
+        assert_eq!(s.idle_policy, super::super::adaptive::IdlePolicy::Adaptive);
         assert_eq!(s.idle_after, Duration::from_secs(90));
         assert_eq!(s.concurrency, 4);
         assert_eq!(s.reconcile_every, 1);
@@ -209,6 +222,7 @@ mod tests {
             ("RECONCILE_DESTROY_ORPHANS", "sometimes"),
             ("SWEEP_MARGIN", "10"),
             ("SWEEP_LEASE", "1s"),
+            ("IDLE_POLICY", "smart"),
         ] {
             let err = SweepSettings::from_map(&env(&[(name, bad)])).expect_err(name);
             assert!(
