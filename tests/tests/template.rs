@@ -307,6 +307,7 @@ const READ_BY_CODE: &[&str] = &[
     "SWEEP_READ_TIMEOUT",
     "SWEEP_MARKER_TIMEOUT",
     "RECONCILE_ORPHAN_GRACE",
+    "IDLE_POLICY",
 ];
 
 /// Secret values: local runs only. In AWS the template passes ARNs.

@@ -8,8 +8,8 @@
 //! conversation; longer ones end one. The user's idle deadline is the upper
 //! edge of the highest bucket that holds a within-conversation gap — the
 //! longest pause this user has been seen to come back from, rounded up —
-//! once at least [`MIN_SAMPLES`] such gaps are known, and only if it is
-//! shorter than `IDLE_AFTER`. `IDLE_AFTER` stays the ceiling and the cold
+//! plus [`GRACE`], once at least [`MIN_SAMPLES`] such gaps are known, and
+//! only if it is shorter than `IDLE_AFTER`. `IDLE_AFTER` stays the ceiling and the cold
 //! start default. Counts are halved once they sum to more than
 //! [`MAX_SAMPLES`], so an old rhythm fades (a pause seen once is forgotten
 //! after about that many turns, and relearnt the next time it happens).
@@ -54,6 +54,10 @@ pub const MAX_SAMPLES: u32 = 200;
 /// The shortest adaptive deadline: a reply is never followed by a sleep
 /// sooner than this.
 pub const MIN_IDLE: Duration = Duration::from_secs(30);
+
+/// Added to the longest pause seen, so a user who comes back exactly at it
+/// does not race the sweep.
+pub const GRACE: Duration = Duration::from_secs(15);
 
 /// `IDLE_POLICY`: how long an idle machine stays awake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -117,8 +121,8 @@ pub fn idle_deadline(hist: &[u32], ceiling: Duration) -> Option<Duration> {
         return None;
     }
     let top = within.iter().rev().find(|&&(_, c)| c > 0)?.0;
-    let edge = Duration::from_secs(GAP_BUCKETS_S[top]).max(MIN_IDLE);
-    (edge < ceiling).then_some(edge)
+    let deadline = (Duration::from_secs(GAP_BUCKETS_S[top]) + GRACE).max(MIN_IDLE);
+    (deadline < ceiling).then_some(deadline)
 }
 
 #[cfg(test)]
@@ -143,7 +147,7 @@ mod tests {
     #[test]
     fn given_short_pauses_when_learnt_then_the_deadline_is_the_longest_rounded_up() {
         let hist = learnt(&[20, 35, 50, 61, 44, 33, 70, 25, 7200, 86_400]);
-        assert_eq!(idle_deadline(&hist, secs(300)), Some(secs(75)));
+        assert_eq!(idle_deadline(&hist, secs(300)), Some(secs(75) + GRACE));
         // Never later than the ceiling.
         assert_eq!(idle_deadline(&hist, secs(60)), None);
     }
@@ -152,6 +156,12 @@ mod tests {
     fn given_a_pause_near_the_ceiling_when_learnt_then_the_ceiling_stays() {
         let hist = learnt(&[20, 35, 50, 61, 44, 33, 70, 25, 290]);
         assert_eq!(idle_deadline(&hist, secs(300)), None);
+        let hist = learnt(&[20, 35, 50, 61, 44, 33, 70, 25, 280]);
+        assert_eq!(
+            idle_deadline(&hist, secs(300)),
+            None,
+            "edge + grace ≥ ceiling"
+        );
     }
 
     #[test]
