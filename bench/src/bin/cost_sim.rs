@@ -61,7 +61,7 @@ struct Profile {
 const PROFILES: &[Profile] = &[
     Profile {
         name: "30 min/day in 2 bursts",
-        share: 0.4,
+        share: 0.35,
         conversations: 2,
         turns: 10,
         gap_s: (30, 120),
@@ -69,7 +69,7 @@ const PROFILES: &[Profile] = &[
     },
     Profile {
         name: "3 sessions/day × 5 min",
-        share: 0.4,
+        share: 0.35,
         conversations: 3,
         turns: 6,
         gap_s: (20, 60),
@@ -82,6 +82,16 @@ const PROFILES: &[Profile] = &[
         turns: 12,
         gap_s: (30, 150),
         day_probability: 1.0 / 7.0,
+    },
+    // Shorter than the platform's 300 s post-wake hold window: every wake
+    // is billed at least 300 s, so billed/active cannot reach 1.15 here.
+    Profile {
+        name: "quick question: 1 × 3 turns",
+        share: 0.1,
+        conversations: 1,
+        turns: 3,
+        gap_s: (10, 40),
+        day_probability: 1.0,
     },
 ];
 
