@@ -1,4 +1,4 @@
-//! Benchmark 4: cost simulation. `cost_sim [--users 1000] [--days 7] [--json]`.
+//! Benchmark 4: cost simulation. `cost_sim [--users 300] [--days 7] [--json]`.
 //!
 //! Replays `days` days of chat for `users` users drawn from stated profiles
 //! through the REAL sweep (`Sweeper::run` on schedule ticks, its
@@ -544,7 +544,7 @@ fn print_markdown(n: usize, days: u64, rows: &[Row]) {
 
 #[tokio::main]
 async fn main() {
-    let n: usize = agenthome_bench::arg("--users", 1000);
+    let n: usize = agenthome_bench::arg("--users", 300);
     let days: u64 = agenthome_bench::arg("--days", 7);
     let json_out = std::env::args().any(|a| a == "--json");
     let users = population(n, days);

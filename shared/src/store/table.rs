@@ -5,7 +5,7 @@
 //! `template.yaml`) both render the same constants below, so the table the
 //! code talks to and the table the template deploys cannot drift silently.
 //!
-//! Both GSIs project `ALL`. The sweep needs most of the item for each
+//! Every GSI projects `ALL`. The sweep needs most of the item for each
 //! candidate (`machine_id`, `last_active_at`, the lease, the hold,
 //! `awake_since`, `sleep_eligible_at`, `generation`) and decodes it as a full
 //! [`UserRecord`](super::UserRecord); an `INCLUDE` projection would save a few
@@ -13,7 +13,9 @@
 //! or a follow-up `GetItem` per candidate. The `awake` index is sparse (only
 //! awake machines carry `awake_shard`), so its storage and write cost grow
 //! with awake machines, not users. `by-machine` is read only by
-//! reconciliation, which needs the whole record too.
+//! reconciliation, which needs the whole record too. `pending-sleep` is
+//! sparse like `awake` (only items with a pending sleep carry
+//! `sleep_shard`); the sweep sends its items through the same candidate path.
 
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::types::{

@@ -62,7 +62,8 @@ pub struct SleepAfterTurn {
     /// carries it out from `sleep_eligible_at_ms`), `held` (a command the
     /// agent left running keeps the machine awake: the hold wins; it sleeps
     /// once the command ends), `awaiting_autosleep` (explicit sleep is
-    /// refused for this key) or `busy` (another turn started).
+    /// refused for this key), `busy` (another turn started) or `no_machine`
+    /// (the machine was lost meanwhile).
     pub status: &'static str,
     /// With `scheduled`: from when the platform accepts the sleep.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -74,9 +75,12 @@ pub struct SleepAfterTurn {
 impl SleepAfterTurn {
     fn of(outcome: SleepNow, now: u64) -> Self {
         let (status, at, detail) = match outcome {
-            SleepNow::Asleep | SleepNow::NoMachine => {
-                ("asleep", None, "the machine is asleep")
-            }
+            SleepNow::Asleep => ("asleep", None, "the machine is asleep"),
+            SleepNow::NoMachine => (
+                "no_machine",
+                None,
+                "the user's machine was lost after the reply; the next turn provisions a new one",
+            ),
             SleepNow::NotYetEligible { eligible_at_ms } => (
                 "scheduled",
                 Some(eligible_at_ms),
