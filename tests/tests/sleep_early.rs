@@ -344,3 +344,64 @@ async fn adaptive_idle_sleeps_a_user_with_a_short_rhythm_before_idle_after() {
     assert_eq!(r.slept, 0, "{r:?}");
     assert_eq!(phase(&f, &fixed_machine).await, Phase::Running);
 }
+
+/// GIVEN an item that is not awake but still carries a due pending sleep
+/// (an older item, or a write this code no longer makes) WHEN the sweep
+/// runs THEN it only drops the pending sleep — no Dedalus call — and the
+/// next run no longer finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_pending_sleep_on_a_sleeping_item_is_dropped_without_a_call() {
+    use agenthome::store::{MachineState, MemoryStore, PendingSleep, UserRecord, UserStore};
+    let emu = agenthome_tests::Emulator::start().await;
+    let store = Arc::new(MemoryStore::new());
+    let now = now_ms();
+    let rec = UserRecord {
+        user_id: "old".into(),
+        machine_id: Some("dm-old".into()),
+        state: MachineState::Ready,
+        power: Power::Asleep,
+        generation: 3,
+        create_key: "0123456789abcdef0123456789abcdef".into(),
+        bootstrap_version: Some("v1".into()),
+        last_active_at: now - 10 * MINUTE,
+        lease: None,
+        terminal_id: None,
+        parked_terminals: Vec::new(),
+        awake_since: None,
+        awake_ms_total: 0,
+        sleep_eligible_at: None,
+        hold: None,
+        holds: Vec::new(),
+        last_error: None,
+        updated_at: now - 10 * MINUTE,
+        created_at: now - 60 * MINUTE,
+        awake_shard: None,
+        awake_day: None,
+        pending_sleep: Some(PendingSleep {
+            shard: agenthome::store::shard_for("old"),
+            at: now - MINUTE,
+            reason: SleepReason::Requested,
+        }),
+        gap_hist: Vec::new(),
+    };
+    store.put_raw(rec.to_item().unwrap()).unwrap();
+    let sweeper = Sweeper::new(
+        Arc::clone(&store),
+        &emu.client(),
+        sweep_settings(IdlePolicy::Fixed),
+    );
+    let r = sweeper
+        .run(now, Instant::now() + Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        (r.pending_candidates, r.skipped_busy, r.slept, r.failed),
+        (1, 1, 0, 0),
+        "{r:?}"
+    );
+    assert_eq!(store.get("old").await.unwrap().unwrap().pending_sleep, None);
+    assert!(emu.requests().await.is_empty(), "no Dedalus call");
+    let again = sweeper
+        .run(now, Instant::now() + Duration::from_secs(30))
+        .await;
+    assert_eq!(again.pending_candidates, 0, "{again:?}");
+}
