@@ -57,6 +57,7 @@ async fn main() -> Result<(), lambda_http::Error> {
         command_timeout: c.command_timeout,
         max_hold: c.max_hold,
         sleep: agenthome::sweep::SweepSettings::from_env()?,
+        hook_timeout: c.hook_timeout,
         ..TurnSettings::default()
     };
     let service = Service {
@@ -70,7 +71,8 @@ async fn main() -> Result<(), lambda_http::Error> {
                     Arc::new(app.store.clone()),
                     &app.dedalus,
                     agenthome::sweep::SweepSettings::from_env()?,
-                ),
+                )
+                .with_journal(app.journal.clone(), c.hook_timeout),
             }),
             None => None,
         },

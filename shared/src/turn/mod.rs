@@ -9,10 +9,12 @@ mod end;
 mod events;
 mod lease;
 mod memory;
+mod wake_facts;
 
 pub use end::{record_turn_end, Ending, SleepAfterTurn};
 pub use events::{MachineStage, NoEvents, StreamSettings, TurnEvent, TurnEvents, TRUNCATED_NOTE};
 pub use memory::{read_memory, summary_line, TURNS_FILE};
+pub use wake_facts::WakeFacts;
 
 use events::EventObserver;
 use lease::{Leased, TurnLease};
@@ -59,6 +61,8 @@ pub struct TurnSettings {
     /// How the after-reply step sleeps the machine (`end_conversation`) and
     /// the idle policy (`IDLE_POLICY`, `IDLE_AFTER`).
     pub sleep: crate::sweep::SweepSettings,
+    /// Bound of the in-machine `post-wake` hook (`HOOK_TIMEOUT`; zero: not run).
+    pub hook_timeout: Duration,
 }
 
 impl Default for TurnSettings {
@@ -74,6 +78,7 @@ impl Default for TurnSettings {
             memory_lines: 5,
             stream: StreamSettings::default(),
             sleep: crate::sweep::SweepSettings::default(),
+            hook_timeout: crate::hooks::DEFAULT_TIMEOUT,
         }
     }
 }
@@ -517,6 +522,14 @@ where
             }
         }
 
+        // After a wake: the post-wake hook, and what the sleep interrupted.
+        let wake_note = wake_facts::after_wake(
+            self.wake_step(&dedalus, &rec, &machine_id, wake_ms, deadline),
+            woke,
+            obs,
+        )
+        .await;
+
         // Nothing is typed into the machine once the lease is lost.
         if lease.check().await.is_err() {
             return Ok(self.stopped(turn_id, machine_id, wake_ms, obs));
@@ -565,6 +578,7 @@ where
                 })
                 .collect(),
             memory,
+            wake_note,
         };
         let limits = Limits {
             max_steps: self.settings.max_steps,
@@ -697,6 +711,26 @@ where
         }
     }
 
+    /// What the wake step needs (see `wake_facts`).
+    fn wake_step<'a>(
+        &'a self,
+        dedalus: &'a dedalus::Client,
+        rec: &'a UserRecord,
+        machine_id: &'a str,
+        wake_ms: u64,
+        deadline: Instant,
+    ) -> wake_facts::WakeStep<'a> {
+        wake_facts::WakeStep {
+            journal: self.provisioner.journal(),
+            hook_timeout: self.settings.hook_timeout,
+            dedalus,
+            rec,
+            machine_id,
+            wake_ms,
+            deadline,
+        }
+    }
+
     /// The result of a turn that lost its lease before the agent ran.
     fn stopped(
         &self,
@@ -789,22 +823,29 @@ where
     /// Every command still running keeps the machine awake (up to the
     /// maximum hold) until its completion marker exists.
     async fn hold_for_running(&self, user_id: &str, owner: &str, steps: &[CommandOutcome]) {
-        let markers = steps
+        let running = steps
             .iter()
             .filter(|s| s.still_running)
-            .filter_map(|s| s.completion_marker.clone());
-        for marker in markers {
+            .filter_map(|s| Some((s.completion_marker.clone()?, s.command.as_str())));
+        for (marker, command) in running {
             let now = now_ms();
             let hold = Hold {
                 until: now + millis(self.settings.max_hold),
                 marker,
             };
-            if let Err(e) = self
-                .provisioner
-                .store()
-                .set_hold(user_id, owner, &hold, now)
-                .await
-            {
+            let held = crate::journal::JournalEntry::new(
+                now,
+                crate::journal::Event::Held,
+                crate::journal::Actor::Turn,
+            )
+            .held(command, &hold.marker, hold.until);
+            let (stored, ()) = tokio::join!(
+                self.provisioner
+                    .store()
+                    .set_hold(user_id, owner, &hold, now),
+                self.provisioner.journal().record(user_id, held)
+            );
+            if let Err(e) = stored {
                 tracing::warn!(user_id, error = %e, "could not record the hold for a running command");
             }
         }
