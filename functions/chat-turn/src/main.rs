@@ -56,6 +56,7 @@ async fn main() -> Result<(), lambda_http::Error> {
         max_steps: c.max_steps,
         command_timeout: c.command_timeout,
         max_hold: c.max_hold,
+        sleep: agenthome::sweep::SweepSettings::from_env()?,
         hook_timeout: c.hook_timeout,
         ..TurnSettings::default()
     };

@@ -12,11 +12,11 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use base64::Engine as _;
 
 use super::record::Item;
-use super::table::{attr, shard_in, AWAKE_SHARDS};
+use super::table::{attr, shard_for, shard_in, AWAKE_SHARDS};
 use super::{
     AcquireOutcome, ClaimOutcome, CountOutcome, Counter, CreateKey, Cursor, DeleteGuard,
     DeleteOutcome, Hold, Lease, LeaseKind, LeasePurpose, MachineState, Page, Power, ReleaseOutcome,
-    Result, StoreError, UserRecord, UserStore,
+    Result, SleepPlan, StoreError, UserRecord, UserStore,
 };
 
 /// A condition over an item's attributes (DynamoDB semantics: comparisons
@@ -147,6 +147,17 @@ pub struct AwakeKey {
     pub user_id: String,
 }
 
+/// Position in the `pending-sleep` index (its `LastEvaluatedKey`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PendingKey {
+    /// Index partition.
+    pub shard: String,
+    /// Index sort key.
+    pub sleep_at: u64,
+    /// Table key.
+    pub user_id: String,
+}
+
 /// What an adapter provides. Public only inside this private module (sealed).
 pub trait Backend: Send + Sync {
     /// Strongly consistent read.
@@ -182,6 +193,15 @@ pub trait Backend: Send + Sync {
         &self,
         machine_id: &str,
     ) -> impl Future<Output = Result<Vec<UserRecord>>> + Send;
+    /// `pending-sleep` index query (`sleep_at <= due_by_ms`), ascending by
+    /// `sleep_at`.
+    fn query_pending(
+        &self,
+        shard: &str,
+        due_by_ms: u64,
+        start: Option<PendingKey>,
+        limit: u32,
+    ) -> impl Future<Output = Result<(Vec<UserRecord>, Option<PendingKey>)>> + Send;
     /// The shard count a wake writes with (`AWAKE_SHARDS`).
     fn awake_shards(&self) -> u32 {
         AWAKE_SHARDS
@@ -229,6 +249,15 @@ impl<B: Backend> Backend for std::sync::Arc<B> {
         machine_id: &str,
     ) -> impl Future<Output = Result<Vec<UserRecord>>> + Send {
         (**self).query_machine(machine_id)
+    }
+    fn query_pending(
+        &self,
+        shard: &str,
+        due_by_ms: u64,
+        start: Option<PendingKey>,
+        limit: u32,
+    ) -> impl Future<Output = Result<(Vec<UserRecord>, Option<PendingKey>)>> + Send {
+        (**self).query_pending(shard, due_by_ms, start, limit)
     }
     fn awake_shards(&self) -> u32 {
         (**self).awake_shards()
@@ -283,6 +312,13 @@ const REMOVE_LEASE: [Action; 3] = [
     Action::Remove(attr::LEASE_UNTIL),
 ];
 
+/// Drops a pending sleep (the item leaves the `pending-sleep` index).
+const REMOVE_PENDING_SLEEP: [Action; 3] = [
+    Action::Remove(attr::SLEEP_SHARD),
+    Action::Remove(attr::SLEEP_AT),
+    Action::Remove(attr::SLEEP_REASON),
+];
+
 fn awake_actions(user_id: &str, now_ms: u64, shards: u32) -> [Action; 3] {
     [
         Action::Set(attr::POWER, s(Power::Awake.as_str())),
@@ -322,7 +358,7 @@ fn valid_create_key(k: &str) -> Result<()> {
     }
 }
 
-fn encode_cursor(key: &AwakeKey) -> Result<Cursor> {
+fn encode_cursor<K: serde::Serialize>(key: &K) -> Result<Cursor> {
     let json =
         serde_json::to_vec(key).map_err(|e| StoreError::InvalidArgument(format!("cursor: {e}")))?;
     Ok(Cursor(
@@ -331,14 +367,26 @@ fn encode_cursor(key: &AwakeKey) -> Result<Cursor> {
 }
 
 fn decode_cursor(cursor: &Cursor, shard: &str) -> Result<AwakeKey> {
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(cursor.as_str())
-        .map_err(|_| StoreError::InvalidCursor)?;
-    let key: AwakeKey = serde_json::from_slice(&bytes).map_err(|_| StoreError::InvalidCursor)?;
+    let key: AwakeKey = decode_json_cursor(cursor)?;
     if key.shard != shard || key.user_id.is_empty() {
         return Err(StoreError::InvalidCursor);
     }
     Ok(key)
+}
+
+fn decode_pending_cursor(cursor: &Cursor, shard: &str) -> Result<PendingKey> {
+    let key: PendingKey = decode_json_cursor(cursor)?;
+    if key.shard != shard || key.user_id.is_empty() {
+        return Err(StoreError::InvalidCursor);
+    }
+    Ok(key)
+}
+
+fn decode_json_cursor<K: serde::de::DeserializeOwned>(cursor: &Cursor) -> Result<K> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor.as_str())
+        .map_err(|_| StoreError::InvalidCursor)?;
+    serde_json::from_slice(&bytes).map_err(|_| StoreError::InvalidCursor)
 }
 
 /// Run a conditional update of an existing item that is not `destroying`:
@@ -480,6 +528,7 @@ async fn end_awake_period<B: Backend>(
             Action::Remove(attr::AWAKE_SINCE),
             Action::Remove(attr::SLEEP_ELIGIBLE_AT),
         ]);
+        actions.extend(REMOVE_PENDING_SLEEP);
         actions.extend(extra(&current));
         let cond = Cond::And(vec![guard.clone(), pin]);
         match apply(b, op, user_id, cond.clone(), actions, now_ms).await? {
@@ -602,6 +651,8 @@ impl<B: Backend> UserStore for B {
             awake_shard: None,
             awake_day: None,
             provision_attempts: 0,
+            pending_sleep: None,
+            gap_hist: Vec::new(),
         };
         match self.put_new(&record).await? {
             Ok(()) => Ok(ClaimOutcome::Claimed(record)),
@@ -760,6 +811,10 @@ impl<B: Backend> UserStore for B {
         if matches!(purpose, LeasePurpose::Provision) {
             // The worker's run: one more attempt at this provisioning.
             actions.push(Action::Add(attr::PROVISION_ATTEMPTS, 1));
+        }
+        if purpose == LeasePurpose::Turn {
+            // A turn starting cancels a pending sleep (requested or adaptive).
+            actions.extend(REMOVE_PENDING_SLEEP);
         }
         take_lease(self, "acquire_lease", user_id, conds, actions, now_ms).await
     }
@@ -987,6 +1042,7 @@ impl<B: Backend> UserStore for B {
                     Action::Remove(attr::AWAKE_SHARD),
                     Action::Remove(attr::AWAKE_SINCE),
                 ];
+                actions.extend(REMOVE_PENDING_SLEEP);
                 if let Some(since) = current.awake_since {
                     actions.push(Action::Add(
                         attr::AWAKE_MS_TOTAL,
@@ -1004,6 +1060,9 @@ impl<B: Backend> UserStore for B {
         let actions = vec![
             Action::Set(attr::STATE, s(MachineState::Destroying.as_str())),
             Action::Remove(attr::AWAKE_SHARD),
+            Action::Remove(attr::SLEEP_SHARD),
+            Action::Remove(attr::SLEEP_AT),
+            Action::Remove(attr::SLEEP_REASON),
         ];
         // Existence is the only condition: deletion wins over every state.
         let cond = Cond::Exists(attr::USER_ID);
@@ -1161,6 +1220,119 @@ impl<B: Backend> UserStore for B {
             .await?
             .is_ok())
     }
+
+    async fn schedule_sleep(
+        &self,
+        user_id: &str,
+        plan: &SleepPlan<'_>,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        schedule_sleep(self, user_id, plan, now_ms).await
+    }
+
+    async fn clear_pending_sleep(
+        &self,
+        user_id: &str,
+        expected_at: u64,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        clear_pending_sleep(self, user_id, expected_at, now_ms).await
+    }
+
+    async fn query_pending_sleeps(
+        &self,
+        shard: &str,
+        due_by_ms: u64,
+        cursor: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Page<UserRecord>> {
+        query_pending_sleeps(self, shard, due_by_ms, cursor, limit).await
+    }
+}
+
+/// The write of [`UserStore::schedule_sleep`]: refused unless the item is
+/// as the caller left it (`last_active_at` unchanged, no live lease — a turn
+/// that started since would hold one, or have moved `last_active_at`).
+fn schedule_sleep_update(plan: &SleepPlan<'_>, user_id: &str, now_ms: u64) -> (Cond, Vec<Action>) {
+    let mut conds = vec![
+        Cond::Eq(attr::LAST_ACTIVE_AT, n(plan.expected_last_active_at)),
+        no_live_lease(now_ms),
+    ];
+    let mut actions = Vec::new();
+    if let Some((at, reason)) = plan.sleep {
+        conds.push(Cond::Exists(attr::AWAKE_SHARD));
+        actions.extend([
+            Action::Set(attr::SLEEP_SHARD, s(&shard_for(user_id))),
+            Action::Set(attr::SLEEP_AT, n(at)),
+            Action::Set(attr::SLEEP_REASON, s(reason.as_str())),
+        ]);
+    }
+    if let Some(hist) = plan.gap_hist {
+        actions.push(Action::Set(
+            attr::GAP_HIST,
+            AttributeValue::L(hist.iter().map(|c| n(u64::from(*c))).collect()),
+        ));
+    }
+    (Cond::And(conds), actions)
+}
+
+/// The pending-sleep operations (`pending-sleep` index; docs/design.md §4).
+pub(super) async fn schedule_sleep<B: Backend>(
+    b: &B,
+    user_id: &str,
+    plan: &SleepPlan<'_>,
+    now_ms: u64,
+) -> Result<UserRecord> {
+    let (cond, actions) = schedule_sleep_update(plan, user_id, now_ms);
+    if actions.is_empty() {
+        return Err(StoreError::InvalidArgument(
+            "a sleep plan with nothing to write".to_owned(),
+        ));
+    }
+    apply_or_conflict(b, "schedule_sleep", user_id, cond, actions, now_ms).await
+}
+
+pub(super) async fn clear_pending_sleep<B: Backend>(
+    b: &B,
+    user_id: &str,
+    expected_at: u64,
+    now_ms: u64,
+) -> Result<UserRecord> {
+    let cond = Cond::Eq(attr::SLEEP_AT, n(expected_at));
+    let actions = REMOVE_PENDING_SLEEP.to_vec();
+    apply_or_conflict(b, "clear_pending_sleep", user_id, cond, actions, now_ms).await
+}
+
+pub(super) async fn query_pending_sleeps<B: Backend>(
+    b: &B,
+    shard: &str,
+    due_by_ms: u64,
+    cursor: Option<&Cursor>,
+    limit: u32,
+) -> Result<Page<UserRecord>> {
+    non_empty("shard", shard)?;
+    if limit == 0 {
+        return Err(StoreError::InvalidArgument(
+            "limit must be at least 1".to_owned(),
+        ));
+    }
+    let start = cursor
+        .map(|c| decode_pending_cursor(c, shard))
+        .transpose()?;
+    let (items, last) = b.query_pending(shard, due_by_ms, start, limit).await?;
+    Ok(Page {
+        items,
+        cursor: last.as_ref().map(encode_cursor).transpose()?,
+    })
+}
+
+/// The key of `rec` in the `pending-sleep` index, if it is in it.
+pub fn pending_key(rec: &UserRecord) -> Option<PendingKey> {
+    rec.pending_sleep.as_ref().map(|p| PendingKey {
+        shard: p.shard.clone(),
+        sleep_at: p.at,
+        user_id: rec.user_id.clone(),
+    })
 }
 
 /// The key of `rec` in the `awake` index, if it is in it.

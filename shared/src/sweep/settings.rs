@@ -64,6 +64,11 @@ pub struct SweepSettings {
     /// `SWEEP_SLEEP_RATE` (default 2000): sleep calls per second for the
     /// whole Dedalus key; each of `n` workers gets `rate / n`.
     pub sleep_rate: u32,
+    /// `IDLE_POLICY` (default `fixed`): `adaptive` learns each user's
+    /// rhythm from the gaps between their turns and schedules an earlier
+    /// sleep when the history says they are gone (`IDLE_AFTER` stays the
+    /// ceiling; see `sweep::adaptive`).
+    pub idle_policy: super::adaptive::IdlePolicy,
 }
 
 impl Default for SweepSettings {
@@ -85,6 +90,7 @@ impl Default for SweepSettings {
             workers: 8,
             fanout_threshold: 5000,
             sleep_rate: 2000,
+            idle_policy: super::adaptive::IdlePolicy::Fixed,
         }
     }
 }
@@ -119,6 +125,9 @@ impl SweepSettings {
             workers: env.count("SWEEP_WORKERS", u64::from(d.workers), 1024)? as u32,
             fanout_threshold: env.count("SWEEP_FANOUT_THRESHOLD", d.fanout_threshold, u64::MAX)?,
             sleep_rate: env.count("SWEEP_SLEEP_RATE", u64::from(d.sleep_rate), 1_000_000)? as u32,
+            idle_policy: env.parse("IDLE_POLICY", d.idle_policy, |raw| {
+                super::adaptive::IdlePolicy::parse(raw).ok_or("expected fixed or adaptive")
+            })?,
         };
         if settings.lease_ttl <= settings.sleep_call_timeout {
             return Err(malformed(
@@ -166,8 +175,10 @@ mod tests {
             ("RECONCILE_SLEEP_ORPHANS", "TRUE"),
             ("RECONCILE_DESTROY_ORPHANS", "false"),
             ("SWEEP_MARGIN", "2s"),
+            ("IDLE_POLICY", "adaptive"),
         ]))
         .expect("settings");
+        assert_eq!(s.idle_policy, super::super::adaptive::IdlePolicy::Adaptive);
         assert_eq!(s.idle_after, Duration::from_secs(90));
         assert_eq!(s.concurrency, 4);
         assert_eq!(s.reconcile_every, 1);
@@ -205,6 +216,7 @@ mod tests {
             ("SWEEP_FANOUT_THRESHOLD", "lots"),
             ("SWEEP_SLEEP_RATE", "0"),
             ("AWAKE_SHARDS", "0"),
+            ("IDLE_POLICY", "smart"),
         ] {
             let err = SweepSettings::from_map(&env(&[(name, bad)])).expect_err(name);
             assert!(
