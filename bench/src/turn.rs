@@ -3,7 +3,7 @@
 //! Two users on warm, running machines (emulator with no boot/wake delays,
 //! table on the serialized `moto_server`), each turn a `POST
 //! /v1/users/{u}/turns` API Gateway v2 event handled by the chat-turn
-//! function's `Service` in-process:
+//! function's `ChatTurnService` in-process:
 //! - **shell**: shell mode, the message is the command (`echo hi`);
 //! - **agent**: an LLM agent (a scripted model on loopback) that runs one
 //!   tool call (`echo hi`) and answers;
@@ -65,7 +65,7 @@ pub const COMMAND: &str = "echo hi";
 pub const LATENCIES: &[u64] = &[0, 20, 50];
 
 type Store = InstrumentedStore<DynamoStore>;
-type Chat = chat_turn_fn::Service<Store, QueueTrigger>;
+type Chat = chat_turn_fn::ChatTurnService<Store, QueueTrigger>;
 
 const SHELL_USER: &str = "bench-shell";
 const AGENT_USER: &str = "bench-agent";
@@ -188,7 +188,7 @@ fn chat(store: &Store, emu: &Emulator, tx: &QueueTrigger, agent: Agent) -> (Chat
         },
     );
     let (metrics, lines) = Metrics::capture(MetricsConfig::default());
-    let service = chat_turn_fn::Service {
+    let service = chat_turn_fn::ChatTurnService {
         turns,
         auth: agenthome_tests::stack::authorizer(AuthMode::Jwt),
         // Counted like in production (default 30), but never reached.

@@ -5,7 +5,7 @@
 //! ([`UserStore::count_request`]), so one user's loop never costs another
 //! user anything and every instance shares the same count.
 
-use crate::api::{Problem, UserId};
+use crate::api::{Problem, ProblemCode, UserId};
 use crate::clock::now_ms;
 use crate::store::{CountOutcome, Counter, UserStore};
 use std::time::Duration;
@@ -48,10 +48,8 @@ impl FairUse {
 
     /// The 429 problem of a user over `limit` turns per minute.
     pub fn turn_limited(limit: u32, retry_after: Duration) -> Problem {
-        Problem::new(
-            429,
-            "rate_limited",
-            "Too many requests",
+        Problem::of(
+            ProblemCode::RateLimited,
             format!("at most {limit} turns per minute per user; retry after Retry-After"),
         )
         .with_retry_after(retry_after)

@@ -12,11 +12,11 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use base64::Engine as _;
 
 use super::record::Item;
-use super::table::{attr, shard_in, AWAKE_SHARDS};
+use super::table::{attr, shard_for, shard_in, AWAKE_SHARDS};
 use super::{
     AcquireOutcome, ClaimOutcome, CountOutcome, Counter, CreateKey, Cursor, DeleteGuard,
     DeleteOutcome, Hold, Lease, LeaseKind, LeasePurpose, MachineState, Page, Power, ReleaseOutcome,
-    Result, StoreError, UserRecord, UserStore,
+    Result, SleepPlan, StoreError, UserRecord, UserStore,
 };
 use super::{BeginTurn, TurnCount, TurnEnd};
 
@@ -81,7 +81,11 @@ impl Action {
     /// The attribute the action writes.
     pub fn attribute(&self) -> &'static str {
         match self {
-            Self::Set(a, _) | Self::SetIfNotExists(a, _) | Self::Add(a, _) | Self::Remove(a) => a,
+            Self::Set(a, _)
+            | Self::SetIfNotExists(a, _)
+            | Self::Add(a, _)
+            | Self::Remove(a)
+            | Self::CopyOr(a, _, _) => a,
         }
     }
 
@@ -107,6 +111,10 @@ impl Action {
             Self::Remove(a) => {
                 item.remove(*a);
             }
+            Self::CopyOr(a, from, v) => {
+                let value = item.get(*from).cloned().unwrap_or_else(|| v.clone());
+                item.insert((*a).to_owned(), value);
+            }
         }
     }
 }
@@ -122,6 +130,9 @@ pub enum Action {
     Add(&'static str, u64),
     /// `REMOVE a`
     Remove(&'static str),
+    /// `SET a = if_not_exists(b, v)`: copies `b` as it was before the
+    /// update (list it before any action writing `b`).
+    CopyOr(&'static str, &'static str, AttributeValue),
 }
 
 /// A conditional update of an existing item.
@@ -144,6 +155,17 @@ pub struct AwakeKey {
     pub shard: String,
     /// Index sort key.
     pub last_active_at: u64,
+    /// Table key.
+    pub user_id: String,
+}
+
+/// Position in the `pending-sleep` index (its `LastEvaluatedKey`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PendingKey {
+    /// Index partition.
+    pub shard: String,
+    /// Index sort key.
+    pub sleep_at: u64,
     /// Table key.
     pub user_id: String,
 }
@@ -183,6 +205,15 @@ pub trait Backend: Send + Sync {
         &self,
         machine_id: &str,
     ) -> impl Future<Output = Result<Vec<UserRecord>>> + Send;
+    /// `pending-sleep` index query (`sleep_at <= due_by_ms`), ascending by
+    /// `sleep_at`.
+    fn query_pending(
+        &self,
+        shard: &str,
+        due_by_ms: u64,
+        start: Option<PendingKey>,
+        limit: u32,
+    ) -> impl Future<Output = Result<(Vec<UserRecord>, Option<PendingKey>)>> + Send;
     /// The shard count a wake writes with (`AWAKE_SHARDS`).
     fn awake_shards(&self) -> u32 {
         AWAKE_SHARDS
@@ -230,6 +261,15 @@ impl<B: Backend> Backend for std::sync::Arc<B> {
         machine_id: &str,
     ) -> impl Future<Output = Result<Vec<UserRecord>>> + Send {
         (**self).query_machine(machine_id)
+    }
+    fn query_pending(
+        &self,
+        shard: &str,
+        due_by_ms: u64,
+        start: Option<PendingKey>,
+        limit: u32,
+    ) -> impl Future<Output = Result<(Vec<UserRecord>, Option<PendingKey>)>> + Send {
+        (**self).query_pending(shard, due_by_ms, start, limit)
     }
     fn awake_shards(&self) -> u32 {
         (**self).awake_shards()
@@ -284,6 +324,13 @@ const REMOVE_LEASE: [Action; 3] = [
     Action::Remove(attr::LEASE_UNTIL),
 ];
 
+/// Drops a pending sleep (the item leaves the `pending-sleep` index).
+const REMOVE_PENDING_SLEEP: [Action; 3] = [
+    Action::Remove(attr::SLEEP_SHARD),
+    Action::Remove(attr::SLEEP_AT),
+    Action::Remove(attr::SLEEP_REASON),
+];
+
 fn awake_actions(user_id: &str, now_ms: u64, shards: u32) -> [Action; 3] {
     [
         Action::Set(attr::POWER, s(Power::Awake.as_str())),
@@ -323,7 +370,7 @@ fn valid_create_key(k: &str) -> Result<()> {
     }
 }
 
-fn encode_cursor(key: &AwakeKey) -> Result<Cursor> {
+fn encode_cursor<K: serde::Serialize>(key: &K) -> Result<Cursor> {
     let json =
         serde_json::to_vec(key).map_err(|e| StoreError::InvalidArgument(format!("cursor: {e}")))?;
     Ok(Cursor(
@@ -332,14 +379,26 @@ fn encode_cursor(key: &AwakeKey) -> Result<Cursor> {
 }
 
 fn decode_cursor(cursor: &Cursor, shard: &str) -> Result<AwakeKey> {
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(cursor.as_str())
-        .map_err(|_| StoreError::InvalidCursor)?;
-    let key: AwakeKey = serde_json::from_slice(&bytes).map_err(|_| StoreError::InvalidCursor)?;
+    let key: AwakeKey = decode_json_cursor(cursor)?;
     if key.shard != shard || key.user_id.is_empty() {
         return Err(StoreError::InvalidCursor);
     }
     Ok(key)
+}
+
+fn decode_pending_cursor(cursor: &Cursor, shard: &str) -> Result<PendingKey> {
+    let key: PendingKey = decode_json_cursor(cursor)?;
+    if key.shard != shard || key.user_id.is_empty() {
+        return Err(StoreError::InvalidCursor);
+    }
+    Ok(key)
+}
+
+fn decode_json_cursor<K: serde::de::DeserializeOwned>(cursor: &Cursor) -> Result<K> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor.as_str())
+        .map_err(|_| StoreError::InvalidCursor)?;
+    serde_json::from_slice(&bytes).map_err(|_| StoreError::InvalidCursor)
 }
 
 /// Run a conditional update of an existing item that is not `destroying`:
@@ -415,13 +474,35 @@ async fn apply_or_conflict<B: Backend>(
         })
 }
 
-/// Classify a refused lease acquisition.
-fn refused_acquire(current: UserRecord, now_ms: u64) -> AcquireOutcome {
-    if current.live_lease(now_ms).is_some() {
-        AcquireOutcome::Busy(current)
-    } else {
-        AcquireOutcome::Changed(current)
-    }
+/// A write only the lease holder `owner` may make ([`apply_or_conflict`]).
+async fn by_holder<B: Backend>(
+    b: &B,
+    op: &'static str,
+    user_id: &str,
+    owner: &str,
+    actions: Vec<Action>,
+    now_ms: u64,
+) -> Result<UserRecord> {
+    apply_or_conflict(b, op, user_id, lease_owned_by(owner), actions, now_ms).await
+}
+
+/// A write that takes a lease if all of `conds` hold: `Acquired`, or why
+/// not — `Busy` (a live lease) or `Changed` (the item moved on).
+async fn take_lease<B: Backend>(
+    b: &B,
+    op: &'static str,
+    user_id: &str,
+    conds: Vec<Cond>,
+    actions: Vec<Action>,
+    now_ms: u64,
+) -> Result<AcquireOutcome> {
+    Ok(
+        match apply(b, op, user_id, Cond::And(conds), actions, now_ms).await? {
+            Ok(rec) => AcquireOutcome::Acquired(rec),
+            Err(current) if current.live_lease(now_ms).is_some() => AcquireOutcome::Busy(current),
+            Err(current) => AcquireOutcome::Changed(current),
+        },
+    )
 }
 
 /// Writes that end an awake period (sleep, lost) need `awake_since` as read,
@@ -459,6 +540,7 @@ async fn end_awake_period<B: Backend>(
             Action::Remove(attr::AWAKE_SINCE),
             Action::Remove(attr::SLEEP_ELIGIBLE_AT),
         ]);
+        actions.extend(REMOVE_PENDING_SLEEP);
         actions.extend(extra(&current));
         let cond = Cond::And(vec![guard.clone(), pin]);
         match apply(b, op, user_id, cond.clone(), actions, now_ms).await? {
@@ -581,6 +663,9 @@ impl<B: Backend> UserStore for B {
             awake_shard: None,
             awake_day: None,
             turns: Default::default(),
+            provision_attempts: 0,
+            pending_sleep: None,
+            gap_hist: Vec::new(),
         };
         match self.put_new(&record).await? {
             Ok(()) => Ok(ClaimOutcome::Claimed(record)),
@@ -699,6 +784,7 @@ impl<B: Backend> UserStore for B {
         let mut actions = vec![
             Action::Set(attr::STATE, s(MachineState::Provisioning.as_str())),
             Action::Remove(attr::LAST_ERROR),
+            Action::Set(attr::PROVISION_ATTEMPTS, n(0)),
         ];
         actions.extend(set_lease(lease));
         if let CreateKey::Replace(key) = &create_key {
@@ -706,21 +792,15 @@ impl<B: Backend> UserStore for B {
             conds.push(Cond::NotExists(attr::MACHINE_ID));
             actions.push(Action::Set(attr::CREATE_KEY, s(key)));
         }
-        Ok(
-            match apply(
-                self,
-                "restart_provisioning",
-                user_id,
-                Cond::And(conds),
-                actions,
-                now_ms,
-            )
-            .await?
-            {
-                Ok(rec) => AcquireOutcome::Acquired(rec),
-                Err(current) => refused_acquire(current, now_ms),
-            },
+        take_lease(
+            self,
+            "restart_provisioning",
+            user_id,
+            conds,
+            actions,
+            now_ms,
         )
+        .await
     }
 
     async fn acquire_lease(
@@ -740,22 +820,16 @@ impl<B: Backend> UserStore for B {
             conds.push(Cond::Eq(attr::LAST_ACTIVE_AT, n(expected_last_active_at)));
         }
         let lease = Lease::new(owner, purpose.kind(), until_ms);
-        let actions = set_lease(&lease).to_vec();
-        Ok(
-            match apply(
-                self,
-                "acquire_lease",
-                user_id,
-                Cond::And(conds),
-                actions,
-                now_ms,
-            )
-            .await?
-            {
-                Ok(rec) => AcquireOutcome::Acquired(rec),
-                Err(current) => refused_acquire(current, now_ms),
-            },
-        )
+        let mut actions = set_lease(&lease).to_vec();
+        if matches!(purpose, LeasePurpose::Provision) {
+            // The worker's run: one more attempt at this provisioning.
+            actions.push(Action::Add(attr::PROVISION_ATTEMPTS, 1));
+        }
+        if purpose == LeasePurpose::Turn {
+            // A turn starting cancels a pending sleep (requested or adaptive).
+            actions.extend(REMOVE_PENDING_SLEEP);
+        }
+        take_lease(self, "acquire_lease", user_id, conds, actions, now_ms).await
     }
 
     async fn renew_lease(
@@ -766,15 +840,7 @@ impl<B: Backend> UserStore for B {
         now_ms: u64,
     ) -> Result<UserRecord> {
         let actions = vec![Action::Set(attr::LEASE_UNTIL, n(until_ms))];
-        apply_or_conflict(
-            self,
-            "renew_lease",
-            user_id,
-            lease_owned_by(owner),
-            actions,
-            now_ms,
-        )
-        .await
+        by_holder(self, "renew_lease", user_id, owner, actions, now_ms).await
     }
 
     async fn release_lease(
@@ -803,28 +869,12 @@ impl<B: Backend> UserStore for B {
     async fn mark_awake(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
         let mut actions = vec![Action::Set(attr::LAST_ACTIVE_AT, n(now_ms))];
         actions.extend(awake_actions(user_id, now_ms, self.awake_shards()));
-        apply_or_conflict(
-            self,
-            "mark_awake",
-            user_id,
-            lease_owned_by(owner),
-            actions,
-            now_ms,
-        )
-        .await
+        by_holder(self, "mark_awake", user_id, owner, actions, now_ms).await
     }
 
     async fn touch(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
         let actions = vec![Action::Set(attr::LAST_ACTIVE_AT, n(now_ms))];
-        apply_or_conflict(
-            self,
-            "touch",
-            user_id,
-            lease_owned_by(owner),
-            actions,
-            now_ms,
-        )
-        .await
+        by_holder(self, "touch", user_id, owner, actions, now_ms).await
     }
 
     async fn set_terminal(
@@ -841,15 +891,7 @@ impl<B: Backend> UserStore for B {
             }
             None => Action::Remove(attr::TERMINAL_ID),
         };
-        apply_or_conflict(
-            self,
-            "set_terminal",
-            user_id,
-            lease_owned_by(owner),
-            vec![action],
-            now_ms,
-        )
-        .await
+        by_holder(self, "set_terminal", user_id, owner, vec![action], now_ms).await
     }
 
     async fn set_terminals(
@@ -880,15 +922,7 @@ impl<B: Backend> UserStore for B {
                 AttributeValue::L(parked.iter().map(|t| s(t)).collect()),
             )
         });
-        apply_or_conflict(
-            self,
-            "set_terminals",
-            user_id,
-            lease_owned_by(owner),
-            actions,
-            now_ms,
-        )
-        .await
+        by_holder(self, "set_terminals", user_id, owner, actions, now_ms).await
     }
 
     async fn set_hold(
@@ -934,15 +968,7 @@ impl<B: Backend> UserStore for B {
             Action::Remove(attr::HOLD_MARKER),
             Action::Remove(attr::HOLDS),
         ];
-        apply_or_conflict(
-            self,
-            "clear_hold",
-            user_id,
-            lease_owned_by(owner),
-            actions,
-            now_ms,
-        )
-        .await
+        by_holder(self, "clear_hold", user_id, owner, actions, now_ms).await
     }
 
     async fn mark_asleep(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
@@ -962,11 +988,11 @@ impl<B: Backend> UserStore for B {
         now_ms: u64,
     ) -> Result<UserRecord> {
         let actions = vec![Action::Set(attr::SLEEP_ELIGIBLE_AT, n(eligible_at_ms))];
-        apply_or_conflict(
+        by_holder(
             self,
             "set_sleep_eligible_at",
             user_id,
-            lease_owned_by(owner),
+            owner,
             actions,
             now_ms,
         )
@@ -1029,6 +1055,7 @@ impl<B: Backend> UserStore for B {
                     Action::Remove(attr::AWAKE_SHARD),
                     Action::Remove(attr::AWAKE_SINCE),
                 ];
+                actions.extend(REMOVE_PENDING_SLEEP);
                 if let Some(since) = current.awake_since {
                     actions.push(Action::Add(
                         attr::AWAKE_MS_TOTAL,
@@ -1046,6 +1073,9 @@ impl<B: Backend> UserStore for B {
         let actions = vec![
             Action::Set(attr::STATE, s(MachineState::Destroying.as_str())),
             Action::Remove(attr::AWAKE_SHARD),
+            Action::Remove(attr::SLEEP_SHARD),
+            Action::Remove(attr::SLEEP_AT),
+            Action::Remove(attr::SLEEP_REASON),
         ];
         // Existence is the only condition: deletion wins over every state.
         let cond = Cond::Exists(attr::USER_ID);
@@ -1224,6 +1254,119 @@ impl<B: Backend> UserStore for B {
             .await?
             .is_ok())
     }
+
+    async fn schedule_sleep(
+        &self,
+        user_id: &str,
+        plan: &SleepPlan<'_>,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        schedule_sleep(self, user_id, plan, now_ms).await
+    }
+
+    async fn clear_pending_sleep(
+        &self,
+        user_id: &str,
+        expected_at: u64,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        clear_pending_sleep(self, user_id, expected_at, now_ms).await
+    }
+
+    async fn query_pending_sleeps(
+        &self,
+        shard: &str,
+        due_by_ms: u64,
+        cursor: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Page<UserRecord>> {
+        query_pending_sleeps(self, shard, due_by_ms, cursor, limit).await
+    }
+}
+
+/// The write of [`UserStore::schedule_sleep`]: refused unless the item is
+/// as the caller left it (`last_active_at` unchanged, no live lease — a turn
+/// that started since would hold one, or have moved `last_active_at`).
+fn schedule_sleep_update(plan: &SleepPlan<'_>, user_id: &str, now_ms: u64) -> (Cond, Vec<Action>) {
+    let mut conds = vec![
+        Cond::Eq(attr::LAST_ACTIVE_AT, n(plan.expected_last_active_at)),
+        no_live_lease(now_ms),
+    ];
+    let mut actions = Vec::new();
+    if let Some((at, reason)) = plan.sleep {
+        conds.push(Cond::Exists(attr::AWAKE_SHARD));
+        actions.extend([
+            Action::Set(attr::SLEEP_SHARD, s(&shard_for(user_id))),
+            Action::Set(attr::SLEEP_AT, n(at)),
+            Action::Set(attr::SLEEP_REASON, s(reason.as_str())),
+        ]);
+    }
+    if let Some(hist) = plan.gap_hist {
+        actions.push(Action::Set(
+            attr::GAP_HIST,
+            AttributeValue::L(hist.iter().map(|c| n(u64::from(*c))).collect()),
+        ));
+    }
+    (Cond::And(conds), actions)
+}
+
+/// The pending-sleep operations (`pending-sleep` index; docs/design.md §4).
+pub(super) async fn schedule_sleep<B: Backend>(
+    b: &B,
+    user_id: &str,
+    plan: &SleepPlan<'_>,
+    now_ms: u64,
+) -> Result<UserRecord> {
+    let (cond, actions) = schedule_sleep_update(plan, user_id, now_ms);
+    if actions.is_empty() {
+        return Err(StoreError::InvalidArgument(
+            "a sleep plan with nothing to write".to_owned(),
+        ));
+    }
+    apply_or_conflict(b, "schedule_sleep", user_id, cond, actions, now_ms).await
+}
+
+pub(super) async fn clear_pending_sleep<B: Backend>(
+    b: &B,
+    user_id: &str,
+    expected_at: u64,
+    now_ms: u64,
+) -> Result<UserRecord> {
+    let cond = Cond::Eq(attr::SLEEP_AT, n(expected_at));
+    let actions = REMOVE_PENDING_SLEEP.to_vec();
+    apply_or_conflict(b, "clear_pending_sleep", user_id, cond, actions, now_ms).await
+}
+
+pub(super) async fn query_pending_sleeps<B: Backend>(
+    b: &B,
+    shard: &str,
+    due_by_ms: u64,
+    cursor: Option<&Cursor>,
+    limit: u32,
+) -> Result<Page<UserRecord>> {
+    non_empty("shard", shard)?;
+    if limit == 0 {
+        return Err(StoreError::InvalidArgument(
+            "limit must be at least 1".to_owned(),
+        ));
+    }
+    let start = cursor
+        .map(|c| decode_pending_cursor(c, shard))
+        .transpose()?;
+    let (items, last) = b.query_pending(shard, due_by_ms, start, limit).await?;
+    Ok(Page {
+        items,
+        cursor: last.as_ref().map(encode_cursor).transpose()?,
+    })
+}
+
+/// The key of `rec` in the `pending-sleep` index, if it is in it.
+pub fn pending_key(rec: &UserRecord) -> Option<PendingKey> {
+    rec.pending_sleep.as_ref().map(|p| PendingKey {
+        shard: p.shard.clone(),
+        sleep_at: p.at,
+        user_id: rec.user_id.clone(),
+    })
 }
 
 // ------------------------------------------------------------ turn writes --
@@ -1293,9 +1436,17 @@ async fn begin_turn<B: Backend>(
     for _ in 0..3 {
         let mut cond = turn_may_begin(now_ms);
         let mut actions = set_lease(&lease).to_vec();
+        // The activity before this turn (adaptive idle's gap), kept first.
+        actions.push(Action::CopyOr(
+            attr::PREV_ACTIVE_AT,
+            attr::LAST_ACTIVE_AT,
+            n(now_ms),
+        ));
         actions.push(Action::Set(attr::LAST_ACTIVE_AT, n(now_ms)));
         actions.extend(awake_actions(user_id, now_ms, b.awake_shards()));
         actions.push(Action::Add(attr::TURN_SEQ, 1));
+        // A turn starting cancels a pending sleep (requested or adaptive).
+        actions.extend(REMOVE_PENDING_SLEEP);
         if let (Some(c), Some((w, _))) = (count, window) {
             let (c_cond, c_actions) = count_parts(form, w, c.limit);
             cond.push(c_cond);
@@ -1394,15 +1545,7 @@ async fn end_turn<B: Backend>(
     if let Some(seq) = end.clean_seq {
         actions.push(Action::Set(attr::CLEAN_SEQ, n(seq)));
     }
-    apply_or_conflict(
-        b,
-        "end_turn",
-        user_id,
-        lease_owned_by(owner),
-        actions,
-        now_ms,
-    )
-    .await
+    by_holder(b, "end_turn", user_id, owner, actions, now_ms).await
 }
 
 /// The key of `rec` in the `awake` index, if it is in it.

@@ -14,12 +14,14 @@
 //! holds). See `steps`.
 
 mod begin;
+mod end;
 mod events;
 mod lease;
 mod memory;
 mod steps;
 mod wake_facts;
 
+pub use end::{record_turn_end, Ending, SleepAfterTurn};
 pub use events::{MachineStage, NoEvents, StreamSettings, TurnEvent, TurnEvents, TRUNCATED_NOTE};
 pub use memory::{read_memory, summary_line, TURNS_FILE};
 pub use wake_facts::WakeFacts;
@@ -59,6 +61,9 @@ pub struct TurnSettings {
     pub memory_lines: usize,
     /// How progress events stream output (coalescing, cap).
     pub stream: StreamSettings,
+    /// How the after-reply step sleeps the machine (`end_conversation`) and
+    /// the idle policy (`IDLE_POLICY`, `IDLE_AFTER`).
+    pub sleep: crate::sweep::SweepSettings,
     /// Bound of the in-machine `post-wake` hook (`HOOK_TIMEOUT`; zero: not run).
     pub hook_timeout: Duration,
 }
@@ -75,6 +80,7 @@ impl Default for TurnSettings {
             finish_reserve: Duration::from_secs(3),
             memory_lines: 5,
             stream: StreamSettings::default(),
+            sleep: crate::sweep::SweepSettings::default(),
             hook_timeout: crate::hooks::DEFAULT_TIMEOUT,
         }
     }
@@ -108,6 +114,9 @@ pub struct TurnResult {
     pub timings: Timings,
     /// Which backend ran the commands.
     pub transport: Transport,
+    /// With `end_conversation`: what happened to the machine after the reply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sleep: Option<SleepAfterTurn>,
 }
 
 impl TurnResult {
@@ -139,6 +148,7 @@ impl TurnResult {
                 total_ms: millis(started.elapsed()),
             },
             transport,
+            sleep: None,
         }
     }
 }
@@ -223,6 +233,7 @@ pub struct TurnService<S, T> {
     provisioner: Provisioner<S, T>,
     agent: Agent,
     settings: TurnSettings,
+    sleeper: crate::sweep::Sweeper<S>,
     windows: begin::RateWindows,
 }
 
@@ -233,10 +244,16 @@ where
 {
     /// Assemble (clients built once by the caller).
     pub fn new(provisioner: Provisioner<S, T>, agent: Agent, settings: TurnSettings) -> Self {
+        let sleeper = crate::sweep::Sweeper::new(
+            std::sync::Arc::new(provisioner.store().clone()),
+            provisioner.dedalus(),
+            settings.sleep.clone(),
+        );
         TurnService {
             provisioner,
             agent,
             settings,
+            sleeper,
             windows: begin::RateWindows::default(),
         }
     }
@@ -346,11 +363,13 @@ where
         let mut end = TurnEnd::default();
         // Boxed and type-erased: the turn's future is large and deep (wake,
         // shell, agent, bookkeeping); callers' futures stay small.
+        let ending = end::Ending::begun(&rec, now_ms(), request.end_conversation);
         let drive: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
             Box::pin(self.drive(rec, &lease, &turn_id, request, deadline, obs, &mut end));
         let result = drive.await;
         drop(lease);
-        self.finish(user_id, &owner, result, &end, obs).await
+        self.finish(user_id, &owner, result, &end, ending, obs)
+            .await
     }
 
     /// Bookkeeping whatever the turn did, in one write: release, activity
@@ -362,6 +381,7 @@ where
         owner: &str,
         result: Result<TurnResult, TurnError>,
         end: &TurnEnd,
+        ending: end::Ending,
         obs: &EventObserver<'_>,
     ) -> Result<TurnOutcome, TurnError> {
         let store = self.provisioner.store();
@@ -383,6 +403,8 @@ where
         if let Err(e) = store.end_turn(user_id, owner, end, now).await {
             tracing::warn!(user_id, error = %e, "could not end the turn in the table; the lease expires by itself");
         }
+        // Needs the lease released and `last_active_at` as `end_turn` left it.
+        let result = self.after_turn(ending, result, now).await;
         result.map(|r| TurnOutcome::Done(Box::new(r)))
     }
 
