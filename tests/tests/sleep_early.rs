@@ -9,7 +9,7 @@
 //!   left running still holds the machine (the reply says so); streaming
 //!   turns behave the same; anything but a boolean is a 422.
 //! - A pending sleep never fires under a turn that started after it, nor
-//!   after such a turn ended (the turn's lease acquisition cancels it).
+//!   after such a turn ended (the turn's begin, `begin_turn`, cancels it).
 //! - `IDLE_POLICY=adaptive` schedules a user with a short rhythm for sleep
 //!   well before `IDLE_AFTER`; `fixed` does not.
 
@@ -171,7 +171,7 @@ async fn end_conversation_inside_the_hold_window_sleeps_on_the_first_run_after_i
 /// GIVEN a sleep requested inside the hold window (pending) WHEN a turn
 /// starts after the request THEN the sweep never sleeps the machine: not
 /// while that turn runs (past the due time), and not after it ended.
-/// (Without the turn's cancellation in its lease acquisition, the last run
+/// (Without the cancellation in the turn's `begin_turn` write, the last run
 /// sleeps the machine and this test fails.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pending_sleep_never_fires_under_or_after_a_turn_that_started_after_it() {
