@@ -11,7 +11,8 @@
 //! - A pending sleep never fires under a turn that started after it, nor
 //!   after such a turn ended (the turn's begin, `begin_turn`, cancels it).
 //! - `IDLE_POLICY=adaptive` schedules a user with a short rhythm for sleep
-//!   well before `IDLE_AFTER`; `fixed` does not.
+//!   well before `IDLE_AFTER`; `fixed` does not; the pause counted is the one
+//!   before the turn.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -343,6 +344,48 @@ async fn adaptive_idle_sleeps_a_user_with_a_short_rhythm_before_idle_after() {
     let r = sweep_at(&f, item.last_active_at + 61_000).await;
     assert_eq!(r.slept, 0, "{r:?}");
     assert_eq!(phase(&f, &fixed_machine).await, Phase::Running);
+}
+
+/// GIVEN `IDLE_POLICY=adaptive` and a user last active five minutes ago
+/// WHEN a turn runs THEN the histogram counts that five-minute pause (the
+/// activity `begin_turn` found, not the turn's own start, which that write
+/// also records as `last_active_at`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_idle_counts_the_pause_before_the_turn() {
+    use agenthome::store::{AcquireOutcome, LeasePurpose, UserStore};
+    use agenthome::sweep::adaptive::GAP_BUCKETS_S;
+    let s = stack(IdlePolicy::Adaptive, Duration::from_secs(60)).await;
+    s.ready_user("alice").await;
+    let item = s.item("alice").await;
+    let now = now_ms();
+    let sweep = LeasePurpose::Sweep {
+        expected_last_active_at: item.last_active_at,
+    };
+    let taken = s
+        .store
+        .acquire_lease("alice", "test", sweep, now + MINUTE, now)
+        .await
+        .expect("lease");
+    assert!(matches!(taken, AcquireOutcome::Acquired(_)), "{taken:?}");
+    s.store
+        .touch("alice", "test", now - 5 * MINUTE)
+        .await
+        .expect("back-date the activity");
+    s.store
+        .release_lease("alice", "test", now)
+        .await
+        .expect("release");
+    let r = s.turn("alice", "echo hi").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let hist = s.item("alice").await.gap_hist;
+    // 300 s (plus the turn's own latency) falls in the first bucket above 300 s.
+    let five_minutes = GAP_BUCKETS_S
+        .iter()
+        .position(|&edge| edge > 300)
+        .expect("a bucket above 300 s");
+    let counted: Vec<usize> = (0..hist.len()).filter(|&i| hist[i] > 0).collect();
+    assert_eq!(counted, vec![five_minutes], "{hist:?}");
+    assert_eq!(hist[five_minutes], 1, "{hist:?}");
 }
 
 /// GIVEN an item that is not awake but still carries a due pending sleep
