@@ -140,6 +140,7 @@ impl TurnStack {
             margin: Duration::from_secs(2),
             heartbeat: chat_turn_fn::HEARTBEAT,
             metrics: agenthome::metrics::Metrics::off(),
+            first_turn: agenthome::entry::FirstTurn::new(Duration::ZERO),
         };
         let client = emu.client();
         let mut stack = TurnStack {

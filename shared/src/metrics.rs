@@ -244,6 +244,7 @@ pub const TURN_CODES: &[&str] = &[
     "no_time",
     "temporarily_unavailable",
     "internal_error",
+    "provisioning_failed",
 ];
 
 /// One line per chat turn (`chat-turn`, buffered or streamed).

@@ -4,10 +4,12 @@
 
 pub mod awake_budget;
 mod fair_use;
+pub mod first_turn;
 mod route;
 
 pub use awake_budget::AwakeBudget;
 pub use fair_use::FairUse;
+pub use first_turn::{FirstTurn, Waited};
 pub use route::{route, Route};
 
 use crate::api::jwt::{split_scopes, JwtError, JwtSettings, JwtVerifier};

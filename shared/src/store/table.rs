@@ -88,6 +88,15 @@ pub mod attr {
     pub const AWAKE_DAY: &str = "awake_day";
     /// Awake budget: `awake_ms_total` at the start of `awake_day`.
     pub const AWAKE_DAY_BASE: &str = "awake_day_base";
+    /// Provisioning: the worker's current step (`claimed` · `creating` ·
+    /// `booting` · `bootstrapping`), written with the writes the worker
+    /// makes anyway; removed when the machine is ready.
+    pub const PROVISION_STAGE: &str = "provision_stage";
+    /// Provisioning: epoch ms the current `provision_stage` began.
+    pub const PROVISION_STAGE_AT: &str = "provision_stage_at";
+    /// Expiry (epoch seconds) of items that expire (turn idempotency
+    /// keys): the table's one TTL attribute.
+    pub const EXPIRES_AT: &str = "expires_at";
 }
 
 /// Name of the sparse GSI the sweep queries.

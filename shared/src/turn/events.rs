@@ -47,6 +47,27 @@ pub enum MachineStage {
     Waking,
     /// The machine runs; commands follow.
     Ready,
+    /// A first message waits for provisioning: the item is claimed, the
+    /// worker has not started yet.
+    Claimed,
+    /// … the worker creates the machine.
+    Creating,
+    /// … the machine exists and is booting.
+    Booting,
+    /// … the machine runs its bootstrap script.
+    Bootstrapping,
+}
+
+impl From<crate::store::ProvisionStage> for MachineStage {
+    fn from(stage: crate::store::ProvisionStage) -> Self {
+        use crate::store::ProvisionStage as P;
+        match stage {
+            P::Claimed => MachineStage::Claimed,
+            P::Creating => MachineStage::Creating,
+            P::Booting => MachineStage::Booting,
+            P::Bootstrapping => MachineStage::Bootstrapping,
+        }
+    }
 }
 
 /// One progress event. Serialized adjacently tagged:
@@ -63,6 +84,9 @@ pub enum TurnEvent {
         phase: String,
         /// Since the turn started.
         elapsed_ms: u64,
+        /// While provisioning: time spent in this stage so far.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stage_elapsed_ms: Option<u64>,
     },
     /// A command starts.
     StepStarted {
@@ -218,6 +242,7 @@ impl<'a> EventObserver<'a> {
             stage,
             phase: phase.to_string(),
             elapsed_ms: super::millis(self.started.elapsed()),
+            stage_elapsed_ms: None,
         });
     }
 
