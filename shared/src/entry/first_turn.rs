@@ -326,7 +326,10 @@ mod tests {
         // Learned: booting took 2 s twice → 8 s becomes 6.5 s, then 5.375 s.
         ft.learn(ProvisionStage::Booting, 2_000);
         ft.learn(ProvisionStage::Booting, 2_000);
-        assert_eq!(ft.retry_after(&booting, 13_000), Duration::from_millis(2_375 + 15_000));
+        assert_eq!(
+            ft.retry_after(&booting, 13_000),
+            Duration::from_millis(2_375 + 15_000)
+        );
     }
 
     #[tokio::test]
