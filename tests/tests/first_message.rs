@@ -245,3 +245,75 @@ async fn bad_idempotency_keys_are_400_problems() {
         "nothing was provisioned for a refused request"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_time_runs_out_ends_with_how_to_continue_and_provisioning_goes_on() {
+    // TURN_DEADLINE 8 s leaves the wait 3 s (5 s are kept for the turn);
+    // the machine boots in 9 s.
+    let stack = Stack::start_with(StackOptions {
+        first_turn_wait: Duration::from_secs(25),
+        turn_deadline: Duration::from_secs(8),
+        ..StackOptions::default()
+    })
+    .await;
+    stack.emu.configure(json!({ "boot_delay_ms": 9000 })).await;
+    let message = "echo once >> ~/once.log && wc -l < ~/once.log";
+    let streamed = async {
+        let body = json!({ "message": message }).to_string();
+        let mut event = http("POST", "/v1/users/eve/turns", Some(&body), jwt("eve"));
+        event["headers"]["accept"] = Value::String("text/event-stream".into());
+        let resp = stack.send_streaming(&event).await;
+        assert_eq!(resp.status(), 200);
+        sse_events(resp.into_body()).await
+    };
+    let (events, workers) = tokio::join!(streamed, worker_until_ready(&stack, "eve"));
+    assert_eq!(workers, 1);
+    let (name, last) = events.last().unwrap();
+    assert_eq!(name, "error", "{events:?}");
+    assert_eq!(last["code"], "machine_provisioning", "{last}");
+    assert!(events.iter().any(|(n, _)| n == "machine"), "{events:?}");
+    assert!(
+        !events.iter().any(|(n, _)| n == "step_started"),
+        "nothing ran"
+    );
+    // The detail names the key; the message sent again with it runs once.
+    let detail = last["detail"].as_str().unwrap();
+    let key = detail
+        .split("Idempotency-Key: ")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .expect("a key in the detail");
+    let again = turn_with_key(&stack, "eve", message, key).await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert_eq!(
+        again.body["steps"][0]["output"].as_str().unwrap().trim(),
+        "1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_messages_create_one_machine_and_run_one_turn_at_a_time() {
+    let stack = stack(Duration::from_secs(25), Duration::from_secs(3)).await;
+    let (a, b, workers) = tokio::join!(
+        stack.turn("fay", "sleep 1; echo a"),
+        stack.turn("fay", "sleep 1; echo b"),
+        worker_until_ready(&stack, "fay")
+    );
+    assert_eq!(workers, 1, "one provisioning worker");
+    let statuses = [a.status, b.status];
+    assert!(
+        statuses.contains(&200),
+        "{statuses:?}: {} / {}",
+        a.text,
+        b.text
+    );
+    for r in [&a, &b] {
+        assert!(
+            r.status == 200 || (r.status == 409 && r.body["code"] == "turn_in_progress"),
+            "{}",
+            r.text
+        );
+    }
+    let machines = stack.emu.client().list_all_machines(None).await.unwrap();
+    assert_eq!(machines.len(), 1, "one machine for one user");
+}
