@@ -317,3 +317,40 @@ async fn concurrent_first_messages_create_one_machine_and_run_one_turn_at_a_time
     let machines = stack.emu.client().list_all_machines(None).await.unwrap();
     assert_eq!(machines.len(), 1, "one machine for one user");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_message_whose_provisioning_fails_gets_a_problem_and_the_resend_provisions_again() {
+    let stack = stack(Duration::from_secs(25), Duration::from_millis(200)).await;
+    // The platform refuses the create (not retryable): the worker marks the
+    // item failed while the turn waits.
+    stack
+        .emu
+        .inject_fault(json!({
+            "method": "POST", "path": "/v1/machines", "times": 1,
+            "status": 400, "error_code": "INVALID_REQUEST", "retryable": false,
+            "message": "machine spec refused"
+        }))
+        .await;
+    let worker = async {
+        let give_up = Instant::now() + Duration::from_secs(30);
+        loop {
+            stack.drain_worker().await;
+            let rec = stack.store.get("gus").await.expect("table read");
+            if rec.is_some_and(|r| r.state == MachineState::Failed) {
+                return;
+            }
+            assert!(Instant::now() < give_up, "the worker did not fail");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (failed, ()) = tokio::join!(stack.turn("gus", "echo hi"), worker);
+    assert_eq!(failed.status, 503, "{}", failed.text);
+    assert_eq!(failed.body["code"], "provisioning_failed");
+    assert!(failed.header("retry-after").is_some());
+    // Sending it again resumes provisioning (the fault is spent) and runs.
+    let (again, _) = tokio::join!(
+        stack.turn("gus", "echo hi"),
+        worker_until_ready(&stack, "gus")
+    );
+    assert_eq!(again.status, 200, "{}", again.text);
+}
