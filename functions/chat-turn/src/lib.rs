@@ -145,28 +145,10 @@ where
         let now = now_ms();
         let provisioning = matches!(result, Ok(TurnOutcome::Provisioning { .. }));
         let Some(Keyed { key, runner }) = keyed else {
-            if !provisioning {
-                return None;
+            if provisioning {
+                return self.fresh_key(user, hash).await;
             }
-            let key = agenthome::store::turn_keys::new_turn_key();
-            let registered = match store.begin_turn_key(user, &key, hash, now, now).await {
-                Ok(TurnKeyBegin::Run { runner }) => {
-                    store.release_turn_key(user, &key, &runner, now).await
-                }
-                Ok(other) => {
-                    tracing::warn!(user_id = user, ?other, "a fresh turn key was not new");
-                    Ok(false)
-                }
-                Err(e) => Err(e),
-            };
-            return match registered {
-                Ok(true) => Some(key),
-                Ok(false) => None,
-                Err(e) => {
-                    tracing::warn!(user_id = user, error = %e, "could not register a turn key");
-                    None
-                }
-            };
+            return None;
         };
         let settled = match result {
             Ok(TurnOutcome::Done(r)) => {
@@ -184,6 +166,32 @@ where
             }
         }
         provisioning.then_some(key)
+    }
+
+    /// A new `pending` key for a message that got `202` without one (None
+    /// if it could not be stored: the `202` then names no key).
+    async fn fresh_key(&self, user: &str, hash: &str) -> Option<String> {
+        let store = self.turns.provisioner().store();
+        let now = now_ms();
+        let key = agenthome::store::turn_keys::new_turn_key();
+        let registered = match store.begin_turn_key(user, &key, hash, now, now).await {
+            Ok(TurnKeyBegin::Run { runner }) => {
+                store.release_turn_key(user, &key, &runner, now).await
+            }
+            Ok(other) => {
+                tracing::warn!(user_id = user, ?other, "a fresh turn key was not new");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        };
+        match registered {
+            Ok(true) => Some(key),
+            Ok(false) => None,
+            Err(e) => {
+                tracing::warn!(user_id = user, error = %e, "could not register a turn key");
+                None
+            }
+        }
     }
 
     /// Run the turn; a turn that found no ready machine waits for the
