@@ -237,6 +237,7 @@ fn stage_event(view: &StageView, stage: ProvisionStage, started: Instant) -> Tur
         phase: view.record.state.as_str().to_string(),
         elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         stage_elapsed_ms: Some(now_ms().saturating_sub(view.since_ms)),
+        woke: None,
     }
 }
 

@@ -47,6 +47,8 @@ pub enum MachineStage {
     Waking,
     /// The machine runs; commands follow.
     Ready,
+    /// After a wake: what happened while it slept (`woke` has the facts).
+    Woke,
     /// A first message waits for provisioning: the item is claimed, the
     /// worker has not started yet.
     Claimed,
@@ -87,6 +89,10 @@ pub enum TurnEvent {
         /// While provisioning: time spent in this stage so far.
         #[serde(skip_serializing_if = "Option::is_none")]
         stage_elapsed_ms: Option<u64>,
+        /// Stage `woke`: how long it slept, the interrupted commands, the
+        /// post-wake hook.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        woke: Option<Box<super::WakeFacts>>,
     },
     /// A command starts.
     StepStarted {
@@ -243,6 +249,18 @@ impl<'a> EventObserver<'a> {
             phase: phase.to_string(),
             elapsed_ms: super::millis(self.started.elapsed()),
             stage_elapsed_ms: None,
+            woke: None,
+        });
+    }
+
+    /// The `machine` event of stage `woke`, with the wake's facts.
+    pub(super) fn woke(&self, facts: super::WakeFacts) {
+        self.emit(TurnEvent::Machine {
+            stage: MachineStage::Woke,
+            phase: "running".to_string(),
+            elapsed_ms: super::millis(self.started.elapsed()),
+            stage_elapsed_ms: None,
+            woke: Some(Box::new(facts)),
         });
     }
 
