@@ -13,7 +13,7 @@ use agenthome_tests::events::{http, response_parts, Auth};
 use agenthome_tests::openapi;
 use agenthome_tests::stack::{admin, authorizer};
 use agenthome_tests::{unique_table_name, Emulator, Moto};
-use provision_fn::Service;
+use provision_fn::ProvisionService;
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -22,7 +22,7 @@ const ADMIN: &str = "agenthome/admin";
 
 struct Stack {
     emu: Emulator,
-    service: Service<DynamoStore, QueueTrigger>,
+    service: ProvisionService<DynamoStore, QueueTrigger>,
     events: UnboundedReceiver<ProvisionEvent>,
 }
 
@@ -51,7 +51,7 @@ async fn stack() -> Stack {
     let provisioner = Provisioner::new(store, emu.client(), QueueTrigger(tx), settings);
     Stack {
         emu,
-        service: Service {
+        service: ProvisionService {
             provisioner,
             sweeper,
             auth: authorizer(AuthMode::Jwt),
@@ -390,4 +390,9 @@ async fn sleep_now_inside_the_platform_hold_window_is_scheduled_not_lost() {
         .sleep_eligible_at
         .is_some_and(|t| t > agenthome::clock::now_ms() + 3_000_000));
     assert_eq!(item.power, agenthome::store::Power::Awake);
+    // AND the request is pending, due when the window ends, for the sweep
+    let pending = item.pending_sleep.expect("a pending sleep");
+    assert_eq!(Some(pending.at), item.sleep_eligible_at);
+    assert_eq!(body["sleep_eligible_at_ms"].as_u64(), Some(pending.at));
+    assert_eq!(pending.reason, agenthome::store::SleepReason::Requested);
 }

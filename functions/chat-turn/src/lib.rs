@@ -4,7 +4,7 @@
 //! in-process against real adapters.
 
 use agenthome::agent::{AgentError, AgentStatus};
-use agenthome::api::{Problem, TurnRequest};
+use agenthome::api::{Problem, ProblemCode, TurnRequest};
 use agenthome::clock::now_ms;
 use agenthome::entry::first_turn::{idempotency_key, request_hash};
 use agenthome::entry::{self, Authorizer, AwakeBudget, FairUse, FirstTurn, Route, Waited};
@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// Everything the handler needs, built once per cold start.
-pub struct Service<S, T> {
+pub struct ChatTurnService<S, T> {
     /// The turn service (provisioning, agent, settings).
     pub turns: TurnService<S, T>,
     /// Who may call (mode, admin policy, bearer-token verifier).
@@ -51,7 +51,7 @@ pub struct Service<S, T> {
     pub first_turn: FirstTurn,
 }
 
-/// The default [`Service::heartbeat`].
+/// The default [`ChatTurnService::heartbeat`].
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// A validated turn request.
@@ -73,7 +73,7 @@ struct Keyed {
     runner: String,
 }
 
-impl<S, T> Service<S, T>
+impl<S, T> ChatTurnService<S, T>
 where
     S: UserStore + StageReader + TurnKeys + Clone + 'static,
     T: WorkerTrigger,
@@ -82,7 +82,7 @@ where
     pub async fn handle(&self, req: &Request) -> Response<Body> {
         let p = match self.prepare(req).await {
             Ok(p) => p,
-            Err(p) => return problem_response(&p),
+            Err(p) => return entry::problem(&p),
         };
         let keyed = match self.begin_key(&p).await {
             Ok(keyed) => keyed,
@@ -113,20 +113,18 @@ where
         match store.begin_turn_key(&p.user, &key, &hash, run_until, now).await {
             Ok(TurnKeyBegin::Run { runner }) => Ok(Some(Keyed { key, runner })),
             Ok(TurnKeyBegin::Replay { response }) => Err(replay(response)),
-            Ok(TurnKeyBegin::Running { retry_after }) => Err(problem_response(
-                &Problem::new(
-                    409,
-                    "turn_in_progress",
-                    "Conflict",
+            Ok(TurnKeyBegin::Running { retry_after }) => Err(entry::problem(
+                &Problem::of(
+                    ProblemCode::TurnInProgress,
                     "a turn with this Idempotency-Key is running; retry after it finishes",
                 )
                 .with_retry_after(retry_after.clamp(Duration::from_secs(1), Duration::from_secs(60))),
             )),
-            Ok(TurnKeyBegin::Mismatch) => Err(problem_response(&Problem::unprocessable(
-                "idempotency_key_reused",
+            Ok(TurnKeyBegin::Mismatch) => Err(entry::problem(&Problem::of(
+                ProblemCode::IdempotencyKeyReused,
                 "this Idempotency-Key was used with a different message or history; use a new key for a new message",
             ))),
-            Err(e) => Err(problem_response(&key_store_problem(&p.user, &e))),
+            Err(e) => Err(entry::problem(&key_store_problem(&p.user, &e))),
         }
     }
 
@@ -295,8 +293,8 @@ where
     async fn prepare(&self, req: &Request) -> Result<Prepared, Problem> {
         let route = entry::route(req)?;
         let Route::Turn(user) = route else {
-            return Err(Problem::not_found(
-                "no_such_route",
+            return Err(Problem::of(
+                ProblemCode::NoSuchRoute,
                 "this function serves POST /v1/users/{user_id}/turns only",
             ));
         };
@@ -323,7 +321,7 @@ where
     }
 }
 
-impl<S, T> Service<S, T>
+impl<S, T> ChatTurnService<S, T>
 where
     S: UserStore + StageReader + TurnKeys + Clone + Send + Sync + 'static,
     T: WorkerTrigger + 'static,
@@ -333,7 +331,7 @@ where
     /// the turn's progress streams as Server-Sent Events
     /// ([`agenthome::turn::TurnEvent`]: `event: <name>`, `data: <json>`;
     /// the last event is `done` with the turn result or `error` with a
-    /// problem). Without it, the response is the one [`Service::handle`]
+    /// problem). Without it, the response is the one [`ChatTurnService::handle`]
     /// gives, as one chunk.
     ///
     /// Until the turn holds the user's lease and reports the machine, the
@@ -348,7 +346,7 @@ where
         }
         let p = match self.prepare(&req).await {
             Ok(p) => p,
-            Err(p) => return full(problem_response(&p)),
+            Err(p) => return full(entry::problem(&p)),
         };
         let keyed = match self.begin_key(&p).await {
             Ok(keyed) => keyed,
@@ -383,7 +381,7 @@ where
                     // Ended before streaming began: the plain response.
                     return full(match (&mut task).await {
                         Ok((result, turn_key)) => respond(&user, result, turn_key.as_deref()),
-                        Err(e) => problem_response(&task_failed(&e)),
+                        Err(e) => entry::problem(&task_failed(&e)),
                     });
                 }
             }
@@ -438,7 +436,7 @@ where
             .header("cache-control", "no-cache")
             .header("x-accel-buffering", "no")
             .body(StreamBody::stream(stream));
-        resp.unwrap_or_else(|_| full(problem_response(&Problem::internal("no response"))))
+        resp.unwrap_or_else(|_| full(entry::problem(&Problem::internal("no response"))))
     }
 }
 
@@ -611,6 +609,37 @@ fn task_failed(e: &tokio::task::JoinError) -> Problem {
     Problem::internal("the turn failed; see the function's logs")
 }
 
+/// How a turn's result answers: its result, the machine still being
+/// provisioned, or a problem.
+enum Answer {
+    Done(Box<agenthome::turn::TurnResult>),
+    Provisioning {
+        record: Box<agenthome::store::UserRecord>,
+        retry_after: Duration,
+    },
+    Problem(Problem),
+}
+
+impl Answer {
+    fn of(user: &str, result: Result<TurnOutcome, TurnError>) -> Self {
+        match result {
+            Ok(TurnOutcome::Done(r)) => Answer::Done(r),
+            Ok(TurnOutcome::Provisioning {
+                record,
+                retry_after,
+            }) => Answer::Provisioning {
+                record,
+                retry_after,
+            },
+            Ok(TurnOutcome::Busy { retry_after }) => {
+                Answer::Problem(Problem::turn_in_progress(retry_after))
+            }
+            Ok(TurnOutcome::Destroying) => Answer::Problem(Problem::machine_destroying()),
+            Err(e) => Answer::Problem(turn_problem(user, &e)),
+        }
+    }
+}
+
 /// The response of a turn (the plain JSON path); `turn_key` is the
 /// idempotency key a `202` asks the product to send the message again with.
 fn respond(
@@ -618,12 +647,12 @@ fn respond(
     result: Result<TurnOutcome, TurnError>,
     turn_key: Option<&str>,
 ) -> Response<Body> {
-    match result {
-        Ok(TurnOutcome::Done(result)) => entry::json(200, &result, None),
-        Ok(TurnOutcome::Provisioning {
+    match Answer::of(user, result) {
+        Answer::Done(result) => entry::json(200, &result, None),
+        Answer::Provisioning {
             record,
             retry_after,
-        }) => {
+        } => {
             let mut body = json!({
                 "status": "provisioning",
                 "state": record.state,
@@ -636,17 +665,7 @@ fn respond(
             }
             entry::json(202, &body, Some(retry_after))
         }
-        Ok(TurnOutcome::Busy { retry_after }) => problem_response(
-            &Problem::new(
-                409,
-                "turn_in_progress",
-                "Conflict",
-                "another turn for this user is running; retry after it finishes",
-            )
-            .with_retry_after(retry_after),
-        ),
-        Ok(TurnOutcome::Destroying) => problem_response(&destroying()),
-        Err(e) => problem_response(&turn_problem(user, &e)),
+        Answer::Problem(p) => entry::problem(&p),
     }
 }
 
@@ -668,7 +687,7 @@ fn replay(response: String) -> Response<Body> {
         .header("content-type", "application/json")
         .header("cache-control", "no-store")
         .body(Body::Text(response))
-        .unwrap_or_else(|_| problem_response(&Problem::internal("the response could not be built")))
+        .unwrap_or_else(|_| entry::problem(&Problem::internal("the response could not be built")))
 }
 
 /// Longest turn result stored under a key (bytes); the table's items stay
@@ -695,11 +714,10 @@ fn key_store_problem(user: &str, e: &agenthome::store::StoreError) -> Problem {
     tracing::warn!(user_id = user, error = %e, "turn key store failed");
     match e {
         agenthome::store::StoreError::InvalidArgument(m) => {
-            Problem::bad_request("invalid_idempotency_key", m.clone())
+            Problem::of(ProblemCode::InvalidIdempotencyKey, m.clone())
         }
-        _ => Problem::upstream(
-            503,
-            "temporarily_unavailable",
+        _ => Problem::of(
+            ProblemCode::TemporarilyUnavailable,
             "a dependency is temporarily unavailable; retry shortly",
         )
         .with_retry_after(Duration::from_secs(2)),
@@ -716,42 +734,16 @@ fn stream_problem(
     result: Result<TurnOutcome, TurnError>,
     turn_key: Option<&str>,
 ) -> Option<Problem> {
-    match result {
-        Ok(TurnOutcome::Done(_)) => None,
+    match Answer::of(user, result) {
+        Answer::Done(_) => None,
         // The machine is still being prepared (the wait ran out of time), or
         // it was lost during the turn and is being provisioned again.
-        Ok(TurnOutcome::Provisioning { retry_after, .. }) => Some(
-            Problem::upstream(503, "machine_provisioning", resend_detail(turn_key))
+        Answer::Provisioning { retry_after, .. } => Some(
+            Problem::of(ProblemCode::MachineProvisioning, resend_detail(turn_key))
                 .with_retry_after(retry_after),
         ),
-        Ok(TurnOutcome::Busy { retry_after }) => Some(
-            Problem::new(
-                409,
-                "turn_in_progress",
-                "Conflict",
-                "another turn for this user is running; retry after it finishes",
-            )
-            .with_retry_after(retry_after),
-        ),
-        Ok(TurnOutcome::Destroying) => Some(destroying()),
-        Err(e) => Some(turn_problem(user, &e)),
+        Answer::Problem(p) => Some(p),
     }
-}
-
-fn destroying() -> Problem {
-    Problem::new(
-        409,
-        "machine_destroying",
-        "Conflict",
-        "the user's machine is being destroyed",
-    )
-}
-
-fn problem_response(p: &Problem) -> Response<Body> {
-    if p.status >= 500 {
-        tracing::error!(status = p.status, code = %p.code, detail = %p.detail, "turn failed");
-    }
-    entry::problem(p)
 }
 
 /// A whole response as one chunk of a streaming body.
@@ -818,7 +810,7 @@ impl http_body::Body for StreamBody {
     }
 }
 
-impl<S, T> Service<S, T> {
+impl<S, T> ChatTurnService<S, T> {
     /// The turn's time: `TURN_DEADLINE`, cut to the invocation's remaining
     /// time minus the margin when the runtime gave a deadline (a deadline
     /// already past leaves none: the turn answers `no_time` instead of
@@ -838,40 +830,30 @@ pub fn turn_problem(user_id: &str, e: &TurnError) -> Problem {
 
 /// [`turn_problem`] without the log line.
 fn problem_of(e: &TurnError) -> Problem {
-    let retry = Duration::from_secs(5);
     match e {
-        TurnError::Provision(ProvisionError::Failed { message }) => Problem::upstream(
-            503,
-            "provisioning_failed",
+        TurnError::Provision(ProvisionError::Failed { message }) => Problem::of(
+            ProblemCode::ProvisioningFailed,
             format!("the user's machine could not be prepared ({message}); sending the message again starts it again"),
-        )
-        .with_retry_after(retry),
-        TurnError::Agent(AgentError::Llm { source, .. }) => Problem::upstream(
-            502,
-            "llm_error",
+        ),
+        TurnError::Agent(AgentError::Llm { source, .. }) => Problem::of(
+            ProblemCode::LlmError,
             format!("the language model failed: {source}"),
         ),
         TurnError::Agent(AgentError::Runner { source, .. }) | TurnError::Runner(source) => {
-            Problem::upstream(
-                502,
-                "shell_error",
+            Problem::of(
+                ProblemCode::ShellError,
                 format!("the machine's shell failed: {source}"),
             )
         }
-        TurnError::WakeTimeout => Problem::upstream(
-            503,
-            "machine_waking",
+        TurnError::WakeTimeout => Problem::of(
+            ProblemCode::MachineWaking,
             "the machine did not wake in time; retry shortly",
-        )
-        .with_retry_after(retry),
-        TurnError::NoTime => Problem::upstream(503, "no_time", "no time was left for the turn")
-            .with_retry_after(retry),
-        other if other.is_retryable() => Problem::upstream(
-            503,
-            "temporarily_unavailable",
+        ),
+        TurnError::NoTime => Problem::of(ProblemCode::NoTime, "no time was left for the turn"),
+        other if other.is_retryable() => Problem::of(
+            ProblemCode::TemporarilyUnavailable,
             "a dependency is temporarily unavailable; retry shortly",
-        )
-        .with_retry_after(retry),
+        ),
         _ => Problem::internal("the turn failed; see the function's logs"),
     }
 }

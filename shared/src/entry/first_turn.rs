@@ -20,7 +20,7 @@
 //! This module also holds the `Idempotency-Key` header's parsing and the
 //! request fingerprint a key is bound to.
 
-use crate::api::{Problem, TurnRequest};
+use crate::api::{Problem, ProblemCode, TurnRequest};
 use crate::clock::now_ms;
 use crate::store::turn_keys::MAX_TURN_KEY_BYTES;
 use crate::store::{MachineState, ProvisionStage, StageReader, StageView, StoreError, UserRecord};
@@ -248,8 +248,8 @@ pub fn idempotency_key(req: &Request) -> Result<Option<String>, Problem> {
         return Ok(None);
     };
     let bad = |why: &str| {
-        Problem::bad_request(
-            "invalid_idempotency_key",
+        Problem::of(
+            ProblemCode::InvalidIdempotencyKey,
             format!("Idempotency-Key {why}; use 1 to {MAX_TURN_KEY_BYTES} visible ASCII characters (e.g. a UUID)"),
         )
     };
@@ -280,6 +280,10 @@ pub fn request_hash(request: &TurnRequest) -> String {
         });
         h.update((entry.content.len() as u64).to_be_bytes());
         h.update(entry.content.as_bytes());
+    }
+    // Ending the conversation is part of what the request asks.
+    if request.end_conversation {
+        h.update(b"\x01end");
     }
     hex_lower(&h.finalize())
 }
