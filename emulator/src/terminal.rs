@@ -9,9 +9,9 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::app::AppRef;
 use crate::proc;
 use crate::sandbox::Launch;
+use crate::server::AppRef;
 use crate::state::TermStatus;
 use crate::store::RecordKey;
 

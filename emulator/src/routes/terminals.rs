@@ -16,13 +16,12 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{json_response, machine_or_404, usable_machine};
-use crate::app::AppRef;
+use super::{json_response, list_of, record_or_404, usable_machine};
 use crate::errors::{parse_json, ApiError, DcsError};
 use crate::faults::DropWebSocket;
 use crate::lifecycle;
-use crate::pagination::{page_request, paginate};
 use crate::sandbox;
+use crate::server::AppRef;
 use crate::state::{Phase, TermStatus, Terminal};
 use crate::store::RecordKey;
 use crate::terminal::{self, Outbound, ShellSpec, TermSession};
@@ -54,20 +53,6 @@ fn dimension(v: i64, name: &str) -> Result<u16, ApiError> {
         .ok_or_else(|| ApiError::unprocessable(format!("{name} must be between 1 and 1000")))
 }
 
-fn terminal_or_404(
-    app: &AppRef,
-    machine_id: &str,
-    terminal_id: &str,
-) -> Result<Terminal, ApiError> {
-    let st = app.state();
-    machine_or_404(&st, machine_id)?;
-    st.terminals
-        .get(terminal_id)
-        .filter(|t| t.machine_id == machine_id)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(format!("terminal {terminal_id} not found")))
-}
-
 pub async fn create(
     State(app): State<AppRef>,
     Path(machine_id): Path<String>,
@@ -94,8 +79,7 @@ pub async fn create(
     let id = terminal_id();
     let (record, running) = {
         let mut st = app.state();
-        let m = usable_machine(&st, &machine_id)?;
-        let running = m.phase == Phase::Running;
+        let running = usable_machine(&st, &machine_id)?.phase == Phase::Running;
         let seq = st.next_seq();
         let t = Terminal {
             id: id.clone(),
@@ -206,28 +190,16 @@ pub async fn list(
     Path(machine_id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let page = page_request(&q, 50, 100)?;
-    let items = {
-        let st = app.state();
-        machine_or_404(&st, &machine_id)?;
-        st.terminals_of(&machine_id, page.after)
-            .take(page.limit.saturating_add(1))
-            .map(|(seq, t)| (seq, views::terminal(t, &app.base_url)))
-            .collect::<Vec<_>>()
-    };
-    let (items, next) = paginate(items, page);
-    let mut body = json!({ "items": items });
-    if let Some(c) = next {
-        body["next_cursor"] = c.into();
-    }
-    Ok(json_response(StatusCode::OK, &body))
+    list_of(&app, &machine_id, &q, |t: &Terminal| {
+        views::terminal(t, &app.base_url)
+    })
 }
 
 pub async fn get_one(
     State(app): State<AppRef>,
     Path((machine_id, terminal_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let t = terminal_or_404(&app, &machine_id, &terminal_id)?;
+    let t = record_or_404::<Terminal>(&app.state(), &machine_id, &terminal_id)?.clone();
     Ok(json_response(
         StatusCode::OK,
         &views::terminal(&t, &app.base_url),
@@ -239,7 +211,7 @@ pub async fn delete(
     State(app): State<AppRef>,
     Path((machine_id, terminal_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    terminal_or_404(&app, &machine_id, &terminal_id)?;
+    record_or_404::<Terminal>(&app.state(), &machine_id, &terminal_id)?;
     let changed = {
         let mut st = app.state();
         match st.terminals.get_mut(&terminal_id) {
@@ -260,7 +232,7 @@ pub async fn delete(
         app.notify();
         app.persist().await;
     }
-    let t = terminal_or_404(&app, &machine_id, &terminal_id)?;
+    let t = record_or_404::<Terminal>(&app.state(), &machine_id, &terminal_id)?.clone();
     Ok(json_response(
         StatusCode::OK,
         &views::terminal(&t, &app.base_url),
@@ -298,7 +270,7 @@ pub async fn connect(
     drop_after: Option<Extension<DropWebSocket>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let t = terminal_or_404(&app, &machine_id, &terminal_id)?;
+    let t = record_or_404::<Terminal>(&app.state(), &machine_id, &terminal_id)?.clone();
     if t.status != TermStatus::Ready {
         return Err(not_streamable(t.status));
     }
