@@ -12,6 +12,7 @@
 //! run leaves nothing behind.
 
 pub mod events;
+pub mod fixtures;
 pub mod idp;
 pub mod llm;
 pub mod openapi;

@@ -1,0 +1,113 @@
+//! Set-ups the integration tests share: a small machine, created and
+//! running on a fresh emulator; a command run on it to its end; sleep and
+//! wake awaited; a terminal opened.
+
+use std::time::Duration;
+
+use agenthome::dedalus::{
+    Client, CreateMachineRequest, CreateTerminalRequest, ExecutionRequest, IdempotencyKey, Machine,
+    Phase, RunResult, Terminal, TerminalEvent, TerminalSession,
+};
+use tokio::time::Instant;
+
+use crate::Emulator;
+
+/// A small machine request (1 vCPU, 1 GiB, 10 GiB, no autosleep).
+pub fn small() -> CreateMachineRequest {
+    CreateMachineRequest {
+        vcpu: 1.0,
+        memory_mib: 1024,
+        storage_gib: 10,
+        autosleep: None,
+    }
+}
+
+/// A deadline `secs` from now.
+pub fn within(secs: u64) -> Instant {
+    Instant::now() + Duration::from_secs(secs)
+}
+
+/// Creates the machine `req` (under `key`, if given) and waits (20 s at
+/// most) until it runs.
+pub async fn start_machine(
+    client: &Client,
+    req: &CreateMachineRequest,
+    key: Option<&IdempotencyKey>,
+) -> Machine {
+    let m = client
+        .create_machine(req, key)
+        .await
+        .expect("create machine");
+    client
+        .wait_until(&m.machine_id, Phase::Running, within(20))
+        .await
+        .expect("machine reaches running")
+}
+
+/// Creates a [`small`] machine and waits until it runs.
+pub async fn running_machine(client: &Client) -> Machine {
+    start_machine(client, &small(), None).await
+}
+
+/// A fresh emulator (with `flags`, see [`Emulator::start_with`]), a client
+/// for it, and a running [`small`] machine.
+pub async fn emulator_with_machine(flags: &[&str]) -> (Emulator, Client, Machine) {
+    let emu = Emulator::start_with(flags).await;
+    let client = emu.client();
+    let m = running_machine(&client).await;
+    (emu, client, m)
+}
+
+/// Runs `script` with the shell on `machine_id` to its end (10 s at most).
+pub async fn run_shell(client: &Client, machine_id: &str, script: &str) -> RunResult {
+    client
+        .run_and_wait(machine_id, &ExecutionRequest::shell(script), within(10))
+        .await
+        .expect("run")
+}
+
+/// Puts machine `id` to sleep and waits (10 s at most) until it sleeps.
+pub async fn sleep_and_wait(client: &Client, id: &str) -> Machine {
+    client.sleep_machine(id, None, None).await.expect("sleep");
+    client
+        .wait_until(id, Phase::Sleeping, within(10))
+        .await
+        .expect("sleeping")
+}
+
+/// Wakes machine `id` and waits (10 s at most) until it runs.
+pub async fn wake_and_wait(client: &Client, id: &str) -> Machine {
+    client.wake_machine(id, None, None).await.expect("wake");
+    client
+        .wait_until(id, Phase::Running, within(10))
+        .await
+        .expect("running")
+}
+
+/// Creates an 80×24 terminal on machine `id`.
+pub async fn terminal(client: &Client, id: &str) -> Terminal {
+    client
+        .create_terminal(id, &CreateTerminalRequest::new(80, 24), None)
+        .await
+        .expect("create terminal")
+}
+
+/// Connects to terminal `terminal_id` of machine `id`.
+pub async fn connect(client: &Client, id: &str, terminal_id: &str) -> TerminalSession {
+    client.connect(id, terminal_id).await.expect("connect")
+}
+
+/// The next terminal event that is not output (10 s at most).
+pub async fn next_non_output(session: &mut TerminalSession) -> TerminalEvent {
+    let next = async {
+        loop {
+            match session.next_event().await.expect("event") {
+                TerminalEvent::Output(_) => continue,
+                other => return other,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), next)
+        .await
+        .expect("an event other than output in time")
+}
