@@ -111,3 +111,26 @@ pub async fn next_non_output(session: &mut TerminalSession) -> TerminalEvent {
         .await
         .expect("an event other than output in time")
 }
+
+/// Like [`emulator_with_machine`], with the machine's id.
+pub async fn emulator_with_machine_id(flags: &[&str]) -> (Emulator, Client, String) {
+    let (emu, client, m) = emulator_with_machine(flags).await;
+    (emu, client, m.machine_id)
+}
+
+/// Polls `check` every 200 ms until it yields a value; panics with `what`
+/// after `timeout`.
+pub async fn poll_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
