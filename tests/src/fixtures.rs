@@ -1,9 +1,11 @@
 //! Set-ups the integration tests share: a small machine, created and
 //! running on a fresh emulator; a command run on it to its end; sleep and
-//! wake awaited; a terminal opened.
+//! wake awaited; a terminal opened; the LLM agent for a scripted model.
 
 use std::time::Duration;
 
+use agenthome::agent::{Agent, AgentOptions, LlmClient, LlmConfig};
+use agenthome::config::Secret;
 use agenthome::dedalus::{
     Client, CreateMachineRequest, CreateTerminalRequest, ExecutionRequest, IdempotencyKey, Machine,
     Phase, RunResult, Terminal, TerminalEvent, TerminalSession,
@@ -133,4 +135,24 @@ where
         assert!(Instant::now() < deadline, "{what}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A model API key for a test, unique, with a marker tests look for in
+/// logs and bodies (it must never appear there).
+pub fn secret_key() -> String {
+    format!("sk-test-SECRET-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// The LLM agent against the model server at `base_url` with `key`
+/// (model `test-model`, at least 500 ms per model call).
+pub fn llm_agent(base_url: &str, key: &str) -> Agent {
+    let config = LlmConfig::new(
+        agenthome::dedalus::Url::parse(base_url).expect("model base URL"),
+        Some(Secret::new(key)),
+        "test-model",
+    );
+    Agent::llm(LlmClient::new(config).expect("llm client")).with_options(AgentOptions {
+        min_llm_time: Duration::from_millis(500),
+        ..AgentOptions::default()
+    })
 }
