@@ -1,17 +1,23 @@
 //! Set-ups the integration tests share: a small machine, created and
 //! running on a fresh emulator; a command run on it to its end; sleep and
-//! wake awaited; a terminal opened; the LLM agent for a scripted model.
+//! wake awaited; a terminal opened; the LLM agent for a scripted model; turn
+//! stacks and a lease taken from a running turn.
 
 use std::time::Duration;
 
 use agenthome::agent::{Agent, AgentOptions, LlmClient, LlmConfig};
+use agenthome::clock::now_ms;
 use agenthome::config::Secret;
 use agenthome::dedalus::{
     Client, CreateMachineRequest, CreateTerminalRequest, ExecutionRequest, IdempotencyKey, Machine,
     Phase, RunResult, Terminal, TerminalEvent, TerminalSession,
 };
+use agenthome::store::{AcquireOutcome, LeasePurpose, UserRecord, UserStore};
+use agenthome::turn::TurnSettings;
+use serde_json::Value;
 use tokio::time::Instant;
 
+use crate::stack::{Reply, Stack, StackOptions};
 use crate::Emulator;
 
 /// A small machine request (1 vCPU, 1 GiB, 10 GiB, no autosleep).
@@ -155,4 +161,94 @@ pub fn llm_agent(base_url: &str, key: &str) -> Agent {
         min_llm_time: Duration::from_millis(500),
         ..AgentOptions::default()
     })
+}
+
+/// A turn stack whose turns run `agent`.
+pub async fn agent_stack(agent: Agent) -> Stack {
+    Stack::start_with(StackOptions {
+        agent,
+        ..StackOptions::default()
+    })
+    .await
+}
+
+/// A turn stack with a short turn lease (1.5 s, renewed every 0.5 s) and
+/// commands of up to 30 s.
+pub async fn short_lease_stack() -> Stack {
+    Stack::start_with(StackOptions {
+        settings: TurnSettings {
+            lease_ttl: Duration::from_millis(1500),
+            command_timeout: Duration::from_secs(30),
+            ..TurnSettings::default()
+        },
+        ..StackOptions::default()
+    })
+    .await
+}
+
+/// Another owner takes `user`'s lease, as if the turn's had expired (the
+/// store decides liveness by the `now` it is given).
+pub async fn steal_lease(s: &Stack, user: &str) {
+    let later = now_ms() + 3_600_000;
+    let taken = s
+        .store
+        .acquire_lease(
+            user,
+            "turn-intruder",
+            LeasePurpose::Turn,
+            later + 60_000,
+            later,
+        )
+        .await
+        .expect("acquire");
+    assert!(
+        matches!(taken, AcquireOutcome::Acquired(_)),
+        "the intruder took the lease: {taken:?}"
+    );
+}
+
+/// Waits until a command created `file` in the machine's home.
+pub async fn wait_for_file(s: &Stack, machine_id: &str, file: &str) {
+    let path = s.home(machine_id).join(file);
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "{file} never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `user`'s turn with `message`; once a command created `file` in
+/// machine `machine_id`'s home, another owner takes the lease.
+pub async fn turn_losing_lease(
+    s: &Stack,
+    user: &str,
+    message: &str,
+    machine_id: &str,
+    file: &str,
+) -> Reply {
+    let turn = s.turn(user, message);
+    let intruder = async {
+        wait_for_file(s, machine_id, file).await;
+        steal_lease(s, user).await;
+    };
+    let (r, ()) = tokio::join!(turn, intruder);
+    r
+}
+
+/// A 200 turn result; panics with the body otherwise.
+pub fn done(r: &Reply) -> &Value {
+    assert_eq!(r.status, 200, "expected a turn result: {}", r.text);
+    &r.body
+}
+
+/// The turn lease is gone (absent or expired).
+pub fn assert_lease_released(item: &UserRecord) {
+    assert!(
+        item.live_lease(now_ms()).is_none(),
+        "the turn lease is still live: {:?}",
+        item.lease
+    );
 }
