@@ -16,6 +16,7 @@ pub mod fixtures;
 pub mod idp;
 pub mod llm;
 pub mod openapi;
+pub mod provision_stack;
 pub mod schema;
 pub mod spec;
 pub mod stack;
