@@ -186,6 +186,19 @@ pub async fn short_lease_stack() -> Stack {
     .await
 }
 
+/// A turn stack whose commands time out after 1 s (a longer one is left
+/// running and holds the machine).
+pub async fn short_command_stack() -> Stack {
+    Stack::start_with(StackOptions {
+        settings: TurnSettings {
+            command_timeout: Duration::from_secs(1),
+            ..TurnSettings::default()
+        },
+        ..StackOptions::default()
+    })
+    .await
+}
+
 /// Another owner takes `user`'s lease, as if the turn's had expired (the
 /// store decides liveness by the `now` it is given).
 pub async fn steal_lease(s: &Stack, user: &str) {

@@ -13,13 +13,12 @@
 
 use agenthome::agent::Agent;
 use agenthome::store::UserRecord;
-use agenthome::turn::TurnSettings;
 use agenthome_tests::fixtures::{
-    self, agent_stack, assert_lease_released, done, short_lease_stack, steal_lease,
-    turn_losing_lease, wait_for_file,
+    self, agent_stack, assert_lease_released, done, short_command_stack, short_lease_stack,
+    steal_lease, turn_losing_lease, wait_for_file,
 };
 use agenthome_tests::llm::{answer, scripted_llm, tool_call};
-use agenthome_tests::stack::{Stack, StackOptions};
+use agenthome_tests::stack::Stack;
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -132,14 +131,7 @@ async fn a_cancelled_turn_stops_renewing_its_lease() {
 async fn an_earlier_running_command_keeps_its_hold_when_a_later_one_ends() {
     // GIVEN two turns that each leave a command running (1 s timeout): the
     // first for 8 s, the second for 2 s
-    let s = Stack::start_with(StackOptions {
-        settings: TurnSettings {
-            command_timeout: Duration::from_secs(1),
-            ..TurnSettings::default()
-        },
-        ..StackOptions::default()
-    })
-    .await;
+    let s = short_command_stack().await;
     let machine_id = s.ready_user("alice").await;
     let first = s.turn("alice", "sleep 8; echo first > ~/first.txt").await;
     let first_marker = done(&first)["steps"][0]["completion_marker"]
@@ -193,14 +185,7 @@ async fn ready_terminals(s: &Stack, machine_id: &str) -> Vec<String> {
 async fn terminals_left_busy_by_earlier_turns_do_not_pile_up() {
     // GIVEN turns whose command outlives its 1 s timeout, one after another
     // (each finds the shell busy and needs another terminal)
-    let s = Stack::start_with(StackOptions {
-        settings: TurnSettings {
-            command_timeout: Duration::from_secs(1),
-            ..TurnSettings::default()
-        },
-        ..StackOptions::default()
-    })
-    .await;
+    let s = short_command_stack().await;
     let machine_id = s.ready_user("alice").await;
     for i in 0..5 {
         let r = s.turn("alice", &format!("sleep 3; echo {i}")).await;
