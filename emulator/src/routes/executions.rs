@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
 
-use super::{json_response, list_of, record_or_404, usable_machine};
+use super::{check_env, json_response, list_of, record_or_404, usable_machine};
 use crate::errors::{parse_json, ApiError};
 use crate::exec::{self, ExecSpec};
 use crate::pagination::{encode_cursor, page_body, page_request, paginate, window};
@@ -48,7 +48,19 @@ pub async fn create(
     Path(machine_id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let req: CreateExecutionBody = parse_json(&body)?;
+    let spec = exec_spec(parse_json(&body)?)?;
+    let id = execution_id();
+    let record = record_execution(&app, &id, &machine_id, &spec)?;
+    app.touch_activity(&machine_id);
+    exec::start(&app, id, machine_id, spec);
+    // The idempotency layer around every POST flushes this record together
+    // with the stored response (one write batch per request).
+    Ok(json_response(StatusCode::OK, &views::execution(&record)))
+}
+
+/// The request checked: a non-empty argv without NUL, a valid environment,
+/// a positive timeout.
+fn exec_spec(req: CreateExecutionBody) -> Result<ExecSpec, ApiError> {
     let command = req.command.unwrap_or_default();
     if command.is_empty() || command[0].is_empty() {
         return Err(ApiError::unprocessable(
@@ -61,61 +73,53 @@ pub async fn create(
         ));
     }
     let env = req.env.unwrap_or_default();
-    for (k, v) in &env {
-        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return Err(ApiError::unprocessable(format!(
-                "invalid environment variable {k:?}"
-            )));
-        }
-    }
+    check_env(&env)?;
     let timeout_ms = match req.timeout_ms {
         None => None,
         Some(t) if t > 0 => u64::try_from(t).ok(),
         Some(_) => return Err(ApiError::unprocessable("timeout_ms must be positive")),
     };
-    let id = execution_id();
-    let record = {
-        let mut st = app.state();
-        let phase = usable_machine(&st, &machine_id)?.phase;
-        let seq = st.next_seq();
-        let status = if phase == Phase::Running {
-            ExecStatus::Queued
-        } else {
-            ExecStatus::WakeInProgress
-        };
-        let mut e = Execution {
-            cwd: req.cwd.clone().unwrap_or_else(|| "/root".to_owned()),
-            env_keys: env.keys().cloned().collect(),
-            status,
-            ..Execution::new(
-                id.clone(),
-                machine_id.clone(),
-                seq,
-                command.clone(),
-                now_ms(),
-            )
-        };
-        e.set_status(status);
-        // The per-machine cap is enforced by the pruner, off this path.
-        st.insert_execution(e.clone());
-        e
+    Ok(ExecSpec {
+        command,
+        cwd: req.cwd,
+        env,
+        stdin: req.stdin,
+        timeout_ms,
+    })
+}
+
+/// Records a new execution of a usable machine: `queued` when it runs,
+/// else `wake_in_progress`.
+fn record_execution(
+    app: &AppRef,
+    id: &str,
+    machine_id: &str,
+    spec: &ExecSpec,
+) -> Result<Execution, ApiError> {
+    let mut st = app.state();
+    let phase = usable_machine(&st, machine_id)?.phase;
+    let seq = st.next_seq();
+    let status = if phase == Phase::Running {
+        ExecStatus::Queued
+    } else {
+        ExecStatus::WakeInProgress
     };
-    app.touch_activity(&machine_id);
-    exec::start(
-        &app,
-        id,
-        machine_id,
-        ExecSpec {
-            command,
-            cwd: req.cwd,
-            env,
-            stdin: req.stdin,
-            timeout_ms,
-        },
-    );
-    // The idempotency layer around every POST flushes this record together
-    // with the stored response (one write batch per request).
-    Ok(json_response(StatusCode::OK, &views::execution(&record)))
+    let mut e = Execution {
+        cwd: spec.cwd.clone().unwrap_or_else(|| "/root".to_owned()),
+        env_keys: spec.env.keys().cloned().collect(),
+        status,
+        ..Execution::new(
+            id.to_owned(),
+            machine_id.to_owned(),
+            seq,
+            spec.command.clone(),
+            now_ms(),
+        )
+    };
+    e.set_status(status);
+    // The per-machine cap is enforced by the pruner, off this path.
+    st.insert_execution(e.clone());
+    Ok(e)
 }
 
 pub async fn list(

@@ -7,7 +7,7 @@ pub mod machines;
 pub mod status_stream;
 pub mod terminals;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -24,7 +24,8 @@ use crate::server::AppRef;
 use crate::state::{Execution, Machine, Phase, State, Terminal};
 use crate::{auth, drift, faults, idempotency, reqlog, views};
 
-/// The whole application router.
+/// The whole application router: one table of every route and the
+/// middleware order, long because it lists them all.
 pub fn router(app: AppRef) -> Router {
     let v1 = Router::new()
         .route("/v1/machines", post(machines::create).get(machines::list))
@@ -249,6 +250,19 @@ pub fn list_of<T: OfMachine>(
         pagination::window(T::of_machine(&st, machine_id, page.after), page, view)
     };
     Ok(list_response(items, page))
+}
+
+/// 422 unless every environment variable has a name without `=` and NUL
+/// and a value without NUL.
+pub fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    for (k, v) in env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(ApiError::unprocessable(format!(
+                "invalid environment variable {k:?}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Machines that can take new work (executions, terminals): not being
