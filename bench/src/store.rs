@@ -414,4 +414,9 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
             .query_awake_idle(shard, idle_before_ms, cursor, limit);
         self.timed(Kind::Query, f, |p| p.items.len() as u64).await
     }
+
+    async fn move_awake_shard(&self, user_id: &str, from: &str, to: &str) -> Result<bool> {
+        let f = self.inner.move_awake_shard(user_id, from, to);
+        self.timed(Kind::Write, f, none).await
+    }
 }

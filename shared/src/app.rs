@@ -67,7 +67,8 @@ impl App {
         let store = DynamoStore::new(
             aws_sdk_dynamodb::Client::new(&aws),
             config.table_name.clone(),
-        );
+        )
+        .with_awake_shards(crate::store::ShardLayout::from_env()?.shards);
         Ok(App {
             config,
             store,

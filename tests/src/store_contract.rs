@@ -57,6 +57,7 @@ macro_rules! user_store_contract_tests {
             note_awake_day_keeps_the_first_baseline_of_a_day,
             no_writer_leaves_destroying,
             record_machine_id_refused_while_destroying,
+            move_awake_shard_moves_only_from_the_shard_read,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -1358,4 +1359,65 @@ pub async fn record_machine_id_refused_while_destroying<S: UserStore>(store: S) 
     let item = store.get("eve").await.expect("get").expect("item");
     assert_eq!(item.machine_id, None);
     assert_eq!(item.state, MachineState::Destroying);
+}
+
+/// GIVEN an awake item in shard "3" WHEN it is moved from "3" to "5" THEN
+/// the index finds it in "5" only, its generation is unchanged (no lease or
+/// read pinned to it is disturbed); WHEN moved again from "3" (a stale read)
+/// or after it slept THEN nothing changes (`false`); a missing item is `false`.
+pub async fn move_awake_shard_moves_only_from_the_shard_read<S: UserStore>(store: S) {
+    let user = users_in_shard("mv", "3", 1).remove(0);
+    let rec = ready_user(&store, &user, "dm-mv", T0).await;
+    assert_eq!(rec.awake_shard.as_deref(), Some("3"));
+    assert!(store.move_awake_shard(&user, "3", "5").await.expect("move"));
+    let moved = store.get(&user).await.expect("get").expect("item");
+    assert_eq!(moved.awake_shard.as_deref(), Some("5"));
+    assert_eq!(moved.generation, rec.generation, "no generation bump");
+    let in_5 = eventually(
+        || store.query_awake_idle("5", u64::MAX, None, 10),
+        |p| p.items.iter().any(|r| r.user_id == user),
+    )
+    .await;
+    assert!(in_5.items.iter().any(|r| r.user_id == user));
+    let in_3 = eventually(
+        || store.query_awake_idle("3", u64::MAX, None, 10),
+        |p| p.items.iter().all(|r| r.user_id != user),
+    )
+    .await;
+    assert!(in_3.items.iter().all(|r| r.user_id != user), "left shard 3");
+    assert!(
+        !store
+            .move_awake_shard(&user, "3", "7")
+            .await
+            .expect("stale"),
+        "only from the shard it is in"
+    );
+    acquired(
+        &store,
+        &user,
+        "sweep-mv",
+        LeasePurpose::Sweep {
+            expected_last_active_at: moved.last_active_at,
+        },
+        T0 + MINUTE,
+        T0 + 1,
+    )
+    .await;
+    store
+        .mark_asleep(&user, "sweep-mv", T0 + 2)
+        .await
+        .expect("asleep");
+    assert!(
+        !store
+            .move_awake_shard(&user, "5", "7")
+            .await
+            .expect("asleep"),
+        "an asleep item is in no shard"
+    );
+    let asleep = store.get(&user).await.expect("get").expect("item");
+    assert_eq!(asleep.awake_shard, None);
+    assert!(!store
+        .move_awake_shard("nobody", "1", "2")
+        .await
+        .expect("missing"));
 }

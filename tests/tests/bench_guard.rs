@@ -80,3 +80,46 @@ async fn sweep_reads_candidates_not_users() {
         r.report.candidates
     );
 }
+
+/// Items read per candidate in a fanned-out run above this fails (the
+/// coordinator's sample of the first shard is read twice).
+const MAX_ITEMS_PER_CANDIDATE_FANNED_OUT: f64 = 1.05;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fanned_out_sweep_reads_each_candidate_about_once() {
+    let r = sweep::run_fanout(sweep::FanOut {
+        users: 4_000,
+        awake: 800,
+        workers: 8,
+        shards: 16,
+        rate: 100_000,
+        threshold: 200,
+        budget: std::time::Duration::from_secs(60),
+    })
+    .await;
+    eprintln!(
+        "fan-out guard: {} candidates, {} items read, {} workers, {:.0} ms",
+        r.report.candidates,
+        r.store.items_read(),
+        r.report.workers,
+        r.wall_ms
+    );
+    assert_eq!(r.report.workers, 8, "{:?}", r.report);
+    assert_eq!(r.workers.len(), 8, "every worker reported");
+    assert_eq!(
+        (r.report.candidates, r.report.slept, r.report.workers_failed),
+        (800, 800, 0),
+        "{:?}",
+        r.report
+    );
+    assert_eq!(
+        r.workers.iter().map(|w| w.report.slept).sum::<u64>(),
+        r.report.slept,
+        "the coordinator's count is the workers' sum"
+    );
+    assert!(
+        r.items_per_candidate() <= MAX_ITEMS_PER_CANDIDATE_FANNED_OUT,
+        "{:.3} items read per candidate",
+        r.items_per_candidate()
+    );
+}

@@ -1131,3 +1131,531 @@ async fn a_sweep_that_finds_the_machine_gone_cannot_resurrect_a_deleted_user() {
         .await
         .is_err_and(|e| e.is_not_found()));
 }
+
+// ---------------------------------------------------------------------------
+// 6. Fan-out, shard-count changes, dying workers (#25)
+// ---------------------------------------------------------------------------
+
+/// A fresh table on moto: its client and name.
+async fn dynamo_table() -> (aws_sdk_dynamodb::Client, String) {
+    let moto = Moto::shared().await;
+    let client = moto.dynamodb_client().await;
+    let name = unique_table_name("fanout");
+    create_table(&client, &name).await.expect("create table");
+    (client, name)
+}
+
+/// `n` users per shard of a `shards`-shard layout, in shard order.
+fn users_per_shard(prefix: &str, shards: u32, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in 0..shards {
+        let shard = s.to_string();
+        out.extend(
+            (0..)
+                .map(|i| format!("{prefix}-{i}"))
+                .filter(|u| agenthome::store::shard_in(u, shards) == shard)
+                .take(n),
+        );
+    }
+    out
+}
+
+/// A stand-in for the Lambda Invoke API on loopback that runs each invoke
+/// through the sleep-sweep function's handler in this process: the
+/// coordinator's real [`agenthome::sweep::LambdaWorkers`] (AWS SDK, HTTP)
+/// reaches the real handler, as a self-invoke in AWS does.
+async fn fake_lambda<S: UserStore + 'static>(
+    service: Arc<sleep_sweep_fn::Service<S>>,
+    invoked: Arc<Mutex<Vec<serde_json::Value>>>,
+) -> String {
+    use axum::routing::post;
+    let app = axum::Router::new().route(
+        "/2015-03-31/functions/{name}/invocations",
+        post(move |body: axum::body::Bytes| {
+            let service = Arc::clone(&service);
+            let invoked = Arc::clone(&invoked);
+            async move {
+                let event: serde_json::Value =
+                    serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                invoked
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(event.clone());
+                use axum::response::IntoResponse;
+                match service.handle(event, now_ms() + 60_000).await {
+                    Ok(v) => (axum::http::StatusCode::OK, v.to_string()).into_response(),
+                    Err(e) => (
+                        axum::http::StatusCode::OK,
+                        [("X-Amz-Function-Error", "Unhandled")],
+                        json!({"errorMessage": e.to_string()}).to_string(),
+                    )
+                        .into_response(),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
+
+async fn lambda_client(endpoint: &str) -> aws_sdk_lambda::Client {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "test", "test", None, None, "static",
+        ))
+        .endpoint_url(endpoint)
+        .load()
+        .await;
+    aws_sdk_lambda::Client::new(&config)
+}
+
+/// GIVEN 8 idle awake machines over 4 shards (2 each), a fan-out threshold
+/// of 4 and 2 workers WHEN the scheduled run starts THEN it fans out: the
+/// coordinator invokes the function twice through the Lambda Invoke API
+/// (worker events with 2 shards each, half the sleep rate each), every
+/// machine is slept by a worker, and the coordinator's one metric line sums
+/// the workers' counts (candidates 8, slept 8, workers 2). WHEN the same
+/// table is small (threshold 100) THEN one invocation does it all (workers 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_run_fans_out_to_workers_and_the_coordinator_line_sums_theirs() {
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let (ddb, table) = dynamo_table().await;
+    let store = Arc::new(DynamoStore::new(ddb, table).with_awake_shards(4));
+    let users = users_per_shard("fan", 4, 2);
+    let mut machines = Vec::new();
+    for u in &users {
+        machines.push(ready_user(&*store, &client, u, now_ms() - 10 * MINUTE, "never").await);
+    }
+    let fan = SweepSettings {
+        shards: agenthome::store::ShardLayout::new(4),
+        workers: 2,
+        fanout_threshold: 4,
+        sleep_rate: 400,
+        ..settings()
+    };
+    // The function as deployed: its handler serves worker events.
+    let worker_side = Arc::new(sleep_sweep_fn::Service {
+        sweeper: Sweeper::new(Arc::clone(&store), &client, fan.clone()),
+        metrics: agenthome::metrics::Metrics::off(),
+    });
+    let invoked = Arc::new(Mutex::new(Vec::new()));
+    let endpoint = fake_lambda(worker_side, Arc::clone(&invoked)).await;
+    let workers = agenthome::sweep::LambdaWorkers::new(
+        lambda_client(&endpoint).await,
+        "agenthome-sleep-sweep",
+    );
+    let (metrics, lines) =
+        agenthome::metrics::Metrics::capture(agenthome::metrics::MetricsConfig::default());
+    let coordinator = sleep_sweep_fn::Service {
+        sweeper: Sweeper::new(Arc::clone(&store), &client, fan.clone())
+            .with_workers(Arc::new(workers)),
+        metrics,
+    };
+    let schedule = json!({"time": "2026-12-01T12:01:00Z", "detail": {}});
+    let answer = coordinator
+        .handle(schedule.clone(), now_ms() + 55_000)
+        .await
+        .expect("scheduled run");
+    let report: agenthome::sweep::SweepReport = serde_json::from_value(answer).expect("a report");
+    assert_eq!(
+        (
+            report.workers,
+            report.workers_failed,
+            report.candidates,
+            report.slept
+        ),
+        (2, 0, 8, 8),
+        "{report:?}"
+    );
+    let tasks: Vec<agenthome::sweep::WorkerTask> = invoked
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|e| {
+            agenthome::sweep::WorkerTask::from_event(e)
+                .expect("worker event")
+                .expect("task")
+        })
+        .collect();
+    let mut shards: Vec<String> = tasks.iter().flat_map(|t| t.shards.clone()).collect();
+    shards.sort();
+    assert_eq!(
+        shards,
+        ["0", "1", "2", "3"],
+        "every shard to exactly one worker"
+    );
+    assert!(tasks
+        .iter()
+        .all(|t| t.shards.len() == 2 && (t.sleep_rate - 200.0).abs() < 1e-9));
+    for (u, m) in users.iter().zip(&machines) {
+        assert_asleep(&item(&*store, u).await);
+        assert!(is_asleep(&phase(&client, m).await), "{u}");
+    }
+    let emitted = lines.lines();
+    assert_eq!(emitted.len(), 1, "one line per run: {emitted:?}");
+    let line: serde_json::Value = serde_json::from_str(&emitted[0]).expect("EMF JSON");
+    assert_eq!(
+        (
+            &line["candidates"],
+            &line["slept"],
+            &line["workers"],
+            &line["workers_failed"]
+        ),
+        (&json!(8), &json!(8), &json!(2), &json!(0)),
+        "{line}"
+    );
+
+    // Small deployments keep the single invocation.
+    let again = users_per_shard("small", 4, 1);
+    for u in &again {
+        ready_user(&*store, &client, u, now_ms() - 10 * MINUTE, "never").await;
+    }
+    let before = invoked.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let alone = Sweeper::new(
+        Arc::clone(&store),
+        &client,
+        SweepSettings {
+            fanout_threshold: 100,
+            ..fan
+        },
+    )
+    .with_workers(Arc::new(agenthome::sweep::LambdaWorkers::new(
+        lambda_client(&endpoint).await,
+        "agenthome-sleep-sweep",
+    )));
+    let r = alone
+        .run_scheduled(60_000, now_ms(), deadline(), false)
+        .await;
+    assert_eq!((r.workers, r.candidates, r.slept), (0, 4, 4), "{r:?}");
+    assert_eq!(
+        invoked.lock().unwrap_or_else(|p| p.into_inner()).len(),
+        before,
+        "no worker invoked"
+    );
+}
+
+/// GIVEN awake items written while the table had 4 shards (some in shards
+/// 2 and 3) and the shard count changed to 2 WHEN a sweep reads only the new
+/// range THEN those items would be stranded (the control: it misses them);
+/// WHEN it reads the union (`AWAKE_SHARDS_PREVIOUS=4`) THEN every one is
+/// slept. GIVEN more such items WHEN the migration runs THEN it moves every
+/// misplaced item, reports `complete`, and afterwards a sweep of the new
+/// range alone finds them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_count_change_never_strands_an_item() {
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let (ddb, table) = dynamo_table().await;
+    let old = Arc::new(DynamoStore::new(ddb.clone(), table.clone()).with_awake_shards(4));
+    let new = Arc::new(DynamoStore::new(ddb, table).with_awake_shards(2));
+    let users = users_per_shard("grow", 4, 1);
+    for u in &users {
+        ready_user(&*old, &client, u, now_ms() - 10 * MINUTE, "never").await;
+    }
+    let shards_of: Vec<String> = {
+        let mut v = Vec::new();
+        for u in &users {
+            v.push(item(&*old, u).await.awake_shard.expect("awake"));
+        }
+        v
+    };
+    assert_eq!(shards_of, ["0", "1", "2", "3"], "items carry their shard");
+    // One more user woken after the change lands in the new range.
+    ready_user(&*new, &client, "late", now_ms() - 10 * MINUTE, "never").await;
+    let layout = |previous: Option<u32>| agenthome::store::ShardLayout {
+        shards: 2,
+        previous,
+    };
+    let only_new = Sweeper::new(
+        Arc::clone(&new),
+        &client,
+        SweepSettings {
+            shards: layout(None),
+            ..settings()
+        },
+    );
+    let missed = only_new.run(now_ms(), deadline()).await;
+    assert_eq!(
+        missed.slept, 3,
+        "the control: shards 2 and 3 are not read without the previous range: {missed:?}"
+    );
+    assert_consistent_awake(&item(&*old, &users[2]).await);
+    let union = Sweeper::new(
+        Arc::clone(&new),
+        &client,
+        SweepSettings {
+            shards: layout(Some(4)),
+            ..settings()
+        },
+    );
+    let r = union.run(now_ms(), deadline()).await;
+    assert_eq!(r.slept, 2, "the stranded two: {r:?}");
+    for u in users.iter().chain(["late".to_owned()].iter()) {
+        assert_asleep(&item(&*old, u).await);
+    }
+
+    // The migration.
+    let more = users_per_shard("mig", 4, 2);
+    for u in &more {
+        ready_user(&*old, &client, u, now_ms() - 10 * MINUTE, "never").await;
+    }
+    let m = agenthome::sweep::migrate(&*new, layout(Some(4)), 3, deadline()).await;
+    let misplaced = more
+        .iter()
+        .filter(|u| agenthome::store::shard_in(u, 4) != agenthome::store::shard_in(u, 2))
+        .count() as u64;
+    assert!(misplaced >= 4, "shards 2 and 3 at least");
+    assert_eq!(
+        (m.moved, m.failed, m.complete),
+        (misplaced, 0, true),
+        "{m:?}"
+    );
+    assert_eq!(m.scanned, 8);
+    for u in &more {
+        let rec = item(&*old, u).await;
+        assert_eq!(
+            rec.awake_shard,
+            Some(agenthome::store::shard_in(u, 2)),
+            "{u}"
+        );
+    }
+    let again = agenthome::sweep::migrate(&*new, layout(Some(4)), 3, deadline()).await;
+    assert_eq!(
+        (again.moved, again.in_place),
+        (0, 8),
+        "idempotent: {again:?}"
+    );
+    let r = only_new.run(now_ms(), deadline()).await;
+    assert_eq!(
+        r.slept, 8,
+        "after the migration the new range holds all: {r:?}"
+    );
+}
+
+/// GIVEN a worker whose sleep call hangs (the emulator delays it) WHEN the
+/// worker dies mid-call (its task is aborted, as a Lambda killed at its
+/// timeout) THEN the item is locked only by the sweep lease it took: a turn
+/// is refused while the lease lives and granted once `SWEEP_LEASE` has
+/// passed, with nothing else left behind (still awake, same generation
+/// rules); the next run sleeps the machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dying_worker_leaves_nothing_locked_past_its_lease() {
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let store = dynamo().await;
+    let machine = ready_user(&*store, &client, "dies", now_ms() - 10 * MINUTE, "never").await;
+    let lease_ttl = Duration::from_secs(3);
+    let worker_settings = SweepSettings {
+        lease_ttl,
+        sleep_call_timeout: Duration::from_secs(2),
+        ..settings()
+    };
+    let sweeper = Arc::new(Sweeper::new(
+        Arc::clone(&store),
+        &client,
+        worker_settings.clone(),
+    ));
+    emu.inject_fault(
+        json!({"method": "POST", "path": "/v1/machines/*/sleep", "times": 1, "delay_ms": 5000}),
+    )
+    .await;
+    let task = agenthome::sweep::WorkerTask {
+        run_id: "dying".into(),
+        worker: 0,
+        workers: 1,
+        shards: worker_settings.shards.read_shards(),
+        now_ms: now_ms(),
+        deadline_ms: now_ms() + 30_000,
+        sleep_rate: 100.0,
+    };
+    let worker = {
+        let sweeper = Arc::clone(&sweeper);
+        tokio::spawn(async move { sweeper.run_worker(&task, deadline()).await })
+    };
+    // Wait until the worker holds the sweep lease (its sleep call is in flight).
+    let end = Instant::now() + Duration::from_secs(10);
+    let locked = loop {
+        let rec = item(&*store, "dies").await;
+        if rec.lease.is_some() || Instant::now() > end {
+            break rec;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let lease = locked
+        .lease
+        .clone()
+        .expect("the worker took its sweep lease");
+    assert_eq!(lease.kind, LeaseKind::Sweep);
+    worker.abort();
+    let _ = worker.await;
+    let now = now_ms();
+    let refused = store
+        .acquire_lease("dies", "turn-1", LeasePurpose::Turn, now + 60_000, now)
+        .await
+        .expect("acquire");
+    assert!(
+        matches!(refused, AcquireOutcome::Busy(_)),
+        "the dead worker's lease still lives: {refused:?}"
+    );
+    assert!(
+        lease.until <= now + lease_ttl.as_millis() as u64,
+        "bounded by SWEEP_LEASE"
+    );
+    tokio::time::sleep(Duration::from_millis(
+        lease.until.saturating_sub(now_ms()) + 50,
+    ))
+    .await;
+    let now = now_ms();
+    match store
+        .acquire_lease("dies", "turn-2", LeasePurpose::Turn, now + 60_000, now)
+        .await
+        .expect("acquire")
+    {
+        AcquireOutcome::Acquired(rec) => {
+            assert_eq!(rec.power, Power::Awake, "nothing else changed: {rec:?}");
+        }
+        other => panic!("still locked past its lease: {other:?}"),
+    }
+    store
+        .release_lease("dies", "turn-2", now_ms())
+        .await
+        .expect("release");
+    // The emulator finishes the delayed call; wait for it, then the next
+    // run replays the same key and records the sleep.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let r = sweeper.run(now_ms(), deadline()).await;
+    assert_eq!(r.slept, 1, "{r:?}");
+    assert!(is_asleep(&phase(&client, &machine).await));
+}
+
+/// GIVEN two idle machines and sleep answering 429 once with
+/// `retry_after_ms` 1500 WHEN one run sweeps them THEN the first is counted
+/// `rate_limited` (and `failed`, left for the next run) and the second sleep
+/// call goes out only after the Retry-After has passed; GIVEN a rate of one
+/// sleep a second and three machines WHEN the run has about 2 s THEN the
+/// third is `deferred` (no lease taken for it) and the run says `remaining`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pacing_honours_retry_after_and_defers_what_the_rate_cannot_fit() {
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let store = Arc::new(MemoryStore::new());
+    for u in ["p1", "p2"] {
+        ready_user(&*store, &client, u, now_ms() - 10 * MINUTE, "never").await;
+    }
+    emu.inject_fault(json!({"method": "POST", "path": "/v1/machines/*/sleep", "times": 1, "status": 429,
+        "error_code": "RATE_LIMITED", "message": "slow down", "retryable": true, "retry_after_ms": 1500}))
+        .await;
+    let sweeper = Sweeper::new(
+        Arc::clone(&store),
+        &client,
+        SweepSettings {
+            concurrency: 1,
+            ..settings()
+        },
+    );
+    let started = Instant::now();
+    let r = sweeper.run(now_ms(), deadline()).await;
+    assert_eq!((r.rate_limited, r.failed, r.slept), (1, 1, 1), "{r:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "the second sleep waited for Retry-After: {:?}",
+        started.elapsed()
+    );
+    emu.clear_faults().await;
+
+    let store = Arc::new(MemoryStore::new());
+    for u in ["d1", "d2", "d3"] {
+        ready_user(&*store, &client, u, now_ms() - 10 * MINUTE, "never").await;
+    }
+    let slow = Sweeper::new(
+        Arc::clone(&store),
+        &client,
+        SweepSettings {
+            concurrency: 3,
+            sleep_rate: 1,
+            ..settings()
+        },
+    );
+    let r = slow
+        .run(now_ms(), Instant::now() + Duration::from_millis(2200))
+        .await;
+    assert_eq!((r.slept, r.deferred, r.remaining), (2, 1, true), "{r:?}");
+    let deferred: Vec<UserRecord> = {
+        let mut v = Vec::new();
+        for u in ["d1", "d2", "d3"] {
+            v.push(item(&*store, u).await);
+        }
+        v.into_iter().filter(|r| r.power == Power::Awake).collect()
+    };
+    assert_eq!(deferred.len(), 1);
+    assert!(
+        deferred[0].lease.is_none(),
+        "no lease for a deferred candidate"
+    );
+}
+
+/// GIVEN a fanned-out run whose second worker fails WHEN it ends THEN the
+/// coordinator counts `workers_failed` 1 and `remaining`, sums the first
+/// worker's sleeps; WHEN the next run's workers answer THEN the rest sleep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_worker_is_counted_and_its_shards_wait_for_the_next_run() {
+    struct Flaky<S> {
+        inner: agenthome::sweep::LocalWorkers<S>,
+        fail_worker: Option<u32>,
+    }
+    impl<S: UserStore + 'static> agenthome::sweep::WorkerInvoker for Flaky<S> {
+        fn invoke(&self, task: agenthome::sweep::WorkerTask) -> agenthome::sweep::WorkerFuture {
+            if Some(task.worker) == self.fail_worker {
+                return Box::pin(async {
+                    Err(agenthome::sweep::InvokeError::Function(
+                        "Unhandled: killed".into(),
+                    ))
+                });
+            }
+            self.inner.invoke(task)
+        }
+    }
+    let emu = Emulator::start_with(&["--default-autosleep", "never"]).await;
+    let client = emu.client();
+    let store = Arc::new(MemoryStore::new().with_awake_shards(2));
+    let users = users_per_shard("flaky", 2, 2);
+    for u in &users {
+        ready_user(&*store, &client, u, now_ms() - 10 * MINUTE, "never").await;
+    }
+    let fan = SweepSettings {
+        shards: agenthome::store::ShardLayout::new(2),
+        workers: 2,
+        fanout_threshold: 2,
+        ..settings()
+    };
+    let worker = Arc::new(Sweeper::new(Arc::clone(&store), &client, fan.clone()));
+    let coordinator = |fail_worker| {
+        Sweeper::new(Arc::clone(&store), &client, fan.clone()).with_workers(Arc::new(Flaky {
+            inner: agenthome::sweep::LocalWorkers::new(Arc::clone(&worker)),
+            fail_worker,
+        }))
+    };
+    let r = coordinator(Some(1))
+        .run_scheduled(60_000, now_ms(), deadline(), false)
+        .await;
+    assert_eq!(
+        (r.workers, r.workers_failed, r.slept, r.remaining),
+        (2, 1, 2, true),
+        "{r:?}"
+    );
+    let r = coordinator(None)
+        .run_scheduled(60_000, now_ms(), deadline(), false)
+        .await;
+    assert_eq!((r.workers_failed, r.slept), (0, 2), "{r:?}");
+    for u in &users {
+        assert_asleep(&item(&*store, u).await);
+    }
+}

@@ -307,6 +307,14 @@ const READ_BY_CODE: &[&str] = &[
     "SWEEP_READ_TIMEOUT",
     "SWEEP_MARKER_TIMEOUT",
     "RECONCILE_ORPHAN_GRACE",
+    // store/table.rs (every function writes awake items)
+    "AWAKE_SHARDS",
+    "AWAKE_SHARDS_PREVIOUS",
+    // sweep fan-out (#25)
+    "SWEEP_FUNCTION",
+    "SWEEP_WORKERS",
+    "SWEEP_FANOUT_THRESHOLD",
+    "SWEEP_SLEEP_RATE",
 ];
 
 /// Secret values: local runs only. In AWS the template passes ARNs.
@@ -739,9 +747,22 @@ fn given_the_policies_when_actions_are_listed_then_they_are_least_privilege() {
             if action == "lambda:InvokeFunction" {
                 for r in resources {
                     let text = r.to_string();
+                    // The sweep invokes only itself (its workers), by the
+                    // name it is deployed under.
+                    let own_workers = f.binary == "sleep-sweep"
+                        && text.ends_with("-sleep-sweep\"}")
+                        && r["Fn::Sub"] == json!(format!(
+                            "arn:${{AWS::Partition}}:lambda:${{AWS::Region}}:${{AWS::AccountId}}:function:{}",
+                            f.resource["Properties"]["FunctionName"]["Fn::Sub"]
+                                .as_str()
+                                .unwrap_or("(no FunctionName)")
+                        ));
                     assert!(
-                        text.contains("ProvisionFunction") || text.ends_with("-provision\"}"),
-                        "{}: may invoke the provision function only, not {text}",
+                        own_workers
+                            || (f.binary != "sleep-sweep"
+                                && (text.contains("ProvisionFunction")
+                                    || text.ends_with("-provision\"}"))),
+                        "{}: may invoke the provision function (or the sweep itself) only, not {text}",
                         f.id
                     );
                 }
@@ -755,7 +776,7 @@ fn given_the_policies_when_actions_are_listed_then_they_are_least_privilege() {
         let invokes = actions.iter().any(|(a, _)| a == "lambda:InvokeFunction");
         assert_eq!(
             invokes,
-            f.env.contains_key("PROVISION_FUNCTION"),
+            f.env.contains_key("PROVISION_FUNCTION") || f.env.contains_key("SWEEP_FUNCTION"),
             "{}: may invoke the worker iff it is told its name",
             f.id
         );
@@ -878,6 +899,24 @@ fn given_fair_use_when_deployed_then_the_sweep_has_reserved_concurrency_and_the_
         sweep.resource["Properties"]["ReservedConcurrentExecutions"],
         json!({"Ref": "SweepReservedConcurrency"}),
         "the sweep can always run"
+    );
+    // A fanned-out run is the coordinator plus its workers: the reserved
+    // concurrency must fit them all by default.
+    let default = |p: &str| t["Parameters"][p]["Default"].as_u64().unwrap_or(0);
+    assert!(
+        default("SweepReservedConcurrency") > default("SweepWorkers"),
+        "reserved {} must exceed the workers {}",
+        default("SweepReservedConcurrency"),
+        default("SweepWorkers")
+    );
+    assert!(
+        default("AwakeShards") >= default("SweepWorkers"),
+        "a worker needs at least one shard"
+    );
+    // The sweep invokes its workers by the name it is deployed under.
+    assert_eq!(
+        sweep.env["SWEEP_FUNCTION"], sweep.resource["Properties"]["FunctionName"],
+        "sleep-sweep: SWEEP_FUNCTION is its own FunctionName"
     );
     let (_, api) = resources_of_type(&t, "AWS::Serverless::HttpApi")[0];
     let route = &api["Properties"]["DefaultRouteSettings"];
@@ -1193,6 +1232,9 @@ fn given_the_dashboard_when_its_widgets_are_read_then_each_graphs_a_metric_the_f
         "turn_failures",
         "machines_running",
         "slept",
+        "deferred",
+        "rate_limited",
+        "workers_failed",
         "provision_total_ms",
         "provisions",
         "prompt_tokens",

@@ -22,6 +22,7 @@ use super::{Result, StoreError, UserRecord};
 pub struct DynamoStore {
     client: aws_sdk_dynamodb::Client,
     table: String,
+    awake_shards: Option<u32>,
 }
 
 impl DynamoStore {
@@ -31,7 +32,15 @@ impl DynamoStore {
         Self {
             client,
             table: table_name.into(),
+            awake_shards: None,
         }
+    }
+
+    /// The same store writing awake items with `shards` shards
+    /// (`AWAKE_SHARDS`; default [`AWAKE_SHARDS`](super::AWAKE_SHARDS)).
+    pub fn with_awake_shards(mut self, shards: u32) -> Self {
+        self.awake_shards = Some(shards.max(1));
+        self
     }
 
     /// The table name.
@@ -378,6 +387,10 @@ impl Backend for DynamoStore {
                 _ => return Ok(found),
             }
         }
+    }
+
+    fn awake_shards(&self) -> u32 {
+        self.awake_shards.unwrap_or(super::AWAKE_SHARDS)
     }
 }
 

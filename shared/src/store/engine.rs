@@ -12,7 +12,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use base64::Engine as _;
 
 use super::record::Item;
-use super::table::{attr, shard_for};
+use super::table::{attr, shard_in, AWAKE_SHARDS};
 use super::{
     AcquireOutcome, ClaimOutcome, CountOutcome, Counter, CreateKey, Cursor, DeleteGuard,
     DeleteOutcome, Hold, Lease, LeaseKind, LeasePurpose, MachineState, Page, Power, ReleaseOutcome,
@@ -182,6 +182,10 @@ pub trait Backend: Send + Sync {
         &self,
         machine_id: &str,
     ) -> impl Future<Output = Result<Vec<UserRecord>>> + Send;
+    /// The shard count a wake writes with (`AWAKE_SHARDS`).
+    fn awake_shards(&self) -> u32 {
+        AWAKE_SHARDS
+    }
 }
 
 /// A shared store is a store (e.g. one `MemoryStore` behind the provisioner
@@ -225,6 +229,9 @@ impl<B: Backend> Backend for std::sync::Arc<B> {
         machine_id: &str,
     ) -> impl Future<Output = Result<Vec<UserRecord>>> + Send {
         (**self).query_machine(machine_id)
+    }
+    fn awake_shards(&self) -> u32 {
+        (**self).awake_shards()
     }
 }
 
@@ -276,10 +283,10 @@ const REMOVE_LEASE: [Action; 3] = [
     Action::Remove(attr::LEASE_UNTIL),
 ];
 
-fn awake_actions(user_id: &str, now_ms: u64) -> [Action; 3] {
+fn awake_actions(user_id: &str, now_ms: u64, shards: u32) -> [Action; 3] {
     [
         Action::Set(attr::POWER, s(Power::Awake.as_str())),
-        Action::Set(attr::AWAKE_SHARD, s(&shard_for(user_id))),
+        Action::Set(attr::AWAKE_SHARD, s(&shard_in(user_id, shards))),
         Action::SetIfNotExists(attr::AWAKE_SINCE, n(now_ms)),
     ]
 }
@@ -647,7 +654,7 @@ impl<B: Backend> UserStore for B {
             Action::Set(attr::LAST_ACTIVE_AT, n(now_ms)),
             Action::Remove(attr::LAST_ERROR),
         ];
-        actions.extend(awake_actions(user_id, now_ms));
+        actions.extend(awake_actions(user_id, now_ms, self.awake_shards()));
         apply_or_conflict(self, "mark_ready", user_id, cond, actions, now_ms).await
     }
 
@@ -793,7 +800,7 @@ impl<B: Backend> UserStore for B {
 
     async fn mark_awake(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
         let mut actions = vec![Action::Set(attr::LAST_ACTIVE_AT, n(now_ms))];
-        actions.extend(awake_actions(user_id, now_ms));
+        actions.extend(awake_actions(user_id, now_ms, self.awake_shards()));
         apply_or_conflict(
             self,
             "mark_awake",
@@ -1013,7 +1020,7 @@ impl<B: Backend> UserStore for B {
         let user_id = current.user_id.as_str();
         let cond = Cond::Eq(attr::GENERATION, n(current.generation));
         let actions = match power {
-            Power::Awake => awake_actions(user_id, now_ms).to_vec(),
+            Power::Awake => awake_actions(user_id, now_ms, self.awake_shards()).to_vec(),
             Power::Asleep => {
                 let mut actions = vec![
                     Action::Set(attr::POWER, s(Power::Asleep.as_str())),
@@ -1176,6 +1183,23 @@ impl<B: Backend> UserStore for B {
             items,
             cursor: last.as_ref().map(encode_cursor).transpose()?,
         })
+    }
+
+    async fn move_awake_shard(&self, user_id: &str, from: &str, to: &str) -> Result<bool> {
+        non_empty("user_id", user_id)?;
+        non_empty("shard", from)?;
+        non_empty("shard", to)?;
+        let update = Update {
+            cond: Cond::And(vec![
+                Cond::Exists(attr::USER_ID),
+                Cond::Eq(attr::AWAKE_SHARD, s(from)),
+            ]),
+            actions: vec![Action::Set(attr::AWAKE_SHARD, s(to))],
+        };
+        Ok(self
+            .update("move_awake_shard", user_id, update)
+            .await?
+            .is_ok())
     }
 }
 

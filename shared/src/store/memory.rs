@@ -5,7 +5,7 @@
 //! see writes immediately (DynamoDB's are eventually consistent: code must not
 //! rely on either). For fast domain unit tests and the simulator.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,14 +27,59 @@ pub type StoreHook =
 /// The in-memory user→machine table.
 #[derive(Default)]
 pub struct MemoryStore {
-    items: Mutex<HashMap<String, Item>>,
+    items: Mutex<Table>,
     hook: Option<StoreHook>,
+    awake_shards: Option<u32>,
+}
+
+/// The items and the `awake` index over them, kept together under one lock:
+/// the index is the sorted set of `(awake_shard, last_active_at, user_id)` of
+/// the items that have both key attributes (sparse, like the GSI), so a
+/// query costs O(log n + page), like DynamoDB's, not O(items).
+#[derive(Default)]
+struct Table {
+    items: HashMap<String, Item>,
+    awake: BTreeSet<(String, u64, String)>,
+}
+
+fn index_key(user_id: &str, item: &Item) -> Option<(String, u64, String)> {
+    let shard = match item.get(attr::AWAKE_SHARD) {
+        Some(AttributeValue::S(s)) => s.clone(),
+        _ => return None,
+    };
+    let at = match item.get(attr::LAST_ACTIVE_AT) {
+        Some(AttributeValue::N(n)) => n.trim().parse::<u64>().ok()?,
+        _ => return None,
+    };
+    Some((shard, at, user_id.to_owned()))
+}
+
+impl Table {
+    fn get(&self, user_id: &str) -> Option<&Item> {
+        self.items.get(user_id)
+    }
+
+    fn insert(&mut self, user_id: String, item: Item) {
+        self.remove(&user_id);
+        if let Some(k) = index_key(&user_id, &item) {
+            self.awake.insert(k);
+        }
+        self.items.insert(user_id, item);
+    }
+
+    fn remove(&mut self, user_id: &str) -> Option<Item> {
+        let old = self.items.remove(user_id)?;
+        if let Some(k) = index_key(user_id, &old) {
+            self.awake.remove(&k);
+        }
+        Some(old)
+    }
 }
 
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
-            .field("items", &self.lock().len())
+            .field("items", &self.lock().items.len())
             .field("hook", &self.hook.is_some())
             .finish()
     }
@@ -51,7 +96,15 @@ impl MemoryStore {
         Self {
             items: Mutex::default(),
             hook: Some(hook),
+            awake_shards: None,
         }
+    }
+
+    /// The same table writing awake items with `shards` shards
+    /// (`AWAKE_SHARDS`; default [`AWAKE_SHARDS`](super::AWAKE_SHARDS)).
+    pub fn with_awake_shards(mut self, shards: u32) -> Self {
+        self.awake_shards = Some(shards.max(1));
+        self
     }
 
     async fn pause(&self, op: &'static str, user_id: &str) {
@@ -74,7 +127,7 @@ impl MemoryStore {
         Ok(())
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Item>> {
+    fn lock(&self) -> MutexGuard<'_, Table> {
         // A panic while holding the lock cannot leave an item half-written
         // (writes replace whole items), so a poisoned lock is still usable.
         self.items.lock().unwrap_or_else(|p| p.into_inner())
@@ -148,26 +201,27 @@ impl Backend for MemoryStore {
         limit: u32,
     ) -> Result<(Vec<UserRecord>, Option<AwakeKey>)> {
         self.pause("query_awake", "").await;
-        let key_condition = Cond::And(vec![
-            Cond::Eq(attr::AWAKE_SHARD, AttributeValue::S(shard.to_owned())),
-            Cond::Lt(attr::LAST_ACTIVE_AT, idle_before_ms),
-        ]);
-        let matching: Vec<Item> = self
-            .lock()
-            .values()
-            .filter(|item| key_condition.eval(item))
+        let table = self.lock();
+        let after = start.map(|k| (k.shard, k.last_active_at, k.user_id));
+        let from = match &after {
+            Some(k) => std::ops::Bound::Excluded(k.clone()),
+            None => std::ops::Bound::Included((shard.to_owned(), 0, String::new())),
+        };
+        let take = usize::try_from(limit)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1);
+        let keys: Vec<(String, u64, String)> = table
+            .awake
+            .range((from, std::ops::Bound::Unbounded))
+            .take_while(|(s, at, _)| s == shard && *at < idle_before_ms)
+            .take(take)
             .cloned()
             .collect();
-        let mut matching = matching
-            .into_iter()
+        let mut matching = keys
+            .iter()
+            .filter_map(|(_, _, user)| table.items.get(user).cloned())
             .map(UserRecord::from_item)
             .collect::<Result<Vec<_>>>()?;
-        let order = |r: &UserRecord| (r.last_active_at, r.user_id.clone());
-        matching.sort_by_key(order);
-        if let Some(start) = start {
-            let after = (start.last_active_at, start.user_id);
-            matching.retain(|r| order(r) > after);
-        }
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         let more = matching.len() > limit;
         matching.truncate(limit);
@@ -184,10 +238,15 @@ impl Backend for MemoryStore {
         let key_condition = Cond::Eq(attr::MACHINE_ID, AttributeValue::S(machine_id.to_owned()));
         let found: Vec<Item> = self
             .lock()
+            .items
             .values()
             .filter(|item| key_condition.eval(item))
             .cloned()
             .collect();
         found.into_iter().map(UserRecord::from_item).collect()
+    }
+
+    fn awake_shards(&self) -> u32 {
+        self.awake_shards.unwrap_or(super::AWAKE_SHARDS)
     }
 }

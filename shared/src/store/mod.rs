@@ -41,7 +41,7 @@ pub mod table;
 pub use dynamo::DynamoStore;
 pub use memory::{MemoryStore, StoreHook};
 pub use record::{AwakeDay, Hold, Item, Lease, LeaseKind, MachineState, Power, UserRecord};
-pub use table::{create_table, shard_for, AWAKE_SHARDS};
+pub use table::{create_table, shard_for, shard_in, ShardLayout, AWAKE_SHARDS};
 
 /// Result of store operations.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -549,6 +549,19 @@ pub trait UserStore: Send + Sync {
         cursor: Option<&Cursor>,
         limit: u32,
     ) -> impl Future<Output = Result<Page<UserRecord>>> + Send;
+
+    /// Move an awake item from shard `from` to shard `to` of the `awake`
+    /// index (a change of the shard count being migrated), only while it is
+    /// still in `from`: `Ok(true)` if moved, `Ok(false)` if the item left
+    /// `from` meanwhile (it slept, or a wake put it in the current layout).
+    /// Like the counters, no `generation` bump: leases and reads pinned to a
+    /// generation are not disturbed by where the index keeps the item.
+    fn move_awake_shard(
+        &self,
+        user_id: &str,
+        from: &str,
+        to: &str,
+    ) -> impl Future<Output = Result<bool>> + Send;
 }
 
 /// A fresh create key: 32 lowercase hex (UUID v7, so keys sort by time).

@@ -94,9 +94,10 @@ pub mod attr {
 pub const AWAKE_INDEX: &str = "awake";
 /// Name of the GSI reconciliation queries by machine id.
 pub const BY_MACHINE_INDEX: &str = "by-machine";
-/// Number of `awake_shard` values (`"0"` ..= `"7"`). Only ever increase it:
-/// a sweep queries shards `0..AWAKE_SHARDS`, and an item keeps the shard it
-/// was given when it last woke.
+/// The default number of `awake_shard` values (`"0"` ..= `"7"`), used when
+/// `AWAKE_SHARDS` is not set ([`ShardLayout`]). An item keeps the shard it
+/// was given when it last woke; a sweep reads the union of the current and
+/// the previous shard ranges until a migration has moved every awake item.
 pub const AWAKE_SHARDS: u32 = 8;
 
 /// Attributes that appear in a key schema, with their scalar type.
@@ -125,17 +126,113 @@ const BILLING_MODE: &str = "PAY_PER_REQUEST";
 /// [`AWAKE_SHARDS`], as a decimal string. Stable across processes, builds and
 /// platforms (unlike std's randomized hasher).
 pub fn shard_for(user_id: &str) -> String {
+    shard_in(user_id, AWAKE_SHARDS)
+}
+
+/// The awake shard of a user for a table split into `count` shards (the
+/// same hash as [`shard_for`]; `count` 0 is taken as 1).
+pub fn shard_in(user_id: &str, count: u32) -> String {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let hash = user_id
         .bytes()
         .fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME));
-    (hash % u64::from(AWAKE_SHARDS)).to_string()
+    (hash % u64::from(count.max(1))).to_string()
 }
 
 /// All shard values, for a sweep to iterate.
 pub fn all_shards() -> impl Iterator<Item = String> {
     (0..AWAKE_SHARDS).map(|s| s.to_string())
+}
+
+/// The awake index's shard layout, from `AWAKE_SHARDS` (default
+/// [`AWAKE_SHARDS`]) and, while a change of the shard count is being
+/// migrated, `AWAKE_SHARDS_PREVIOUS` (the count before the change).
+///
+/// Writers (a wake, a turn) put an item in `shard_in(user, shards)`; the
+/// item carries that shard until it sleeps. Readers (the sweep, the
+/// migration) read the union of both ranges, `0..max(shards, previous)`, so
+/// an item written under either count is always found. Once the migration
+/// (`{"migrate_awake_shards": {}}` to the sleep-sweep function) reports no
+/// item left outside the current layout, `AWAKE_SHARDS_PREVIOUS` is removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardLayout {
+    /// `AWAKE_SHARDS`: the shard count new writes use.
+    pub shards: u32,
+    /// `AWAKE_SHARDS_PREVIOUS`: the count before a change still being migrated.
+    pub previous: Option<u32>,
+}
+
+impl Default for ShardLayout {
+    fn default() -> Self {
+        Self {
+            shards: AWAKE_SHARDS,
+            previous: None,
+        }
+    }
+}
+
+/// The largest shard count accepted (each shard is one index query per page).
+pub const MAX_AWAKE_SHARDS: u32 = 4096;
+
+impl ShardLayout {
+    /// A layout of `shards` shards, no migration in progress.
+    pub fn new(shards: u32) -> Self {
+        Self {
+            shards: shards.max(1),
+            previous: None,
+        }
+    }
+
+    /// Read `AWAKE_SHARDS` and `AWAKE_SHARDS_PREVIOUS` from the process environment.
+    pub fn from_env() -> Result<Self, crate::config::ConfigError> {
+        Self::from_map(&std::env::vars().collect())
+    }
+
+    /// Read from a map (tests): a missing value takes its default, a
+    /// malformed one (not an integer in `1..=4096`) names the variable.
+    pub fn from_map(
+        env: &std::collections::HashMap<String, String>,
+    ) -> Result<Self, crate::config::ConfigError> {
+        let read = |name: &'static str| -> Result<Option<u32>, crate::config::ConfigError> {
+            let Some(raw) = env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty()) else {
+                return Ok(None);
+            };
+            match raw.parse::<u32>() {
+                Ok(n) if (1..=MAX_AWAKE_SHARDS).contains(&n) => Ok(Some(n)),
+                Ok(_) => Err(crate::config::ConfigError::Malformed {
+                    name,
+                    value: raw.to_owned(),
+                    reason: format!("must be between 1 and {MAX_AWAKE_SHARDS}"),
+                }),
+                Err(e) => Err(crate::config::ConfigError::Malformed {
+                    name,
+                    value: raw.to_owned(),
+                    reason: e.to_string(),
+                }),
+            }
+        };
+        let shards = read("AWAKE_SHARDS")?.unwrap_or(AWAKE_SHARDS);
+        let previous = read("AWAKE_SHARDS_PREVIOUS")?.filter(|p| *p != shards);
+        Ok(Self { shards, previous })
+    }
+
+    /// The shard a user's item is written to.
+    pub fn shard_of(&self, user_id: &str) -> String {
+        shard_in(user_id, self.shards)
+    }
+
+    /// Every shard a reader must query: the union of the current and the
+    /// previous ranges.
+    pub fn read_shards(&self) -> Vec<String> {
+        let n = self.shards.max(self.previous.unwrap_or(0)).max(1);
+        (0..n).map(|s| s.to_string()).collect()
+    }
+
+    /// Whether `shard` is where the current layout puts `user_id`.
+    pub fn in_place(&self, user_id: &str, shard: &str) -> bool {
+        self.shard_of(user_id) == shard
+    }
 }
 
 /// The table definition in CloudFormation/DynamoDB API property names
@@ -267,6 +364,44 @@ mod tests {
             seen.insert(s);
         }
         assert_eq!(seen.len(), AWAKE_SHARDS as usize, "all shards used");
+    }
+
+    #[test]
+    fn given_a_shard_count_change_when_read_then_both_ranges_are_read_and_writes_use_the_new() {
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        assert_eq!(ShardLayout::from_map(&env(&[])), Ok(ShardLayout::default()));
+        let grow = ShardLayout::from_map(&env(&[
+            ("AWAKE_SHARDS", "32"),
+            ("AWAKE_SHARDS_PREVIOUS", "8"),
+        ]))
+        .expect("layout");
+        assert_eq!(grow.read_shards().len(), 32);
+        assert_eq!(grow.shard_of("alice"), shard_in("alice", 32));
+        let shrink = ShardLayout::from_map(&env(&[
+            ("AWAKE_SHARDS", "4"),
+            ("AWAKE_SHARDS_PREVIOUS", "16"),
+        ]))
+        .expect("layout");
+        assert_eq!(
+            shrink.read_shards().len(),
+            16,
+            "the old range is still read"
+        );
+        assert!(shrink.in_place("bob", &shard_in("bob", 4)));
+        assert_eq!(shard_in("alice", AWAKE_SHARDS), shard_for("alice"));
+        for (name, bad) in [
+            ("AWAKE_SHARDS", "0"),
+            ("AWAKE_SHARDS", "many"),
+            ("AWAKE_SHARDS_PREVIOUS", "5000"),
+        ] {
+            let err = ShardLayout::from_map(&env(&[(name, bad)])).expect_err(name);
+            assert!(err.to_string().contains(name), "{err}");
+        }
     }
 
     #[test]

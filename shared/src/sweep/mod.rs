@@ -55,9 +55,12 @@
 //! Time: `now_ms` is the run's start (a virtual clock in tests); store
 //! writes use `now_ms` plus the monotonic time elapsed since.
 
+mod coordinator;
 mod key;
+mod pace;
 mod report;
 mod settings;
+mod shards;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,21 +72,30 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::dedalus::{self, ExecutionRequest, IdempotencyKey, Machine, Phase, RetryPolicy};
-use crate::store::table::all_shards;
 use crate::store::{
-    AcquireOutcome, Cursor, Hold, LeasePurpose, Power, ReleaseOutcome, StoreError, UserRecord,
+    AcquireOutcome, Hold, LeasePurpose, Page, Power, ReleaseOutcome, StoreError, UserRecord,
     UserStore,
 };
 
+pub use coordinator::{
+    InvokeError, LambdaWorkers, LocalWorkers, WorkerFuture, WorkerInvoker, WorkerTask,
+    WORKER_EVENT_KEY,
+};
 pub use key::{orphan_sleep_key, sleep_key};
+pub use pace::{Deferred, Pacer};
 pub use report::{SweepReport, SWEEP_LINE};
 pub use settings::SweepSettings;
+use shards::ShardWalk;
+pub use shards::{migrate, MigrationReport};
 
 /// Machines per `GET /v1/machines` page during reconciliation.
 const LIST_PAGE: u32 = 100;
 
 /// What a hold-window refusal without any hint defers the next try by.
 const DEFAULT_HOLD_RETRY: Duration = Duration::from_secs(60);
+
+/// How long a 429 without `Retry-After` pauses a worker's sleep calls.
+const DEFAULT_RATE_LIMIT_WAIT: Duration = Duration::from_secs(1);
 
 /// The completion-marker check: exit 0 if the marker exists, 1 if not. The
 /// marker is passed as `$1` (never interpolated into the script); relative
@@ -99,6 +111,7 @@ pub struct Sweeper<S> {
     reads: dedalus::Client,
     sleeps: dedalus::Client,
     settings: SweepSettings,
+    workers: Option<Arc<dyn WorkerInvoker>>,
 }
 
 impl<S> std::fmt::Debug for Sweeper<S> {
@@ -130,6 +143,8 @@ struct Run {
     sleeps: dedalus::Client,
     mode: tokio::sync::Mutex<SleepMode>,
     unavailable: AtomicBool,
+    /// This run's share of the key's sleep rate, and any `Retry-After`.
+    pacer: Pacer,
 }
 
 impl Run {
@@ -160,6 +175,11 @@ enum Outcome {
     Fixed,
     AwaitingAutosleep,
     NotReached,
+    /// Pacing would start the sleep too late: left for the next run.
+    Deferred,
+    /// The sleep call was answered 429 (left for the next run; the pacer
+    /// honours its `Retry-After`).
+    RateLimited,
 }
 
 /// What [`Sweeper::sleep_now`] did.
@@ -265,7 +285,15 @@ impl<S: UserStore + 'static> Sweeper<S> {
             reads,
             sleeps,
             settings,
+            workers: None,
         }
+    }
+
+    /// The same sweeper, able to fan a scheduled run out to parallel
+    /// workers through `workers` (see [`Sweeper::run_scheduled`]).
+    pub fn with_workers(mut self, workers: Arc<dyn WorkerInvoker>) -> Self {
+        self.workers = Some(workers);
+        self
     }
 
     /// The settings in force.
@@ -274,6 +302,11 @@ impl<S: UserStore + 'static> Sweeper<S> {
     }
 
     fn start(&self, now_ms: u64, deadline: Instant) -> Run {
+        self.start_paced(now_ms, deadline, Some(f64::from(self.settings.sleep_rate)))
+    }
+
+    /// A run whose sleep calls go out at most `sleep_rate` a second.
+    fn start_paced(&self, now_ms: u64, deadline: Instant, sleep_rate: Option<f64>) -> Run {
         Run {
             id: uuid::Uuid::now_v7().simple().to_string(),
             now_ms,
@@ -283,6 +316,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
             sleeps: self.sleeps.with_deadline(deadline),
             mode: tokio::sync::Mutex::new(SleepMode::Unprobed),
             unavailable: AtomicBool::new(false),
+            pacer: Pacer::new(sleep_rate),
         }
     }
 
@@ -323,7 +357,9 @@ impl<S: UserStore + 'static> Sweeper<S> {
                 }
             }
             Outcome::Lost => SleepNow::NoMachine,
-            Outcome::Failed | Outcome::NotReached => SleepNow::Failed,
+            Outcome::Failed | Outcome::NotReached | Outcome::Deferred | Outcome::RateLimited => {
+                SleepNow::Failed
+            }
         }
     }
 
@@ -332,8 +368,35 @@ impl<S: UserStore + 'static> Sweeper<S> {
     pub async fn run(&self, now_ms: u64, deadline: Instant) -> SweepReport {
         let run = self.start(now_ms, deadline);
         let mut report = SweepReport::default();
-        self.sweep(&run, &mut report).await;
+        let shards = self.settings.shards.read_shards();
+        self.sweep(&run, &mut report, shards, None).await;
         self.finish(&run, report)
+    }
+
+    /// One worker's part of a fanned-out run: the sweep of `task.shards`
+    /// only, at `task.sleep_rate`, stopping at `deadline` (the earlier of
+    /// the task's and the worker's own). Leases, holds, the hold window and
+    /// the one-probe rule apply exactly as in a whole run.
+    pub async fn run_worker(&self, task: &WorkerTask, deadline: Instant) -> SweepReport {
+        let run = self.start_paced(task.now_ms, deadline, Some(task.sleep_rate));
+        let mut report = SweepReport::default();
+        self.sweep(&run, &mut report, task.shards.clone(), None)
+            .await;
+        let report = self.finish(&run, report);
+        tracing::info!(
+            run_id = task.run_id,
+            worker_run_id = %run.id,
+            worker = task.worker,
+            workers = task.workers,
+            shards = ?task.shards,
+            candidates = report.candidates,
+            slept = report.slept,
+            deferred = report.deferred,
+            rate_limited = report.rate_limited,
+            duration_ms = report.duration_ms,
+            "sweep worker finished"
+        );
+        report
     }
 
     /// One reconciliation with the machine list (see the module docs).
@@ -355,19 +418,35 @@ impl<S: UserStore + 'static> Sweeper<S> {
     ) -> SweepReport {
         let run = self.start(now_ms, deadline);
         let mut report = SweepReport::default();
-        self.sweep(&run, &mut report).await;
-        if force_reconcile || self.settings.reconcile_due(event_time_ms) {
-            if run.past_deadline() {
-                report.remaining = true;
-            } else {
-                self.reconcile_in(&run, &mut report).await;
+        let reconcile = force_reconcile || self.settings.reconcile_due(event_time_ms);
+        match self.plan(&run).await {
+            coordinator::Plan::Alone(first) => {
+                let shards = self.settings.shards.read_shards();
+                self.sweep(&run, &mut report, shards, first).await;
+                if reconcile {
+                    if run.past_deadline() {
+                        report.remaining = true;
+                    } else {
+                        self.reconcile_in(&run, &mut report).await;
+                    }
+                }
+            }
+            coordinator::Plan::FanOut(workers) => {
+                let mut reconciled = SweepReport::default();
+                let (fanned, ()) = tokio::join!(self.fan_out(&run, &*workers), async {
+                    if reconcile {
+                        self.reconcile_in(&run, &mut reconciled).await;
+                    }
+                });
+                report.merge(&fanned);
+                report.merge(&reconciled);
             }
         }
         self.finish(&run, report)
     }
 
     fn finish(&self, run: &Run, mut report: SweepReport) -> SweepReport {
-        report.sleep_unavailable = run.sleep_unavailable();
+        report.sleep_unavailable |= run.sleep_unavailable();
         report.duration_ms = u64::try_from(run.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         tracing::info!(
             run_id = %run.id,
@@ -383,6 +462,10 @@ impl<S: UserStore + 'static> Sweeper<S> {
             sleep_unavailable = report.sleep_unavailable,
             remaining = report.remaining,
             reconciled = report.reconciled,
+            deferred = report.deferred,
+            rate_limited = report.rate_limited,
+            workers = report.workers,
+            workers_failed = report.workers_failed,
             duration_ms = report.duration_ms,
             "sweep run finished"
         );
@@ -393,49 +476,40 @@ impl<S: UserStore + 'static> Sweeper<S> {
     // Sweep
     // -----------------------------------------------------------------
 
-    async fn sweep(&self, run: &Run, report: &mut SweepReport) {
+    /// Sweep `shards` (one walk over the awake index); `first` is a page of
+    /// the first shard already read.
+    async fn sweep(
+        &self,
+        run: &Run,
+        report: &mut SweepReport,
+        shards: Vec<String>,
+        first: Option<Page<UserRecord>>,
+    ) {
         let idle_after = u64::try_from(self.settings.idle_after.as_millis()).unwrap_or(u64::MAX);
         let idle_before = run.now_ms.saturating_sub(idle_after);
         let concurrency = self.settings.concurrency.max(1);
-        'shards: for shard in all_shards() {
-            let mut cursor: Option<Cursor> = None;
-            loop {
-                if run.past_deadline() {
-                    report.remaining = true;
-                    break 'shards;
-                }
-                let page = match self
-                    .store
-                    .query_awake_idle(
-                        &shard,
-                        idle_before,
-                        cursor.as_ref(),
-                        self.settings.page_size,
-                    )
-                    .await
-                {
-                    Ok(page) => page,
-                    Err(error) => {
-                        tracing::error!(run_id = %run.id, shard, error = %error, "awake index query failed; shard left for the next run");
-                        report.remaining = true;
-                        continue 'shards;
-                    }
-                };
-                report.candidates += page.items.len() as u64;
-                let outcomes: Vec<Outcome> = stream::iter(page.items)
-                    .map(|c| self.candidate(run, c))
-                    .buffer_unordered(concurrency)
-                    .collect()
-                    .await;
-                for o in outcomes {
-                    tally(report, o);
-                }
-                match page.cursor {
-                    Some(next) => cursor = Some(next),
-                    None => break,
-                }
+        let mut walk = ShardWalk::new(
+            &*self.store,
+            shards,
+            idle_before,
+            self.settings.page_size,
+            run.deadline,
+        );
+        if let Some(page) = first {
+            walk = walk.with_first_page(page);
+        }
+        while let Some(items) = walk.next_page(&run.id).await {
+            report.candidates += items.len() as u64;
+            let outcomes: Vec<Outcome> = stream::iter(items)
+                .map(|c| self.candidate(run, c))
+                .buffer_unordered(concurrency)
+                .collect()
+                .await;
+            for o in outcomes {
+                tally(report, o);
             }
         }
+        report.remaining |= walk.incomplete;
     }
 
     async fn candidate(&self, run: &Run, c: UserRecord) -> Outcome {
@@ -453,6 +527,16 @@ impl<S: UserStore + 'static> Sweeper<S> {
         }
         if c.live_lease(now).is_some() {
             return Outcome::SkippedBusy;
+        }
+        // Pacing before the lease: nothing is held while a sleep waits its turn.
+        if !run.sleep_unavailable() {
+            let latest = run
+                .deadline
+                .checked_sub(Duration::from_secs(1))
+                .unwrap_or(run.deadline);
+            if run.pacer.admit(latest).await.is_err() {
+                return Outcome::Deferred;
+            }
         }
         // Every live hold counts: one command still running keeps it awake.
         let live: Vec<&Hold> = c.all_holds().filter(|h| now < h.until).collect();
@@ -576,6 +660,12 @@ impl<S: UserStore + 'static> Sweeper<S> {
             }
             Err(err) if err.is_not_found() => self.lost(run, user_id, owner, machine_id).await,
             Err(err) if is_refusal(&err) => self.by_phase(run, user_id, owner, machine_id).await,
+            Err(err) if err.status().map(|s| s.as_u16()) == Some(429) => {
+                let wait = err.retry_after().unwrap_or(DEFAULT_RATE_LIMIT_WAIT);
+                run.pacer.back_off(wait);
+                tracing::warn!(run_id = %run.id, user_id, machine_id, retry_after_ms = ms(wait), code = err.code(), "sleep rate-limited; no sleep call before Retry-After, this one left for the next run");
+                Outcome::RateLimited
+            }
             Err(err) => {
                 tracing::warn!(run_id = %run.id, user_id, machine_id, error = %err, status = err.status().map(|s| s.as_u16()), code = err.code(), "sleep failed; left for the next run");
                 Outcome::Failed
@@ -769,44 +859,28 @@ impl<S: UserStore + 'static> Sweeper<S> {
         }
         // Awake items whose machine the list does not have (destroyed, or
         // never there): a status read tells; 404 → lost.
-        for shard in all_shards() {
-            let mut cursor: Option<Cursor> = None;
-            loop {
-                if run.past_deadline() {
-                    report.remaining = true;
-                    return;
-                }
-                let page = match self
-                    .store
-                    .query_awake_idle(&shard, u64::MAX, cursor.as_ref(), self.settings.page_size)
-                    .await
-                {
-                    Ok(page) => page,
-                    Err(error) => {
-                        tracing::error!(run_id = %run.id, shard, error = %error, "awake index query failed during reconciliation");
-                        report.remaining = true;
-                        break;
-                    }
-                };
-                let missing: Vec<UserRecord> = page
-                    .items
-                    .into_iter()
-                    .filter(|r| r.machine_id.as_ref().is_some_and(|id| !listed.contains(id)))
-                    .collect();
-                let results: Vec<Reconciled> = stream::iter(missing)
-                    .map(|r| self.reconcile_unlisted(run, r))
-                    .buffer_unordered(concurrency)
-                    .collect()
-                    .await;
-                for r in results {
-                    tally_reconciled(report, r);
-                }
-                match page.cursor {
-                    Some(next) => cursor = Some(next),
-                    None => break,
-                }
+        let mut walk = ShardWalk::new(
+            &*self.store,
+            self.settings.shards.read_shards(),
+            u64::MAX,
+            self.settings.page_size,
+            run.deadline,
+        );
+        while let Some(items) = walk.next_page(&run.id).await {
+            let missing: Vec<UserRecord> = items
+                .into_iter()
+                .filter(|r| r.machine_id.as_ref().is_some_and(|id| !listed.contains(id)))
+                .collect();
+            let results: Vec<Reconciled> = stream::iter(missing)
+                .map(|r| self.reconcile_unlisted(run, r))
+                .buffer_unordered(concurrency)
+                .collect()
+                .await;
+            for r in results {
+                tally_reconciled(report, r);
             }
         }
+        report.remaining |= walk.incomplete;
     }
 
     async fn reconcile_machine(&self, run: &Run, machine: Machine) -> Reconciled {
@@ -1046,6 +1120,14 @@ fn tally(report: &mut SweepReport, o: Outcome) {
         Outcome::NotReached => {
             report.not_reached += 1;
             report.remaining = true;
+        }
+        Outcome::Deferred => {
+            report.deferred += 1;
+            report.remaining = true;
+        }
+        Outcome::RateLimited => {
+            report.failed += 1;
+            report.rate_limited += 1;
         }
     }
 }

@@ -57,6 +57,23 @@ pub struct SweepReport {
     pub machines_running: u64,
     /// Wall time of the run.
     pub duration_ms: u64,
+    /// Candidates left for the next run because pacing (`SWEEP_SLEEP_RATE`,
+    /// or a `Retry-After` the platform asked for) would not let their sleep
+    /// call go out before the run's deadline.
+    #[serde(default)]
+    pub deferred: u64,
+    /// Sleep calls answered 429: the worker then sent no further sleep
+    /// before the `Retry-After` passed (the candidate counts as `failed`).
+    #[serde(default)]
+    pub rate_limited: u64,
+    /// Parallel workers this run handed shard ranges to (0: one invocation
+    /// swept every shard itself).
+    #[serde(default)]
+    pub workers: u64,
+    /// Workers whose invocation failed or did not answer before the
+    /// coordinator's deadline (their shards are swept by the next run).
+    #[serde(default)]
+    pub workers_failed: u64,
 }
 
 /// The run's EMF line: every count, the two flags as 0/1 and the run's
@@ -83,6 +100,10 @@ pub const SWEEP_LINE: LineSpec = LineSpec {
         MetricSpec::count("sleep_unavailable"),
         MetricSpec::count("remaining"),
         MetricSpec::ms("duration_ms"),
+        MetricSpec::count("deferred"),
+        MetricSpec::count("rate_limited"),
+        MetricSpec::count("workers"),
+        MetricSpec::count("workers_failed"),
     ],
     breakdowns: &[],
     properties: &["reconciled"],
@@ -110,6 +131,10 @@ impl SweepReport {
         self.machines_listed += other.machines_listed;
         self.machines_running += other.machines_running;
         self.duration_ms = self.duration_ms.max(other.duration_ms);
+        self.deferred += other.deferred;
+        self.rate_limited += other.rate_limited;
+        self.workers += other.workers;
+        self.workers_failed += other.workers_failed;
     }
 
     /// The run's summary as one CloudWatch Embedded Metric Format line

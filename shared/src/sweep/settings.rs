@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::config::ConfigError;
+use crate::store::ShardLayout;
 
 /// How the sleep sweep and reconciliation behave (docs/design.md §5, §7).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +50,19 @@ pub struct SweepSettings {
     /// reports them (and sleeps them with `RECONCILE_SLEEP_ORPHANS`): set it
     /// when the Dedalus key also owns machines agenthome did not create.
     pub reconcile_destroy_orphans: bool,
+    /// `AWAKE_SHARDS` / `AWAKE_SHARDS_PREVIOUS`: the shards a run reads
+    /// (the union of both ranges while a shard-count change is migrated).
+    pub shards: ShardLayout,
+    /// `SWEEP_WORKERS` (default 8): at most this many parallel workers a
+    /// scheduled run hands shard ranges to (never more than the shards).
+    pub workers: u32,
+    /// `SWEEP_FANOUT_THRESHOLD` (default 5000): estimated idle candidates
+    /// from which a scheduled run fans out; below it, one invocation sweeps
+    /// every shard itself (today's path).
+    pub fanout_threshold: u64,
+    /// `SWEEP_SLEEP_RATE` (default 2000): sleep calls per second for the
+    /// whole Dedalus key; each of `n` workers gets `rate / n`.
+    pub sleep_rate: u32,
 }
 
 impl Default for SweepSettings {
@@ -66,6 +80,10 @@ impl Default for SweepSettings {
             marker_check_timeout: Duration::from_secs(8),
             orphan_grace: Duration::from_secs(15 * 60),
             reconcile_destroy_orphans: true,
+            shards: ShardLayout::default(),
+            workers: 8,
+            fanout_threshold: 5000,
+            sleep_rate: 2000,
         }
     }
 }
@@ -128,6 +146,10 @@ impl SweepSettings {
                 "RECONCILE_DESTROY_ORPHANS",
                 d.reconcile_destroy_orphans,
             )?,
+            shards: ShardLayout::from_map(env)?,
+            workers: small("SWEEP_WORKERS", u64::from(d.workers), 1024)? as u32,
+            fanout_threshold: positive("SWEEP_FANOUT_THRESHOLD", d.fanout_threshold)?,
+            sleep_rate: small("SWEEP_SLEEP_RATE", u64::from(d.sleep_rate), 1_000_000)? as u32,
         };
         if settings.lease_ttl <= settings.sleep_call_timeout {
             return Err(malformed(
@@ -196,6 +218,20 @@ mod tests {
         assert!(s.reconcile_sleep_orphans);
         assert!(!s.reconcile_destroy_orphans);
         assert_eq!(s.margin, Duration::from_secs(2));
+        let s = SweepSettings::from_map(&env(&[
+            ("SWEEP_WORKERS", "32"),
+            ("SWEEP_FANOUT_THRESHOLD", "100"),
+            ("SWEEP_SLEEP_RATE", "500"),
+            ("AWAKE_SHARDS", "64"),
+            ("AWAKE_SHARDS_PREVIOUS", "8"),
+        ]))
+        .expect("settings");
+        assert_eq!(
+            (s.workers, s.fanout_threshold, s.sleep_rate),
+            (32, 100, 500)
+        );
+        assert_eq!(s.shards.read_shards().len(), 64);
+        assert_eq!(s.shards.previous, Some(8));
     }
 
     #[test]
@@ -209,6 +245,10 @@ mod tests {
             ("RECONCILE_DESTROY_ORPHANS", "sometimes"),
             ("SWEEP_MARGIN", "10"),
             ("SWEEP_LEASE", "1s"),
+            ("SWEEP_WORKERS", "0"),
+            ("SWEEP_FANOUT_THRESHOLD", "lots"),
+            ("SWEEP_SLEEP_RATE", "0"),
+            ("AWAKE_SHARDS", "0"),
         ] {
             let err = SweepSettings::from_map(&env(&[(name, bad)])).expect_err(name);
             assert!(
