@@ -85,7 +85,7 @@ trap stop_started EXIT INT TERM
 
 # Start the local stack on free loopback ports: the Dedalus emulator,
 # moto_server with the user→machine table, and `cargo lambda watch` serving
-# the three functions. Exports EMU_URL, DDB_URL, LAMBDA_URL, TABLE_NAME,
+# the three functions. Exports EMU_URL, DDB_URL, LAMBDA_URL, TABLE_NAME, JOURNAL_TABLE,
 # STACK_DIR. Everything is stopped by the EXIT trap.
 start_local_stack() {
   ensure_python_tools
@@ -110,6 +110,8 @@ start_local_stack() {
   export EMU_URL="http://127.0.0.1:$emu_port" DDB_URL="http://127.0.0.1:$ddb_port"
   export TABLE_NAME="agenthome-local"
   "$ROOT/target/debug/agenthome-dev" create-table --endpoint "$DDB_URL" --name "$TABLE_NAME" >/dev/null
+  export JOURNAL_TABLE="agenthome-local-journal"
+  "$ROOT/target/debug/agenthome-dev" create-journal-table --endpoint "$DDB_URL" --name "$JOURNAL_TABLE" >/dev/null
 
   lambda_port="$(free_port)"
   export LAMBDA_URL="http://127.0.0.1:$lambda_port"

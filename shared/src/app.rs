@@ -38,6 +38,8 @@ pub struct App {
     pub dedalus: dedalus::Client,
     /// The AWS SDK configuration (region, endpoints, credentials).
     pub aws: aws_config::SdkConfig,
+    /// The lifecycle journal (off without `JOURNAL_TABLE`).
+    pub journal: crate::journal::Journal,
 }
 
 impl App {
@@ -69,11 +71,13 @@ impl App {
             config.table_name.clone(),
         )
         .with_awake_shards(crate::store::ShardLayout::from_env()?.shards);
+        let journal = journal_of(&config, &aws);
         Ok(App {
             config,
             store,
             dedalus,
             aws,
+            journal,
         })
     }
 
@@ -100,12 +104,29 @@ impl App {
             function,
             self.config.provision_invoke_detached,
         );
-        Some(Provisioner::new(
-            self.store.clone(),
-            self.dedalus.clone(),
-            trigger,
-            self.provision_settings(),
-        ))
+        Some(
+            Provisioner::new(
+                self.store.clone(),
+                self.dedalus.clone(),
+                trigger,
+                self.provision_settings(),
+            )
+            .with_journal(self.journal.clone()),
+        )
+    }
+}
+
+/// The journal `JOURNAL_TABLE` names (off when unset).
+fn journal_of(config: &Config, aws: &aws_config::SdkConfig) -> crate::journal::Journal {
+    match &config.journal_table {
+        Some(table) => crate::journal::Journal::new(
+            std::sync::Arc::new(crate::journal::DynamoJournal::new(
+                aws_sdk_dynamodb::Client::new(aws),
+                table.clone(),
+            )),
+            std::time::Duration::from_secs(u64::from(config.journal_ttl_days) * 86_400),
+        ),
+        None => crate::journal::Journal::off(),
     }
 }
 

@@ -134,6 +134,13 @@ pub struct Config {
     /// it (local runs under `cargo lambda watch`, which runs "async" invokes
     /// to the end); default `async` (AWS answers 202 at once).
     pub provision_invoke_detached: bool,
+    /// `JOURNAL_TABLE`: the lifecycle journal's table (unset: no journal).
+    pub journal_table: Option<String>,
+    /// `JOURNAL_TTL_DAYS`: how long journal entries are kept (default 30).
+    pub journal_ttl_days: u32,
+    /// `HOOK_TIMEOUT`: bound of the in-machine hooks `pre-sleep` and
+    /// `post-wake` (default 30 s; `0` = hooks are not run).
+    pub hook_timeout: Duration,
 }
 
 /// The default bootstrap (docs/design.md §5).
@@ -292,6 +299,13 @@ impl Config {
                     ))
                 }
             },
+            journal_table: get("JOURNAL_TABLE").map(str::to_string),
+            journal_ttl_days: parse_num(
+                num("JOURNAL_TTL_DAYS"),
+                "JOURNAL_TTL_DAYS",
+                crate::journal::DEFAULT_TTL_DAYS,
+            )?,
+            hook_timeout: duration("HOOK_TIMEOUT", crate::hooks::DEFAULT_TIMEOUT)?,
         })
     }
 }

@@ -17,6 +17,8 @@
 //! - [`runner`]: running commands on a machine (terminal or executions backend).
 //! - [`agent`]: the agent loop: the LLM client, the `run_command` tool, limits.
 //! - [`net`]: outbound HTTP hygiene (https outside loopback, no redirects).
+//! - [`journal`]: the lifecycle journal (every transition, with reason and actor).
+//! - [`hooks`]: the in-machine hooks `pre-sleep` and `post-wake`.
 
 pub mod agent;
 pub mod api;
@@ -25,6 +27,8 @@ pub mod clock;
 pub mod config;
 pub mod dedalus;
 pub mod entry;
+pub mod hooks;
+pub mod journal;
 pub mod machines;
 pub mod metrics;
 pub mod net;

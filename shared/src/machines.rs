@@ -40,6 +40,13 @@ pub struct MachineStatus {
     pub turn_running: bool,
     /// Creation time of the item (epoch ms).
     pub created_at: u64,
+    /// Since when the machine is awake (epoch ms), while it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub awake_since: Option<u64>,
+    /// Awake time per UTC day, the last 7 days, oldest first (from the
+    /// lifecycle journal; absent without one).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub awake_days: Vec<crate::journal::AwakeDayTotal>,
 }
 
 impl MachineStatus {
@@ -65,6 +72,8 @@ impl MachineStatus {
                 .live_lease(now_ms)
                 .is_some_and(|l| l.kind == crate::store::LeaseKind::Turn),
             created_at: rec.created_at,
+            awake_since: rec.awake_since,
+            awake_days: Vec::new(),
         }
     }
 }
@@ -152,6 +161,24 @@ pub async fn destroy<S: UserStore>(
     user_id: &str,
     wait: Duration,
 ) -> Result<Destroyed, DestroyError> {
+    destroy_recorded(
+        store,
+        dedalus,
+        user_id,
+        wait,
+        &crate::journal::Journal::off(),
+    )
+    .await
+}
+
+/// [`destroy`], recording `destroyed` in `journal` once the item is gone.
+pub async fn destroy_recorded<S: UserStore>(
+    store: &S,
+    dedalus: &dedalus::Client,
+    user_id: &str,
+    wait: Duration,
+    journal: &crate::journal::Journal,
+) -> Result<Destroyed, DestroyError> {
     let rec = match store.mark_destroying(user_id, now_ms()).await {
         Ok(rec) => rec,
         Err(StoreError::NotFound { .. }) => return Ok(Destroyed::AlreadyGone),
@@ -175,7 +202,21 @@ pub async fn destroy<S: UserStore>(
         tracing::info!(user_id, machine_id, "machine destroyed");
     }
     match store.delete(user_id, DeleteGuard::Destroying).await? {
-        DeleteOutcome::Deleted(_) => Ok(Destroyed::Done),
+        DeleteOutcome::Deleted(gone) => {
+            journal.record(user_id, destroyed_entry(&gone)).await;
+            Ok(Destroyed::Done)
+        }
         DeleteOutcome::AlreadyGone => Ok(Destroyed::AlreadyGone),
     }
+}
+
+/// The journal's `destroyed` entry for the item as it was deleted.
+fn destroyed_entry(gone: &UserRecord) -> crate::journal::JournalEntry {
+    use crate::journal::{Actor, Event, JournalEntry, Reason};
+    let now = now_ms();
+    let period = gone.awake_since.map(|s| now.saturating_sub(s));
+    JournalEntry::new(now, Event::Destroyed, Actor::Route)
+        .reason(Reason::Deleted)
+        .machine(gone.machine_id.as_deref())
+        .awake(period, gone.awake_ms_total + period.unwrap_or(0))
 }

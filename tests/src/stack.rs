@@ -17,6 +17,7 @@ use agenthome::agent::Agent;
 use agenthome::api::{AccessPolicy, AuthMode, JwtVerifier};
 use agenthome::dedalus::Phase;
 use agenthome::entry::Authorizer;
+use agenthome::journal::{DynamoJournal, Journal};
 use agenthome::metrics::{Captured, Metrics, MetricsConfig};
 use agenthome::provision::{
     Bootstrap, MachineSpec, ProvisionEvent, ProvisionSettings, Provisioner, QueueTrigger,
@@ -139,6 +140,10 @@ pub struct Stack {
     pub provision: provision_fn::Service<DynamoStore, QueueTrigger>,
     /// The table.
     pub store: DynamoStore,
+    /// The lifecycle journal (its own table), shared by every service.
+    pub journal: Journal,
+    /// `HOOK_TIMEOUT` of the services (the turn settings').
+    pub hook_timeout: Duration,
     /// Every metric line both functions emitted, in order.
     pub metrics: Captured,
     events: Mutex<UnboundedReceiver<ProvisionEvent>>,
@@ -157,6 +162,15 @@ impl Stack {
         let client = moto.dynamodb_client().await;
         let table = unique_table_name("turns");
         create_table(&client, &table).await.expect("create table");
+        let journal_table = unique_table_name("journal");
+        agenthome::journal::table::create_table(&client, &journal_table)
+            .await
+            .expect("create journal table");
+        let journal = Journal::new(
+            std::sync::Arc::new(DynamoJournal::new(client.clone(), journal_table)),
+            Duration::from_secs(30 * 86_400),
+        );
+        let hook_timeout = options.settings.hook_timeout;
         let store = DynamoStore::new(client, table);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let auth = Authorizer::new(options.auth_mode, access_policy(), options.verifier)
@@ -173,8 +187,10 @@ impl Stack {
                 Bootstrap::new(BOOTSTRAP, None),
             )
         };
-        let provisioner =
-            |tx| Provisioner::new(store.clone(), emu.client(), QueueTrigger(tx), settings());
+        let provisioner = |tx| {
+            Provisioner::new(store.clone(), emu.client(), QueueTrigger(tx), settings())
+                .with_journal(journal.clone())
+        };
         let turns = TurnService::new(provisioner(tx.clone()), options.agent, options.settings);
         let (metrics, captured) = Metrics::capture(MetricsConfig {
             namespace: "agenthome-test".into(),
@@ -192,7 +208,8 @@ impl Stack {
                         std::sync::Arc::new(store.clone()),
                         &emu.client(),
                         agenthome::sweep::SweepSettings::default(),
-                    ),
+                    )
+                    .with_journal(journal.clone(), hook_timeout),
                 }),
             turn_deadline: options.turn_deadline,
             margin: Duration::from_secs(2),
@@ -205,7 +222,8 @@ impl Stack {
                 std::sync::Arc::new(store.clone()),
                 &emu.client(),
                 agenthome::sweep::SweepSettings::default(),
-            ),
+            )
+            .with_journal(journal.clone(), hook_timeout),
             auth,
             fair_use: options.fair_use,
             metrics,
@@ -215,6 +233,8 @@ impl Stack {
             chat: std::sync::Arc::new(chat),
             provision,
             store,
+            journal,
+            hook_timeout,
             metrics: captured,
             events: Mutex::new(rx),
         }
@@ -337,6 +357,42 @@ impl Stack {
     pub async fn turn(&self, user: &str, message: &str) -> Reply {
         let body = serde_json::json!({ "message": message }).to_string();
         self.post_turn(user, &body, jwt(user)).await
+    }
+
+    /// A sweeper over the stack's table, emulator and journal (the sleep
+    /// sweep as the sleep-sweep function runs it).
+    pub fn sweeper(
+        &self,
+        settings: agenthome::sweep::SweepSettings,
+    ) -> agenthome::sweep::Sweeper<DynamoStore> {
+        agenthome::sweep::Sweeper::new(
+            std::sync::Arc::new(self.store.clone()),
+            &self.emu.client(),
+            settings,
+        )
+        .with_journal(self.journal.clone(), self.hook_timeout)
+    }
+
+    /// Deliver a request to the provision function (`query` without `?`);
+    /// the exchange must conform to the API document.
+    pub async fn machine_call(
+        &self,
+        method: &str,
+        path: &str,
+        query: &str,
+        auth: Auth<'_>,
+    ) -> (u16, Value) {
+        let mut event = http(method, path, None, auth);
+        event["rawQueryString"] = Value::String(query.into());
+        let checked = openapi::check_event(Function::Provision, &event);
+        let resp = self
+            .provision
+            .handle(event)
+            .await
+            .expect("HTTP events always get a response");
+        checked.assert_apigw_response(&resp);
+        let (status, _, body) = crate::events::response_parts(&resp);
+        (status, body)
     }
 
     /// Deliver every queued provision event to the provision function's

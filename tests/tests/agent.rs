@@ -48,6 +48,7 @@ fn limits(secs: u64) -> Limits {
 
 fn input(message: &str) -> TurnInput {
     TurnInput {
+        wake_note: None,
         message: message.into(),
         history: vec![
             ChatMessage {

@@ -34,6 +34,25 @@ async fn a_user_over_the_awake_budget_sleeps_and_gets_429_until_midnight() {
         .await
         .expect("the machine goes to sleep");
     assert!(item.awake_day.is_some(), "the day's baseline was recorded");
+    // ... and the journal says the budget put it to sleep
+    let page = s
+        .journal
+        .page(
+            "alice",
+            &agenthome::journal::PageQuery {
+                since_ms: None,
+                limit: 10,
+                cursor: None,
+            },
+        )
+        .await
+        .unwrap();
+    let slept = page
+        .events
+        .iter()
+        .find(|e| e.event == agenthome::journal::Event::Slept)
+        .expect("a slept entry");
+    assert_eq!(slept.reason, Some(agenthome::journal::Reason::Budget));
     // ... and further turns are refused until midnight UTC
     let r = s.turn("alice", "echo again").await;
     assert_eq!(r.status, 429, "{}", r.text);

@@ -104,7 +104,7 @@ fn sse(events: &[(&str, Value)]) -> Vec<u8> {
 #[test]
 fn the_documented_routes_are_the_templates_and_the_router_serves_each_on_the_named_function() {
     let documented = documented_routes();
-    assert_eq!(documented.len(), 5, "{documented:?}");
+    assert_eq!(documented.len(), 6, "{documented:?}");
 
     // GIVEN template.yaml's HTTP API routes
     let text = std::fs::read_to_string(workspace_root().join("template.yaml")).unwrap();

@@ -196,8 +196,11 @@ fn allowed_actions(f: &Function<'_>) -> Vec<(String, Vec<Json>)> {
 fn given_the_template_when_its_table_is_compared_then_it_is_the_code_s_table() {
     let t = template();
     let tables = resources_of_type(&t, "AWS::DynamoDB::Table");
-    assert_eq!(tables.len(), 1, "exactly one DynamoDB table");
-    let (id, table) = tables[0];
+    assert_eq!(tables.len(), 2, "the user table and the journal");
+    let (id, table) = *tables
+        .iter()
+        .find(|(id, _)| *id == "UserTable")
+        .expect("UserTable");
     let props = &table["Properties"];
     let code = agenthome::store::table::describe();
 
@@ -290,6 +293,9 @@ const READ_BY_CODE: &[&str] = &[
     "JWT_AUDIENCE",
     "PROVISION_FUNCTION",
     "PROVISION_INVOKE",
+    "JOURNAL_TABLE",
+    "JOURNAL_TTL_DAYS",
+    "HOOK_TIMEOUT",
     // metrics.rs
     "METRICS_NAMESPACE",
     "METRICS_STACK",
@@ -656,6 +662,32 @@ fn given_an_edited_template_when_the_build_script_plans_then_it_follows_or_refus
     assert!(err.contains("must be [!Ref Architecture]"), "{err}");
 }
 
+#[test]
+fn given_the_template_when_its_journal_table_is_compared_then_it_is_the_code_s_table() {
+    let t = template();
+    let tables = resources_of_type(&t, "AWS::DynamoDB::Table");
+    let (id, table) = *tables
+        .iter()
+        .find(|(id, _)| *id == "JournalTable")
+        .expect("JournalTable");
+    let props = &table["Properties"];
+    let code = agenthome::journal::table::describe();
+    for key in [
+        "KeySchema",
+        "AttributeDefinitions",
+        "BillingMode",
+        "TimeToLiveSpecification",
+    ] {
+        assert_eq!(props[key], code[key], "{id}: {key}");
+    }
+    assert!(
+        props.get("GlobalSecondaryIndexes").is_none(),
+        "{id}: no GSIs"
+    );
+    assert_eq!(props["SSESpecification"]["SSEEnabled"], true);
+    assert_eq!(table["DeletionPolicy"], "Retain");
+}
+
 // ----------------------------------------------------------------- IAM --
 
 #[test]
@@ -685,6 +717,7 @@ fn given_the_policies_when_actions_are_listed_then_they_are_least_privilege() {
             &[
                 "dynamodb:GetItem",
                 "dynamodb:PutItem",
+                "dynamodb:Query",
                 "dynamodb:UpdateItem",
             ][..],
         ),
@@ -694,12 +727,18 @@ fn given_the_policies_when_actions_are_listed_then_they_are_least_privilege() {
                 "dynamodb:DeleteItem",
                 "dynamodb:GetItem",
                 "dynamodb:PutItem",
+                "dynamodb:Query",
                 "dynamodb:UpdateItem",
             ][..],
         ),
         (
             "sleep-sweep",
-            &["dynamodb:GetItem", "dynamodb:Query", "dynamodb:UpdateItem"][..],
+            &[
+                "dynamodb:GetItem",
+                "dynamodb:PutItem",
+                "dynamodb:Query",
+                "dynamodb:UpdateItem",
+            ][..],
         ),
     ]);
 
@@ -724,7 +763,15 @@ fn given_the_policies_when_actions_are_listed_then_they_are_least_privilege() {
                 dynamodb.insert(action.as_str());
                 for r in resources {
                     let text = r.to_string();
-                    if action == "dynamodb:Query" {
+                    if text.contains("JournalTable") {
+                        // The journal: entries written and read by page only.
+                        assert!(
+                            matches!(action.as_str(), "dynamodb:PutItem" | "dynamodb:Query")
+                                && !text.contains("/index/"),
+                            "{}: {action} on {text}",
+                            f.id
+                        );
+                    } else if action == "dynamodb:Query" {
                         let index = text
                             .split("/index/")
                             .nth(1)
@@ -792,6 +839,7 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("PUT", "/v1/users/{user_id}/machine", "provision"),
     ("POST", "/v1/users/{user_id}/machine/sleep", "provision"),
     ("DELETE", "/v1/users/{user_id}/machine", "provision"),
+    ("GET", "/v1/users/{user_id}/machine/events", "provision"),
 ];
 
 fn route_set(routes: &[(&str, &str, &str)]) -> BTreeSet<(String, String, String)> {

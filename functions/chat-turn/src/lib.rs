@@ -296,7 +296,7 @@ impl TurnEvents for Seen<'_> {
                 MachineStage::Ready => {
                     let _ = self.ready_ms.set(*elapsed_ms);
                 }
-                MachineStage::Provisioning => {}
+                MachineStage::Provisioning | MachineStage::Woke => {}
             },
             TurnEvent::StepStarted { .. } => {
                 let elapsed = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -56,6 +56,7 @@ async fn main() -> Result<(), lambda_http::Error> {
         max_steps: c.max_steps,
         command_timeout: c.command_timeout,
         max_hold: c.max_hold,
+        hook_timeout: c.hook_timeout,
         ..TurnSettings::default()
     };
     let service = Service {
@@ -69,7 +70,8 @@ async fn main() -> Result<(), lambda_http::Error> {
                     Arc::new(app.store.clone()),
                     &app.dedalus,
                     agenthome::sweep::SweepSettings::from_env()?,
-                ),
+                )
+                .with_journal(app.journal.clone(), c.hook_timeout),
             }),
             None => None,
         },

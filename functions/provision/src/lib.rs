@@ -152,7 +152,12 @@ impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
         let dedalus = self.provisioner.dedalus();
         match route {
             Route::GetMachine(ref id) => match self.status(id).await {
-                Ok(Some(status)) => Ok(entry::json(200, &status, None)),
+                Ok(Some(mut status)) => {
+                    let journal = self.provisioner.journal();
+                    let now = agenthome::clock::now_ms();
+                    status.awake_days = entry::events::awake_days(journal, &status, now).await;
+                    Ok(entry::json(200, &status, None))
+                }
                 Ok(None) => Err(Problem::not_found(
                     "no_machine",
                     format!("user {user} has no machine; PUT this route or send a turn to provision one"),
@@ -184,7 +189,8 @@ impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
                 }
             }
             Route::DeleteMachine(_) => {
-                match machines::destroy(store, dedalus, user, DESTROY_WAIT).await {
+                let journal = self.provisioner.journal();
+                match machines::destroy_recorded(store, dedalus, user, DESTROY_WAIT, journal).await {
                     Ok(Destroyed::Done) | Ok(Destroyed::AlreadyGone) => Ok(entry::empty(204)),
                     Err(e) => {
                         tracing::warn!(user, error = %e, "destroy incomplete; a retry resumes it");
@@ -245,6 +251,17 @@ impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
                         "the machine could not be put to sleep now; the sweep retries",
                     )
                     .with_retry_after(Duration::from_secs(5))),
+                }
+            }
+            Route::MachineEvents(_) => {
+                let query = entry::events::page_query(req)?;
+                match self.provisioner.journal().page(user, &query).await {
+                    Ok(page) => Ok(entry::json(200, &page, None)),
+                    Err(agenthome::store::StoreError::InvalidCursor) => Err(Problem::unprocessable(
+                        "invalid_query",
+                        "cursor is not a next_cursor this API returned",
+                    )),
+                    Err(e) => Err(store_problem(&e)),
                 }
             }
             Route::Turn(_) => Err(Problem::not_found(

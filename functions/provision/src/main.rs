@@ -22,7 +22,8 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         std::sync::Arc::new(app.store.clone()),
         &app.dedalus,
         SweepSettings::from_env()?,
-    );
+    )
+    .with_journal(app.journal.clone(), app.config.hook_timeout);
     let service = Service {
         provisioner,
         sweeper,

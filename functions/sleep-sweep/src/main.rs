@@ -58,7 +58,8 @@ async fn start() -> Result<Service<agenthome::store::DynamoStore>, lambda_runtim
         fan_out = workers.is_some(),
         "sleep-sweep started"
     );
-    let mut sweeper = Sweeper::new(Arc::new(app.store.clone()), &app.dedalus, settings);
+    let mut sweeper = Sweeper::new(Arc::new(app.store.clone()), &app.dedalus, settings)
+        .with_journal(app.journal.clone(), app.config.hook_timeout);
     if let Some(function) = workers {
         let client = aws_sdk_lambda::Client::new(&app.aws);
         sweeper = sweeper.with_workers(Arc::new(LambdaWorkers::new(client, function)));

@@ -56,6 +56,12 @@ and redirect their output to a file.
 You may also keep your own notes in files under ~ (for example ~/NOTES.md) and read them when \
 useful.
 - Do not print secrets, and never try to read credentials that are not the user's.
+- Hooks: if ~/.agenthome/hooks/pre-sleep exists and is executable, it runs before every \
+sleep (save state, stop a server cleanly); ~/.agenthome/hooks/post-wake runs after every \
+wake, before your first command (restart a dev server, refresh credentials). Each is any \
+executable (e.g. a bash script starting with #!/bin/bash), runs in ~ with no input, is \
+stopped after a time limit (30 seconds by default), and its failure never stops a sleep or a turn. You are \
+told after a wake how long the machine slept and which commands the sleep interrupted.
 
 Replies: be concise. Say what you did and what came out of it, with the key output or file \
 paths; do not paste long outputs.";
@@ -78,6 +84,8 @@ pub struct TurnInput {
     pub history: Vec<ChatMessage>,
     /// One-line summaries of the last few turns (from `~/.agenthome/turns.jsonl`).
     pub memory: Vec<String>,
+    /// After a wake: what the sleep kept and interrupted, how long it slept.
+    pub wake_note: Option<String>,
 }
 
 /// Bounds of one turn.
@@ -404,6 +412,9 @@ impl Agent {
             "system",
             self.system_prompt(&input.memory),
         )];
+        if let Some(note) = &input.wake_note {
+            messages.push(WireMessage::text("system", note.clone()));
+        }
         let (history, dropped) = fit_history(&input.history, self.options.history_budget);
         if dropped > 0 {
             messages.push(WireMessage::text(

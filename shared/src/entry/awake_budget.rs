@@ -110,7 +110,12 @@ impl<S: UserStore + 'static> AwakeBudget<S> {
         }
         let outcome = self
             .sweeper
-            .sleep_now(user, now, Instant::now() + SLEEP_WAIT)
+            .sleep_now_because(
+                user,
+                now,
+                Instant::now() + SLEEP_WAIT,
+                crate::journal::Reason::Budget,
+            )
             .await;
         tracing::info!(
             user_id = user,

@@ -3,6 +3,7 @@
 //! ([`crate::api`]) and back. Domain code never sees these types.
 
 pub mod awake_budget;
+pub mod events;
 mod fair_use;
 mod route;
 

@@ -16,6 +16,8 @@ pub enum Route {
     SleepMachine(UserId),
     /// `DELETE /v1/users/{user_id}/machine`
     DeleteMachine(UserId),
+    /// `GET /v1/users/{user_id}/machine/events`
+    MachineEvents(UserId),
 }
 
 impl Route {
@@ -26,7 +28,8 @@ impl Route {
             | Route::GetMachine(u)
             | Route::PutMachine(u)
             | Route::SleepMachine(u)
-            | Route::DeleteMachine(u) => u,
+            | Route::DeleteMachine(u)
+            | Route::MachineEvents(u) => u,
         }
     }
 }
@@ -54,6 +57,7 @@ fn route_parts(method: &str, path: &str) -> Result<Route, Problem> {
         ["turns"] => "turns",
         ["machine"] => "machine",
         ["machine", "sleep"] => "sleep",
+        ["machine", "events"] => "events",
         _ => return Err(not_found(path)),
     };
     let decoded = percent_decode(raw_user).ok_or_else(|| {
@@ -70,6 +74,10 @@ fn route_parts(method: &str, path: &str) -> Result<Route, Problem> {
         ("machine", "PUT") => Ok(Route::PutMachine(user)),
         ("machine", "DELETE") => Ok(Route::DeleteMachine(user)),
         ("sleep", "POST") => Ok(Route::SleepMachine(user)),
+        ("events", "GET") => Ok(Route::MachineEvents(user)),
+        ("events", _) => Err(Problem::method_not_allowed(format!(
+            "{method} is not allowed here; use GET"
+        ))),
         ("turns", _) | ("sleep", _) => Err(Problem::method_not_allowed(format!(
             "{method} is not allowed here; use POST"
         ))),
@@ -131,6 +139,16 @@ mod tests {
         assert_eq!(
             route_parts("POST", "/v1/users/alice/machine/sleep"),
             Ok(Route::SleepMachine(user("alice")))
+        );
+        assert_eq!(
+            route_parts("GET", "/v1/users/alice/machine/events"),
+            Ok(Route::MachineEvents(user("alice")))
+        );
+        assert_eq!(
+            route_parts("POST", "/v1/users/alice/machine/events")
+                .unwrap_err()
+                .status,
+            405
         );
     }
 

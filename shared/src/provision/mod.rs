@@ -28,6 +28,7 @@ pub use trigger::{LambdaTrigger, ProvisionEvent, QueueTrigger, TriggerError, Wor
 
 use crate::clock::now_ms;
 use crate::dedalus::{self, CreateMachineRequest, IdempotencyKey, Phase};
+use crate::journal::{Actor, Event, JournalEntry, Reason};
 use crate::store::{
     new_create_key, AcquireOutcome, ClaimOutcome, CreateKey, Lease, LeaseKind, LeasePurpose,
     MachineState, ReleaseOutcome, StoreError, UserRecord, UserStore,
@@ -163,6 +164,7 @@ pub struct Provisioner<S, T> {
     dedalus: dedalus::Client,
     trigger: T,
     settings: ProvisionSettings,
+    journal: crate::journal::Journal,
 }
 
 fn exit_text(code: Option<i64>) -> String {
@@ -257,7 +259,19 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
             dedalus,
             trigger,
             settings,
+            journal: crate::journal::Journal::off(),
         }
+    }
+
+    /// Record transitions in `journal` (provisioned, lost).
+    pub fn with_journal(mut self, journal: crate::journal::Journal) -> Self {
+        self.journal = journal;
+        self
+    }
+
+    /// The lifecycle journal.
+    pub fn journal(&self) -> &crate::journal::Journal {
+        &self.journal
     }
 
     /// The store.
@@ -513,6 +527,7 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
         budget: &Budget,
     ) -> Result<UserRecord, ProvisionError> {
         let user_id = rec.user_id.clone();
+        let steps_started = Instant::now();
         // 1. The machine: created with the stored key, so a retry after a
         //    crash between "create" and "record" returns the same machine.
         let machine_id = match rec.machine_id.clone() {
@@ -590,6 +605,15 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
             .await
             .map_err(lease_lost)?;
         tracing::info!(user_id, machine_id, "machine ready");
+        self.journal
+            .record(
+                &user_id,
+                JournalEntry::new(now_ms(), Event::Provisioned, Actor::Worker)
+                    .reason(Reason::Created)
+                    .machine(Some(&machine_id))
+                    .duration(millis(steps_started.elapsed())),
+            )
+            .await;
         Ok(rec)
     }
 
@@ -643,9 +667,19 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
     /// provisioning creates a new machine instead of replaying a dead one.
     async fn machine_lost(&self, user_id: &str, owner: &str, machine_id: &str) -> ProvisionError {
         let why = "destroyed before provisioning finished";
-        if let Err(e) = self.store.mark_lost(user_id, owner, why, now_ms()).await {
-            return lease_lost(e);
-        }
+        let lost = match self.store.mark_lost(user_id, owner, why, now_ms()).await {
+            Ok(rec) => rec,
+            Err(e) => return lease_lost(e),
+        };
+        self.journal
+            .record(
+                user_id,
+                JournalEntry::new(now_ms(), Event::Lost, Actor::Worker)
+                    .reason(Reason::NotFound)
+                    .machine(Some(machine_id))
+                    .awake(None, lost.awake_ms_total),
+            )
+            .await;
         ProvisionError::Superseded(format!(
             "machine {machine_id} was {why}; the next provisioning creates a new one"
         ))
@@ -671,4 +705,8 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
             .map_err(lease_lost)?;
         Ok(())
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -56,6 +56,7 @@
 //! writes use `now_ms` plus the monotonic time elapsed since.
 
 mod coordinator;
+mod journal;
 mod key;
 mod pace;
 mod report;
@@ -88,6 +89,9 @@ pub use settings::SweepSettings;
 use shards::ShardWalk;
 pub use shards::{migrate, MigrationReport};
 
+/// The journal's reason for a sleep the platform did by itself.
+const PLATFORM: crate::journal::Reason = crate::journal::Reason::PlatformAutosleep;
+
 /// Machines per `GET /v1/machines` page during reconciliation.
 const LIST_PAGE: u32 = 100;
 
@@ -111,6 +115,8 @@ pub struct Sweeper<S> {
     reads: dedalus::Client,
     sleeps: dedalus::Client,
     settings: SweepSettings,
+    journal: crate::journal::Journal,
+    hook_timeout: Duration,
     workers: Option<Arc<dyn WorkerInvoker>>,
 }
 
@@ -143,6 +149,9 @@ struct Run {
     sleeps: dedalus::Client,
     mode: tokio::sync::Mutex<SleepMode>,
     unavailable: AtomicBool,
+    /// Why this run puts machines to sleep, and who asked (the journal's
+    /// reason and actor).
+    cause: (crate::journal::Reason, crate::journal::Actor),
     /// This run's share of the key's sleep rate, and any `Retry-After`.
     pacer: Pacer,
 }
@@ -285,6 +294,8 @@ impl<S: UserStore + 'static> Sweeper<S> {
             reads,
             sleeps,
             settings,
+            journal: crate::journal::Journal::off(),
+            hook_timeout: Duration::ZERO,
             workers: None,
         }
     }
@@ -316,6 +327,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
             sleeps: self.sleeps.with_deadline(deadline),
             mode: tokio::sync::Mutex::new(SleepMode::Unprobed),
             unavailable: AtomicBool::new(false),
+            cause: (crate::journal::Reason::Idle, crate::journal::Actor::Sweep),
             pacer: Pacer::new(sleep_rate),
         }
     }
@@ -326,6 +338,19 @@ impl<S: UserStore + 'static> Sweeper<S> {
     /// while a command the agent left running is still running, the hold
     /// window honoured.
     pub async fn sleep_now(&self, user_id: &str, now_ms: u64, deadline: Instant) -> SleepNow {
+        self.sleep_now_because(user_id, now_ms, deadline, crate::journal::Reason::Explicit)
+            .await
+    }
+
+    /// [`Sweeper::sleep_now`] for `reason` (the journal's: `explicit`,
+    /// `end_conversation`, `adaptive`, `budget`).
+    pub async fn sleep_now_because(
+        &self,
+        user_id: &str,
+        now_ms: u64,
+        deadline: Instant,
+        reason: crate::journal::Reason,
+    ) -> SleepNow {
         let rec = match self.store.get(user_id).await {
             Ok(Some(rec)) => rec,
             Ok(None) => return SleepNow::NoMachine,
@@ -340,7 +365,8 @@ impl<S: UserStore + 'static> Sweeper<S> {
         if rec.power == Power::Asleep {
             return SleepNow::Asleep;
         }
-        let run = self.start(now_ms, deadline);
+        let mut run = self.start(now_ms, deadline);
+        run.cause = (reason, crate::journal::Actor::Route);
         let eligible_at = rec.sleep_eligible_at;
         match self.candidate(&run, rec).await {
             Outcome::Slept | Outcome::Fixed => SleepNow::Asleep,
@@ -614,6 +640,9 @@ impl<S: UserStore + 'static> Sweeper<S> {
             }
             tracing::info!(run_id = %run.id, user_id, machine_id, action = "hold_cleared", "held command finished or hold expired");
         }
+        let Some((lease_until, hook)) = self.pre_sleep(run, rec, owner, lease_until).await else {
+            return Outcome::SkippedBusy;
+        };
         // Never start a sleep the lease might not outlive.
         if run
             .now()
@@ -632,7 +661,9 @@ impl<S: UserStore + 'static> Sweeper<S> {
         };
         match answer {
             Ok(machine) => match self.store.mark_asleep(user_id, owner, run.now()).await {
-                Ok(_) => {
+                Ok(after) => {
+                    self.journal_slept(run, Some(rec), &after, run.cause.0, hook)
+                        .await;
                     tracing::info!(run_id = %run.id, user_id, machine_id, action = "slept", phase = %machine.phase, "machine put to sleep");
                     Outcome::Slept
                 }
@@ -655,6 +686,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
                 {
                     tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "sleep_eligible_at not stored");
                 }
+                self.journal_refused(run, rec, at).await;
                 tracing::info!(run_id = %run.id, user_id, machine_id, action = "hold_window", sleep_eligible_at = at, "sleep refused within the hold window");
                 Outcome::SkippedHold
             }
@@ -730,7 +762,8 @@ impl<S: UserStore + 'static> Sweeper<S> {
             Ok(m) => match m.phase {
                 Phase::Sleeping | Phase::Stopping => {
                     match self.store.mark_asleep(user_id, owner, run.now()).await {
-                        Ok(_) => {
+                        Ok(after) => {
+                            self.journal_slept(run, None, &after, PLATFORM, None).await;
                             tracing::info!(run_id = %run.id, user_id, machine_id, action = "marked_asleep", phase = %m.phase, "machine slept on its own; item updated");
                             Outcome::Fixed
                         }
@@ -758,7 +791,10 @@ impl<S: UserStore + 'static> Sweeper<S> {
             .mark_lost(user_id, owner, "machine not found (404)", run.now())
             .await
         {
-            Ok(_) => Outcome::Lost,
+            Ok(after) => {
+                self.journal_lost(run, machine_id, &after).await;
+                Outcome::Lost
+            }
             Err(error) => {
                 tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "item not marked lost");
                 Outcome::Failed
@@ -1030,7 +1066,11 @@ impl<S: UserStore + 'static> Sweeper<S> {
             return Reconciled::Consistent;
         }
         match self.store.set_power(&rec, wants, run.now()).await {
-            Ok(_) => {
+            Ok(after) => {
+                if wants == Power::Asleep {
+                    self.journal_slept(run, Some(&rec), &after, PLATFORM, None)
+                        .await;
+                }
                 tracing::info!(run_id = %run.id, user_id, machine_id, action = "power_fixed", power = wants.as_str(), phase = %fresh.phase, "item power corrected to the machine's phase");
                 Reconciled::Fixed
             }

@@ -47,6 +47,8 @@ pub enum MachineStage {
     Waking,
     /// The machine runs; commands follow.
     Ready,
+    /// After a wake: what happened while it slept (`woke` has the facts).
+    Woke,
 }
 
 /// One progress event. Serialized adjacently tagged:
@@ -63,6 +65,10 @@ pub enum TurnEvent {
         phase: String,
         /// Since the turn started.
         elapsed_ms: u64,
+        /// Stage `woke`: how long it slept, the interrupted commands, the
+        /// post-wake hook.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        woke: Option<Box<super::WakeFacts>>,
     },
     /// A command starts.
     StepStarted {
@@ -218,6 +224,17 @@ impl<'a> EventObserver<'a> {
             stage,
             phase: phase.to_string(),
             elapsed_ms: super::millis(self.started.elapsed()),
+            woke: None,
+        });
+    }
+
+    /// The `machine` event of stage `woke`, with the wake's facts.
+    pub(super) fn woke(&self, facts: super::WakeFacts) {
+        self.emit(TurnEvent::Machine {
+            stage: MachineStage::Woke,
+            phase: "running".to_string(),
+            elapsed_ms: super::millis(self.started.elapsed()),
+            woke: Some(Box::new(facts)),
         });
     }
 

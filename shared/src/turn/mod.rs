@@ -8,9 +8,11 @@
 mod events;
 mod lease;
 mod memory;
+mod wake_facts;
 
 pub use events::{MachineStage, NoEvents, StreamSettings, TurnEvent, TurnEvents, TRUNCATED_NOTE};
 pub use memory::{read_memory, summary_line, TURNS_FILE};
+pub use wake_facts::WakeFacts;
 
 use events::EventObserver;
 use lease::{Leased, TurnLease};
@@ -54,6 +56,8 @@ pub struct TurnSettings {
     pub memory_lines: usize,
     /// How progress events stream output (coalescing, cap).
     pub stream: StreamSettings,
+    /// Bound of the in-machine `post-wake` hook (`HOOK_TIMEOUT`; zero: not run).
+    pub hook_timeout: Duration,
 }
 
 impl Default for TurnSettings {
@@ -68,6 +72,7 @@ impl Default for TurnSettings {
             finish_reserve: Duration::from_secs(3),
             memory_lines: 5,
             stream: StreamSettings::default(),
+            hook_timeout: crate::hooks::DEFAULT_TIMEOUT,
         }
     }
 }
@@ -498,6 +503,14 @@ where
             }
         }
 
+        // After a wake: the post-wake hook, and what the sleep interrupted.
+        let wake_note = wake_facts::after_wake(
+            self.wake_step(&dedalus, &rec, &machine_id, wake_ms, deadline),
+            woke,
+            obs,
+        )
+        .await;
+
         // Nothing is typed into the machine once the lease is lost.
         if lease.check().await.is_err() {
             return Ok(self.stopped(turn_id, machine_id, wake_ms, obs));
@@ -546,6 +559,7 @@ where
                 })
                 .collect(),
             memory,
+            wake_note,
         };
         let limits = Limits {
             max_steps: self.settings.max_steps,
@@ -678,6 +692,26 @@ where
         }
     }
 
+    /// What the wake step needs (see `wake_facts`).
+    fn wake_step<'a>(
+        &'a self,
+        dedalus: &'a dedalus::Client,
+        rec: &'a UserRecord,
+        machine_id: &'a str,
+        wake_ms: u64,
+        deadline: Instant,
+    ) -> wake_facts::WakeStep<'a> {
+        wake_facts::WakeStep {
+            journal: self.provisioner.journal(),
+            hook_timeout: self.settings.hook_timeout,
+            dedalus,
+            rec,
+            machine_id,
+            wake_ms,
+            deadline,
+        }
+    }
+
     /// The result of a turn that lost its lease before the agent ran.
     fn stopped(
         &self,
@@ -770,22 +804,29 @@ where
     /// Every command still running keeps the machine awake (up to the
     /// maximum hold) until its completion marker exists.
     async fn hold_for_running(&self, user_id: &str, owner: &str, steps: &[CommandOutcome]) {
-        let markers = steps
+        let running = steps
             .iter()
             .filter(|s| s.still_running)
-            .filter_map(|s| s.completion_marker.clone());
-        for marker in markers {
+            .filter_map(|s| Some((s.completion_marker.clone()?, s.command.as_str())));
+        for (marker, command) in running {
             let now = now_ms();
             let hold = Hold {
                 until: now + millis(self.settings.max_hold),
                 marker,
             };
-            if let Err(e) = self
-                .provisioner
-                .store()
-                .set_hold(user_id, owner, &hold, now)
-                .await
-            {
+            let held = crate::journal::JournalEntry::new(
+                now,
+                crate::journal::Event::Held,
+                crate::journal::Actor::Turn,
+            )
+            .held(command, &hold.marker, hold.until);
+            let (stored, ()) = tokio::join!(
+                self.provisioner
+                    .store()
+                    .set_hold(user_id, owner, &hold, now),
+                self.provisioner.journal().record(user_id, held)
+            );
+            if let Err(e) = stored {
                 tracing::warn!(user_id, error = %e, "could not record the hold for a running command");
             }
         }

@@ -49,7 +49,14 @@ fn request(path: &Path) -> Result<ApiRequest, String> {
             .as_str()
             .unwrap_or("GET")
             .to_ascii_uppercase(),
-        path: json["path"].as_str().unwrap_or("/").to_string(),
+        // The query string is not part of the path the document matches.
+        path: json["path"]
+            .as_str()
+            .unwrap_or("/")
+            .split('?')
+            .next()
+            .unwrap_or("/")
+            .to_string(),
         headers: openapi::headers_from_json(&json["headers"]),
         body: json["body"].as_str().map(|b| b.as_bytes().to_vec()),
     })

@@ -1,7 +1,8 @@
 //! Local development helper used by `scripts/demo`:
 //! `agenthome-dev create-table --endpoint http://127.0.0.1:PORT --name TABLE`
 //! creates the user→machine table in a DynamoDB-compatible server from the
-//! one table definition (`agenthome::store::table`).
+//! one table definition (`agenthome::store::table`); `create-journal-table`
+//! the lifecycle journal's (`agenthome::journal::table`).
 
 use std::process::ExitCode;
 
@@ -15,9 +16,9 @@ async fn main() -> ExitCode {
             .cloned()
     };
     match args.first().map(String::as_str) {
-        Some("create-table") => {
+        Some(command @ ("create-table" | "create-journal-table")) => {
             let (Some(endpoint), Some(name)) = (value("--endpoint"), value("--name")) else {
-                eprintln!("usage: agenthome-dev create-table --endpoint URL --name TABLE");
+                eprintln!("usage: agenthome-dev {command} --endpoint URL --name TABLE");
                 return ExitCode::from(2);
             };
             if !(endpoint.starts_with("http://127.") || endpoint.starts_with("http://localhost")) {
@@ -33,7 +34,12 @@ async fn main() -> ExitCode {
                 .load()
                 .await;
             let client = aws_sdk_dynamodb::Client::new(&config);
-            match agenthome::store::create_table(&client, &name).await {
+            let created = if command == "create-table" {
+                agenthome::store::create_table(&client, &name).await
+            } else {
+                agenthome::journal::table::create_table(&client, &name).await
+            };
+            match created {
                 Ok(()) => {
                     println!("table {name} ready");
                     ExitCode::SUCCESS
@@ -45,7 +51,9 @@ async fn main() -> ExitCode {
             }
         }
         _ => {
-            eprintln!("usage: agenthome-dev create-table --endpoint URL --name TABLE");
+            eprintln!(
+                "usage: agenthome-dev create-table|create-journal-table --endpoint URL --name TABLE"
+            );
             ExitCode::from(2)
         }
     }
