@@ -39,7 +39,8 @@ for d in turns:
 for d in lines:
     if d.get("Function") == "provision":
         print(f"   provision {d.get('user_id', '?'):6} {d.get('Outcome', '?'):12} {d.get('provision_total_ms')} ms"
-              f" (boot {d.get('boot_ms', '-')} ms, bootstrap {d.get('bootstrap_ms', '-')} ms)")
+              f" (boot {d.get('boot_ms', '-')} ms, bootstrap {d.get('bootstrap_ms', '-')} ms,"
+              f" attempt {d.get('attempts', '-')})")
     elif d.get("Function") == "sleep-sweep":
         print(f"   sweep     slept {d.get('slept')} of {d.get('candidates')} idle candidates in {d.get('duration_ms')} ms")
 

@@ -3,8 +3,8 @@
 
 use agenthome::store::{
     AcquireOutcome, ClaimOutcome, CountOutcome, Counter, CreateKey, Cursor, DeleteGuard,
-    DeleteOutcome, Hold, Lease, LeasePurpose, Page, Power, ReleaseOutcome, Result, UserRecord,
-    UserStore,
+    DeleteOutcome, Hold, Lease, LeasePurpose, Page, Power, ReleaseOutcome, Result, SleepPlan,
+    UserRecord, UserStore,
 };
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -412,6 +412,39 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
         let f = self
             .inner
             .query_awake_idle(shard, idle_before_ms, cursor, limit);
+        self.timed(Kind::Query, f, |p| p.items.len() as u64).await
+    }
+
+    async fn schedule_sleep(
+        &self,
+        user_id: &str,
+        plan: &SleepPlan<'_>,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let f = self.inner.schedule_sleep(user_id, plan, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn clear_pending_sleep(
+        &self,
+        user_id: &str,
+        expected_at: u64,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        let f = self.inner.clear_pending_sleep(user_id, expected_at, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn query_pending_sleeps(
+        &self,
+        shard: &str,
+        due_by_ms: u64,
+        cursor: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Page<UserRecord>> {
+        let f = self
+            .inner
+            .query_pending_sleeps(shard, due_by_ms, cursor, limit);
         self.timed(Kind::Query, f, |p| p.items.len() as u64).await
     }
 

@@ -87,6 +87,9 @@ pub fn seed_sharded(users: u64, awake: u64, now_ms: u64, shards: u32) -> MemoryS
             created_at: now_ms - 7 * day,
             awake_shard: is_awake.then(|| shard_in(&user_id, shards)),
             awake_day: None,
+            provision_attempts: 0,
+            pending_sleep: None,
+            gap_hist: Vec::new(),
             user_id,
         };
         store

@@ -5,7 +5,7 @@
 //! turn (interleaved, so drift hits all three alike):
 //! - **full**: `POST /v1/users/{u}/turns {"message": "echo hi"}` as an API
 //!   Gateway v2 event string, parsed and handled by the chat-turn
-//!   function's `Service` in-process (shell mode);
+//!   function's `ChatTurnService` in-process (shell mode);
 //! - **direct**: the same Dedalus calls the turn makes on a warm machine,
 //!   made with the client and runner directly (status read, memory read,
 //!   terminal reuse — status, busy check, WebSocket, shell setup line — the
@@ -62,7 +62,7 @@ pub struct TurnStack {
     /// The instrumented table.
     pub store: Store,
     /// The chat-turn function's service.
-    pub chat: chat_turn_fn::Service<Store, QueueTrigger>,
+    pub chat: chat_turn_fn::ChatTurnService<Store, QueueTrigger>,
     /// A Dedalus client for the direct calls (same config as the turn's).
     pub client: dedalus::Client,
     events: UnboundedReceiver<ProvisionEvent>,
@@ -131,7 +131,7 @@ impl TurnStack {
                 ..TurnSettings::default()
             },
         );
-        let chat = chat_turn_fn::Service {
+        let chat = chat_turn_fn::ChatTurnService {
             turns,
             auth: agenthome_tests::stack::authorizer(AuthMode::Jwt),
             fair_use: agenthome::entry::FairUse::OFF,

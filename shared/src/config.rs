@@ -2,6 +2,7 @@
 //! A missing or malformed value fails the start with a message naming it.
 
 use crate::api::AuthMode;
+use crate::env::{malformed, Env};
 use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
@@ -84,8 +85,6 @@ pub struct Config {
     /// `BOOTSTRAP_CHECK`: a command that succeeds when the bootstrap's tools
     /// are present (default: a check of the default script's tools).
     pub bootstrap_check: Option<String>,
-    /// `IDLE_AFTER` (default 5 min)
-    pub idle_after: Duration,
     /// `TURN_DEADLINE` cap (default 10 min)
     pub turn_deadline: Duration,
     /// `MAX_STEPS` (default 20)
@@ -153,31 +152,15 @@ impl Config {
         Self::from_map(&std::env::vars().collect())
     }
 
-    /// Read from a map (tests).
-    pub fn from_map(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let get = |name: &'static str| env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
-        let required = |name: &'static str| {
-            get(name)
-                .map(str::to_string)
-                .ok_or(ConfigError::Missing(name))
-        };
+    /// Read from a map (tests). Long as a list, not as logic: one line
+    /// per variable, each parsed by [`Env`].
+    pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let env = Env::new(vars);
+        let get = |name: &'static str| env.get(name);
         let url = |name: &'static str, default: &str| -> Result<url::Url, ConfigError> {
             let raw = get(name).unwrap_or(default);
-            let parsed = url::Url::parse(raw).map_err(|e| malformed(name, raw, e))?;
-            crate::net::require_secure(&parsed).map_err(|e| malformed(name, raw, e))?;
-            Ok(parsed)
+            secure_url(raw).map_err(|e| malformed(name, raw, e))
         };
-        let optional_url = |name: &'static str| -> Result<Option<url::Url>, ConfigError> {
-            get(name).map(|raw| url(name, raw)).transpose()
-        };
-        let num = |name: &'static str| get(name).map(str::to_string);
-        let duration = |name: &'static str, default: Duration| -> Result<Duration, ConfigError> {
-            match get(name) {
-                None => Ok(default),
-                Some(raw) => humantime::parse_duration(raw).map_err(|e| malformed(name, raw, e)),
-            }
-        };
-
         let dedalus_key = match (get("DEDALUS_API_KEY"), get("DEDALUS_API_KEY_SECRET_ARN")) {
             (Some(k), _) => KeySource::Env(Secret::new(k)),
             (None, Some(arn)) => KeySource::SecretArn(arn.to_string()),
@@ -192,7 +175,7 @@ impl Config {
             }
             None => return Err(ConfigError::Missing("AGENT_MODEL")),
         };
-        let machine_vcpu: f64 = parse_num(num("MACHINE_VCPU"), "MACHINE_VCPU", 1.0)?;
+        let machine_vcpu: f64 = env.num("MACHINE_VCPU", 1.0)?;
         if !(machine_vcpu > 0.0 && machine_vcpu.is_finite()) {
             return Err(malformed(
                 "MACHINE_VCPU",
@@ -200,13 +183,8 @@ impl Config {
                 "must be positive",
             ));
         }
-        let max_steps: u32 = parse_num(num("MAX_STEPS"), "MAX_STEPS", 20)?;
-        let auth_mode = match get("AUTH_MODE") {
-            None => AuthMode::Jwt,
-            Some(raw) => raw
-                .parse()
-                .map_err(|e: String| malformed("AUTH_MODE", raw, e))?,
-        };
+        let max_steps: u32 = env.num("MAX_STEPS", 20)?;
+        let auth_mode = env.parse("AUTH_MODE", AuthMode::Jwt, str::parse::<AuthMode>)?;
         // Kept as written: `iss` must match it exactly (a URL parser would
         // add a trailing slash to a bare host).
         let jwt_issuer = match get("JWT_ISSUER") {
@@ -232,7 +210,7 @@ impl Config {
             return Err(malformed("MAX_STEPS", "0", "must be at least 1"));
         }
         Ok(Config {
-            table_name: required("TABLE_NAME")?,
+            table_name: env.required("TABLE_NAME")?,
             dedalus_base_url: url("DEDALUS_BASE_URL", "https://dcs.dedaluslabs.ai")?,
             dedalus_key,
             llm_base_url: url("LLM_BASE_URL", "https://api.dedaluslabs.ai/v1")?,
@@ -240,115 +218,68 @@ impl Config {
             llm_api_key_secret_arn,
             agent_model,
             machine_vcpu,
-            machine_memory_mib: parse_num(num("MACHINE_MEMORY_MIB"), "MACHINE_MEMORY_MIB", 2048)?,
-            machine_storage_gib: parse_num(num("MACHINE_STORAGE_GIB"), "MACHINE_STORAGE_GIB", 10)?,
-            machine_autosleep: get("MACHINE_AUTOSLEEP").unwrap_or("15m").to_string(),
+            machine_memory_mib: env.num("MACHINE_MEMORY_MIB", 2048)?,
+            machine_storage_gib: env.num("MACHINE_STORAGE_GIB", 10)?,
+            machine_autosleep: env.string("MACHINE_AUTOSLEEP", "15m"),
             bootstrap_check: get("BOOTSTRAP_CHECK").map(str::to_string),
-            bootstrap_script: get("BOOTSTRAP_SCRIPT")
-                .unwrap_or(DEFAULT_BOOTSTRAP)
-                .to_string(),
-            idle_after: duration("IDLE_AFTER", Duration::from_secs(300))?,
-            turn_deadline: duration("TURN_DEADLINE", Duration::from_secs(600))?,
+            bootstrap_script: env.string("BOOTSTRAP_SCRIPT", DEFAULT_BOOTSTRAP),
+            turn_deadline: env.duration("TURN_DEADLINE", Duration::from_secs(600))?,
             max_steps,
-            command_timeout: duration("COMMAND_TIMEOUT", Duration::from_secs(120))?,
-            max_hold: duration("MAX_HOLD", Duration::from_secs(3600))?,
-            agent_transport: match get("AGENT_TRANSPORT") {
-                None => crate::runner::Transport::Terminal,
-                Some(raw) => crate::runner::Transport::parse(raw).ok_or_else(|| {
-                    malformed("AGENT_TRANSPORT", raw, "expected terminal or executions")
-                })?,
-            },
+            command_timeout: env.duration("COMMAND_TIMEOUT", Duration::from_secs(120))?,
+            max_hold: env.duration("MAX_HOLD", Duration::from_secs(3600))?,
+            agent_transport: env.parse(
+                "AGENT_TRANSPORT",
+                crate::runner::Transport::Terminal,
+                |raw| crate::runner::Transport::parse(raw).ok_or("expected terminal or executions"),
+            )?,
             auth_mode,
-            admin_scope: get("ADMIN_SCOPE").unwrap_or("agenthome/admin").to_string(),
+            admin_scope: env.string("ADMIN_SCOPE", "agenthome/admin"),
             admin_client_id: get("ADMIN_CLIENT_ID").map(str::to_string),
             user_scope: get("USER_SCOPE").map(str::to_string),
             jwt_issuer,
             jwt_audience,
-            jwks_url: optional_url("JWKS_URL")?,
-            max_turns_per_minute: parse_num(
-                num("MAX_TURNS_PER_MINUTE"),
-                "MAX_TURNS_PER_MINUTE",
-                30,
-            )?,
-            max_status_reads_per_minute: parse_num(
-                num("MAX_STATUS_READS_PER_MINUTE"),
-                "MAX_STATUS_READS_PER_MINUTE",
-                30,
-            )?,
-            max_awake_per_day: match get("MAX_AWAKE_PER_DAY") {
-                None | Some("off") | Some("0") => None,
-                Some(raw) => Some(
-                    humantime::parse_duration(raw)
-                        .map_err(|e| malformed("MAX_AWAKE_PER_DAY", raw, e))?,
-                ),
-            },
-            max_history_chars: parse_num(
-                num("MAX_HISTORY_CHARS"),
-                "MAX_HISTORY_CHARS",
-                crate::agent::DEFAULT_HISTORY_BUDGET,
-            )?,
+            jwks_url: get("JWKS_URL")
+                .map(|raw| url("JWKS_URL", raw))
+                .transpose()?,
+            max_turns_per_minute: env.num("MAX_TURNS_PER_MINUTE", 30)?,
+            max_status_reads_per_minute: env.num("MAX_STATUS_READS_PER_MINUTE", 30)?,
+            max_awake_per_day: env.parse("MAX_AWAKE_PER_DAY", None, |raw| match raw {
+                "off" | "0" => Ok(None),
+                _ => humantime::parse_duration(raw).map(Some),
+            })?,
+            max_history_chars: env
+                .num("MAX_HISTORY_CHARS", crate::agent::DEFAULT_HISTORY_BUDGET)?,
             provision_function: get("PROVISION_FUNCTION").map(str::to_string),
-            provision_invoke_detached: match get("PROVISION_INVOKE") {
-                None | Some("async") => false,
-                Some("detached") => true,
-                Some(other) => {
-                    return Err(malformed(
-                        "PROVISION_INVOKE",
-                        other,
-                        "expected async or detached",
-                    ))
-                }
-            },
+            provision_invoke_detached: env.parse("PROVISION_INVOKE", false, |raw| match raw {
+                "async" => Ok(false),
+                "detached" => Ok(true),
+                _ => Err("expected async or detached"),
+            })?,
             journal_table: get("JOURNAL_TABLE").map(str::to_string),
-            journal_ttl_days: parse_num(
-                num("JOURNAL_TTL_DAYS"),
-                "JOURNAL_TTL_DAYS",
-                crate::journal::DEFAULT_TTL_DAYS,
-            )?,
-            hook_timeout: duration("HOOK_TIMEOUT", crate::hooks::DEFAULT_TIMEOUT)?,
+            journal_ttl_days: env.num("JOURNAL_TTL_DAYS", crate::journal::DEFAULT_TTL_DAYS)?,
+            hook_timeout: env.duration("HOOK_TIMEOUT", crate::hooks::DEFAULT_TIMEOUT)?,
         })
     }
 }
 
-fn malformed(name: &'static str, value: &str, reason: impl fmt::Display) -> ConfigError {
-    ConfigError::Malformed {
-        name,
-        value: value.to_string(),
-        reason: reason.to_string(),
-    }
-}
-
-fn parse_num<T: std::str::FromStr>(
-    raw: Option<String>,
-    name: &'static str,
-    default: T,
-) -> Result<T, ConfigError>
-where
-    T::Err: fmt::Display,
-{
-    match raw {
-        None => Ok(default),
-        Some(raw) => raw.parse().map_err(|e| malformed(name, &raw, e)),
-    }
+/// A URL the functions may call: parsed, and `https` unless it is loopback.
+fn secure_url(raw: &str) -> Result<url::Url, String> {
+    let parsed = url::Url::parse(raw).map_err(|e| e.to_string())?;
+    crate::net::require_secure(&parsed).map_err(|e| e.to_string())?;
+    Ok(parsed)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::env::vars as env;
 
     #[test]
     fn local_defaults_need_only_a_table_and_a_key() {
         let c = Config::from_map(&env(&[("TABLE_NAME", "t"), ("DEDALUS_API_KEY", "k")]))
             .expect("config");
         assert_eq!(c.agent_model, "shell", "no LLM key → offline shell mode");
-        assert_eq!(c.idle_after, Duration::from_secs(300));
         assert_eq!(c.auth_mode, AuthMode::Jwt);
         assert_eq!(c.dedalus_base_url.as_str(), "https://dcs.dedaluslabs.ai/");
         assert_eq!(c.bootstrap_script, DEFAULT_BOOTSTRAP);
@@ -365,7 +296,7 @@ mod tests {
             ConfigError::Missing("DEDALUS_API_KEY")
         );
         for (name, bad) in [
-            ("IDLE_AFTER", "five minutes"),
+            ("TURN_DEADLINE", "five minutes"),
             ("MAX_STEPS", "-1"),
             ("MAX_TURNS_PER_MINUTE", "ten"),
             ("MAX_AWAKE_PER_DAY", "two hours"),

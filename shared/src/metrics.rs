@@ -17,20 +17,22 @@
 //! Counting what a unit of work cost: [`tallied`] runs a future with a
 //! task-local [`Tally`] that the Dedalus client (every HTTP attempt, event
 //! stream and WebSocket connect) and the DynamoDB adapter (every request)
-//! add to; the provisioning worker records its boot and bootstrap times in
-//! it. Work spawned onto other tasks (the turn lease's renewer) is not
+//! add to; the provisioning worker records its boot and bootstrap times and
+//! its attempt number in it. Work spawned onto other tasks (the turn lease's renewer) is not
 //! counted. Outside [`tallied`] the hooks do nothing.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
+use crate::api::ProblemCode;
 use crate::config::ConfigError;
+use crate::env::{malformed, Env};
 
 /// Namespace of every metric unless `METRICS_NAMESPACE` says otherwise.
 pub const DEFAULT_NAMESPACE: &str = "agenthome";
@@ -70,16 +72,13 @@ impl MetricsConfig {
     }
 
     /// Read from a map (tests).
-    pub fn from_map(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let get = |name: &'static str| env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
-        let namespace = get("METRICS_NAMESPACE").unwrap_or(DEFAULT_NAMESPACE);
-        let stack = get("METRICS_STACK").unwrap_or(DEFAULT_STACK);
-        check_namespace(namespace)?;
-        check_stack(stack)?;
-        Ok(MetricsConfig {
-            namespace: namespace.into(),
-            stack: stack.into(),
-        })
+    pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let env = Env::new(vars);
+        let namespace = env.string("METRICS_NAMESPACE", DEFAULT_NAMESPACE);
+        let stack = env.string("METRICS_STACK", DEFAULT_STACK);
+        check_namespace(&namespace)?;
+        check_stack(&stack)?;
+        Ok(MetricsConfig { namespace, stack })
     }
 }
 
@@ -109,14 +108,6 @@ fn check_stack(stack: &str) -> Result<(), ConfigError> {
         stack,
         "1 to 128 letters, digits, '.', '_' or '-'",
     ))
-}
-
-fn malformed(name: &'static str, value: &str, reason: &str) -> ConfigError {
-    ConfigError::Malformed {
-        name,
-        value: value.to_string(),
-        reason: reason.to_string(),
-    }
 }
 
 // ------------------------------------------------------------------ specs --
@@ -238,12 +229,12 @@ impl LineSpec {
 
 /// Problem codes a failed turn answers with (`Code` dimension).
 pub const TURN_CODES: &[&str] = &[
-    "llm_error",
-    "shell_error",
-    "machine_waking",
-    "no_time",
-    "temporarily_unavailable",
-    "internal_error",
+    ProblemCode::LlmError.code(),
+    ProblemCode::ShellError.code(),
+    ProblemCode::MachineWaking.code(),
+    ProblemCode::NoTime.code(),
+    ProblemCode::TemporarilyUnavailable.code(),
+    ProblemCode::InternalError.code(),
 ];
 
 /// One line per chat turn (`chat-turn`, buffered or streamed).
@@ -325,7 +316,7 @@ pub const PROVISION_LINE: LineSpec = LineSpec {
         MetricSpec::ms("provision_total_ms"),
         MetricSpec::ms("boot_ms"),
         MetricSpec::ms("bootstrap_ms"),
-        MetricSpec::count("resumed"),
+        MetricSpec::count("attempts"),
         MetricSpec::count("dedalus_requests"),
         MetricSpec::count("table_calls"),
     ],
@@ -583,9 +574,10 @@ pub struct Tally {
     pub boot_ms: Option<u64>,
     /// Provisioning: the bootstrap (check, and run when needed).
     pub bootstrap_ms: Option<u64>,
-    /// Provisioning: this run continued an earlier one's work (the machine
-    /// was already created).
-    pub resumed: bool,
+    /// Provisioning: which attempt at the provisioning this run was (the
+    /// item's `provision_attempts` once the run took the lease; `None` when
+    /// it took none).
+    pub attempts: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -595,7 +587,8 @@ struct Cell {
     /// ms + 1 (0: not recorded).
     boot: AtomicU64,
     bootstrap: AtomicU64,
-    resumed: AtomicBool,
+    /// attempts + 1 (0: not recorded).
+    attempts: AtomicU64,
 }
 
 tokio::task_local! {
@@ -612,7 +605,7 @@ pub async fn tallied<F: Future>(work: F) -> (F::Output, Tally) {
         table_calls: cell.table.load(Ordering::Relaxed),
         boot_ms: recorded(&cell.boot),
         bootstrap_ms: recorded(&cell.bootstrap),
-        resumed: cell.resumed.load(Ordering::Relaxed),
+        attempts: recorded(&cell.attempts),
     };
     (out, tally)
 }
@@ -651,21 +644,17 @@ pub fn bootstrap_took(d: Duration) {
     with_cell(|c| c.bootstrap.store(ms_plus_one(d), Ordering::Relaxed));
 }
 
-/// Hook: the provisioning worker resumed an earlier run's work.
-pub fn resumed() {
-    with_cell(|c| c.resumed.store(true, Ordering::Relaxed));
+/// Hook: the provisioning worker took the lease for attempt `n` (the
+/// item's `provision_attempts`).
+pub fn provision_attempt(n: u64) {
+    with_cell(|c| c.attempts.store(n.saturating_add(1), Ordering::Relaxed));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::env::vars as env;
 
     #[test]
     fn given_no_settings_when_read_then_the_defaults_apply_and_bad_values_are_named() {
@@ -757,7 +746,7 @@ mod tests {
                 table_calls: 1,
                 boot_ms: Some(0),
                 bootstrap_ms: None,
-                resumed: false,
+                attempts: None,
             }
         );
     }

@@ -7,7 +7,7 @@ use agenthome::provision::{
     Bootstrap, MachineSpec, ProvisionEvent, ProvisionSettings, Provisioner, QueueTrigger,
 };
 use agenthome::store::{create_table, DynamoStore};
-use provision_fn::Service;
+use provision_fn::ProvisionService;
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -21,7 +21,7 @@ use crate::{unique_table_name, Emulator, Moto};
 /// kept for [`ProvisionStack::drain_worker`].
 pub struct ProvisionStack {
     pub emu: Emulator,
-    pub service: Service<DynamoStore, QueueTrigger>,
+    pub service: ProvisionService<DynamoStore, QueueTrigger>,
     events: UnboundedReceiver<ProvisionEvent>,
 }
 
@@ -54,7 +54,7 @@ impl ProvisionStack {
         let provisioner = Provisioner::new(store, emu.client(), QueueTrigger(tx), settings);
         ProvisionStack {
             emu,
-            service: Service {
+            service: ProvisionService {
                 provisioner,
                 sweeper,
                 auth: authorizer(AuthMode::Jwt),

@@ -135,9 +135,9 @@ pub struct Stack {
     /// The Dedalus emulator.
     pub emu: Emulator,
     /// The chat-turn function (shared with the streaming handler's turn task).
-    pub chat: std::sync::Arc<chat_turn_fn::Service<DynamoStore, QueueTrigger>>,
+    pub chat: std::sync::Arc<chat_turn_fn::ChatTurnService<DynamoStore, QueueTrigger>>,
     /// The provision function.
-    pub provision: provision_fn::Service<DynamoStore, QueueTrigger>,
+    pub provision: provision_fn::ProvisionService<DynamoStore, QueueTrigger>,
     /// The table.
     pub store: DynamoStore,
     /// The lifecycle journal (its own table), shared by every service.
@@ -196,7 +196,7 @@ impl Stack {
             namespace: "agenthome-test".into(),
             stack: "test-stack".into(),
         });
-        let chat = chat_turn_fn::Service {
+        let chat = chat_turn_fn::ChatTurnService {
             turns,
             auth: auth.clone(),
             fair_use: options.fair_use,
@@ -216,7 +216,7 @@ impl Stack {
             heartbeat: options.heartbeat,
             metrics: metrics.clone(),
         };
-        let provision = provision_fn::Service {
+        let provision = provision_fn::ProvisionService {
             provisioner: provisioner(tx),
             sweeper: agenthome::sweep::Sweeper::new(
                 std::sync::Arc::new(store.clone()),

@@ -19,7 +19,7 @@ use std::time::Duration;
 use agenthome::store::{
     shard_for, AcquireOutcome, ClaimOutcome, CountOutcome, Counter, CreateKey, Cursor, DeleteGuard,
     DeleteOutcome, Hold, Lease, LeaseKind, LeasePurpose, MachineState, Power, ReleaseOutcome,
-    StoreError, UserRecord, UserStore,
+    SleepPlan, SleepReason, StoreError, UserRecord, UserStore,
 };
 
 /// Base time of every case (epoch ms).
@@ -57,6 +57,9 @@ macro_rules! user_store_contract_tests {
             note_awake_day_keeps_the_first_baseline_of_a_day,
             no_writer_leaves_destroying,
             record_machine_id_refused_while_destroying,
+            provision_attempts_count_worker_leases_until_a_restart,
+            pending_sleeps_are_found_through_their_own_index,
+            a_turn_start_cancels_a_pending_sleep,
             move_awake_shard_moves_only_from_the_shard_read,
         );
     };
@@ -1361,6 +1364,108 @@ pub async fn record_machine_id_refused_while_destroying<S: UserStore>(store: S) 
     assert_eq!(item.state, MachineState::Destroying);
 }
 
+/// GIVEN a claimed item WHEN provisioning leases are taken (each worker run)
+/// THEN `provision_attempts` counts them — other leases and refused
+/// acquisitions do not — and a restarted provisioning starts again at 0.
+pub async fn provision_attempts_count_worker_leases_until_a_restart<S: UserStore>(store: S) {
+    let rec = claimed(&store, "pia", T0).await;
+    assert_eq!(rec.provision_attempts, 0);
+    store
+        .release_lease("pia", "prov-1", T0 + 1)
+        .await
+        .expect("release");
+    let first = acquired(
+        &store,
+        "pia",
+        "w-1",
+        LeasePurpose::Provision,
+        T0 + MINUTE,
+        T0 + 2,
+    )
+    .await;
+    assert_eq!(first.provision_attempts, 1);
+    // Refused while w-1's lease is live: not an attempt.
+    let busy = store
+        .acquire_lease("pia", "w-2", LeasePurpose::Provision, T0 + MINUTE, T0 + 3)
+        .await
+        .expect("acquire");
+    assert!(matches!(busy, AcquireOutcome::Busy(_)), "{busy:?}");
+    store
+        .release_lease("pia", "w-1", T0 + 4)
+        .await
+        .expect("release");
+    let second = acquired(
+        &store,
+        "pia",
+        "w-2",
+        LeasePurpose::Provision,
+        T0 + MINUTE,
+        T0 + 5,
+    )
+    .await;
+    assert_eq!(second.provision_attempts, 2);
+    store
+        .release_lease("pia", "w-2", T0 + 6)
+        .await
+        .expect("release");
+    let turn = acquired(
+        &store,
+        "pia",
+        "turn-1",
+        LeasePurpose::Turn,
+        T0 + MINUTE,
+        T0 + 7,
+    )
+    .await;
+    assert_eq!(turn.provision_attempts, 2, "a turn's lease is no attempt");
+    store
+        .release_lease("pia", "turn-1", T0 + 8)
+        .await
+        .expect("release");
+    assert_eq!(
+        store
+            .get("pia")
+            .await
+            .expect("get")
+            .map(|r| r.provision_attempts),
+        Some(2)
+    );
+
+    // A failed provisioning restarted: a new count.
+    let third = acquired(
+        &store,
+        "pia",
+        "w-3",
+        LeasePurpose::Provision,
+        T0 + MINUTE,
+        T0 + 9,
+    )
+    .await;
+    let failed = store
+        .mark_failed("pia", "w-3", "bootstrap failed", T0 + 10)
+        .await
+        .expect("failed");
+    assert_eq!(
+        (third.provision_attempts, failed.provision_attempts),
+        (3, 3)
+    );
+    store
+        .release_lease("pia", "w-3", T0 + 11)
+        .await
+        .expect("release");
+    let failed = store.get("pia").await.expect("get").expect("item");
+    let lease = provision_lease("prov-2", T0 + 2 * MINUTE);
+    let restarted = match store
+        .restart_provisioning("pia", failed.generation, &lease, CreateKey::Keep, T0 + 12)
+        .await
+        .expect("restart")
+    {
+        AcquireOutcome::Acquired(rec) => rec,
+        other => panic!("expected Acquired, got {other:?}"),
+    };
+    assert_eq!(restarted.provision_attempts, 0);
+}
+
 /// GIVEN an awake item in shard "3" WHEN it is moved from "3" to "5" THEN
 /// the index finds it in "5" only, its generation is unchanged (no lease or
 /// read pinned to it is disturbed); WHEN moved again from "3" (a stale read)
@@ -1420,4 +1525,205 @@ pub async fn move_awake_shard_moves_only_from_the_shard_read<S: UserStore>(store
         .move_awake_shard("nobody", "1", "2")
         .await
         .expect("missing"));
+}
+
+fn requested_at(expected_last_active_at: u64, at: u64) -> SleepPlan<'static> {
+    SleepPlan {
+        expected_last_active_at,
+        sleep: Some((at, SleepReason::Requested)),
+        gap_hist: None,
+    }
+}
+
+/// GIVEN awake users of one shard, some with a pending sleep WHEN the
+/// `pending-sleep` index is paged for sleeps due by a time THEN exactly the
+/// due ones come back, earliest first, each once; a sleep that is not due,
+/// an item without one, and one that went to sleep (pending removed) do not.
+/// Scheduling is refused under a live lease, after `last_active_at` moved,
+/// or on a machine that is not awake.
+pub async fn pending_sleeps_are_found_through_their_own_index<S: UserStore>(store: S) {
+    let shard = "5";
+    let users = users_in_shard("pend", shard, 6);
+    for u in &users {
+        ready_user(&store, u, &format!("dm-{u}"), T0).await;
+    }
+    // Due at T0+1..T0+4 (users 0..4), user 4 due much later, user 5 none.
+    for (i, u) in users.iter().take(4).enumerate() {
+        let at = T0 + 4 * MINUTE - i as u64 * MINUTE;
+        let rec = store
+            .schedule_sleep(u, &requested_at(T0, at), T0 + 10)
+            .await
+            .expect("schedule");
+        let pending = rec.pending_sleep.expect("pending recorded");
+        assert_eq!((pending.at, pending.reason), (at, SleepReason::Requested));
+        assert_eq!(pending.shard, shard);
+    }
+    store
+        .schedule_sleep(&users[4], &requested_at(T0, T0 + 60 * MINUTE), T0 + 10)
+        .await
+        .expect("schedule later");
+    // The gap histogram alone is written without a pending sleep.
+    let hist_only = store
+        .schedule_sleep(
+            &users[5],
+            &SleepPlan {
+                expected_last_active_at: T0,
+                sleep: None,
+                gap_hist: Some(&[0, 2, 1]),
+            },
+            T0 + 10,
+        )
+        .await
+        .expect("histogram");
+    assert_eq!(hist_only.gap_hist, vec![0, 2, 1]);
+    assert_eq!(hist_only.pending_sleep, None);
+
+    let due_by = T0 + 4 * MINUTE;
+    let mut seen = Vec::new();
+    let mut cursor: Option<Cursor> = None;
+    loop {
+        let page = store
+            .query_pending_sleeps(shard, due_by, cursor.as_ref(), 3)
+            .await
+            .expect("query");
+        seen.extend(
+            page.items
+                .iter()
+                .map(|r| (r.pending_sleep.as_ref().map(|p| p.at), r.user_id.clone())),
+        );
+        match page.cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let expected: Vec<_> = (0..4)
+        .rev()
+        .map(|i| (Some(T0 + 4 * MINUTE - i as u64 * MINUTE), users[i].clone()))
+        .collect();
+    assert_eq!(seen, expected, "due sleeps, earliest first, each once");
+    let other = if shard == "0" { "1" } else { "0" };
+    let elsewhere = store
+        .query_pending_sleeps(other, u64::MAX >> 12, None, 10)
+        .await
+        .expect("other shard");
+    assert!(elsewhere.items.iter().all(|r| !users.contains(&r.user_id)));
+    assert!(matches!(
+        store
+            .query_pending_sleeps(other, due_by, Some(&Cursor::from_string("garbage")), 3)
+            .await,
+        Err(StoreError::InvalidCursor)
+    ));
+
+    // Refusals: last_active_at moved; a live lease; not awake.
+    conflict_current(
+        store
+            .schedule_sleep(&users[5], &requested_at(T0 - 1, T0 + MINUTE), T0 + 20)
+            .await,
+    );
+    acquired(
+        &store,
+        &users[5],
+        "prov-x",
+        LeasePurpose::Provision,
+        T0 + MINUTE,
+        T0 + 20,
+    )
+    .await;
+    conflict_current(
+        store
+            .schedule_sleep(&users[5], &requested_at(T0, T0 + MINUTE), T0 + 21)
+            .await,
+    );
+
+    // Sleeping removes it from the index.
+    let sweep = LeasePurpose::Sweep {
+        expected_last_active_at: T0,
+    };
+    acquired(&store, &users[0], "sweep-p", sweep, T0 + MINUTE, T0 + 30).await;
+    let asleep = store
+        .mark_asleep(&users[0], "sweep-p", T0 + 40)
+        .await
+        .expect("asleep");
+    assert_eq!(asleep.pending_sleep, None);
+    conflict_current(
+        store
+            .schedule_sleep(&users[0], &requested_at(T0, T0 + MINUTE), T0 + 41)
+            .await,
+    );
+    let after = eventually(
+        || store.query_pending_sleeps(shard, due_by, None, 10),
+        |p| p.items.len() == 3,
+    )
+    .await;
+    assert!(after.items.iter().all(|r| r.user_id != users[0]));
+
+    // Clearing needs the pending sleep it names.
+    conflict_current(store.clear_pending_sleep(&users[1], T0 + 1, T0 + 50).await);
+    let cleared = store
+        .clear_pending_sleep(&users[1], T0 + 3 * MINUTE, T0 + 50)
+        .await
+        .expect("clear");
+    assert_eq!(cleared.pending_sleep, None);
+}
+
+/// GIVEN a pending sleep WHEN a turn takes the lease THEN the pending sleep
+/// is gone from the item and the index in that same write; a sweep or
+/// provisioning lease leaves it; deletion removes it too.
+pub async fn a_turn_start_cancels_a_pending_sleep<S: UserStore>(store: S) {
+    ready_user(&store, "pia", "dm-pia", T0).await;
+    let shard = shard_for("pia");
+    store
+        .schedule_sleep("pia", &requested_at(T0, T0 + MINUTE), T0 + 10)
+        .await
+        .expect("schedule");
+    let sweep = LeasePurpose::Sweep {
+        expected_last_active_at: T0,
+    };
+    let under_sweep = acquired(&store, "pia", "sweep-1", sweep, T0 + 100, T0 + 20).await;
+    assert!(
+        under_sweep.pending_sleep.is_some(),
+        "a sweep lease keeps it"
+    );
+    store
+        .release_lease("pia", "sweep-1", T0 + 30)
+        .await
+        .expect("release");
+    let turn = acquired(
+        &store,
+        "pia",
+        "turn-1",
+        LeasePurpose::Turn,
+        T0 + MINUTE,
+        T0 + 40,
+    )
+    .await;
+    assert_eq!(
+        turn.pending_sleep, None,
+        "the turn's acquisition removes it"
+    );
+    let listed = eventually(
+        || store.query_pending_sleeps(&shard, u64::MAX >> 12, None, 10),
+        |p| p.items.iter().all(|r| r.user_id != "pia"),
+    )
+    .await;
+    assert!(listed.items.iter().all(|r| r.user_id != "pia"));
+    // Nor can it be recorded again while the turn runs.
+    conflict_current(
+        store
+            .schedule_sleep("pia", &requested_at(T0, T0 + MINUTE), T0 + 50)
+            .await,
+    );
+    store
+        .release_lease("pia", "turn-1", T0 + 60)
+        .await
+        .expect("release");
+    store
+        .schedule_sleep("pia", &requested_at(T0, T0 + 2 * MINUTE), T0 + 70)
+        .await
+        .expect("schedule again");
+    let destroying = store
+        .mark_destroying("pia", T0 + 80)
+        .await
+        .expect("destroying");
+    assert_eq!(destroying.pending_sleep, None);
 }

@@ -167,6 +167,7 @@ async fn a_hook_that_never_exits_blocks_neither_the_sleep_nor_the_turn() {
             TurnRequest {
                 message: "echo fine".into(),
                 history: Vec::new(),
+                end_conversation: false,
             },
             Instant::now() + Duration::from_secs(60),
             &sink,

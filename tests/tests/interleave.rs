@@ -4,7 +4,7 @@
 //! delays, run concurrently on two users, with the invariants checked after
 //! every step.
 //!
-//! The domain code is the real one (`Provisioner`, `machines::destroy`,
+//! The domain code is the real one (`Provisioner`, `user_machine::destroy`,
 //! `Sweeper`; a turn is modelled by its table protocol: turn lease → wake →
 //! `mark_awake` → `touch` → release) over a `MemoryStore` whose hook parks
 //! every store call. A scheduler lets exactly one operation run at a time
@@ -277,7 +277,7 @@ impl World {
             Op::Delete(i) => {
                 let (prov, u) = (Arc::clone(&self.prov), user(i));
                 Box::pin(async move {
-                    let r = agenthome::machines::destroy(
+                    let r = agenthome::user_machine::destroy(
                         prov.store(),
                         prov.dedalus(),
                         &u,
@@ -530,7 +530,7 @@ impl World {
             let mut ok = false;
             for _ in 0..3 {
                 let user = self.users[i].clone();
-                let r = agenthome::machines::destroy(
+                let r = agenthome::user_machine::destroy(
                     self.prov.store(),
                     self.prov.dedalus(),
                     &user,

@@ -243,6 +243,7 @@ async fn every_emitted_line_is_valid_emf_with_bounded_dimensions_and_agrees_with
         (&ready["user_id"], &ready["machine_id"]),
         (&json!("alice"), &json!(machine_id))
     );
+    assert_eq!(ready["attempts"], 1, "the first attempt: {ready}");
     for m in ["boot_ms", "bootstrap_ms", "provision_total_ms"] {
         assert!(ready[m].is_u64(), "{m}: {ready}");
     }
@@ -407,6 +408,7 @@ async fn every_emitted_line_is_valid_emf_with_bounded_dimensions_and_agrees_with
     assert_eq!(bob["provision_failures"], 1);
     assert_eq!(bob["error_kind"], "dedalus");
     assert!(bob.get("boot_ms").is_none());
+    assert_eq!(bob["attempts"], 1, "{bob}");
 
     // The sweep's line has the stack dimension and the awake machine count.
     let sweep = all.last().unwrap();

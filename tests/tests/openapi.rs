@@ -148,62 +148,31 @@ fn the_documented_routes_are_the_templates_and_the_router_serves_each_on_the_nam
 
 // ------------------------------------------------------ problem codes --
 
-/// Problem constructors and the position of their `code` argument.
-const CONSTRUCTORS: &[(&str, usize)] = &[
-    ("Problem::new(", 1),
-    ("Problem::upstream(", 1),
-    ("Problem::bad_request(", 0),
-    ("Problem::not_found(", 0),
-    ("Problem::unprocessable(", 0),
-];
-
-/// The arguments of a call whose `(` ends right before `text`, split at
-/// top-level commas (strings and nesting respected).
-fn call_args(text: &str) -> Vec<String> {
-    let mut args = vec![String::new()];
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for c in text.chars() {
-        if in_string {
-            in_string = c != '"' || escaped;
-            escaped = c == '\\' && !escaped;
-        } else {
-            match c {
-                '"' => in_string = true,
-                '(' | '[' | '{' => depth += 1,
-                ')' | ']' | '}' if depth == 0 => break,
-                ')' | ']' | '}' => depth -= 1,
-                ',' if depth == 0 => {
-                    args.push(String::new());
-                    continue;
-                }
-                _ => {}
-            }
-        }
-        if let Some(last) = args.last_mut() {
-            last.push(c);
+/// The codes of the `ProblemCode::Variant` paths in `source` (before its
+/// test module): the variant's name in snake case.
+fn codes_in(source: &str, out: &mut BTreeSet<String>) {
+    const PATH: &str = "ProblemCode::";
+    let source = source.split("#[cfg(test)]").next().unwrap_or_default();
+    for (at, _) in source.match_indices(PATH) {
+        let name: String = source[at + PATH.len()..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect();
+        if name.starts_with(|c: char| c.is_ascii_uppercase()) && name != "ALL" {
+            out.insert(snake_case(&name));
         }
     }
-    args.into_iter().map(|a| a.trim().to_string()).collect()
 }
 
-/// String-literal `code` arguments of the problem constructors in `source`
-/// (before its test module).
-fn codes_in(source: &str, constructors: &[(&str, usize)], out: &mut BTreeSet<String>) {
-    let source = source.split("#[cfg(test)]").next().unwrap_or_default();
-    for (call, index) in constructors {
-        for (at, _) in source.match_indices(call) {
-            let args = call_args(&source[at + call.len()..]);
-            if let Some(code) = args
-                .get(*index)
-                .and_then(|a| a.strip_prefix('"'))
-                .and_then(|a| a.strip_suffix('"'))
-            {
-                out.insert(code.to_string());
-            }
+fn snake_case(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if i > 0 && c.is_ascii_uppercase() {
+            out.push('_');
         }
+        out.push(c.to_ascii_lowercase());
     }
+    out
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
@@ -217,7 +186,8 @@ fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-/// Every problem code the product's code can emit.
+/// Every problem code the product's code can emit: the `ProblemCode`s its
+/// production code names.
 fn emitted_codes() -> BTreeSet<String> {
     let root = workspace_root();
     let mut files = Vec::new();
@@ -227,35 +197,47 @@ fn emitted_codes() -> BTreeSet<String> {
     }
     let mut codes = BTreeSet::new();
     for file in &files {
-        let source = std::fs::read_to_string(file).unwrap();
-        codes_in(&source, CONSTRUCTORS, &mut codes);
-        if file.ends_with("api/problem.rs") {
-            // The fixed codes of `unauthorized()`, `forbidden()`, ...
-            codes_in(&source, &[("Self::new(", 1)], &mut codes);
-        }
+        codes_in(&std::fs::read_to_string(file).unwrap(), &mut codes);
     }
     codes
 }
 
+fn documented_codes() -> BTreeSet<String> {
+    document().root()["components"]["schemas"]["ProblemCode"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect()
+}
+
 #[test]
-fn the_code_scanner_reads_code_arguments_and_nothing_else() {
+fn the_code_scanner_reads_problem_code_paths_and_nothing_else() {
     let mut found = BTreeSet::new();
     codes_in(
-        r#"Problem::upstream(503, "a_code", format!("x, {}", f(1, 2)))
-           Problem::bad_request(code, "not a code")
-           Problem::not_found("b_code", "detail, with a comma")
-           #[cfg(test)] Problem::not_found("test_only", "x")"#,
-        CONSTRUCTORS,
+        r#"Problem::of(ProblemCode::TurnInProgress, "x, ProblemCode")
+           ProblemCode::ALL.iter()
+           [`ProblemCode`] Problem::of(ProblemCode::NoMachine, format!("{}", f(1)))
+           #[cfg(test)] Problem::of(ProblemCode::TestOnly, "x")"#,
         &mut found,
     );
     assert_eq!(
         found,
-        BTreeSet::from(["a_code".to_string(), "b_code".to_string()])
+        BTreeSet::from(["turn_in_progress".to_string(), "no_machine".to_string()])
     );
 }
 
 #[test]
-fn every_problem_code_the_code_can_emit_is_documented_and_no_other() {
+fn every_problem_code_is_documented_and_emitted_and_no_other() {
+    let declared: BTreeSet<String> = agenthome::api::ProblemCode::ALL
+        .iter()
+        .map(|c| c.code().to_string())
+        .collect();
+    let documented = documented_codes();
+    assert_eq!(
+        declared, documented,
+        "ProblemCode (shared/src/api/problem.rs) and openapi.yaml's ProblemCode differ"
+    );
     let emitted = emitted_codes();
     for known in [
         "unauthorized",
@@ -268,28 +250,42 @@ fn every_problem_code_the_code_can_emit_is_documented_and_no_other() {
             "the scan missed {known}: {emitted:?}"
         );
     }
-    let schema = &document().root()["components"]["schemas"]["ProblemCode"];
-    let documented: BTreeSet<String> = schema["enum"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_str().unwrap().to_string())
-        .collect();
-    let undocumented: Vec<_> = emitted.difference(&documented).collect();
     let stale: Vec<_> = documented.difference(&emitted).collect();
-    assert!(
-        undocumented.is_empty(),
-        "codes missing from ProblemCode: {undocumented:?}"
-    );
     assert!(
         stale.is_empty(),
         "documented codes nothing emits: {stale:?}"
     );
+    let unknown: Vec<_> = emitted.difference(&documented).collect();
+    assert!(
+        unknown.is_empty(),
+        "emitted codes not documented: {unknown:?}"
+    );
+    let schema = &document().root()["components"]["schemas"]["ProblemCode"];
     assert_eq!(
         schema["x-enum-descriptions"].as_array().map(Vec::len),
         Some(documented.len()),
         "one description per code"
     );
+}
+
+/// Each documented description starts with the status `ProblemCode` gives.
+#[test]
+fn every_documented_status_is_the_one_the_code_answers_with() {
+    let schema = &document().root()["components"]["schemas"]["ProblemCode"];
+    let descriptions = schema["x-enum-descriptions"].as_array().unwrap();
+    let codes = schema["enum"].as_array().unwrap();
+    for (code, description) in codes.iter().zip(descriptions) {
+        let code = code.as_str().unwrap();
+        let declared = agenthome::api::ProblemCode::ALL
+            .iter()
+            .find(|c| c.code() == code)
+            .unwrap_or_else(|| panic!("{code} is not a ProblemCode"));
+        let status = declared.status().to_string();
+        assert!(
+            description.as_str().unwrap().starts_with(&status),
+            "{code}: documented as {description}, answers {status}"
+        );
+    }
 }
 
 // ----------------------------------------------------------- examples --

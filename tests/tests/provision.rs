@@ -640,7 +640,7 @@ async fn delete_during_create_leaves_no_machine() {
         let worker = tokio::spawn(async move { p.run_worker(&event).await });
         tokio::time::sleep(Duration::from_millis(400)).await;
         if finish_delete {
-            let deleted = agenthome::machines::destroy(
+            let deleted = agenthome::user_machine::destroy(
                 prov.store(),
                 prov.dedalus(),
                 user,
@@ -648,7 +648,7 @@ async fn delete_during_create_leaves_no_machine() {
             )
             .await
             .expect("delete");
-            assert_eq!(deleted, agenthome::machines::Destroyed::Done);
+            assert_eq!(deleted, agenthome::user_machine::Destroyed::Done);
         } else {
             prov.store()
                 .mark_destroying(user, agenthome::clock::now_ms())
@@ -754,12 +754,17 @@ async fn a_worker_out_of_time_leaves_a_resumable_item_and_no_lease() {
         rec.live_lease(agenthome::clock::now_ms()).is_none(),
         "a live lease was left behind: {rec:?}"
     );
+    assert_eq!(rec.provision_attempts, 1, "{rec:?}");
     let done = prov
         .run_worker_until(&event, agenthome::clock::now_ms() + 30_000)
         .await
         .expect("resumed");
     assert_eq!(done.state, MachineState::Ready);
     assert_eq!(done.machine_id, rec.machine_id);
+    assert_eq!(
+        done.provision_attempts, 2,
+        "the retry is the second attempt"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -297,4 +297,9 @@ async fn sleep_now_inside_the_platform_hold_window_is_scheduled_not_lost() {
         .sleep_eligible_at
         .is_some_and(|t| t > agenthome::clock::now_ms() + 3_000_000));
     assert_eq!(item.power, agenthome::store::Power::Awake);
+    // AND the request is pending, due when the window ends, for the sweep
+    let pending = item.pending_sleep.expect("a pending sleep");
+    assert_eq!(Some(pending.at), item.sleep_eligible_at);
+    assert_eq!(body["sleep_eligible_at_ms"].as_u64(), Some(pending.at));
+    assert_eq!(pending.reason, agenthome::store::SleepReason::Requested);
 }

@@ -1109,7 +1109,7 @@ async fn a_sweep_that_finds_the_machine_gone_cannot_resurrect_a_deleted_user() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (s, c) = (Arc::clone(&store), client.clone());
     let delete = tokio::spawn(async move {
-        agenthome::machines::destroy(&s, &c, "del", Duration::from_secs(10)).await
+        agenthome::user_machine::destroy(&s, &c, "del", Duration::from_secs(10)).await
     });
     let report = sweep.await.expect("sweep task");
     assert_eq!(report.slept, 0, "{report:?}");
@@ -1122,7 +1122,7 @@ async fn a_sweep_that_finds_the_machine_gone_cannot_resurrect_a_deleted_user() {
     gate.add_permits(1);
     let deleted = delete.await.expect("delete task");
     assert!(
-        matches!(deleted, Ok(agenthome::machines::Destroyed::Done)),
+        matches!(deleted, Ok(agenthome::user_machine::Destroyed::Done)),
         "{deleted:?}"
     );
     assert_eq!(store.get("del").await.expect("get"), None);
@@ -1165,7 +1165,7 @@ fn users_per_shard(prefix: &str, shards: u32, n: usize) -> Vec<String> {
 /// coordinator's real [`agenthome::sweep::LambdaWorkers`] (AWS SDK, HTTP)
 /// reaches the real handler, as a self-invoke in AWS does.
 async fn fake_lambda<S: UserStore + 'static>(
-    service: Arc<sleep_sweep_fn::Service<S>>,
+    service: Arc<sleep_sweep_fn::SleepSweepService<S>>,
     invoked: Arc<Mutex<Vec<serde_json::Value>>>,
 ) -> String {
     use axum::routing::post;
@@ -1242,7 +1242,7 @@ async fn a_large_run_fans_out_to_workers_and_the_coordinator_line_sums_theirs() 
         ..settings()
     };
     // The function as deployed: its handler serves worker events.
-    let worker_side = Arc::new(sleep_sweep_fn::Service {
+    let worker_side = Arc::new(sleep_sweep_fn::SleepSweepService {
         sweeper: Sweeper::new(Arc::clone(&store), &client, fan.clone()),
         metrics: agenthome::metrics::Metrics::off(),
     });
@@ -1254,7 +1254,7 @@ async fn a_large_run_fans_out_to_workers_and_the_coordinator_line_sums_theirs() 
     );
     let (metrics, lines) =
         agenthome::metrics::Metrics::capture(agenthome::metrics::MetricsConfig::default());
-    let coordinator = sleep_sweep_fn::Service {
+    let coordinator = sleep_sweep_fn::SleepSweepService {
         sweeper: Sweeper::new(Arc::clone(&store), &client, fan.clone())
             .with_workers(Arc::new(workers)),
         metrics,

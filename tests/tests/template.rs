@@ -321,6 +321,7 @@ const READ_BY_CODE: &[&str] = &[
     "SWEEP_WORKERS",
     "SWEEP_FANOUT_THRESHOLD",
     "SWEEP_SLEEP_RATE",
+    "IDLE_POLICY",
 ];
 
 /// Secret values: local runs only. In AWS the template passes ARNs.

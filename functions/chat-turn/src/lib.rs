@@ -4,7 +4,7 @@
 //! in-process against real adapters.
 
 use agenthome::agent::{AgentError, AgentStatus};
-use agenthome::api::{Problem, TurnRequest};
+use agenthome::api::{Problem, ProblemCode, TurnRequest};
 use agenthome::entry::{self, Authorizer, AwakeBudget, FairUse, Route};
 use agenthome::metrics::{self, Metrics, Tally, TURN_LINE};
 use agenthome::provision::WorkerTrigger;
@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// Everything the handler needs, built once per cold start.
-pub struct Service<S, T> {
+pub struct ChatTurnService<S, T> {
     /// The turn service (provisioning, agent, settings).
     pub turns: TurnService<S, T>,
     /// Who may call (mode, admin policy, bearer-token verifier).
@@ -47,7 +47,7 @@ pub struct Service<S, T> {
     pub metrics: Metrics,
 }
 
-/// The default [`Service::heartbeat`].
+/// The default [`ChatTurnService::heartbeat`].
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// A validated turn request.
@@ -57,7 +57,7 @@ struct Prepared {
     deadline: Instant,
 }
 
-impl<S, T> Service<S, T>
+impl<S, T> ChatTurnService<S, T>
 where
     S: UserStore + Clone + 'static,
     T: WorkerTrigger,
@@ -71,7 +71,7 @@ where
                 self.after_turn(&user).await;
                 respond(&user, result)
             }
-            Err(p) => problem_response(&p),
+            Err(p) => entry::problem(&p),
         }
     }
 
@@ -109,8 +109,8 @@ where
     async fn prepare(&self, req: &Request) -> Result<Prepared, Problem> {
         let route = entry::route(req)?;
         let Route::Turn(user) = route else {
-            return Err(Problem::not_found(
-                "no_such_route",
+            return Err(Problem::of(
+                ProblemCode::NoSuchRoute,
                 "this function serves POST /v1/users/{user_id}/turns only",
             ));
         };
@@ -132,7 +132,7 @@ where
     }
 }
 
-impl<S, T> Service<S, T>
+impl<S, T> ChatTurnService<S, T>
 where
     S: UserStore + Clone + Send + Sync + 'static,
     T: WorkerTrigger + 'static,
@@ -142,7 +142,7 @@ where
     /// the turn's progress streams as Server-Sent Events
     /// ([`agenthome::turn::TurnEvent`]: `event: <name>`, `data: <json>`;
     /// the last event is `done` with the turn result or `error` with a
-    /// problem). Without it, the response is the one [`Service::handle`]
+    /// problem). Without it, the response is the one [`ChatTurnService::handle`]
     /// gives, as one chunk.
     ///
     /// Until the turn holds the user's lease and reports the machine, the
@@ -157,7 +157,7 @@ where
         }
         let p = match self.prepare(&req).await {
             Ok(p) => p,
-            Err(p) => return full(problem_response(&p)),
+            Err(p) => return full(entry::problem(&p)),
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let service = Arc::clone(&self);
@@ -186,7 +186,7 @@ where
                     // Ended before streaming began: the plain response.
                     return full(match (&mut task).await {
                         Ok(result) => respond(&user, result),
-                        Err(e) => problem_response(&task_failed(&e)),
+                        Err(e) => entry::problem(&task_failed(&e)),
                     });
                 }
             }
@@ -241,7 +241,7 @@ where
             .header("cache-control", "no-cache")
             .header("x-accel-buffering", "no")
             .body(StreamBody::stream(stream));
-        resp.unwrap_or_else(|_| full(problem_response(&Problem::internal("no response"))))
+        resp.unwrap_or_else(|_| full(entry::problem(&Problem::internal("no response"))))
     }
 }
 
@@ -410,14 +410,45 @@ fn task_failed(e: &tokio::task::JoinError) -> Problem {
     Problem::internal("the turn failed; see the function's logs")
 }
 
+/// How a turn's result answers: its result, the machine still being
+/// provisioned, or a problem.
+enum Answer {
+    Done(Box<agenthome::turn::TurnResult>),
+    Provisioning {
+        record: Box<agenthome::store::UserRecord>,
+        retry_after: Duration,
+    },
+    Problem(Problem),
+}
+
+impl Answer {
+    fn of(user: &str, result: Result<TurnOutcome, TurnError>) -> Self {
+        match result {
+            Ok(TurnOutcome::Done(r)) => Answer::Done(r),
+            Ok(TurnOutcome::Provisioning {
+                record,
+                retry_after,
+            }) => Answer::Provisioning {
+                record,
+                retry_after,
+            },
+            Ok(TurnOutcome::Busy { retry_after }) => {
+                Answer::Problem(Problem::turn_in_progress(retry_after))
+            }
+            Ok(TurnOutcome::Destroying) => Answer::Problem(Problem::machine_destroying()),
+            Err(e) => Answer::Problem(turn_problem(user, &e)),
+        }
+    }
+}
+
 /// The response of a turn (the plain JSON path).
 fn respond(user: &str, result: Result<TurnOutcome, TurnError>) -> Response<Body> {
-    match result {
-        Ok(TurnOutcome::Done(result)) => entry::json(200, &result, None),
-        Ok(TurnOutcome::Provisioning {
+    match Answer::of(user, result) {
+        Answer::Done(result) => entry::json(200, &result, None),
+        Answer::Provisioning {
             record,
             retry_after,
-        }) => entry::json(
+        } => entry::json(
             202,
             &json!({
                 "status": "provisioning",
@@ -428,61 +459,24 @@ fn respond(user: &str, result: Result<TurnOutcome, TurnError>) -> Response<Body>
             }),
             Some(retry_after),
         ),
-        Ok(TurnOutcome::Busy { retry_after }) => problem_response(
-            &Problem::new(
-                409,
-                "turn_in_progress",
-                "Conflict",
-                "another turn for this user is running; retry after it finishes",
-            )
-            .with_retry_after(retry_after),
-        ),
-        Ok(TurnOutcome::Destroying) => problem_response(&destroying()),
-        Err(e) => problem_response(&turn_problem(user, &e)),
+        Answer::Problem(p) => entry::problem(&p),
     }
 }
 
 /// The `error` event ending a stream whose turn did not produce a result.
 fn stream_problem(user: &str, result: Result<TurnOutcome, TurnError>) -> Option<Problem> {
-    match result {
-        Ok(TurnOutcome::Done(_)) => None,
+    match Answer::of(user, result) {
+        Answer::Done(_) => None,
         // The machine was lost during the turn and is being provisioned again.
-        Ok(TurnOutcome::Provisioning { retry_after, .. }) => Some(
-            Problem::upstream(
-                503,
-                "machine_provisioning",
+        Answer::Provisioning { retry_after, .. } => Some(
+            Problem::of(
+                ProblemCode::MachineProvisioning,
                 "the user's machine is being prepared; send the message again after Retry-After",
             )
             .with_retry_after(retry_after),
         ),
-        Ok(TurnOutcome::Busy { retry_after }) => Some(
-            Problem::new(
-                409,
-                "turn_in_progress",
-                "Conflict",
-                "another turn for this user is running; retry after it finishes",
-            )
-            .with_retry_after(retry_after),
-        ),
-        Ok(TurnOutcome::Destroying) => Some(destroying()),
-        Err(e) => Some(turn_problem(user, &e)),
+        Answer::Problem(p) => Some(p),
     }
-}
-
-fn destroying() -> Problem {
-    Problem::new(
-        409,
-        "machine_destroying",
-        "Conflict",
-        "the user's machine is being destroyed",
-    )
-}
-
-fn problem_response(p: &Problem) -> Response<Body> {
-    if p.status >= 500 {
-        tracing::error!(status = p.status, code = %p.code, detail = %p.detail, "turn failed");
-    }
-    entry::problem(p)
 }
 
 /// A whole response as one chunk of a streaming body.
@@ -549,7 +543,7 @@ impl http_body::Body for StreamBody {
     }
 }
 
-impl<S, T> Service<S, T> {
+impl<S, T> ChatTurnService<S, T> {
     /// The turn's time: `TURN_DEADLINE`, cut to the invocation's remaining
     /// time minus the margin when the runtime gave a deadline (a deadline
     /// already past leaves none: the turn answers `no_time` instead of
@@ -569,34 +563,26 @@ pub fn turn_problem(user_id: &str, e: &TurnError) -> Problem {
 
 /// [`turn_problem`] without the log line.
 fn problem_of(e: &TurnError) -> Problem {
-    let retry = Duration::from_secs(5);
     match e {
-        TurnError::Agent(AgentError::Llm { source, .. }) => Problem::upstream(
-            502,
-            "llm_error",
+        TurnError::Agent(AgentError::Llm { source, .. }) => Problem::of(
+            ProblemCode::LlmError,
             format!("the language model failed: {source}"),
         ),
         TurnError::Agent(AgentError::Runner { source, .. }) | TurnError::Runner(source) => {
-            Problem::upstream(
-                502,
-                "shell_error",
+            Problem::of(
+                ProblemCode::ShellError,
                 format!("the machine's shell failed: {source}"),
             )
         }
-        TurnError::WakeTimeout => Problem::upstream(
-            503,
-            "machine_waking",
+        TurnError::WakeTimeout => Problem::of(
+            ProblemCode::MachineWaking,
             "the machine did not wake in time; retry shortly",
-        )
-        .with_retry_after(retry),
-        TurnError::NoTime => Problem::upstream(503, "no_time", "no time was left for the turn")
-            .with_retry_after(retry),
-        other if other.is_retryable() => Problem::upstream(
-            503,
-            "temporarily_unavailable",
+        ),
+        TurnError::NoTime => Problem::of(ProblemCode::NoTime, "no time was left for the turn"),
+        other if other.is_retryable() => Problem::of(
+            ProblemCode::TemporarilyUnavailable,
             "a dependency is temporarily unavailable; retry shortly",
-        )
-        .with_retry_after(retry),
+        ),
         _ => Problem::internal("the turn failed; see the function's logs"),
     }
 }

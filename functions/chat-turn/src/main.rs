@@ -6,7 +6,7 @@ use agenthome::agent::Agent;
 use agenthome::app::App;
 use agenthome::metrics::Metrics;
 use agenthome::turn::{TurnService, TurnSettings};
-use chat_turn_fn::{Service, HEARTBEAT};
+use chat_turn_fn::{ChatTurnService, HEARTBEAT};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,10 +56,11 @@ async fn main() -> Result<(), lambda_http::Error> {
         max_steps: c.max_steps,
         command_timeout: c.command_timeout,
         max_hold: c.max_hold,
+        sleep: agenthome::sweep::SweepSettings::from_env()?,
         hook_timeout: c.hook_timeout,
         ..TurnSettings::default()
     };
-    let service = Service {
+    let service = ChatTurnService {
         turns: TurnService::new(provisioner, agent, settings),
         auth,
         fair_use: agenthome::entry::FairUse::from_config(c),

@@ -3,16 +3,16 @@
 //! clients; this library maps events to `agenthome` and back, so tests can
 //! drive it in-process against real adapters.
 
-use agenthome::api::Problem;
+use agenthome::api::{Problem, ProblemCode, UserId, RETRY_SOON};
 use agenthome::entry::{self, Authorizer, FairUse, Route};
-use agenthome::machines::{self, Destroyed};
 use agenthome::metrics::{self, EmfDoc, Metrics, Tally, PROVISION_LINE};
 use agenthome::provision::{Ensure, ProvisionError, ProvisionEvent, Provisioner, WorkerTrigger};
-use agenthome::store::{MachineState, UserRecord, UserStore};
+use agenthome::store::{MachineState, StoreError, UserRecord, UserStore};
 use agenthome::sweep::{SleepNow, Sweeper};
+use agenthome::user_machine::{self, Destroyed, MachineStatus};
 use lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpResponse;
 use lambda_http::{Body, Request, Response};
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::time::Duration;
 
 /// How long `DELETE` waits for the platform to confirm the machine is gone.
@@ -21,7 +21,7 @@ const DESTROY_WAIT: Duration = Duration::from_secs(20);
 const SLEEP_WAIT: Duration = Duration::from_secs(20);
 
 /// Everything the handler needs, built once per cold start.
-pub struct Service<S, T> {
+pub struct ProvisionService<S, T> {
     /// Provisioning (store, Dedalus client, trigger).
     pub provisioner: Provisioner<S, T>,
     /// The sleep path shared with the sweep (`POST …/machine/sleep`).
@@ -54,13 +54,13 @@ pub fn classify(event: Value) -> Result<Incoming, String> {
     Ok(Incoming::Http(Box::new(req.into())))
 }
 
-impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
+impl<S: UserStore + 'static, T: WorkerTrigger> ProvisionService<S, T> {
     /// Handle any event; HTTP requests get an API Gateway v2 response.
     pub async fn handle(&self, event: Value) -> Result<Value, lambda_runtime::Error> {
         self.handle_until(event, None).await
     }
 
-    /// [`Service::handle`] for an invocation that ends at `deadline_ms`
+    /// [`ProvisionService::handle`] for an invocation that ends at `deadline_ms`
     /// (the Lambda context's deadline, epoch ms): the worker works to it.
     pub async fn handle_until(
         &self,
@@ -119,156 +119,148 @@ impl<S: UserStore + 'static, T: WorkerTrigger> Service<S, T> {
 
     /// Handle one HTTP request of the machine routes.
     pub async fn handle_http(&self, req: &Request) -> Response<Body> {
-        match self.route(req).await {
-            Ok(resp) => resp,
-            Err(p) => {
-                if p.status >= 500 {
-                    tracing::error!(status = p.status, code = %p.code, detail = %p.detail, "request failed");
-                }
-                entry::problem(&p)
+        self.route(req).await.unwrap_or_else(|p| entry::problem(&p))
+    }
+
+    /// Authorize, then hand the request to its route's handler.
+    async fn route(&self, req: &Request) -> Result<Response<Body>, Problem> {
+        let route = entry::route(req)?;
+        self.auth.authorize(req, route.user()).await?;
+        match route {
+            Route::GetMachine(ref user) => self.get_machine(user).await,
+            Route::PutMachine(ref user) => self.put_machine(user.as_str()).await,
+            Route::DeleteMachine(ref user) => self.delete_machine(user.as_str()).await,
+            Route::SleepMachine(ref user) => Ok(self.sleep_machine(user.as_str()).await),
+            Route::MachineEvents(ref user) => self.machine_events(req, user.as_str()).await,
+            Route::Turn(_) => Err(Problem::of(
+                ProblemCode::NoSuchRoute,
+                "turns are served by the chat-turn function",
+            )),
+        }
+    }
+
+    /// `GET …/machine`: the machine's status (never wakes it).
+    async fn get_machine(&self, user: &UserId) -> Result<Response<Body>, Problem> {
+        match self.status(user).await.map_err(|e| store_problem(&e))? {
+            Some(mut status) => {
+                let journal = self.provisioner.journal();
+                let now = agenthome::clock::now_ms();
+                status.awake_days = entry::events::awake_days(journal, &status, now).await;
+                Ok(entry::json(200, &status, None))
             }
+            None => Err(Problem::of(
+                ProblemCode::NoMachine,
+                format!(
+                    "user {user} has no machine; PUT this route or send a turn to provision one"
+                ),
+            )),
         }
     }
 
     /// The live status, or the table's once the user's status reads per
     /// minute are used up (one user's polling never reaches Dedalus past it).
-    async fn status(
-        &self,
-        user: &agenthome::api::UserId,
-    ) -> Result<Option<machines::MachineStatus>, agenthome::store::StoreError> {
+    async fn status(&self, user: &UserId) -> Result<Option<MachineStatus>, StoreError> {
         let store = self.provisioner.store();
         if self.fair_use.live_status_allowed(store, user).await {
-            machines::status(store, self.provisioner.dedalus(), user.as_str()).await
+            user_machine::status(store, self.provisioner.dedalus(), user.as_str()).await
         } else {
-            machines::table_status(store, user.as_str()).await
+            user_machine::table_status(store, user.as_str()).await
         }
     }
 
-    async fn route(&self, req: &Request) -> Result<Response<Body>, Problem> {
-        let route = entry::route(req)?;
-        self.auth.authorize(req, route.user()).await?;
-        let user = route.user().as_str();
+    /// `PUT …/machine`: provision (or resume) the user's machine.
+    async fn put_machine(&self, user: &str) -> Result<Response<Body>, Problem> {
+        let outcome = self.provisioner.ensure(user).await.map_err(|e| {
+            tracing::error!(user, error = %e, "provisioning could not start");
+            if e.is_retryable() {
+                Problem::of(
+                    ProblemCode::ProvisioningUnavailable,
+                    "provisioning could not start; retry shortly",
+                )
+            } else {
+                Problem::internal("provisioning could not start")
+            }
+        })?;
+        let status = MachineStatus::new(outcome.record(), Ok(None), agenthome::clock::now_ms());
+        match outcome {
+            Ensure::Ready(_) => Ok(entry::json(200, &status, None)),
+            Ensure::Destroying(_) => Err(Problem::machine_destroying()),
+            Ensure::Started(_) | Ensure::InProgress(_) => {
+                Ok(entry::json(202, &status, Some(outcome.retry_after())))
+            }
+        }
+    }
+
+    /// `DELETE …/machine`: destroy the machine and the item (resumable).
+    async fn delete_machine(&self, user: &str) -> Result<Response<Body>, Problem> {
         let store = self.provisioner.store();
         let dedalus = self.provisioner.dedalus();
-        match route {
-            Route::GetMachine(ref id) => match self.status(id).await {
-                Ok(Some(mut status)) => {
-                    let journal = self.provisioner.journal();
-                    let now = agenthome::clock::now_ms();
-                    status.awake_days = entry::events::awake_days(journal, &status, now).await;
-                    Ok(entry::json(200, &status, None))
-                }
-                Ok(None) => Err(Problem::not_found(
-                    "no_machine",
-                    format!("user {user} has no machine; PUT this route or send a turn to provision one"),
-                )),
-                Err(e) => Err(store_problem(&e)),
-            },
-            Route::PutMachine(_) => {
-                let outcome = self.provisioner.ensure(user).await.map_err(|e| {
-                    tracing::error!(user, error = %e, "provisioning could not start");
-                    if e.is_retryable() {
-                        Problem::upstream(503, "provisioning_unavailable", "provisioning could not start; retry shortly")
-                            .with_retry_after(Duration::from_secs(5))
-                    } else {
-                        Problem::internal("provisioning could not start")
-                    }
-                })?;
-                let status = machines::MachineStatus::new(outcome.record(), Ok(None), agenthome::clock::now_ms());
-                match outcome {
-                    Ensure::Ready(_) => Ok(entry::json(200, &status, None)),
-                    Ensure::Destroying(_) => Err(Problem::new(
-                        409,
-                        "machine_destroying",
-                        "Conflict",
-                        "the user's machine is being destroyed; retry after the DELETE completes",
-                    )),
-                    Ensure::Started(_) | Ensure::InProgress(_) => {
-                        Ok(entry::json(202, &status, Some(outcome.retry_after())))
-                    }
-                }
+        let journal = self.provisioner.journal();
+        match user_machine::destroy_recorded(store, dedalus, user, DESTROY_WAIT, journal).await {
+            Ok(Destroyed::Done) | Ok(Destroyed::AlreadyGone) => Ok(entry::empty(204)),
+            Err(e) => {
+                tracing::warn!(user, error = %e, "destroy incomplete; a retry resumes it");
+                Err(Problem::of(
+                    ProblemCode::DestroyIncomplete,
+                    "the machine could not be destroyed yet; repeat the DELETE to resume",
+                ))
             }
-            Route::DeleteMachine(_) => {
-                let journal = self.provisioner.journal();
-                match machines::destroy_recorded(store, dedalus, user, DESTROY_WAIT, journal).await {
-                    Ok(Destroyed::Done) | Ok(Destroyed::AlreadyGone) => Ok(entry::empty(204)),
-                    Err(e) => {
-                        tracing::warn!(user, error = %e, "destroy incomplete; a retry resumes it");
-                        Err(Problem::upstream(
-                            503,
-                            "destroy_incomplete",
-                            "the machine could not be destroyed yet; repeat the DELETE to resume",
-                        )
-                        .with_retry_after(Duration::from_secs(5)))
-                    }
-                }
-            }
-            Route::SleepMachine(_) => {
-                let now = agenthome::clock::now_ms();
-                let deadline = tokio::time::Instant::now() + SLEEP_WAIT;
-                match self.sweeper.sleep_now(user, now, deadline).await {
-                    SleepNow::Asleep => Ok(entry::json(
-                        200,
-                        &serde_json::json!({"user_id": user, "status": "asleep"}),
-                        None,
-                    )),
-                    SleepNow::Busy => Err(Problem::new(
-                        409,
-                        "turn_in_progress",
-                        "Conflict",
-                        "a turn is running on the machine; it stays awake until the turn ends",
-                    )
-                    .with_retry_after(Duration::from_secs(5))),
-                    SleepNow::HeldByRunningCommand => Ok(entry::json(
-                        202,
-                        &serde_json::json!({"user_id": user, "status": "held",
-                            "detail": "a command the agent left running keeps the machine awake; the sweep puts it to sleep when the command ends"}),
-                        None,
-                    )),
-                    SleepNow::NotYetEligible { eligible_at_ms } => {
-                        let wait = Duration::from_millis(eligible_at_ms.saturating_sub(now));
-                        Ok(entry::json(
-                            202,
-                            &serde_json::json!({"user_id": user, "status": "scheduled",
-                                "sleep_eligible_at_ms": eligible_at_ms,
-                                "detail": "the platform refuses sleep shortly after a wake; the sweep puts the machine to sleep once it may"}),
-                            Some(wait),
-                        ))
-                    }
-                    SleepNow::AwaitingAutosleep => Ok(entry::json(
-                        202,
-                        &serde_json::json!({"user_id": user, "status": "awaiting_autosleep",
-                            "detail": "explicit sleep is unavailable for this API key; the platform's autosleep puts the machine to sleep"}),
-                        None,
-                    )),
-                    SleepNow::NoMachine => Err(Problem::not_found(
-                        "no_machine",
-                        format!("user {user} has no machine"),
-                    )),
-                    SleepNow::Failed => Err(Problem::upstream(
-                        503,
-                        "sleep_unavailable",
-                        "the machine could not be put to sleep now; the sweep retries",
-                    )
-                    .with_retry_after(Duration::from_secs(5))),
-                }
-            }
-            Route::MachineEvents(_) => {
-                let query = entry::events::page_query(req)?;
-                match self.provisioner.journal().page(user, &query).await {
-                    Ok(page) => Ok(entry::json(200, &page, None)),
-                    Err(agenthome::store::StoreError::InvalidCursor) => Err(Problem::unprocessable(
-                        "invalid_query",
-                        "cursor is not a next_cursor this API returned",
-                    )),
-                    Err(e) => Err(store_problem(&e)),
-                }
-            }
-            Route::Turn(_) => Err(Problem::not_found(
-                "no_such_route",
-                "turns are served by the chat-turn function",
-            )),
         }
+    }
+
+    /// `GET …/machine/events`: a page of the user's lifecycle journal.
+    async fn machine_events(&self, req: &Request, user: &str) -> Result<Response<Body>, Problem> {
+        let query = entry::events::page_query(req)?;
+        match self.provisioner.journal().page(user, &query).await {
+            Ok(page) => Ok(entry::json(200, &page, None)),
+            Err(StoreError::InvalidCursor) => Err(Problem::of(
+                ProblemCode::InvalidQuery,
+                "cursor is not a next_cursor this API returned",
+            )),
+            Err(e) => Err(store_problem(&e)),
+        }
+    }
+
+    /// `POST …/machine/sleep`: put the machine to sleep now, or say when.
+    async fn sleep_machine(&self, user: &str) -> Response<Body> {
+        let now = agenthome::clock::now_ms();
+        let deadline = tokio::time::Instant::now() + SLEEP_WAIT;
+        let outcome = self.sweeper.sleep_now(user, now, deadline).await;
+        sleep_response(user, outcome, now)
+    }
+}
+
+/// The answer of `POST …/machine/sleep` for what the sleep path did.
+fn sleep_response(user: &str, outcome: SleepNow, now_ms: u64) -> Response<Body> {
+    let answer =
+        |status: &str, detail: &str| json!({"user_id": user, "status": status, "detail": detail});
+    match outcome {
+        SleepNow::Asleep => entry::json(200, &json!({"user_id": user, "status": "asleep"}), None),
+        SleepNow::Busy => entry::problem(&Problem::turn_in_progress(RETRY_SOON)),
+        SleepNow::HeldByRunningCommand => entry::json(
+            202,
+            &answer("held", "a command the agent left running keeps the machine awake; the sweep puts it to sleep when the command ends"),
+            None,
+        ),
+        SleepNow::NotYetEligible { eligible_at_ms } => {
+            let mut body = answer("scheduled", "the platform refuses sleep shortly after a wake; the sweep puts the machine to sleep once it may");
+            body["sleep_eligible_at_ms"] = json!(eligible_at_ms);
+            let wait = Duration::from_millis(eligible_at_ms.saturating_sub(now_ms));
+            entry::json(202, &body, Some(wait))
+        }
+        SleepNow::AwaitingAutosleep => entry::json(
+            202,
+            &answer("awaiting_autosleep", "explicit sleep is unavailable for this API key; the platform's autosleep puts the machine to sleep"),
+            None,
+        ),
+        SleepNow::NoMachine => entry::problem(&Problem::of(
+            ProblemCode::NoMachine,
+            format!("user {user} has no machine"),
+        )),
+        SleepNow::Failed => entry::problem(&Problem::of(
+            ProblemCode::SleepUnavailable,
+            "the machine could not be put to sleep now; the sweep retries",
+        )),
     }
 }
 
@@ -286,9 +278,11 @@ fn provision_line(
     let mut doc = metrics.doc(&PROVISION_LINE);
     doc.metric("provisions", 1)
         .millis("provision_total_ms", total)
-        .metric("resumed", u64::from(tally.resumed))
         .metric("dedalus_requests", tally.dedalus_requests)
         .metric("table_calls", tally.table_calls);
+    if let Some(n) = tally.attempts {
+        doc.metric("attempts", n);
+    }
     if let Some(ms) = tally.boot_ms {
         doc.metric("boot_ms", ms);
     }
@@ -331,15 +325,13 @@ fn error_kind(e: &ProvisionError) -> &'static str {
     }
 }
 
-fn store_problem(e: &agenthome::store::StoreError) -> Problem {
+fn store_problem(e: &StoreError) -> Problem {
     tracing::error!(error = %e, "table error");
     if e.is_retryable() {
-        Problem::upstream(
-            503,
-            "table_unavailable",
+        Problem::of(
+            ProblemCode::TableUnavailable,
             "the table is unavailable; retry shortly",
         )
-        .with_retry_after(Duration::from_secs(2))
     } else {
         Problem::internal("the table could not be read")
     }

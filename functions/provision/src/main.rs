@@ -4,7 +4,7 @@ use agenthome::app::App;
 use agenthome::metrics::Metrics;
 use agenthome::sweep::{SweepSettings, Sweeper};
 use lambda_runtime::{service_fn, LambdaEvent};
-use provision_fn::Service;
+use provision_fn::ProvisionService;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
@@ -24,7 +24,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         SweepSettings::from_env()?,
     )
     .with_journal(app.journal.clone(), app.config.hook_timeout);
-    let service = Service {
+    let service = ProvisionService {
         provisioner,
         sweeper,
         auth: agenthome::entry::Authorizer::from_config(&app.config)?,

@@ -37,7 +37,7 @@ pub enum HandleError {
 }
 
 /// Everything the handler needs, built once per cold start.
-pub struct Service<S> {
+pub struct SleepSweepService<S> {
     /// The sweep (with its workers, when it may fan out).
     pub sweeper: Sweeper<S>,
     /// Where each run's metric line goes.
@@ -78,7 +78,7 @@ pub fn classify(event: &Value) -> Result<Incoming, HandleError> {
     })
 }
 
-impl<S: UserStore + 'static> Service<S> {
+impl<S: UserStore + 'static> SleepSweepService<S> {
     /// Handle one event; `lambda_deadline_ms` is the invocation's deadline.
     pub async fn handle(
         &self,

@@ -1,5 +1,5 @@
 //! `sleep-sweep` Lambda: sets up tracing, builds the clients once, serves
-//! [`sleep_sweep_fn::Service`] (scheduled runs, their workers, the shard
+//! [`sleep_sweep_fn::SleepSweepService`] (scheduled runs, their workers, the shard
 //! migration).
 
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use agenthome::app::App;
 use agenthome::metrics::Metrics;
 use agenthome::sweep::{LambdaWorkers, SweepSettings, Sweeper};
 use lambda_runtime::{service_fn, LambdaEvent};
-use sleep_sweep_fn::Service;
+use sleep_sweep_fn::SleepSweepService;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
@@ -34,7 +34,8 @@ async fn main() -> Result<(), lambda_runtime::Error> {
 
 /// Configuration and clients, once per cold start. With `SWEEP_FUNCTION`
 /// (this function's own name) a scheduled run may fan out to workers.
-async fn start() -> Result<Service<agenthome::store::DynamoStore>, lambda_runtime::Error> {
+async fn start() -> Result<SleepSweepService<agenthome::store::DynamoStore>, lambda_runtime::Error>
+{
     let settings = SweepSettings::from_env()?;
     let metrics = Metrics::from_env()?;
     let app = App::from_env().await?;
@@ -64,5 +65,5 @@ async fn start() -> Result<Service<agenthome::store::DynamoStore>, lambda_runtim
         let client = aws_sdk_lambda::Client::new(&app.aws);
         sweeper = sweeper.with_workers(Arc::new(LambdaWorkers::new(client, function)));
     }
-    Ok(Service { sweeper, metrics })
+    Ok(SleepSweepService { sweeper, metrics })
 }

@@ -13,7 +13,10 @@
 //! [`AgentStatus::Deadline`] and a reply saying it keeps running.
 
 mod llm;
+mod llm_turn;
 mod stream;
+
+use llm_turn::{Ending, LlmTurn};
 
 use std::time::Duration;
 
@@ -328,20 +331,18 @@ impl Agent {
     ) -> Result<AgentOutcome, AgentError> {
         let remaining = limits.deadline.saturating_duration_since(Instant::now());
         if remaining < self.options.min_command_time {
-            return Ok(AgentOutcome {
-                reply: "No time was left in this turn to run the command.".into(),
-                steps: Vec::new(),
-                usage: Usage::default(),
+            let reply = "No time was left in this turn to run the command.".into();
+            let end = Ending::Reply {
+                reply,
                 status: AgentStatus::Deadline,
-            });
+            };
+            return Ok(end.outcome(None, Vec::new(), Usage::default()));
         }
         let timeout = limits.command_timeout.min(remaining);
         let capped = limits.command_timeout > remaining;
         let outcome = match run_step(runner, &input.message, timeout, 0, observer).await {
             Ok(o) => o,
-            Err(RunnerError::LeaseLost) => {
-                return Ok(lease_lost_outcome(None, Vec::new(), Usage::default()))
-            }
+            Err(RunnerError::LeaseLost) => return Ok(AgentOutcome::lease_lost()),
             Err(source) => {
                 return Err(AgentError::Runner {
                     source,
@@ -373,12 +374,8 @@ impl Agent {
         } else {
             AgentStatus::Completed
         };
-        Ok(AgentOutcome {
-            reply,
-            steps: vec![outcome],
-            usage: Usage::default(),
-            status,
-        })
+        let end = Ending::Reply { reply, status };
+        Ok(end.outcome(None, vec![outcome], Usage::default()))
     }
 
     fn system_prompt(&self, memory: &[String]) -> String {
@@ -408,223 +405,10 @@ impl Agent {
         limits: Limits,
         observer: &dyn Observer,
     ) -> Result<AgentOutcome, AgentError> {
-        let mut messages = vec![WireMessage::text(
-            "system",
-            self.system_prompt(&input.memory),
-        )];
-        if let Some(note) = &input.wake_note {
-            messages.push(WireMessage::text("system", note.clone()));
-        }
-        let (history, dropped) = fit_history(&input.history, self.options.history_budget);
-        if dropped > 0 {
-            messages.push(WireMessage::text(
-                "system",
-                format!(
-                    "{dropped} older message(s) of the conversation were left out to fit the history budget."
-                ),
-            ));
-        }
-        for m in history {
-            let role = if m.role == "assistant" {
-                "assistant"
-            } else {
-                "user"
-            };
-            messages.push(WireMessage::text(role, m.content.clone()));
-        }
-        messages.push(WireMessage::text("user", input.message.clone()));
-
-        let mut steps: Vec<CommandOutcome> = Vec::new();
-        let mut usage = Usage {
-            history_dropped: u32::try_from(dropped).unwrap_or(u32::MAX),
-            ..Usage::default()
-        };
-        let mut tool_errors = 0u32;
-        let mut last_text: Option<String> = None;
-        let partial = |steps: &[CommandOutcome], usage: Usage| {
-            Box::new(PartialTurn {
-                steps: steps.to_vec(),
-                usage,
-            })
-        };
-
-        loop {
-            let remaining = limits.deadline.saturating_duration_since(Instant::now());
-            if remaining < self.options.min_llm_time {
-                return Ok(AgentOutcome {
-                    reply: out_of_time_reply(last_text.as_deref(), &steps),
-                    steps,
-                    usage,
-                    status: AgentStatus::Deadline,
-                });
-            }
-            let on_text = |text: &str| observer.reply_delta(text);
-            let completion = match llm
-                .complete_streamed(&messages, limits.deadline, &on_text)
-                .await
-            {
-                Ok(c) => c,
-                Err(LlmError::NoTime) => {
-                    return Ok(AgentOutcome {
-                        reply: out_of_time_reply(last_text.as_deref(), &steps),
-                        steps,
-                        usage,
-                        status: AgentStatus::Deadline,
-                    })
-                }
-                Err(source) => {
-                    return Err(AgentError::Llm {
-                        source,
-                        partial: partial(&steps, usage),
-                    })
-                }
-            };
-            usage.llm_calls += 1;
-            usage.prompt_tokens += completion.usage.prompt_tokens;
-            usage.completion_tokens += completion.usage.completion_tokens;
-            let text = completion
-                .content
-                .clone()
-                .map(|t| t.trim().to_owned())
-                .filter(|t| !t.is_empty());
-            if completion.tool_calls.is_empty() {
-                return Ok(AgentOutcome {
-                    reply: text.unwrap_or_else(|| "(the model gave no reply)".into()),
-                    steps,
-                    usage,
-                    status: AgentStatus::Completed,
-                });
-            }
-            if text.is_some() {
-                last_text = text;
-            }
-            let mut calls = completion.tool_calls.clone();
-            for (i, call) in calls.iter_mut().enumerate() {
-                if call.id.is_empty() {
-                    call.id = format!("call_{}_{i}", usage.llm_calls);
-                }
-            }
-            messages.push(WireMessage {
-                role: "assistant".into(),
-                content: completion.content.clone(),
-                tool_calls: calls.clone(),
-                tool_call_id: None,
-            });
-
-            // Why the turn ends after this batch, if it does.
-            let mut end: Option<AgentStatus> = None;
-            let mut left_running: Option<CommandOutcome> = None;
-            for call in &calls {
-                if end.is_some() {
-                    messages.push(WireMessage::tool(
-                        &call.id,
-                        json!({"error": "not run: the turn ended"}).to_string(),
-                    ));
-                    continue;
-                }
-                let args = match parse_tool_call(call) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tool_errors += 1;
-                        if tool_errors > self.options.tool_error_budget {
-                            return Err(AgentError::Llm {
-                                source: LlmError::MalformedToolCall(e.to_string()),
-                                partial: partial(&steps, usage),
-                            });
-                        }
-                        tracing::info!(error = %e, "unusable tool call; told the model");
-                        messages.push(WireMessage::tool(
-                            &call.id,
-                            json!({"error": e.to_string()}).to_string(),
-                        ));
-                        continue;
-                    }
-                };
-                if steps.len() >= limits.max_steps as usize {
-                    end = Some(AgentStatus::StepLimit);
-                    messages.push(WireMessage::tool(
-                        &call.id,
-                        json!({"error": "not run: step limit reached"}).to_string(),
-                    ));
-                    continue;
-                }
-                let remaining = limits.deadline.saturating_duration_since(Instant::now());
-                if remaining < self.options.min_command_time {
-                    end = Some(AgentStatus::Deadline);
-                    messages.push(WireMessage::tool(
-                        &call.id,
-                        json!({"error": "not run: no time left in this turn"}).to_string(),
-                    ));
-                    continue;
-                }
-                let requested = args
-                    .timeout_s
-                    .map(Duration::from_secs)
-                    .unwrap_or(limits.command_timeout);
-                let capped = requested >= remaining;
-                let timeout = requested.min(remaining);
-                let outcome =
-                    match run_step(runner, &args.command, timeout, steps.len(), observer).await {
-                        Ok(o) => o,
-                        Err(RunnerError::LeaseLost) => {
-                            return Ok(lease_lost_outcome(last_text.as_deref(), steps, usage))
-                        }
-                        Err(source) => {
-                            return Err(AgentError::Runner {
-                                source,
-                                partial: partial(&steps, usage),
-                            })
-                        }
-                    };
-                messages.push(WireMessage::tool(&call.id, tool_result(&outcome)));
-                if outcome.still_running && capped {
-                    end = Some(AgentStatus::Deadline);
-                    left_running = Some(outcome.clone());
-                }
-                steps.push(outcome);
-            }
-            match end {
-                None => continue,
-                Some(AgentStatus::Deadline) => {
-                    let reply = match &left_running {
-                        Some(o) => {
-                            let mut r = String::new();
-                            if let Some(t) = &last_text {
-                                r.push_str(t);
-                                r.push_str("\n\n");
-                            }
-                            r.push_str("This turn ran out of time. ");
-                            r.push_str(&still_running_note(o));
-                            r
-                        }
-                        None => out_of_time_reply(last_text.as_deref(), &steps),
-                    };
-                    return Ok(AgentOutcome {
-                        reply,
-                        steps,
-                        usage,
-                        status: AgentStatus::Deadline,
-                    });
-                }
-                Some(status) => {
-                    let mut reply = last_text.clone().unwrap_or_default();
-                    if !reply.is_empty() {
-                        reply.push_str("\n\n");
-                    }
-                    reply.push_str(&format!(
-                        "Stopped after {} commands: the step limit for one turn was reached. \
-                         Ask me to continue.",
-                        steps.len()
-                    ));
-                    return Ok(AgentOutcome {
-                        reply,
-                        steps,
-                        usage,
-                        status,
-                    });
-                }
-            }
-        }
+        let prompt = self.system_prompt(&input.memory);
+        LlmTurn::new(llm, &self.options, prompt, &input, runner, limits, observer)
+            .run()
+            .await
     }
 }
 
@@ -715,45 +499,8 @@ fn still_running_note(o: &CommandOutcome) -> String {
 impl AgentOutcome {
     /// A turn that lost its lease before the agent ran: nothing was run.
     pub fn lease_lost() -> Self {
-        lease_lost_outcome(None, Vec::new(), Usage::default())
+        Ending::LeaseLost.outcome(None, Vec::new(), Usage::default())
     }
-}
-
-/// The turn stopped because it lost its lease: nothing more was run.
-fn lease_lost_outcome(
-    last_text: Option<&str>,
-    steps: Vec<CommandOutcome>,
-    usage: Usage,
-) -> AgentOutcome {
-    let mut reply = String::new();
-    if let Some(t) = last_text {
-        reply.push_str(t);
-        reply.push_str("\n\n");
-    }
-    reply.push_str(&format!(
-        "This turn stopped after {} command(s): it lost its hold on the machine (another \
-         turn or the sleep sweep took over), so nothing more was run. Ask me to continue.",
-        steps.len()
-    ));
-    AgentOutcome {
-        reply,
-        steps,
-        usage,
-        status: AgentStatus::LeaseLost,
-    }
-}
-
-fn out_of_time_reply(last_text: Option<&str>, steps: &[CommandOutcome]) -> String {
-    let mut r = String::new();
-    if let Some(t) = last_text {
-        r.push_str(t);
-        r.push_str("\n\n");
-    }
-    r.push_str(&format!(
-        "This turn ran out of time after {} command(s); ask me to continue.",
-        steps.len()
-    ));
-    r
 }
 
 fn truncate_str(s: &str, max: usize) -> String {

@@ -5,7 +5,7 @@
 //! an admin token: the admin scope *and* the admin client (`azp` or
 //! `client_id`). `iam` trusts IAM-signed callers; `none` is for local runs.
 
-use super::{Problem, UserId};
+use super::{Problem, ProblemCode, UserId};
 use std::str::FromStr;
 
 /// How callers are authenticated.
@@ -111,7 +111,8 @@ pub fn authorize(
         AuthMode::None => Ok(()),
         AuthMode::Iam => match caller.iam_principal {
             Some(_) => Ok(()),
-            None => Err(Problem::unauthorized(
+            None => Err(Problem::of(
+                ProblemCode::Unauthorized,
                 "this deployment requires IAM-signed requests",
             )),
         },
@@ -120,15 +121,20 @@ pub fn authorize(
                 return Ok(());
             }
             match caller.subject.as_deref() {
-                None => Err(Problem::unauthorized(
+                None => Err(Problem::of(
+                    ProblemCode::Unauthorized,
                     "a JWT with a sub claim is required",
                 )),
-                Some(_) if !admin.user_scoped(caller) => Err(Problem::forbidden(format!(
-                    "the token lacks the scope {:?}",
-                    admin.user_scope.as_deref().unwrap_or_default()
-                ))),
+                Some(_) if !admin.user_scoped(caller) => Err(Problem::of(
+                    ProblemCode::Forbidden,
+                    format!(
+                        "the token lacks the scope {:?}",
+                        admin.user_scope.as_deref().unwrap_or_default()
+                    ),
+                )),
                 Some(sub) if sub == user.as_str() => Ok(()),
-                Some(_) => Err(Problem::forbidden(
+                Some(_) => Err(Problem::of(
+                    ProblemCode::Forbidden,
                     "the token's subject may only act for itself; acting for another user needs an admin token (the admin scope, issued to the admin client)",
                 )),
             }

@@ -11,6 +11,6 @@ pub mod user_id;
 
 pub use auth::{AccessPolicy, AuthMode, Caller};
 pub use jwt::{JwtError, JwtSettings, JwtVerifier};
-pub use problem::{Problem, PROBLEM_JSON};
+pub use problem::{Problem, ProblemCode, PROBLEM_JSON, RETRY_SOON};
 pub use turn_request::{HistoryEntry, Role, TurnRequest};
 pub use user_id::UserId;

@@ -1,6 +1,6 @@
 //! The body of `POST /v1/users/{user_id}/turns`, parsed and validated once.
 
-use super::Problem;
+use super::{Problem, ProblemCode};
 use serde::{Deserialize, Serialize};
 
 /// Longest accepted message, in bytes.
@@ -39,6 +39,9 @@ struct RawTurnRequest {
     message: String,
     #[serde(default)]
     history: Option<Vec<HistoryEntry>>,
+    /// Must be a boolean when present (`null`, strings, numbers → 422).
+    #[serde(default)]
+    end_conversation: bool,
 }
 
 /// A validated turn request.
@@ -48,39 +51,42 @@ pub struct TurnRequest {
     pub message: String,
     /// Recent conversation, oldest first (≤ 50 entries, ≤ 256 KiB).
     pub history: Vec<HistoryEntry>,
+    /// The chat product says the conversation ends with this turn: after
+    /// the reply the machine is put to sleep at once (or as soon as the
+    /// platform allows; a command left running still holds it awake).
+    pub end_conversation: bool,
 }
 
 impl TurnRequest {
     /// Parse a JSON body: unknown fields, an empty or oversized message, or
     /// an oversized history are 4xx problems naming the limit.
     pub fn from_json(bytes: &[u8]) -> Result<Self, Problem> {
-        let raw: RawTurnRequest = serde_json::from_slice(bytes).map_err(|e| {
-            if e.classify() == serde_json::error::Category::Data {
-                Problem::unprocessable("invalid_body", e.to_string())
-            } else {
-                Problem::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
-            }
-        })?;
-        Self::validate(raw.message, raw.history.unwrap_or_default())
+        let raw: RawTurnRequest = serde_json::from_slice(bytes)?;
+        let mut request = Self::validate(raw.message, raw.history.unwrap_or_default())?;
+        request.end_conversation = raw.end_conversation;
+        Ok(request)
     }
 
     /// Validate the parts.
     pub fn validate(message: String, history: Vec<HistoryEntry>) -> Result<Self, Problem> {
         if message.trim().is_empty() {
-            return Err(Problem::unprocessable(
-                "invalid_message",
+            return Err(Problem::of(
+                ProblemCode::InvalidMessage,
                 "message must not be empty",
             ));
         }
         if message.len() > MAX_MESSAGE_BYTES {
-            return Err(Problem::too_large(format!(
-                "message is {} bytes; at most {MAX_MESSAGE_BYTES} are accepted",
-                message.len()
-            )));
+            return Err(Problem::of(
+                ProblemCode::PayloadTooLarge,
+                format!(
+                    "message is {} bytes; at most {MAX_MESSAGE_BYTES} are accepted",
+                    message.len()
+                ),
+            ));
         }
         if history.len() > MAX_HISTORY_ENTRIES {
-            return Err(Problem::unprocessable(
-                "invalid_history",
+            return Err(Problem::of(
+                ProblemCode::InvalidHistory,
                 format!(
                     "history has {} entries; at most {MAX_HISTORY_ENTRIES} are accepted",
                     history.len()
@@ -89,11 +95,16 @@ impl TurnRequest {
         }
         let bytes: usize = history.iter().map(|h| h.content.len()).sum();
         if bytes > MAX_HISTORY_BYTES {
-            return Err(Problem::too_large(format!(
-                "history is {bytes} bytes; at most {MAX_HISTORY_BYTES} are accepted"
-            )));
+            return Err(Problem::of(
+                ProblemCode::PayloadTooLarge,
+                format!("history is {bytes} bytes; at most {MAX_HISTORY_BYTES} are accepted"),
+            ));
         }
-        Ok(TurnRequest { message, history })
+        Ok(TurnRequest {
+            message,
+            history,
+            end_conversation: false,
+        })
     }
 }
 
@@ -109,15 +120,37 @@ mod tests {
         .expect("valid");
         assert_eq!(t.message, "ls");
         assert_eq!(t.history[0].role, Role::User);
-        assert!(TurnRequest::from_json(br#"{"message":"ls"}"#)
-            .expect("valid")
-            .history
-            .is_empty());
+        let plain = TurnRequest::from_json(br#"{"message":"ls"}"#).expect("valid");
+        assert!(plain.history.is_empty());
+        assert!(!plain.end_conversation);
+        let last =
+            TurnRequest::from_json(br#"{"message":"bye","end_conversation":true}"#).expect("valid");
+        assert!(last.end_conversation);
     }
 
     #[test]
     fn bad_bodies_are_4xx_with_a_reason() {
-        let cases: [(&[u8], u16, &str); 7] = [
+        let cases: [(&[u8], u16, &str); 11] = [
+            (
+                br#"{"message":"x","end_conversation":"yes"}"#,
+                422,
+                "invalid_body",
+            ),
+            (
+                br#"{"message":"x","end_conversation":1}"#,
+                422,
+                "invalid_body",
+            ),
+            (
+                br#"{"message":"x","end_conversation":null}"#,
+                422,
+                "invalid_body",
+            ),
+            (
+                br#"{"message":"x","end_conversation":{}}"#,
+                422,
+                "invalid_body",
+            ),
             (b"{", 400, "invalid_json"),
             (b"[]", 422, "invalid_body"),
             (br#"{"message":""}"#, 422, "invalid_message"),

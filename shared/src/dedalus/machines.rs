@@ -103,18 +103,8 @@ impl Client {
         if_match: Option<&str>,
         key: Option<&IdempotencyKey>,
     ) -> Result<Machine> {
-        self.with_if_match(machine_id, if_match, |rev| async move {
-            let call = Call::new(
-                "machines.update",
-                Method::PATCH,
-                vec!["machines", machine_id],
-            )
-            .json(request)?
-            .if_match(rev.as_deref())
-            .key(key);
-            self.call(call).await
-        })
-        .await
+        let update = Mutation::new("machines.update", Method::PATCH, None).body(request);
+        self.mutate(machine_id, update, if_match, key).await
     }
 
     /// `POST /v1/machines/{id}/wake` (a no-op on a running machine).
@@ -124,17 +114,8 @@ impl Client {
         if_match: Option<&str>,
         key: Option<&IdempotencyKey>,
     ) -> Result<Machine> {
-        self.with_if_match(machine_id, if_match, |rev| async move {
-            let call = Call::new(
-                "machines.wake",
-                Method::POST,
-                vec!["machines", machine_id, "wake"],
-            )
-            .if_match(rev.as_deref())
-            .key(key);
-            self.call(call).await
-        })
-        .await
+        let wake = Mutation::new("machines.wake", Method::POST, Some("wake"));
+        self.mutate(machine_id, wake, if_match, key).await
     }
 
     /// `POST /v1/machines/{id}/sleep`. Within the hold window after a wake it
@@ -145,17 +126,8 @@ impl Client {
         if_match: Option<&str>,
         key: Option<&IdempotencyKey>,
     ) -> Result<Machine> {
-        self.with_if_match(machine_id, if_match, |rev| async move {
-            let call = Call::new(
-                "machines.sleep",
-                Method::POST,
-                vec!["machines", machine_id, "sleep"],
-            )
-            .if_match(rev.as_deref())
-            .key(key);
-            self.call(call).await
-        })
-        .await
+        let sleep = Mutation::new("machines.sleep", Method::POST, Some("sleep"));
+        self.mutate(machine_id, sleep, if_match, key).await
     }
 
     /// `DELETE /v1/machines/{id}`.
@@ -165,16 +137,54 @@ impl Client {
         if_match: Option<&str>,
         key: Option<&IdempotencyKey>,
     ) -> Result<Machine> {
+        let delete = Mutation::new("machines.delete", Method::DELETE, None);
+        self.mutate(machine_id, delete, if_match, key).await
+    }
+
+    /// Send a lifecycle mutation of `machine_id` with `If-Match` and `key`
+    /// (see [`Client::with_if_match`]).
+    async fn mutate(
+        &self,
+        machine_id: &str,
+        m: Mutation<'_>,
+        if_match: Option<&str>,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Machine> {
+        let m = &m;
         self.with_if_match(machine_id, if_match, |rev| async move {
-            let call = Call::new(
-                "machines.delete",
-                Method::DELETE,
-                vec!["machines", machine_id],
-            )
-            .if_match(rev.as_deref())
-            .key(key);
-            self.call(call).await
+            let mut segments = vec!["machines", machine_id];
+            segments.extend(m.action);
+            let mut call = Call::new(m.operation, m.method.clone(), segments);
+            if let Some(body) = m.body {
+                call = call.json(body)?;
+            }
+            self.call(call.if_match(rev.as_deref()).key(key)).await
         })
         .await
+    }
+}
+
+/// A lifecycle call on one machine: `METHOD /v1/machines/{id}[/action]`,
+/// with a JSON body for an update.
+struct Mutation<'a> {
+    operation: &'static str,
+    method: Method,
+    action: Option<&'static str>,
+    body: Option<&'a UpdateMachineRequest>,
+}
+
+impl<'a> Mutation<'a> {
+    fn new(operation: &'static str, method: Method, action: Option<&'static str>) -> Self {
+        Mutation {
+            operation,
+            method,
+            action,
+            body: None,
+        }
+    }
+
+    fn body(mut self, body: &'a UpdateMachineRequest) -> Self {
+        self.body = Some(body);
+        self
     }
 }

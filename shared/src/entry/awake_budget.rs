@@ -11,7 +11,7 @@
 //! period since midnight. Machines only wake for turns, so the first turn
 //! of a day sees every awake period of that day.
 
-use crate::api::{Problem, UserId};
+use crate::api::{Problem, ProblemCode, UserId};
 use crate::clock::now_ms;
 use crate::store::{UserRecord, UserStore};
 use crate::sweep::Sweeper;
@@ -86,10 +86,8 @@ impl<S: UserStore + 'static> AwakeBudget<S> {
         if used < self.per_day.as_millis() as u64 {
             return Ok(());
         }
-        Err(Problem::new(
-            429,
-            "awake_budget_exhausted",
-            "Awake budget exhausted",
+        Err(Problem::of(
+            ProblemCode::AwakeBudgetExhausted,
             format!(
                 "this user's machine was awake {} today (UTC), the daily budget is {}; turns resume at midnight UTC",
                 humantime::format_duration(Duration::from_secs(used / 1000)),

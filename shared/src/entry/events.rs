@@ -1,9 +1,9 @@
 //! `GET /v1/users/{user_id}/machine/events` (the lifecycle journal, newest
 //! first, paged) and the per-day awake-time summary of `GET …/machine`.
 
-use crate::api::Problem;
+use crate::api::{Problem, ProblemCode};
 use crate::journal::{self, AwakeDayTotal, Journal, PageQuery};
-use crate::machines::MachineStatus;
+use crate::user_machine::MachineStatus;
 use lambda_http::Request;
 
 /// Days in the awake-time summary of `GET …/machine` (today included).
@@ -54,7 +54,7 @@ pub fn page_query(req: &Request) -> Result<PageQuery, Problem> {
 }
 
 fn invalid(detail: String) -> Problem {
-    Problem::unprocessable("invalid_query", detail)
+    Problem::of(ProblemCode::InvalidQuery, detail)
 }
 
 /// Epoch milliseconds, or an RFC 3339 time.

@@ -5,7 +5,7 @@
 //! ([`UserStore::count_request`]), so one user's loop never costs another
 //! user anything and every instance shares the same count.
 
-use crate::api::{Problem, UserId};
+use crate::api::{Problem, ProblemCode, UserId};
 use crate::clock::now_ms;
 use crate::store::{CountOutcome, Counter, UserStore};
 use std::time::Duration;
@@ -41,10 +41,8 @@ impl FairUse {
     /// `Retry-After` until the window ends.
     pub async fn admit_turn<S: UserStore>(&self, store: &S, user: &UserId) -> Result<(), Problem> {
         match count(store, user, Counter::Turns, self.turns_per_minute).await {
-            Some(retry_after) => Err(Problem::new(
-                429,
-                "rate_limited",
-                "Too many requests",
+            Some(retry_after) => Err(Problem::of(
+                ProblemCode::RateLimited,
                 format!(
                     "at most {} turns per minute per user; retry after Retry-After",
                     self.turns_per_minute

@@ -12,7 +12,10 @@ pub use fair_use::FairUse;
 pub use route::{route, Route};
 
 use crate::api::jwt::{split_scopes, JwtError, JwtSettings, JwtVerifier};
-use crate::api::{auth, AccessPolicy, AuthMode, Caller, Problem, UserId, PROBLEM_JSON};
+use crate::api::problem::retry_after_seconds;
+use crate::api::{
+    auth, AccessPolicy, AuthMode, Caller, Problem, ProblemCode, UserId, PROBLEM_JSON,
+};
 use lambda_http::request::RequestContext;
 use lambda_http::{Body, Request, RequestExt, Response};
 use serde::de::DeserializeOwned;
@@ -107,7 +110,10 @@ impl Authorizer {
         let caller = match &self.verifier {
             Some(verifier) if self.mode == AuthMode::Bearer => {
                 let token = bearer_token(req).ok_or_else(|| {
-                    Problem::unauthorized("an `Authorization: Bearer <JWT>` header is required")
+                    Problem::of(
+                        ProblemCode::Unauthorized,
+                        "an `Authorization: Bearer <JWT>` header is required",
+                    )
                 })?;
                 verifier
                     .verify(token)
@@ -133,19 +139,21 @@ fn bearer_token(req: &Request) -> Option<&str> {
 fn token_problem(e: &JwtError) -> Problem {
     if e.is_unavailable() {
         tracing::error!(error = %e, "cannot verify bearer tokens");
-        return Problem::upstream(
-            503,
-            "auth_unavailable",
+        return Problem::of(
+            ProblemCode::AuthUnavailable,
             "the identity provider's signing keys are unavailable; retry shortly",
-        )
-        .with_retry_after(Duration::from_secs(5));
+        );
     }
     tracing::info!(error = %e, "bearer token refused");
-    Problem::unauthorized(e.to_string())
+    Problem::of(ProblemCode::Unauthorized, e.to_string())
 }
 
-/// An error response.
+/// An error response: the one conversion of a [`Problem`] to HTTP (a
+/// server-side failure is logged here).
 pub fn problem(p: &Problem) -> Response<Body> {
+    if p.status >= 500 {
+        tracing::error!(status = p.status, code = %p.code, detail = %p.detail, "request failed");
+    }
     let mut builder = Response::builder()
         .status(p.status)
         .header("content-type", PROBLEM_JSON)
@@ -172,10 +180,7 @@ pub fn json<T: Serialize>(status: u16, value: &T, retry_after: Option<Duration>)
         .header("content-type", "application/json")
         .header("cache-control", "no-store");
     if let Some(after) = retry_after {
-        builder = builder.header(
-            "retry-after",
-            after.as_millis().div_ceil(1000).max(1).to_string(),
-        );
+        builder = builder.header("retry-after", retry_after_seconds(after));
     }
     builder
         .body(Body::Text(body))
@@ -197,9 +202,10 @@ pub fn body_bytes(req: &Request, max_bytes: usize) -> Result<&[u8], Problem> {
         let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
         let media = ct.split(';').next().unwrap_or_default().trim();
         if media != "application/json" && !media.ends_with("+json") {
-            return Err(Problem::unsupported_media_type(format!(
-                "the body must be application/json, not {media:?}"
-            )));
+            return Err(Problem::of(
+                ProblemCode::UnsupportedMediaType,
+                format!("the body must be application/json, not {media:?}"),
+            ));
         }
     }
     let bytes: &[u8] = match req.body() {
@@ -208,14 +214,17 @@ pub fn body_bytes(req: &Request, max_bytes: usize) -> Result<&[u8], Problem> {
         _ => b"",
     };
     if bytes.len() > max_bytes {
-        return Err(Problem::too_large(format!(
-            "the body is {} bytes; at most {max_bytes} are accepted",
-            bytes.len()
-        )));
+        return Err(Problem::of(
+            ProblemCode::PayloadTooLarge,
+            format!(
+                "the body is {} bytes; at most {max_bytes} are accepted",
+                bytes.len()
+            ),
+        ));
     }
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(Problem::bad_request(
-            "invalid_json",
+        return Err(Problem::of(
+            ProblemCode::InvalidJson,
             "the request body is empty; a JSON object is required",
         ));
     }
@@ -226,13 +235,7 @@ pub fn body_bytes(req: &Request, max_bytes: usize) -> Result<&[u8], Problem> {
 /// unknown fields), at most `max_bytes` long.
 pub fn read_json<T: DeserializeOwned>(req: &Request, max_bytes: usize) -> Result<T, Problem> {
     let bytes = body_bytes(req, max_bytes)?;
-    serde_json::from_slice(bytes).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Data => Problem::unprocessable("invalid_body", e.to_string()),
-            _ => Problem::bad_request("invalid_json", format!("the body is not valid JSON: {e}")),
-        }
-    })
+    Ok(serde_json::from_slice(bytes)?)
 }
 
 /// The time left before a Lambda invocation's deadline (`deadline_ms`,

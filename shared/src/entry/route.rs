@@ -1,6 +1,6 @@
 //! Which route of docs/design.md §3 a request is for.
 
-use crate::api::{Problem, UserId};
+use crate::api::{Problem, ProblemCode, UserId};
 use lambda_http::Request;
 
 /// A route of the product's HTTP API, with its validated user id.
@@ -61,13 +61,13 @@ fn route_parts(method: &str, path: &str) -> Result<Route, Problem> {
         _ => return Err(not_found(path)),
     };
     let decoded = percent_decode(raw_user).ok_or_else(|| {
-        Problem::bad_request(
-            "invalid_user_id",
+        Problem::of(
+            ProblemCode::InvalidUserId,
             "user_id is not valid percent-encoded UTF-8",
         )
     })?;
     let user = UserId::parse(&decoded)
-        .map_err(|e| Problem::bad_request("invalid_user_id", e.to_string()))?;
+        .map_err(|e| Problem::of(ProblemCode::InvalidUserId, e.to_string()))?;
     match (kind, method) {
         ("turns", "POST") => Ok(Route::Turn(user)),
         ("machine", "GET") => Ok(Route::GetMachine(user)),
@@ -75,21 +75,24 @@ fn route_parts(method: &str, path: &str) -> Result<Route, Problem> {
         ("machine", "DELETE") => Ok(Route::DeleteMachine(user)),
         ("sleep", "POST") => Ok(Route::SleepMachine(user)),
         ("events", "GET") => Ok(Route::MachineEvents(user)),
-        ("events", _) => Err(Problem::method_not_allowed(format!(
-            "{method} is not allowed here; use GET"
-        ))),
-        ("turns", _) | ("sleep", _) => Err(Problem::method_not_allowed(format!(
-            "{method} is not allowed here; use POST"
-        ))),
-        _ => Err(Problem::method_not_allowed(format!(
-            "{method} is not allowed here; use GET, PUT or DELETE"
-        ))),
+        ("events", _) => Err(Problem::of(
+            ProblemCode::MethodNotAllowed,
+            format!("{method} is not allowed here; use GET"),
+        )),
+        ("turns", _) | ("sleep", _) => Err(Problem::of(
+            ProblemCode::MethodNotAllowed,
+            format!("{method} is not allowed here; use POST"),
+        )),
+        _ => Err(Problem::of(
+            ProblemCode::MethodNotAllowed,
+            format!("{method} is not allowed here; use GET, PUT or DELETE"),
+        )),
     }
 }
 
 fn not_found(path: &str) -> Problem {
     let shown: String = path.chars().take(200).collect();
-    Problem::not_found("no_such_route", format!("no route for {shown:?}"))
+    Problem::of(ProblemCode::NoSuchRoute, format!("no route for {shown:?}"))
 }
 
 /// Decode `%XX` escapes; None if malformed or not UTF-8.

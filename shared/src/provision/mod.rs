@@ -232,6 +232,14 @@ impl Budget {
     }
 }
 
+/// What a worker run found when it tried to take the provisioning lease.
+enum Taken {
+    /// The lease is this run's (its owner): work on the item.
+    Work(UserRecord, String),
+    /// Nothing to do (ready, failed, or another worker holds it).
+    Nothing(UserRecord),
+}
+
 /// What an item's state means to a caller of `ensure`, when this call did not
 /// start anything.
 fn classify(rec: UserRecord) -> Ensure {
@@ -423,33 +431,44 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
         event: &ProvisionEvent,
         deadline_ms: u64,
     ) -> Result<UserRecord, ProvisionError> {
-        let user_id = event.user_id.as_str();
         let budget = Budget::new(deadline_ms, self.settings.margin);
         if budget.exhausted() {
             return Err(ProvisionError::OutOfTime);
         }
+        let (rec, owner) = match self.take_worker_lease(event, &budget).await? {
+            Taken::Work(rec, owner) => (rec, owner),
+            Taken::Nothing(rec) => return Ok(rec),
+        };
+        let result = self.steps_within(rec, &owner, &budget).await;
+        self.end_run(&event.user_id, &owner, result).await
+    }
+
+    /// Take the provisioning lease under an owner of this run's own (the
+    /// lease the trigger took is handed over); [`Taken::Nothing`] when the
+    /// item needs no work or another worker holds it.
+    async fn take_worker_lease(
+        &self,
+        event: &ProvisionEvent,
+        budget: &Budget,
+    ) -> Result<Taken, ProvisionError> {
+        let user_id = event.user_id.as_str();
+        let gone = || ProvisionError::Superseded(format!("no item for user {user_id}"));
         let Some(rec) = self.store.get(user_id).await? else {
-            return Err(ProvisionError::Superseded(format!(
-                "no item for user {user_id}"
-            )));
+            return Err(gone());
         };
         if !worker_should_run(&rec)? {
-            return Ok(rec);
+            return Ok(Taken::Nothing(rec));
         }
         if let Some(handed) = &event.lease_owner {
             self.store.release_lease(user_id, handed, now_ms()).await?;
         }
         let owner = new_owner("provision");
         let now = now_ms();
+        let until = budget.lease_until(now, self.lease_ms());
+        let purpose = LeasePurpose::Provision;
         let rec = match self
             .store
-            .acquire_lease(
-                user_id,
-                &owner,
-                LeasePurpose::Provision,
-                budget.lease_until(now, self.lease_ms()),
-                now,
-            )
+            .acquire_lease(user_id, &owner, purpose, until, now)
             .await
         {
             Ok(AcquireOutcome::Acquired(rec)) => rec,
@@ -458,54 +477,62 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
                     user_id,
                     "another worker holds the provisioning lease; leaving it the work"
                 );
-                return Ok(rec);
+                return Ok(Taken::Nothing(rec));
             }
-            Err(StoreError::NotFound { .. }) => {
-                return Err(ProvisionError::Superseded(format!(
-                    "no item for user {user_id}"
-                )))
-            }
+            Err(StoreError::NotFound { .. }) => return Err(gone()),
             Err(e) => return Err(e.into()),
         };
+        crate::metrics::provision_attempt(rec.provision_attempts);
         // The item may have moved on between the read and the acquisition.
         match worker_should_run(&rec) {
-            Ok(true) => {}
+            Ok(true) => Ok(Taken::Work(rec, owner)),
             other => {
                 let _ = self.store.release_lease(user_id, &owner, now_ms()).await;
-                return other.map(|_| rec);
+                other.map(|_| Taken::Nothing(rec))
             }
         }
-        let result = match tokio::time::timeout_at(
-            budget.work_end,
-            self.provision_steps(rec, &owner, &budget),
-        )
-        .await
-        {
-            // A step cut by the invocation's end (not by its own timeout)
-            // is not a provisioning failure.
+    }
+
+    /// The provisioning steps, cut at the work's end: a step cut by the
+    /// invocation's end (not by its own timeout) is
+    /// [`ProvisionError::OutOfTime`], not a provisioning failure.
+    async fn steps_within(
+        &self,
+        rec: UserRecord,
+        owner: &str,
+        budget: &Budget,
+    ) -> Result<UserRecord, ProvisionError> {
+        let steps = self.provision_steps(rec, owner, budget);
+        match tokio::time::timeout_at(budget.work_end, steps).await {
             Ok(Err(e)) if budget.exhausted() && !matches!(e, ProvisionError::Superseded(_)) => {
                 Err(ProvisionError::OutOfTime)
             }
             Ok(result) => result,
             Err(_elapsed) => Err(ProvisionError::OutOfTime),
-        };
+        }
+    }
+
+    /// Release the lease after a run; a failure is recorded on the item
+    /// (`failed`) first, running out of time is not (the item stays
+    /// resumable at its step).
+    async fn end_run(
+        &self,
+        user_id: &str,
+        owner: &str,
+        result: Result<UserRecord, ProvisionError>,
+    ) -> Result<UserRecord, ProvisionError> {
         let now = now_ms();
         match result {
-            Ok(rec) => {
-                let rec = match self.store.release_lease(user_id, &owner, now).await {
-                    Ok(ReleaseOutcome::Released(after)) => after,
-                    _ => rec,
-                };
-                Ok(rec)
-            }
+            Ok(rec) => match self.store.release_lease(user_id, owner, now).await {
+                Ok(ReleaseOutcome::Released(after)) => Ok(after),
+                _ => Ok(rec),
+            },
             Err(ProvisionError::OutOfTime) => {
-                // Not a failure of the provisioning: leave the item as it is
-                // (its step is recorded) and free it for the retry.
                 tracing::warn!(
                     user_id,
                     "provisioning worker out of time; releasing its lease for the next run"
                 );
-                let _ = self.store.release_lease(user_id, &owner, now).await;
+                let _ = self.store.release_lease(user_id, owner, now).await;
                 Err(ProvisionError::OutOfTime)
             }
             Err(err) => {
@@ -513,8 +540,8 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
                 let message = format!("provisioning failed: {err}");
                 // Refused when the lease was lost or the item moved on: then
                 // whoever holds it now decides.
-                let _ = self.store.mark_failed(user_id, &owner, &message, now).await;
-                let _ = self.store.release_lease(user_id, &owner, now).await;
+                let _ = self.store.mark_failed(user_id, owner, &message, now).await;
+                let _ = self.store.release_lease(user_id, owner, now).await;
                 Err(err)
             }
         }
@@ -531,10 +558,7 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
         // 1. The machine: created with the stored key, so a retry after a
         //    crash between "create" and "record" returns the same machine.
         let machine_id = match rec.machine_id.clone() {
-            Some(id) => {
-                crate::metrics::resumed();
-                id
-            }
+            Some(id) => id,
             None => {
                 let key = IdempotencyKey::parse(rec.create_key.clone()).map_err(|e| {
                     ProvisionError::Superseded(format!("stored create_key is unusable: {e}"))

@@ -12,9 +12,9 @@ use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 
-use super::engine::{key, Action, AwakeKey, Backend, Cond, Refused, Update};
+use super::engine::{key, Action, AwakeKey, Backend, Cond, PendingKey, Refused, Update};
 use super::record::Item;
-use super::table::{attr, AWAKE_INDEX, BY_MACHINE_INDEX};
+use super::table::{attr, AWAKE_INDEX, BY_MACHINE_INDEX, PENDING_SLEEP_INDEX};
 use super::{Result, StoreError, UserRecord};
 
 /// The user→machine table in DynamoDB.
@@ -181,6 +181,29 @@ impl Expr {
 
 fn decode(item: Option<HashMap<String, AttributeValue>>) -> Result<Option<UserRecord>> {
     item.map(UserRecord::from_item).transpose()
+}
+
+fn pending_key_from(lek: &Item) -> Result<PendingKey> {
+    let string = |a: &str| match lek.get(a) {
+        Some(AttributeValue::S(v)) => Ok(v.clone()),
+        _ => Err(StoreError::Malformed {
+            attribute: a.to_owned(),
+            message: "missing or not a string in LastEvaluatedKey".to_owned(),
+        }),
+    };
+    let sleep_at = match lek.get(attr::SLEEP_AT) {
+        Some(AttributeValue::N(v)) => v.parse().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| StoreError::Malformed {
+        attribute: attr::SLEEP_AT.to_owned(),
+        message: "missing or not a u64 in LastEvaluatedKey".to_owned(),
+    })?;
+    Ok(PendingKey {
+        shard: string(attr::SLEEP_SHARD)?,
+        sleep_at,
+        user_id: string(attr::USER_ID)?,
+    })
 }
 
 fn awake_key_from(lek: &Item) -> Result<AwakeKey> {
@@ -387,6 +410,52 @@ impl Backend for DynamoStore {
                 _ => return Ok(found),
             }
         }
+    }
+
+    async fn query_pending(
+        &self,
+        shard: &str,
+        due_by_ms: u64,
+        start: Option<PendingKey>,
+        limit: u32,
+    ) -> Result<(Vec<UserRecord>, Option<PendingKey>)> {
+        let start = start.map(|k| {
+            HashMap::from([
+                (attr::USER_ID.to_owned(), AttributeValue::S(k.user_id)),
+                (attr::SLEEP_SHARD.to_owned(), AttributeValue::S(k.shard)),
+                (
+                    attr::SLEEP_AT.to_owned(),
+                    AttributeValue::N(k.sleep_at.to_string()),
+                ),
+            ])
+        });
+        crate::metrics::table_call();
+        let out = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(PENDING_SLEEP_INDEX)
+            .key_condition_expression("#s = :s AND #t <= :t")
+            .expression_attribute_names("#s", attr::SLEEP_SHARD)
+            .expression_attribute_names("#t", attr::SLEEP_AT)
+            .expression_attribute_values(":s", AttributeValue::S(shard.to_owned()))
+            .expression_attribute_values(":t", AttributeValue::N(due_by_ms.to_string()))
+            .limit(i32::try_from(limit).unwrap_or(i32::MAX))
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .map_err(|e| StoreError::from_sdk("query_pending_sleeps", e))?;
+        let items = out
+            .items
+            .unwrap_or_default()
+            .into_iter()
+            .map(UserRecord::from_item)
+            .collect::<Result<Vec<_>>>()?;
+        let last = match out.last_evaluated_key {
+            Some(lek) if !lek.is_empty() => Some(pending_key_from(&lek)?),
+            _ => None,
+        };
+        Ok((items, last))
     }
 
     fn awake_shards(&self) -> u32 {

@@ -12,11 +12,11 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use base64::Engine as _;
 
 use super::record::Item;
-use super::table::{attr, shard_in, AWAKE_SHARDS};
+use super::table::{attr, shard_for, shard_in, AWAKE_SHARDS};
 use super::{
     AcquireOutcome, ClaimOutcome, CountOutcome, Counter, CreateKey, Cursor, DeleteGuard,
     DeleteOutcome, Hold, Lease, LeaseKind, LeasePurpose, MachineState, Page, Power, ReleaseOutcome,
-    Result, StoreError, UserRecord, UserStore,
+    Result, SleepPlan, StoreError, UserRecord, UserStore,
 };
 
 /// A condition over an item's attributes (DynamoDB semantics: comparisons
@@ -147,6 +147,17 @@ pub struct AwakeKey {
     pub user_id: String,
 }
 
+/// Position in the `pending-sleep` index (its `LastEvaluatedKey`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PendingKey {
+    /// Index partition.
+    pub shard: String,
+    /// Index sort key.
+    pub sleep_at: u64,
+    /// Table key.
+    pub user_id: String,
+}
+
 /// What an adapter provides. Public only inside this private module (sealed).
 pub trait Backend: Send + Sync {
     /// Strongly consistent read.
@@ -182,6 +193,15 @@ pub trait Backend: Send + Sync {
         &self,
         machine_id: &str,
     ) -> impl Future<Output = Result<Vec<UserRecord>>> + Send;
+    /// `pending-sleep` index query (`sleep_at <= due_by_ms`), ascending by
+    /// `sleep_at`.
+    fn query_pending(
+        &self,
+        shard: &str,
+        due_by_ms: u64,
+        start: Option<PendingKey>,
+        limit: u32,
+    ) -> impl Future<Output = Result<(Vec<UserRecord>, Option<PendingKey>)>> + Send;
     /// The shard count a wake writes with (`AWAKE_SHARDS`).
     fn awake_shards(&self) -> u32 {
         AWAKE_SHARDS
@@ -229,6 +249,15 @@ impl<B: Backend> Backend for std::sync::Arc<B> {
         machine_id: &str,
     ) -> impl Future<Output = Result<Vec<UserRecord>>> + Send {
         (**self).query_machine(machine_id)
+    }
+    fn query_pending(
+        &self,
+        shard: &str,
+        due_by_ms: u64,
+        start: Option<PendingKey>,
+        limit: u32,
+    ) -> impl Future<Output = Result<(Vec<UserRecord>, Option<PendingKey>)>> + Send {
+        (**self).query_pending(shard, due_by_ms, start, limit)
     }
     fn awake_shards(&self) -> u32 {
         (**self).awake_shards()
@@ -283,6 +312,13 @@ const REMOVE_LEASE: [Action; 3] = [
     Action::Remove(attr::LEASE_UNTIL),
 ];
 
+/// Drops a pending sleep (the item leaves the `pending-sleep` index).
+const REMOVE_PENDING_SLEEP: [Action; 3] = [
+    Action::Remove(attr::SLEEP_SHARD),
+    Action::Remove(attr::SLEEP_AT),
+    Action::Remove(attr::SLEEP_REASON),
+];
+
 fn awake_actions(user_id: &str, now_ms: u64, shards: u32) -> [Action; 3] {
     [
         Action::Set(attr::POWER, s(Power::Awake.as_str())),
@@ -322,7 +358,7 @@ fn valid_create_key(k: &str) -> Result<()> {
     }
 }
 
-fn encode_cursor(key: &AwakeKey) -> Result<Cursor> {
+fn encode_cursor<K: serde::Serialize>(key: &K) -> Result<Cursor> {
     let json =
         serde_json::to_vec(key).map_err(|e| StoreError::InvalidArgument(format!("cursor: {e}")))?;
     Ok(Cursor(
@@ -331,14 +367,26 @@ fn encode_cursor(key: &AwakeKey) -> Result<Cursor> {
 }
 
 fn decode_cursor(cursor: &Cursor, shard: &str) -> Result<AwakeKey> {
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(cursor.as_str())
-        .map_err(|_| StoreError::InvalidCursor)?;
-    let key: AwakeKey = serde_json::from_slice(&bytes).map_err(|_| StoreError::InvalidCursor)?;
+    let key: AwakeKey = decode_json_cursor(cursor)?;
     if key.shard != shard || key.user_id.is_empty() {
         return Err(StoreError::InvalidCursor);
     }
     Ok(key)
+}
+
+fn decode_pending_cursor(cursor: &Cursor, shard: &str) -> Result<PendingKey> {
+    let key: PendingKey = decode_json_cursor(cursor)?;
+    if key.shard != shard || key.user_id.is_empty() {
+        return Err(StoreError::InvalidCursor);
+    }
+    Ok(key)
+}
+
+fn decode_json_cursor<K: serde::de::DeserializeOwned>(cursor: &Cursor) -> Result<K> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor.as_str())
+        .map_err(|_| StoreError::InvalidCursor)?;
+    serde_json::from_slice(&bytes).map_err(|_| StoreError::InvalidCursor)
 }
 
 /// Run a conditional update of an existing item that is not `destroying`:
@@ -414,13 +462,35 @@ async fn apply_or_conflict<B: Backend>(
         })
 }
 
-/// Classify a refused lease acquisition.
-fn refused_acquire(current: UserRecord, now_ms: u64) -> AcquireOutcome {
-    if current.live_lease(now_ms).is_some() {
-        AcquireOutcome::Busy(current)
-    } else {
-        AcquireOutcome::Changed(current)
-    }
+/// A write only the lease holder `owner` may make ([`apply_or_conflict`]).
+async fn by_holder<B: Backend>(
+    b: &B,
+    op: &'static str,
+    user_id: &str,
+    owner: &str,
+    actions: Vec<Action>,
+    now_ms: u64,
+) -> Result<UserRecord> {
+    apply_or_conflict(b, op, user_id, lease_owned_by(owner), actions, now_ms).await
+}
+
+/// A write that takes a lease if all of `conds` hold: `Acquired`, or why
+/// not — `Busy` (a live lease) or `Changed` (the item moved on).
+async fn take_lease<B: Backend>(
+    b: &B,
+    op: &'static str,
+    user_id: &str,
+    conds: Vec<Cond>,
+    actions: Vec<Action>,
+    now_ms: u64,
+) -> Result<AcquireOutcome> {
+    Ok(
+        match apply(b, op, user_id, Cond::And(conds), actions, now_ms).await? {
+            Ok(rec) => AcquireOutcome::Acquired(rec),
+            Err(current) if current.live_lease(now_ms).is_some() => AcquireOutcome::Busy(current),
+            Err(current) => AcquireOutcome::Changed(current),
+        },
+    )
 }
 
 /// Writes that end an awake period (sleep, lost) need `awake_since` as read,
@@ -458,6 +528,7 @@ async fn end_awake_period<B: Backend>(
             Action::Remove(attr::AWAKE_SINCE),
             Action::Remove(attr::SLEEP_ELIGIBLE_AT),
         ]);
+        actions.extend(REMOVE_PENDING_SLEEP);
         actions.extend(extra(&current));
         let cond = Cond::And(vec![guard.clone(), pin]);
         match apply(b, op, user_id, cond.clone(), actions, now_ms).await? {
@@ -579,6 +650,9 @@ impl<B: Backend> UserStore for B {
             created_at: now_ms,
             awake_shard: None,
             awake_day: None,
+            provision_attempts: 0,
+            pending_sleep: None,
+            gap_hist: Vec::new(),
         };
         match self.put_new(&record).await? {
             Ok(()) => Ok(ClaimOutcome::Claimed(record)),
@@ -697,6 +771,7 @@ impl<B: Backend> UserStore for B {
         let mut actions = vec![
             Action::Set(attr::STATE, s(MachineState::Provisioning.as_str())),
             Action::Remove(attr::LAST_ERROR),
+            Action::Set(attr::PROVISION_ATTEMPTS, n(0)),
         ];
         actions.extend(set_lease(lease));
         if let CreateKey::Replace(key) = &create_key {
@@ -704,21 +779,15 @@ impl<B: Backend> UserStore for B {
             conds.push(Cond::NotExists(attr::MACHINE_ID));
             actions.push(Action::Set(attr::CREATE_KEY, s(key)));
         }
-        Ok(
-            match apply(
-                self,
-                "restart_provisioning",
-                user_id,
-                Cond::And(conds),
-                actions,
-                now_ms,
-            )
-            .await?
-            {
-                Ok(rec) => AcquireOutcome::Acquired(rec),
-                Err(current) => refused_acquire(current, now_ms),
-            },
+        take_lease(
+            self,
+            "restart_provisioning",
+            user_id,
+            conds,
+            actions,
+            now_ms,
         )
+        .await
     }
 
     async fn acquire_lease(
@@ -738,22 +807,16 @@ impl<B: Backend> UserStore for B {
             conds.push(Cond::Eq(attr::LAST_ACTIVE_AT, n(expected_last_active_at)));
         }
         let lease = Lease::new(owner, purpose.kind(), until_ms);
-        let actions = set_lease(&lease).to_vec();
-        Ok(
-            match apply(
-                self,
-                "acquire_lease",
-                user_id,
-                Cond::And(conds),
-                actions,
-                now_ms,
-            )
-            .await?
-            {
-                Ok(rec) => AcquireOutcome::Acquired(rec),
-                Err(current) => refused_acquire(current, now_ms),
-            },
-        )
+        let mut actions = set_lease(&lease).to_vec();
+        if matches!(purpose, LeasePurpose::Provision) {
+            // The worker's run: one more attempt at this provisioning.
+            actions.push(Action::Add(attr::PROVISION_ATTEMPTS, 1));
+        }
+        if purpose == LeasePurpose::Turn {
+            // A turn starting cancels a pending sleep (requested or adaptive).
+            actions.extend(REMOVE_PENDING_SLEEP);
+        }
+        take_lease(self, "acquire_lease", user_id, conds, actions, now_ms).await
     }
 
     async fn renew_lease(
@@ -764,15 +827,7 @@ impl<B: Backend> UserStore for B {
         now_ms: u64,
     ) -> Result<UserRecord> {
         let actions = vec![Action::Set(attr::LEASE_UNTIL, n(until_ms))];
-        apply_or_conflict(
-            self,
-            "renew_lease",
-            user_id,
-            lease_owned_by(owner),
-            actions,
-            now_ms,
-        )
-        .await
+        by_holder(self, "renew_lease", user_id, owner, actions, now_ms).await
     }
 
     async fn release_lease(
@@ -801,28 +856,12 @@ impl<B: Backend> UserStore for B {
     async fn mark_awake(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
         let mut actions = vec![Action::Set(attr::LAST_ACTIVE_AT, n(now_ms))];
         actions.extend(awake_actions(user_id, now_ms, self.awake_shards()));
-        apply_or_conflict(
-            self,
-            "mark_awake",
-            user_id,
-            lease_owned_by(owner),
-            actions,
-            now_ms,
-        )
-        .await
+        by_holder(self, "mark_awake", user_id, owner, actions, now_ms).await
     }
 
     async fn touch(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
         let actions = vec![Action::Set(attr::LAST_ACTIVE_AT, n(now_ms))];
-        apply_or_conflict(
-            self,
-            "touch",
-            user_id,
-            lease_owned_by(owner),
-            actions,
-            now_ms,
-        )
-        .await
+        by_holder(self, "touch", user_id, owner, actions, now_ms).await
     }
 
     async fn set_terminal(
@@ -839,15 +878,7 @@ impl<B: Backend> UserStore for B {
             }
             None => Action::Remove(attr::TERMINAL_ID),
         };
-        apply_or_conflict(
-            self,
-            "set_terminal",
-            user_id,
-            lease_owned_by(owner),
-            vec![action],
-            now_ms,
-        )
-        .await
+        by_holder(self, "set_terminal", user_id, owner, vec![action], now_ms).await
     }
 
     async fn set_terminals(
@@ -878,15 +909,7 @@ impl<B: Backend> UserStore for B {
                 AttributeValue::L(parked.iter().map(|t| s(t)).collect()),
             )
         });
-        apply_or_conflict(
-            self,
-            "set_terminals",
-            user_id,
-            lease_owned_by(owner),
-            actions,
-            now_ms,
-        )
-        .await
+        by_holder(self, "set_terminals", user_id, owner, actions, now_ms).await
     }
 
     async fn set_hold(
@@ -932,15 +955,7 @@ impl<B: Backend> UserStore for B {
             Action::Remove(attr::HOLD_MARKER),
             Action::Remove(attr::HOLDS),
         ];
-        apply_or_conflict(
-            self,
-            "clear_hold",
-            user_id,
-            lease_owned_by(owner),
-            actions,
-            now_ms,
-        )
-        .await
+        by_holder(self, "clear_hold", user_id, owner, actions, now_ms).await
     }
 
     async fn mark_asleep(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
@@ -960,11 +975,11 @@ impl<B: Backend> UserStore for B {
         now_ms: u64,
     ) -> Result<UserRecord> {
         let actions = vec![Action::Set(attr::SLEEP_ELIGIBLE_AT, n(eligible_at_ms))];
-        apply_or_conflict(
+        by_holder(
             self,
             "set_sleep_eligible_at",
             user_id,
-            lease_owned_by(owner),
+            owner,
             actions,
             now_ms,
         )
@@ -1027,6 +1042,7 @@ impl<B: Backend> UserStore for B {
                     Action::Remove(attr::AWAKE_SHARD),
                     Action::Remove(attr::AWAKE_SINCE),
                 ];
+                actions.extend(REMOVE_PENDING_SLEEP);
                 if let Some(since) = current.awake_since {
                     actions.push(Action::Add(
                         attr::AWAKE_MS_TOTAL,
@@ -1044,6 +1060,9 @@ impl<B: Backend> UserStore for B {
         let actions = vec![
             Action::Set(attr::STATE, s(MachineState::Destroying.as_str())),
             Action::Remove(attr::AWAKE_SHARD),
+            Action::Remove(attr::SLEEP_SHARD),
+            Action::Remove(attr::SLEEP_AT),
+            Action::Remove(attr::SLEEP_REASON),
         ];
         // Existence is the only condition: deletion wins over every state.
         let cond = Cond::Exists(attr::USER_ID);
@@ -1201,6 +1220,119 @@ impl<B: Backend> UserStore for B {
             .await?
             .is_ok())
     }
+
+    async fn schedule_sleep(
+        &self,
+        user_id: &str,
+        plan: &SleepPlan<'_>,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        schedule_sleep(self, user_id, plan, now_ms).await
+    }
+
+    async fn clear_pending_sleep(
+        &self,
+        user_id: &str,
+        expected_at: u64,
+        now_ms: u64,
+    ) -> Result<UserRecord> {
+        clear_pending_sleep(self, user_id, expected_at, now_ms).await
+    }
+
+    async fn query_pending_sleeps(
+        &self,
+        shard: &str,
+        due_by_ms: u64,
+        cursor: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Page<UserRecord>> {
+        query_pending_sleeps(self, shard, due_by_ms, cursor, limit).await
+    }
+}
+
+/// The write of [`UserStore::schedule_sleep`]: refused unless the item is
+/// as the caller left it (`last_active_at` unchanged, no live lease — a turn
+/// that started since would hold one, or have moved `last_active_at`).
+fn schedule_sleep_update(plan: &SleepPlan<'_>, user_id: &str, now_ms: u64) -> (Cond, Vec<Action>) {
+    let mut conds = vec![
+        Cond::Eq(attr::LAST_ACTIVE_AT, n(plan.expected_last_active_at)),
+        no_live_lease(now_ms),
+    ];
+    let mut actions = Vec::new();
+    if let Some((at, reason)) = plan.sleep {
+        conds.push(Cond::Exists(attr::AWAKE_SHARD));
+        actions.extend([
+            Action::Set(attr::SLEEP_SHARD, s(&shard_for(user_id))),
+            Action::Set(attr::SLEEP_AT, n(at)),
+            Action::Set(attr::SLEEP_REASON, s(reason.as_str())),
+        ]);
+    }
+    if let Some(hist) = plan.gap_hist {
+        actions.push(Action::Set(
+            attr::GAP_HIST,
+            AttributeValue::L(hist.iter().map(|c| n(u64::from(*c))).collect()),
+        ));
+    }
+    (Cond::And(conds), actions)
+}
+
+/// The pending-sleep operations (`pending-sleep` index; docs/design.md §4).
+pub(super) async fn schedule_sleep<B: Backend>(
+    b: &B,
+    user_id: &str,
+    plan: &SleepPlan<'_>,
+    now_ms: u64,
+) -> Result<UserRecord> {
+    let (cond, actions) = schedule_sleep_update(plan, user_id, now_ms);
+    if actions.is_empty() {
+        return Err(StoreError::InvalidArgument(
+            "a sleep plan with nothing to write".to_owned(),
+        ));
+    }
+    apply_or_conflict(b, "schedule_sleep", user_id, cond, actions, now_ms).await
+}
+
+pub(super) async fn clear_pending_sleep<B: Backend>(
+    b: &B,
+    user_id: &str,
+    expected_at: u64,
+    now_ms: u64,
+) -> Result<UserRecord> {
+    let cond = Cond::Eq(attr::SLEEP_AT, n(expected_at));
+    let actions = REMOVE_PENDING_SLEEP.to_vec();
+    apply_or_conflict(b, "clear_pending_sleep", user_id, cond, actions, now_ms).await
+}
+
+pub(super) async fn query_pending_sleeps<B: Backend>(
+    b: &B,
+    shard: &str,
+    due_by_ms: u64,
+    cursor: Option<&Cursor>,
+    limit: u32,
+) -> Result<Page<UserRecord>> {
+    non_empty("shard", shard)?;
+    if limit == 0 {
+        return Err(StoreError::InvalidArgument(
+            "limit must be at least 1".to_owned(),
+        ));
+    }
+    let start = cursor
+        .map(|c| decode_pending_cursor(c, shard))
+        .transpose()?;
+    let (items, last) = b.query_pending(shard, due_by_ms, start, limit).await?;
+    Ok(Page {
+        items,
+        cursor: last.as_ref().map(encode_cursor).transpose()?,
+    })
+}
+
+/// The key of `rec` in the `pending-sleep` index, if it is in it.
+pub fn pending_key(rec: &UserRecord) -> Option<PendingKey> {
+    rec.pending_sleep.as_ref().map(|p| PendingKey {
+        shard: p.shard.clone(),
+        sleep_at: p.at,
+        user_id: rec.user_id.clone(),
+    })
 }
 
 /// The key of `rec` in the `awake` index, if it is in it.

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use super::engine::{awake_key, AwakeKey, Backend, Cond, Refused, Update};
+use super::engine::{awake_key, pending_key, AwakeKey, Backend, Cond, PendingKey, Refused, Update};
 use super::record::Item;
 use super::table::attr;
 use super::{Result, StoreError, UserRecord};
@@ -40,6 +40,20 @@ pub struct MemoryStore {
 struct Table {
     items: HashMap<String, Item>,
     awake: BTreeSet<(String, u64, String)>,
+    /// The `pending-sleep` index: (shard, sleep_at, user id).
+    pending: BTreeSet<(String, u64, String)>,
+}
+
+fn pending_index_key(user_id: &str, item: &Item) -> Option<(String, u64, String)> {
+    let shard = match item.get(attr::SLEEP_SHARD) {
+        Some(AttributeValue::S(s)) => s.clone(),
+        _ => return None,
+    };
+    let at = match item.get(attr::SLEEP_AT) {
+        Some(AttributeValue::N(n)) => n.trim().parse::<u64>().ok()?,
+        _ => return None,
+    };
+    Some((shard, at, user_id.to_owned()))
 }
 
 fn index_key(user_id: &str, item: &Item) -> Option<(String, u64, String)> {
@@ -64,6 +78,9 @@ impl Table {
         if let Some(k) = index_key(&user_id, &item) {
             self.awake.insert(k);
         }
+        if let Some(k) = pending_index_key(&user_id, &item) {
+            self.pending.insert(k);
+        }
         self.items.insert(user_id, item);
     }
 
@@ -71,6 +88,9 @@ impl Table {
         let old = self.items.remove(user_id)?;
         if let Some(k) = index_key(user_id, &old) {
             self.awake.remove(&k);
+        }
+        if let Some(k) = pending_index_key(user_id, &old) {
+            self.pending.remove(&k);
         }
         Some(old)
     }
@@ -244,6 +264,41 @@ impl Backend for MemoryStore {
             .cloned()
             .collect();
         found.into_iter().map(UserRecord::from_item).collect()
+    }
+
+    async fn query_pending(
+        &self,
+        shard: &str,
+        due_by_ms: u64,
+        start: Option<PendingKey>,
+        limit: u32,
+    ) -> Result<(Vec<UserRecord>, Option<PendingKey>)> {
+        self.pause("query_pending", "").await;
+        let table = self.lock();
+        let from = match start {
+            Some(k) => std::ops::Bound::Excluded((k.shard, k.sleep_at, k.user_id)),
+            None => std::ops::Bound::Included((shard.to_owned(), 0, String::new())),
+        };
+        let take = usize::try_from(limit)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1);
+        let mut matching = table
+            .pending
+            .range((from, std::ops::Bound::Unbounded))
+            .take_while(|(s, at, _)| s == shard && *at <= due_by_ms)
+            .take(take)
+            .filter_map(|(_, _, user_id)| table.get(user_id).cloned())
+            .map(UserRecord::from_item)
+            .collect::<Result<Vec<_>>>()?;
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let more = matching.len() > limit;
+        matching.truncate(limit);
+        let last = if more {
+            matching.last().and_then(pending_key)
+        } else {
+            None
+        };
+        Ok((matching, last))
     }
 
     fn awake_shards(&self) -> u32 {

@@ -40,7 +40,10 @@ pub mod table;
 
 pub use dynamo::DynamoStore;
 pub use memory::{MemoryStore, StoreHook};
-pub use record::{AwakeDay, Hold, Item, Lease, LeaseKind, MachineState, Power, UserRecord};
+pub use record::{
+    AwakeDay, Hold, Item, Lease, LeaseKind, MachineState, PendingSleep, Power, SleepReason,
+    UserRecord,
+};
 pub use table::{create_table, shard_for, shard_in, ShardLayout, AWAKE_SHARDS};
 
 /// Result of store operations.
@@ -292,7 +295,7 @@ pub trait UserStore: Send + Sync {
 
     /// Create the user's item (`attribute_not_exists(user_id)`) in state
     /// `provisioning`, power `unknown`, with `create_key` (32 lowercase hex)
-    /// and the provisioning `lease`.
+    /// and the provisioning `lease` (`provision_attempts` 0).
     fn claim(
         &self,
         user_id: &str,
@@ -346,7 +349,8 @@ pub trait UserStore: Send + Sync {
     /// Restart a failed or stuck provisioning: only if `generation` is still
     /// `expected_generation`, the state is `failed`, `provisioning` or
     /// `bootstrapping`, and no lease is live. Sets state `provisioning`, the
-    /// new `lease`, clears `last_error`; see [`CreateKey`] for the key.
+    /// new `lease`, clears `last_error`, resets `provision_attempts` to 0;
+    /// see [`CreateKey`] for the key.
     fn restart_provisioning(
         &self,
         user_id: &str,
@@ -358,7 +362,7 @@ pub trait UserStore: Send + Sync {
 
     /// Take the lease for `owner` until `until_ms` if no lease is live at
     /// `now_ms` (plus the purpose's own condition; never on a `destroying`
-    /// item).
+    /// item). A provisioning lease also adds one to `provision_attempts`.
     fn acquire_lease(
         &self,
         user_id: &str,
@@ -562,6 +566,52 @@ pub trait UserStore: Send + Sync {
         from: &str,
         to: &str,
     ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Record a pending sleep and/or the user's gap histogram (see
+    /// [`SleepPlan`]) — only if the item is as the caller left it:
+    /// `last_active_at` unchanged and no live lease (a turn that started
+    /// since holds one, and its acquisition removed any pending sleep). A
+    /// pending sleep also needs the machine awake. Refused:
+    /// [`StoreError::Conflict`].
+    fn schedule_sleep(
+        &self,
+        user_id: &str,
+        plan: &SleepPlan<'_>,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// Drop the pending sleep due at `expected_at` (an item that is no
+    /// longer awake, or no longer needs it). Refused if another is pending.
+    fn clear_pending_sleep(
+        &self,
+        user_id: &str,
+        expected_at: u64,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<UserRecord>> + Send;
+
+    /// One page of items of `shard` with a sleep pending and due by
+    /// `due_by_ms` (`sleep_shard = shard AND sleep_at <= due_by_ms`, earliest
+    /// first) from the sparse `pending-sleep` index (eventually consistent).
+    /// `limit` ≥ 1.
+    fn query_pending_sleeps(
+        &self,
+        shard: &str,
+        due_by_ms: u64,
+        cursor: Option<&Cursor>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Page<UserRecord>>> + Send;
+}
+
+/// What [`UserStore::schedule_sleep`] writes after a turn or a refused
+/// sleep request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SleepPlan<'a> {
+    /// `last_active_at` as the caller left or read it.
+    pub expected_last_active_at: u64,
+    /// A sleep due from this epoch ms, and why.
+    pub sleep: Option<(u64, SleepReason)>,
+    /// The user's updated gap histogram (adaptive idle).
+    pub gap_hist: Option<&'a [u32]>,
 }
 
 /// A fresh create key: 32 lowercase hex (UUID v7, so keys sort by time).

@@ -142,6 +142,39 @@ pub struct Hold {
     pub marker: String,
 }
 
+/// Why a sleep is pending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SleepReason {
+    /// The chat product asked for it (`POST …/machine/sleep` or a turn with
+    /// `end_conversation`) inside the platform's hold window.
+    Requested,
+    /// The user's idle deadline learnt from their gaps (`IDLE_POLICY=adaptive`).
+    Adaptive,
+}
+
+impl SleepReason {
+    /// The attribute value stored for this reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::Adaptive => "adaptive",
+        }
+    }
+}
+
+/// A sleep the sweep carries out from `at` on (the `pending-sleep` index),
+/// unless a turn starts first (a turn's lease acquisition removes it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PendingSleep {
+    /// Shard of the `pending-sleep` index (the user's awake shard).
+    pub shard: String,
+    /// Epoch ms from which it is due.
+    pub at: u64,
+    /// Why.
+    pub reason: SleepReason,
+}
+
 /// One user's item in the user→machine table (docs/design.md §4).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "Wire", try_from = "Wire")]
@@ -191,6 +224,13 @@ pub struct UserRecord {
     pub awake_shard: Option<String>,
     /// The awake budget's baseline of the current day, once noted.
     pub awake_day: Option<AwakeDay>,
+    /// Worker runs that took the provisioning lease since this provisioning
+    /// started (`claim` and `restart_provisioning` reset it to 0).
+    pub provision_attempts: u64,
+    /// A sleep due from a given time (requested or adaptive), if any.
+    pub pending_sleep: Option<PendingSleep>,
+    /// Adaptive idle: counts of the user's inter-turn gaps per bucket.
+    pub gap_hist: Vec<u32>,
 }
 
 impl UserRecord {
@@ -279,6 +319,16 @@ struct Wire {
     awake_day: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     awake_day_base: Option<u64>,
+    #[serde(default)]
+    provision_attempts: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sleep_shard: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sleep_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sleep_reason: Option<SleepReason>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    gap_hist: Vec<u32>,
 }
 
 impl From<UserRecord> for Wire {
@@ -317,6 +367,11 @@ impl From<UserRecord> for Wire {
             awake_shard: r.awake_shard,
             awake_day: r.awake_day.map(|d| d.day_start),
             awake_day_base: r.awake_day.map(|d| d.base_ms),
+            provision_attempts: r.provision_attempts,
+            sleep_shard: r.pending_sleep.as_ref().map(|p| p.shard.clone()),
+            sleep_at: r.pending_sleep.as_ref().map(|p| p.at),
+            sleep_reason: r.pending_sleep.as_ref().map(|p| p.reason),
+            gap_hist: r.gap_hist,
         }
     }
 }
@@ -385,6 +440,13 @@ impl TryFrom<Wire> for UserRecord {
                 (Some(day_start), Some(base_ms)) => Some(AwakeDay { day_start, base_ms }),
                 _ => None,
             },
+            provision_attempts: w.provision_attempts,
+            // All three or none (the store writes and removes them together).
+            pending_sleep: match (w.sleep_shard, w.sleep_at, w.sleep_reason) {
+                (Some(shard), Some(at), Some(reason)) => Some(PendingSleep { shard, at, reason }),
+                _ => None,
+            },
+            gap_hist: w.gap_hist,
         })
     }
 }
@@ -425,6 +487,13 @@ mod tests {
                 day_start: 1_699_920_000_000,
                 base_ms: 40,
             }),
+            provision_attempts: 2,
+            pending_sleep: Some(PendingSleep {
+                shard: "3".into(),
+                at: 1_700_000_300_000,
+                reason: SleepReason::Requested,
+            }),
+            gap_hist: vec![0, 3, 1],
         }
     }
 

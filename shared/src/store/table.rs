@@ -5,7 +5,7 @@
 //! `template.yaml`) both render the same constants below, so the table the
 //! code talks to and the table the template deploys cannot drift silently.
 //!
-//! Both GSIs project `ALL`. The sweep needs most of the item for each
+//! Every GSI projects `ALL`. The sweep needs most of the item for each
 //! candidate (`machine_id`, `last_active_at`, the lease, the hold,
 //! `awake_since`, `sleep_eligible_at`, `generation`) and decodes it as a full
 //! [`UserRecord`](super::UserRecord); an `INCLUDE` projection would save a few
@@ -13,7 +13,9 @@
 //! or a follow-up `GetItem` per candidate. The `awake` index is sparse (only
 //! awake machines carry `awake_shard`), so its storage and write cost grow
 //! with awake machines, not users. `by-machine` is read only by
-//! reconciliation, which needs the whole record too.
+//! reconciliation, which needs the whole record too. `pending-sleep` is
+//! sparse like `awake` (only items with a pending sleep carry
+//! `sleep_shard`); the sweep sends its items through the same candidate path.
 
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::types::{
@@ -88,12 +90,29 @@ pub mod attr {
     pub const AWAKE_DAY: &str = "awake_day";
     /// Awake budget: `awake_ms_total` at the start of `awake_day`.
     pub const AWAKE_DAY_BASE: &str = "awake_day_base";
+    /// Provisioning: runs of the worker that took the lease since the
+    /// provisioning started (claim or restart reset it to 0).
+    pub const PROVISION_ATTEMPTS: &str = "provision_attempts";
+    /// Shard of the `pending-sleep` index; present only while a sleep is
+    /// pending (requested inside the hold window, or an adaptive idle
+    /// deadline), which makes that index sparse.
+    pub const SLEEP_SHARD: &str = "sleep_shard";
+    /// Epoch ms from which the pending sleep is due; sort key of the
+    /// `pending-sleep` index.
+    pub const SLEEP_AT: &str = "sleep_at";
+    /// Why the sleep is pending: `requested` or `adaptive`.
+    pub const SLEEP_REASON: &str = "sleep_reason";
+    /// Adaptive idle: the user's inter-turn gap histogram (a list of counts,
+    /// one per bucket of `turn::end::GAP_BUCKETS_S`).
+    pub const GAP_HIST: &str = "gap_hist";
 }
 
 /// Name of the sparse GSI the sweep queries.
 pub const AWAKE_INDEX: &str = "awake";
 /// Name of the GSI reconciliation queries by machine id.
 pub const BY_MACHINE_INDEX: &str = "by-machine";
+/// Name of the sparse GSI of pending sleeps (`sleep_shard`, `sleep_at`).
+pub const PENDING_SLEEP_INDEX: &str = "pending-sleep";
 /// The default number of `awake_shard` values (`"0"` ..= `"7"`), used when
 /// `AWAKE_SHARDS` is not set ([`ShardLayout`]). An item keeps the shard it
 /// was given when it last woke; a sweep reads the union of the current and
@@ -106,6 +125,8 @@ const KEY_ATTRIBUTES: &[(&str, &str)] = &[
     (attr::AWAKE_SHARD, "S"),
     (attr::LAST_ACTIVE_AT, "N"),
     (attr::MACHINE_ID, "S"),
+    (attr::SLEEP_SHARD, "S"),
+    (attr::SLEEP_AT, "N"),
 ];
 /// A key schema: (attribute, HASH|RANGE).
 type KeySchema = &'static [(&'static str, &'static str)];
@@ -119,6 +140,11 @@ const INDEXES: &[(&str, KeySchema, &str)] = &[
         "ALL",
     ),
     (BY_MACHINE_INDEX, &[(attr::MACHINE_ID, "HASH")], "ALL"),
+    (
+        PENDING_SLEEP_INDEX,
+        &[(attr::SLEEP_SHARD, "HASH"), (attr::SLEEP_AT, "RANGE")],
+        "ALL",
+    ),
 ];
 const BILLING_MODE: &str = "PAY_PER_REQUEST";
 
@@ -192,25 +218,15 @@ impl ShardLayout {
     /// Read from a map (tests): a missing value takes its default, a
     /// malformed one (not an integer in `1..=4096`) names the variable.
     pub fn from_map(
-        env: &std::collections::HashMap<String, String>,
+        vars: &std::collections::HashMap<String, String>,
     ) -> Result<Self, crate::config::ConfigError> {
-        let read = |name: &'static str| -> Result<Option<u32>, crate::config::ConfigError> {
-            let Some(raw) = env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty()) else {
-                return Ok(None);
-            };
-            match raw.parse::<u32>() {
+        let env = crate::env::Env::new(vars);
+        let read = |name: &'static str| {
+            env.parse(name, None, |raw| match raw.parse::<u32>() {
                 Ok(n) if (1..=MAX_AWAKE_SHARDS).contains(&n) => Ok(Some(n)),
-                Ok(_) => Err(crate::config::ConfigError::Malformed {
-                    name,
-                    value: raw.to_owned(),
-                    reason: format!("must be between 1 and {MAX_AWAKE_SHARDS}"),
-                }),
-                Err(e) => Err(crate::config::ConfigError::Malformed {
-                    name,
-                    value: raw.to_owned(),
-                    reason: e.to_string(),
-                }),
-            }
+                Ok(_) => Err(format!("must be between 1 and {MAX_AWAKE_SHARDS}")),
+                Err(e) => Err(e.to_string()),
+            })
         };
         let shards = read("AWAKE_SHARDS")?.unwrap_or(AWAKE_SHARDS);
         let previous = read("AWAKE_SHARDS_PREVIOUS")?.filter(|p| *p != shards);
@@ -423,7 +439,15 @@ mod tests {
             .collect();
         assert_eq!(
             defined,
-            ["user_id", "awake_shard", "last_active_at", "machine_id"]
+            [
+                "user_id",
+                "awake_shard",
+                "last_active_at",
+                "machine_id",
+                "sleep_shard",
+                "sleep_at"
+            ]
         );
+        assert_eq!(gsis[2]["IndexName"], "pending-sleep");
     }
 }

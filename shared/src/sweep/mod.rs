@@ -55,10 +55,12 @@
 //! Time: `now_ms` is the run's start (a virtual clock in tests); store
 //! writes use `now_ms` plus the monotonic time elapsed since.
 
+pub mod adaptive;
 mod coordinator;
 mod journal;
 mod key;
 mod pace;
+mod pending;
 mod report;
 mod settings;
 mod shards;
@@ -78,6 +80,7 @@ use crate::store::{
     UserStore,
 };
 
+pub use adaptive::IdlePolicy;
 pub use coordinator::{
     InvokeError, LambdaWorkers, LocalWorkers, WorkerFuture, WorkerInvoker, WorkerTask,
     WORKER_EVENT_KEY,
@@ -368,22 +371,27 @@ impl<S: UserStore + 'static> Sweeper<S> {
         let mut run = self.start(now_ms, deadline);
         run.cause = (reason, crate::journal::Actor::Route);
         let eligible_at = rec.sleep_eligible_at;
+        let seen = rec.clone();
         match self.candidate(&run, rec).await {
             Outcome::Slept | Outcome::Fixed => SleepNow::Asleep,
             Outcome::AwaitingAutosleep => SleepNow::AwaitingAutosleep,
             Outcome::SkippedBusy => SleepNow::Busy,
-            Outcome::Held => SleepNow::HeldByRunningCommand,
+            Outcome::Held => {
+                self.record_request(&seen, run.now(), run.now()).await;
+                SleepNow::HeldByRunningCommand
+            }
             Outcome::SkippedHold => {
                 let at = match self.store.get(user_id).await {
                     Ok(Some(r)) => r.sleep_eligible_at,
                     _ => eligible_at,
                 };
-                SleepNow::NotYetEligible {
-                    eligible_at_ms: at.unwrap_or(now_ms),
-                }
+                let eligible_at_ms = at.unwrap_or(now_ms);
+                self.record_request(&seen, eligible_at_ms, run.now()).await;
+                SleepNow::NotYetEligible { eligible_at_ms }
             }
             Outcome::Lost => SleepNow::NoMachine,
             Outcome::Failed | Outcome::NotReached | Outcome::Deferred | Outcome::RateLimited => {
+                self.record_request(&seen, run.now(), run.now()).await;
                 SleepNow::Failed
             }
         }
@@ -394,6 +402,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
     pub async fn run(&self, now_ms: u64, deadline: Instant) -> SweepReport {
         let run = self.start(now_ms, deadline);
         let mut report = SweepReport::default();
+        self.pending_phase(&run, &mut report).await;
         let shards = self.settings.shards.read_shards();
         self.sweep(&run, &mut report, shards, None).await;
         self.finish(&run, report)
@@ -444,6 +453,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
     ) -> SweepReport {
         let run = self.start(now_ms, deadline);
         let mut report = SweepReport::default();
+        self.pending_phase(&run, &mut report).await;
         let reconcile = force_reconcile || self.settings.reconcile_due(event_time_ms);
         match self.plan(&run).await {
             coordinator::Plan::Alone(first) => {
@@ -630,6 +640,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
             || rec.power != Power::Awake
             || rec.hold != seen.hold
             || rec.holds != seen.holds
+            || rec.pending_sleep != seen.pending_sleep
         {
             return Outcome::SkippedBusy;
         }

@@ -74,6 +74,10 @@ pub struct SweepReport {
     /// coordinator's deadline (their shards are swept by the next run).
     #[serde(default)]
     pub workers_failed: u64,
+    /// Due pending sleeps (requested or adaptive) the `pending-sleep` index
+    /// query returned; each lands in one of the outcome counts too.
+    #[serde(default)]
+    pub pending_candidates: u64,
 }
 
 /// The run's EMF line: every count, the two flags as 0/1 and the run's
@@ -104,6 +108,7 @@ pub const SWEEP_LINE: LineSpec = LineSpec {
         MetricSpec::count("rate_limited"),
         MetricSpec::count("workers"),
         MetricSpec::count("workers_failed"),
+        MetricSpec::count("pending_candidates"),
     ],
     breakdowns: &[],
     properties: &["reconciled"],
@@ -135,6 +140,7 @@ impl SweepReport {
         self.rate_limited += other.rate_limited;
         self.workers += other.workers;
         self.workers_failed += other.workers_failed;
+        self.pending_candidates += other.pending_candidates;
     }
 
     /// The run's summary as one CloudWatch Embedded Metric Format line

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::config::ConfigError;
+use crate::env::{malformed, Env};
 use crate::store::ShardLayout;
 
 /// How the sleep sweep and reconciliation behave (docs/design.md §5, §7).
@@ -63,6 +64,11 @@ pub struct SweepSettings {
     /// `SWEEP_SLEEP_RATE` (default 2000): sleep calls per second for the
     /// whole Dedalus key; each of `n` workers gets `rate / n`.
     pub sleep_rate: u32,
+    /// `IDLE_POLICY` (default `fixed`): `adaptive` learns each user's
+    /// rhythm from the gaps between their turns and schedules an earlier
+    /// sleep when the history says they are gone (`IDLE_AFTER` stays the
+    /// ceiling; see `sweep::adaptive`).
+    pub idle_policy: super::adaptive::IdlePolicy,
 }
 
 impl Default for SweepSettings {
@@ -84,6 +90,7 @@ impl Default for SweepSettings {
             workers: 8,
             fanout_threshold: 5000,
             sleep_rate: 2000,
+            idle_policy: super::adaptive::IdlePolicy::Fixed,
         }
     }
 }
@@ -95,61 +102,32 @@ impl SweepSettings {
     }
 
     /// Read from a map (tests).
-    pub fn from_map(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let get = |name: &'static str| env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
+    pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let env = Env::new(vars);
         let d = Self::default();
-        let duration = |name: &'static str, default: Duration| -> Result<Duration, ConfigError> {
-            match get(name) {
-                None => Ok(default),
-                Some(raw) => humantime::parse_duration(raw).map_err(|e| malformed(name, raw, e)),
-            }
-        };
-        let positive = |name: &'static str, default: u64| -> Result<u64, ConfigError> {
-            match get(name) {
-                None => Ok(default),
-                Some(raw) => match raw.parse::<u64>() {
-                    Ok(0) => Err(malformed(name, raw, "must be at least 1")),
-                    Ok(v) => Ok(v),
-                    Err(e) => Err(malformed(name, raw, e)),
-                },
-            }
-        };
-        let flag = |name: &'static str, default: bool| -> Result<bool, ConfigError> {
-            match get(name).map(str::to_ascii_lowercase).as_deref() {
-                None => Ok(default),
-                Some("true" | "1" | "yes") => Ok(true),
-                Some("false" | "0" | "no") => Ok(false),
-                Some(other) => Err(malformed(name, other, "expected true or false")),
-            }
-        };
-        let small = |name: &'static str, default: u64, max: u64| -> Result<u64, ConfigError> {
-            let v = positive(name, default)?;
-            if v > max {
-                return Err(malformed(name, &v.to_string(), format!("at most {max}")));
-            }
-            Ok(v)
-        };
         let settings = Self {
-            idle_after: duration("IDLE_AFTER", d.idle_after)?,
-            concurrency: small("SWEEP_CONCURRENCY", d.concurrency as u64, 1024)? as usize,
-            reconcile_every: small("RECONCILE_EVERY", u64::from(d.reconcile_every), 100_000)?
+            idle_after: env.duration("IDLE_AFTER", d.idle_after)?,
+            concurrency: env.count("SWEEP_CONCURRENCY", d.concurrency as u64, 1024)? as usize,
+            reconcile_every: env.count("RECONCILE_EVERY", u64::from(d.reconcile_every), 100_000)?
                 as u32,
-            reconcile_sleep_orphans: flag("RECONCILE_SLEEP_ORPHANS", d.reconcile_sleep_orphans)?,
-            margin: duration("SWEEP_MARGIN", d.margin)?,
-            page_size: small("SWEEP_PAGE_SIZE", u64::from(d.page_size), 1000)? as u32,
-            lease_ttl: duration("SWEEP_LEASE", d.lease_ttl)?,
-            sleep_call_timeout: duration("SWEEP_SLEEP_TIMEOUT", d.sleep_call_timeout)?,
-            read_call_timeout: duration("SWEEP_READ_TIMEOUT", d.read_call_timeout)?,
-            marker_check_timeout: duration("SWEEP_MARKER_TIMEOUT", d.marker_check_timeout)?,
-            orphan_grace: duration("RECONCILE_ORPHAN_GRACE", d.orphan_grace)?,
-            reconcile_destroy_orphans: flag(
-                "RECONCILE_DESTROY_ORPHANS",
-                d.reconcile_destroy_orphans,
-            )?,
-            shards: ShardLayout::from_map(env)?,
-            workers: small("SWEEP_WORKERS", u64::from(d.workers), 1024)? as u32,
-            fanout_threshold: positive("SWEEP_FANOUT_THRESHOLD", d.fanout_threshold)?,
-            sleep_rate: small("SWEEP_SLEEP_RATE", u64::from(d.sleep_rate), 1_000_000)? as u32,
+            reconcile_sleep_orphans: env
+                .flag("RECONCILE_SLEEP_ORPHANS", d.reconcile_sleep_orphans)?,
+            margin: env.duration("SWEEP_MARGIN", d.margin)?,
+            page_size: env.count("SWEEP_PAGE_SIZE", u64::from(d.page_size), 1000)? as u32,
+            lease_ttl: env.duration("SWEEP_LEASE", d.lease_ttl)?,
+            sleep_call_timeout: env.duration("SWEEP_SLEEP_TIMEOUT", d.sleep_call_timeout)?,
+            read_call_timeout: env.duration("SWEEP_READ_TIMEOUT", d.read_call_timeout)?,
+            marker_check_timeout: env.duration("SWEEP_MARKER_TIMEOUT", d.marker_check_timeout)?,
+            orphan_grace: env.duration("RECONCILE_ORPHAN_GRACE", d.orphan_grace)?,
+            reconcile_destroy_orphans: env
+                .flag("RECONCILE_DESTROY_ORPHANS", d.reconcile_destroy_orphans)?,
+            shards: ShardLayout::from_map(vars)?,
+            workers: env.count("SWEEP_WORKERS", u64::from(d.workers), 1024)? as u32,
+            fanout_threshold: env.count("SWEEP_FANOUT_THRESHOLD", d.fanout_threshold, u64::MAX)?,
+            sleep_rate: env.count("SWEEP_SLEEP_RATE", u64::from(d.sleep_rate), 1_000_000)? as u32,
+            idle_policy: env.parse("IDLE_POLICY", d.idle_policy, |raw| {
+                super::adaptive::IdlePolicy::parse(raw).ok_or("expected fixed or adaptive")
+            })?,
         };
         if settings.lease_ttl <= settings.sleep_call_timeout {
             return Err(malformed(
@@ -170,24 +148,11 @@ impl SweepSettings {
     }
 }
 
-fn malformed(name: &'static str, value: &str, reason: impl std::fmt::Display) -> ConfigError {
-    ConfigError::Malformed {
-        name,
-        value: value.to_owned(),
-        reason: reason.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::env::vars as env;
 
     #[test]
     fn given_no_variables_when_read_then_the_defaults_apply() {
@@ -210,8 +175,10 @@ mod tests {
             ("RECONCILE_SLEEP_ORPHANS", "TRUE"),
             ("RECONCILE_DESTROY_ORPHANS", "false"),
             ("SWEEP_MARGIN", "2s"),
+            ("IDLE_POLICY", "adaptive"),
         ]))
         .expect("settings");
+        assert_eq!(s.idle_policy, super::super::adaptive::IdlePolicy::Adaptive);
         assert_eq!(s.idle_after, Duration::from_secs(90));
         assert_eq!(s.concurrency, 4);
         assert_eq!(s.reconcile_every, 1);
@@ -249,6 +216,7 @@ mod tests {
             ("SWEEP_FANOUT_THRESHOLD", "lots"),
             ("SWEEP_SLEEP_RATE", "0"),
             ("AWAKE_SHARDS", "0"),
+            ("IDLE_POLICY", "smart"),
         ] {
             let err = SweepSettings::from_map(&env(&[(name, bad)])).expect_err(name);
             assert!(

@@ -5,11 +5,13 @@
 //! a wake → reuse or open the shell → run the agent → remember the turn in
 //! `~/.agenthome/turns.jsonl` → record activity and holds → reply.
 
+mod end;
 mod events;
 mod lease;
 mod memory;
 mod wake_facts;
 
+pub use end::{record_turn_end, Ending, SleepAfterTurn};
 pub use events::{MachineStage, NoEvents, StreamSettings, TurnEvent, TurnEvents, TRUNCATED_NOTE};
 pub use memory::{read_memory, summary_line, TURNS_FILE};
 pub use wake_facts::WakeFacts;
@@ -56,6 +58,9 @@ pub struct TurnSettings {
     pub memory_lines: usize,
     /// How progress events stream output (coalescing, cap).
     pub stream: StreamSettings,
+    /// How the after-reply step sleeps the machine (`end_conversation`) and
+    /// the idle policy (`IDLE_POLICY`, `IDLE_AFTER`).
+    pub sleep: crate::sweep::SweepSettings,
     /// Bound of the in-machine `post-wake` hook (`HOOK_TIMEOUT`; zero: not run).
     pub hook_timeout: Duration,
 }
@@ -72,6 +77,7 @@ impl Default for TurnSettings {
             finish_reserve: Duration::from_secs(3),
             memory_lines: 5,
             stream: StreamSettings::default(),
+            sleep: crate::sweep::SweepSettings::default(),
             hook_timeout: crate::hooks::DEFAULT_TIMEOUT,
         }
     }
@@ -105,6 +111,9 @@ pub struct TurnResult {
     pub timings: Timings,
     /// Which backend ran the commands.
     pub transport: Transport,
+    /// With `end_conversation`: what happened to the machine after the reply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sleep: Option<SleepAfterTurn>,
 }
 
 impl TurnResult {
@@ -136,6 +145,7 @@ impl TurnResult {
                 total_ms: millis(started.elapsed()),
             },
             transport,
+            sleep: None,
         }
     }
 }
@@ -213,6 +223,7 @@ pub struct TurnService<S, T> {
     provisioner: Provisioner<S, T>,
     agent: Agent,
     settings: TurnSettings,
+    sleeper: crate::sweep::Sweeper<S>,
 }
 
 impl<S, T> TurnService<S, T>
@@ -222,10 +233,16 @@ where
 {
     /// Assemble (clients built once by the caller).
     pub fn new(provisioner: Provisioner<S, T>, agent: Agent, settings: TurnSettings) -> Self {
+        let sleeper = crate::sweep::Sweeper::new(
+            std::sync::Arc::new(provisioner.store().clone()),
+            provisioner.dedalus(),
+            settings.sleep.clone(),
+        );
         TurnService {
             provisioner,
             agent,
             settings,
+            sleeper,
         }
     }
 
@@ -333,6 +350,7 @@ where
         );
         // Boxed and type-erased: the turn's future is large and deep (wake,
         // shell, agent, bookkeeping); callers' futures stay small.
+        let ending = end::Ending::new(&rec, now_ms(), request.end_conversation);
         let drive: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
             Box::pin(self.drive(rec, &lease, &turn_id, request, deadline, obs));
         let result = drive.await;
@@ -368,6 +386,7 @@ where
             // The item is `failed` without a machine: provision a new one.
             return self.provisioning(user_id, obs).await;
         }
+        let result = self.after_reply(ending, result, now).await;
         result.map(|r| TurnOutcome::Done(Box::new(r)))
     }
 
