@@ -128,13 +128,17 @@ function turnView() {
 }
 
 // Sends a turn, waiting out 202 (provisioning) and 409 (busy) as a chat
-// product would, then follows its events.
+// product would (re-sending with the 202's turn_id as Idempotency-Key, so
+// the message runs once), then follows its events.
 async function sendTurn(message) {
   const view = turnView();
+  let key = null;
   for (let tries = 0; tries < 120; tries++) {
+    const headers = { "Content-Type": "application/json", Accept: "text/event-stream" };
+    if (key) headers["Idempotency-Key"] = key;
     const resp = await fetch("/api/chat-turn" + userPath() + "/turns", {
       method: "POST",
-      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+      headers,
       body: JSON.stringify({ message }),
     });
     const type = resp.headers.get("content-type") || "";
@@ -142,6 +146,7 @@ async function sendTurn(message) {
     const body = type.includes("json") ? await resp.json() : { detail: await resp.text() };
     const after = Number(resp.headers.get("retry-after")) || 2;
     if (resp.status === 202) {
+      key = body.turn_id || key;
       showMachine("provisioning", body.status || "provisioning");
       if (tries === 0) view.note("machine provisioning — a first message creates it");
     } else if (resp.status === 409) {

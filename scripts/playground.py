@@ -17,7 +17,7 @@ import sys
 import urllib.parse
 
 FUNCTIONS = ("chat-turn", "provision")
-PASS_REQUEST = ("content-type", "accept")
+PASS_REQUEST = ("content-type", "accept", "idempotency-key")
 PASS_RESPONSE = ("content-type", "retry-after", "cache-control")
 MAX_BODY = 1 << 20
 

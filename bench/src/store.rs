@@ -479,3 +479,58 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
         self.timed(Kind::Write, f, none).await
     }
 }
+
+/// The provisioning stage reads a waiting first message makes, counted as
+/// point reads.
+impl<S: UserStore + agenthome::store::StageReader> agenthome::store::StageReader
+    for InstrumentedStore<S>
+{
+    async fn get_with_stage(&self, user_id: &str) -> Result<Option<agenthome::store::StageView>> {
+        self.timed(Kind::Get, self.inner.get_with_stage(user_id), none)
+            .await
+    }
+}
+
+/// Turn idempotency keys, counted as writes.
+impl<S: UserStore + agenthome::store::TurnKeys> agenthome::store::TurnKeys
+    for InstrumentedStore<S>
+{
+    async fn begin_turn_key(
+        &self,
+        user_id: &str,
+        key: &str,
+        body_hash: &str,
+        run_until_ms: u64,
+        now_ms: u64,
+    ) -> Result<agenthome::store::TurnKeyBegin> {
+        let f = self
+            .inner
+            .begin_turn_key(user_id, key, body_hash, run_until_ms, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn finish_turn_key(
+        &self,
+        user_id: &str,
+        key: &str,
+        runner: &str,
+        response: &str,
+        now_ms: u64,
+    ) -> Result<bool> {
+        let f = self
+            .inner
+            .finish_turn_key(user_id, key, runner, response, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+
+    async fn release_turn_key(
+        &self,
+        user_id: &str,
+        key: &str,
+        runner: &str,
+        now_ms: u64,
+    ) -> Result<bool> {
+        let f = self.inner.release_turn_key(user_id, key, runner, now_ms);
+        self.timed(Kind::Write, f, none).await
+    }
+}

@@ -6,8 +6,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::app::AppRef;
 use crate::errors::DcsError;
+use crate::server::AppRef;
 
 /// What the request presented.
 #[derive(Debug, PartialEq, Eq)]

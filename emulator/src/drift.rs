@@ -6,7 +6,7 @@
 //!
 //! The other switches act where responses are built: `id_format` in
 //! [`crate::lifecycle::create`], `response_shape` in
-//! [`crate::api::mutation_response`].
+//! [`crate::routes::mutation_response`].
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -14,9 +14,9 @@ use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::app::AppRef;
-use crate::config::Drift;
 use crate::errors::{ApiError, DcsError};
+use crate::options::Drift;
+use crate::server::AppRef;
 
 /// Message of the field-reported wake/sleep refusal.
 pub const ROUTE_SIGNATURE_MESSAGE: &str = "missing internal route signature";
@@ -105,7 +105,7 @@ pub async fn middleware(State(app): State<AppRef>, req: Request<Body>, next: Nex
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{IdFormat, RefuseTerminals, ResponseShape};
+    use crate::options::{IdFormat, RefuseTerminals, ResponseShape};
 
     fn off() -> Drift {
         Drift {

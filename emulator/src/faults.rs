@@ -10,8 +10,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use crate::app::AppRef;
 use crate::errors::{retry_headers, ApiError, DcsError};
+use crate::server::AppRef;
 use crate::util::fault_id;
 
 fn star() -> String {

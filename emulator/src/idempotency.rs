@@ -11,9 +11,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
-use crate::app::AppRef;
 use crate::errors::{ApiError, DcsError};
 use crate::faults::Delay;
+use crate::server::AppRef;
 use crate::state::IdemRecord;
 use crate::util::now_ms;
 
@@ -135,73 +135,122 @@ pub async fn middleware(State(app): State<AppRef>, req: Request<Body>, next: Nex
         apply_delay(delay).await;
         return next.run(req).await;
     }
-    let key = req
-        .headers()
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-        .map(str::to_owned);
-    let Some(key) = key else {
-        return ApiError::bad_request("the Idempotency-Key header is required").into_response();
+    keyed(&app, req, next, delay).await
+}
+
+/// A mutation: checks its key, answers a repeat from the store (or refuses
+/// it), else runs it with the key claimed and keeps a final answer.
+async fn keyed(app: &AppRef, req: Request<Body>, next: Next, delay: Option<Delay>) -> Response {
+    let key = match idempotency_key(req.headers()) {
+        Ok(key) => key,
+        Err(e) => return e.into_response(),
     };
-    if key.len() > 255 {
-        return ApiError::bad_request("the Idempotency-Key header is too long").into_response();
-    }
     let (parts, body) = req.into_parts();
     let Ok(bytes) = to_bytes(body, MAX_BODY).await else {
         return ApiError::problem(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
             .into_response();
     };
     let fp = fingerprint(parts.method.as_str(), parts.uri.path(), &bytes);
+    // Released however this future ends (including a dropped connection).
+    let guard = match claim(app, &key, &fp) {
+        Claim::Claimed(guard) => guard,
+        Claim::Answered(resp) => return resp,
+    };
+    apply_delay(delay).await;
+    let resp = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    keep_if_final(app, key, fp, guard, resp).await
+}
 
-    // Look up or claim the key.
+/// The `Idempotency-Key` header, trimmed; a 400 when missing or too long.
+fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<String, ApiError> {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(str::to_owned);
+    let Some(key) = key else {
+        return Err(ApiError::bad_request(
+            "the Idempotency-Key header is required",
+        ));
+    };
+    if key.len() > 255 {
+        return Err(ApiError::bad_request(
+            "the Idempotency-Key header is too long",
+        ));
+    }
+    Ok(key)
+}
+
+/// Claims `key` for this request. Else the answer instead of processing:
+/// the stored response (same request), 429 (the same request is in
+/// flight) or 409 (the key was used for another request).
+fn claim(app: &AppRef, key: &str, fp: &str) -> Claim {
     let ttl_ms = app.retention().idempotency_ms;
-    let conflict = {
+    let expected = {
         let mut st = app.state();
-        if let Some(rec) = st.idempotency_record(&key, now_ms(), ttl_ms) {
+        if let Some(rec) = st.idempotency_record(key, now_ms(), ttl_ms) {
             if rec.fingerprint == fp {
-                return replay(rec);
+                return Claim::Answered(replay(rec));
             }
-            Some(rec.fingerprint.clone())
-        } else if let Some(in_flight) = st.in_flight.get(&key) {
-            if *in_flight == fp {
-                return DcsError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "RATE_LIMITED",
-                    "idempotency key is already in-flight",
-                    true,
-                )
-                .retry_after(IN_FLIGHT_RETRY_MS)
-                .into_response();
+            rec.fingerprint.clone()
+        } else if let Some(in_flight) = st.in_flight.get(key) {
+            if in_flight == fp {
+                return Claim::Answered(in_flight_response());
             }
-            Some(in_flight.clone())
+            in_flight.clone()
         } else {
-            st.in_flight.insert(key.clone(), fp.clone());
-            None
+            st.in_flight.insert(key.to_owned(), fp.to_owned());
+            return Claim::Claimed(InFlightGuard {
+                app: app.clone(),
+                key: key.to_owned(),
+            });
         }
     };
-    if let Some(expected) = conflict {
-        return DcsError::new(
+    Claim::Answered(
+        DcsError::new(
             StatusCode::CONFLICT,
             "IDEMPOTENCY_KEY_REUSED",
             "idempotency key reused with different request parameters",
             false,
         )
         .detail("expected_request_hash", hash_prefix(&expected))
-        .detail("provided_request_hash", hash_prefix(&fp))
-        .into_response();
-    }
+        .detail("provided_request_hash", hash_prefix(fp))
+        .into_response(),
+    )
+}
 
-    // Released however this future ends (including a dropped connection).
-    let guard = InFlightGuard {
-        app: app.clone(),
-        key: key.clone(),
-    };
-    apply_delay(delay).await;
-    let resp = next
-        .run(Request::from_parts(parts, Body::from(bytes)))
-        .await;
+/// What [`claim`] decided.
+enum Claim {
+    /// The key is this request's until the guard drops.
+    Claimed(InFlightGuard),
+    /// The answer, without processing.
+    Answered(Response),
+}
+
+/// 429 for a repeat of a request still being processed.
+fn in_flight_response() -> Response {
+    DcsError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "RATE_LIMITED",
+        "idempotency key is already in-flight",
+        true,
+    )
+    .retry_after(IN_FLIGHT_RETRY_MS)
+    .into_response()
+}
+
+/// Buffers the response; a final one is stored for replay and written to
+/// disk. The key is released before that write (a repeat then replays).
+async fn keep_if_final(
+    app: &AppRef,
+    key: String,
+    fp: String,
+    guard: InFlightGuard,
+    resp: Response,
+) -> Response {
     let (parts, body) = resp.into_parts();
     let body = match to_bytes(body, MAX_STORED).await {
         Ok(b) => b,
@@ -220,7 +269,7 @@ pub async fn middleware(State(app): State<AppRef>, req: Request<Body>, next: Nex
             headers: replay_headers(&parts.headers),
             body: String::from_utf8_lossy(&body).into_owned(),
         };
-        app.state().insert_idempotency(key.clone(), record);
+        app.state().insert_idempotency(key, record);
         drop(guard);
         app.persist().await;
     } else {

@@ -1,35 +1,36 @@
 //! dcs-emulator: a local, faithful server for the Dedalus Machines API.
 //!
 //! Module map:
-//! - [`config`]: flags, timing knobs, duration/autosleep parsing
-//! - [`app`]: shared application object, persistence, change notification
+//! - [`options`]: flags, timing knobs, duration/autosleep parsing
+//! - [`server`]: the shared application object, persistence, change
+//!   notification
 //! - [`state`]: durable model, per-machine indexes, retention
 //! - [`store`]: one file per record under `records/`
 //! - [`prune`]: the retention ticker
 //! - [`lifecycle`]: phase transitions, hold window, autosleep
-//! - [`runner`]: execution processes
+//! - [`exec`]: execution processes
 //! - [`terminal`]: PTY sessions
 //! - [`sandbox`]: one isolated sandbox per awake machine
 //! - [`proc`]: signals to machine processes (the only `unsafe`)
-//! - [`api`]: HTTP routes; [`auth`], [`drift`], [`idempotency`], [`faults`],
+//! - [`routes`]: HTTP routes; [`auth`], [`drift`], [`idempotency`], [`faults`],
 //!   [`reqlog`]: the `/v1` middleware stack
 //! - [`errors`], [`views`], [`pagination`], [`util`]: shapes and helpers
 
-pub mod api;
-pub mod app;
 pub mod auth;
-pub mod config;
 pub mod drift;
 pub mod errors;
+pub mod exec;
 pub mod faults;
 pub mod idempotency;
 pub mod lifecycle;
+pub mod options;
 pub mod pagination;
 pub mod proc;
 pub mod prune;
 pub mod reqlog;
-pub mod runner;
+pub mod routes;
 pub mod sandbox;
+pub mod server;
 pub mod state;
 pub mod store;
 pub mod terminal;
@@ -40,8 +41,8 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::sync::Arc;
 
-use crate::app::App;
-use crate::config::{Args, Isolation, Timing};
+use crate::options::{Args, Isolation, Timing};
+use crate::server::App;
 
 /// Loads state, binds, prints the listening line, and serves until SIGINT
 /// or SIGTERM; then ends every machine process.
@@ -84,7 +85,7 @@ pub async fn run(args: Args) -> Result<(), String> {
 
     lifecycle::spawn_autosleep(app.clone());
     prune::spawn_pruner(app.clone());
-    let server = axum::serve(listener, api::router(app.clone()));
+    let server = axum::serve(listener, routes::router(app.clone()));
     tokio::select! {
         r = server => r.map_err(|e| format!("server error: {e}"))?,
         () = shutdown_signal() => tracing::info!("shutting down"),

@@ -6,9 +6,9 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use rand::Rng;
 
-use crate::app::AppRef;
 use crate::errors::{ApiError, DcsError};
 use crate::proc;
+use crate::server::AppRef;
 use crate::state::{Desired, Machine, Phase};
 use crate::store::RecordKey;
 use crate::util::{machine_id, now_ms, rfc3339};
@@ -131,32 +131,112 @@ pub async fn create(app: &AppRef, new: NewMachine) -> Machine {
     if let Err(e) = tokio::fs::create_dir_all(app.home_dir(&id)).await {
         tracing::error!(machine = %id, error = %e, "cannot create machine home");
     }
+    let booting = {
+        let (app, id) = (app.clone(), id.clone());
+        async move {
+            advance(&app, &id, 1, &[Phase::Accepted], Phase::Starting, "booting").await;
+        }
+    };
+    let boot = app.timing().boot_delay_ms;
+    publish_then(app, &id, booting, (1, boot), TO_RUNNING).await;
+    snapshot
+}
+
+/// Starts an operation on `m` (wake, sleep, destroy): its desired state,
+/// its first phase, and a new operation number (an earlier operation's
+/// timers no longer apply). Returns the machine to answer with and the
+/// operation number (`None` where an operation leaves the machine alone).
+fn begin(m: &mut Machine, desired: Desired, phase: Phase, reason: &str) -> (Machine, Option<u64>) {
+    m.desired = desired;
+    m.op += 1;
+    m.transition(phase, reason);
+    (m.clone(), Some(m.op))
+}
+
+/// Runs `f` on live machine `id` under the state lock, once `if_match` (if
+/// any) matched its revision; 404 for a machine that is gone.
+fn on_machine<T>(
+    app: &AppRef,
+    id: &str,
+    if_match: Option<&str>,
+    f: impl FnOnce(&mut Machine) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    let mut st = app.state();
+    let m = live(&mut st, id)?;
+    check_if_match(m, if_match)?;
+    f(m)
+}
+
+/// A timer-driven transition that ends an operation: `from` → `to`.
+struct Step {
+    from: Phase,
+    to: Phase,
+    reason: &'static str,
+}
+
+/// Booted (create) or woken (wake).
+const TO_RUNNING: Step = Step {
+    from: Phase::Starting,
+    to: Phase::Running,
+    reason: "running",
+};
+
+/// An operation that ends the machine's processes first (they record
+/// `error_code` and `message`), then takes `step`.
+struct Stop {
+    error_code: &'static str,
+    message: &'static str,
+    step: Step,
+}
+
+const SLEEP: Stop = Stop {
+    error_code: "MACHINE_SLEEPING",
+    message: "the machine went to sleep",
+    step: Step {
+        from: Phase::Stopping,
+        to: Phase::Sleeping,
+        reason: "sleeping",
+    },
+};
+const DESTROY: Stop = Stop {
+    error_code: "MACHINE_DESTROYED",
+    message: "the machine was destroyed",
+    step: Step {
+        from: Phase::Destroying,
+        to: Phase::Destroyed,
+        reason: "destroyed",
+    },
+};
+
+/// Publishes an operation's first change (marks the machine's record,
+/// tells watchers, writes to disk), then,
+/// in the background, runs `first` (the process kill of a sleep or a
+/// destroy) and, `delay_ms` later, `step` (if the machine is still in
+/// operation `op`).
+async fn publish_then(
+    app: &AppRef,
+    id: &str,
+    first: impl std::future::Future<Output = ()> + Send + 'static,
+    (op, delay_ms): (u64, u64),
+    step: Step,
+) {
+    app.state().mark(RecordKey::machine(id));
     app.notify();
     app.persist().await;
-    let boot = app.timing().boot_delay_ms;
-    let task_app = app.clone();
+    let app = app.clone();
+    let id = id.to_owned();
     tokio::spawn(async move {
-        advance(
-            &task_app,
-            &id,
-            1,
-            &[Phase::Accepted],
-            Phase::Starting,
-            "booting",
-        )
-        .await;
-        tokio::time::sleep(ms(boot)).await;
-        advance(
-            &task_app,
-            &id,
-            1,
-            &[Phase::Starting],
-            Phase::Running,
-            "running",
-        )
-        .await;
+        first.await;
+        tokio::time::sleep(ms(delay_ms)).await;
+        advance(&app, &id, op, &[step.from], step.to, step.reason).await;
     });
-    snapshot
+}
+
+/// Ends the machine's processes, then publishes the change and schedules
+/// the stop's step (see [`publish_then`]) after the kill.
+async fn stop_then(app: &AppRef, id: &str, timer: (u64, u64), stop: Stop) {
+    let kill = stop_machine_processes(app, id, stop.error_code, stop.message);
+    publish_then(app, id, kill, timer, stop.step).await;
 }
 
 /// Applies a timer-driven transition if the machine is still in the
@@ -218,50 +298,29 @@ async fn advance(app: &AppRef, id: &str, op: u64, from: &[Phase], to: Phase, rea
 /// (concurrent wakes coalesce).
 pub async fn wake(app: &AppRef, id: &str, if_match: Option<&str>) -> Result<Machine, ApiError> {
     let timing = app.timing();
-    let (snapshot, op) = {
-        let mut st = app.state();
-        let m = live(&mut st, id)?;
-        check_if_match(m, if_match)?;
-        match m.phase {
-            Phase::Running | Phase::Starting | Phase::Accepted | Phase::PlacementPending => {
-                return Ok(m.clone());
-            }
-            Phase::Stopping => {
-                return Err(invalid_transition(
-                    m,
-                    Desired::Running,
-                    Some(timing.sleep_delay_ms.max(100)),
-                ))
-            }
-            Phase::Destroying | Phase::Failed | Phase::Destroyed => {
-                return Err(invalid_transition(m, Desired::Running, None))
-            }
-            Phase::Sleeping => {
-                m.desired = Desired::Running;
-                m.op += 1;
-                m.transition(Phase::Starting, "wake_requested");
-                let out = (m.clone(), m.op);
-                st.mark(RecordKey::machine(id));
-                out
-            }
+    let (snapshot, op) = on_machine(app, id, if_match, |m| match m.phase {
+        Phase::Running | Phase::Starting | Phase::Accepted | Phase::PlacementPending => {
+            Ok((m.clone(), None))
         }
-    };
-    app.notify();
-    app.persist().await;
-    let task_app = app.clone();
-    let id = id.to_owned();
-    tokio::spawn(async move {
-        tokio::time::sleep(ms(timing.wake_delay_ms)).await;
-        advance(
-            &task_app,
-            &id,
-            op,
-            &[Phase::Starting],
-            Phase::Running,
-            "running",
-        )
-        .await;
-    });
+        Phase::Stopping => Err(invalid_transition(
+            m,
+            Desired::Running,
+            Some(timing.sleep_delay_ms.max(100)),
+        )),
+        Phase::Destroying | Phase::Failed | Phase::Destroyed => {
+            Err(invalid_transition(m, Desired::Running, None))
+        }
+        Phase::Sleeping => Ok(begin(
+            m,
+            Desired::Running,
+            Phase::Starting,
+            "wake_requested",
+        )),
+    })?;
+    if let Some(op) = op {
+        let timer = (op, timing.wake_delay_ms);
+        publish_then(app, id, std::future::ready(()), timer, TO_RUNNING).await;
+    }
     Ok(snapshot)
 }
 
@@ -273,115 +332,75 @@ pub async fn sleep(
     cause: SleepCause,
 ) -> Result<Machine, ApiError> {
     let timing = app.timing();
-    let (snapshot, op) = {
-        let mut st = app.state();
-        let m = live(&mut st, id)?;
-        check_if_match(m, if_match)?;
-        match m.phase {
-            Phase::Sleeping | Phase::Stopping => return Ok(m.clone()),
-            Phase::Accepted | Phase::PlacementPending | Phase::Starting => {
-                let retry = timing.boot_delay_ms.max(timing.wake_delay_ms).max(100);
-                return Err(invalid_transition(m, Desired::Sleeping, Some(retry)));
-            }
-            Phase::Destroying | Phase::Failed | Phase::Destroyed => {
-                return Err(invalid_transition(m, Desired::Sleeping, None))
-            }
-            Phase::Running => {
-                let now = now_ms();
-                if cause == SleepCause::Api {
-                    if let Some(until) = m.hold_until_ms.filter(|u| *u > now) {
-                        let remaining = u64::try_from(until - now).unwrap_or(0);
-                        let last_wake = m.running_since_ms.unwrap_or(now);
-                        return Err(DcsError::new(
-                            StatusCode::CONFLICT,
-                            "SLEEP_HOLD_WINDOW_ACTIVE",
-                            "sleep hold window is active",
-                            true,
-                        )
-                        .retry_after(remaining)
-                        .detail("next_sleep_eligible_at", rfc3339(until))
-                        .detail("remaining_ms", remaining.to_string())
-                        .detail("hold_window_ms", m.hold_window_ms.to_string())
-                        .detail("jitter_ms", m.hold_jitter_ms.to_string())
-                        .detail(
-                            "effective_hold_window_ms",
-                            m.hold_window_ms
-                                .saturating_add(m.hold_jitter_ms)
-                                .to_string(),
-                        )
-                        .detail("last_wake_at", rfc3339(last_wake))
-                        .into());
-                    }
-                }
-                m.desired = Desired::Sleeping;
-                m.op += 1;
-                let reason = match cause {
-                    SleepCause::Api => "sleep_requested",
-                    SleepCause::Autosleep => "autosleep",
-                };
-                m.transition(Phase::Stopping, reason);
-                let out = (m.clone(), m.op);
-                st.mark(RecordKey::machine(id));
-                out
-            }
+    let (snapshot, op) = on_machine(app, id, if_match, |m| match m.phase {
+        Phase::Sleeping | Phase::Stopping => Ok((m.clone(), None)),
+        Phase::Accepted | Phase::PlacementPending | Phase::Starting => {
+            let retry = timing.boot_delay_ms.max(timing.wake_delay_ms).max(100);
+            Err(invalid_transition(m, Desired::Sleeping, Some(retry)))
         }
-    };
-    let kill = stop_machine_processes(app, id, "MACHINE_SLEEPING", "the machine went to sleep");
-    app.notify();
-    app.persist().await;
-    let task_app = app.clone();
-    let id = id.to_owned();
-    tokio::spawn(async move {
-        kill.await;
-        tokio::time::sleep(ms(timing.sleep_delay_ms)).await;
-        advance(
-            &task_app,
-            &id,
-            op,
-            &[Phase::Stopping],
-            Phase::Sleeping,
-            "sleeping",
-        )
-        .await;
-    });
+        Phase::Destroying | Phase::Failed | Phase::Destroyed => {
+            Err(invalid_transition(m, Desired::Sleeping, None))
+        }
+        Phase::Running => {
+            if cause == SleepCause::Api {
+                check_hold_window(m)?;
+            }
+            let reason = match cause {
+                SleepCause::Api => "sleep_requested",
+                SleepCause::Autosleep => "autosleep",
+            };
+            Ok(begin(m, Desired::Sleeping, Phase::Stopping, reason))
+        }
+    })?;
+    if let Some(op) = op {
+        stop_then(app, id, (op, timing.sleep_delay_ms), SLEEP).await;
+    }
     Ok(snapshot)
+}
+
+/// 409 while the machine's sleep hold window is open (an API sleep soon
+/// after a wake).
+fn check_hold_window(m: &Machine) -> Result<(), ApiError> {
+    let now = now_ms();
+    let Some(until) = m.hold_until_ms.filter(|u| *u > now) else {
+        return Ok(());
+    };
+    let remaining = u64::try_from(until - now).unwrap_or(0);
+    let last_wake = m.running_since_ms.unwrap_or(now);
+    Err(DcsError::new(
+        StatusCode::CONFLICT,
+        "SLEEP_HOLD_WINDOW_ACTIVE",
+        "sleep hold window is active",
+        true,
+    )
+    .retry_after(remaining)
+    .detail("next_sleep_eligible_at", rfc3339(until))
+    .detail("remaining_ms", remaining.to_string())
+    .detail("hold_window_ms", m.hold_window_ms.to_string())
+    .detail("jitter_ms", m.hold_jitter_ms.to_string())
+    .detail(
+        "effective_hold_window_ms",
+        m.hold_window_ms
+            .saturating_add(m.hold_jitter_ms)
+            .to_string(),
+    )
+    .detail("last_wake_at", rfc3339(last_wake))
+    .into())
 }
 
 /// Destroys a machine: processes end, then its directory is removed.
 pub async fn destroy(app: &AppRef, id: &str, if_match: Option<&str>) -> Result<Machine, ApiError> {
     let timing = app.timing();
-    let (snapshot, op) = {
-        let mut st = app.state();
-        let m = live(&mut st, id)?;
-        check_if_match(m, if_match)?;
+    let (snapshot, op) = on_machine(app, id, if_match, |m| {
         if m.phase == Phase::Destroying {
-            return Ok(m.clone());
+            return Ok((m.clone(), None));
         }
-        m.desired = Desired::Destroyed;
-        m.op += 1;
-        m.transition(Phase::Destroying, "destroy_requested");
-        let out = (m.clone(), m.op);
-        st.mark(RecordKey::machine(id));
-        out
-    };
-    let kill = stop_machine_processes(app, id, "MACHINE_DESTROYED", "the machine was destroyed");
-    app.notify();
-    app.persist().await;
-    let task_app = app.clone();
-    let id = id.to_owned();
-    tokio::spawn(async move {
-        kill.await;
-        tokio::time::sleep(ms(timing.destroy_delay_ms)).await;
-        advance(
-            &task_app,
-            &id,
-            op,
-            &[Phase::Destroying],
-            Phase::Destroyed,
-            "destroyed",
-        )
-        .await;
-    });
+        let reason = "destroy_requested";
+        Ok(begin(m, Desired::Destroyed, Phase::Destroying, reason))
+    })?;
+    if let Some(op) = op {
+        stop_then(app, id, (op, timing.destroy_delay_ms), DESTROY).await;
+    }
     Ok(snapshot)
 }
 
@@ -392,10 +411,7 @@ pub async fn update(
     if_match: Option<&str>,
     upd: MachineUpdate,
 ) -> Result<Machine, ApiError> {
-    let snapshot = {
-        let mut st = app.state();
-        let m = live(&mut st, id)?;
-        check_if_match(m, if_match)?;
+    let snapshot = on_machine(app, id, if_match, |m| {
         if matches!(m.phase, Phase::Destroying | Phase::Failed) {
             return Err(invalid_transition(m, m.desired, None));
         }
@@ -412,10 +428,9 @@ pub async fn update(
             m.autosleep_seconds = v;
         }
         m.touch_revision();
-        let out = m.clone();
-        st.mark(RecordKey::machine(id));
-        out
-    };
+        Ok(m.clone())
+    })?;
+    app.state().mark(RecordKey::machine(id));
     app.notify();
     app.persist().await;
     Ok(snapshot)

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use dcs_emulator::config::Args;
+use dcs_emulator::options::Args;
 
 #[tokio::main]
 async fn main() -> ExitCode {

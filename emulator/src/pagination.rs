@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use serde_json::{json, Value};
 
 use crate::errors::ApiError;
 
@@ -70,6 +71,30 @@ pub fn paginate<T>(items: Vec<(u64, T)>, page: PageRequest) -> (Vec<T>, Option<S
     }
     let more = rest.next().is_some();
     (out, if more { last.map(encode_cursor) } else { None })
+}
+
+/// The candidates for one page: the items after the cursor (in sequence
+/// order), one more than the page so that [`paginate`] knows whether there
+/// is more, each shown with `view`.
+pub fn window<'a, T: 'a>(
+    items: impl Iterator<Item = (u64, &'a T)>,
+    page: PageRequest,
+    view: impl Fn(&T) -> Value,
+) -> Vec<(u64, Value)> {
+    items
+        .filter(|(seq, _)| *seq > page.after)
+        .take(page.limit.saturating_add(1))
+        .map(|(seq, item)| (seq, view(item)))
+        .collect()
+}
+
+/// A list body: `items`, and `next_cursor` when there is more.
+pub fn page_body(items: Vec<Value>, next: Option<String>) -> Value {
+    let mut body = json!({ "items": items });
+    if let Some(c) = next {
+        body["next_cursor"] = c.into();
+    }
+    body
 }
 
 #[cfg(test)]

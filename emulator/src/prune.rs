@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::app::AppRef;
+use crate::server::AppRef;
 use crate::util::now_ms;
 
 /// How often the pruner runs.

@@ -9,8 +9,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::app::AppRef;
 use crate::errors::ApiError;
+use crate::server::AppRef;
 
 /// Entries kept (oldest dropped first).
 const CAPACITY: usize = 100_000;

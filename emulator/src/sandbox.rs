@@ -25,10 +25,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
-use crate::app::AppRef;
-use crate::config::Isolation;
+use crate::exec::resolve_cwd;
+use crate::options::Isolation;
 use crate::proc;
-use crate::runner::resolve_cwd;
+use crate::server::AppRef;
 use crate::state::Phase;
 use crate::terminal::host_path;
 

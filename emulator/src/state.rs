@@ -203,6 +203,36 @@ pub struct Execution {
 }
 
 impl Execution {
+    /// A queued execution of `command` in `/root` that has not started:
+    /// no output, no events, no end.
+    pub fn new(
+        id: String,
+        machine_id: String,
+        seq: u64,
+        command: Vec<String>,
+        created_ms: i64,
+    ) -> Self {
+        Self {
+            id,
+            machine_id,
+            seq,
+            command,
+            cwd: "/root".to_owned(),
+            env_keys: Vec::new(),
+            status: ExecStatus::Queued,
+            created_ms,
+            started_ms: None,
+            completed_ms: None,
+            exit_code: None,
+            signal: None,
+            error_code: None,
+            error_message: None,
+            stdout: Captured::default(),
+            stderr: Captured::default(),
+            events: Vec::new(),
+        }
+    }
+
     fn push_event(&mut self, mut event: ExecEvent) {
         event.sequence = self.events.last().map_or(1, |e| e.sequence + 1);
         self.events.push(event);
@@ -779,25 +809,13 @@ mod tests {
     }
 
     fn execution(id: &str, machine: &str, seq: u64, created_ms: i64) -> Execution {
-        Execution {
-            id: id.into(),
-            machine_id: machine.into(),
+        Execution::new(
+            id.into(),
+            machine.into(),
             seq,
-            command: vec!["echo".into()],
-            cwd: "/root".into(),
-            env_keys: vec![],
-            status: ExecStatus::Queued,
+            vec!["echo".into()],
             created_ms,
-            started_ms: None,
-            completed_ms: None,
-            exit_code: None,
-            signal: None,
-            error_code: None,
-            error_message: None,
-            stdout: Captured::default(),
-            stderr: Captured::default(),
-            events: vec![],
-        }
+        )
     }
 
     fn ended(mut e: Execution, completed_ms: i64) -> Execution {

@@ -9,9 +9,9 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::app::AppRef;
 use crate::proc;
 use crate::sandbox::Launch;
+use crate::server::AppRef;
 use crate::state::TermStatus;
 use crate::store::RecordKey;
 
@@ -152,22 +152,10 @@ pub fn spawn(
     let (pty, pts) = pty_process::open().map_err(|e| format!("cannot open a pty: {e}"))?;
     pty.resize(pty_process::Size::new(spec.height, spec.width))
         .map_err(|e| format!("cannot size the pty: {e}"))?;
-    let cmd = pty_process::Command::new(&spec.launch.program)
-        .args(&spec.launch.args)
-        .env_clear()
-        .env("PATH", host_path())
-        .env("HOME", &spec.launch.home)
-        .env("TERM", "xterm-256color")
-        .env("LANG", "C.UTF-8")
-        .env("USER", "root")
-        .env("SHELL", spec.shell)
-        .envs(spec.env.iter())
-        .env(proc::MACHINE_ENV, machine_id)
-        .current_dir(&spec.launch.dir);
-    let mut child = cmd
+    let child = shell_command(machine_id, spec)
         .spawn(pts)
         .map_err(|e| format!("cannot start {}: {e}", spec.shell))?;
-    let (mut reader, writer) = pty.into_split();
+    let (reader, writer) = pty.into_split();
     let session = Arc::new(TermSession {
         terminal_id: terminal_id.to_owned(),
         machine_id: machine_id.to_owned(),
@@ -183,7 +171,35 @@ pub fn spawn(
     app.rt()
         .terminals
         .insert(terminal_id.to_owned(), session.clone());
+    watch(app, &session, child, reader);
+    Ok(session)
+}
 
+/// The shell process: a clean environment plus the terminal's, marked with
+/// the machine id.
+fn shell_command(machine_id: &str, spec: &ShellSpec<'_>) -> pty_process::Command {
+    pty_process::Command::new(&spec.launch.program)
+        .args(&spec.launch.args)
+        .env_clear()
+        .env("PATH", host_path())
+        .env("HOME", &spec.launch.home)
+        .env("TERM", "xterm-256color")
+        .env("LANG", "C.UTF-8")
+        .env("USER", "root")
+        .env("SHELL", spec.shell)
+        .envs(spec.env.iter())
+        .env(proc::MACHINE_ENV, machine_id)
+        .current_dir(&spec.launch.dir)
+}
+
+/// Delivers the shell's output to the session; once the shell exits (and
+/// its output is read, 300 ms at most), closes the terminal.
+fn watch(
+    app: &AppRef,
+    session: &Arc<TermSession>,
+    mut child: tokio::process::Child,
+    mut reader: pty_process::OwnedReadPty,
+) {
     let reader_session = session.clone();
     let mut reader_task = tokio::spawn(async move {
         let mut buf = vec![0u8; 16 * 1024];
@@ -207,7 +223,6 @@ pub fn spawn(
         }
         finish(&app, &waiter_session).await;
     });
-    Ok(session)
 }
 
 /// Marks a terminal closed after its shell ended and tells its client.

@@ -4,7 +4,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::config::IdFormat;
+use crate::options::IdFormat;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {

@@ -36,32 +36,33 @@ fn status_json(m: &Machine) -> Value {
     Value::Object(s)
 }
 
+/// The fields every machine body has: its id, size, desired state and
+/// `autosleep_seconds`.
+fn machine_fields(m: &Machine) -> Map<String, Value> {
+    let mut map = Map::new();
+    map.insert("machine_id".into(), m.id.clone().into());
+    map.insert("vcpu".into(), m.vcpu.into());
+    map.insert("memory_mib".into(), m.memory_mib.into());
+    map.insert("storage_gib".into(), m.storage_gib.into());
+    map.insert("desired_state".into(), enum_str(&m.desired));
+    map.insert("autosleep_seconds".into(), m.autosleep_seconds.into());
+    map
+}
+
 /// LifecycleResponse (+ `autosleep_seconds`).
 pub fn lifecycle(m: &Machine) -> Value {
-    json!({
-        "machine_id": m.id,
-        "vcpu": m.vcpu,
-        "memory_mib": m.memory_mib,
-        "storage_gib": m.storage_gib,
-        "desired_state": enum_str(&m.desired),
-        "status": status_json(m),
-        "autosleep_seconds": m.autosleep_seconds,
-    })
+    let mut map = machine_fields(m);
+    map.insert("status".into(), status_json(m));
+    Value::Object(map)
 }
 
 /// The newer SDKs' mutation response: top-level `phase` and `revision`
 /// and no `status` object (+ `autosleep_seconds`).
 pub fn lifecycle_newer(m: &Machine) -> Value {
-    json!({
-        "machine_id": m.id,
-        "vcpu": m.vcpu,
-        "memory_mib": m.memory_mib,
-        "storage_gib": m.storage_gib,
-        "desired_state": enum_str(&m.desired),
-        "phase": enum_str(&m.phase),
-        "revision": m.revision_str(),
-        "autosleep_seconds": m.autosleep_seconds,
-    })
+    let mut map = machine_fields(m);
+    map.insert("phase".into(), enum_str(&m.phase));
+    map.insert("revision".into(), m.revision_str().into());
+    Value::Object(map)
 }
 
 /// MachineListItem (+ `autosleep_seconds`).

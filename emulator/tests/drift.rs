@@ -4,124 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+mod common;
 
 use serde_json::{json, Value};
 
-const KEY: &str = "drift-key";
+use common::{Answer, Emu};
+
 const SIGNATURE: &str = "missing internal route signature";
 const NO_TERMINALS: &str = "terminals are not available in this API version";
 
-struct Emu {
-    child: Child,
-    base: String,
-    http: reqwest::Client,
-    _dir: tempfile::TempDir,
-}
-
-/// An answer: status, content type, `ETag`, body (JSON, or the text).
-struct Answer {
-    status: u16,
-    content_type: String,
-    etag: Option<String>,
-    body: Value,
-}
-
 impl Emu {
-    fn start(extra: &[&str]) -> Emu {
-        Self::start_env(extra, &[])
-    }
-
-    fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Emu {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dcs-emulator"));
-        cmd.args(["--listen", "127.0.0.1:0", "--api-key", KEY])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--boot-delay", "50ms", "--wake-delay", "50ms"])
-            .args(["--sleep-delay", "20ms", "--destroy-delay", "20ms"])
-            .args(["--hold-window", "0s", "--hold-jitter", "0s"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn dcs-emulator");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("first line");
-        let base = line
-            .trim()
-            .strip_prefix("dcs-emulator listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        Emu {
-            child,
-            base,
-            http: reqwest::Client::new(),
-            _dir: dir,
-        }
-    }
-
-    async fn send(&self, req: reqwest::RequestBuilder) -> Answer {
-        let resp = req.send().await.expect("request");
-        let status = resp.status().as_u16();
-        let header = |name: &str| {
-            resp.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let content_type = header("content-type").unwrap_or_default();
-        let etag = header("etag");
-        let text = resp.text().await.expect("body");
-        Answer {
-            status,
-            content_type,
-            etag,
-            body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        }
-    }
-
-    /// A `/v1` call; mutations get `key` (or a fresh one) and `if_match`.
-    async fn call_with(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-        key: Option<&str>,
-        if_match: Option<&str>,
-    ) -> Answer {
-        let mut req = self
-            .http
-            .request(
-                method.parse().expect("method"),
-                format!("{}{path}", self.base),
-            )
-            .header("authorization", format!("Bearer {KEY}"));
-        if method != "GET" {
-            let fresh = uuid::Uuid::now_v7().simple().to_string();
-            req = req.header("idempotency-key", key.unwrap_or(&fresh));
-        }
-        if let Some(rev) = if_match {
-            req = req.header("if-match", rev);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        self.send(req).await
-    }
-
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
-        self.call_with(method, path, body, None, None).await
-    }
-
     async fn config(&self) -> Value {
         let a = self
             .send(self.http.get(format!("{}/_emulator/config", self.base)))
@@ -150,72 +42,6 @@ impl Emu {
             .send(self.http.get(format!("{}/_emulator/requests", self.base)))
             .await;
         a.body.as_array().cloned().unwrap_or_default()
-    }
-
-    async fn create(&self, autosleep: &str) -> String {
-        let a = self
-            .call(
-                "POST",
-                "/v1/machines",
-                Some(
-                    json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5, "autosleep": autosleep}),
-                ),
-            )
-            .await;
-        assert!(
-            a.status == 200 || a.status == 202,
-            "{} {}",
-            a.status,
-            a.body
-        );
-        a.body["machine_id"]
-            .as_str()
-            .expect("machine id")
-            .to_owned()
-    }
-
-    async fn wait_phase(&self, id: &str, phase: &str) -> Value {
-        for _ in 0..400 {
-            let a = self.call("GET", &format!("/v1/machines/{id}"), None).await;
-            if a.body["status"]["phase"] == phase {
-                return a.body;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("machine {id} never reached {phase}");
-    }
-
-    async fn run(&self, id: &str, argv: &[&str]) -> (Value, Value) {
-        let a = self
-            .call(
-                "POST",
-                &format!("/v1/machines/{id}/executions"),
-                Some(json!({ "command": argv })),
-            )
-            .await;
-        assert_eq!(a.status, 200, "{}", a.body);
-        let first = a.body;
-        let eid = first["execution_id"].as_str().expect("eid").to_owned();
-        for _ in 0..400 {
-            let e = self
-                .call("GET", &format!("/v1/machines/{id}/executions/{eid}"), None)
-                .await
-                .body;
-            if ["succeeded", "failed", "cancelled", "expired"]
-                .contains(&e["status"].as_str().unwrap_or(""))
-            {
-                return (first, e);
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("execution {eid} never finished");
-    }
-}
-
-impl Drop for Emu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -261,7 +87,7 @@ fn is_uuid(id: &str) -> bool {
 
 #[tokio::test]
 async fn defaults_are_all_off() {
-    let emu = Emu::start(&[]);
+    let emu = Emu::fresh(&[]);
     let cfg = emu.config().await;
     assert_eq!(cfg["refuse_wake"], false);
     assert_eq!(cfg["refuse_sleep"], false);
@@ -276,7 +102,7 @@ async fn defaults_are_all_off() {
 
 #[tokio::test]
 async fn refuse_wake_and_sleep_by_flag_keep_executions_and_autosleep() {
-    let emu = Emu::start(&["--refuse-wake", "--refuse-sleep"]);
+    let emu = Emu::fresh(&["--refuse-wake", "--refuse-sleep"]);
     let cfg = emu.config().await;
     assert_eq!(cfg["refuse_wake"], true);
     assert_eq!(cfg["refuse_sleep"], true);
@@ -318,7 +144,7 @@ async fn refuse_wake_and_sleep_by_flag_keep_executions_and_autosleep() {
     emu.wait_phase(&id, "sleeping").await;
 
     // An execution wakes it (the documented fallback).
-    let (first, done) = emu.run(&id, &["/bin/true"]).await;
+    let (first, done) = emu.execute(&id, &["/bin/true"]).await;
     assert_eq!(first["status"], "wake_in_progress", "{first}");
     assert_eq!(done["status"], "succeeded", "{done}");
     emu.wait_phase(&id, "running").await;
@@ -341,29 +167,19 @@ async fn refuse_wake_and_sleep_by_flag_keep_executions_and_autosleep() {
     let a = emu
         .call_with("POST", &sleep_path, None, Some(&refused_key), None)
         .await;
-    assert!(
-        a.status == 200 || a.status == 202,
-        "{} {}",
-        a.status,
-        a.body
-    );
+    a.assert_accepted();
     assert_eq!(a.body["desired_state"], "sleeping");
     emu.wait_phase(&id, "sleeping").await;
-    assert_signature_refusal(&emu.call("POST", &wake_path, None).await);
+    assert_signature_refusal(&emu.answer("POST", &wake_path, None).await);
     emu.configure(json!({"refuse_wake": false})).await;
-    let a = emu.call("POST", &wake_path, None).await;
-    assert!(
-        a.status == 200 || a.status == 202,
-        "{} {}",
-        a.status,
-        a.body
-    );
+    let a = emu.answer("POST", &wake_path, None).await;
+    a.assert_accepted();
     emu.wait_phase(&id, "running").await;
 }
 
 #[tokio::test]
 async fn refuse_wake_and_sleep_at_run_time_and_by_env() {
-    let emu = Emu::start(&[]);
+    let emu = Emu::fresh(&[]);
     let id = emu.create("1h").await;
     emu.wait_phase(&id, "running").await;
     let wake_path = format!("/v1/machines/{id}/wake");
@@ -373,27 +189,17 @@ async fn refuse_wake_and_sleep_at_run_time_and_by_env() {
     assert_eq!(cfg["refuse_wake"], true);
     assert_eq!(cfg["refuse_sleep"], false);
     // Wake of a running machine would be a 200 no-op; refused instead.
-    assert_signature_refusal(&emu.call("POST", &wake_path, None).await);
-    let a = emu.call("POST", &sleep_path, None).await;
-    assert!(
-        a.status == 200 || a.status == 202,
-        "{} {}",
-        a.status,
-        a.body
-    );
+    assert_signature_refusal(&emu.answer("POST", &wake_path, None).await);
+    let a = emu.answer("POST", &sleep_path, None).await;
+    a.assert_accepted();
     emu.wait_phase(&id, "sleeping").await;
 
     emu.configure(json!({"refuse_sleep": true, "refuse_wake": false}))
         .await;
-    let a = emu.call("POST", &wake_path, None).await;
-    assert!(
-        a.status == 200 || a.status == 202,
-        "{} {}",
-        a.status,
-        a.body
-    );
+    let a = emu.answer("POST", &wake_path, None).await;
+    a.assert_accepted();
     emu.wait_phase(&id, "running").await;
-    assert_signature_refusal(&emu.call("POST", &sleep_path, None).await);
+    assert_signature_refusal(&emu.answer("POST", &sleep_path, None).await);
 
     let log = emu.requests().await;
     assert_eq!(
@@ -412,7 +218,7 @@ async fn refuse_wake_and_sleep_at_run_time_and_by_env() {
     );
 
     // Environment variables set the switches too.
-    let emu = Emu::start_env(
+    let emu = Emu::fresh_env(
         &[],
         &[
             ("DCS_EMULATOR_REFUSE_WAKE", "true"),
@@ -434,7 +240,7 @@ async fn refuse_wake_and_sleep_at_run_time_and_by_env() {
 
 #[tokio::test]
 async fn refuse_terminals_404_by_flag_and_501_at_run_time() {
-    let emu = Emu::start(&["--refuse-terminals", "404"]);
+    let emu = Emu::fresh(&["--refuse-terminals", "404"]);
     assert_eq!(emu.config().await["refuse_terminals"], 404);
     let id = emu.create("1h").await;
     emu.wait_phase(&id, "running").await;
@@ -442,29 +248,29 @@ async fn refuse_terminals_404_by_flag_and_501_at_run_time() {
     let stream = format!("{terms}/tm-0123/stream");
 
     let a = emu
-        .call("POST", &terms, Some(json!({"width": 80, "height": 24})))
+        .answer("POST", &terms, Some(json!({"width": 80, "height": 24})))
         .await;
     assert_problem(&a, 404, NO_TERMINALS);
-    let a = emu.call("GET", &stream, None).await;
+    let a = emu.answer("GET", &stream, None).await;
     assert_problem(&a, 404, NO_TERMINALS);
     // Executions are unaffected.
-    let (_, done) = emu.run(&id, &["/bin/true"]).await;
+    let (_, done) = emu.execute(&id, &["/bin/true"]).await;
     assert_eq!(done["status"], "succeeded");
 
     let cfg = emu.configure(json!({"refuse_terminals": 501})).await;
     assert_eq!(cfg["refuse_terminals"], 501);
     let a = emu
-        .call("POST", &terms, Some(json!({"width": 80, "height": 24})))
+        .answer("POST", &terms, Some(json!({"width": 80, "height": 24})))
         .await;
     assert_problem(&a, 501, NO_TERMINALS);
-    let a = emu.call("GET", &stream, None).await;
+    let a = emu.answer("GET", &stream, None).await;
     assert_problem(&a, 501, NO_TERMINALS);
 
     // Off again: terminals work.
     let cfg = emu.configure(json!({"refuse_terminals": null})).await;
     assert_eq!(cfg["refuse_terminals"], Value::Null);
     let a = emu
-        .call("POST", &terms, Some(json!({"width": 80, "height": 24})))
+        .answer("POST", &terms, Some(json!({"width": 80, "height": 24})))
         .await;
     assert_eq!(a.status, 200, "{}", a.body);
     assert!(a.body["terminal_id"].is_string());
@@ -484,7 +290,7 @@ async fn refuse_terminals_404_by_flag_and_501_at_run_time() {
 
 #[tokio::test]
 async fn id_format_switches_for_new_machines_only() {
-    let emu = Emu::start(&["--id-format", "uuid"]);
+    let emu = Emu::fresh(&["--id-format", "uuid"]);
     assert_eq!(emu.config().await["id_format"], "uuid");
     let uuid_id = emu.create("1h").await;
     assert!(is_uuid(&uuid_id), "{uuid_id}");
@@ -497,18 +303,18 @@ async fn id_format_switches_for_new_machines_only() {
     // The earlier id keeps working for every route.
     emu.wait_phase(&uuid_id, "running").await;
     emu.wait_phase(&dm_id, "running").await;
-    let (_, done) = emu.run(&uuid_id, &["/bin/true"]).await;
+    let (_, done) = emu.execute(&uuid_id, &["/bin/true"]).await;
     assert_eq!(done["status"], "succeeded");
     let a = emu
-        .call("POST", &format!("/v1/machines/{uuid_id}/sleep"), None)
+        .answer("POST", &format!("/v1/machines/{uuid_id}/sleep"), None)
         .await;
-    assert!(a.status == 200 || a.status == 202, "{}", a.body);
+    a.assert_accepted();
     emu.wait_phase(&uuid_id, "sleeping").await;
 
     emu.configure(json!({"id_format": "uuid"})).await;
     let again = emu.create("1h").await;
     assert!(is_uuid(&again), "{again}");
-    let list = emu.call("GET", "/v1/machines", None).await.body;
+    let list = emu.answer("GET", "/v1/machines", None).await.body;
     let ids: Vec<&str> = list["items"]
         .as_array()
         .expect("items")
@@ -517,20 +323,15 @@ async fn id_format_switches_for_new_machines_only() {
         .collect();
     assert_eq!(ids, vec![uuid_id.as_str(), dm_id.as_str(), again.as_str()]);
     let a = emu
-        .call("DELETE", &format!("/v1/machines/{uuid_id}"), None)
+        .answer("DELETE", &format!("/v1/machines/{uuid_id}"), None)
         .await;
-    assert!(a.status == 200 || a.status == 202, "{}", a.body);
+    a.assert_accepted();
 }
 
 /// Checks a newer-shape mutation body: top-level `phase` and `revision`
 /// (equal to the `ETag`), no `status`.
 fn assert_newer(a: &Answer, phase_one_of: &[&str]) -> String {
-    assert!(
-        a.status == 200 || a.status == 202,
-        "{} {}",
-        a.status,
-        a.body
-    );
+    a.assert_accepted();
     assert!(a.body.get("status").is_none(), "{}", a.body);
     let phase = a.body["phase"].as_str().expect("top-level phase");
     assert!(
@@ -547,10 +348,10 @@ fn assert_newer(a: &Answer, phase_one_of: &[&str]) -> String {
 
 #[tokio::test]
 async fn response_shape_newer_by_flag_for_every_mutation_and_spec_at_run_time() {
-    let emu = Emu::start(&["--response-shape", "newer"]);
+    let emu = Emu::fresh(&["--response-shape", "newer"]);
     assert_eq!(emu.config().await["response_shape"], "newer");
     let a = emu
-        .call(
+        .answer(
             "POST",
             "/v1/machines",
             Some(json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5})),
@@ -565,18 +366,18 @@ async fn response_shape_newer_by_flag_for_every_mutation_and_spec_at_run_time() 
     let m = emu.wait_phase(&id, "running").await;
     assert!(m.get("phase").is_none(), "{m}");
     assert!(m["status"]["revision"].is_string());
-    let list = emu.call("GET", "/v1/machines", None).await.body;
+    let list = emu.answer("GET", "/v1/machines", None).await.body;
     assert!(list["items"][0]["status"]["phase"].is_string());
 
     let a = emu
-        .call("PATCH", &path, Some(json!({"autosleep": "2h"})))
+        .answer("PATCH", &path, Some(json!({"autosleep": "2h"})))
         .await;
     assert_newer(&a, &["running"]);
     assert_eq!(a.body["autosleep_seconds"], 7200);
-    let a = emu.call("POST", &format!("{path}/sleep"), None).await;
+    let a = emu.answer("POST", &format!("{path}/sleep"), None).await;
     assert_newer(&a, &["stopping", "sleeping"]);
     emu.wait_phase(&id, "sleeping").await;
-    let a = emu.call("POST", &format!("{path}/wake"), None).await;
+    let a = emu.answer("POST", &format!("{path}/wake"), None).await;
     let rev = assert_newer(&a, &["starting", "running"]);
     let m = emu.wait_phase(&id, "running").await;
     assert_ne!(m["status"]["revision"], rev, "revision moved on to running");
@@ -584,21 +385,21 @@ async fn response_shape_newer_by_flag_for_every_mutation_and_spec_at_run_time() 
     // Back to the spec's shape at run time.
     let cfg = emu.configure(json!({"response_shape": "spec"})).await;
     assert_eq!(cfg["response_shape"], "spec");
-    let a = emu.call("POST", &format!("{path}/wake"), None).await;
+    let a = emu.answer("POST", &format!("{path}/wake"), None).await;
     assert_eq!(a.status, 200);
     assert_eq!(a.body["status"]["phase"], "running");
     assert!(a.body.get("phase").is_none());
 
     // And newer again, for delete.
     emu.configure(json!({"response_shape": "newer"})).await;
-    let a = emu.call("DELETE", &path, None).await;
+    let a = emu.answer("DELETE", &path, None).await;
     assert_newer(&a, &["destroying", "destroyed"]);
     assert_eq!(a.body["desired_state"], "destroyed");
 }
 
 #[tokio::test]
 async fn require_if_match_by_flag_and_at_run_time() {
-    let emu = Emu::start(&["--require-if-match"]);
+    let emu = Emu::fresh(&["--require-if-match"]);
     assert_eq!(emu.config().await["require_if_match"], true);
     let id = emu.create("1h").await;
     let m = emu.wait_phase(&id, "running").await;
@@ -611,11 +412,11 @@ async fn require_if_match_by_flag_and_at_run_time() {
         ("PATCH", path.clone(), Some(json!({"autosleep": "2h"}))),
         ("DELETE", path.clone(), None),
     ] {
-        let a = emu.call(method, &p, body).await;
+        let a = emu.answer(method, &p, body).await;
         assert_problem(&a, 428, "If-Match header is required");
     }
     // Reads, creates and executions need none.
-    let (_, done) = emu.run(&id, &["/bin/true"]).await;
+    let (_, done) = emu.execute(&id, &["/bin/true"]).await;
     assert_eq!(done["status"], "succeeded");
 
     // With If-Match (quoted, as the ETag) it goes through; stale is 409.
@@ -650,23 +451,23 @@ async fn require_if_match_by_flag_and_at_run_time() {
     // Off at run time: If-Match optional again.
     let cfg = emu.configure(json!({"require_if_match": false})).await;
     assert_eq!(cfg["require_if_match"], false);
-    let a = emu.call("POST", &format!("{path}/sleep"), None).await;
-    assert!(a.status == 200 || a.status == 202, "{}", a.body);
+    let a = emu.answer("POST", &format!("{path}/sleep"), None).await;
+    a.assert_accepted();
 
     // And on at run time on a default emulator.
-    let emu = Emu::start(&[]);
+    let emu = Emu::fresh(&[]);
     let id = emu.create("1h").await;
     emu.wait_phase(&id, "running").await;
     emu.configure(json!({"require_if_match": true})).await;
     let a = emu
-        .call("POST", &format!("/v1/machines/{id}/wake"), None)
+        .answer("POST", &format!("/v1/machines/{id}/wake"), None)
         .await;
     assert_problem(&a, 428, "If-Match header is required");
 }
 
 #[tokio::test]
 async fn all_switches_together_and_bad_patches() {
-    let emu = Emu::start(&[
+    let emu = Emu::fresh(&[
         "--refuse-wake",
         "--refuse-sleep",
         "--refuse-terminals",
@@ -697,7 +498,7 @@ async fn all_switches_together_and_bad_patches() {
         )
     );
     let a = emu
-        .call(
+        .answer(
             "POST",
             "/v1/machines",
             Some(json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5, "autosleep": "1s"})),
@@ -709,7 +510,7 @@ async fn all_switches_together_and_bad_patches() {
     emu.wait_phase(&id, "running").await;
     // The refusal comes before the If-Match check.
     assert_signature_refusal(
-        &emu.call("POST", &format!("/v1/machines/{id}/wake"), None)
+        &emu.answer("POST", &format!("/v1/machines/{id}/wake"), None)
             .await,
     );
     assert_signature_refusal(
@@ -723,7 +524,7 @@ async fn all_switches_together_and_bad_patches() {
         .await,
     );
     let a = emu
-        .call(
+        .answer(
             "POST",
             &format!("/v1/machines/{id}/terminals"),
             Some(json!({"width": 80, "height": 24})),
@@ -731,7 +532,7 @@ async fn all_switches_together_and_bad_patches() {
         .await;
     assert_problem(&a, 501, NO_TERMINALS);
     emu.wait_phase(&id, "sleeping").await;
-    let (first, done) = emu.run(&id, &["/bin/true"]).await;
+    let (first, done) = emu.execute(&id, &["/bin/true"]).await;
     assert_eq!(first["status"], "wake_in_progress");
     assert_eq!(done["status"], "succeeded");
 
@@ -760,7 +561,7 @@ async fn all_switches_together_and_bad_patches() {
         .await;
     assert_eq!(cfg["refuse_terminals"], Value::Null);
     let a = emu
-        .call("POST", &format!("/v1/machines/{id}/wake"), None)
+        .answer("POST", &format!("/v1/machines/{id}/wake"), None)
         .await;
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.body["status"]["phase"], "running");

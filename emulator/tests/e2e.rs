@@ -1,9 +1,10 @@
 //! End-to-end: spawns the built `dcs-emulator` on a loopback port with a
 //! temporary data dir and drives it over HTTP and WebSocket.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
@@ -13,189 +14,34 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-const KEY: &str = "e2e-key";
-
-struct Emu {
-    child: Child,
-    base: String,
-    data: PathBuf,
-    http: reqwest::Client,
-}
-
-/// The emulator under test: `$DCS_EMULATOR_BIN` if set (to compare
-/// builds), else the one cargo built for these tests.
-fn emulator_bin() -> PathBuf {
-    std::env::var_os("DCS_EMULATOR_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_dcs-emulator")))
-}
+use common::{Emu, KEY};
 
 impl Emu {
-    fn start(data: &Path, listen: &str) -> Emu {
-        Self::start_with(data, listen, &[])
-    }
-
-    /// Like [`Emu::start`], with `extra` flags after the defaults.
-    fn start_with(data: &Path, listen: &str, extra: &[&str]) -> Emu {
-        let mut child = Command::new(emulator_bin())
-            .args(["--listen", listen, "--api-key", KEY])
-            .arg("--data-dir")
-            .arg(data)
-            .args([
-                "--boot-delay",
-                "50ms",
-                "--wake-delay",
-                "50ms",
-                "--sleep-delay",
-                "20ms",
-            ])
-            .args([
-                "--destroy-delay",
-                "20ms",
-                "--hold-window",
-                "0s",
-                "--hold-jitter",
-                "0s",
-            ])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn dcs-emulator");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("first line");
-        let base = line
-            .trim()
-            .strip_prefix("dcs-emulator listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        Emu {
-            child,
-            base,
-            data: data.to_owned(),
-            http: reqwest::Client::new(),
-        }
-    }
-
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(
-                method.parse().expect("method"),
-                format!("{}{path}", self.base),
-            )
-            .header("authorization", format!("Bearer {KEY}"));
-        if method != "GET" {
-            req = req.header("idempotency-key", uuid::Uuid::now_v7().simple().to_string());
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("request");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    async fn wait_phase(&self, id: &str, phase: &str) -> Value {
-        for _ in 0..400 {
-            let (_, m) = self.call("GET", &format!("/v1/machines/{id}"), None).await;
-            if m["status"]["phase"] == phase {
-                return m;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("machine {id} never reached {phase}");
-    }
-
-    async fn run(&self, id: &str, argv: &[&str]) -> Value {
-        let (s, ex) = self
-            .call(
-                "POST",
-                &format!("/v1/machines/{id}/executions"),
-                Some(json!({ "command": argv })),
-            )
-            .await;
-        assert_eq!(s, 200, "{ex}");
-        let eid = ex["execution_id"]
-            .as_str()
-            .expect("execution id")
-            .to_owned();
-        for _ in 0..400 {
-            let (_, e) = self
-                .call("GET", &format!("/v1/machines/{id}/executions/{eid}"), None)
-                .await;
-            if ["succeeded", "failed", "cancelled", "expired"]
-                .contains(&e["status"].as_str().unwrap_or(""))
-            {
-                return e;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("execution {eid} never finished");
-    }
-
     /// Runs `script` with bash; returns the execution and its stdout.
     async fn sh(&self, id: &str, script: &str) -> (Value, String) {
         let e = self.run(id, &["bash", "-c", script]).await;
         let eid = e["execution_id"].as_str().expect("eid");
-        let (_, out) = self
-            .call(
-                "GET",
-                &format!("/v1/machines/{id}/executions/{eid}/output"),
-                None,
-            )
-            .await;
+        let out = self.output(id, eid).await;
         (e, out["stdout"].as_str().unwrap_or_default().to_owned())
     }
 
-    /// Creates a machine and waits until it runs.
-    async fn running_machine(&self) -> String {
-        let (s, created) = self
-            .call(
-                "POST",
-                "/v1/machines",
-                Some(json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5, "autosleep": "1h"})),
-            )
-            .await;
-        assert!(s == 200 || s == 202, "{s} {created}");
-        let id = created["machine_id"].as_str().expect("id").to_owned();
-        self.wait_phase(&id, "running").await;
-        id
+    /// `POST …/{op}` (sleep, wake), accepted; then waits for `phase`.
+    async fn lifecycle_op(&self, id: &str, op: &str, phase: &str) {
+        let path = format!("/v1/machines/{id}/{op}");
+        self.answer("POST", &path, None).await.assert_accepted();
+        self.wait_phase(id, phase).await;
     }
 
     async fn sleep_machine(&self, id: &str) {
-        let (s, body) = self
-            .call("POST", &format!("/v1/machines/{id}/sleep"), None)
-            .await;
-        assert!(s == 200 || s == 202, "{s} {body}");
-        self.wait_phase(id, "sleeping").await;
+        self.lifecycle_op(id, "sleep", "sleeping").await;
     }
 
     async fn wake_machine(&self, id: &str) {
-        let (s, body) = self
-            .call("POST", &format!("/v1/machines/{id}/wake"), None)
-            .await;
-        assert!(s == 200 || s == 202, "{s} {body}");
-        self.wait_phase(id, "running").await;
+        self.lifecycle_op(id, "wake", "running").await;
     }
 
     fn home(&self, id: &str) -> PathBuf {
         self.data.join("machines").join(id).join("home")
-    }
-}
-
-impl Drop for Emu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -237,17 +83,9 @@ fn alive(pid: i32) -> bool {
 
 #[tokio::test]
 async fn lifecycle_executions_sleep_kills_processes_and_files_survive() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let emu = Emu::fresh(&[]);
 
-    let (s, created) = emu
-        .call(
-            "POST",
-            "/v1/machines",
-            Some(json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5, "autosleep": "1h"})),
-        )
-        .await;
-    assert!(s == 200 || s == 202, "{s} {created}");
+    let created = emu.create_machine(Some("1h")).await;
     assert_eq!(created["autosleep_seconds"], 3600);
     let id = created["machine_id"].as_str().expect("id").to_owned();
     assert!(id.starts_with("dm-") && id.len() == 35, "{id}");
@@ -260,13 +98,7 @@ async fn lifecycle_executions_sleep_kills_processes_and_files_survive() {
     assert_eq!(e["status"], "succeeded", "{e}");
     assert_eq!(e["exit_code"], 0);
     let eid = e["execution_id"].as_str().expect("eid");
-    let (_, out) = emu
-        .call(
-            "GET",
-            &format!("/v1/machines/{id}/executions/{eid}/output"),
-            None,
-        )
-        .await;
+    let out = emu.output(&id, eid).await;
     assert_eq!(out["stdout"], "/root\n", "the home is /root in the machine");
     assert_eq!(
         std::fs::read_to_string(emu.home(&id).join("file.txt")).expect("on the host"),
@@ -296,33 +128,19 @@ async fn lifecycle_executions_sleep_kills_processes_and_files_survive() {
     assert!(ev["next_cursor"].is_string());
 
     // Sleep ends every process; files stay.
-    let (s, body) = emu
-        .call("POST", &format!("/v1/machines/{id}/sleep"), None)
-        .await;
-    assert!(s == 200 || s == 202, "{s} {body}");
-    emu.wait_phase(&id, "sleeping").await;
+    emu.sleep_machine(&id).await;
     assert_eq!(
         host_pids_with_arg(&sleeper),
         Vec::<i32>::new(),
         "background process survived sleep"
     );
 
-    let (s, body) = emu
-        .call("POST", &format!("/v1/machines/{id}/wake"), None)
-        .await;
-    assert!(s == 200 || s == 202, "{s} {body}");
-    emu.wait_phase(&id, "running").await;
+    emu.wake_machine(&id).await;
     let e = emu
         .run(&id, &["bash", "-c", "cat \"$HOME/file.txt\""])
         .await;
     let eid = e["execution_id"].as_str().expect("eid");
-    let (_, out) = emu
-        .call(
-            "GET",
-            &format!("/v1/machines/{id}/executions/{eid}/output"),
-            None,
-        )
-        .await;
+    let out = emu.output(&id, eid).await;
     assert_eq!(out["stdout"], "kept\n");
 
     // An execution on a sleeping machine wakes it.
@@ -352,16 +170,11 @@ async fn lifecycle_executions_sleep_kills_processes_and_files_survive() {
 
 #[tokio::test]
 async fn terminal_websocket_round_trip() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let emu = Emu::start(dir.path(), "127.0.0.1:0");
-    let (_, created) = emu
-        .call(
-            "POST",
-            "/v1/machines",
-            Some(json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5})),
-        )
-        .await;
-    let id = created["machine_id"].as_str().expect("id").to_owned();
+    let emu = Emu::fresh(&[]);
+    let id = emu.create_machine(None).await["machine_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
     emu.wait_phase(&id, "running").await;
     // An execution leaves a file outside the home; the terminal, in the same
     // sandbox, sees it.
@@ -442,8 +255,7 @@ async fn terminal_websocket_round_trip() {
 
 #[tokio::test]
 async fn auth_idempotency_faults_and_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let mut emu = Emu::fresh(&[]);
     let url = format!("{}/v1/machines", emu.base);
     let body = json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5});
 
@@ -571,42 +383,17 @@ async fn auth_idempotency_faults_and_restart() {
 
     // Restart on the same data dir: state and idempotency records survive.
     emu.wait_phase(&id, "running").await;
-    let listen = emu.base.trim_start_matches("http://").to_owned();
-    let _ = emu.child.kill();
-    let _ = emu.child.wait();
-    drop(emu);
-    emu = Emu::start(dir.path(), &listen);
+    emu.kill_and_restart(&[]);
     let m = emu.wait_phase(&id, "running").await;
     assert_eq!(m["machine_id"], id.as_str());
-    let again: Value = send_after_restart(&emu, &url, &body, "k1").await;
+    let again: Value = emu.post_keyed(&url, &body, "k1").await;
     assert_eq!(again["machine_id"], id.as_str());
-}
-
-async fn send_after_restart(emu: &Emu, url: &str, body: &Value, key: &str) -> Value {
-    emu.http
-        .post(url)
-        .bearer_auth(KEY)
-        .header("idempotency-key", key)
-        .json(body)
-        .send()
-        .await
-        .expect("req")
-        .json()
-        .await
-        .expect("json")
 }
 
 #[tokio::test]
 async fn autosleep_and_status_stream() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let emu = Emu::start(dir.path(), "127.0.0.1:0");
-    let (_, created) = emu
-        .call(
-            "POST",
-            "/v1/machines",
-            Some(json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5, "autosleep": "1s"})),
-        )
-        .await;
+    let emu = Emu::fresh(&[]);
+    let created = emu.create_machine(Some("1s")).await;
     assert_eq!(created["autosleep_seconds"], 1);
     let id = created["machine_id"].as_str().expect("id").to_owned();
 
@@ -642,8 +429,7 @@ async fn autosleep_and_status_stream() {
 
 #[tokio::test]
 async fn isolation_home_is_root_and_system_writes_last_until_sleep() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let emu = Emu::fresh(&[]);
     let id = emu.running_machine().await;
 
     // `cd ~` lands in /root, which is HOME.
@@ -773,8 +559,7 @@ async fn isolation_machines_cannot_reach_each_other() {
 
 #[tokio::test]
 async fn isolation_none_runs_on_the_host() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let emu = Emu::start_with(dir.path(), "127.0.0.1:0", &["--isolation", "none"]);
+    let emu = Emu::fresh(&["--isolation", "none"]);
     let id = emu.running_machine().await;
     let (e, out) = emu.sh(&id, "cd ~ && pwd").await;
     assert_eq!(e["status"], "succeeded", "{e}");
@@ -787,7 +572,7 @@ fn isolation_unavailable_is_one_clear_line() {
     // GIVEN a host where bubblewrap cannot be found
     let empty = tempfile::tempdir().expect("tempdir");
     let data = tempfile::tempdir().expect("tempdir");
-    let run = Command::new(env!("CARGO_BIN_EXE_dcs-emulator"))
+    let run = Command::new(common::emulator_bin())
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data.path())
         .env("PATH", empty.path())
@@ -812,8 +597,7 @@ fn isolation_unavailable_is_one_clear_line() {
 #[tokio::test]
 async fn isolation_sandboxes_end_when_the_emulator_dies() {
     // GIVEN a machine with a background process
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let mut emu = Emu::fresh(&[]);
     let id = emu.running_machine().await;
     let sleeper = unique_sleep();
     let (e, _) = emu
@@ -886,14 +670,6 @@ impl Emu {
             .and_then(|v| v.trim().parse().ok())
             .expect("wchar")
     }
-
-    fn kill_and_restart(&mut self, extra: &[&str]) {
-        let listen = self.base.trim_start_matches("http://").to_owned();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let replacement = Emu::start_with(&self.data, &listen, extra);
-        *self = replacement;
-    }
 }
 
 async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
@@ -912,8 +688,7 @@ where
 /// emulator writes for 10 executions do not grow with the history.
 #[tokio::test]
 async fn write_cost_does_not_grow_with_history() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let emu = Emu::fresh(&[]);
     let id = emu.running_machine().await;
     let echo = ["echo", "some output of a command"];
     emu.run_many(&id, &echo, 20, 4).await;
@@ -935,8 +710,7 @@ async fn write_cost_does_not_grow_with_history() {
 /// A machine busy with big outputs does not delay status reads of another.
 #[tokio::test]
 async fn busy_machine_does_not_delay_status_reads_of_another() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let emu = Emu::fresh(&[]);
     let a = emu.running_machine().await;
     let b = emu.running_machine().await;
     let big = [
@@ -979,7 +753,6 @@ async fn busy_machine_does_not_delay_status_reads_of_another() {
 /// records expire after their TTL.
 #[tokio::test]
 async fn retention_prunes_executions_and_idempotency_records() {
-    let dir = tempfile::tempdir().expect("tempdir");
     let flags = [
         "--executions-per-machine",
         "3",
@@ -988,7 +761,7 @@ async fn retention_prunes_executions_and_idempotency_records() {
         "--idempotency-ttl",
         "2s",
     ];
-    let emu = Emu::start_with(dir.path(), "127.0.0.1:0", &flags);
+    let emu = Emu::fresh(&flags);
     let id = emu.running_machine().await;
     let mut ids = Vec::new();
     for i in 0..6 {
@@ -1030,8 +803,8 @@ async fn retention_prunes_executions_and_idempotency_records() {
     // Idempotency: replayed within the TTL, processed anew after it.
     let url = format!("{}/v1/machines", emu.base);
     let body = json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5});
-    let first = send_after_restart(&emu, &url, &body, "k-ttl").await;
-    let again = send_after_restart(&emu, &url, &body, "k-ttl").await;
+    let first = emu.post_keyed(&url, &body, "k-ttl").await;
+    let again = emu.post_keyed(&url, &body, "k-ttl").await;
     assert_eq!(first["machine_id"], again["machine_id"]);
 
     wait_until(
@@ -1042,7 +815,7 @@ async fn retention_prunes_executions_and_idempotency_records() {
         },
     )
     .await;
-    let later = send_after_restart(&emu, &url, &body, "k-ttl").await;
+    let later = emu.post_keyed(&url, &body, "k-ttl").await;
     assert!(later["machine_id"].is_string(), "{later}");
     assert_ne!(first["machine_id"], later["machine_id"], "expired key");
 }
@@ -1051,14 +824,13 @@ async fn retention_prunes_executions_and_idempotency_records() {
 /// and idempotent replays are all still there.
 #[tokio::test]
 async fn state_survives_restart_after_many_executions() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let mut emu = Emu::fresh(&[]);
     let id = emu.running_machine().await;
     emu.run_many(&id, &["sh", "-c", "echo out; echo err >&2"], 120, 8)
         .await;
     let url = format!("{}/v1/machines/{id}/executions", emu.base);
     let body = json!({"command": ["echo", "keyed"]});
-    let keyed = send_after_restart(&emu, &url, &body, "k-exec").await;
+    let keyed = emu.post_keyed(&url, &body, "k-exec").await;
     let keyed_id = keyed["execution_id"].as_str().expect("id").to_owned();
     emu.wait_phase(&id, "running").await;
     wait_until(
@@ -1111,7 +883,7 @@ async fn state_survives_restart_after_many_executions() {
         .filter_map(|e| e["chunk"].as_str())
         .collect();
     assert_eq!(chunks, "out\n");
-    let replay = send_after_restart(&emu, &url, &body, "k-exec").await;
+    let replay = emu.post_keyed(&url, &body, "k-exec").await;
     assert_eq!(replay["execution_id"], keyed_id.as_str());
     let fresh = emu.run(&id, &["echo", "after"]).await;
     assert_eq!(fresh["status"], "succeeded");
@@ -1121,8 +893,7 @@ async fn state_survives_restart_after_many_executions() {
 /// emulator starts again, and every execution is readable and settled.
 #[tokio::test]
 async fn crash_during_writes_leaves_loadable_state() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut emu = Emu::start(dir.path(), "127.0.0.1:0");
+    let mut emu = Emu::fresh(&[]);
     let id = emu.running_machine().await;
     let path = format!("{}/v1/machines/{id}/executions", emu.base);
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -1152,7 +923,7 @@ async fn crash_during_writes_leaves_loadable_state() {
     tokio::join!(clients, killer);
     let _ = emu.child.wait();
     // A temporary file as a write interrupted before its rename leaves it.
-    let stray = dir.path().join("records/executions/ex-stray.json.tmp");
+    let stray = emu.data.join("records/executions/ex-stray.json.tmp");
     std::fs::write(&stray, b"{\"id\": \"ex-str").expect("stray temp file");
 
     emu.kill_and_restart(&[]);

@@ -235,6 +235,7 @@ pub const TURN_CODES: &[&str] = &[
     ProblemCode::NoTime.code(),
     ProblemCode::TemporarilyUnavailable.code(),
     ProblemCode::InternalError.code(),
+    ProblemCode::ProvisioningFailed.code(),
 ];
 
 /// One line per chat turn (`chat-turn`, buffered or streamed).

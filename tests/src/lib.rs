@@ -12,9 +12,11 @@
 //! run leaves nothing behind.
 
 pub mod events;
+pub mod fixtures;
 pub mod idp;
 pub mod llm;
 pub mod openapi;
+pub mod provision_stack;
 pub mod schema;
 pub mod spec;
 pub mod stack;

@@ -72,6 +72,9 @@ pub struct StackOptions {
     pub autosleep: String,
     /// Event streams' keep-alive interval (chat-turn's `heartbeat`).
     pub heartbeat: Duration,
+    /// `FIRST_TURN_WAIT` (default zero: a first message answers `202` at
+    /// once and the test runs the worker with [`Stack::drain_worker`]).
+    pub first_turn_wait: Duration,
 }
 
 impl Default for StackOptions {
@@ -89,6 +92,7 @@ impl Default for StackOptions {
             awake_per_day: None,
             autosleep: "30m".into(),
             heartbeat: chat_turn_fn::HEARTBEAT,
+            first_turn_wait: Duration::ZERO,
         }
     }
 }
@@ -215,6 +219,7 @@ impl Stack {
             margin: Duration::from_secs(2),
             heartbeat: options.heartbeat,
             metrics: metrics.clone(),
+            first_turn: agenthome::entry::FirstTurn::new(options.first_turn_wait),
         };
         let provision = provision_fn::ProvisionService {
             provisioner: provisioner(tx),

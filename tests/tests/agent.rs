@@ -8,12 +8,10 @@ use std::time::Duration;
 
 use agenthome::agent::Observer;
 use agenthome::agent::{
-    Agent, AgentError, AgentOptions, AgentStatus, ChatMessage, Limits, LlmClient, LlmConfig,
-    LlmError, TurnInput,
+    Agent, AgentError, AgentOptions, AgentStatus, ChatMessage, Limits, LlmError, TurnInput,
 };
-use agenthome::config::Secret;
-use agenthome::dedalus::{Client, CreateMachineRequest, Phase};
 use agenthome::runner::TerminalRunner;
+use agenthome_tests::fixtures::{emulator_with_machine_id, llm_agent as agent, secret_key};
 use agenthome_tests::llm::{
     answer, scripted_llm, stream_chunk, stream_text, stream_tool_calls, tool_call, tool_call_raw,
     Reply,
@@ -27,50 +25,13 @@ use tokio::time::Instant;
 // Fixtures
 // ---------------------------------------------------------------------------
 
-fn secret_key() -> String {
-    format!("sk-test-SECRET-{}", uuid::Uuid::now_v7().simple())
-}
-
-fn agent(base_url: &str, key: &str) -> Agent {
-    let config = LlmConfig::new(
-        agenthome::dedalus::Url::parse(base_url).unwrap(),
-        Some(Secret::new(key)),
-        "test-model",
-    );
-    Agent::llm(LlmClient::new(config).expect("llm client")).with_options(AgentOptions {
-        min_llm_time: Duration::from_millis(500),
-        ..AgentOptions::default()
-    })
-}
-
-async fn running_machine(client: &Client) -> String {
-    let req = CreateMachineRequest {
-        vcpu: 1.0,
-        memory_mib: 1024,
-        storage_gib: 10,
-        autosleep: None,
-    };
-    let m = client.create_machine(&req, None).await.expect("create");
-    client
-        .wait_until(
-            &m.machine_id,
-            Phase::Running,
-            Instant::now() + Duration::from_secs(20),
-        )
-        .await
-        .expect("running");
-    m.machine_id
-}
-
 struct Machine {
     _emu: Emulator,
     runner: TerminalRunner,
 }
 
 async fn machine() -> Machine {
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let id = running_machine(&client).await;
+    let (emu, client, id) = emulator_with_machine_id(&[]).await;
     let (runner, _) = TerminalRunner::open(&client, &id, None)
         .await
         .expect("open");

@@ -152,9 +152,8 @@ async fn newer_shape_and_uuid_ids_through_the_whole_lifecycle() {
 #[tokio::test]
 async fn wake_and_sleep_refusals_are_non_retryable_401s_sent_once() {
     // GIVEN a running machine on an emulator with the newer shape and UUIDs
-    let emu = Emulator::start_with(&["--response-shape", "newer", "--id-format", "uuid"]).await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
+    let (emu, client, m) =
+        emulator_with_machine(&["--response-shape", "newer", "--id-format", "uuid"]).await;
     let id = m.machine_id.clone();
 
     // WHEN explicit wake and sleep are refused (field report)

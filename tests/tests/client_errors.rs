@@ -73,9 +73,7 @@ async fn unknown_machine_is_a_problem_json_404() {
 #[tokio::test]
 async fn revision_mismatch_is_retried_with_the_same_key() {
     // GIVEN a running machine and one injected REVISION_MISMATCH on wake
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
+    let (emu, client, m) = emulator_with_machine(&[]).await;
     emu.inject_fault(json!({
         "method": "POST", "path": "/v1/machines/*/wake", "times": 1,
         "status": 409, "error_code": "REVISION_MISMATCH", "retryable": true
@@ -103,9 +101,7 @@ async fn revision_mismatch_is_retried_with_the_same_key() {
 #[tokio::test]
 async fn stale_if_match_gives_revision_mismatch_after_retries() {
     // GIVEN a running machine and a stale revision
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
+    let (emu, client, m) = emulator_with_machine(&[]).await;
 
     // WHEN it is slept with that revision
     let since = last_seq(&emu).await;
@@ -124,9 +120,7 @@ async fn stale_if_match_gives_revision_mismatch_after_retries() {
 #[tokio::test]
 async fn non_retryable_invalid_state_is_not_retried() {
     // GIVEN a running machine and an injected final INVALID_STATE on sleep
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
+    let (emu, client, m) = emulator_with_machine(&[]).await;
     emu.inject_fault(json!({
         "method": "POST", "path": "/v1/machines/*/sleep", "times": 1,
         "status": 409, "error_code": "INVALID_STATE", "retryable": false,
@@ -155,9 +149,7 @@ async fn non_retryable_invalid_state_is_not_retried() {
 #[tokio::test]
 async fn sleep_in_hold_window_is_surfaced_with_retry_after() {
     // GIVEN a machine that just started, with a 300 s hold window
-    let emu = Emulator::start_with(&["--hold-window", "300s"]).await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
+    let (emu, client, m) = emulator_with_machine(&["--hold-window", "300s"]).await;
 
     // WHEN it is asked to sleep
     let since = last_seq(&emu).await;
@@ -321,9 +313,7 @@ async fn persistent_unavailability_gives_up_after_max_attempts() {
 #[tokio::test]
 async fn slow_answer_times_out_and_is_retried_with_the_same_key() {
     // GIVEN a running machine, a 400 ms request timeout and one wake delayed 1.5 s
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
+    let (emu, _, m) = emulator_with_machine(&[]).await;
     // (enough attempts to outlast the in-flight 429s of the delayed original)
     let client = Client::new(
         emu.client_config()

@@ -7,25 +7,15 @@ mod client_support;
 use std::time::Duration;
 
 use agenthome::dedalus::{ExecutionEventKind, ExecutionRequest, ExecutionStatus};
-use agenthome_tests::Emulator;
 use client_support::*;
 
 #[tokio::test]
 async fn run_and_wait_returns_output_and_exit_code() {
     // GIVEN a running machine
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
+    let (_emu, client, m) = emulator_with_machine(&[]).await;
 
     // WHEN a command writing to both streams runs
-    let run = client
-        .run_and_wait(
-            &m.machine_id,
-            &ExecutionRequest::shell("echo out; echo err >&2"),
-            within(10),
-        )
-        .await
-        .expect("run");
+    let run = run_shell(&client, &m.machine_id, "echo out; echo err >&2").await;
 
     // THEN it succeeded with both outputs
     assert_eq!(run.execution.status, ExecutionStatus::Succeeded);
@@ -40,19 +30,10 @@ async fn run_and_wait_returns_output_and_exit_code() {
 #[tokio::test]
 async fn non_zero_exit_is_a_failed_execution_not_an_error() {
     // GIVEN a running machine
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
+    let (_emu, client, m) = emulator_with_machine(&[]).await;
 
     // WHEN a command exits 3
-    let run = client
-        .run_and_wait(
-            &m.machine_id,
-            &ExecutionRequest::shell("echo bad >&2; exit 3"),
-            within(10),
-        )
-        .await
-        .expect("run");
+    let run = run_shell(&client, &m.machine_id, "echo bad >&2; exit 3").await;
 
     // THEN the execution failed with exit code 3 and its stderr
     assert_eq!(run.execution.status, ExecutionStatus::Failed);
@@ -64,9 +45,7 @@ async fn non_zero_exit_is_a_failed_execution_not_an_error() {
 #[tokio::test]
 async fn stdin_env_and_cwd_are_passed() {
     // GIVEN a running machine
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
+    let (_emu, client, m) = emulator_with_machine(&[]).await;
 
     // WHEN a command reads stdin, an env var and its cwd
     let req = ExecutionRequest::shell("cat; echo \"$FOO\"; pwd")
@@ -88,9 +67,7 @@ async fn stdin_env_and_cwd_are_passed() {
 #[tokio::test]
 async fn timeout_expires_the_execution() {
     // GIVEN a running machine
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
+    let (_emu, client, m) = emulator_with_machine(&[]).await;
 
     // WHEN a command outlives its timeout_ms
     let started = std::time::Instant::now();
@@ -111,19 +88,15 @@ async fn timeout_expires_the_execution() {
 #[tokio::test]
 async fn output_truncation_is_flagged() {
     // GIVEN an emulator keeping at most 1000 bytes of output
-    let emu = Emulator::start_with(&["--output-limit", "1000"]).await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
+    let (_emu, client, m) = emulator_with_machine(&["--output-limit", "1000"]).await;
 
     // WHEN a command prints 5000 bytes
-    let run = client
-        .run_and_wait(
-            &m.machine_id,
-            &ExecutionRequest::shell("head -c 5000 /dev/zero | tr '\\0' a"),
-            within(10),
-        )
-        .await
-        .expect("run");
+    let run = run_shell(
+        &client,
+        &m.machine_id,
+        "head -c 5000 /dev/zero | tr '\\0' a",
+    )
+    .await;
 
     // THEN stdout is truncated and flagged, with the full size reported
     assert!(run.output.stdout_truncated);
@@ -140,17 +113,13 @@ async fn output_truncation_is_flagged() {
 #[tokio::test]
 async fn events_are_cursor_paged() {
     // GIVEN a finished execution that printed three lines
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
-    let run = client
-        .run_and_wait(
-            &m.machine_id,
-            &ExecutionRequest::shell("for i in 1 2 3; do echo $i; sleep 0.05; done"),
-            within(10),
-        )
-        .await
-        .expect("run");
+    let (_emu, client, m) = emulator_with_machine(&[]).await;
+    let run = run_shell(
+        &client,
+        &m.machine_id,
+        "for i in 1 2 3; do echo $i; sleep 0.05; done",
+    )
+    .await;
     let eid = run.execution.execution_id.clone();
 
     // WHEN its events are read two at a time
@@ -190,9 +159,7 @@ async fn events_are_cursor_paged() {
 #[tokio::test]
 async fn cancel_stops_a_running_execution() {
     // GIVEN a long-running execution
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
+    let (_emu, client, m) = emulator_with_machine(&[]).await;
     let exec = client
         .create_execution(&m.machine_id, &ExecutionRequest::shell("sleep 30"), None)
         .await
@@ -224,9 +191,7 @@ async fn cancel_stops_a_running_execution() {
 #[tokio::test]
 async fn run_and_wait_gives_up_at_its_deadline() {
     // GIVEN a running machine
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
+    let (_emu, client, m) = emulator_with_machine(&[]).await;
 
     // WHEN a slow command runs with a short deadline
     let started = std::time::Instant::now();
@@ -247,21 +212,8 @@ async fn run_and_wait_gives_up_at_its_deadline() {
 #[tokio::test]
 async fn execution_on_a_sleeping_machine_wakes_it() {
     // GIVEN a sleeping machine
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
-    client
-        .sleep_machine(&m.machine_id, None, None)
-        .await
-        .expect("sleep");
-    client
-        .wait_until(
-            &m.machine_id,
-            agenthome::dedalus::Phase::Sleeping,
-            within(10),
-        )
-        .await
-        .expect("sleeping");
+    let (_emu, client, m) = emulator_with_machine(&[]).await;
+    sleep_and_wait(&client, &m.machine_id).await;
 
     // WHEN a command is run on it
     let run = client

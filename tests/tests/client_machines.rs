@@ -201,17 +201,8 @@ async fn wait_until_falls_back_to_polling_when_the_stream_fails() {
 #[tokio::test]
 async fn wait_until_respects_its_deadline() {
     // GIVEN a sleeping machine that nobody wakes
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
-    client
-        .sleep_machine(&m.machine_id, None, None)
-        .await
-        .expect("sleep");
-    client
-        .wait_until(&m.machine_id, Phase::Sleeping, within(10))
-        .await
-        .expect("sleeping");
+    let (_emu, client, m) = emulator_with_machine(&[]).await;
+    sleep_and_wait(&client, &m.machine_id).await;
 
     // WHEN we wait for running with a short deadline
     let started = tokio::time::Instant::now();
@@ -295,9 +286,7 @@ async fn concurrent_creates_with_one_key_make_one_machine() {
 #[tokio::test]
 async fn files_survive_sleep_and_wake_processes_do_not() {
     // GIVEN a running machine with a file in home and a long-running process
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
+    let (emu, client, m) = emulator_with_machine(&[]).await;
     let id = m.machine_id.clone();
     let wrote = client
         .run_and_wait(
@@ -330,16 +319,8 @@ async fn files_survive_sleep_and_wake_processes_do_not() {
     assert_eq!(host_pids_with_arg(&duration).len(), 1, "it runs");
 
     // WHEN the machine sleeps and wakes
-    client.sleep_machine(&id, None, None).await.expect("sleep");
-    client
-        .wait_until(&id, Phase::Sleeping, within(10))
-        .await
-        .expect("sleeping");
-    client.wake_machine(&id, None, None).await.expect("wake");
-    client
-        .wait_until(&id, Phase::Running, within(10))
-        .await
-        .expect("running");
+    sleep_and_wait(&client, &id).await;
+    wake_and_wait(&client, &id).await;
 
     // THEN the file is still there
     assert_eq!(

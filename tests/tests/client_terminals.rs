@@ -6,10 +6,7 @@ mod client_support;
 
 use std::time::Duration;
 
-use agenthome::dedalus::{
-    CreateTerminalRequest, Phase, TerminalEvent, TerminalSession, TerminalStatus,
-};
-use agenthome_tests::Emulator;
+use agenthome::dedalus::{TerminalEvent, TerminalSession, TerminalStatus};
 use client_support::*;
 use serde_json::json;
 
@@ -38,22 +35,17 @@ async fn read_until(session: &mut TerminalSession, needle: &str) -> String {
 #[tokio::test]
 async fn terminal_create_connect_input_resize_delete() {
     // GIVEN a running machine
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
+    let (emu, client, m) = emulator_with_machine(&[]).await;
     let id = m.machine_id.clone();
 
     // WHEN a terminal is created and connected
-    let t = client
-        .create_terminal(&id, &CreateTerminalRequest::new(80, 24), None)
-        .await
-        .expect("create terminal");
+    let t = terminal(&client, &id).await;
     assert_eq!((t.width, t.height), (80, 24));
     assert!(matches!(
         t.status,
         TerminalStatus::Ready | TerminalStatus::WakeInProgress
     ));
-    let mut session = client.connect(&id, &t.terminal_id).await.expect("connect");
+    let mut session = connect(&client, &id, &t.terminal_id).await;
 
     // THEN input runs in the shell and its output comes back
     session
@@ -98,32 +90,15 @@ async fn terminal_create_connect_input_resize_delete() {
 #[tokio::test]
 async fn shell_exit_yields_closed() {
     // GIVEN a connected terminal
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
-    let t = client
-        .create_terminal(&m.machine_id, &CreateTerminalRequest::new(80, 24), None)
-        .await
-        .expect("create");
-    let mut session = client
-        .connect(&m.machine_id, &t.terminal_id)
-        .await
-        .expect("connect");
+    let (_emu, client, m) = emulator_with_machine(&[]).await;
+    let t = terminal(&client, &m.machine_id).await;
+    let mut session = connect(&client, &m.machine_id, &t.terminal_id).await;
 
     // WHEN the shell exits
     session.send_input(b"exit\n").await.expect("input");
 
     // THEN a Closed event arrives (then the socket ends, not recoverable)
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match session.next_event().await.expect("event") {
-                TerminalEvent::Output(_) => continue,
-                other => return other,
-            }
-        }
-    })
-    .await
-    .expect("closed in time");
+    let closed = next_non_output(&mut session).await;
     match closed {
         TerminalEvent::Closed => {}
         TerminalEvent::Disconnected { recoverable, .. } => assert!(!recoverable),
@@ -134,34 +109,17 @@ async fn shell_exit_yields_closed() {
 #[tokio::test]
 async fn dropped_websocket_is_a_recoverable_disconnect() {
     // GIVEN a terminal whose next stream is dropped after 300 ms
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
-    let t = client
-        .create_terminal(&m.machine_id, &CreateTerminalRequest::new(80, 24), None)
-        .await
-        .expect("create");
+    let (emu, client, m) = emulator_with_machine(&[]).await;
+    let t = terminal(&client, &m.machine_id).await;
     emu.inject_fault(json!({
         "method": "GET", "path": "/v1/machines/*/terminals/*/stream",
         "times": 1, "drop_websocket_after_ms": 300
     }))
     .await;
-    let mut session = client
-        .connect(&m.machine_id, &t.terminal_id)
-        .await
-        .expect("connect");
+    let mut session = connect(&client, &m.machine_id, &t.terminal_id).await;
 
     // WHEN the connection drops
-    let event = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match session.next_event().await.expect("event") {
-                TerminalEvent::Output(_) => continue,
-                other => return other,
-            }
-        }
-    })
-    .await
-    .expect("disconnect in time");
+    let event = next_non_output(&mut session).await;
 
     // THEN it is a recoverable 1006, repeated on later reads
     assert_eq!(
@@ -174,10 +132,7 @@ async fn dropped_websocket_is_a_recoverable_disconnect() {
     assert_eq!(session.next_event().await.expect("again"), event);
 
     // AND a reconnect reaches the same shell
-    let mut again = client
-        .connect(&m.machine_id, &t.terminal_id)
-        .await
-        .expect("reconnect");
+    let mut again = connect(&client, &m.machine_id, &t.terminal_id).await;
     again
         .send_input(b"echo back-$((1+1))\n")
         .await
@@ -188,13 +143,8 @@ async fn dropped_websocket_is_a_recoverable_disconnect() {
 #[tokio::test]
 async fn connect_retries_a_retryable_409_and_not_a_final_one() {
     // GIVEN a ready terminal
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
-    let t = client
-        .create_terminal(&m.machine_id, &CreateTerminalRequest::new(80, 24), None)
-        .await
-        .expect("create");
+    let (emu, client, m) = emulator_with_machine(&[]).await;
+    let t = terminal(&client, &m.machine_id).await;
 
     // WHEN the handshake is refused twice with a retryable INVALID_STATE
     emu.inject_fault(json!({
@@ -233,28 +183,13 @@ async fn connect_retries_a_retryable_409_and_not_a_final_one() {
 #[tokio::test]
 async fn terminal_on_a_sleeping_machine_connects_once_awake() {
     // GIVEN a sleeping machine and a slow wake
-    let emu = Emulator::start_with(&["--wake-delay", "500ms"]).await;
-    let client = emu.client();
-    let m = running_machine(&client).await;
-    client
-        .sleep_machine(&m.machine_id, None, None)
-        .await
-        .expect("sleep");
-    client
-        .wait_until(&m.machine_id, Phase::Sleeping, within(10))
-        .await
-        .expect("sleeping");
+    let (_emu, client, m) = emulator_with_machine(&["--wake-delay", "500ms"]).await;
+    sleep_and_wait(&client, &m.machine_id).await;
 
     // WHEN a terminal is created (waking the machine) and connected at once
-    let t = client
-        .create_terminal(&m.machine_id, &CreateTerminalRequest::new(80, 24), None)
-        .await
-        .expect("create");
+    let t = terminal(&client, &m.machine_id).await;
     assert_eq!(t.status, TerminalStatus::WakeInProgress);
-    let mut session = client
-        .connect(&m.machine_id, &t.terminal_id)
-        .await
-        .expect("connect once ready");
+    let mut session = connect(&client, &m.machine_id, &t.terminal_id).await;
 
     // THEN the shell works
     session

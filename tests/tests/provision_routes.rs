@@ -4,104 +4,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use agenthome::api::AuthMode;
-use agenthome::provision::{
-    Bootstrap, MachineSpec, ProvisionEvent, ProvisionSettings, Provisioner, QueueTrigger,
-};
-use agenthome::store::{create_table, DynamoStore, UserStore};
-use agenthome_tests::events::{http, response_parts, Auth};
-use agenthome_tests::openapi;
-use agenthome_tests::stack::{admin, authorizer};
-use agenthome_tests::{unique_table_name, Emulator, Moto};
-use provision_fn::ProvisionService;
+use agenthome::store::UserStore;
+use agenthome_tests::events::Auth;
+use agenthome_tests::provision_stack::{alice, ProvisionStack as Stack};
+use agenthome_tests::stack::admin;
 use serde_json::{json, Value};
 use std::time::Duration;
-use tokio::sync::mpsc::UnboundedReceiver;
 
 const ADMIN: &str = "agenthome/admin";
-
-struct Stack {
-    emu: Emulator,
-    service: ProvisionService<DynamoStore, QueueTrigger>,
-    events: UnboundedReceiver<ProvisionEvent>,
-}
-
-async fn stack() -> Stack {
-    let emu = Emulator::start().await;
-    let moto = Moto::shared().await;
-    let client = moto.dynamodb_client().await;
-    let table = unique_table_name("routes");
-    create_table(&client, &table).await.unwrap();
-    let store = DynamoStore::new(client, table);
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let settings = ProvisionSettings::new(
-        MachineSpec {
-            vcpu: 1.0,
-            memory_mib: 1024,
-            storage_gib: 10,
-            autosleep: "30m".into(),
-        },
-        Bootstrap::new("echo bootstrapped >> ~/bootstrap.log", None),
-    );
-    let sweeper = agenthome::sweep::Sweeper::new(
-        std::sync::Arc::new(store.clone()),
-        &emu.client(),
-        agenthome::sweep::SweepSettings::default(),
-    );
-    let provisioner = Provisioner::new(store, emu.client(), QueueTrigger(tx), settings);
-    Stack {
-        emu,
-        service: ProvisionService {
-            provisioner,
-            sweeper,
-            auth: authorizer(AuthMode::Jwt),
-            fair_use: agenthome::entry::FairUse::OFF,
-            metrics: agenthome::metrics::Metrics::off(),
-        },
-        events: rx,
-    }
-}
-
-impl Stack {
-    /// Deliver a request to the provision function; the exchange must
-    /// conform to the API document.
-    async fn call(&self, method: &str, path: &str, auth: Auth<'_>) -> (u16, Value, Value) {
-        let event = http(method, path, None, auth);
-        let checked = openapi::check_event(openapi::Function::Provision, &event);
-        let resp = self
-            .service
-            .handle(event)
-            .await
-            .expect("HTTP events always get a response");
-        checked.assert_apigw_response(&resp);
-        response_parts(&resp)
-    }
-
-    /// Deliver every queued provision event to the worker, as Lambda would.
-    async fn drain_worker(&mut self) -> usize {
-        let mut n = 0;
-        while let Ok(ev) = self.events.try_recv() {
-            self.service
-                .handle(serde_json::to_value(&ev).unwrap())
-                .await
-                .expect("worker event handled");
-            n += 1;
-        }
-        n
-    }
-}
-
-fn alice() -> Auth<'static> {
-    Auth::Jwt {
-        sub: "alice",
-        scopes: &[],
-    }
-}
 
 #[tokio::test]
 async fn put_provisions_once_and_get_reports_without_waking() {
     // GIVEN a fresh stack
-    let mut s = stack().await;
+    let mut s = Stack::start().await;
     // WHEN alice PUTs her machine twice
     let (status, headers, body) = s.call("PUT", "/v1/users/alice/machine", alice()).await;
     assert_eq!(status, 202, "{body}");
@@ -160,9 +75,7 @@ async fn put_provisions_once_and_get_reports_without_waking() {
 
 #[tokio::test]
 async fn users_may_act_only_for_themselves_unless_admin() {
-    let mut s = stack().await;
-    s.call("PUT", "/v1/users/alice/machine", alice()).await;
-    s.drain_worker().await;
+    let s = Stack::with_alice().await;
     // GIVEN bob's token WHEN he reads or deletes alice's machine THEN 403
     let bob = Auth::Jwt {
         sub: "bob",
@@ -202,9 +115,7 @@ async fn users_may_act_only_for_themselves_unless_admin() {
 
 #[tokio::test]
 async fn delete_removes_machine_and_mapping_and_a_new_put_starts_fresh() {
-    let mut s = stack().await;
-    s.call("PUT", "/v1/users/alice/machine", alice()).await;
-    s.drain_worker().await;
+    let mut s = Stack::with_alice().await;
     let (_, _, body) = s.call("GET", "/v1/users/alice/machine", alice()).await;
     let first = body["machine_id"].as_str().unwrap().to_string();
 
@@ -247,7 +158,7 @@ async fn delete_removes_machine_and_mapping_and_a_new_put_starts_fresh() {
 
 #[tokio::test]
 async fn bad_input_is_a_4xx_problem_never_a_5xx_or_panic() {
-    let s = stack().await;
+    let s = Stack::start().await;
     let cases: &[(&str, &str, u16)] = &[
         ("GET", "/v1/users/-bad/machine", 400),
         ("GET", "/v1/users/a%2Fb/machine", 400),
@@ -295,9 +206,7 @@ async fn bad_input_is_a_4xx_problem_never_a_5xx_or_panic() {
 #[tokio::test]
 async fn sleep_now_sleeps_an_idle_machine_but_never_one_a_turn_holds() {
     use agenthome::store::LeasePurpose;
-    let mut s = stack().await;
-    s.call("PUT", "/v1/users/alice/machine", alice()).await;
-    s.drain_worker().await;
+    let s = Stack::with_alice().await;
     let store = s.service.provisioner.store();
     let now = agenthome::clock::now_ms();
 
@@ -361,9 +270,7 @@ async fn sleep_now_sleeps_an_idle_machine_but_never_one_a_turn_holds() {
 
 #[tokio::test]
 async fn sleep_now_inside_the_platform_hold_window_is_scheduled_not_lost() {
-    let mut s = stack().await;
-    s.call("PUT", "/v1/users/alice/machine", alice()).await;
-    s.drain_worker().await;
+    let s = Stack::with_alice().await;
     // GIVEN the platform refuses sleep for an hour after a wake
     s.emu.configure(json!({"hold_window_ms": 3_600_000})).await;
     // WHEN the conversation-ended sleep arrives

@@ -5,34 +5,15 @@
 
 use std::time::Duration;
 
-use agenthome::dedalus::{Client, CreateMachineRequest, Phase};
+use agenthome::dedalus::Client;
 use agenthome::runner::{
     read_completion, CommandRunner, ExecutionsRunner, RunnerError, TerminalRunner, Transport,
 };
-use agenthome_tests::Emulator;
+use agenthome_tests::fixtures::{emulator_with_machine_id, poll_until};
 use serde_json::json;
 use tokio::time::Instant;
 
 const T: Duration = Duration::from_secs(20);
-
-async fn running_machine(client: &Client) -> String {
-    let req = CreateMachineRequest {
-        vcpu: 1.0,
-        memory_mib: 1024,
-        storage_gib: 10,
-        autosleep: None,
-    };
-    let m = client.create_machine(&req, None).await.expect("create");
-    client
-        .wait_until(
-            &m.machine_id,
-            Phase::Running,
-            Instant::now() + Duration::from_secs(20),
-        )
-        .await
-        .expect("running");
-    m.machine_id
-}
 
 /// Runs the shared persistence script on `runner`: cwd, exported variables,
 /// exit codes, stderr.
@@ -85,9 +66,7 @@ async fn bash_history(client: &Client, machine: &str) -> String {
 
 #[tokio::test]
 async fn terminal_keeps_cwd_env_and_history_across_commands_and_reuse() {
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let machine = running_machine(&client).await;
+    let (_emu, client, machine) = emulator_with_machine_id(&[]).await;
 
     let (mut runner, tid) = TerminalRunner::open(&client, &machine, None)
         .await
@@ -146,9 +125,7 @@ async fn terminal_keeps_cwd_env_and_history_across_commands_and_reuse() {
 
 #[tokio::test]
 async fn executions_runner_keeps_cwd_env_and_history() {
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let machine = running_machine(&client).await;
+    let (_emu, client, machine) = emulator_with_machine_id(&[]).await;
     let mut runner = ExecutionsRunner::new(&client, &machine);
     assert_eq!(runner.transport(), Transport::Executions);
     persistence_steps(&mut runner, "ah-exec").await;
@@ -189,9 +166,7 @@ fn rss_kib() -> u64 {
 
 #[tokio::test]
 async fn terminal_truncates_a_5mb_output_within_bounded_memory() {
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let machine = running_machine(&client).await;
+    let (_emu, client, machine) = emulator_with_machine_id(&[]).await;
     let (mut runner, _) = TerminalRunner::open(&client, &machine, None)
         .await
         .expect("open");
@@ -233,9 +208,7 @@ async fn terminal_truncates_a_5mb_output_within_bounded_memory() {
 
 #[tokio::test]
 async fn still_running_command_leaves_a_marker_with_its_exit_code() {
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let machine = running_machine(&client).await;
+    let (_emu, client, machine) = emulator_with_machine_id(&[]).await;
     let (mut runner, tid) = TerminalRunner::open(&client, &machine, None)
         .await
         .expect("open");
@@ -271,17 +244,12 @@ async fn still_running_command_leaves_a_marker_with_its_exit_code() {
     assert_eq!(o2.output, "free\n");
 
     // The marker appears with the exit code; the log holds the output.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let code = loop {
-        if let Some(code) = read_completion(&client, &machine, &marker)
+    let code = poll_until(Duration::from_secs(15), "marker never appeared", || async {
+        read_completion(&client, &machine, &marker)
             .await
             .expect("read")
-        {
-            break code;
-        }
-        assert!(Instant::now() < deadline, "marker never appeared");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    })
+    .await;
     assert_eq!(code, 5);
     let log = marker.replace(".done", ".log");
     let o3 = other.run(&format!("cat ~/{log}"), T).await.expect("log");
@@ -297,9 +265,7 @@ async fn still_running_command_leaves_a_marker_with_its_exit_code() {
 
 #[tokio::test]
 async fn executions_still_running_mirrors_the_terminal() {
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let machine = running_machine(&client).await;
+    let (_emu, client, machine) = emulator_with_machine_id(&[]).await;
     let mut runner = ExecutionsRunner::new(&client, &machine);
     let o = runner
         .run("echo started; sleep 2; exit 4", Duration::from_millis(600))
@@ -308,25 +274,18 @@ async fn executions_still_running_mirrors_the_terminal() {
     assert!(o.still_running, "{o:?}");
     assert_eq!(o.exit_code, None);
     let marker = o.completion_marker.expect("marker");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(code) = read_completion(&client, &machine, &marker)
+    let code = poll_until(Duration::from_secs(15), "marker never appeared", || async {
+        read_completion(&client, &machine, &marker)
             .await
             .expect("read")
-        {
-            assert_eq!(code, 4);
-            break;
-        }
-        assert!(Instant::now() < deadline, "marker never appeared");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
+    assert_eq!(code, 4);
 }
 
 #[tokio::test]
 async fn dropped_websocket_mid_command_reconnects_and_reports_the_outcome() {
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let machine = running_machine(&client).await;
+    let (emu, client, machine) = emulator_with_machine_id(&[]).await;
     // The next stream connection is dropped (no close frame) after 300 ms:
     // the shell setup is done by then, the command below is mid-way.
     emu.inject_fault(json!({
@@ -363,9 +322,7 @@ async fn dropped_websocket_mid_command_reconnects_and_reports_the_outcome() {
 
 #[tokio::test]
 async fn closed_terminal_is_reported() {
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let machine = running_machine(&client).await;
+    let (_emu, client, machine) = emulator_with_machine_id(&[]).await;
     let (mut runner, tid) = TerminalRunner::open(&client, &machine, None)
         .await
         .expect("open");
@@ -393,9 +350,7 @@ async fn closed_terminal_is_reported() {
 
 #[tokio::test]
 async fn shell_exit_mid_command_is_terminal_closed_started() {
-    let emu = Emulator::start().await;
-    let client = emu.client();
-    let machine = running_machine(&client).await;
+    let (_emu, client, machine) = emulator_with_machine_id(&[]).await;
     let (mut runner, _) = TerminalRunner::open(&client, &machine, None)
         .await
         .expect("open");

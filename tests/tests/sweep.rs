@@ -21,6 +21,7 @@ use agenthome::store::{
     LeasePurpose, MachineState, MemoryStore, Power, UserRecord, UserStore,
 };
 use agenthome::sweep::{sleep_key, SweepSettings, Sweeper};
+use agenthome_tests::fixtures::{small, start_machine};
 use agenthome_tests::{unique_table_name, Emulator, Moto};
 use serde_json::json;
 use tokio::time::Instant;
@@ -56,24 +57,12 @@ fn deadline() -> Instant {
 
 async fn create_machine(client: &Client, autosleep: &str) -> String {
     let req = CreateMachineRequest {
-        vcpu: 1.0,
-        memory_mib: 1024,
-        storage_gib: 10,
         autosleep: Some(autosleep.to_owned()),
+        ..small()
     };
-    let m = client
-        .create_machine(&req, Some(&IdempotencyKey::new()))
+    start_machine(client, &req, Some(&IdempotencyKey::new()))
         .await
-        .expect("create machine");
-    client
-        .wait_until(
-            &m.machine_id,
-            Phase::Running,
-            Instant::now() + Duration::from_secs(20),
-        )
-        .await
-        .expect("machine running");
-    m.machine_id
+        .machine_id
 }
 
 /// A ready, awake user whose machine is running, last active at

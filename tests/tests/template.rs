@@ -301,6 +301,8 @@ const READ_BY_CODE: &[&str] = &[
     "METRICS_STACK",
     // functions/chat-turn/src/main.rs
     "RESPONSE_MODE",
+    // entry/first_turn.rs
+    "FIRST_TURN_WAIT",
     // sweep/settings.rs
     "SWEEP_CONCURRENCY",
     "RECONCILE_EVERY",

@@ -11,13 +11,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use agenthome::agent::{Agent, AgentOptions, LlmClient, LlmConfig};
-use agenthome::clock::now_ms;
-use agenthome::config::Secret;
-use agenthome::store::{AcquireOutcome, LeasePurpose, UserRecord, UserStore};
-use agenthome::turn::TurnSettings;
+use agenthome::agent::Agent;
+use agenthome::store::UserRecord;
+use agenthome_tests::fixtures::{
+    self, agent_stack, assert_lease_released, done, short_command_stack, short_lease_stack,
+    steal_lease, turn_losing_lease, wait_for_file,
+};
 use agenthome_tests::llm::{answer, scripted_llm, tool_call};
-use agenthome_tests::stack::{Reply, Stack, StackOptions};
+use agenthome_tests::stack::Stack;
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -26,67 +27,11 @@ use std::time::Duration;
 // ---------------------------------------------------------------------------
 
 fn llm_agent(base_url: &str) -> Agent {
-    let config = LlmConfig::new(
-        agenthome::dedalus::Url::parse(base_url).unwrap(),
-        Some(Secret::new("sk-test-races")),
-        "test-model",
-    );
-    Agent::llm(LlmClient::new(config).expect("llm client")).with_options(AgentOptions {
-        min_llm_time: Duration::from_millis(500),
-        ..AgentOptions::default()
-    })
-}
-
-/// A 200 turn result; panics with the body otherwise.
-fn done(r: &Reply) -> &Value {
-    assert_eq!(r.status, 200, "expected a turn result: {}", r.text);
-    &r.body
-}
-
-fn assert_lease_released(item: &UserRecord) {
-    assert!(
-        item.live_lease(now_ms()).is_none(),
-        "the turn lease is still live: {:?}",
-        item.lease
-    );
-}
-
-/// Another owner takes `user`'s lease, as if the turn's had expired (the
-/// store decides liveness by the `now` it is given).
-async fn steal_lease(s: &Stack, user: &str) {
-    let later = now_ms() + 3_600_000;
-    let taken = s
-        .store
-        .acquire_lease(
-            user,
-            "turn-intruder",
-            LeasePurpose::Turn,
-            later + 60_000,
-            later,
-        )
-        .await
-        .expect("acquire");
-    assert!(
-        matches!(taken, AcquireOutcome::Acquired(_)),
-        "the intruder took the lease: {taken:?}"
-    );
+    fixtures::llm_agent(base_url, "sk-test-races")
 }
 
 fn read_home(s: &Stack, machine_id: &str, file: &str) -> String {
     std::fs::read_to_string(s.home(machine_id).join(file)).unwrap_or_default()
-}
-
-/// Waits until a command created `file` in the machine's home.
-async fn wait_for_file(s: &Stack, machine_id: &str, file: &str) {
-    let path = s.home(machine_id).join(file);
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !path.exists() {
-        assert!(
-            tokio::time::Instant::now() < give_up,
-            "{file} never appeared"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -119,12 +64,7 @@ async fn a_turn_that_lost_its_lease_stops_before_the_next_command() {
     .await;
     let machine_id = s.ready_user("alice").await;
     // WHEN another owner takes the lease while the first command runs
-    let turn = s.turn("alice", "run both");
-    let intruder = async {
-        wait_for_file(&s, &machine_id, "c1-started").await;
-        steal_lease(&s, "alice").await;
-    };
-    let (r, ()) = tokio::join!(turn, intruder);
+    let r = turn_losing_lease(&s, "alice", "run both", &machine_id, "c1-started").await;
     // THEN the turn stops cleanly before the second command: the reply says
     // so and the status reflects it
     let body = done(&r);
@@ -189,15 +129,7 @@ async fn a_turn_that_lost_its_lease_while_waking_runs_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_turn_stops_renewing_its_lease() {
     // GIVEN a short turn lease (1.5 s, renewed every 0.5 s)
-    let s = Stack::start_with(StackOptions {
-        settings: TurnSettings {
-            lease_ttl: Duration::from_millis(1500),
-            command_timeout: Duration::from_secs(30),
-            ..TurnSettings::default()
-        },
-        ..StackOptions::default()
-    })
-    .await;
+    let s = short_lease_stack().await;
     s.ready_user("alice").await;
     // WHEN a turn's task dies mid-command (dropped, as a panic unwinds it)
     let cut = tokio::time::timeout(Duration::from_secs(2), s.turn("alice", "sleep 20")).await;
@@ -218,14 +150,7 @@ async fn a_cancelled_turn_stops_renewing_its_lease() {
 async fn an_earlier_running_command_keeps_its_hold_when_a_later_one_ends() {
     // GIVEN two turns that each leave a command running (1 s timeout): the
     // first for 8 s, the second for 2 s
-    let s = Stack::start_with(StackOptions {
-        settings: TurnSettings {
-            command_timeout: Duration::from_secs(1),
-            ..TurnSettings::default()
-        },
-        ..StackOptions::default()
-    })
-    .await;
+    let s = short_command_stack().await;
     let machine_id = s.ready_user("alice").await;
     let first = s.turn("alice", "sleep 8; echo first > ~/first.txt").await;
     let first_marker = done(&first)["steps"][0]["completion_marker"]
@@ -279,14 +204,7 @@ async fn ready_terminals(s: &Stack, machine_id: &str) -> Vec<String> {
 async fn terminals_left_busy_by_earlier_turns_do_not_pile_up() {
     // GIVEN turns whose command outlives its 1 s timeout, one after another
     // (each finds the shell busy and needs another terminal)
-    let s = Stack::start_with(StackOptions {
-        settings: TurnSettings {
-            command_timeout: Duration::from_secs(1),
-            ..TurnSettings::default()
-        },
-        ..StackOptions::default()
-    })
-    .await;
+    let s = short_command_stack().await;
     let machine_id = s.ready_user("alice").await;
     for i in 0..5 {
         let r = s.turn("alice", &format!("sleep 3; echo {i}")).await;
@@ -342,11 +260,7 @@ async fn a_long_heredoc_typed_while_the_shell_is_busy_arrives_whole() {
         answer("Written."),
     ])
     .await;
-    let s = Stack::start_with(StackOptions {
-        agent: llm_agent(&base),
-        ..StackOptions::default()
-    })
-    .await;
+    let s = agent_stack(llm_agent(&base)).await;
     let machine_id = s.ready_user("alice").await;
     // WHEN the turn runs both
     let r = s.turn("alice", "write the big file").await;
@@ -389,11 +303,7 @@ async fn a_machine_process_reading_the_busy_file_cannot_end_a_command_early() {
 async fn only_agenthomes_own_memory_lines_reach_the_prompt() {
     // GIVEN a memory file holding one real summary line and foreign ones
     let (base, script) = scripted_llm(vec![answer("Hello.")]).await;
-    let s = Stack::start_with(StackOptions {
-        agent: llm_agent(&base),
-        ..StackOptions::default()
-    })
-    .await;
+    let s = agent_stack(llm_agent(&base)).await;
     let machine_id = s.ready_user("alice").await;
     let real_id = "0123456789abcdef0123456789abcdef";
     let real = agenthome::turn::summary_line(
@@ -444,19 +354,10 @@ async fn a_lease_lost_after_the_agent_ran_keeps_the_turn_result() {
         answer("Both ran."),
     ])
     .await;
-    let s = Stack::start_with(StackOptions {
-        agent: llm_agent(&base),
-        ..StackOptions::default()
-    })
-    .await;
+    let s = agent_stack(llm_agent(&base)).await;
     let machine_id = s.ready_user("alice").await;
     // WHEN the lease is lost while the last command runs
-    let turn = s.turn("alice", "run them");
-    let intruder = async {
-        wait_for_file(&s, &machine_id, "c2-started").await;
-        steal_lease(&s, "alice").await;
-    };
-    let (r, ()) = tokio::join!(turn, intruder);
+    let r = turn_losing_lease(&s, "alice", "run them", &machine_id, "c2-started").await;
     // THEN the turn result still comes back (storing the new terminal
     // failed, which costs only its reuse)
     let body = done(&r);

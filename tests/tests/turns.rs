@@ -9,13 +9,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use agenthome::agent::{Agent, AgentOptions, LlmClient, LlmConfig};
 use agenthome::clock::now_ms;
-use agenthome::config::Secret;
 use agenthome::runner::Transport;
-use agenthome::store::UserRecord;
 use agenthome::turn::{TurnSettings, TURNS_FILE};
 use agenthome_tests::events::{http, Auth};
+use agenthome_tests::fixtures::{
+    assert_lease_released, done, llm_agent, secret_key, short_lease_stack,
+};
 use agenthome_tests::llm::{answer, scripted_llm, tool_call};
 use agenthome_tests::stack::{admin, jwt, Reply, Stack, StackOptions};
 use serde_json::{json, Value};
@@ -25,37 +25,6 @@ use tokio::time::Instant;
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-fn llm_agent(base_url: &str, key: &str) -> Agent {
-    let config = LlmConfig::new(
-        agenthome::dedalus::Url::parse(base_url).unwrap(),
-        Some(Secret::new(key)),
-        "test-model",
-    );
-    Agent::llm(LlmClient::new(config).expect("llm client")).with_options(AgentOptions {
-        min_llm_time: Duration::from_millis(500),
-        ..AgentOptions::default()
-    })
-}
-
-fn secret_key() -> String {
-    format!("sk-test-SECRET-{}", uuid::Uuid::now_v7().simple())
-}
-
-/// A 200 turn result; panics with the body otherwise.
-fn done(r: &Reply) -> &Value {
-    assert_eq!(r.status, 200, "expected a turn result: {}", r.text);
-    &r.body
-}
-
-/// The turn lease is gone (absent or expired).
-fn assert_lease_released(item: &UserRecord) {
-    assert!(
-        item.live_lease(now_ms()).is_none(),
-        "the turn lease is still live: {:?}",
-        item.lease
-    );
-}
 
 fn assert_problem(r: &Reply, status: u16) {
     assert_eq!(r.status, status, "{}", r.text);
@@ -707,15 +676,7 @@ async fn bad_input_is_a_4xx_problem_and_never_provisions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_turn_lease_is_renewed_while_a_long_turn_runs() {
     // GIVEN a short turn lease (1.5 s, renewed every 0.5 s)
-    let s = Stack::start_with(StackOptions {
-        settings: TurnSettings {
-            lease_ttl: Duration::from_millis(1500),
-            command_timeout: Duration::from_secs(30),
-            ..TurnSettings::default()
-        },
-        ..StackOptions::default()
-    })
-    .await;
+    let s = short_lease_stack().await;
     s.ready_user("alice").await;
     // WHEN a turn runs for 4 s and another arrives after 2.5 s (past the first lease)
     let long = s.turn("alice", "sleep 4; echo long >> ~/order.txt");

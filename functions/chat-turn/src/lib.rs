@@ -5,11 +5,13 @@
 
 use agenthome::agent::{AgentError, AgentStatus};
 use agenthome::api::{Problem, ProblemCode, TurnRequest};
-use agenthome::entry::{self, Authorizer, AwakeBudget, FairUse, Route};
+use agenthome::clock::now_ms;
+use agenthome::entry::first_turn::{idempotency_key, request_hash};
+use agenthome::entry::{self, Authorizer, AwakeBudget, FairUse, FirstTurn, Route, Waited};
 use agenthome::metrics::{self, Metrics, Tally, TURN_LINE};
-use agenthome::provision::WorkerTrigger;
+use agenthome::provision::{ProvisionError, WorkerTrigger};
 use agenthome::runner::Transport;
-use agenthome::store::UserStore;
+use agenthome::store::{StageReader, TurnKeyBegin, TurnKeys, UserStore};
 use agenthome::turn::{
     MachineStage, NoEvents, TurnError, TurnEvent, TurnEvents, TurnOutcome, TurnService,
 };
@@ -45,6 +47,8 @@ pub struct ChatTurnService<S, T> {
     pub heartbeat: Duration,
     /// Where each turn's metric line goes.
     pub metrics: Metrics,
+    /// How a first message waits for its machine (`FIRST_TURN_WAIT`).
+    pub first_turn: FirstTurn,
 }
 
 /// The default [`ChatTurnService::heartbeat`].
@@ -55,23 +59,211 @@ struct Prepared {
     user: String,
     request: TurnRequest,
     deadline: Instant,
+    /// When the request arrived.
+    started: Instant,
+    /// The invocation's end minus the margin, when the runtime gave one.
+    invocation_end: Option<Instant>,
+    /// The `Idempotency-Key` header.
+    key: Option<String>,
+}
+
+/// The idempotency key a turn runs under (`runner`: this attempt's claim).
+struct Keyed {
+    key: String,
+    runner: String,
 }
 
 impl<S, T> ChatTurnService<S, T>
 where
-    S: UserStore + Clone + 'static,
+    S: UserStore + StageReader + TurnKeys + Clone + 'static,
     T: WorkerTrigger,
 {
     /// Handle one request; every failure is a problem response.
     pub async fn handle(&self, req: &Request) -> Response<Body> {
-        match self.prepare(req).await {
-            Ok(p) => {
-                let user = p.user.clone();
-                let result = self.run_measured(p, &NoEvents, "json").await;
-                self.after_turn(&user).await;
-                respond(&user, result)
+        let p = match self.prepare(req).await {
+            Ok(p) => p,
+            Err(p) => return entry::problem(&p),
+        };
+        let keyed = match self.begin_key(&p).await {
+            Ok(keyed) => keyed,
+            Err(resp) => return resp,
+        };
+        let user = p.user.clone();
+        let hash = request_hash(&p.request);
+        let result = self.run_measured(p, &NoEvents, "json", false).await;
+        self.after_turn(&user).await;
+        let turn_key = self.end_key(&user, &hash, keyed, &result).await;
+        respond(&user, result, turn_key.as_deref())
+    }
+
+    /// Claim the request's idempotency key, if it has one; a key already
+    /// used answers here (the stored result, 409 while it runs, 422 for
+    /// another body).
+    async fn begin_key(&self, p: &Prepared) -> Result<Option<Keyed>, Response<Body>> {
+        let Some(key) = p.key.clone() else {
+            return Ok(None);
+        };
+        let store = self.turns.provisioner().store();
+        let now = now_ms();
+        // The claim outlives this request's longest run (a wait, then the
+        // turn), so a crashed request frees the key by itself.
+        let longest = self.first_turn.stream_wait.max(self.first_turn.wait) + self.turn_deadline;
+        let run_until = now + millis(longest + self.margin);
+        let hash = request_hash(&p.request);
+        match store.begin_turn_key(&p.user, &key, &hash, run_until, now).await {
+            Ok(TurnKeyBegin::Run { runner }) => Ok(Some(Keyed { key, runner })),
+            Ok(TurnKeyBegin::Replay { response }) => Err(replay(response)),
+            Ok(TurnKeyBegin::Running { retry_after }) => Err(entry::problem(
+                &Problem::of(
+                    ProblemCode::TurnInProgress,
+                    "a turn with this Idempotency-Key is running; retry after it finishes",
+                )
+                .with_retry_after(retry_after.clamp(Duration::from_secs(1), Duration::from_secs(60))),
+            )),
+            Ok(TurnKeyBegin::Mismatch) => Err(entry::problem(&Problem::of(
+                ProblemCode::IdempotencyKeyReused,
+                "this Idempotency-Key was used with a different message or history; use a new key for a new message",
+            ))),
+            Err(e) => Err(entry::problem(&key_store_problem(&p.user, &e))),
+        }
+    }
+
+    /// Settle the key after the turn: a finished turn's result is stored
+    /// under it; otherwise it is released, so sending the message again
+    /// runs it. A `202` without a key gets a fresh one (returned), which
+    /// the product sends back as `Idempotency-Key`.
+    async fn end_key(
+        &self,
+        user: &str,
+        hash: &str,
+        keyed: Option<Keyed>,
+        result: &Result<TurnOutcome, TurnError>,
+    ) -> Option<String> {
+        let store = self.turns.provisioner().store();
+        let now = now_ms();
+        let provisioning = matches!(result, Ok(TurnOutcome::Provisioning { .. }));
+        let Some(Keyed { key, runner }) = keyed else {
+            if provisioning {
+                return self.fresh_key(user, hash).await;
             }
-            Err(p) => entry::problem(&p),
+            return None;
+        };
+        let settled = match result {
+            Ok(TurnOutcome::Done(r)) => {
+                store
+                    .finish_turn_key(user, &key, &runner, &stored_result(r), now)
+                    .await
+            }
+            _ => store.release_turn_key(user, &key, &runner, now).await,
+        };
+        match settled {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(user_id = user, "the turn key was taken over meanwhile"),
+            Err(e) => {
+                tracing::warn!(user_id = user, error = %e, "could not settle the turn key; it frees itself")
+            }
+        }
+        provisioning.then_some(key)
+    }
+
+    /// A new `pending` key for a message that got `202` without one (None
+    /// if it could not be stored: the `202` then names no key).
+    async fn fresh_key(&self, user: &str, hash: &str) -> Option<String> {
+        let store = self.turns.provisioner().store();
+        let now = now_ms();
+        let key = agenthome::store::turn_keys::new_turn_key();
+        let registered = match store.begin_turn_key(user, &key, hash, now, now).await {
+            Ok(TurnKeyBegin::Run { runner }) => {
+                store.release_turn_key(user, &key, &runner, now).await
+            }
+            Ok(other) => {
+                tracing::warn!(user_id = user, ?other, "a fresh turn key was not new");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        };
+        match registered {
+            Ok(true) => Some(key),
+            Ok(false) => None,
+            Err(e) => {
+                tracing::warn!(user_id = user, error = %e, "could not register a turn key");
+                None
+            }
+        }
+    }
+
+    /// Run the turn; a turn that found no ready machine waits for the
+    /// provisioning it started (as long as the request's time allows) and
+    /// then runs.
+    async fn run_waiting(
+        &self,
+        p: &Prepared,
+        sink: &dyn TurnEvents,
+        streaming: bool,
+    ) -> Result<TurnOutcome, TurnError> {
+        let mut deadline = p.deadline;
+        let mut waited = false;
+        loop {
+            let result = self
+                .turns
+                .run_counted(
+                    &p.user,
+                    p.request.clone(),
+                    deadline,
+                    sink,
+                    self.fair_use.turns_per_minute,
+                )
+                .await;
+            let Ok(TurnOutcome::Provisioning {
+                record,
+                retry_after,
+            }) = result
+            else {
+                return result;
+            };
+            let store = self.turns.provisioner().store();
+            let until = match self.first_turn.wait_until(p.started, deadline, streaming) {
+                Some(until) if !waited => until,
+                _ => {
+                    let retry_after = self
+                        .first_turn
+                        .retry_after_now(store, &p.user, retry_after)
+                        .await;
+                    return Ok(TurnOutcome::Provisioning {
+                        record,
+                        retry_after,
+                    });
+                }
+            };
+            waited = true;
+            match self
+                .first_turn
+                .wait(store, &p.user, until, p.started, sink)
+                .await?
+            {
+                Waited::Ready => {}
+                Waited::Failed(rec) => {
+                    return Err(TurnError::Provision(ProvisionError::Failed {
+                        message: rec
+                            .last_error
+                            .unwrap_or_else(|| "provisioning failed".to_string()),
+                    }))
+                }
+                Waited::Destroying => return Ok(TurnOutcome::Destroying),
+                Waited::Pending(view) => {
+                    let retry_after = self.first_turn.retry_after(&view, now_ms());
+                    return Ok(TurnOutcome::Provisioning {
+                        record: Box::new(view.record),
+                        retry_after,
+                    });
+                }
+            }
+            if streaming {
+                // The turn gets its own time after the wait, within the
+                // invocation.
+                let fresh = Instant::now() + self.turn_deadline;
+                deadline = p.invocation_end.map_or(fresh, |end| end.min(fresh));
+            }
         }
     }
 
@@ -82,16 +274,11 @@ where
         p: Prepared,
         sink: &dyn TurnEvents,
         mode: &'static str,
+        streaming: bool,
     ) -> Result<TurnOutcome, TurnError> {
         let seen = Seen::new(sink);
         // Boxed: the turn's future is deep; the caller's stays small.
-        let run = Box::pin(self.turns.run_counted(
-            &p.user,
-            p.request,
-            p.deadline,
-            &seen,
-            self.fair_use.turns_per_minute,
-        ));
+        let run = Box::pin(self.run_waiting(&p, &seen, streaming));
         let (result, tally) = metrics::tallied(run).await;
         let mut doc = turn_line(&self.metrics, &result, &seen, tally);
         doc.property("user_id", p.user.as_str())
@@ -127,19 +314,24 @@ where
                 .admit(self.turns.provisioner().store(), &user)
                 .await?;
         }
+        let key = idempotency_key(req)?;
         let budget = self.budget(req);
         tracing::debug!(user_id = %user, budget_ms = budget.as_millis() as u64, "turn budget");
+        let started = Instant::now();
         Ok(Prepared {
             user: user.as_str().to_string(),
             request,
-            deadline: Instant::now() + budget,
+            deadline: started + budget,
+            started,
+            invocation_end: entry::time_left(req, self.margin).map(|left| started + left),
+            key,
         })
     }
 }
 
 impl<S, T> ChatTurnService<S, T>
 where
-    S: UserStore + Clone + Send + Sync + 'static,
+    S: UserStore + StageReader + TurnKeys + Clone + Send + Sync + 'static,
     T: WorkerTrigger + 'static,
 {
     /// The streaming entry point (`RESPONSE_MODE=streaming`, a Function URL
@@ -164,15 +356,21 @@ where
             Ok(p) => p,
             Err(p) => return full(entry::problem(&p)),
         };
+        let keyed = match self.begin_key(&p).await {
+            Ok(keyed) => keyed,
+            Err(resp) => return full(resp),
+        };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let service = Arc::clone(&self);
         let user = p.user.clone();
         let task_user = p.user.clone();
+        let hash = request_hash(&p.request);
         let mut task = tokio::spawn(async move {
-            let result = service.run_measured(p, &tx, "stream").await;
+            let result = service.run_measured(p, &tx, "stream", true).await;
             drop(tx);
             service.after_turn(&task_user).await;
-            result
+            let turn_key = service.end_key(&task_user, &hash, keyed, &result).await;
+            (result, turn_key)
         });
         let mut first = VecDeque::new();
         loop {
@@ -190,7 +388,7 @@ where
                 None => {
                     // Ended before streaming began: the plain response.
                     return full(match (&mut task).await {
-                        Ok(result) => respond(&user, result),
+                        Ok((result, turn_key)) => respond(&user, result, turn_key.as_deref()),
                         Err(e) => entry::problem(&task_failed(&e)),
                     });
                 }
@@ -231,7 +429,7 @@ where
                 // returning); its failure, if any, is the last event.
                 let task = st.task.take()?;
                 let problem = match task.await {
-                    Ok(result) => stream_problem(&st.user, result),
+                    Ok((result, turn_key)) => stream_problem(&st.user, result, turn_key.as_deref()),
                     Err(e) => Some(task_failed(&e)),
                 };
                 if let Some(problem) = problem {
@@ -250,11 +448,15 @@ where
     }
 }
 
+/// A turn's task's end: the turn's outcome and the idempotency key a
+/// `202` hands out.
+type Finished = (Result<TurnOutcome, TurnError>, Option<String>);
+
 struct StreamState {
     pending: VecDeque<Bytes>,
     rx: tokio::sync::mpsc::UnboundedReceiver<TurnEvent>,
     rx_open: bool,
-    task: Option<JoinHandle<Result<TurnOutcome, TurnError>>>,
+    task: Option<JoinHandle<Finished>>,
     heartbeat: tokio::time::Interval,
     user: String,
 }
@@ -303,7 +505,7 @@ impl TurnEvents for Seen<'_> {
                 MachineStage::Ready => {
                     let _ = self.ready_ms.set(*elapsed_ms);
                 }
-                MachineStage::Provisioning | MachineStage::Woke => {}
+                _ => {}
             },
             TurnEvent::StepStarted { .. } => {
                 let elapsed = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -461,39 +663,107 @@ impl Answer {
     }
 }
 
-/// The response of a turn (the plain JSON path).
-fn respond(user: &str, result: Result<TurnOutcome, TurnError>) -> Response<Body> {
+/// The response of a turn (the plain JSON path); `turn_key` is the
+/// idempotency key a `202` asks the product to send the message again with.
+fn respond(
+    user: &str,
+    result: Result<TurnOutcome, TurnError>,
+    turn_key: Option<&str>,
+) -> Response<Body> {
     match Answer::of(user, result) {
         Answer::Done(result) => entry::json(200, &result, None),
         Answer::Provisioning {
             record,
             retry_after,
-        } => entry::json(
-            202,
-            &json!({
+        } => {
+            let mut body = json!({
                 "status": "provisioning",
                 "state": record.state,
                 "machine_id": record.machine_id,
-                "retry_after_s": retry_after.as_secs().max(1),
-                "detail": "the user's machine is being prepared; send the message again after Retry-After",
-            }),
-            Some(retry_after),
-        ),
+                "retry_after_s": retry_after.as_millis().div_ceil(1000).max(1),
+                "detail": resend_detail(turn_key),
+            });
+            if let Some(key) = turn_key {
+                body["turn_id"] = json!(key);
+            }
+            entry::json(202, &body, Some(retry_after))
+        }
         Answer::Problem(p) => entry::problem(&p),
     }
 }
 
+/// What a `202` (or a stream's last event) tells the product to do.
+fn resend_detail(turn_key: Option<&str>) -> String {
+    match turn_key {
+        Some(key) => format!(
+            "the user's machine is being prepared; send the message again after Retry-After with the header `Idempotency-Key: {key}` (it runs once)"
+        ),
+        None => "the user's machine is being prepared; send the message again after Retry-After"
+            .to_string(),
+    }
+}
+
+/// A stored turn result, returned again for a repeated `Idempotency-Key`.
+fn replay(response: String) -> Response<Body> {
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .header("cache-control", "no-store")
+        .body(Body::Text(response))
+        .unwrap_or_else(|_| entry::problem(&Problem::internal("the response could not be built")))
+}
+
+/// Longest turn result stored under a key (bytes); the table's items stay
+/// below DynamoDB's 400 KB.
+const MAX_STORED_RESULT: usize = 300 * 1024;
+
+/// The result as stored under its key: the whole JSON, or — when it is too
+/// large — the same with the steps' output left out (`truncated`).
+fn stored_result(r: &agenthome::turn::TurnResult) -> String {
+    let whole = serde_json::to_string(r).unwrap_or_default();
+    if whole.len() <= MAX_STORED_RESULT {
+        return whole;
+    }
+    let mut slim = r.clone();
+    for step in &mut slim.steps {
+        step.output.clear();
+        step.truncated = true;
+    }
+    serde_json::to_string(&slim).unwrap_or_default()
+}
+
+/// A table failure while handling the idempotency key.
+fn key_store_problem(user: &str, e: &agenthome::store::StoreError) -> Problem {
+    tracing::warn!(user_id = user, error = %e, "turn key store failed");
+    match e {
+        agenthome::store::StoreError::InvalidArgument(m) => {
+            Problem::of(ProblemCode::InvalidIdempotencyKey, m.clone())
+        }
+        _ => Problem::of(
+            ProblemCode::TemporarilyUnavailable,
+            "a dependency is temporarily unavailable; retry shortly",
+        )
+        .with_retry_after(Duration::from_secs(2)),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// The `error` event ending a stream whose turn did not produce a result.
-fn stream_problem(user: &str, result: Result<TurnOutcome, TurnError>) -> Option<Problem> {
+fn stream_problem(
+    user: &str,
+    result: Result<TurnOutcome, TurnError>,
+    turn_key: Option<&str>,
+) -> Option<Problem> {
     match Answer::of(user, result) {
         Answer::Done(_) => None,
-        // The machine was lost during the turn and is being provisioned again.
+        // The machine is still being prepared (the wait ran out of time), or
+        // it was lost during the turn and is being provisioned again.
         Answer::Provisioning { retry_after, .. } => Some(
-            Problem::of(
-                ProblemCode::MachineProvisioning,
-                "the user's machine is being prepared; send the message again after Retry-After",
-            )
-            .with_retry_after(retry_after),
+            Problem::of(ProblemCode::MachineProvisioning, resend_detail(turn_key))
+                .with_retry_after(retry_after),
         ),
         Answer::Problem(p) => Some(p),
     }
@@ -584,6 +854,10 @@ pub fn turn_problem(user_id: &str, e: &TurnError) -> Problem {
 /// [`turn_problem`] without the log line.
 fn problem_of(e: &TurnError) -> Problem {
     match e {
+        TurnError::Provision(ProvisionError::Failed { message }) => Problem::of(
+            ProblemCode::ProvisioningFailed,
+            format!("the user's machine could not be prepared ({message}); sending the message again starts it again"),
+        ),
         TurnError::Agent(AgentError::Llm { source, .. }) => Problem::of(
             ProblemCode::LlmError,
             format!("the language model failed: {source}"),
@@ -619,6 +893,9 @@ mod tests {
             TurnError::MachineLost {
                 machine_id: "dm-1".into(),
             },
+            TurnError::Provision(ProvisionError::Failed {
+                message: "bootstrap failed".into(),
+            }),
             TurnError::Store(agenthome::store::StoreError::Malformed {
                 attribute: "state".into(),
                 message: "bad".into(),

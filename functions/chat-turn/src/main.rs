@@ -80,6 +80,7 @@ async fn main() -> Result<(), lambda_http::Error> {
         margin: Duration::from_secs(2),
         heartbeat: HEARTBEAT,
         metrics: Metrics::from_env()?,
+        first_turn: agenthome::entry::FirstTurn::from_env()?,
     };
     match mode {
         ResponseMode::Buffered => {

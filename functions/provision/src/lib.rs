@@ -322,6 +322,7 @@ fn error_kind(e: &ProvisionError) -> &'static str {
         ProvisionError::Bootstrap { .. } => "bootstrap",
         ProvisionError::Superseded(_) => "superseded",
         ProvisionError::OutOfTime => "out_of_time",
+        ProvisionError::Failed { .. } => "failed",
     }
 }
 

@@ -122,6 +122,12 @@ problem_codes! {
     AuthUnavailable = "auth_unavailable", 503, UPSTREAM, Some(RETRY_SOON);
     /// A query parameter is malformed.
     InvalidQuery = "invalid_query", 422, UNPROCESSABLE, None;
+    /// The `Idempotency-Key` header is malformed.
+    InvalidIdempotencyKey = "invalid_idempotency_key", 400, BAD_REQUEST, None;
+    /// An `Idempotency-Key` was sent again with another body.
+    IdempotencyKeyReused = "idempotency_key_reused", 422, UNPROCESSABLE, None;
+    /// The user's new machine could not be prepared.
+    ProvisioningFailed = "provisioning_failed", 503, UPSTREAM, Some(RETRY_SOON);
 }
 
 /// An error response: status, stable `code`, human `title` and `detail`, and

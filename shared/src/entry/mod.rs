@@ -5,10 +5,12 @@
 pub mod awake_budget;
 pub mod events;
 mod fair_use;
+pub mod first_turn;
 mod route;
 
 pub use awake_budget::AwakeBudget;
 pub use fair_use::FairUse;
+pub use first_turn::{FirstTurn, Waited};
 pub use route::{route, Route};
 
 use crate::api::jwt::{split_scopes, JwtError, JwtSettings, JwtVerifier};

@@ -144,6 +144,13 @@ pub enum ProvisionError {
     /// is left as it was (resumable) with the lease released.
     #[error("the worker's invocation ran out of time; the next run resumes")]
     OutOfTime,
+    /// A turn waiting for the machine saw provisioning end in `failed`;
+    /// `message` is the item's `last_error`. The next trigger resumes.
+    #[error("{message}")]
+    Failed {
+        /// Why (the item's `last_error`).
+        message: String,
+    },
 }
 
 impl ProvisionError {
@@ -152,7 +159,9 @@ impl ProvisionError {
         match self {
             ProvisionError::Store(e) => e.is_retryable(),
             ProvisionError::Dedalus(e) => e.is_retryable(),
-            ProvisionError::Trigger(_) | ProvisionError::OutOfTime => true,
+            ProvisionError::Trigger(_)
+            | ProvisionError::OutOfTime
+            | ProvisionError::Failed { .. } => true,
             ProvisionError::Bootstrap { .. } | ProvisionError::Superseded(_) => false,
         }
     }

@@ -469,6 +469,91 @@ impl Backend for DynamoStore {
     }
 }
 
+/// Raw item access (turn keys, the provisioning stage): the same request
+/// shapes as the typed operations, without decoding a [`UserRecord`].
+impl super::raw::RawItems for DynamoStore {
+    async fn get_raw(&self, user_id: &str) -> Result<Option<Item>> {
+        crate::metrics::table_call();
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(user_id)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| StoreError::from_sdk("get", e))?;
+        Ok(out.item)
+    }
+
+    async fn put_raw_if(
+        &self,
+        op: &'static str,
+        item: Item,
+        cond: Cond,
+    ) -> Result<std::result::Result<(), super::raw::RefusedRaw>> {
+        let mut expr = Expr::default();
+        let condition = expr.condition(&cond);
+        let (names, values) = expr.values();
+        crate::metrics::table_call();
+        let sent = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression(condition)
+            .set_expression_attribute_names(Some(names))
+            .set_expression_attribute_values(values)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match sent {
+            Ok(_) => Ok(Ok(())),
+            Err(err) => match err.as_service_error() {
+                Some(PutItemError::ConditionalCheckFailedException(c)) => {
+                    Ok(Err(c.item().cloned()))
+                }
+                _ => Err(StoreError::from_sdk(op, err)),
+            },
+        }
+    }
+
+    async fn update_raw(
+        &self,
+        op: &'static str,
+        user_id: &str,
+        update: Update,
+    ) -> Result<std::result::Result<Item, super::raw::RefusedRaw>> {
+        let mut expr = Expr::default();
+        let update_expression = expr.update(&update.actions);
+        let condition = expr.condition(&update.cond);
+        let (names, values) = expr.values();
+        crate::metrics::table_call();
+        let sent = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(user_id)))
+            .update_expression(update_expression)
+            .condition_expression(condition)
+            .set_expression_attribute_names(Some(names))
+            .set_expression_attribute_values(values)
+            .return_values(ReturnValue::AllNew)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match sent {
+            Ok(out) => Ok(Ok(out.attributes.unwrap_or_default())),
+            Err(err) => match err.as_service_error() {
+                Some(UpdateItemError::ConditionalCheckFailedException(c)) => {
+                    Ok(Err(c.item().cloned()))
+                }
+                _ => Err(StoreError::from_sdk(op, err)),
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -696,7 +696,11 @@ impl<B: Backend> UserStore for B {
                 Cond::Eq(attr::MACHINE_ID, s(machine_id)),
             ]),
         ]);
-        let actions = vec![Action::Set(attr::MACHINE_ID, s(machine_id))];
+        let mut actions = vec![Action::Set(attr::MACHINE_ID, s(machine_id))];
+        actions.extend(super::stage::stage_actions(
+            super::stage::ProvisionStage::Booting,
+            now_ms,
+        ));
         apply_or_conflict(self, "record_machine_id", user_id, cond, actions, now_ms).await
     }
 
@@ -711,10 +715,14 @@ impl<B: Backend> UserStore for B {
             Cond::Exists(attr::MACHINE_ID),
             state_in(&[MachineState::Provisioning, MachineState::Bootstrapping]),
         ]);
-        let actions = vec![Action::Set(
+        let mut actions = vec![Action::Set(
             attr::STATE,
             s(MachineState::Bootstrapping.as_str()),
         )];
+        actions.extend(super::stage::stage_actions(
+            super::stage::ProvisionStage::Bootstrapping,
+            now_ms,
+        ));
         apply_or_conflict(self, "mark_bootstrapping", user_id, cond, actions, now_ms).await
     }
 
@@ -742,6 +750,7 @@ impl<B: Backend> UserStore for B {
             Action::Remove(attr::LAST_ERROR),
         ];
         actions.extend(awake_actions(user_id, now_ms, self.awake_shards()));
+        actions.extend(super::stage::CLEAR_STAGE);
         apply_or_conflict(self, "mark_ready", user_id, cond, actions, now_ms).await
     }
 
@@ -787,6 +796,10 @@ impl<B: Backend> UserStore for B {
             Action::Set(attr::PROVISION_ATTEMPTS, n(0)),
         ];
         actions.extend(set_lease(lease));
+        actions.extend(super::stage::stage_actions(
+            super::stage::ProvisionStage::Claimed,
+            now_ms,
+        ));
         if let CreateKey::Replace(key) = &create_key {
             valid_create_key(key)?;
             conds.push(Cond::NotExists(attr::MACHINE_ID));
@@ -821,6 +834,14 @@ impl<B: Backend> UserStore for B {
         }
         let lease = Lease::new(owner, purpose.kind(), until_ms);
         let mut actions = set_lease(&lease).to_vec();
+        // The provisioning worker took over from the trigger: its next step
+        // is the create (a recorded machine reads as `booting`).
+        if purpose == LeasePurpose::Provision {
+            actions.extend(super::stage::stage_actions(
+                super::stage::ProvisionStage::Creating,
+                now_ms,
+            ));
+        }
         if matches!(purpose, LeasePurpose::Provision) {
             // The worker's run: one more attempt at this provisioning.
             actions.push(Action::Add(attr::PROVISION_ATTEMPTS, 1));

@@ -305,3 +305,57 @@ impl Backend for MemoryStore {
         self.awake_shards.unwrap_or(super::AWAKE_SHARDS)
     }
 }
+
+/// Raw item access (turn keys, the provisioning stage), with the same
+/// condition semantics as the typed operations.
+impl super::raw::RawItems for MemoryStore {
+    async fn get_raw(&self, key: &str) -> Result<Option<Item>> {
+        self.pause("get", key).await;
+        Ok(self.lock().get(key).cloned())
+    }
+
+    async fn put_raw_if(
+        &self,
+        op: &'static str,
+        item: Item,
+        cond: Cond,
+    ) -> Result<std::result::Result<(), super::raw::RefusedRaw>> {
+        let key = match item.get(attr::USER_ID) {
+            Some(AttributeValue::S(k)) if !k.is_empty() => k.clone(),
+            _ => {
+                return Err(StoreError::InvalidArgument(
+                    "item needs a non-empty string key".to_owned(),
+                ))
+            }
+        };
+        self.pause(op, &key).await;
+        let mut items = self.lock();
+        let current = items.get(&key).cloned().unwrap_or_default();
+        if !cond.eval(&current) {
+            return Ok(Err(items.get(&key).cloned()));
+        }
+        items.insert(key, item);
+        Ok(Ok(()))
+    }
+
+    async fn update_raw(
+        &self,
+        op: &'static str,
+        key: &str,
+        update: Update,
+    ) -> Result<std::result::Result<Item, super::raw::RefusedRaw>> {
+        self.pause(op, key).await;
+        let mut items = self.lock();
+        let current = items.get(key).cloned().unwrap_or_default();
+        if !update.cond.eval(&current) {
+            return Ok(Err(items.get(key).cloned()));
+        }
+        let mut next = current;
+        next.insert(attr::USER_ID.to_owned(), AttributeValue::S(key.to_owned()));
+        for action in &update.actions {
+            action.apply(&mut next);
+        }
+        items.insert(key.to_owned(), next.clone());
+        Ok(Ok(next))
+    }
+}

@@ -35,8 +35,11 @@ use std::future::Future;
 mod dynamo;
 mod engine;
 mod memory;
+mod raw;
 mod record;
+pub mod stage;
 pub mod table;
+pub mod turn_keys;
 
 pub use dynamo::DynamoStore;
 pub use memory::{MemoryStore, StoreHook};
@@ -45,6 +48,9 @@ pub use record::{
     TurnMarks, UserRecord,
 };
 pub use table::{create_table, shard_for, shard_in, ShardLayout, AWAKE_SHARDS};
+
+pub use stage::{ProvisionStage, StageReader, StageView};
+pub use turn_keys::{TurnKeyBegin, TurnKeys};
 
 /// Result of store operations.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

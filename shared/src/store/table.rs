@@ -97,6 +97,15 @@ pub mod attr {
     /// `last_active_at` as the last `begin_turn` found it (the activity
     /// before that turn: adaptive idle's gap).
     pub const PREV_ACTIVE_AT: &str = "prev_active_at";
+    /// Provisioning: the worker's current step (`claimed` · `creating` ·
+    /// `booting` · `bootstrapping`), written with the writes the worker
+    /// makes anyway; removed when the machine is ready.
+    pub const PROVISION_STAGE: &str = "provision_stage";
+    /// Provisioning: epoch ms the current `provision_stage` began.
+    pub const PROVISION_STAGE_AT: &str = "provision_stage_at";
+    /// Expiry (epoch seconds) of items that expire (turn idempotency
+    /// keys): the table's one TTL attribute.
+    pub const EXPIRES_AT: &str = "expires_at";
     /// Provisioning: runs of the worker that took the lease since the
     /// provisioning started (claim or restart reset it to 0).
     pub const PROVISION_ATTEMPTS: &str = "provision_attempts";

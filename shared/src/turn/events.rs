@@ -49,6 +49,27 @@ pub enum MachineStage {
     Ready,
     /// After a wake: what happened while it slept (`woke` has the facts).
     Woke,
+    /// A first message waits for provisioning: the item is claimed, the
+    /// worker has not started yet.
+    Claimed,
+    /// … the worker creates the machine.
+    Creating,
+    /// … the machine exists and is booting.
+    Booting,
+    /// … the machine runs its bootstrap script.
+    Bootstrapping,
+}
+
+impl From<crate::store::ProvisionStage> for MachineStage {
+    fn from(stage: crate::store::ProvisionStage) -> Self {
+        use crate::store::ProvisionStage as P;
+        match stage {
+            P::Claimed => MachineStage::Claimed,
+            P::Creating => MachineStage::Creating,
+            P::Booting => MachineStage::Booting,
+            P::Bootstrapping => MachineStage::Bootstrapping,
+        }
+    }
 }
 
 /// One progress event. Serialized adjacently tagged:
@@ -65,6 +86,9 @@ pub enum TurnEvent {
         phase: String,
         /// Since the turn started.
         elapsed_ms: u64,
+        /// While provisioning: time spent in this stage so far.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stage_elapsed_ms: Option<u64>,
         /// Stage `woke`: how long it slept, the interrupted commands, the
         /// post-wake hook.
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -224,6 +248,7 @@ impl<'a> EventObserver<'a> {
             stage,
             phase: phase.to_string(),
             elapsed_ms: super::millis(self.started.elapsed()),
+            stage_elapsed_ms: None,
             woke: None,
         });
     }
@@ -234,6 +259,7 @@ impl<'a> EventObserver<'a> {
             stage: MachineStage::Woke,
             phase: "running".to_string(),
             elapsed_ms: super::millis(self.started.elapsed()),
+            stage_elapsed_ms: None,
             woke: Some(Box::new(facts)),
         });
     }

@@ -1,39 +1,14 @@
 //! Helpers shared by the `client_*` integration tests.
 #![allow(dead_code)]
 
-use std::time::Duration;
-
-use agenthome::dedalus::{Client, CreateMachineRequest, Machine, Phase};
 use agenthome_tests::Emulator;
 use serde_json::Value;
-use tokio::time::Instant;
 
-/// A small machine request.
-pub fn small() -> CreateMachineRequest {
-    CreateMachineRequest {
-        vcpu: 1.0,
-        memory_mib: 1024,
-        storage_gib: 10,
-        autosleep: None,
-    }
-}
-
-/// A deadline `secs` from now.
-pub fn within(secs: u64) -> Instant {
-    Instant::now() + Duration::from_secs(secs)
-}
-
-/// Creates a machine and waits until it runs.
-pub async fn running_machine(client: &Client) -> Machine {
-    let m = client
-        .create_machine(&small(), None)
-        .await
-        .expect("create machine");
-    client
-        .wait_until(&m.machine_id, Phase::Running, within(20))
-        .await
-        .expect("machine reaches running")
-}
+#[allow(unused_imports)]
+pub use agenthome_tests::fixtures::{
+    connect, emulator_with_machine, next_non_output, run_shell, running_machine, sleep_and_wait,
+    small, start_machine, terminal, wake_and_wait, within,
+};
 
 /// The request-log entries for `method` on paths ending with `suffix`,
 /// logged after sequence number `since`.

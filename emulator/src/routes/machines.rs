@@ -4,17 +4,16 @@ use std::collections::HashMap;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
-use serde_json::json;
 
-use super::{if_match, json_response, machine_or_404, machine_response, mutation_response};
-use crate::app::AppRef;
-use crate::config::parse_autosleep;
+use super::{if_match, list_response, machine_or_404, machine_response, mutation_response};
 use crate::errors::{parse_json, ApiError};
 use crate::lifecycle::{self, MachineUpdate, NewMachine, SleepCause};
-use crate::pagination::{page_request, paginate};
+use crate::options::parse_autosleep;
+use crate::pagination::{page_request, window};
+use crate::server::AppRef;
 use crate::views;
 
 /// `autosleep` as a duration string (or, leniently, a number of seconds).
@@ -103,7 +102,7 @@ pub async fn list(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let page = page_request(&q, 50, 100)?;
-    let items: Vec<(u64, serde_json::Value)> = {
+    let items = {
         let st = app.state();
         let mut ms: Vec<_> = st
             .machines
@@ -111,23 +110,16 @@ pub async fn list(
             .filter(|m| m.phase != crate::state::Phase::Destroyed)
             .collect();
         ms.sort_by_key(|m| m.seq);
-        ms.into_iter()
-            .map(|m| (m.seq, views::list_item(m)))
-            .collect()
+        window(ms.into_iter().map(|m| (m.seq, m)), page, views::list_item)
     };
-    let (items, next) = paginate(items, page);
-    let mut body = json!({ "items": items });
-    if let Some(c) = next {
-        body["next_cursor"] = c.into();
-    }
-    Ok(json_response(StatusCode::OK, &body))
+    Ok(list_response(items, page))
 }
 
 pub async fn get_one(
     State(app): State<AppRef>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let m = machine_or_404(&app.state(), &id)?;
+    let m = machine_or_404(&app.state(), &id)?.clone();
     Ok(machine_response(&m, true))
 }
 

@@ -13,8 +13,8 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::watch;
 
 use super::machine_or_404;
-use crate::app::AppRef;
 use crate::errors::ApiError;
+use crate::server::AppRef;
 use crate::state::Phase;
 use crate::views;
 

@@ -7,13 +7,12 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
-use serde_json::json;
 
-use super::{json_response, machine_or_404, usable_machine};
-use crate::app::AppRef;
+use super::{check_env, json_response, list_of, record_or_404, usable_machine};
 use crate::errors::{parse_json, ApiError};
-use crate::pagination::{encode_cursor, page_request, paginate};
-use crate::runner::{self, ExecSpec};
+use crate::exec::{self, ExecSpec};
+use crate::pagination::{encode_cursor, page_body, page_request, paginate, window};
+use crate::server::AppRef;
 use crate::state::{ExecStatus, Execution, Phase};
 use crate::store::RecordKey;
 use crate::util::{execution_id, now_ms};
@@ -41,13 +40,7 @@ fn view_execution(
     execution_id: &str,
     view: impl FnOnce(&Execution) -> serde_json::Value,
 ) -> Result<serde_json::Value, ApiError> {
-    let st = app.state();
-    machine_or_404(&st, machine_id)?;
-    st.executions
-        .get(execution_id)
-        .filter(|e| e.machine_id == machine_id)
-        .map(view)
-        .ok_or_else(|| ApiError::not_found(format!("execution {execution_id} not found")))
+    record_or_404(&app.state(), machine_id, execution_id).map(view)
 }
 
 pub async fn create(
@@ -55,7 +48,19 @@ pub async fn create(
     Path(machine_id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let req: CreateExecutionBody = parse_json(&body)?;
+    let spec = exec_spec(parse_json(&body)?)?;
+    let id = execution_id();
+    let record = record_execution(&app, &id, &machine_id, &spec)?;
+    app.touch_activity(&machine_id);
+    exec::start(&app, id, machine_id, spec);
+    // The idempotency layer around every POST flushes this record together
+    // with the stored response (one write batch per request).
+    Ok(json_response(StatusCode::OK, &views::execution(&record)))
+}
+
+/// The request checked: a non-empty argv without NUL, a valid environment,
+/// a positive timeout.
+fn exec_spec(req: CreateExecutionBody) -> Result<ExecSpec, ApiError> {
     let command = req.command.unwrap_or_default();
     if command.is_empty() || command[0].is_empty() {
         return Err(ApiError::unprocessable(
@@ -68,68 +73,53 @@ pub async fn create(
         ));
     }
     let env = req.env.unwrap_or_default();
-    for (k, v) in &env {
-        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return Err(ApiError::unprocessable(format!(
-                "invalid environment variable {k:?}"
-            )));
-        }
-    }
+    check_env(&env)?;
     let timeout_ms = match req.timeout_ms {
         None => None,
         Some(t) if t > 0 => u64::try_from(t).ok(),
         Some(_) => return Err(ApiError::unprocessable("timeout_ms must be positive")),
     };
-    let id = execution_id();
-    let record = {
-        let mut st = app.state();
-        let m = usable_machine(&st, &machine_id)?;
-        let seq = st.next_seq();
-        let status = if m.phase == Phase::Running {
-            ExecStatus::Queued
-        } else {
-            ExecStatus::WakeInProgress
-        };
-        let mut e = Execution {
-            id: id.clone(),
-            machine_id: machine_id.clone(),
-            seq,
-            command: command.clone(),
-            cwd: req.cwd.clone().unwrap_or_else(|| "/root".to_owned()),
-            env_keys: env.keys().cloned().collect(),
-            status,
-            created_ms: now_ms(),
-            started_ms: None,
-            completed_ms: None,
-            exit_code: None,
-            signal: None,
-            error_code: None,
-            error_message: None,
-            stdout: Default::default(),
-            stderr: Default::default(),
-            events: Vec::new(),
-        };
-        e.set_status(status);
-        // The per-machine cap is enforced by the pruner, off this path.
-        st.insert_execution(e.clone());
-        e
+    Ok(ExecSpec {
+        command,
+        cwd: req.cwd,
+        env,
+        stdin: req.stdin,
+        timeout_ms,
+    })
+}
+
+/// Records a new execution of a usable machine: `queued` when it runs,
+/// else `wake_in_progress`.
+fn record_execution(
+    app: &AppRef,
+    id: &str,
+    machine_id: &str,
+    spec: &ExecSpec,
+) -> Result<Execution, ApiError> {
+    let mut st = app.state();
+    let phase = usable_machine(&st, machine_id)?.phase;
+    let seq = st.next_seq();
+    let status = if phase == Phase::Running {
+        ExecStatus::Queued
+    } else {
+        ExecStatus::WakeInProgress
     };
-    app.touch_activity(&machine_id);
-    runner::start(
-        &app,
-        id,
-        machine_id,
-        ExecSpec {
-            command,
-            cwd: req.cwd,
-            env,
-            stdin: req.stdin,
-            timeout_ms,
-        },
-    );
-    // The idempotency layer around every POST flushes this record together
-    // with the stored response (one write batch per request).
-    Ok(json_response(StatusCode::OK, &views::execution(&record)))
+    let mut e = Execution {
+        cwd: spec.cwd.clone().unwrap_or_else(|| "/root".to_owned()),
+        env_keys: spec.env.keys().cloned().collect(),
+        status,
+        ..Execution::new(
+            id.to_owned(),
+            machine_id.to_owned(),
+            seq,
+            spec.command.clone(),
+            now_ms(),
+        )
+    };
+    e.set_status(status);
+    // The per-machine cap is enforced by the pruner, off this path.
+    st.insert_execution(e.clone());
+    Ok(e)
 }
 
 pub async fn list(
@@ -137,22 +127,7 @@ pub async fn list(
     Path(machine_id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let page = page_request(&q, 50, 100)?;
-    let items = {
-        let st = app.state();
-        machine_or_404(&st, &machine_id)?;
-        // One more than the page, so `paginate` knows whether there is more.
-        st.executions_of(&machine_id, page.after)
-            .take(page.limit.saturating_add(1))
-            .map(|(seq, e)| (seq, views::execution(e)))
-            .collect::<Vec<_>>()
-    };
-    let (items, next) = paginate(items, page);
-    let mut body = json!({ "items": items });
-    if let Some(c) = next {
-        body["next_cursor"] = c.into();
-    }
-    Ok(json_response(StatusCode::OK, &body))
+    list_of(&app, &machine_id, &q, views::execution)
 }
 
 pub async fn get_one(
@@ -168,9 +143,7 @@ pub async fn delete(
     State(app): State<AppRef>,
     Path((machine_id, execution_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    view_execution(&app, &machine_id, &execution_id, |_| {
-        serde_json::Value::Null
-    })?;
+    record_or_404::<Execution>(&app.state(), &machine_id, &execution_id)?;
     let cancelled = {
         let mut st = app.state();
         let cancelled = st.executions.get_mut(&execution_id).is_some_and(|e| {
@@ -213,20 +186,12 @@ pub async fn events(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let page = page_request(&q, 100, 1000)?;
-    let items: Vec<(u64, serde_json::Value)> = {
+    let items = {
         let st = app.state();
-        machine_or_404(&st, &machine_id)?;
-        let e = st
-            .executions
-            .get(&execution_id)
-            .filter(|e| e.machine_id == machine_id)
-            .ok_or_else(|| ApiError::not_found(format!("execution {execution_id} not found")))?;
+        let e: &Execution = record_or_404(&st, &machine_id, &execution_id)?;
         let first = e.events.partition_point(|ev| ev.sequence <= page.after);
-        e.events[first..]
-            .iter()
-            .take(page.limit.saturating_add(1))
-            .map(|ev| (ev.sequence, views::event(e, ev)))
-            .collect()
+        let events = e.events[first..].iter().map(|ev| (ev.sequence, ev));
+        window(events, page, |ev| views::event(e, ev))
     };
     // Events keep coming while the execution runs, so a non-empty page
     // always carries a cursor to resume from; an empty page ends the walk.
@@ -237,9 +202,8 @@ pub async fn events(
         .take(page.limit)
         .last();
     let (items, _) = paginate(items, page);
-    let mut body = json!({ "items": items });
-    if let Some(seq) = last {
-        body["next_cursor"] = encode_cursor(seq).into();
-    }
-    Ok(json_response(StatusCode::OK, &body))
+    Ok(json_response(
+        StatusCode::OK,
+        &page_body(items, last.map(encode_cursor)),
+    ))
 }

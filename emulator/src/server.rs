@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{oneshot, watch};
 
-use crate::config::{Args, Drift, Timing};
 use crate::faults::FaultTable;
+use crate::options::{Args, Drift, Timing};
 use crate::reqlog::RequestLog;
 use crate::sandbox::Sandboxes;
 use crate::state::{Retention, State};

@@ -16,13 +16,12 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{json_response, machine_or_404, usable_machine};
-use crate::app::AppRef;
+use super::{check_env, json_response, list_of, record_or_404, usable_machine};
 use crate::errors::{parse_json, ApiError, DcsError};
 use crate::faults::DropWebSocket;
 use crate::lifecycle;
-use crate::pagination::{page_request, paginate};
 use crate::sandbox;
+use crate::server::AppRef;
 use crate::state::{Phase, TermStatus, Terminal};
 use crate::store::RecordKey;
 use crate::terminal::{self, Outbound, ShellSpec, TermSession};
@@ -54,84 +53,18 @@ fn dimension(v: i64, name: &str) -> Result<u16, ApiError> {
         .ok_or_else(|| ApiError::unprocessable(format!("{name} must be between 1 and 1000")))
 }
 
-fn terminal_or_404(
-    app: &AppRef,
-    machine_id: &str,
-    terminal_id: &str,
-) -> Result<Terminal, ApiError> {
-    let st = app.state();
-    machine_or_404(&st, machine_id)?;
-    st.terminals
-        .get(terminal_id)
-        .filter(|t| t.machine_id == machine_id)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(format!("terminal {terminal_id} not found")))
-}
-
 pub async fn create(
     State(app): State<AppRef>,
     Path(machine_id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let req: CreateTerminalBody = parse_json(&body)?;
-    let width = dimension(req.width, "width")?;
-    let height = dimension(req.height, "height")?;
-    let env = req.env.unwrap_or_default();
-    for (k, v) in &env {
-        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return Err(ApiError::unprocessable(format!(
-                "invalid environment variable {k:?}"
-            )));
-        }
-    }
-    let shell = req
-        .shell
-        .filter(|s| !s.trim().is_empty())
-        .unwrap_or_else(|| "/bin/bash".to_owned());
-    if shell.contains('\0') {
-        return Err(ApiError::unprocessable("invalid shell"));
-    }
-    let id = terminal_id();
-    let (record, running) = {
-        let mut st = app.state();
-        let m = usable_machine(&st, &machine_id)?;
-        let running = m.phase == Phase::Running;
-        let seq = st.next_seq();
-        let t = Terminal {
-            id: id.clone(),
-            machine_id: machine_id.clone(),
-            seq,
-            width,
-            height,
-            cwd: req.cwd,
-            shell,
-            env,
-            status: TermStatus::WakeInProgress,
-            created_ms: now_ms(),
-            ready_ms: None,
-            error_code: None,
-            error_message: None,
-        };
-        st.insert_terminal(t.clone());
-        (t, running)
-    };
+    let t = new_terminal(parse_json(&body)?, &machine_id)?;
+    let (record, running) = insert_terminal(&app, t)?;
     app.touch_activity(&machine_id);
     let record = if running {
         start_shell(&app, &record).await
     } else {
-        let task_app = app.clone();
-        let pending = record.clone();
-        tokio::spawn(async move {
-            match lifecycle::wait_until_running(&task_app, &pending.machine_id, WAKE_LIMIT).await {
-                Ok(()) => {
-                    start_shell(&task_app, &pending).await;
-                }
-                Err(msg) => {
-                    fail(&task_app, &pending.id, "MACHINE_UNAVAILABLE", &msg);
-                    task_app.persist().await;
-                }
-            }
-        });
+        start_when_awake(&app, record.clone());
         record
     };
     app.persist().await;
@@ -139,6 +72,65 @@ pub async fn create(
         StatusCode::OK,
         &views::terminal(&record, &app.base_url),
     ))
+}
+
+/// The request checked (size, environment, shell) as a terminal waiting
+/// for its shell; numbered when inserted.
+fn new_terminal(req: CreateTerminalBody, machine_id: &str) -> Result<Terminal, ApiError> {
+    let width = dimension(req.width, "width")?;
+    let height = dimension(req.height, "height")?;
+    let env = req.env.unwrap_or_default();
+    check_env(&env)?;
+    let shell = req
+        .shell
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "/bin/bash".to_owned());
+    if shell.contains('\0') {
+        return Err(ApiError::unprocessable("invalid shell"));
+    }
+    Ok(Terminal {
+        id: terminal_id(),
+        machine_id: machine_id.to_owned(),
+        seq: 0,
+        width,
+        height,
+        cwd: req.cwd,
+        shell,
+        env,
+        status: TermStatus::WakeInProgress,
+        created_ms: 0,
+        ready_ms: None,
+        error_code: None,
+        error_message: None,
+    })
+}
+
+/// Records a terminal of a usable machine; also says whether the machine
+/// runs (the shell can start now).
+fn insert_terminal(app: &AppRef, mut t: Terminal) -> Result<(Terminal, bool), ApiError> {
+    let mut st = app.state();
+    let running = usable_machine(&st, &t.machine_id)?.phase == Phase::Running;
+    t.seq = st.next_seq();
+    t.created_ms = now_ms();
+    st.insert_terminal(t.clone());
+    Ok((t, running))
+}
+
+/// Starts the shell once the machine runs (waking it), or fails the
+/// terminal when the machine does not come up.
+fn start_when_awake(app: &AppRef, pending: Terminal) {
+    let app = app.clone();
+    tokio::spawn(async move {
+        match lifecycle::wait_until_running(&app, &pending.machine_id, WAKE_LIMIT).await {
+            Ok(()) => {
+                start_shell(&app, &pending).await;
+            }
+            Err(msg) => {
+                fail(&app, &pending.id, "MACHINE_UNAVAILABLE", &msg);
+                app.persist().await;
+            }
+        }
+    });
 }
 
 fn fail(app: &AppRef, terminal_id: &str, code: &str, message: &str) {
@@ -206,28 +198,16 @@ pub async fn list(
     Path(machine_id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let page = page_request(&q, 50, 100)?;
-    let items = {
-        let st = app.state();
-        machine_or_404(&st, &machine_id)?;
-        st.terminals_of(&machine_id, page.after)
-            .take(page.limit.saturating_add(1))
-            .map(|(seq, t)| (seq, views::terminal(t, &app.base_url)))
-            .collect::<Vec<_>>()
-    };
-    let (items, next) = paginate(items, page);
-    let mut body = json!({ "items": items });
-    if let Some(c) = next {
-        body["next_cursor"] = c.into();
-    }
-    Ok(json_response(StatusCode::OK, &body))
+    list_of(&app, &machine_id, &q, |t: &Terminal| {
+        views::terminal(t, &app.base_url)
+    })
 }
 
 pub async fn get_one(
     State(app): State<AppRef>,
     Path((machine_id, terminal_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let t = terminal_or_404(&app, &machine_id, &terminal_id)?;
+    let t = record_or_404::<Terminal>(&app.state(), &machine_id, &terminal_id)?.clone();
     Ok(json_response(
         StatusCode::OK,
         &views::terminal(&t, &app.base_url),
@@ -239,7 +219,7 @@ pub async fn delete(
     State(app): State<AppRef>,
     Path((machine_id, terminal_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    terminal_or_404(&app, &machine_id, &terminal_id)?;
+    record_or_404::<Terminal>(&app.state(), &machine_id, &terminal_id)?;
     let changed = {
         let mut st = app.state();
         match st.terminals.get_mut(&terminal_id) {
@@ -260,7 +240,7 @@ pub async fn delete(
         app.notify();
         app.persist().await;
     }
-    let t = terminal_or_404(&app, &machine_id, &terminal_id)?;
+    let t = record_or_404::<Terminal>(&app.state(), &machine_id, &terminal_id)?.clone();
     Ok(json_response(
         StatusCode::OK,
         &views::terminal(&t, &app.base_url),
@@ -298,7 +278,7 @@ pub async fn connect(
     drop_after: Option<Extension<DropWebSocket>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let t = terminal_or_404(&app, &machine_id, &terminal_id)?;
+    let t = record_or_404::<Terminal>(&app.state(), &machine_id, &terminal_id)?.clone();
     if t.status != TermStatus::Ready {
         return Err(not_streamable(t.status));
     }
@@ -379,6 +359,58 @@ fn parse_client_text(text: &str) -> ClientFrame {
     }
 }
 
+/// The sending half of a terminal WebSocket.
+type Tx = futures_util::stream::SplitSink<WebSocket, Message>;
+
+/// Sends `data` as output frames of at most [`FRAME_MAX`] bytes; false once
+/// the client is gone.
+async fn send_output(tx: &mut Tx, data: &[u8]) -> bool {
+    for chunk in data.chunks(FRAME_MAX) {
+        if tx.send(output_frame(chunk)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// `{"type":"closed"}`, then a normal close.
+async fn send_closed(tx: &mut Tx) {
+    let _ = tx.send(closed_frame()).await;
+    let _ = tx.send(close_message(1000, "terminal closed")).await;
+}
+
+/// Writes client input to the shell (activity, for autosleep); an error
+/// frame when that fails.
+async fn input(app: &AppRef, session: &TermSession, tx: &mut Tx, bytes: &[u8]) {
+    app.touch_activity(&session.machine_id);
+    if let Err(e) = session.write_input(bytes).await {
+        let _ = tx
+            .send(error_frame("TERMINAL_WRITE_FAILED", &e.to_string()))
+            .await;
+    }
+}
+
+/// Acts on one text frame of the client: input, resize, ping, or an error
+/// frame for anything else.
+async fn on_text(app: &AppRef, session: &TermSession, tx: &mut Tx, text: &str) {
+    match parse_client_text(text) {
+        ClientFrame::Input(bytes) => input(app, session, tx, &bytes).await,
+        ClientFrame::Resize(w, h) => {
+            if let Err(e) = session.resize(w, h).await {
+                let _ = tx.send(error_frame("TERMINAL_RESIZE_FAILED", &e)).await;
+            } else {
+                resized(app, &session.terminal_id, w, h);
+            }
+        }
+        ClientFrame::Invalid(msg) => {
+            let _ = tx.send(error_frame("INVALID_MESSAGE", &msg)).await;
+        }
+        ClientFrame::Ignore => {}
+    }
+}
+
+/// One client connection: the backlog first, then shell output and client
+/// frames until either side ends (or an injected fault drops it).
 async fn serve_socket(
     app: AppRef,
     session: Arc<TermSession>,
@@ -395,16 +427,9 @@ async fn serve_socket(
     };
     tokio::pin!(drop_timer);
 
-    let mut ok = true;
-    for chunk in attached.backlog.chunks(FRAME_MAX) {
-        if tx.send(output_frame(chunk)).await.is_err() {
-            ok = false;
-            break;
-        }
-    }
+    let mut ok = send_output(&mut tx, &attached.backlog).await;
     if ok && attached.closed {
-        let _ = tx.send(closed_frame()).await;
-        let _ = tx.send(close_message(1000, "terminal closed")).await;
+        send_closed(&mut tx).await;
         ok = false;
     }
     while ok {
@@ -414,17 +439,9 @@ async fn serve_socket(
                 break;
             }
             out = attached.rx.recv() => match out {
-                Some(Outbound::Data(data)) => {
-                    for chunk in data.chunks(FRAME_MAX) {
-                        if tx.send(output_frame(chunk)).await.is_err() {
-                            ok = false;
-                            break;
-                        }
-                    }
-                }
+                Some(Outbound::Data(data)) => ok = send_output(&mut tx, &data).await,
                 Some(Outbound::Closed) => {
-                    let _ = tx.send(closed_frame()).await;
-                    let _ = tx.send(close_message(1000, "terminal closed")).await;
+                    send_closed(&mut tx).await;
                     break;
                 }
                 None => {
@@ -434,31 +451,8 @@ async fn serve_socket(
                 }
             },
             incoming = rx.next() => match incoming {
-                Some(Ok(Message::Text(text))) => match parse_client_text(text.as_str()) {
-                    ClientFrame::Input(bytes) => {
-                        app.touch_activity(&session.machine_id);
-                        if let Err(e) = session.write_input(&bytes).await {
-                            let _ = tx.send(error_frame("TERMINAL_WRITE_FAILED", &e.to_string())).await;
-                        }
-                    }
-                    ClientFrame::Resize(w, h) => {
-                        if let Err(e) = session.resize(w, h).await {
-                            let _ = tx.send(error_frame("TERMINAL_RESIZE_FAILED", &e)).await;
-                        } else {
-                            resized(&app, &session.terminal_id, w, h);
-                        }
-                    }
-                    ClientFrame::Invalid(msg) => {
-                        let _ = tx.send(error_frame("INVALID_MESSAGE", &msg)).await;
-                    }
-                    ClientFrame::Ignore => {}
-                },
-                Some(Ok(Message::Binary(bytes))) => {
-                    app.touch_activity(&session.machine_id);
-                    if let Err(e) = session.write_input(&bytes).await {
-                        let _ = tx.send(error_frame("TERMINAL_WRITE_FAILED", &e.to_string())).await;
-                    }
-                }
+                Some(Ok(Message::Text(text))) => on_text(&app, &session, &mut tx, text.as_str()).await,
+                Some(Ok(Message::Binary(bytes))) => input(&app, &session, &mut tx, &bytes).await,
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                 Some(Ok(_)) => {}
             },

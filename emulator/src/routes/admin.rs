@@ -10,10 +10,10 @@ use axum::response::Response;
 use serde_json::json;
 
 use super::json_response;
-use crate::app::AppRef;
-use crate::config::{ConfigPatch, Drift, Timing};
 use crate::errors::{parse_json, ApiError};
 use crate::faults::FaultSpec;
+use crate::options::{ConfigPatch, Drift, Timing};
+use crate::server::AppRef;
 use crate::store::RecordKey;
 
 pub async fn health() -> Response {
