@@ -201,6 +201,8 @@ fn chat(store: &Store, emu: &Emulator, tx: &QueueTrigger, agent: Agent) -> (Chat
         margin: Duration::from_secs(2),
         heartbeat: chat_turn_fn::HEARTBEAT,
         metrics,
+        // Warm turns only: a turn never waits for provisioning here.
+        first_turn: agenthome::entry::FirstTurn::new(Duration::ZERO),
     };
     (service, lines)
 }

@@ -13,12 +13,13 @@
 
 use agenthome::agent::Agent;
 use agenthome::store::UserRecord;
+use agenthome::turn::TurnSettings;
 use agenthome_tests::fixtures::{
     self, agent_stack, assert_lease_released, done, short_command_stack, short_lease_stack,
     steal_lease, turn_losing_lease, wait_for_file,
 };
 use agenthome_tests::llm::{answer, scripted_llm, tool_call};
-use agenthome_tests::stack::Stack;
+use agenthome_tests::stack::{Stack, StackOptions};
 use serde_json::{json, Value};
 use std::time::Duration;
 
