@@ -275,7 +275,7 @@ impl TurnStack {
         )
         .to_string();
         let req = lambda_http::request::from_str(&event).expect("API Gateway v2 event");
-        let resp = service.handle(&req).await;
+        let resp = Box::pin(service.handle(&req)).await;
         let text = match resp.body() {
             lambda_http::Body::Text(t) => t.clone(),
             lambda_http::Body::Binary(b) => String::from_utf8_lossy(b).into_owned(),

@@ -204,16 +204,16 @@ where
         let mut deadline = p.deadline;
         let mut waited = false;
         loop {
-            let result = self
-                .turns
-                .run_counted(
-                    &p.user,
-                    p.request.clone(),
-                    deadline,
-                    sink,
-                    self.fair_use.turns_per_minute,
-                )
-                .await;
+            // Boxed: the turn's future is deep, and this loop also holds
+            // the wait's.
+            let result = Box::pin(self.turns.run_counted(
+                &p.user,
+                p.request.clone(),
+                deadline,
+                sink,
+                self.fair_use.turns_per_minute,
+            ))
+            .await;
             let Ok(TurnOutcome::Provisioning {
                 record,
                 retry_after,
