@@ -5,7 +5,7 @@
 
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TableStatus,
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
     TimeToLiveSpecification,
 };
 use serde_json::{json, Value};
@@ -82,7 +82,7 @@ pub async fn create_table(
             return Err(StoreError::from_sdk("create_journal_table", err));
         }
     }
-    wait_active(client, table_name).await?;
+    crate::store::table::wait_active(client, table_name, "create_journal_table").await?;
     let ttl = TimeToLiveSpecification::builder()
         .attribute_name(attr::EXPIRES_AT)
         .enabled(true)
@@ -101,29 +101,4 @@ pub async fn create_table(
         }
     }
     Ok(())
-}
-
-async fn wait_active(
-    client: &aws_sdk_dynamodb::Client,
-    table_name: &str,
-) -> Result<(), StoreError> {
-    for _ in 0..60 {
-        let status = client
-            .describe_table()
-            .table_name(table_name)
-            .send()
-            .await
-            .map_err(|e| StoreError::from_sdk("describe_table", e))?
-            .table()
-            .and_then(|t| t.table_status().cloned());
-        if status == Some(TableStatus::Active) {
-            return Ok(());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-    Err(StoreError::backend(
-        "create_journal_table",
-        true,
-        format!("table {table_name} did not become ACTIVE"),
-    ))
 }

@@ -362,33 +362,19 @@ impl Backend for DynamoStore {
                 ),
             ])
         });
-        crate::metrics::table_call();
-        let out = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .index_name(AWAKE_INDEX)
-            .key_condition_expression("#s = :s AND #t < :t")
-            .expression_attribute_names("#s", attr::AWAKE_SHARD)
-            .expression_attribute_names("#t", attr::LAST_ACTIVE_AT)
-            .expression_attribute_values(":s", AttributeValue::S(shard.to_owned()))
-            .expression_attribute_values(":t", AttributeValue::N(idle_before_ms.to_string()))
-            .limit(i32::try_from(limit).unwrap_or(i32::MAX))
-            .set_exclusive_start_key(start)
-            .send()
-            .await
-            .map_err(|e| StoreError::from_sdk("query_awake_idle", e))?;
-        let items = out
-            .items
-            .unwrap_or_default()
-            .into_iter()
-            .map(UserRecord::from_item)
-            .collect::<Result<Vec<_>>>()?;
-        let last = match out.last_evaluated_key {
-            Some(lek) if !lek.is_empty() => Some(awake_key_from(&lek)?),
-            _ => None,
-        };
-        Ok((items, last))
+        let (items, last) = self
+            .query_page(
+                "query_awake_idle",
+                IndexRange {
+                    index: AWAKE_INDEX,
+                    partition: (attr::AWAKE_SHARD, shard),
+                    sort: (attr::LAST_ACTIVE_AT, "<", idle_before_ms),
+                },
+                start,
+                limit,
+            )
+            .await?;
+        Ok((items, last.map(|lek| awake_key_from(&lek)).transpose()?))
     }
 
     async fn query_machine(&self, machine_id: &str) -> Result<Vec<UserRecord>> {
@@ -435,33 +421,19 @@ impl Backend for DynamoStore {
                 ),
             ])
         });
-        crate::metrics::table_call();
-        let out = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .index_name(PENDING_SLEEP_INDEX)
-            .key_condition_expression("#s = :s AND #t <= :t")
-            .expression_attribute_names("#s", attr::SLEEP_SHARD)
-            .expression_attribute_names("#t", attr::SLEEP_AT)
-            .expression_attribute_values(":s", AttributeValue::S(shard.to_owned()))
-            .expression_attribute_values(":t", AttributeValue::N(due_by_ms.to_string()))
-            .limit(i32::try_from(limit).unwrap_or(i32::MAX))
-            .set_exclusive_start_key(start)
-            .send()
-            .await
-            .map_err(|e| StoreError::from_sdk("query_pending_sleeps", e))?;
-        let items = out
-            .items
-            .unwrap_or_default()
-            .into_iter()
-            .map(UserRecord::from_item)
-            .collect::<Result<Vec<_>>>()?;
-        let last = match out.last_evaluated_key {
-            Some(lek) if !lek.is_empty() => Some(pending_key_from(&lek)?),
-            _ => None,
-        };
-        Ok((items, last))
+        let (items, last) = self
+            .query_page(
+                "query_pending_sleeps",
+                IndexRange {
+                    index: PENDING_SLEEP_INDEX,
+                    partition: (attr::SLEEP_SHARD, shard),
+                    sort: (attr::SLEEP_AT, "<=", due_by_ms),
+                },
+                start,
+                limit,
+            )
+            .await?;
+        Ok((items, last.map(|lek| pending_key_from(&lek)).transpose()?))
     }
 
     fn awake_shards(&self) -> u32 {
@@ -551,6 +523,55 @@ impl super::raw::RawItems for DynamoStore {
                 _ => Err(StoreError::from_sdk(op, err)),
             },
         }
+    }
+}
+
+/// One page of an index query: the items whose partition attribute equals
+/// a value and whose sort attribute compares (`<` or `<=`) with a bound.
+struct IndexRange<'a> {
+    index: &'static str,
+    partition: (&'static str, &'a str),
+    sort: (&'static str, &'static str, u64),
+}
+
+/// A page's items and the raw key to continue from.
+type RawPage = (Vec<UserRecord>, Option<HashMap<String, AttributeValue>>);
+
+impl DynamoStore {
+    /// Query one page of `range`, from `start`, at most `limit` items.
+    async fn query_page(
+        &self,
+        op: &'static str,
+        range: IndexRange<'_>,
+        start: Option<HashMap<String, AttributeValue>>,
+        limit: u32,
+    ) -> Result<RawPage> {
+        let (p_attr, p_value) = range.partition;
+        let (s_attr, cmp, bound) = range.sort;
+        crate::metrics::table_call();
+        let out = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(range.index)
+            .key_condition_expression(format!("#s = :s AND #t {cmp} :t"))
+            .expression_attribute_names("#s", p_attr)
+            .expression_attribute_names("#t", s_attr)
+            .expression_attribute_values(":s", AttributeValue::S(p_value.to_owned()))
+            .expression_attribute_values(":t", AttributeValue::N(bound.to_string()))
+            .limit(i32::try_from(limit).unwrap_or(i32::MAX))
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .map_err(|e| StoreError::from_sdk(op, e))?;
+        let items = out
+            .items
+            .unwrap_or_default()
+            .into_iter()
+            .map(UserRecord::from_item)
+            .collect::<Result<Vec<_>>>()?;
+        let last = out.last_evaluated_key.filter(|lek| !lek.is_empty());
+        Ok((items, last))
     }
 }
 

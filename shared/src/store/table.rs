@@ -356,6 +356,16 @@ pub async fn create_table(
             return Err(StoreError::from_sdk("create_table", err));
         }
     }
+    wait_active(client, table_name, "create_table").await
+}
+
+/// Wait until a table just created (or being created) is `ACTIVE`; `op`
+/// names the caller in the error.
+pub(crate) async fn wait_active(
+    client: &aws_sdk_dynamodb::Client,
+    table_name: &str,
+    op: &'static str,
+) -> Result<(), StoreError> {
     for _ in 0..60 {
         let status = client
             .describe_table()
@@ -371,7 +381,7 @@ pub async fn create_table(
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     Err(StoreError::backend(
-        "create_table",
+        op,
         true,
         format!("table {table_name} did not become ACTIVE"),
     ))

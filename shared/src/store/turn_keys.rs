@@ -269,25 +269,11 @@ impl<B: RawItems> TurnKeys for B {
         response: &str,
         _now_ms: u64,
     ) -> Result<bool> {
-        check_args(user_id, key)?;
-        let update = Update {
-            cond: Cond::And(vec![
-                Cond::Exists(attr::USER_ID),
-                Cond::Eq(key_attr::RUNNER, s(runner)),
-            ]),
-            actions: vec![
-                Action::Set(key_attr::KEY_STATE, s(DONE)),
-                Action::Set(key_attr::RESPONSE, s(response)),
-                Action::Remove(key_attr::RUNNER),
-                Action::Remove(key_attr::RUN_UNTIL),
-                Action::Add(key_attr::VERSION, 1),
-            ],
-        };
-        let pk = turn_key_item_key(user_id, key);
-        Ok(self
-            .update_raw("finish_turn_key", &pk, update)
-            .await?
-            .is_ok())
+        let done = [
+            Action::Set(key_attr::KEY_STATE, s(DONE)),
+            Action::Set(key_attr::RESPONSE, s(response)),
+        ];
+        settle_key(self, "finish_turn_key", user_id, key, runner, done).await
     }
 
     async fn release_turn_key(
@@ -297,25 +283,38 @@ impl<B: RawItems> TurnKeys for B {
         runner: &str,
         _now_ms: u64,
     ) -> Result<bool> {
-        check_args(user_id, key)?;
-        let update = Update {
-            cond: Cond::And(vec![
-                Cond::Exists(attr::USER_ID),
-                Cond::Eq(key_attr::RUNNER, s(runner)),
-            ]),
-            actions: vec![
-                Action::Set(key_attr::KEY_STATE, s(PENDING)),
-                Action::Remove(key_attr::RUNNER),
-                Action::Remove(key_attr::RUN_UNTIL),
-                Action::Add(key_attr::VERSION, 1),
-            ],
-        };
-        let pk = turn_key_item_key(user_id, key);
-        Ok(self
-            .update_raw("release_turn_key", &pk, update)
-            .await?
-            .is_ok())
+        let pending = [Action::Set(key_attr::KEY_STATE, s(PENDING))];
+        settle_key(self, "release_turn_key", user_id, key, runner, pending).await
     }
+}
+
+/// End `runner`'s claim on a key (only the runner that holds it may):
+/// `state` says what the key becomes; the claim's fields go. `false` when
+/// the claim is no longer `runner`'s.
+async fn settle_key<B: RawItems>(
+    b: &B,
+    op: &'static str,
+    user_id: &str,
+    key: &str,
+    runner: &str,
+    state: impl IntoIterator<Item = Action>,
+) -> Result<bool> {
+    check_args(user_id, key)?;
+    let mut actions: Vec<Action> = state.into_iter().collect();
+    actions.extend([
+        Action::Remove(key_attr::RUNNER),
+        Action::Remove(key_attr::RUN_UNTIL),
+        Action::Add(key_attr::VERSION, 1),
+    ]);
+    let update = Update {
+        cond: Cond::And(vec![
+            Cond::Exists(attr::USER_ID),
+            Cond::Eq(key_attr::RUNNER, s(runner)),
+        ]),
+        actions,
+    };
+    let pk = turn_key_item_key(user_id, key);
+    Ok(b.update_raw(op, &pk, update).await?.is_ok())
 }
 
 #[cfg(test)]
