@@ -190,29 +190,26 @@ fn decode(item: Option<HashMap<String, AttributeValue>>) -> Result<Option<UserRe
 }
 
 fn pending_key_from(lek: &Item) -> Result<PendingKey> {
-    let string = |a: &str| match lek.get(a) {
-        Some(AttributeValue::S(v)) => Ok(v.clone()),
-        _ => Err(StoreError::Malformed {
-            attribute: a.to_owned(),
-            message: "missing or not a string in LastEvaluatedKey".to_owned(),
-        }),
-    };
-    let sleep_at = match lek.get(attr::SLEEP_AT) {
-        Some(AttributeValue::N(v)) => v.parse().ok(),
-        _ => None,
-    }
-    .ok_or_else(|| StoreError::Malformed {
-        attribute: attr::SLEEP_AT.to_owned(),
-        message: "missing or not a u64 in LastEvaluatedKey".to_owned(),
-    })?;
+    let (shard, sleep_at, user_id) = index_key_from(lek, attr::SLEEP_SHARD, attr::SLEEP_AT)?;
     Ok(PendingKey {
-        shard: string(attr::SLEEP_SHARD)?,
+        shard,
         sleep_at,
-        user_id: string(attr::USER_ID)?,
+        user_id,
     })
 }
 
 fn awake_key_from(lek: &Item) -> Result<AwakeKey> {
+    let (shard, last_active_at, user_id) =
+        index_key_from(lek, attr::AWAKE_SHARD, attr::LAST_ACTIVE_AT)?;
+    Ok(AwakeKey {
+        shard,
+        last_active_at,
+        user_id,
+    })
+}
+
+/// The (partition, sort, user id) of a sharded index's `LastEvaluatedKey`.
+fn index_key_from(lek: &Item, shard_attr: &str, sort_attr: &str) -> Result<(String, u64, String)> {
     let string = |a: &str| match lek.get(a) {
         Some(AttributeValue::S(v)) => Ok(v.clone()),
         _ => Err(StoreError::Malformed {
@@ -220,19 +217,15 @@ fn awake_key_from(lek: &Item) -> Result<AwakeKey> {
             message: "missing or not a string in LastEvaluatedKey".to_owned(),
         }),
     };
-    let last_active_at = match lek.get(attr::LAST_ACTIVE_AT) {
+    let sort = match lek.get(sort_attr) {
         Some(AttributeValue::N(v)) => v.parse().ok(),
         _ => None,
     }
     .ok_or_else(|| StoreError::Malformed {
-        attribute: attr::LAST_ACTIVE_AT.to_owned(),
+        attribute: sort_attr.to_owned(),
         message: "missing or not a u64 in LastEvaluatedKey".to_owned(),
     })?;
-    Ok(AwakeKey {
-        shard: string(attr::AWAKE_SHARD)?,
-        last_active_at,
-        user_id: string(attr::USER_ID)?,
-    })
+    Ok((string(shard_attr)?, sort, string(attr::USER_ID)?))
 }
 
 impl Backend for DynamoStore {
