@@ -237,20 +237,12 @@ impl Backend for MemoryStore {
             .take(take)
             .cloned()
             .collect();
-        let mut matching = keys
+        let matching = keys
             .iter()
             .filter_map(|(_, _, user)| table.items.get(user).cloned())
             .map(UserRecord::from_item)
             .collect::<Result<Vec<_>>>()?;
-        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-        let more = matching.len() > limit;
-        matching.truncate(limit);
-        let last = if more {
-            matching.last().and_then(awake_key)
-        } else {
-            None
-        };
-        Ok((matching, last))
+        Ok(page_of(matching, limit, awake_key))
     }
 
     async fn query_machine(&self, machine_id: &str) -> Result<Vec<UserRecord>> {
@@ -282,7 +274,7 @@ impl Backend for MemoryStore {
         let take = usize::try_from(limit)
             .unwrap_or(usize::MAX)
             .saturating_add(1);
-        let mut matching = table
+        let matching = table
             .pending
             .range((from, std::ops::Bound::Unbounded))
             .take_while(|(s, at, _)| s == shard && *at <= due_by_ms)
@@ -290,15 +282,7 @@ impl Backend for MemoryStore {
             .filter_map(|(_, _, user_id)| table.get(user_id).cloned())
             .map(UserRecord::from_item)
             .collect::<Result<Vec<_>>>()?;
-        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-        let more = matching.len() > limit;
-        matching.truncate(limit);
-        let last = if more {
-            matching.last().and_then(pending_key)
-        } else {
-            None
-        };
-        Ok((matching, last))
+        Ok(page_of(matching, limit, pending_key))
     }
 
     fn awake_shards(&self) -> u32 {
@@ -358,4 +342,22 @@ impl super::raw::RawItems for MemoryStore {
         items.insert(key.to_owned(), next.clone());
         Ok(Ok(next))
     }
+}
+
+/// A page of at most `limit` items from `matching` (read with one extra, to
+/// know whether more follow) and the key to continue after its last item.
+fn page_of<K>(
+    mut matching: Vec<UserRecord>,
+    limit: u32,
+    key: impl Fn(&UserRecord) -> Option<K>,
+) -> (Vec<UserRecord>, Option<K>) {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let more = matching.len() > limit;
+    matching.truncate(limit);
+    let last = if more {
+        matching.last().and_then(key)
+    } else {
+        None
+    };
+    (matching, last)
 }
