@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use common::{Emu, KEY};
+use test_harness::host_pids_with_arg;
 
 impl Emu {
     /// Runs `script` with bash; returns the execution and its stdout.
@@ -49,36 +50,6 @@ impl Emu {
 /// pid inside a machine's namespace.
 fn unique_sleep() -> String {
     format!("3600.{}", uuid::Uuid::now_v7().as_u128() % 1_000_000_000)
-}
-
-/// Host pids of live processes that have `arg` among their arguments.
-fn host_pids_with_arg(arg: &str) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| {
-            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            cmdline
-                .split(|b| *b == 0)
-                .any(|a| a == arg.as_bytes())
-                .then_some(pid)
-        })
-        .filter(|pid| alive(*pid))
-        .collect()
-}
-
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit_once(')')
-                .map(|(_, r)| r.trim_start().chars().next());
-            !matches!(state, Some(Some('Z' | 'X')))
-        }
-        Err(_) => false,
-    }
 }
 
 #[tokio::test]
@@ -607,8 +578,7 @@ async fn isolation_sandboxes_end_when_the_emulator_dies() {
     assert_eq!(host_pids_with_arg(&sleeper).len(), 1);
 
     // WHEN the emulator is killed (no chance to clean up)
-    emu.child.kill().expect("kill the emulator");
-    emu.child.wait().expect("reap the emulator");
+    emu.process.kill();
 
     // THEN the machine's sandbox and everything in it end by themselves
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -663,7 +633,7 @@ impl Emu {
 
     /// Bytes the emulator process passed to `write`-family calls so far.
     fn written_bytes(&self) -> u64 {
-        let io = std::fs::read_to_string(format!("/proc/{}/io", self.child.id()))
+        let io = std::fs::read_to_string(format!("/proc/{}/io", self.process.pid()))
             .expect("/proc/<pid>/io");
         io.lines()
             .find_map(|l| l.strip_prefix("wchar:"))
@@ -916,12 +886,11 @@ async fn crash_during_writes_leaves_loadable_state() {
     };
     let killer = async {
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let _ = emu.child.kill();
+        emu.process.kill();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     };
     let clients = futures_util::future::join_all((0..8).map(client));
     tokio::join!(clients, killer);
-    let _ = emu.child.wait();
     // A temporary file as a write interrupted before its rename leaves it.
     let stray = emu.data.join("records/executions/ex-stray.json.tmp");
     std::fs::write(&stray, b"{\"id\": \"ex-str").expect("stray temp file");

@@ -5,31 +5,15 @@
 //! Each test file is its own crate and uses part of this module.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use test_harness::emulator::{fast_flags_then, EmulatorCommand};
+use test_harness::Process;
 
 /// The API key every test emulator accepts.
 pub const KEY: &str = "emulator-test-key";
-
-/// Flags that make tests fast: short transitions, no hold window.
-const FAST: &[&str] = &[
-    "--boot-delay",
-    "50ms",
-    "--wake-delay",
-    "50ms",
-    "--sleep-delay",
-    "20ms",
-    "--destroy-delay",
-    "20ms",
-    "--hold-window",
-    "0s",
-    "--hold-jitter",
-    "0s",
-];
 
 /// Statuses after which an execution does not change.
 const ENDED: [&str; 4] = ["succeeded", "failed", "cancelled", "expired"];
@@ -44,12 +28,14 @@ pub fn emulator_bin() -> PathBuf {
 
 /// A running emulator process; killed on drop.
 pub struct Emu {
-    pub child: Child,
+    pub process: Process,
     /// `http://127.0.0.1:PORT`
     pub base: String,
     /// The data dir.
     pub data: PathBuf,
     pub http: reqwest::Client,
+    /// Its output and log (see [`EmulatorCommand::logs`]).
+    logs: tempfile::TempDir,
     /// The data dir, when this emulator owns it.
     _dir: Option<tempfile::TempDir>,
 }
@@ -75,30 +61,32 @@ impl Answer {
 }
 
 /// Starts the binary with the key, `data`, the fast timings, `extra` flags
-/// and `env`; returns it and the address from its first stdout line.
-fn spawn(data: &Path, listen: &str, extra: &[&str], env: &[(&str, &str)]) -> (Child, String) {
-    let mut cmd = Command::new(emulator_bin());
-    cmd.args(["--listen", listen, "--api-key", KEY])
-        .arg("--data-dir")
-        .arg(data)
-        .args(FAST)
-        .args(extra)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = cmd.spawn().expect("spawn dcs-emulator");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("first line");
-    let base = line
-        .trim()
-        .strip_prefix("dcs-emulator listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_owned();
-    (child, base)
+/// and `env`, its output in `logs`; returns it and its address.
+fn spawn(
+    data: &Path,
+    listen: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    logs: &Path,
+) -> (Process, String) {
+    EmulatorCommand {
+        bin: &emulator_bin(),
+        listen,
+        api_key: KEY,
+        data_dir: data,
+        flags: &fast_flags_then(extra),
+        env,
+        logs,
+    }
+    .start()
+}
+
+/// A directory for an emulator's output.
+fn log_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("dcs-emulator-logs-")
+        .tempdir()
+        .expect("log dir")
 }
 
 impl Emu {
@@ -109,12 +97,14 @@ impl Emu {
 
     /// Like [`Emu::start`], with `extra` flags after the defaults.
     pub fn start_with(data: &Path, listen: &str, extra: &[&str]) -> Emu {
-        let (child, base) = spawn(data, listen, extra, &[]);
+        let logs = log_dir();
+        let (process, base) = spawn(data, listen, extra, &[], logs.path());
         Emu {
-            child,
+            process,
             base,
             data: data.to_owned(),
             http: reqwest::Client::new(),
+            logs,
             _dir: None,
         }
     }
@@ -127,12 +117,14 @@ impl Emu {
     /// Like [`Emu::fresh`], with environment variables.
     pub fn fresh_env(extra: &[&str], env: &[(&str, &str)]) -> Emu {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (child, base) = spawn(dir.path(), "127.0.0.1:0", extra, env);
+        let logs = log_dir();
+        let (process, base) = spawn(dir.path(), "127.0.0.1:0", extra, env, logs.path());
         Emu {
-            child,
+            process,
             base,
             data: dir.path().to_owned(),
             http: reqwest::Client::new(),
+            logs,
             _dir: Some(dir),
         }
     }
@@ -141,10 +133,9 @@ impl Emu {
     /// data dir and address, with `extra` flags.
     pub fn kill_and_restart(&mut self, extra: &[&str]) {
         let listen = self.base.trim_start_matches("http://").to_owned();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let (child, base) = spawn(&self.data, &listen, extra, &[]);
-        self.child = child;
+        self.process.kill();
+        let (process, base) = spawn(&self.data, &listen, extra, &[], self.logs.path());
+        self.process = process;
         self.base = base;
         // A fresh client: pooled connections went with the old process.
         self.http = reqwest::Client::new();
@@ -299,12 +290,5 @@ impl Emu {
     pub async fn output(&self, id: &str, eid: &str) -> Value {
         let path = format!("/v1/machines/{id}/executions/{eid}/output");
         self.call("GET", &path, None).await.1
-    }
-}
-
-impl Drop for Emu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
