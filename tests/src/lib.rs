@@ -7,9 +7,10 @@
 //! - [`openapi`]: every request the tests deliver to the functions' HTTP
 //!   routes, and its response, is checked against `openapi.yaml`.
 //!
-//! Child processes are killed when their handle drops and, as a backstop,
-//! when the test binary dies (`PR_SET_PDEATHSIG`), so a failed or killed test
-//! run leaves nothing behind.
+//! Processes are started with the workspace's one process harness
+//! (`test-harness`): each is killed, by its own PID, when its handle drops
+//! and, as a backstop, when the test binary dies (`PR_SET_PDEATHSIG`), so a
+//! failed or killed test run leaves nothing behind.
 
 pub mod events;
 pub mod fixtures;
@@ -22,12 +23,15 @@ pub mod spec;
 pub mod stack;
 pub mod store_contract;
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+pub use test_harness::emulator::FAST_FLAGS as FAST_EMULATOR_FLAGS;
+use test_harness::emulator::{fast_flags_then, EmulatorCommand};
+use test_harness::Process;
+pub use test_harness::{free_port, host_pids_with_arg};
 
 /// Environment every test process needs so the AWS SDK never looks beyond
 /// loopback (no instance metadata, no default endpoints).
@@ -49,45 +53,9 @@ pub fn workspace_root() -> PathBuf {
     here.parent().unwrap_or(here).to_path_buf()
 }
 
-/// A free TCP port on 127.0.0.1 (bound, read, released).
-pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
-    listener.local_addr().expect("local addr").port()
-}
-
 /// A table name no other test in this run uses.
 pub fn unique_table_name(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
-}
-
-/// Spawn `cmd` so that it dies with the test binary even if the binary is
-/// killed before it can run destructors.
-fn spawn_tied_to_parent(cmd: &mut Command) -> std::io::Result<Child> {
-    use std::os::unix::process::CommandExt;
-    #[allow(unsafe_code)]
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
-    // memory of the parent; it only asks the kernel to SIGKILL the child
-    // when the spawning thread exits.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn()
-}
-
-fn wait_for_tcp(port: u16, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 // ---------------------------------------------------------------------------
@@ -125,44 +93,9 @@ pub fn emulator_bin() -> PathBuf {
     .clone()
 }
 
-/// Emulator flags that make tests fast: short transitions, no hold window.
-pub const FAST_EMULATOR_FLAGS: &[&str] = &[
-    "--boot-delay",
-    "50ms",
-    "--wake-delay",
-    "50ms",
-    "--sleep-delay",
-    "20ms",
-    "--destroy-delay",
-    "20ms",
-    "--hold-window",
-    "0s",
-    "--hold-jitter",
-    "0s",
-];
-
-/// Host pids of live (not zombie) processes that have `arg` among their
-/// arguments: finds a machine's process on the host whatever its pid inside
-/// the machine's PID namespace.
-pub fn host_pids_with_arg(arg: &str) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| {
-            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
-            let has = cmdline.split(|b| *b == 0).any(|a| a == arg.as_bytes());
-            (has && !matches!(state, 'Z' | 'X')).then_some(pid)
-        })
-        .collect()
-}
-
 /// A running `dcs-emulator` process.
 pub struct Emulator {
-    child: Option<Child>,
+    process: Option<Process>,
     data_dir: tempfile::TempDir,
     args: Vec<String>,
     /// `http://127.0.0.1:PORT`
@@ -186,16 +119,9 @@ impl Emulator {
             .prefix("dcs-emulator-test-")
             .tempdir()
             .expect("temp data dir");
-        // clap rejects a repeated flag: drop the fast defaults `extra` overrides.
-        let args: Vec<String> = FAST_EMULATOR_FLAGS
-            .chunks(2)
-            .filter(|pair| !extra.contains(&pair[0]))
-            .flatten()
-            .chain(extra.iter())
-            .map(|s| s.to_string())
-            .collect();
+        let args = fast_flags_then(extra);
         let mut emu = Emulator {
-            child: None,
+            process: None,
             data_dir,
             args,
             base_url: String::new(),
@@ -207,30 +133,18 @@ impl Emulator {
     }
 
     async fn spawn(&mut self, listen: &str) {
-        let bin = emulator_bin();
-        let log_path = self.data_dir.path().join("emulator.log");
-        let out_path = self.data_dir.path().join("emulator.out");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .expect("emulator log file");
-        let out = std::fs::File::create(&out_path).expect("emulator stdout file");
-        let mut cmd = Command::new(bin);
-        cmd.arg("--listen")
-            .arg(listen)
-            .arg("--data-dir")
-            .arg(self.data_dir.path().join("state"))
-            .arg("--api-key")
-            .arg(&self.api_key)
-            .args(&self.args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(log));
-        let child = spawn_tied_to_parent(&mut cmd).expect("spawn dcs-emulator");
-        self.child = Some(child);
-        self.base_url = wait_for_listen_line(&out_path, &log_path, Duration::from_secs(30));
+        let (process, base_url) = EmulatorCommand {
+            bin: &emulator_bin(),
+            listen,
+            api_key: &self.api_key,
+            data_dir: &self.data_dir(),
+            flags: &self.args,
+            env: &[("RUST_LOG", "info")],
+            logs: self.data_dir.path(),
+        }
+        .start();
+        self.process = Some(process);
+        self.base_url = base_url;
     }
 
     /// Stop the process (SIGKILL: a crash, not a clean shutdown) and start it
@@ -247,9 +161,8 @@ impl Emulator {
 
     /// Kill the process now (the data dir stays until drop).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut process) = self.process.take() {
+            process.kill();
         }
     }
 
@@ -265,7 +178,8 @@ impl Emulator {
 
     /// Everything the emulator logged so far (for assertion messages).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.data_dir.path().join("emulator.log")).unwrap_or_default()
+        std::fs::read_to_string(test_harness::emulator::log_path(self.data_dir.path()))
+            .unwrap_or_default()
     }
 
     fn admin_url(&self, path: &str) -> String {
@@ -336,30 +250,6 @@ impl Emulator {
     }
 }
 
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn wait_for_listen_line(out_path: &Path, log_path: &Path, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(f) = std::fs::File::open(out_path) {
-            for line in BufReader::new(f).lines().map_while(Result::ok) {
-                if let Some(idx) = line.find("http://") {
-                    return line[idx..].trim().trim_end_matches('/').to_string();
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            let log = std::fs::read_to_string(log_path).unwrap_or_default();
-            panic!("dcs-emulator did not print its address within {timeout:?}; log:\n{log}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 // ---------------------------------------------------------------------------
 // moto_server (DynamoDB-compatible)
 // ---------------------------------------------------------------------------
@@ -384,6 +274,27 @@ pub fn moto_python() -> PathBuf {
     PathBuf::from("python3")
 }
 
+/// Starts `scripts/moto_serial.py` on a free port and waits (30 s at most)
+/// until it listens; returns it and its port.
+fn start_moto() -> (Process, u16) {
+    let port = free_port();
+    let script = workspace_root().join("scripts/moto_serial.py");
+    let mut cmd = Command::new(moto_python());
+    cmd.arg(script)
+        .args(["127.0.0.1", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut process = Process::start("moto_server", &mut cmd).unwrap_or_else(|e| {
+        panic!(
+            "cannot start moto ({}): {e}; run ./scripts/test, which installs it",
+            moto_python().display()
+        )
+    });
+    process.wait_for_port(port, Duration::from_secs(30));
+    (process, port)
+}
+
 impl Moto {
     /// The shared server, started on first use. It serves one request at a
     /// time (`scripts/moto_serial.py`): the threaded `moto_server` is not
@@ -402,30 +313,15 @@ impl Moto {
                 std::thread::Builder::new()
                     .name("moto-server-owner".into())
                     .spawn(move || {
-                        let port = free_port();
-                        let script = workspace_root().join("scripts/moto_serial.py");
-                        let mut cmd = Command::new(moto_python());
-                        cmd.arg(script)
-                            .args(["127.0.0.1", &port.to_string()])
-                            .stdin(Stdio::null())
-                            .stdout(Stdio::null())
-                            .stderr(Stdio::null());
-                        let child = spawn_tied_to_parent(&mut cmd).unwrap_or_else(|e| {
-                            panic!(
-                                "cannot start moto ({}): {e}; run ./scripts/test, which installs it",
-                                moto_python().display()
-                            )
-                        });
-                        let ready = wait_for_tcp(port, Duration::from_secs(30));
-                        let _ = tx.send((port, ready));
-                        let _keep = child;
+                        let (process, port) = start_moto();
+                        let _ = tx.send(port);
+                        let _keep = process;
                         loop {
                             std::thread::park();
                         }
                     })
                     .expect("spawn moto owner thread");
-                let (port, ready) = rx.recv().expect("moto owner thread reports");
-                assert!(ready, "moto did not listen on port {port}");
+                let port = rx.recv().expect("moto listens (see the panic above)");
                 Moto {
                     endpoint: format!("http://127.0.0.1:{port}"),
                 }
