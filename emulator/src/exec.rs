@@ -16,7 +16,7 @@ use crate::lifecycle;
 use crate::proc;
 use crate::sandbox::{self, Launch};
 use crate::server::AppRef;
-use crate::state::{EventKind, ExecStatus};
+use crate::state::{EventKind, ExecStatus, Execution};
 use crate::store::RecordKey;
 use crate::terminal::host_path;
 
@@ -90,14 +90,20 @@ fn set_status(app: &AppRef, execution_id: &str, status: ExecStatus) -> bool {
     }
 }
 
-fn finish(app: &AppRef, execution_id: &str, status: ExecStatus, error: Option<(&str, String)>) {
-    if let Some(e) = app.state().executions.get_mut(execution_id) {
-        e.finish(status, error);
-    }
+/// Ends the execution (unless it already has), on disk before in sight
+/// (see [`crate::server::App::end_execution`]).
+async fn finish(
+    app: &AppRef,
+    execution_id: &str,
+    status: ExecStatus,
+    error: Option<(&str, String)>,
+) {
+    app.end_execution(execution_id, |e| e.finish(status, error))
+        .await;
 }
 
-fn fail(app: &AppRef, execution_id: &str, (code, message): Failure) {
-    finish(app, execution_id, ExecStatus::Failed, Some((code, message)));
+async fn fail(app: &AppRef, execution_id: &str, (code, message): Failure) {
+    finish(app, execution_id, ExecStatus::Failed, Some((code, message))).await;
 }
 
 /// The life of one execution: wait for the machine, start the process,
@@ -114,7 +120,7 @@ async fn run(
     }
     let mut child = match spawn_process(app, machine_id, &spec).await {
         Ok(c) => c,
-        Err(failure) => return fail(app, execution_id, failure),
+        Err(failure) => return fail(app, execution_id, failure).await,
     };
     let pgid = child.id();
     if !set_status(app, execution_id, ExecStatus::Running) {
@@ -135,7 +141,7 @@ async fn run(
         let _ = child.wait().await;
     }
     drain(readers).await;
-    record_outcome(app, execution_id, outcome, spec.timeout_ms);
+    record_outcome(app, execution_id, outcome, spec.timeout_ms).await;
 }
 
 /// Waits for (and if needed wakes) the machine, then moves a waiting
@@ -152,7 +158,7 @@ async fn wait_for_machine(
         _ = cancel => return false,
     };
     if let Err(msg) = waited {
-        fail(app, execution_id, ("MACHINE_UNAVAILABLE", msg));
+        fail(app, execution_id, ("MACHINE_UNAVAILABLE", msg)).await;
         return false;
     }
     let mut st = app.state();
@@ -287,46 +293,56 @@ async fn drain(readers: Vec<JoinHandle<()>>) {
 }
 
 /// Records how the execution ended (unless it already has).
-fn record_outcome(app: &AppRef, execution_id: &str, outcome: Outcome, timeout_ms: Option<u64>) {
+async fn record_outcome(
+    app: &AppRef,
+    execution_id: &str,
+    outcome: Outcome,
+    timeout_ms: Option<u64>,
+) {
     match outcome {
-        Outcome::Exited(Ok(status)) => record_exit(app, execution_id, status),
-        Outcome::Exited(Err(e)) => {
-            fail(app, execution_id, ("EXECUTION_WAIT_FAILED", e.to_string()))
+        Outcome::Exited(Ok(status)) => {
+            app.end_execution(execution_id, |e| end_by_exit(e, status))
+                .await;
         }
-        Outcome::TimedOut => finish(
-            app,
-            execution_id,
-            ExecStatus::Expired,
-            Some((
-                "EXECUTION_TIMEOUT",
-                format!(
-                    "the execution exceeded timeout_ms={}",
-                    timeout_ms.unwrap_or(0)
-                ),
-            )),
-        ),
-        Outcome::Cancelled => finish(
-            app,
-            execution_id,
-            ExecStatus::Cancelled,
-            Some((
-                "EXECUTION_CANCELLED",
-                "the execution was cancelled".to_owned(),
-            )),
-        ),
+        Outcome::Exited(Err(e)) => {
+            fail(app, execution_id, ("EXECUTION_WAIT_FAILED", e.to_string())).await
+        }
+        Outcome::TimedOut => {
+            finish(
+                app,
+                execution_id,
+                ExecStatus::Expired,
+                Some((
+                    "EXECUTION_TIMEOUT",
+                    format!(
+                        "the execution exceeded timeout_ms={}",
+                        timeout_ms.unwrap_or(0)
+                    ),
+                )),
+            )
+            .await
+        }
+        Outcome::Cancelled => {
+            finish(
+                app,
+                execution_id,
+                ExecStatus::Cancelled,
+                Some((
+                    "EXECUTION_CANCELLED",
+                    "the execution was cancelled".to_owned(),
+                )),
+            )
+            .await
+        }
     }
 }
 
-/// An exit code (0 succeeded, else failed) or the killing signal.
-fn record_exit(app: &AppRef, execution_id: &str, status: std::process::ExitStatus) {
-    let mut st = app.state();
-    let Some(e) = st
-        .executions
-        .get_mut(execution_id)
-        .filter(|e| !e.status.is_terminal())
-    else {
-        return;
-    };
+/// Ends `e` by its exit code (0 succeeded, else failed) or the killing
+/// signal; false if it had already ended.
+fn end_by_exit(e: &mut Execution, status: std::process::ExitStatus) -> bool {
+    if e.status.is_terminal() {
+        return false;
+    }
     if let Some(code) = status.code() {
         e.exit_code = Some(i64::from(code));
         let s = if code == 0 {
@@ -334,7 +350,7 @@ fn record_exit(app: &AppRef, execution_id: &str, status: std::process::ExitStatu
         } else {
             ExecStatus::Failed
         };
-        e.finish(s, None);
+        e.finish(s, None)
     } else {
         let sig = status.signal().unwrap_or(0);
         e.signal = Some(i64::from(sig));
@@ -344,7 +360,7 @@ fn record_exit(app: &AppRef, execution_id: &str, status: std::process::ExitStatu
                 "KILLED_BY_SIGNAL",
                 format!("the process was killed by signal {sig}"),
             )),
-        );
+        )
     }
 }
 

@@ -14,7 +14,7 @@ use crate::faults::FaultTable;
 use crate::options::{Args, Drift, Timing};
 use crate::reqlog::RequestLog;
 use crate::sandbox::Sandboxes;
-use crate::state::{Retention, State};
+use crate::state::{Execution, Retention, State};
 use crate::store::{self, RecordKey, Snapshot};
 use crate::terminal::TermSession;
 use crate::util::now_ms;
@@ -169,6 +169,36 @@ impl App {
             self.flush(snapshots).await;
         }
         self.persist_done.store(covered, Ordering::SeqCst);
+    }
+
+    /// Ends execution `id` with `end` (which says whether it ended it; false
+    /// when it had already ended) so that nobody reads it ended before its
+    /// ended record is on disk, and a crash right after such a read loses
+    /// nothing: the ended copy is written first, under the flush lock (no
+    /// other flush can write an older copy after it), and only then replaces
+    /// the record in the state. For the execution's runner, once its output
+    /// is drained (output added meanwhile would be replaced too). Returns
+    /// whether it ended the execution.
+    pub async fn end_execution(&self, id: &str, end: impl FnOnce(&mut Execution) -> bool) -> bool {
+        let _one_flush = self.persist_lock.lock().await;
+        let Some(mut ended) = self.state().executions.get(id).cloned() else {
+            return false;
+        };
+        if !end(&mut ended) {
+            return false;
+        }
+        self.flush(vec![Snapshot::Execution(Box::new(ended.clone()))])
+            .await;
+        let mut st = self.state();
+        match st.executions.get_mut(id) {
+            Some(e) if !e.status.is_terminal() => {
+                *e = ended;
+                true
+            }
+            // Ended (or removed) meanwhile another way, whose own flush
+            // writes it after this one.
+            _ => false,
+        }
     }
 
     /// Writes snapshots; records whose write failed are marked again so the

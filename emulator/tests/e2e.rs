@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use common::{Emu, KEY};
+use common::{Emu, ENDED, KEY};
 use test_harness::host_pids_with_arg;
 
 impl Emu {
@@ -642,6 +642,35 @@ impl Emu {
     }
 }
 
+impl Emu {
+    /// Reads execution `eid` of machine `id`, with no pause between reads,
+    /// until it has ended (10 s at most); the ended execution.
+    async fn poll_until_ended(&self, id: &str, eid: &str) -> Value {
+        let path = format!("/v1/machines/{id}/executions/{eid}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, e) = self.call("GET", &path, None).await;
+            if ENDED.contains(&e["status"].as_str().unwrap_or("")) {
+                return e;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{eid} never ended: {e}"
+            );
+        }
+    }
+
+    /// Execution `eid`'s record file as it is on disk now, if there is one.
+    fn execution_record(&self, eid: &str) -> Option<Value> {
+        let path = self
+            .data
+            .join("records/executions")
+            .join(format!("{eid}.json"));
+        let bytes = std::fs::read(path).ok()?;
+        Some(serde_json::from_slice(&bytes).expect("a record file is whole JSON"))
+    }
+}
+
 async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where
     F: FnMut() -> Fut,
@@ -857,6 +886,35 @@ async fn state_survives_restart_after_many_executions() {
     assert_eq!(replay["execution_id"], keyed_id.as_str());
     let fresh = emu.run(&id, &["echo", "after"]).await;
     assert_eq!(fresh["status"], "succeeded");
+}
+
+/// An execution reads as ended only once its ended record is on disk, so a
+/// crash (SIGKILL) right after that read loses nothing: polled as fast as
+/// the API answers, no execution is ever seen ended while its record file
+/// says otherwise.
+#[tokio::test]
+async fn an_execution_reads_ended_only_once_its_end_is_on_disk() {
+    let emu = Emu::fresh(&[]);
+    let id = emu.running_machine().await;
+    for i in 0..40 {
+        let a = emu
+            .answer(
+                "POST",
+                &format!("/v1/machines/{id}/executions"),
+                Some(json!({ "command": ["echo", i.to_string()] })),
+            )
+            .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        let eid = a.body["execution_id"].as_str().expect("eid").to_owned();
+        let ended = emu.poll_until_ended(&id, &eid).await;
+        let on_disk = emu.execution_record(&eid);
+        assert_eq!(
+            on_disk.as_ref().map(|r| &r["status"]),
+            Some(&ended["status"]),
+            "execution {i} read as {} before its record said so: {on_disk:?}",
+            ended["status"]
+        );
+    }
 }
 
 /// A crash (SIGKILL) in the middle of writes leaves loadable state: the

@@ -16,7 +16,7 @@ use test_harness::Process;
 pub const KEY: &str = "emulator-test-key";
 
 /// Statuses after which an execution does not change.
-const ENDED: [&str; 4] = ["succeeded", "failed", "cancelled", "expired"];
+pub const ENDED: [&str; 4] = ["succeeded", "failed", "cancelled", "expired"];
 
 /// The emulator under test: `$DCS_EMULATOR_BIN` if set (to compare
 /// builds), else the one cargo built for these tests.
