@@ -132,6 +132,26 @@ async fn item(prov: &Prov, user: &str) -> UserRecord {
         .expect("the user has an item")
 }
 
+/// A provisioning lease no step of a test outlives, however loaded the
+/// machine: its end is brought about by [`lease_runs_out`], not waited for.
+const LONG_LEASE: Duration = Duration::from_secs(60);
+
+/// The lease on `user`'s item (a "crashed" worker's) runs out now: its
+/// holder's lease is cut to a moment already past, as if its TTL had
+/// elapsed. Waiting out a short TTL instead made the checks made while
+/// it was live race the clock under load.
+async fn lease_runs_out(prov: &Prov, user: &str) {
+    let rec = item(prov, user).await;
+    let owner = &rec.lease.as_ref().expect("a lease is held").owner;
+    let now = agenthome::clock::now_ms();
+    prov.store()
+        .renew_lease(user, owner, now - 1, now)
+        .await
+        .expect("the holder's lease is cut");
+    let rec = item(prov, user).await;
+    assert!(rec.live_lease(now).is_none(), "the lease ran out: {rec:?}");
+}
+
 /// Number of items in the table (a full scan: tests only).
 async fn table_items(table: &(aws_sdk_dynamodb::Client, String)) -> usize {
     let out = table
@@ -302,8 +322,7 @@ async fn concurrent_ensures_create_exactly_one_machine_per_user() {
 async fn crash_after_create_before_recording_the_id_resumes_the_same_machine() {
     let emu = Emulator::start().await;
     let table = fresh_table().await;
-    let lease = Duration::from_millis(1500);
-    let (prov, mut rx) = provisioner(&emu, &table, BOOTSTRAP_OK, lease);
+    let (prov, mut rx) = provisioner(&emu, &table, BOOTSTRAP_OK, LONG_LEASE);
     let user = "user-crash-a";
 
     let first = prov.ensure(user).await.expect("ensure");
@@ -329,7 +348,7 @@ async fn crash_after_create_before_recording_the_id_resumes_the_same_machine() {
         "no second worker while the lease is live"
     );
 
-    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    lease_runs_out(&prov, user).await;
     let again = prov.ensure(user).await.expect("ensure after expiry");
     assert!(matches!(again, Ensure::Started(_)), "{again:?}");
     assert_eq!(
@@ -361,8 +380,7 @@ async fn crash_after_create_before_recording_the_id_resumes_the_same_machine() {
 async fn crash_after_recording_the_id_before_bootstrap_resumes_on_that_machine() {
     let emu = Emulator::start().await;
     let table = fresh_table().await;
-    let lease = Duration::from_millis(1500);
-    let (prov, mut rx) = provisioner(&emu, &table, BOOTSTRAP_OK, lease);
+    let (prov, mut rx) = provisioner(&emu, &table, BOOTSTRAP_OK, LONG_LEASE);
     let user = "user-crash-b";
 
     let first = prov.ensure(user).await.expect("ensure");
@@ -386,7 +404,7 @@ async fn crash_after_recording_the_id_before_bootstrap_resumes_on_that_machine()
     let creates_before = create_calls(&emu).await;
     assert_eq!(creates_before, 1);
 
-    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    lease_runs_out(&prov, user).await;
     let again = prov.ensure(user).await.expect("ensure after expiry");
     assert!(matches!(again, Ensure::Started(_)), "{again:?}");
     for r in run_workers(&prov, drain(&mut rx)).await {
