@@ -121,8 +121,10 @@ impl Client {
             async move {
                 let request = request.map_err(|e| ws_error(CONNECT, e))?;
                 crate::metrics::dedalus_request();
-                match tokio::time::timeout(timeout, tokio_tungstenite::connect_async(request)).await
-                {
+                // Boxed: the handshake's future is kilobytes in a debug
+                // build; inline, every runner and turn future would carry it.
+                let handshake = Box::pin(tokio_tungstenite::connect_async(request));
+                match tokio::time::timeout(timeout, handshake).await {
                     Err(_) => Err(ws_error(
                         CONNECT,
                         tungstenite::Error::Io(io::Error::new(

@@ -2,6 +2,11 @@
 //! DynamoDB expressions (every attribute name behind a `#name` placeholder),
 //! asks for `ALL_OLD` on a refused condition so conflicts carry the current
 //! item without a second read, and classifies SDK errors.
+//!
+//! Every SDK call is awaited boxed (`.boxed()`): its future is kilobytes
+//! in a debug build, and inline it would be carried by every store future
+//! and every caller's, up to the handler, whose poll frames then neared a
+//! test thread's stack (`tests/tests/future_size.rs` keeps the bound).
 
 use std::collections::HashMap;
 
@@ -11,6 +16,7 @@ use aws_sdk_dynamodb::operation::delete_item::DeleteItemError;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
+use futures_util::FutureExt as _;
 
 use super::engine::{key, Action, AwakeKey, Backend, Cond, PendingKey, Refused, Update};
 use super::record::Item;
@@ -238,6 +244,7 @@ impl Backend for DynamoStore {
             .set_key(Some(key(user_id)))
             .consistent_read(true)
             .send()
+            .boxed()
             .await
             .map_err(|e| StoreError::from_sdk("get", e))?;
         decode(out.item)
@@ -254,6 +261,7 @@ impl Backend for DynamoStore {
             .expression_attribute_names("#u", attr::USER_ID)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
+            .boxed()
             .await;
         match sent {
             Ok(_) => Ok(Ok(())),
@@ -289,6 +297,7 @@ impl Backend for DynamoStore {
             .return_values(ReturnValue::AllNew)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
+            .boxed()
             .await;
         match sent {
             Ok(out) => decode(out.attributes)?
@@ -326,6 +335,7 @@ impl Backend for DynamoStore {
             .return_values(ReturnValue::AllOld)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
+            .boxed()
             .await;
         match sent {
             Ok(out) => Ok(decode(out.attributes)?.ok_or(None)),
@@ -385,6 +395,7 @@ impl Backend for DynamoStore {
                 .expression_attribute_values(":m", AttributeValue::S(machine_id.to_owned()))
                 .set_exclusive_start_key(start)
                 .send()
+                .boxed()
                 .await
                 .map_err(|e| StoreError::from_sdk("find_by_machine", e))?;
             for item in out.items.unwrap_or_default() {
@@ -446,6 +457,7 @@ impl super::raw::RawItems for DynamoStore {
             .set_key(Some(key(user_id)))
             .consistent_read(true)
             .send()
+            .boxed()
             .await
             .map_err(|e| StoreError::from_sdk("get", e))?;
         Ok(out.item)
@@ -471,6 +483,7 @@ impl super::raw::RawItems for DynamoStore {
             .set_expression_attribute_values(values)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
+            .boxed()
             .await;
         match sent {
             Ok(_) => Ok(Ok(())),
@@ -506,6 +519,7 @@ impl super::raw::RawItems for DynamoStore {
             .return_values(ReturnValue::AllNew)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
+            .boxed()
             .await;
         match sent {
             Ok(out) => Ok(Ok(out.attributes.unwrap_or_default())),
@@ -555,6 +569,7 @@ impl DynamoStore {
             .limit(i32::try_from(limit).unwrap_or(i32::MAX))
             .set_exclusive_start_key(start)
             .send()
+            .boxed()
             .await
             .map_err(|e| StoreError::from_sdk(op, e))?;
         let items = out

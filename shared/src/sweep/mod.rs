@@ -372,7 +372,9 @@ impl<S: UserStore + 'static> Sweeper<S> {
         run.cause = (reason, crate::journal::Actor::Route);
         let eligible_at = rec.sleep_eligible_at;
         let seen = rec.clone();
-        match self.candidate(&run, rec).await {
+        // Boxed: the candidate's future is the sweep's deepest; inline, a
+        // turn's end and the awake budget would carry it.
+        match Box::pin(self.candidate(&run, rec)).await {
             Outcome::Slept | Outcome::Fixed => SleepNow::Asleep,
             Outcome::AwaitingAutosleep => SleepNow::AwaitingAutosleep,
             Outcome::SkippedBusy => SleepNow::Busy,
