@@ -233,6 +233,27 @@ pub async fn wait_for_file(s: &Stack, machine_id: &str, file: &str) {
     }
 }
 
+/// The text of `file` in machine `machine_id`'s home once it has `lines`
+/// lines (polled every 100 ms; panics with `what` after 20 s).
+pub async fn wait_for_lines(
+    s: &Stack,
+    machine_id: &str,
+    file: &str,
+    lines: usize,
+    what: &str,
+) -> String {
+    let path = s.home(machine_id).join(file);
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.lines().count() >= lines {
+            return text;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Runs `user`'s turn with `message`; once a command created `file` in
 /// machine `machine_id`'s home, another owner takes the lease.
 pub async fn turn_losing_lease(

@@ -9,30 +9,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use agenthome::agent::{Agent, AgentOptions, LlmClient, LlmConfig};
-use agenthome::config::Secret;
-use agenthome::turn::{TurnSettings, TURNS_FILE};
+use agenthome::turn::TURNS_FILE;
+use agenthome_tests::fixtures::{
+    agent_stack, done, llm_agent, short_command_stack, short_lease_stack, wait_for_lines,
+};
 use agenthome_tests::llm::{answer, scripted_llm, tool_call};
-use agenthome_tests::stack::{Reply, Stack, StackOptions};
+use agenthome_tests::stack::Stack;
 use serde_json::{json, Value};
 use std::time::Duration;
-
-fn llm_agent(base_url: &str) -> Agent {
-    let config = LlmConfig::new(
-        agenthome::dedalus::Url::parse(base_url).unwrap(),
-        Some(Secret::new("sk-test-warm")),
-        "test-model",
-    );
-    Agent::llm(LlmClient::new(config).expect("llm client")).with_options(AgentOptions {
-        min_llm_time: Duration::from_millis(500),
-        ..AgentOptions::default()
-    })
-}
-
-fn done(r: &Reply) -> &Value {
-    assert_eq!(r.status, 200, "expected a turn result: {}", r.text);
-    &r.body
-}
 
 /// Dedalus requests the emulator logged since `from`, as `METHOD path`.
 async fn requests_since(s: &Stack, from: usize) -> Vec<String> {
@@ -70,11 +54,7 @@ async fn an_agent_modified_shell_cannot_corrupt_the_memory_of_a_warm_turn() {
         answer("Warm turn done."),
     ])
     .await;
-    let s = Stack::start_with(StackOptions {
-        agent: llm_agent(&base),
-        ..StackOptions::default()
-    })
-    .await;
+    let s = agent_stack(llm_agent(&base, "sk-test-warm")).await;
     let machine_id = s.ready_user("alice").await;
     let first = done(&s.turn("alice", "modify your shell").await).clone();
     assert_eq!(first["status"], "completed", "{first}");
@@ -127,14 +107,7 @@ async fn an_agent_modified_shell_cannot_corrupt_the_memory_of_a_warm_turn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_after_one_that_left_a_command_running_never_types_into_its_shell() {
     // GIVEN a turn whose command outlives its 1 s timeout in the shell
-    let s = Stack::start_with(StackOptions {
-        settings: TurnSettings {
-            command_timeout: Duration::from_secs(1),
-            ..TurnSettings::default()
-        },
-        ..StackOptions::default()
-    })
-    .await;
+    let s = short_command_stack().await;
     let machine_id = s.ready_user("alice").await;
     done(&s.turn("alice", "echo warm-up").await);
     let first = s.turn("alice", "sleep 4; echo late >> ~/order.txt").await;
@@ -144,18 +117,8 @@ async fn a_turn_after_one_that_left_a_command_running_never_types_into_its_shell
     assert_eq!(done(&second)["status"], "completed");
     // THEN its command ran before the one still running ended: it was not
     // typed into that busy shell (where it would have waited behind it)
-    let order = s.home(&machine_id).join("order.txt");
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
-    while std::fs::read_to_string(&order)
-        .unwrap_or_default()
-        .lines()
-        .count()
-        < 2
-    {
-        assert!(tokio::time::Instant::now() < give_up, "both commands end");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(std::fs::read_to_string(&order).unwrap(), "second\nlate\n");
+    let order = wait_for_lines(&s, &machine_id, "order.txt", 2, "both commands end").await;
+    assert_eq!(order, "second\nlate\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,15 +126,7 @@ async fn a_turn_after_one_that_died_mid_command_never_types_into_its_shell() {
     // GIVEN a short lease (1.5 s) and a turn that dies while its command
     // runs (its future dropped, as when the invocation is killed): no end
     // write, so no clean mark and no hold
-    let s = Stack::start_with(StackOptions {
-        settings: TurnSettings {
-            lease_ttl: Duration::from_millis(1500),
-            command_timeout: Duration::from_secs(30),
-            ..TurnSettings::default()
-        },
-        ..StackOptions::default()
-    })
-    .await;
+    let s = short_lease_stack().await;
     let machine_id = s.ready_user("alice").await;
     done(&s.turn("alice", "echo warm-up").await);
     let cut = tokio::time::timeout(
@@ -185,16 +140,6 @@ async fn a_turn_after_one_that_died_mid_command_never_types_into_its_shell() {
     let second = s.turn("alice", "echo second >> ~/order.txt").await;
     assert_eq!(done(&second)["status"], "completed");
     // THEN its command ran at once, not behind the dead turn's command
-    let order = s.home(&machine_id).join("order.txt");
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
-    while std::fs::read_to_string(&order)
-        .unwrap_or_default()
-        .lines()
-        .count()
-        < 2
-    {
-        assert!(tokio::time::Instant::now() < give_up, "both commands end");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(std::fs::read_to_string(&order).unwrap(), "second\nlate\n");
+    let order = wait_for_lines(&s, &machine_id, "order.txt", 2, "both commands end").await;
+    assert_eq!(order, "second\nlate\n");
 }
