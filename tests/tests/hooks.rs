@@ -5,24 +5,19 @@
 //! the turn; the prompt after a wake names the command the sleep
 //! interrupted.
 
-use agenthome::agent::{Agent, AgentOptions, LlmClient, LlmConfig};
+use agenthome::agent::Agent;
 use agenthome::api::TurnRequest;
-use agenthome::config::Secret;
 use agenthome::sweep::SweepSettings;
 use agenthome::turn::{MachineStage, TurnEvent, TurnEvents, TurnOutcome, TurnSettings};
+use agenthome_tests::fixtures::{self, done};
 use agenthome_tests::llm::{answer, scripted_llm, tool_call};
-use agenthome_tests::stack::{jwt, Reply, Stack, StackOptions};
+use agenthome_tests::stack::{jwt, Stack, StackOptions};
 use serde_json::{json, Value};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
-
-fn done(r: &Reply) -> &Value {
-    assert_eq!(r.status, 200, "expected a turn result: {}", r.text);
-    &r.body
-}
 
 /// Install `script` as the machine's hook `name`.
 fn install_hook(home: &Path, name: &str, script: &str) {
@@ -214,15 +209,7 @@ async fn a_hook_that_never_exits_blocks_neither_the_sleep_nor_the_turn() {
 }
 
 fn llm_agent(base_url: &str) -> Agent {
-    let config = LlmConfig::new(
-        agenthome::dedalus::Url::parse(base_url).expect("url"),
-        Some(Secret::new("sk-test-hooks")),
-        "test-model",
-    );
-    Agent::llm(LlmClient::new(config).expect("llm client")).with_options(AgentOptions {
-        min_llm_time: Duration::from_millis(500),
-        ..AgentOptions::default()
-    })
+    fixtures::llm_agent(base_url, "sk-test-hooks")
 }
 
 #[tokio::test]

@@ -6,16 +6,12 @@
 use agenthome::journal::{DynamoJournal, Event, Journal, JournalBackend, JournalEntry};
 use agenthome::sweep::SweepSettings;
 use agenthome::turn::TurnSettings;
+use agenthome_tests::fixtures::done;
 use agenthome_tests::stack::jwt;
-use agenthome_tests::stack::{Reply, Stack, StackOptions};
+use agenthome_tests::stack::{Stack, StackOptions};
 use agenthome_tests::{unique_table_name, Moto};
 use serde_json::{json, Value};
 use std::time::Duration;
-
-fn done(r: &Reply) -> &Value {
-    assert_eq!(r.status, 200, "expected a turn result: {}", r.text);
-    &r.body
-}
 
 /// Every journal entry of `user`, newest first, through the route.
 async fn events(s: &Stack, user: &str, query: &str) -> (u16, Value) {

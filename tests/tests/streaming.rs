@@ -8,10 +8,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use agenthome::agent::{Agent, AgentOptions, LlmClient, LlmConfig};
+use agenthome::agent::Agent;
 use agenthome::clock::now_ms;
-use agenthome::config::Secret;
 use agenthome::turn::{TurnSettings, TRUNCATED_NOTE, TURNS_FILE};
+use agenthome_tests::fixtures;
 use agenthome_tests::llm::{answer, scripted_llm, stream_text, stream_tool_calls, tool_call};
 use agenthome_tests::stack::{Stack, StackOptions};
 use chat_turn_fn::StreamBody;
@@ -104,15 +104,7 @@ fn names(evs: &[(String, Value)]) -> Vec<&str> {
 }
 
 fn llm_agent(base_url: &str) -> Agent {
-    let config = LlmConfig::new(
-        agenthome::dedalus::Url::parse(base_url).unwrap(),
-        Some(Secret::new("sk-test-stream")),
-        "test-model",
-    );
-    Agent::llm(LlmClient::new(config).expect("llm client")).with_options(AgentOptions {
-        min_llm_time: Duration::from_millis(500),
-        ..AgentOptions::default()
-    })
+    fixtures::llm_agent(base_url, "sk-test-stream")
 }
 
 fn assert_sse_response(resp: &lambda_http::Response<StreamBody>) {
