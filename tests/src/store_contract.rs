@@ -121,11 +121,7 @@ async fn ready_user<S: UserStore>(store: &S, user: &str, machine: &str, at: u64)
         .mark_ready(user, "prov-1", "v1", at)
         .await
         .expect("mark ready");
-    match store
-        .release_lease(user, "prov-1", at)
-        .await
-        .expect("release")
-    {
+    match release(store, user, "prov-1", at).await {
         ReleaseOutcome::Released(rec) => rec,
         other => panic!("expected Released, got {other:?}"),
     }
@@ -147,6 +143,12 @@ async fn acquired<S: UserStore>(
         AcquireOutcome::Acquired(rec) => rec,
         other => panic!("expected Acquired for {owner}, got {other:?}"),
     }
+}
+
+/// `owner` releases `user`'s lease at `at` (the call must succeed; the
+/// outcome is the caller's to check).
+async fn release<S: UserStore>(store: &S, user: &str, owner: &str, at: u64) -> ReleaseOutcome {
+    store.release_lease(user, owner, at).await.expect("release")
 }
 
 fn conflict_current(result: Result<UserRecord, StoreError>) -> UserRecord {
@@ -465,28 +467,17 @@ pub async fn renew_and_release_only_by_the_owner<S: UserStore>(store: S) {
         Some(T0 + 3 * MINUTE)
     );
 
-    match store
-        .release_lease("hal", "turn-b", T0 + 12)
-        .await
-        .expect("release")
-    {
+    match release(&store, "hal", "turn-b", T0 + 12).await {
         ReleaseOutcome::NotHeld(Some(cur)) => {
             assert_eq!(cur.lease.map(|l| l.owner).as_deref(), Some("turn-a"))
         }
         other => panic!("expected NotHeld, got {other:?}"),
     }
-    match store
-        .release_lease("hal", "turn-a", T0 + 13)
-        .await
-        .expect("release")
-    {
+    match release(&store, "hal", "turn-a", T0 + 13).await {
         ReleaseOutcome::Released(rec) => assert_eq!(rec.lease, None),
         other => panic!("expected Released, got {other:?}"),
     }
-    let twice = store
-        .release_lease("hal", "turn-a", T0 + 14)
-        .await
-        .expect("release");
+    let twice = release(&store, "hal", "turn-a", T0 + 14).await;
     assert!(
         matches!(twice, ReleaseOutcome::NotHeld(Some(_))),
         "{twice:?}"
@@ -501,10 +492,7 @@ pub async fn renew_and_release_only_by_the_owner<S: UserStore>(store: S) {
         T0 + 15,
     )
     .await;
-    let late = store
-        .release_lease("hal", "turn-c", T0 + 10 * MINUTE)
-        .await
-        .expect("release");
+    let late = release(&store, "hal", "turn-c", T0 + 10 * MINUTE).await;
     assert!(matches!(late, ReleaseOutcome::Released(_)), "{late:?}");
 }
 
@@ -550,10 +538,7 @@ pub async fn sweep_lease_requires_unchanged_last_active_at<S: UserStore>(store: 
         .await
         .expect("acquire");
     assert!(matches!(blocked, AcquireOutcome::Busy(_)), "{blocked:?}");
-    store
-        .release_lease("ida", "turn-1", now + 2)
-        .await
-        .expect("release");
+    release(&store, "ida", "turn-1", now + 2).await;
 
     let swept = acquired(
         &store,
@@ -595,10 +580,7 @@ pub async fn mark_asleep_accrues_awake_time_and_leaves_the_awake_index<S: UserSt
     // A turn holder cannot put it to sleep.
     acquired(&store, "jo", "turn-1", LeasePurpose::Turn, T0 + 100, T0 + 1).await;
     conflict_current(store.mark_asleep("jo", "turn-1", T0 + 2).await);
-    store
-        .release_lease("jo", "turn-1", T0 + 3)
-        .await
-        .expect("release");
+    release(&store, "jo", "turn-1", T0 + 3).await;
 
     let sweep = LeasePurpose::Sweep {
         expected_last_active_at: rec.last_active_at,
@@ -622,10 +604,7 @@ pub async fn mark_asleep_accrues_awake_time_and_leaves_the_awake_index<S: UserSt
     )
     .await;
     assert!(gone.items.is_empty(), "{gone:?}");
-    store
-        .release_lease("jo", "sweep-1", T0 + 5_001)
-        .await
-        .expect("release");
+    release(&store, "jo", "sweep-1", T0 + 5_001).await;
 
     // Wake again, sleep again: the total adds up.
     let t1 = T0 + 10 * MINUTE;
@@ -640,10 +619,7 @@ pub async fn mark_asleep_accrues_awake_time_and_leaves_the_awake_index<S: UserSt
         .expect("awake");
     assert_eq!(awake.awake_since, Some(t1));
     assert_eq!(awake.last_active_at, t1 + 500);
-    store
-        .release_lease("jo", "turn-2", t1 + 600)
-        .await
-        .expect("release");
+    release(&store, "jo", "turn-2", t1 + 600).await;
     let t2 = t1 + 10 * MINUTE;
     acquired(
         &store,
@@ -994,10 +970,7 @@ pub async fn mark_lost_forgets_the_machine<S: UserStore>(store: S) {
         .expect("query")
         .is_empty());
 
-    store
-        .release_lease("ola", "sweep-1", T0 + 4_001)
-        .await
-        .expect("release");
+    release(&store, "ola", "sweep-1", T0 + 4_001).await;
     let lost = store.get("ola").await.expect("get").expect("item");
     let lease = provision_lease("prov-2", T0 + 2 * MINUTE);
     let restarted = store
@@ -1132,10 +1105,7 @@ pub async fn writes_never_create_missing_items<S: UserStore>(store: S) {
         "{acquire:?}"
     );
     assert_eq!(
-        store
-            .release_lease("ghost", "o", T0)
-            .await
-            .expect("release"),
+        release(&store, "ghost", "o", T0).await,
         ReleaseOutcome::NotHeld(None)
     );
     assert_eq!(store.get("ghost").await.expect("get"), None);
@@ -1328,11 +1298,7 @@ pub async fn no_writer_leaves_destroying<S: UserStore>(store: S) {
     assert_eq!(still.machine_id.as_deref(), Some("dm-del"));
     assert_eq!(still.awake_shard, None);
     assert_eq!(still.generation, current.generation, "nothing was written");
-    match store
-        .release_lease("del", "sweep-1", at)
-        .await
-        .expect("release")
-    {
+    match release(&store, "del", "sweep-1", at).await {
         ReleaseOutcome::Released(rec) => assert_eq!(rec.state, MachineState::Destroying),
         other => panic!("expected Released, got {other:?}"),
     }
@@ -1435,10 +1401,7 @@ pub async fn begin_turn_takes_the_lease_and_counts_in_one_write<S: UserStore>(st
     assert_eq!(cur.lease.map(|l| l.owner), Some("turn-1".to_owned()));
     assert_eq!(cur.turns.count, 1, "a refused turn is not counted");
     // The second turn of the window, with a wrong guess of the window.
-    store
-        .release_lease("al", "turn-1", t + 3)
-        .await
-        .expect("release");
+    release(&store, "al", "turn-1", t + 3).await;
     let rec = begun(
         store
             .begin_turn("al", "turn-2", t + MINUTE, count(None), t + 4)
@@ -1446,10 +1409,7 @@ pub async fn begin_turn_takes_the_lease_and_counts_in_one_write<S: UserStore>(st
             .expect("begin"),
     );
     assert_eq!((rec.turns.seq, rec.turns.count), (2, 2));
-    store
-        .release_lease("al", "turn-2", t + 5)
-        .await
-        .expect("release");
+    release(&store, "al", "turn-2", t + 5).await;
     let limited = store
         .begin_turn("al", "turn-3", t + MINUTE, count(Some(t - 1_000)), t + 6)
         .await
@@ -1543,10 +1503,7 @@ pub async fn end_turn_releases_and_stores_in_one_write<S: UserStore>(store: S) {
 pub async fn provision_attempts_count_worker_leases_until_a_restart<S: UserStore>(store: S) {
     let rec = claimed(&store, "pia", T0).await;
     assert_eq!(rec.provision_attempts, 0);
-    store
-        .release_lease("pia", "prov-1", T0 + 1)
-        .await
-        .expect("release");
+    release(&store, "pia", "prov-1", T0 + 1).await;
     let first = acquired(
         &store,
         "pia",
@@ -1563,10 +1520,7 @@ pub async fn provision_attempts_count_worker_leases_until_a_restart<S: UserStore
         .await
         .expect("acquire");
     assert!(matches!(busy, AcquireOutcome::Busy(_)), "{busy:?}");
-    store
-        .release_lease("pia", "w-1", T0 + 4)
-        .await
-        .expect("release");
+    release(&store, "pia", "w-1", T0 + 4).await;
     let second = acquired(
         &store,
         "pia",
@@ -1577,10 +1531,7 @@ pub async fn provision_attempts_count_worker_leases_until_a_restart<S: UserStore
     )
     .await;
     assert_eq!(second.provision_attempts, 2);
-    store
-        .release_lease("pia", "w-2", T0 + 6)
-        .await
-        .expect("release");
+    release(&store, "pia", "w-2", T0 + 6).await;
     let turn = acquired(
         &store,
         "pia",
@@ -1591,10 +1542,7 @@ pub async fn provision_attempts_count_worker_leases_until_a_restart<S: UserStore
     )
     .await;
     assert_eq!(turn.provision_attempts, 2, "a turn's lease is no attempt");
-    store
-        .release_lease("pia", "turn-1", T0 + 8)
-        .await
-        .expect("release");
+    release(&store, "pia", "turn-1", T0 + 8).await;
     assert_eq!(
         store
             .get("pia")
@@ -1622,10 +1570,7 @@ pub async fn provision_attempts_count_worker_leases_until_a_restart<S: UserStore
         (third.provision_attempts, failed.provision_attempts),
         (3, 3)
     );
-    store
-        .release_lease("pia", "w-3", T0 + 11)
-        .await
-        .expect("release");
+    release(&store, "pia", "w-3", T0 + 11).await;
     let failed = store.get("pia").await.expect("get").expect("item");
     let lease = provision_lease("prov-2", T0 + 2 * MINUTE);
     let restarted = match store
@@ -1857,10 +1802,7 @@ pub async fn a_turn_start_cancels_a_pending_sleep<S: UserStore>(store: S) {
         under_sweep.pending_sleep.is_some(),
         "a sweep lease keeps it"
     );
-    store
-        .release_lease("pia", "sweep-1", T0 + 30)
-        .await
-        .expect("release");
+    release(&store, "pia", "sweep-1", T0 + 30).await;
     let turn = acquired(
         &store,
         "pia",
@@ -1886,10 +1828,7 @@ pub async fn a_turn_start_cancels_a_pending_sleep<S: UserStore>(store: S) {
             .schedule_sleep("pia", &requested_at(T0, T0 + MINUTE), T0 + 50)
             .await,
     );
-    store
-        .release_lease("pia", "turn-1", T0 + 60)
-        .await
-        .expect("release");
+    release(&store, "pia", "turn-1", T0 + 60).await;
     store
         .schedule_sleep("pia", &requested_at(T0, T0 + 2 * MINUTE), T0 + 70)
         .await
