@@ -79,6 +79,23 @@ impl<'a> Wire<'a> {
         }
         panic!("machine {id} never reached {phase}");
     }
+
+    /// Creates a small machine (its answer checked) and waits until it
+    /// runs; its id.
+    async fn running_machine(&mut self) -> String {
+        let (_, _, created) = self
+            .call(
+                "POST",
+                "/v1/machines",
+                "/v1/machines",
+                Some(json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5})),
+                &[],
+            )
+            .await;
+        let id = created["machine_id"].as_str().unwrap().to_string();
+        self.wait_phase(&id, "running").await;
+        id
+    }
 }
 
 #[tokio::test]
@@ -241,17 +258,7 @@ async fn error_bodies_match_the_spec() {
     // GIVEN a running machine
     let emu = Emulator::start().await;
     let mut w = Wire::new(&emu);
-    let (_, _, created) = w
-        .call(
-            "POST",
-            "/v1/machines",
-            "/v1/machines",
-            Some(json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5})),
-            &[],
-        )
-        .await;
-    let id = created["machine_id"].as_str().unwrap().to_string();
-    w.wait_phase(&id, "running").await;
+    let id = w.running_machine().await;
     let (http, _) = emu.raw();
 
     // WHEN the key is missing or wrong THEN 401 AUTH_REQUIRED / AUTH_INVALID
@@ -346,17 +353,7 @@ async fn execution_and_terminal_responses_match_the_spec() {
     // GIVEN a running machine
     let emu = Emulator::start().await;
     let mut w = Wire::new(&emu);
-    let (_, _, created) = w
-        .call(
-            "POST",
-            "/v1/machines",
-            "/v1/machines",
-            Some(json!({"vcpu": 1, "memory_mib": 512, "storage_gib": 5})),
-            &[],
-        )
-        .await;
-    let id = created["machine_id"].as_str().unwrap().to_string();
-    w.wait_phase(&id, "running").await;
+    let id = w.running_machine().await;
     let base = format!("/v1/machines/{id}");
 
     // WHEN we run an execution and read it back
