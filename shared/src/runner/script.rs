@@ -236,6 +236,25 @@ printf '\\n%s_%s:%d\\n' __AH_END {nonce} \"$?\""
     )
 }
 
+/// A line agenthome types into a terminal's shell for its own short work
+/// where starting a process would cost more than the work: `body` runs in
+/// the agent's shell itself, so it must use only shell syntax and builtins
+/// called as `\builtin NAME` (an alias or a function of the agent's named
+/// like the builtin cannot stand in for it; a function named `builtin`
+/// could, which no agent has a reason to define). The markers and `body`
+/// form one group whose status is caught (`|| …`): `set -e` is ignored
+/// inside it and cannot end the shell, and its stderr is discarded. The end
+/// marker of `nonce` carries `body`'s exit status; nothing of the line
+/// enters the history (leading space). `vars`: the variables `body` sets,
+/// unset at the end of the line.
+pub fn builtin_line(nonce: &str, body: &str, vars: &[&str]) -> String {
+    let body = body.replace('\n', " ");
+    let vars = vars.join(" ");
+    format!(
+        " __ah_r=0; {{ \\builtin printf '\\n%s_%s\\n' __AH_START {nonce}; {{ {body}; }}; }} 2>/dev/null || __ah_r=$?; \\builtin printf '\\n%s_%s:%d\\n' __AH_END {nonce} \"$__ah_r\" || __ah_r=; \\builtin unset -v __ah_r {vars}\n"
+    )
+}
+
 /// `text` as a bash ANSI-C quoted word (`$'…'`) of printable ASCII only:
 /// quotes, backslashes, control characters and every non-ASCII byte are
 /// escaped, so it can be typed into a terminal as it is and a builtin
