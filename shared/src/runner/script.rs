@@ -194,13 +194,9 @@ pub fn terminal_line(id: &str, nonce: &str, terminal_id: &str, command: &str) ->
 /// [`write_command_script`]): the line stays short whatever the command's
 /// size, and removes the file once read.
 pub fn terminal_line_from_file(id: &str, nonce: &str, terminal_id: &str) -> String {
-    let file = format!("\"$__ah_h/run/$__ah_p.cmd\"");
-    line(
-        id,
-        nonce,
-        terminal_id,
-        &format!("__ah_c=\"$(cat {file}; rm -f {file})\""),
-    )
+    // `__ah_p` is still the bare id here (see `line`).
+    let load = "__ah_c=\"$(cat \"$__ah_h/run/$__ah_p.cmd\"; rm -f \"$__ah_h/run/$__ah_p.cmd\")\"";
+    line(id, nonce, terminal_id, load)
 }
 
 /// The `bash -c` script (for an execution, the command on its stdin) that
