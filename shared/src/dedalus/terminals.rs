@@ -121,9 +121,14 @@ impl Client {
             async move {
                 let request = request.map_err(|e| ws_error(CONNECT, e))?;
                 crate::metrics::dedalus_request();
-                // Boxed: the handshake's future is kilobytes in a debug
-                // build; inline, every runner and turn future would carry it.
-                let handshake = Box::pin(tokio_tungstenite::connect_async(request));
+                // Nagle off: a typed line is a small frame that must not wait for
+                // the ACK of the one before it (a 40 ms delayed-ACK stall per
+                // command otherwise). Boxed: the handshake's future is
+                // kilobytes in a debug build; inline, every runner and turn
+                // future would carry it.
+                let handshake = Box::pin(tokio_tungstenite::connect_async_with_config(
+                    request, None, true,
+                ));
                 match tokio::time::timeout(timeout, handshake).await {
                     Err(_) => Err(ws_error(
                         CONNECT,
