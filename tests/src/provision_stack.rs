@@ -3,9 +3,7 @@
 //! `tests/provision_routes.rs`).
 
 use agenthome::api::AuthMode;
-use agenthome::provision::{
-    Bootstrap, MachineSpec, ProvisionEvent, ProvisionSettings, Provisioner, QueueTrigger,
-};
+use agenthome::provision::{ProvisionEvent, Provisioner, QueueTrigger};
 use agenthome::store::{create_table, DynamoStore};
 use provision_fn::ProvisionService;
 use serde_json::Value;
@@ -13,7 +11,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::events::{http, response_parts, Auth};
 use crate::openapi;
-use crate::stack::authorizer;
+use crate::stack::{authorizer, provision_settings};
 use crate::{unique_table_name, Emulator, Moto};
 
 /// The provision function in-process, with a real emulator and a table on
@@ -37,15 +35,7 @@ impl ProvisionStack {
             .expect("create the table");
         let store = DynamoStore::new(client, table);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let settings = ProvisionSettings::new(
-            MachineSpec {
-                vcpu: 1.0,
-                memory_mib: 1024,
-                storage_gib: 10,
-                autosleep: "30m".into(),
-            },
-            Bootstrap::new("echo bootstrapped >> ~/bootstrap.log", None),
-        );
+        let settings = provision_settings("30m", "echo bootstrapped >> ~/bootstrap.log");
         let sweeper = agenthome::sweep::Sweeper::new(
             std::sync::Arc::new(store.clone()),
             &emu.client(),

@@ -48,6 +48,20 @@ pub fn authorizer(mode: AuthMode) -> Authorizer {
     Authorizer::new(mode, access_policy(), None).expect("an authorizer without a verifier")
 }
 
+/// Provisioning settings for the small machine every test stack makes (1
+/// vCPU, 1 GiB, 10 GiB, `autosleep`), bootstrapped by `script`.
+pub fn provision_settings(autosleep: &str, script: &str) -> ProvisionSettings {
+    ProvisionSettings::new(
+        MachineSpec {
+            vcpu: 1.0,
+            memory_mib: 1024,
+            storage_gib: 10,
+            autosleep: autosleep.into(),
+        },
+        Bootstrap::new(script, None),
+    )
+}
+
 /// The harmless bootstrap every stack uses.
 pub const BOOTSTRAP: &str = "echo bootstrapped >> ~/bootstrap.log";
 
@@ -180,17 +194,7 @@ impl Stack {
         let auth = Authorizer::new(options.auth_mode, access_policy(), options.verifier)
             .expect("StackOptions::verifier is set for AuthMode::Bearer");
         let autosleep = options.autosleep.clone();
-        let settings = || {
-            ProvisionSettings::new(
-                MachineSpec {
-                    vcpu: 1.0,
-                    memory_mib: 1024,
-                    storage_gib: 10,
-                    autosleep: autosleep.clone(),
-                },
-                Bootstrap::new(BOOTSTRAP, None),
-            )
-        };
+        let settings = || provision_settings(&autosleep, BOOTSTRAP);
         let provisioner = |tx| {
             Provisioner::new(store.clone(), emu.client(), QueueTrigger(tx), settings())
                 .with_journal(journal.clone())

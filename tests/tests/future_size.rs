@@ -18,9 +18,10 @@ use std::time::Duration;
 use agenthome::agent::Agent;
 use agenthome::api::{AuthMode, TurnRequest};
 use agenthome::dedalus::{ApiKey, Client, ClientConfig, Url};
-use agenthome::provision::{Bootstrap, MachineSpec, ProvisionSettings, Provisioner, QueueTrigger};
+use agenthome::provision::{Provisioner, QueueTrigger};
 use agenthome::store::DynamoStore;
 use agenthome::turn::{NoEvents, TurnService, TurnSettings};
+use agenthome_tests::stack::{authorizer, provision_settings};
 use chat_turn_fn::ChatTurnService;
 
 type Service = ChatTurnService<DynamoStore, QueueTrigger>;
@@ -39,20 +40,12 @@ fn service() -> Service {
         ApiKey::new("unused"),
     ))
     .expect("client");
-    let settings = ProvisionSettings::new(
-        MachineSpec {
-            vcpu: 1.0,
-            memory_mib: 1024,
-            storage_gib: 10,
-            autosleep: "30m".into(),
-        },
-        Bootstrap::new("true", None),
-    );
+    let settings = provision_settings("30m", "true");
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let provisioner = Provisioner::new(store, dedalus, QueueTrigger(tx), settings);
     ChatTurnService {
         turns: TurnService::new(provisioner, Agent::shell(), TurnSettings::default()),
-        auth: agenthome_tests::stack::authorizer(AuthMode::Jwt),
+        auth: authorizer(AuthMode::Jwt),
         fair_use: agenthome::entry::FairUse::OFF,
         awake_budget: None,
         turn_deadline: Duration::from_secs(60),
