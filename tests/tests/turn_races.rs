@@ -31,6 +31,20 @@ fn llm_agent(base_url: &str) -> Agent {
     fixtures::llm_agent(base_url, "sk-test-races")
 }
 
+/// A turn stack running `agent` with a short turn lease (1.5 s, renewed
+/// every 0.5 s) and the default command timeout.
+async fn lease_stack(agent: Agent) -> Stack {
+    Stack::start_with(StackOptions {
+        agent,
+        settings: TurnSettings {
+            lease_ttl: Duration::from_millis(1500),
+            ..TurnSettings::default()
+        },
+        ..StackOptions::default()
+    })
+    .await
+}
+
 fn read_home(s: &Stack, machine_id: &str, file: &str) -> String {
     std::fs::read_to_string(s.home(machine_id).join(file)).unwrap_or_default()
 }
@@ -54,15 +68,7 @@ async fn a_turn_that_lost_its_lease_stops_before_the_next_command() {
     // (A short lease: a lease is taken only once it is no longer confirmed,
     // and the renewal that finds it taken — every third of the lease —
     // stops the turn; a confirmed lease is not read before each command.)
-    let s = Stack::start_with(StackOptions {
-        agent: llm_agent(&base),
-        settings: TurnSettings {
-            lease_ttl: Duration::from_millis(1500),
-            ..TurnSettings::default()
-        },
-        ..StackOptions::default()
-    })
-    .await;
+    let s = lease_stack(llm_agent(&base)).await;
     let machine_id = s.ready_user("alice").await;
     // WHEN another owner takes the lease while the first command runs
     let r = turn_losing_lease(&s, "alice", "run both", &machine_id, "c1-started").await;
@@ -90,14 +96,7 @@ async fn a_turn_that_lost_its_lease_stops_before_the_next_command() {
 async fn a_turn_that_lost_its_lease_while_waking_runs_nothing() {
     // GIVEN a machine whose status read answers slowly (the turn's wake
     // step), and a short lease (see the test above)
-    let s = Stack::start_with(StackOptions {
-        settings: TurnSettings {
-            lease_ttl: Duration::from_millis(1500),
-            ..TurnSettings::default()
-        },
-        ..StackOptions::default()
-    })
-    .await;
+    let s = lease_stack(Agent::shell()).await;
     let machine_id = s.ready_user("alice").await;
     s.emu
         .inject_fault(json!({
