@@ -4,7 +4,7 @@
 //! in-process against real adapters.
 
 use agenthome::agent::{AgentError, AgentStatus};
-use agenthome::api::{Problem, ProblemCode, TurnRequest};
+use agenthome::api::{Problem, ProblemCode, TurnRequest, UserId};
 use agenthome::clock::now_ms;
 use agenthome::entry::first_turn::{idempotency_key, request_hash};
 use agenthome::entry::{self, Authorizer, AwakeBudget, FairUse, FirstTurn, Route, Waited};
@@ -56,7 +56,7 @@ pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// A validated turn request.
 struct Prepared {
-    user: String,
+    user: UserId,
     request: TurnRequest,
     deadline: Instant,
     /// When the request arrived.
@@ -134,7 +134,7 @@ where
     /// the product sends back as `Idempotency-Key`.
     async fn end_key(
         &self,
-        user: &str,
+        user: &UserId,
         hash: &str,
         keyed: Option<Keyed>,
         result: &Result<TurnOutcome, TurnError>,
@@ -158,9 +158,12 @@ where
         };
         match settled {
             Ok(true) => {}
-            Ok(false) => tracing::warn!(user_id = user, "the turn key was taken over meanwhile"),
+            Ok(false) => tracing::warn!(
+                user_id = user.as_str(),
+                "the turn key was taken over meanwhile"
+            ),
             Err(e) => {
-                tracing::warn!(user_id = user, error = %e, "could not settle the turn key; it frees itself")
+                tracing::warn!(user_id = user.as_str(), error = %e, "could not settle the turn key; it frees itself")
             }
         }
         provisioning.then_some(key)
@@ -168,7 +171,7 @@ where
 
     /// A new `pending` key for a message that got `202` without one (None
     /// if it could not be stored: the `202` then names no key).
-    async fn fresh_key(&self, user: &str, hash: &str) -> Option<String> {
+    async fn fresh_key(&self, user: &UserId, hash: &str) -> Option<String> {
         let store = self.turns.provisioner().store();
         let now = now_ms();
         let key = agenthome::store::turn_keys::new_turn_key();
@@ -177,7 +180,11 @@ where
                 store.release_turn_key(user, &key, &runner, now).await
             }
             Ok(other) => {
-                tracing::warn!(user_id = user, ?other, "a fresh turn key was not new");
+                tracing::warn!(
+                    user_id = user.as_str(),
+                    ?other,
+                    "a fresh turn key was not new"
+                );
                 Ok(false)
             }
             Err(e) => Err(e),
@@ -186,7 +193,7 @@ where
             Ok(true) => Some(key),
             Ok(false) => None,
             Err(e) => {
-                tracing::warn!(user_id = user, error = %e, "could not register a turn key");
+                tracing::warn!(user_id = user.as_str(), error = %e, "could not register a turn key");
                 None
             }
         }
@@ -289,7 +296,7 @@ where
 
     /// Bookkeeping after any turn: a machine whose awake budget ran out
     /// goes to sleep now.
-    async fn after_turn(&self, user: &str) {
+    async fn after_turn(&self, user: &UserId) {
         if let Some(budget) = &self.awake_budget {
             budget.enforce(self.turns.provisioner().store(), user).await;
         }
@@ -319,7 +326,7 @@ where
         tracing::debug!(user_id = %user, budget_ms = budget.as_millis() as u64, "turn budget");
         let started = Instant::now();
         Ok(Prepared {
-            user: user.as_str().to_string(),
+            user,
             request,
             deadline: started + budget,
             started,
@@ -458,7 +465,7 @@ struct StreamState {
     rx_open: bool,
     task: Option<JoinHandle<Finished>>,
     heartbeat: tokio::time::Interval,
-    user: String,
+    user: UserId,
 }
 
 /// Watches a turn's events on their way to the caller's sink, for the
@@ -641,7 +648,7 @@ enum Answer {
 }
 
 impl Answer {
-    fn of(user: &str, result: Result<TurnOutcome, TurnError>) -> Self {
+    fn of(user: &UserId, result: Result<TurnOutcome, TurnError>) -> Self {
         match result {
             Ok(TurnOutcome::Done(r)) => Answer::Done(r),
             Ok(TurnOutcome::Provisioning {
@@ -666,7 +673,7 @@ impl Answer {
 /// The response of a turn (the plain JSON path); `turn_key` is the
 /// idempotency key a `202` asks the product to send the message again with.
 fn respond(
-    user: &str,
+    user: &UserId,
     result: Result<TurnOutcome, TurnError>,
     turn_key: Option<&str>,
 ) -> Response<Body> {
@@ -733,8 +740,8 @@ fn stored_result(r: &agenthome::turn::TurnResult) -> String {
 }
 
 /// A table failure while handling the idempotency key.
-fn key_store_problem(user: &str, e: &agenthome::store::StoreError) -> Problem {
-    tracing::warn!(user_id = user, error = %e, "turn key store failed");
+fn key_store_problem(user: &UserId, e: &agenthome::store::StoreError) -> Problem {
+    tracing::warn!(user_id = user.as_str(), error = %e, "turn key store failed");
     match e {
         agenthome::store::StoreError::InvalidArgument(m) => {
             Problem::of(ProblemCode::InvalidIdempotencyKey, m.clone())
@@ -753,7 +760,7 @@ fn millis(d: Duration) -> u64 {
 
 /// The `error` event ending a stream whose turn did not produce a result.
 fn stream_problem(
-    user: &str,
+    user: &UserId,
     result: Result<TurnOutcome, TurnError>,
     turn_key: Option<&str>,
 ) -> Option<Problem> {
@@ -846,8 +853,8 @@ impl<S, T> ChatTurnService<S, T> {
 
 /// Map a failed turn to a problem a chat product can act on (no secrets:
 /// error messages of the LLM client are redacted at the source).
-pub fn turn_problem(user_id: &str, e: &TurnError) -> Problem {
-    tracing::warn!(user_id, error = %e, retryable = e.is_retryable(), "turn failed");
+pub fn turn_problem(user_id: &UserId, e: &TurnError) -> Problem {
+    tracing::warn!(user_id = user_id.as_str(), error = %e, retryable = e.is_retryable(), "turn failed");
     problem_of(e)
 }
 

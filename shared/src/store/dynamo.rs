@@ -16,6 +16,7 @@ use super::engine::{key, Action, AwakeKey, Backend, Cond, PendingKey, Refused, U
 use super::record::Item;
 use super::table::{attr, AWAKE_INDEX, BY_MACHINE_INDEX, PENDING_SLEEP_INDEX};
 use super::{Result, StoreError, UserRecord};
+use crate::api::UserId;
 
 /// The user→machine table in DynamoDB.
 #[derive(Debug, Clone)]
@@ -229,18 +230,9 @@ fn index_key_from(lek: &Item, shard_attr: &str, sort_attr: &str) -> Result<(Stri
 }
 
 impl Backend for DynamoStore {
-    async fn get_item(&self, user_id: &str) -> Result<Option<UserRecord>> {
-        crate::metrics::table_call();
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(key(user_id)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| StoreError::from_sdk("get", e))?;
-        decode(out.item)
+    async fn get_item(&self, user_id: &UserId) -> Result<Option<UserRecord>> {
+        use super::raw::RawItems as _;
+        decode(self.get_raw(user_id.as_str()).await?)
     }
 
     async fn put_new(&self, record: &UserRecord) -> Result<std::result::Result<(), Refused>> {
@@ -269,46 +261,24 @@ impl Backend for DynamoStore {
     async fn update(
         &self,
         op: &'static str,
-        user_id: &str,
+        user_id: &UserId,
         update: Update,
     ) -> Result<std::result::Result<UserRecord, Refused>> {
-        let mut expr = Expr::default();
-        let update_expression = expr.update(&update.actions);
-        let condition = expr.condition(&update.cond);
-        let (names, values) = expr.values();
-        crate::metrics::table_call();
-        let sent = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(key(user_id)))
-            .update_expression(update_expression)
-            .condition_expression(condition)
-            .set_expression_attribute_names(Some(names))
-            .set_expression_attribute_values(values)
-            .return_values(ReturnValue::AllNew)
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
-        match sent {
-            Ok(out) => decode(out.attributes)?
+        use super::raw::RawItems as _;
+        match self.update_raw(op, user_id.as_str(), update).await? {
+            Ok(item) => decode(Some(item).filter(|i| !i.is_empty()))?
                 .map(Ok)
                 .ok_or_else(|| StoreError::Malformed {
                     attribute: String::new(),
                     message: format!("{op}: UpdateItem returned no attributes"),
                 }),
-            Err(err) => match err.as_service_error() {
-                Some(UpdateItemError::ConditionalCheckFailedException(c)) => {
-                    Ok(Err(decode(c.item().cloned())?))
-                }
-                _ => Err(StoreError::from_sdk(op, err)),
-            },
+            Err(refused) => Ok(Err(decode(refused)?)),
         }
     }
 
     async fn delete_item(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         cond: Cond,
     ) -> Result<std::result::Result<UserRecord, Refused>> {
         let mut expr = Expr::default();
@@ -319,7 +289,7 @@ impl Backend for DynamoStore {
             .client
             .delete_item()
             .table_name(&self.table)
-            .set_key(Some(key(user_id)))
+            .set_key(Some(key(user_id.as_str())))
             .condition_expression(condition)
             .set_expression_attribute_names(Some(names))
             .set_expression_attribute_values(values)

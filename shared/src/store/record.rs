@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::table::attr;
 use super::StoreError;
+use crate::api::UserId;
 
 /// A DynamoDB item as the SDK represents it.
 pub type Item = HashMap<String, AttributeValue>;
@@ -179,8 +180,11 @@ pub struct PendingSleep {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "Wire", try_from = "Wire")]
 pub struct UserRecord {
-    /// Partition key.
-    pub user_id: String,
+    /// Partition key. Parsed when the item is decoded: a stored id that is
+    /// not a valid [`UserId`] makes the item [`StoreError::Malformed`]
+    /// (attribute `user_id`), like any other ill-typed attribute, so a
+    /// reader that skips or reports bad items treats it the same way.
+    pub user_id: UserId,
     /// Dedalus machine id (opaque), recorded right after the create call.
     pub machine_id: Option<String>,
     /// Provisioning state.
@@ -384,7 +388,7 @@ impl From<UserRecord> for Wire {
             None => (None, None),
         };
         Self {
-            user_id: r.user_id,
+            user_id: r.user_id.into_string(),
             machine_id: r.machine_id,
             state: r.state,
             power: r.power,
@@ -460,8 +464,12 @@ impl TryFrom<Wire> for UserRecord {
                 })
             }
         };
+        let user_id = UserId::parse(&w.user_id).map_err(|e| StoreError::Malformed {
+            attribute: attr::USER_ID.to_owned(),
+            message: e.to_string(),
+        })?;
         Ok(Self {
-            user_id: w.user_id,
+            user_id,
             machine_id: w.machine_id,
             state: w.state,
             power: w.power,
@@ -609,6 +617,18 @@ mod tests {
                 assert_eq!(attribute, "generation", "{message}")
             }
             other => panic!("expected Malformed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn given_a_stored_user_id_that_is_not_valid_when_decoded_then_the_item_is_malformed() {
+        for bad in ["", "a/b", "-a"] {
+            let mut item = sample().to_item().expect("encode");
+            item.insert("user_id".into(), AttributeValue::S(bad.into()));
+            match UserRecord::from_item(item) {
+                Err(StoreError::Malformed { attribute, .. }) => assert_eq!(attribute, "user_id"),
+                other => panic!("expected Malformed for {bad:?}, got {other:?}"),
+            }
         }
     }
 

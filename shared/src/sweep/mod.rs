@@ -65,6 +65,7 @@ mod report;
 mod settings;
 mod shards;
 
+use crate::api::UserId;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -340,7 +341,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
     /// — so the same conditions hold: never under a live turn lease, never
     /// while a command the agent left running is still running, the hold
     /// window honoured.
-    pub async fn sleep_now(&self, user_id: &str, now_ms: u64, deadline: Instant) -> SleepNow {
+    pub async fn sleep_now(&self, user_id: &UserId, now_ms: u64, deadline: Instant) -> SleepNow {
         self.sleep_now_because(user_id, now_ms, deadline, crate::journal::Reason::Explicit)
             .await
     }
@@ -349,7 +350,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
     /// `end_conversation`, `adaptive`, `budget`).
     pub async fn sleep_now_because(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         now_ms: u64,
         deadline: Instant,
         reason: crate::journal::Reason,
@@ -358,7 +359,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
             Ok(Some(rec)) => rec,
             Ok(None) => return SleepNow::NoMachine,
             Err(error) => {
-                tracing::warn!(user_id, error = %error, "sleep now: item not read");
+                tracing::warn!(user_id = user_id.as_str(), error = %error, "sleep now: item not read");
                 return SleepNow::Failed;
             }
         };
@@ -552,9 +553,9 @@ impl<S: UserStore + 'static> Sweeper<S> {
         if run.past_deadline() {
             return Outcome::NotReached;
         }
-        let user_id = c.user_id.as_str();
+        let user_id = &c.user_id;
         let Some(machine_id) = c.machine_id.clone() else {
-            tracing::warn!(run_id = %run.id, user_id, "awake item without a machine id; skipped");
+            tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), "awake item without a machine id; skipped");
             return Outcome::Failed;
         };
         let now = run.now();
@@ -579,12 +580,12 @@ impl<S: UserStore + 'static> Sweeper<S> {
         if let Some(hold_until) = live.iter().map(|h| h.until).max() {
             match self.check_marker(run, &machine_id, &live).await {
                 Marker::Absent => {
-                    tracing::info!(run_id = %run.id, user_id, machine_id, action = "held", hold_until, holds = live.len(), "command still running; machine kept awake");
+                    tracing::info!(run_id = %run.id, user_id = user_id.as_str(), machine_id, action = "held", hold_until, holds = live.len(), "command still running; machine kept awake");
                     return Outcome::Held;
                 }
                 Marker::Unknown => return Outcome::Failed,
                 Marker::NotRunning(phase) => {
-                    tracing::debug!(run_id = %run.id, user_id, machine_id, phase = %phase, "held machine is not running; the hold no longer applies");
+                    tracing::debug!(run_id = %run.id, user_id = user_id.as_str(), machine_id, phase = %phase, "held machine is not running; the hold no longer applies");
                 }
                 Marker::Present | Marker::Gone => {}
             }
@@ -602,12 +603,12 @@ impl<S: UserStore + 'static> Sweeper<S> {
         {
             Ok(AcquireOutcome::Acquired(rec)) => rec,
             Ok(AcquireOutcome::Busy(_) | AcquireOutcome::Changed(_)) => {
-                tracing::debug!(run_id = %run.id, user_id, machine_id, "lease busy or item changed; skipped");
+                tracing::debug!(run_id = %run.id, user_id = user_id.as_str(), machine_id, "lease busy or item changed; skipped");
                 return Outcome::SkippedBusy;
             }
             Err(StoreError::NotFound { .. }) => return Outcome::SkippedBusy,
             Err(error) => {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "sweep lease not taken");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "sweep lease not taken");
                 return Outcome::Failed;
             }
         };
@@ -617,7 +618,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
         match self.store.release_lease(user_id, &owner, run.now()).await {
             Ok(ReleaseOutcome::Released(_) | ReleaseOutcome::NotHeld(_)) => {}
             Err(error) => {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "sweep lease not released; it expires on its own")
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "sweep lease not released; it expires on its own")
             }
         }
         outcome
@@ -633,7 +634,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
         machine_id: &str,
         lease_until: u64,
     ) -> Outcome {
-        let user_id = rec.user_id.as_str();
+        let user_id = &rec.user_id;
         // The index read may be stale, and a hold may have appeared without
         // a touch (a crashed turn): decide only on what was checked.
         if rec.machine_id.as_deref() != Some(machine_id)
@@ -646,10 +647,10 @@ impl<S: UserStore + 'static> Sweeper<S> {
         }
         if rec.all_holds().next().is_some() {
             if let Err(error) = self.store.clear_hold(user_id, owner, run.now()).await {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "hold not cleared");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "hold not cleared");
                 return Outcome::Failed;
             }
-            tracing::info!(run_id = %run.id, user_id, machine_id, action = "hold_cleared", "held command finished or hold expired");
+            tracing::info!(run_id = %run.id, user_id = user_id.as_str(), machine_id, action = "hold_cleared", "held command finished or hold expired");
         }
         let Some((lease_until, hook)) = self.pre_sleep(run, rec, owner, lease_until).await else {
             return Outcome::SkippedBusy;
@@ -675,13 +676,13 @@ impl<S: UserStore + 'static> Sweeper<S> {
                 Ok(after) => {
                     self.journal_slept(run, Some(rec), &after, run.cause.0, hook)
                         .await;
-                    tracing::info!(run_id = %run.id, user_id, machine_id, action = "slept", phase = %machine.phase, "machine put to sleep");
+                    tracing::info!(run_id = %run.id, user_id = user_id.as_str(), machine_id, action = "slept", phase = %machine.phase, "machine put to sleep");
                     Outcome::Slept
                 }
                 Err(error) => {
                     // The machine sleeps; the next run replays the same key
                     // and marks the item.
-                    tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "machine slept but the item was not marked");
+                    tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "machine slept but the item was not marked");
                     Outcome::Failed
                 }
             },
@@ -695,10 +696,10 @@ impl<S: UserStore + 'static> Sweeper<S> {
                     .set_sleep_eligible_at(user_id, owner, at, now)
                     .await
                 {
-                    tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "sleep_eligible_at not stored");
+                    tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "sleep_eligible_at not stored");
                 }
                 self.journal_refused(run, rec, at).await;
-                tracing::info!(run_id = %run.id, user_id, machine_id, action = "hold_window", sleep_eligible_at = at, "sleep refused within the hold window");
+                tracing::info!(run_id = %run.id, user_id = user_id.as_str(), machine_id, action = "hold_window", sleep_eligible_at = at, "sleep refused within the hold window");
                 Outcome::SkippedHold
             }
             Err(err) if err.is_not_found() => self.lost(run, user_id, owner, machine_id).await,
@@ -706,11 +707,11 @@ impl<S: UserStore + 'static> Sweeper<S> {
             Err(err) if err.status().map(|s| s.as_u16()) == Some(429) => {
                 let wait = err.retry_after().unwrap_or(DEFAULT_RATE_LIMIT_WAIT);
                 run.pacer.back_off(wait);
-                tracing::warn!(run_id = %run.id, user_id, machine_id, retry_after_ms = ms(wait), code = err.code(), "sleep rate-limited; no sleep call before Retry-After, this one left for the next run");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, retry_after_ms = ms(wait), code = err.code(), "sleep rate-limited; no sleep call before Retry-After, this one left for the next run");
                 Outcome::RateLimited
             }
             Err(err) => {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %err, status = err.status().map(|s| s.as_u16()), code = err.code(), "sleep failed; left for the next run");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %err, status = err.status().map(|s| s.as_u16()), code = err.code(), "sleep failed; left for the next run");
                 Outcome::Failed
             }
         }
@@ -768,18 +769,24 @@ impl<S: UserStore + 'static> Sweeper<S> {
     }
 
     /// Sleep unavailable: keep the item true by reading the phase.
-    async fn by_phase(&self, run: &Run, user_id: &str, owner: &str, machine_id: &str) -> Outcome {
+    async fn by_phase(
+        &self,
+        run: &Run,
+        user_id: &UserId,
+        owner: &str,
+        machine_id: &str,
+    ) -> Outcome {
         match run.reads.get_machine(machine_id).await {
             Ok(m) => match m.phase {
                 Phase::Sleeping | Phase::Stopping => {
                     match self.store.mark_asleep(user_id, owner, run.now()).await {
                         Ok(after) => {
                             self.journal_slept(run, None, &after, PLATFORM, None).await;
-                            tracing::info!(run_id = %run.id, user_id, machine_id, action = "marked_asleep", phase = %m.phase, "machine slept on its own; item updated");
+                            tracing::info!(run_id = %run.id, user_id = user_id.as_str(), machine_id, action = "marked_asleep", phase = %m.phase, "machine slept on its own; item updated");
                             Outcome::Fixed
                         }
                         Err(error) => {
-                            tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "item not marked asleep");
+                            tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "item not marked asleep");
                             Outcome::Failed
                         }
                     }
@@ -789,14 +796,14 @@ impl<S: UserStore + 'static> Sweeper<S> {
             },
             Err(err) if err.is_not_found() => self.lost(run, user_id, owner, machine_id).await,
             Err(err) => {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %err, "status read failed");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %err, "status read failed");
                 Outcome::Failed
             }
         }
     }
 
-    async fn lost(&self, run: &Run, user_id: &str, owner: &str, machine_id: &str) -> Outcome {
-        tracing::warn!(run_id = %run.id, user_id, machine_id, action = "lost", "machine not found; item marked lost");
+    async fn lost(&self, run: &Run, user_id: &UserId, owner: &str, machine_id: &str) -> Outcome {
+        tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, action = "lost", "machine not found; item marked lost");
         match self
             .store
             .mark_lost(user_id, owner, "machine not found (404)", run.now())
@@ -807,7 +814,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
                 Outcome::Lost
             }
             Err(error) => {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "item not marked lost");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "item not marked lost");
                 Outcome::Failed
             }
         }
@@ -1028,14 +1035,14 @@ impl<S: UserStore + 'static> Sweeper<S> {
     }
 
     /// Make one item agree with its machine's real phase.
-    async fn reconcile_item(&self, run: &Run, user_id: &str, listed: &Machine) -> Reconciled {
+    async fn reconcile_item(&self, run: &Run, user_id: &UserId, listed: &Machine) -> Reconciled {
         let machine_id = listed.machine_id.as_str();
         // Consistent read first; the status read comes after it.
         let rec = match self.store.get(user_id).await {
             Ok(Some(rec)) => rec,
             Ok(None) => return Reconciled::Consistent,
             Err(error) => {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "item read failed");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "item read failed");
                 return Reconciled::Failed;
             }
         };
@@ -1065,7 +1072,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
                 return self.reconcile_gone(run, &rec, machine_id).await
             }
             Err(err) => {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %err, "status read failed");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %err, "status read failed");
                 return Reconciled::Failed;
             }
         };
@@ -1082,12 +1089,12 @@ impl<S: UserStore + 'static> Sweeper<S> {
                     self.journal_slept(run, Some(&rec), &after, PLATFORM, None)
                         .await;
                 }
-                tracing::info!(run_id = %run.id, user_id, machine_id, action = "power_fixed", power = wants.as_str(), phase = %fresh.phase, "item power corrected to the machine's phase");
+                tracing::info!(run_id = %run.id, user_id = user_id.as_str(), machine_id, action = "power_fixed", power = wants.as_str(), phase = %fresh.phase, "item power corrected to the machine's phase");
                 Reconciled::Fixed
             }
             Err(StoreError::Conflict { .. }) => Reconciled::Busy,
             Err(error) => {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "power not corrected");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "power not corrected");
                 Reconciled::Failed
             }
         }
@@ -1108,7 +1115,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
             Ok(m) => self.reconcile_item(run, &rec.user_id, &m).await,
             Err(err) if err.is_not_found() => self.reconcile_gone(run, &rec, &machine_id).await,
             Err(err) => {
-                tracing::warn!(run_id = %run.id, user_id = rec.user_id, machine_id, error = %err, "status read failed");
+                tracing::warn!(run_id = %run.id, user_id = rec.user_id.as_str(), machine_id, error = %err, "status read failed");
                 Reconciled::Failed
             }
         }
@@ -1116,7 +1123,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
 
     /// The item's machine is gone: mark it lost under a sweep lease.
     async fn reconcile_gone(&self, run: &Run, rec: &UserRecord, machine_id: &str) -> Reconciled {
-        let user_id = rec.user_id.as_str();
+        let user_id = &rec.user_id;
         if rec.state == crate::store::MachineState::Destroying {
             return Reconciled::Consistent;
         }
@@ -1139,7 +1146,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
             }
             Ok(_) | Err(StoreError::NotFound { .. }) => return Reconciled::Busy,
             Err(error) => {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "lease for mark_lost not taken");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "lease for mark_lost not taken");
                 return Reconciled::Failed;
             }
         }
@@ -1148,7 +1155,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
             _ => Reconciled::Failed,
         };
         if let Err(error) = self.store.release_lease(user_id, &owner, run.now()).await {
-            tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "lease not released; it expires on its own");
+            tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "lease not released; it expires on its own");
         }
         result
     }
