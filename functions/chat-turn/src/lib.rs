@@ -228,10 +228,10 @@ where
             else {
                 return result;
             };
-            let store = self.turns.provisioner().store();
             let until = match self.first_turn.wait_until(p.started, deadline, streaming) {
                 Some(until) if !waited => until,
                 _ => {
+                    let store = self.turns.provisioner().store();
                     let retry_after = self
                         .first_turn
                         .retry_after_now(store, &p.user, retry_after)
@@ -243,33 +243,45 @@ where
                 }
             };
             waited = true;
-            match self
-                .first_turn
-                .wait(store, &p.user, until, p.started, sink)
-                .await?
-            {
-                Waited::Ready => {}
-                Waited::Failed(rec) => {
-                    return Err(TurnError::Provision(ProvisionError::Failed {
-                        message: rec
-                            .last_error
-                            .unwrap_or_else(|| "provisioning failed".to_string()),
-                    }))
-                }
-                Waited::Destroying => return Ok(TurnOutcome::Destroying),
-                Waited::Pending(view) => {
-                    let retry_after = self.first_turn.retry_after(&view, now_ms());
-                    return Ok(TurnOutcome::Provisioning {
-                        record: Box::new(view.record),
-                        retry_after,
-                    });
-                }
+            if let Some(outcome) = self.wait_for_machine(p, until, sink).await? {
+                return Ok(outcome);
             }
             if streaming {
                 // The turn gets its own time after the wait, within the
                 // invocation.
                 let fresh = Instant::now() + self.turn_deadline;
                 deadline = p.invocation_end.map_or(fresh, |end| end.min(fresh));
+            }
+        }
+    }
+
+    /// Wait until `until` for the provisioning the turn started: `None`
+    /// once the machine is ready (the turn runs again), else the answer.
+    async fn wait_for_machine(
+        &self,
+        p: &Prepared,
+        until: Instant,
+        sink: &dyn TurnEvents,
+    ) -> Result<Option<TurnOutcome>, TurnError> {
+        let store = self.turns.provisioner().store();
+        match self
+            .first_turn
+            .wait(store, &p.user, until, p.started, sink)
+            .await?
+        {
+            Waited::Ready => Ok(None),
+            Waited::Failed(rec) => Err(TurnError::Provision(ProvisionError::Failed {
+                message: rec
+                    .last_error
+                    .unwrap_or_else(|| "provisioning failed".to_string()),
+            })),
+            Waited::Destroying => Ok(Some(TurnOutcome::Destroying)),
+            Waited::Pending(view) => {
+                let retry_after = self.first_turn.retry_after(&view, now_ms());
+                Ok(Some(TurnOutcome::Provisioning {
+                    record: Box::new(view.record),
+                    retry_after,
+                }))
             }
         }
     }
@@ -367,40 +379,18 @@ where
             Ok(keyed) => keyed,
             Err(resp) => return full(resp),
         };
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let service = Arc::clone(&self);
         let user = p.user.clone();
-        let task_user = p.user.clone();
-        let hash = request_hash(&p.request);
-        let mut task = tokio::spawn(async move {
-            let result = service.run_measured(p, &tx, "stream", true).await;
-            drop(tx);
-            service.after_turn(&task_user).await;
-            let turn_key = service.end_key(&task_user, &hash, keyed, &result).await;
-            (result, turn_key)
-        });
-        let mut first = VecDeque::new();
-        loop {
-            match rx.recv().await {
-                Some(
-                    ev @ TurnEvent::Machine {
-                        stage: MachineStage::Provisioning,
-                        ..
-                    },
-                ) => first.push_back(sse_event(&ev)),
-                Some(ev) => {
-                    first.push_back(sse_event(&ev));
-                    break;
-                }
-                None => {
-                    // Ended before streaming began: the plain response.
-                    return full(match (&mut task).await {
-                        Ok((result, turn_key)) => respond(&user, result, turn_key.as_deref()),
-                        Err(e) => entry::problem(&task_failed(&e)),
-                    });
-                }
+        let (mut rx, mut task) = self.spawn_turn(p, keyed);
+        let first = match first_events(&mut rx).await {
+            Some(first) => first,
+            // Ended before streaming began: the plain response.
+            None => {
+                return full(match (&mut task).await {
+                    Ok((result, turn_key)) => respond(&user, result, turn_key.as_deref()),
+                    Err(e) => entry::problem(&task_failed(&e)),
+                })
             }
-        }
+        };
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + self.heartbeat, self.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -412,39 +402,7 @@ where
             heartbeat,
             user,
         };
-        let stream = futures_util::stream::unfold(state, |mut st| async move {
-            loop {
-                if let Some(chunk) = st.pending.pop_front() {
-                    return Some((chunk, st));
-                }
-                if st.rx_open {
-                    tokio::select! {
-                        ev = st.rx.recv() => match ev {
-                            Some(ev) => {
-                                st.heartbeat.reset();
-                                return Some((sse_event(&ev), st));
-                            }
-                            None => st.rx_open = false,
-                        },
-                        _ = st.heartbeat.tick() => {
-                            return Some((Bytes::from_static(b": keep-alive\n\n"), st));
-                        }
-                    }
-                    continue;
-                }
-                // All events are out: the turn's task has returned (or is
-                // returning); its failure, if any, is the last event.
-                let task = st.task.take()?;
-                let problem = match task.await {
-                    Ok((result, turn_key)) => stream_problem(&st.user, result, turn_key.as_deref()),
-                    Err(e) => Some(task_failed(&e)),
-                };
-                if let Some(problem) = problem {
-                    return Some((sse_event(&TurnEvent::Error(problem)), st));
-                }
-                return None;
-            }
-        });
+        let stream = futures_util::stream::unfold(state, StreamState::next_chunk);
         let resp = Response::builder()
             .status(200)
             .header("content-type", "text/event-stream")
@@ -452,6 +410,88 @@ where
             .header("x-accel-buffering", "no")
             .body(StreamBody::stream(stream));
         resp.unwrap_or_else(|_| full(entry::problem(&Problem::internal("no response"))))
+    }
+
+    /// Run the turn in its own task (a client that disconnects stops the
+    /// events, not the turn): its events arrive on the returned receiver;
+    /// the task ends with the outcome once the key is settled.
+    fn spawn_turn(
+        self: &Arc<Self>,
+        p: Prepared,
+        keyed: Option<Keyed>,
+    ) -> (
+        tokio::sync::mpsc::UnboundedReceiver<TurnEvent>,
+        JoinHandle<Finished>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let service = Arc::clone(self);
+        let task_user = p.user.clone();
+        let hash = request_hash(&p.request);
+        let task = tokio::spawn(async move {
+            let result = service.run_measured(p, &tx, "stream", true).await;
+            drop(tx);
+            service.after_turn(&task_user).await;
+            let turn_key = service.end_key(&task_user, &hash, keyed, &result).await;
+            (result, turn_key)
+        });
+        (rx, task)
+    }
+}
+
+/// The events up to the first that is not about provisioning (that one
+/// included): the stream's first chunks, once the status is settled. `None`
+/// when the turn's events ended before (its plain response is the answer).
+async fn first_events(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<TurnEvent>,
+) -> Option<VecDeque<Bytes>> {
+    let mut first = VecDeque::new();
+    loop {
+        match rx.recv().await? {
+            ev @ TurnEvent::Machine {
+                stage: MachineStage::Provisioning,
+                ..
+            } => first.push_back(sse_event(&ev)),
+            ev => {
+                first.push_back(sse_event(&ev));
+                return Some(first);
+            }
+        }
+    }
+}
+
+impl StreamState {
+    /// The next chunk of the event stream: a pending event, a new one, a
+    /// keep-alive comment when the heartbeat ticks first, and once every
+    /// event is out the turn's failure, if any, as the last event.
+    async fn next_chunk(mut self) -> Option<(Bytes, Self)> {
+        loop {
+            if let Some(chunk) = self.pending.pop_front() {
+                return Some((chunk, self));
+            }
+            if self.rx_open {
+                tokio::select! {
+                    ev = self.rx.recv() => match ev {
+                        Some(ev) => {
+                            self.heartbeat.reset();
+                            return Some((sse_event(&ev), self));
+                        }
+                        None => self.rx_open = false,
+                    },
+                    _ = self.heartbeat.tick() => {
+                        return Some((Bytes::from_static(b": keep-alive\n\n"), self));
+                    }
+                }
+                continue;
+            }
+            // All events are out: the turn's task has returned (or is
+            // returning); its failure, if any, is the last event.
+            let task = self.task.take()?;
+            let problem = match task.await {
+                Ok((result, turn_key)) => stream_problem(&self.user, result, turn_key.as_deref()),
+                Err(e) => Some(task_failed(&e)),
+            };
+            return problem.map(|problem| (sse_event(&TurnEvent::Error(problem)), self));
+        }
     }
 }
 
@@ -552,6 +592,13 @@ fn turn_line(
     if let Some(n) = seen.requests_before_first_command.get() {
         doc.metric("dedalus_requests_before_first_command", *n);
     }
+    outcome_metrics(&mut doc, result);
+    doc
+}
+
+/// The outcome's part of the turn's metric line: its dimension, its HTTP
+/// status and, for a finished turn, what it used; for a failure, its code.
+fn outcome_metrics(doc: &mut agenthome::metrics::EmfDoc, result: &Result<TurnOutcome, TurnError>) {
     match result {
         Ok(TurnOutcome::Done(r)) => {
             let output: u64 = r.steps.iter().map(|s| s.output_bytes).sum();
@@ -591,7 +638,6 @@ fn turn_line(
                 .property("error", e.to_string());
         }
     }
-    doc
 }
 
 fn status_name(s: AgentStatus) -> &'static str {
