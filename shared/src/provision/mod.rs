@@ -557,94 +557,132 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
         }
     }
 
+    /// The worker's steps, in order: the machine, running, bootstrapped,
+    /// ready (each renews the lease first where it may take a while).
     async fn provision_steps(
         &self,
-        mut rec: UserRecord,
+        rec: UserRecord,
         owner: &str,
         budget: &Budget,
     ) -> Result<UserRecord, ProvisionError> {
-        let user_id = rec.user_id.clone();
         let steps_started = Instant::now();
-        // 1. The machine: created with the stored key, so a retry after a
-        //    crash between "create" and "record" returns the same machine.
-        let machine_id = match rec.machine_id.clone() {
-            Some(id) => id,
-            None => {
-                let key = IdempotencyKey::parse(rec.create_key.clone()).map_err(|e| {
-                    ProvisionError::Superseded(format!("stored create_key is unusable: {e}"))
-                })?;
-                let spec = &self.settings.machine;
-                let request = CreateMachineRequest {
-                    vcpu: spec.vcpu,
-                    memory_mib: spec.memory_mib,
-                    storage_gib: spec.storage_gib,
-                    autosleep: Some(spec.autosleep.clone()),
-                };
-                let machine = self.dedalus.create_machine(&request, Some(&key)).await?;
-                tracing::info!(user_id = user_id.as_str(), machine_id = %machine.machine_id, "machine created");
-                rec = self.record_or_destroy(&rec, &machine.machine_id).await?;
-                machine.machine_id
-            }
-        };
-        self.renew(&user_id, owner, budget).await?;
+        let (rec, machine_id) = self.created_machine(rec).await?;
+        self.renew(&rec.user_id, owner, budget).await?;
+        self.running(&rec.user_id, owner, &machine_id, budget)
+            .await?;
+        self.bootstrapped(&rec, owner, &machine_id, budget).await?;
+        self.ready(&rec.user_id, owner, &machine_id, steps_started)
+            .await
+    }
 
-        // 2. Running (a machine that slept meanwhile is woken).
+    /// 1. The machine: created with the stored key, so a retry after a
+    ///    crash between "create" and "record" returns the same machine.
+    async fn created_machine(
+        &self,
+        rec: UserRecord,
+    ) -> Result<(UserRecord, String), ProvisionError> {
+        if let Some(id) = rec.machine_id.clone() {
+            return Ok((rec, id));
+        }
+        let key = IdempotencyKey::parse(rec.create_key.clone()).map_err(|e| {
+            ProvisionError::Superseded(format!("stored create_key is unusable: {e}"))
+        })?;
+        let spec = &self.settings.machine;
+        let request = CreateMachineRequest {
+            vcpu: spec.vcpu,
+            memory_mib: spec.memory_mib,
+            storage_gib: spec.storage_gib,
+            autosleep: Some(spec.autosleep.clone()),
+        };
+        let machine = self.dedalus.create_machine(&request, Some(&key)).await?;
+        tracing::info!(user_id = rec.user_id.as_str(), machine_id = %machine.machine_id, "machine created");
+        let rec = self.record_or_destroy(&rec, &machine.machine_id).await?;
+        Ok((rec, machine.machine_id))
+    }
+
+    /// 2. Running (a machine that slept meanwhile is woken; one that is
+    ///    gone is recorded as lost).
+    async fn running(
+        &self,
+        user_id: &UserId,
+        owner: &str,
+        machine_id: &str,
+        budget: &Budget,
+    ) -> Result<(), ProvisionError> {
         let boot_started = Instant::now();
         let deadline = budget.step_end(self.settings.boot_timeout);
-        let machine = match self.dedalus.get_machine(&machine_id).await {
+        let machine = match self.dedalus.get_machine(machine_id).await {
             Ok(m) if !matches!(m.phase, Phase::Destroying | Phase::Destroyed) => m,
-            Ok(_) => return Err(self.machine_lost(&user_id, owner, &machine_id).await),
+            Ok(_) => return Err(self.machine_lost(user_id, owner, machine_id).await),
             Err(e) if e.is_not_found() => {
-                return Err(self.machine_lost(&user_id, owner, &machine_id).await)
+                return Err(self.machine_lost(user_id, owner, machine_id).await)
             }
             Err(e) => return Err(e.into()),
         };
         if matches!(machine.phase, Phase::Sleeping | Phase::Stopping) {
-            self.dedalus.wake_machine(&machine_id, None, None).await?;
+            self.dedalus.wake_machine(machine_id, None, None).await?;
         }
         self.dedalus
-            .wait_until(&machine_id, Phase::Running, deadline)
+            .wait_until(machine_id, Phase::Running, deadline)
             .await?;
         crate::metrics::boot_took(boot_started.elapsed());
+        Ok(())
+    }
 
-        // 3. Bootstrap (idempotent: skipped when its marker and tools exist).
-        //    Marking `bootstrapping` also checks the lease is still ours and
-        //    extends it for the bootstrap's duration.
+    /// 3. Bootstrap (idempotent: skipped when its marker and tools exist).
+    ///    Marking `bootstrapping` also checks the lease is still ours and
+    ///    extends it for the bootstrap's duration.
+    async fn bootstrapped(
+        &self,
+        rec: &UserRecord,
+        owner: &str,
+        machine_id: &str,
+        budget: &Budget,
+    ) -> Result<(), ProvisionError> {
+        let user_id = &rec.user_id;
         if rec.state != MachineState::Bootstrapping {
             self.store
-                .mark_bootstrapping(&user_id, owner, now_ms())
+                .mark_bootstrapping(user_id, owner, now_ms())
                 .await
                 .map_err(lease_lost)?;
         }
-        self.renew(&user_id, owner, budget).await?;
+        self.renew(user_id, owner, budget).await?;
         let bootstrap_started = Instant::now();
         let deadline = budget.step_end(self.settings.bootstrap_timeout);
         let bootstrapped = self
             .settings
             .bootstrap
-            .ensure(&self.dedalus, &machine_id, deadline)
+            .ensure(&self.dedalus, machine_id, deadline)
             .await;
         crate::metrics::bootstrap_took(bootstrap_started.elapsed());
         match bootstrapped? {
-            BootstrapOutcome::AlreadyDone | BootstrapOutcome::Ran => {}
+            BootstrapOutcome::AlreadyDone | BootstrapOutcome::Ran => Ok(()),
             BootstrapOutcome::Failed { exit_code, tail } => {
-                return Err(ProvisionError::Bootstrap { exit_code, tail });
+                Err(ProvisionError::Bootstrap { exit_code, tail })
             }
         }
+    }
 
-        // 4. Ready and awake.
+    /// 4. Ready and awake; the journal records the provisioning.
+    async fn ready(
+        &self,
+        user_id: &UserId,
+        owner: &str,
+        machine_id: &str,
+        steps_started: Instant,
+    ) -> Result<UserRecord, ProvisionError> {
         let rec = self
             .store
-            .mark_ready(&user_id, owner, self.settings.bootstrap.version(), now_ms())
+            .mark_ready(user_id, owner, self.settings.bootstrap.version(), now_ms())
             .await
             .map_err(lease_lost)?;
         tracing::info!(user_id = user_id.as_str(), machine_id, "machine ready");
         self.journal
             .record(
-                &user_id,
+                user_id,
                 JournalEntry::new(now_ms(), Event::Provisioned, Actor::Worker)
                     .reason(Reason::Created)
-                    .machine(Some(&machine_id))
+                    .machine(Some(machine_id))
                     .duration(millis(steps_started.elapsed())),
             )
             .await;

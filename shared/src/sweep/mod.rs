@@ -549,6 +549,8 @@ impl<S: UserStore + 'static> Sweeper<S> {
         report.remaining |= walk.incomplete;
     }
 
+    /// One awake item the index listed: skipped, held, or put to sleep
+    /// under the sweep lease (taken and released here).
     async fn candidate(&self, run: &Run, c: UserRecord) -> Outcome {
         if run.past_deadline() {
             return Outcome::NotReached;
@@ -558,59 +560,17 @@ impl<S: UserStore + 'static> Sweeper<S> {
             tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), "awake item without a machine id; skipped");
             return Outcome::Failed;
         };
+        // One `now` for the whole decision, as the index listed the item.
         let now = run.now();
-        if c.sleep_eligible_at.is_some_and(|at| at > now) {
-            return Outcome::SkippedHold;
+        if let Some(skipped) = self.not_now(run, &c, now).await {
+            return skipped;
         }
-        if c.live_lease(now).is_some() {
-            return Outcome::SkippedBusy;
+        if let Some(held) = self.held(run, &c, &machine_id, now).await {
+            return held;
         }
-        // Pacing before the lease: nothing is held while a sleep waits its turn.
-        if !run.sleep_unavailable() {
-            let latest = run
-                .deadline
-                .checked_sub(Duration::from_secs(1))
-                .unwrap_or(run.deadline);
-            if run.pacer.admit(latest).await.is_err() {
-                return Outcome::Deferred;
-            }
-        }
-        // Every live hold counts: one command still running keeps it awake.
-        let live: Vec<&Hold> = c.all_holds().filter(|h| now < h.until).collect();
-        if let Some(hold_until) = live.iter().map(|h| h.until).max() {
-            match self.check_marker(run, &machine_id, &live).await {
-                Marker::Absent => {
-                    tracing::info!(run_id = %run.id, user_id = user_id.as_str(), machine_id, action = "held", hold_until, holds = live.len(), "command still running; machine kept awake");
-                    return Outcome::Held;
-                }
-                Marker::Unknown => return Outcome::Failed,
-                Marker::NotRunning(phase) => {
-                    tracing::debug!(run_id = %run.id, user_id = user_id.as_str(), machine_id, phase = %phase, "held machine is not running; the hold no longer applies");
-                }
-                Marker::Present | Marker::Gone => {}
-            }
-        }
-
-        let owner = format!("sweep-{}-{}", run.id, user_id);
-        let until = now.saturating_add(ms(self.settings.lease_ttl));
-        let purpose = LeasePurpose::Sweep {
-            expected_last_active_at: c.last_active_at,
-        };
-        let acquired = match self
-            .store
-            .acquire_lease(user_id, &owner, purpose, until, now)
-            .await
-        {
-            Ok(AcquireOutcome::Acquired(rec)) => rec,
-            Ok(AcquireOutcome::Busy(_) | AcquireOutcome::Changed(_)) => {
-                tracing::debug!(run_id = %run.id, user_id = user_id.as_str(), machine_id, "lease busy or item changed; skipped");
-                return Outcome::SkippedBusy;
-            }
-            Err(StoreError::NotFound { .. }) => return Outcome::SkippedBusy,
-            Err(error) => {
-                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "sweep lease not taken");
-                return Outcome::Failed;
-            }
+        let (acquired, owner, until) = match self.sweep_lease(run, &c, &machine_id, now).await {
+            Ok(taken) => taken,
+            Err(outcome) => return outcome,
         };
         let outcome = self
             .under_lease(run, &c, &acquired, &owner, &machine_id, until)
@@ -624,7 +584,85 @@ impl<S: UserStore + 'static> Sweeper<S> {
         outcome
     }
 
-    /// Everything done while holding the sweep lease.
+    /// Why `c` is not slept now, before anything is held: a hold window
+    /// not yet over, a live lease, or no room left in the sleep pacing.
+    async fn not_now(&self, run: &Run, c: &UserRecord, now: u64) -> Option<Outcome> {
+        if c.sleep_eligible_at.is_some_and(|at| at > now) {
+            return Some(Outcome::SkippedHold);
+        }
+        if c.live_lease(now).is_some() {
+            return Some(Outcome::SkippedBusy);
+        }
+        // Pacing before the lease: nothing is held while a sleep waits its turn.
+        if !run.sleep_unavailable() {
+            let latest = run
+                .deadline
+                .checked_sub(Duration::from_secs(1))
+                .unwrap_or(run.deadline);
+            if run.pacer.admit(latest).await.is_err() {
+                return Some(Outcome::Deferred);
+            }
+        }
+        None
+    }
+
+    /// Whether a command left running keeps `c` awake: every live hold
+    /// counts until its completion marker exists (or the machine no longer
+    /// runs).
+    async fn held(&self, run: &Run, c: &UserRecord, machine_id: &str, now: u64) -> Option<Outcome> {
+        let live: Vec<&Hold> = c.all_holds().filter(|h| now < h.until).collect();
+        let hold_until = live.iter().map(|h| h.until).max()?;
+        let user_id = c.user_id.as_str();
+        match self.check_marker(run, machine_id, &live).await {
+            Marker::Absent => {
+                tracing::info!(run_id = %run.id, user_id, machine_id, action = "held", hold_until, holds = live.len(), "command still running; machine kept awake");
+                Some(Outcome::Held)
+            }
+            Marker::Unknown => Some(Outcome::Failed),
+            Marker::NotRunning(phase) => {
+                tracing::debug!(run_id = %run.id, user_id, machine_id, phase = %phase, "held machine is not running; the hold no longer applies");
+                None
+            }
+            Marker::Present | Marker::Gone => None,
+        }
+    }
+
+    /// Take the sweep lease on `c` (only if its `last_active_at` is still
+    /// the one the index listed): the item, the owner and the lease's end.
+    async fn sweep_lease(
+        &self,
+        run: &Run,
+        c: &UserRecord,
+        machine_id: &str,
+        now: u64,
+    ) -> Result<(UserRecord, String, u64), Outcome> {
+        let user_id = &c.user_id;
+        let owner = format!("sweep-{}-{}", run.id, user_id);
+        let until = now.saturating_add(ms(self.settings.lease_ttl));
+        let purpose = LeasePurpose::Sweep {
+            expected_last_active_at: c.last_active_at,
+        };
+        match self
+            .store
+            .acquire_lease(user_id, &owner, purpose, until, now)
+            .await
+        {
+            Ok(AcquireOutcome::Acquired(rec)) => Ok((rec, owner, until)),
+            Ok(AcquireOutcome::Busy(_) | AcquireOutcome::Changed(_)) => {
+                tracing::debug!(run_id = %run.id, user_id = user_id.as_str(), machine_id, "lease busy or item changed; skipped");
+                Err(Outcome::SkippedBusy)
+            }
+            Err(StoreError::NotFound { .. }) => Err(Outcome::SkippedBusy),
+            Err(error) => {
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "sweep lease not taken");
+                Err(Outcome::Failed)
+            }
+        }
+    }
+
+    /// Everything done while holding the sweep lease: check the item is as
+    /// listed, clear finished holds, run the pre-sleep hook, then sleep the
+    /// machine (or decide by its phase when sleep calls are unavailable).
     async fn under_lease(
         &self,
         run: &Run,
@@ -667,10 +705,25 @@ impl<S: UserStore + 'static> Sweeper<S> {
             return self.by_phase(run, user_id, owner, machine_id).await;
         }
         let key = sleep_key(machine_id, rec.awake_since, rec.last_active_at);
-        let answer = match self.call_sleep(run, machine_id, &key).await {
-            SleepCall::Unavailable => return self.by_phase(run, user_id, owner, machine_id).await,
-            SleepCall::Answered(answer) => *answer,
-        };
+        match self.call_sleep(run, machine_id, &key).await {
+            SleepCall::Unavailable => self.by_phase(run, user_id, owner, machine_id).await,
+            SleepCall::Answered(answer) => {
+                self.sleep_answered(run, rec, owner, hook, *answer).await
+            }
+        }
+    }
+
+    /// Act on the platform's answer to the sleep call made under the lease.
+    async fn sleep_answered(
+        &self,
+        run: &Run,
+        rec: &UserRecord,
+        owner: &str,
+        hook: Option<crate::journal::HookReport>,
+        answer: dedalus::Result<Machine>,
+    ) -> Outcome {
+        let user_id = &rec.user_id;
+        let machine_id = rec.machine_id.as_deref().unwrap_or_default();
         match answer {
             Ok(machine) => match self.store.mark_asleep(user_id, owner, run.now()).await {
                 Ok(after) => {
@@ -687,20 +740,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
                 }
             },
             Err(err) if err.code() == Some(dedalus::codes::SLEEP_HOLD_WINDOW_ACTIVE) => {
-                let now = run.now();
-                let at = next_eligible_ms(&err)
-                    .or_else(|| err.retry_after().map(|d| now.saturating_add(ms(d))))
-                    .unwrap_or_else(|| now.saturating_add(ms(DEFAULT_HOLD_RETRY)));
-                if let Err(error) = self
-                    .store
-                    .set_sleep_eligible_at(user_id, owner, at, now)
-                    .await
-                {
-                    tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "sleep_eligible_at not stored");
-                }
-                self.journal_refused(run, rec, at).await;
-                tracing::info!(run_id = %run.id, user_id = user_id.as_str(), machine_id, action = "hold_window", sleep_eligible_at = at, "sleep refused within the hold window");
-                Outcome::SkippedHold
+                self.in_hold_window(run, rec, owner, &err).await
             }
             Err(err) if err.is_not_found() => self.lost(run, user_id, owner, machine_id).await,
             Err(err) if is_refusal(&err) => self.by_phase(run, user_id, owner, machine_id).await,
@@ -715,6 +755,33 @@ impl<S: UserStore + 'static> Sweeper<S> {
                 Outcome::Failed
             }
         }
+    }
+
+    /// The platform refused the sleep inside its hold window: record when
+    /// it may be retried (the journal too).
+    async fn in_hold_window(
+        &self,
+        run: &Run,
+        rec: &UserRecord,
+        owner: &str,
+        err: &dedalus::Error,
+    ) -> Outcome {
+        let user_id = &rec.user_id;
+        let machine_id = rec.machine_id.as_deref().unwrap_or_default();
+        let now = run.now();
+        let at = next_eligible_ms(err)
+            .or_else(|| err.retry_after().map(|d| now.saturating_add(ms(d))))
+            .unwrap_or_else(|| now.saturating_add(ms(DEFAULT_HOLD_RETRY)));
+        if let Err(error) = self
+            .store
+            .set_sleep_eligible_at(user_id, owner, at, now)
+            .await
+        {
+            tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "sleep_eligible_at not stored");
+        }
+        self.journal_refused(run, rec, at).await;
+        tracing::info!(run_id = %run.id, user_id = user_id.as_str(), machine_id, action = "hold_window", sleep_eligible_at = at, "sleep refused within the hold window");
+        Outcome::SkippedHold
     }
 
     /// One sleep call through the run's gate (see the module docs).
@@ -861,16 +928,29 @@ impl<S: UserStore + 'static> Sweeper<S> {
     // Reconciliation
     // -----------------------------------------------------------------
 
+    /// Reconciliation: every listed machine against its item, then (once
+    /// the whole list was read) every awake item whose machine is not in it.
     async fn reconcile_in(&self, run: &Run, report: &mut SweepReport) {
         report.reconciled = true;
+        if let Some(listed) = self.reconcile_listed(run, report).await {
+            self.reconcile_missing(run, report, &listed).await;
+        }
+    }
+
+    /// Page through the platform's machine list, reconciling each page;
+    /// the ids listed, or `None` when the list was not read to its end.
+    async fn reconcile_listed(
+        &self,
+        run: &Run,
+        report: &mut SweepReport,
+    ) -> Option<HashSet<String>> {
         let concurrency = self.settings.concurrency.max(1);
         let mut listed: HashSet<String> = HashSet::new();
         let mut cursor: Option<String> = None;
-        let mut complete = false;
         loop {
             if run.past_deadline() {
                 report.remaining = true;
-                break;
+                return None;
             }
             let page = match run
                 .reads
@@ -882,7 +962,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
                     tracing::error!(run_id = %run.id, error = %err, "machine list failed; reconciliation left for a later run");
                     report.failed += 1;
                     report.remaining = true;
-                    break;
+                    return None;
                 }
             };
             report.machines_listed += page.items.len() as u64;
@@ -902,17 +982,20 @@ impl<S: UserStore + 'static> Sweeper<S> {
             }
             match page.next_cursor {
                 Some(next) if Some(&next) != cursor.as_ref() => cursor = Some(next),
-                _ => {
-                    complete = true;
-                    break;
-                }
+                _ => return Some(listed),
             }
         }
-        if !complete {
-            return;
-        }
-        // Awake items whose machine the list does not have (destroyed, or
-        // never there): a status read tells; 404 → lost.
+    }
+
+    /// Awake items whose machine the list does not have (destroyed, or
+    /// never there): a status read tells; 404 → lost.
+    async fn reconcile_missing(
+        &self,
+        run: &Run,
+        report: &mut SweepReport,
+        listed: &HashSet<String>,
+    ) {
+        let concurrency = self.settings.concurrency.max(1);
         let mut walk = ShardWalk::new(
             &*self.store,
             self.settings.shards.read_shards(),
@@ -1065,14 +1148,26 @@ impl<S: UserStore + 'static> Sweeper<S> {
         if rec.live_lease(run.now()).is_some() {
             return Reconciled::Busy;
         }
-        // Fresh status, read after the item.
+        self.correct_power(run, &rec, wants, machine_id).await
+    }
+
+    /// Set the item's power to `wants` if a fresh status read (after the
+    /// item's) agrees; a machine gone meanwhile is handled as lost.
+    async fn correct_power(
+        &self,
+        run: &Run,
+        rec: &UserRecord,
+        wants: Power,
+        machine_id: &str,
+    ) -> Reconciled {
+        let user_id = rec.user_id.as_str();
         let fresh = match run.reads.get_machine(machine_id).await {
             Ok(m) => m,
             Err(err) if err.is_not_found() => {
-                return self.reconcile_gone(run, &rec, machine_id).await
+                return self.reconcile_gone(run, rec, machine_id).await
             }
             Err(err) => {
-                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %err, "status read failed");
+                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %err, "status read failed");
                 return Reconciled::Failed;
             }
         };
@@ -1083,18 +1178,18 @@ impl<S: UserStore + 'static> Sweeper<S> {
         if !agrees {
             return Reconciled::Consistent;
         }
-        match self.store.set_power(&rec, wants, run.now()).await {
+        match self.store.set_power(rec, wants, run.now()).await {
             Ok(after) => {
                 if wants == Power::Asleep {
-                    self.journal_slept(run, Some(&rec), &after, PLATFORM, None)
+                    self.journal_slept(run, Some(rec), &after, PLATFORM, None)
                         .await;
                 }
-                tracing::info!(run_id = %run.id, user_id = user_id.as_str(), machine_id, action = "power_fixed", power = wants.as_str(), phase = %fresh.phase, "item power corrected to the machine's phase");
+                tracing::info!(run_id = %run.id, user_id, machine_id, action = "power_fixed", power = wants.as_str(), phase = %fresh.phase, "item power corrected to the machine's phase");
                 Reconciled::Fixed
             }
             Err(StoreError::Conflict { .. }) => Reconciled::Busy,
             Err(error) => {
-                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "power not corrected");
+                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "power not corrected");
                 Reconciled::Failed
             }
         }
