@@ -1456,18 +1456,7 @@ async fn begin_turn<B: Backend>(
     // A wrong guess of the stored window is corrected once per form.
     for _ in 0..3 {
         let mut cond = turn_may_begin(now_ms);
-        let mut actions = set_lease(&lease).to_vec();
-        // The activity before this turn (adaptive idle's gap), kept first.
-        actions.push(Action::CopyOr(
-            attr::PREV_ACTIVE_AT,
-            attr::LAST_ACTIVE_AT,
-            n(now_ms),
-        ));
-        actions.push(Action::Set(attr::LAST_ACTIVE_AT, n(now_ms)));
-        actions.extend(awake_actions(user_id, now_ms, b.awake_shards()));
-        actions.push(Action::Add(attr::TURN_SEQ, 1));
-        // A turn starting cancels a pending sleep (requested or adaptive).
-        actions.extend(REMOVE_PENDING_SLEEP);
+        let mut actions = begin_turn_actions(&lease, user_id, now_ms, b.awake_shards());
         if let (Some(c), Some((w, _))) = (count, window) {
             let (c_cond, c_actions) = count_parts(form, w, c.limit);
             cond.push(c_cond);
@@ -1480,31 +1469,64 @@ async fn begin_turn<B: Backend>(
             Err(StoreError::NotFound { .. }) => return Ok(BeginTurn::NoItem),
             Err(e) => return Err(e),
         };
-        let (Some(c), Some((w, len))) = (count, window) else {
+        let (Some(c), Some(window)) = (count, window) else {
             return Ok(BeginTurn::Refused(current));
         };
-        let marks = current.turns;
-        if marks.window == Some(w) && marks.count >= u64::from(c.limit) {
-            return Ok(BeginTurn::Limited {
-                retry_after_ms: w + len - now_ms,
-            });
-        }
-        let right = if marks.window == Some(w) {
-            CountForm::Bump
-        } else {
-            CountForm::Start
+        form = match refused_count(current, c, window, form, now_ms)? {
+            Ok(right) => right,
+            Err(answer) => return Ok(answer),
         };
-        let may_begin = current.state != MachineState::Destroying
-            && Cond::And(turn_may_begin(now_ms)).eval(&current.to_item()?);
-        if right == form || !may_begin {
-            return Ok(BeginTurn::Refused(current));
-        }
-        form = right;
     }
     // The window moved under us three times: another writer counts too.
     Ok(BeginTurn::Limited {
         retry_after_ms: 1000,
     })
+}
+
+/// What a beginning turn writes, the fair-use count aside: its lease, the
+/// activity (the one before it kept first, for adaptive idle's gap), awake,
+/// one more turn, and no pending sleep (a turn starting cancels it).
+fn begin_turn_actions(lease: &Lease, user_id: &UserId, now_ms: u64, shards: u32) -> Vec<Action> {
+    let mut actions = set_lease(lease).to_vec();
+    actions.push(Action::CopyOr(
+        attr::PREV_ACTIVE_AT,
+        attr::LAST_ACTIVE_AT,
+        n(now_ms),
+    ));
+    actions.push(Action::Set(attr::LAST_ACTIVE_AT, n(now_ms)));
+    actions.extend(awake_actions(user_id, now_ms, shards));
+    actions.push(Action::Add(attr::TURN_SEQ, 1));
+    actions.extend(REMOVE_PENDING_SLEEP);
+    actions
+}
+
+/// A counted begin was refused with the item as `current`: the answer
+/// (limited, or refused for another reason), or the count form to try
+/// again with when only the guess of the stored window was wrong.
+fn refused_count(
+    current: UserRecord,
+    c: TurnCount,
+    (w, len): (u64, u64),
+    form: CountForm,
+    now_ms: u64,
+) -> Result<std::result::Result<CountForm, BeginTurn>> {
+    let marks = current.turns;
+    if marks.window == Some(w) && marks.count >= u64::from(c.limit) {
+        return Ok(Err(BeginTurn::Limited {
+            retry_after_ms: w + len - now_ms,
+        }));
+    }
+    let right = if marks.window == Some(w) {
+        CountForm::Bump
+    } else {
+        CountForm::Start
+    };
+    let may_begin = current.state != MachineState::Destroying
+        && Cond::And(turn_may_begin(now_ms)).eval(&current.to_item()?);
+    if right == form || !may_begin {
+        return Ok(Err(BeginTurn::Refused(current)));
+    }
+    Ok(Ok(right))
 }
 
 /// The actions storing the terminals a turn leaves.

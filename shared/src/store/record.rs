@@ -431,39 +431,8 @@ impl TryFrom<Wire> for UserRecord {
     type Error = StoreError;
 
     fn try_from(w: Wire) -> Result<Self, StoreError> {
-        let lease = match (w.lease_owner, w.lease_kind, w.lease_until) {
-            (Some(owner), Some(kind), Some(until)) => Some(Lease { owner, kind, until }),
-            (None, None, None) => None,
-            (owner, kind, _) => {
-                let missing = if owner.is_none() {
-                    attr::LEASE_OWNER
-                } else if kind.is_none() {
-                    attr::LEASE_KIND
-                } else {
-                    attr::LEASE_UNTIL
-                };
-                return Err(StoreError::Malformed {
-                    attribute: missing.to_owned(),
-                    message: "partial lease: lease_owner, lease_kind and lease_until go together"
-                        .to_owned(),
-                });
-            }
-        };
-        let hold = match (w.hold_until, w.hold_marker) {
-            (Some(until), Some(marker)) => Some(Hold { until, marker }),
-            (None, None) => None,
-            (until, _) => {
-                return Err(StoreError::Malformed {
-                    attribute: if until.is_none() {
-                        attr::HOLD_UNTIL
-                    } else {
-                        attr::HOLD_MARKER
-                    }
-                    .to_owned(),
-                    message: "partial hold: hold_until and hold_marker go together".to_owned(),
-                })
-            }
-        };
+        let lease = lease_of(w.lease_owner, w.lease_kind, w.lease_until)?;
+        let hold = hold_of(w.hold_until, w.hold_marker)?;
         let user_id = UserId::parse(&w.user_id).map_err(|e| StoreError::Malformed {
             attribute: attr::USER_ID.to_owned(),
             message: e.to_string(),
@@ -510,6 +479,50 @@ impl TryFrom<Wire> for UserRecord {
                 previous_active_at: w.prev_active_at,
             },
         })
+    }
+}
+
+/// The lease's three attributes: all or none; a partial lease names the
+/// first missing one.
+fn lease_of(
+    owner: Option<String>,
+    kind: Option<LeaseKind>,
+    until: Option<u64>,
+) -> Result<Option<Lease>, StoreError> {
+    match (owner, kind, until) {
+        (Some(owner), Some(kind), Some(until)) => Ok(Some(Lease { owner, kind, until })),
+        (None, None, None) => Ok(None),
+        (owner, kind, _) => {
+            let missing = if owner.is_none() {
+                attr::LEASE_OWNER
+            } else if kind.is_none() {
+                attr::LEASE_KIND
+            } else {
+                attr::LEASE_UNTIL
+            };
+            Err(StoreError::Malformed {
+                attribute: missing.to_owned(),
+                message: "partial lease: lease_owner, lease_kind and lease_until go together"
+                    .to_owned(),
+            })
+        }
+    }
+}
+
+/// The legacy single hold's two attributes: both or neither.
+fn hold_of(until: Option<u64>, marker: Option<String>) -> Result<Option<Hold>, StoreError> {
+    match (until, marker) {
+        (Some(until), Some(marker)) => Ok(Some(Hold { until, marker })),
+        (None, None) => Ok(None),
+        (until, _) => Err(StoreError::Malformed {
+            attribute: if until.is_none() {
+                attr::HOLD_UNTIL
+            } else {
+                attr::HOLD_MARKER
+            }
+            .to_owned(),
+            message: "partial hold: hold_until and hold_marker go together".to_owned(),
+        }),
     }
 }
 

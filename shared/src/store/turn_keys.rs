@@ -197,17 +197,7 @@ impl<B: RawItems> TurnKeys for B {
         check_args(key)?;
         let pk = turn_key_item_key(user_id, key);
         let runner = new_runner();
-        let fresh = Item::from([
-            (attr::USER_ID.to_owned(), s(&pk)),
-            (key_attr::KIND.to_owned(), s(KIND)),
-            (key_attr::BODY_HASH.to_owned(), s(body_hash)),
-            (key_attr::KEY_STATE.to_owned(), s(RUNNING)),
-            (key_attr::RUNNER.to_owned(), s(&runner)),
-            (key_attr::RUN_UNTIL.to_owned(), n(run_until_ms)),
-            (key_attr::VERSION.to_owned(), n(1)),
-            (key_attr::CREATED_AT.to_owned(), n(now_ms)),
-            (attr::EXPIRES_AT.to_owned(), n(expires_at(now_ms))),
-        ]);
+        let fresh = fresh_key_item(&pk, body_hash, &runner, run_until_ms, now_ms);
         // New, or expired but not yet deleted by the TTL: a fresh key.
         let absent = Cond::Or(vec![
             Cond::NotExists(attr::USER_ID),
@@ -234,29 +224,7 @@ impl<B: RawItems> TurnKeys for B {
         if let Some(decided) = classify(&current, body_hash, now_ms) {
             return Ok(decided);
         }
-        // Pending, or a runner whose claim ended: take it over, if nobody
-        // else did since our read.
-        let version = number(&current, key_attr::VERSION).unwrap_or(0);
-        let update = Update {
-            cond: Cond::And(vec![
-                Cond::Exists(attr::USER_ID),
-                Cond::Eq(key_attr::VERSION, n(version)),
-            ]),
-            actions: vec![
-                Action::Set(key_attr::KEY_STATE, s(RUNNING)),
-                Action::Set(key_attr::RUNNER, s(&runner)),
-                Action::Set(key_attr::RUN_UNTIL, n(run_until_ms)),
-                Action::Add(key_attr::VERSION, 1),
-            ],
-        };
-        match self.update_raw("begin_turn_key", &pk, update).await? {
-            Ok(_) => Ok(TurnKeyBegin::Run { runner }),
-            Err(now) => Ok(now
-                .and_then(|item| classify(&item, body_hash, now_ms))
-                .unwrap_or(TurnKeyBegin::Running {
-                    retry_after: Duration::from_secs(1),
-                })),
-        }
+        take_over(self, &pk, &current, body_hash, runner, run_until_ms, now_ms).await
     }
 
     async fn finish_turn_key(
@@ -283,6 +251,55 @@ impl<B: RawItems> TurnKeys for B {
     ) -> Result<bool> {
         let pending = [Action::Set(key_attr::KEY_STATE, s(PENDING))];
         settle_key(self, "release_turn_key", user_id, key, runner, pending).await
+    }
+}
+
+/// A new key's item, `running` under `runner` until `run_until_ms`.
+fn fresh_key_item(pk: &str, body_hash: &str, runner: &str, run_until_ms: u64, now_ms: u64) -> Item {
+    Item::from([
+        (attr::USER_ID.to_owned(), s(pk)),
+        (key_attr::KIND.to_owned(), s(KIND)),
+        (key_attr::BODY_HASH.to_owned(), s(body_hash)),
+        (key_attr::KEY_STATE.to_owned(), s(RUNNING)),
+        (key_attr::RUNNER.to_owned(), s(runner)),
+        (key_attr::RUN_UNTIL.to_owned(), n(run_until_ms)),
+        (key_attr::VERSION.to_owned(), n(1)),
+        (key_attr::CREATED_AT.to_owned(), n(now_ms)),
+        (attr::EXPIRES_AT.to_owned(), n(expires_at(now_ms))),
+    ])
+}
+
+/// A pending key, or one whose runner's claim ended (`current` as read):
+/// `runner` takes it over, if nobody else did since the read.
+async fn take_over<B: RawItems>(
+    b: &B,
+    pk: &str,
+    current: &Item,
+    body_hash: &str,
+    runner: String,
+    run_until_ms: u64,
+    now_ms: u64,
+) -> Result<TurnKeyBegin> {
+    let version = number(current, key_attr::VERSION).unwrap_or(0);
+    let update = Update {
+        cond: Cond::And(vec![
+            Cond::Exists(attr::USER_ID),
+            Cond::Eq(key_attr::VERSION, n(version)),
+        ]),
+        actions: vec![
+            Action::Set(key_attr::KEY_STATE, s(RUNNING)),
+            Action::Set(key_attr::RUNNER, s(&runner)),
+            Action::Set(key_attr::RUN_UNTIL, n(run_until_ms)),
+            Action::Add(key_attr::VERSION, 1),
+        ],
+    };
+    match b.update_raw("begin_turn_key", pk, update).await? {
+        Ok(_) => Ok(TurnKeyBegin::Run { runner }),
+        Err(now) => Ok(now
+            .and_then(|item| classify(&item, body_hash, now_ms))
+            .unwrap_or(TurnKeyBegin::Running {
+                retry_after: Duration::from_secs(1),
+            })),
     }
 }
 

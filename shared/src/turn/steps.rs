@@ -53,7 +53,9 @@ where
     T: WorkerTrigger,
 {
     /// The turn's steps between its two table writes; `end` collects what
-    /// the finishing write stores.
+    /// the finishing write stores. Kept whole on purpose: each line is one
+    /// named step (reach, wake facts, holds, shell, memory, agent, after the
+    /// reply), so the turn reads top to bottom in one place.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn drive(
         &self,
