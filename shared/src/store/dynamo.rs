@@ -190,23 +190,70 @@ fn decode(item: Option<HashMap<String, AttributeValue>>) -> Result<Option<UserRe
     item.map(UserRecord::from_item).transpose()
 }
 
-fn pending_key_from(lek: &Item) -> Result<PendingKey> {
-    let (shard, sleep_at, user_id) = index_key_from(lek, attr::SLEEP_SHARD, attr::SLEEP_AT)?;
-    Ok(PendingKey {
-        shard,
-        sleep_at,
-        user_id,
-    })
+/// A position in one of the sharded indexes (`awake`, `pending-sleep`):
+/// which index, its partition (shard) and sort attributes, how the query
+/// bounds the sort key, and the key as (shard, sort, user id).
+trait ShardedKey: Sized {
+    /// The operation named in errors.
+    const OP: &'static str;
+    /// The index.
+    const INDEX: &'static str;
+    /// The partition attribute.
+    const SHARD: &'static str;
+    /// The sort attribute.
+    const SORT: &'static str;
+    /// `<` or `<=`: how the sort key compares with the query's bound.
+    const CMP: &'static str;
+    /// (shard, sort, user id).
+    fn into_parts(self) -> (String, u64, String);
+    /// The key from (shard, sort, user id).
+    fn from_parts(shard: String, sort: u64, user_id: String) -> Self;
 }
 
-fn awake_key_from(lek: &Item) -> Result<AwakeKey> {
-    let (shard, last_active_at, user_id) =
-        index_key_from(lek, attr::AWAKE_SHARD, attr::LAST_ACTIVE_AT)?;
-    Ok(AwakeKey {
-        shard,
-        last_active_at,
-        user_id,
-    })
+impl ShardedKey for AwakeKey {
+    const OP: &'static str = "query_awake_idle";
+    const INDEX: &'static str = AWAKE_INDEX;
+    const SHARD: &'static str = attr::AWAKE_SHARD;
+    const SORT: &'static str = attr::LAST_ACTIVE_AT;
+    const CMP: &'static str = "<";
+    fn into_parts(self) -> (String, u64, String) {
+        (self.shard, self.last_active_at, self.user_id)
+    }
+    fn from_parts(shard: String, last_active_at: u64, user_id: String) -> Self {
+        Self {
+            shard,
+            last_active_at,
+            user_id,
+        }
+    }
+}
+
+impl ShardedKey for PendingKey {
+    const OP: &'static str = "query_pending_sleeps";
+    const INDEX: &'static str = PENDING_SLEEP_INDEX;
+    const SHARD: &'static str = attr::SLEEP_SHARD;
+    const SORT: &'static str = attr::SLEEP_AT;
+    const CMP: &'static str = "<=";
+    fn into_parts(self) -> (String, u64, String) {
+        (self.shard, self.sleep_at, self.user_id)
+    }
+    fn from_parts(shard: String, sleep_at: u64, user_id: String) -> Self {
+        Self {
+            shard,
+            sleep_at,
+            user_id,
+        }
+    }
+}
+
+/// The `ExclusiveStartKey` continuing after `key`.
+fn start_key<K: ShardedKey>(key: K) -> Item {
+    let (shard, sort, user_id) = key.into_parts();
+    HashMap::from([
+        (attr::USER_ID.to_owned(), AttributeValue::S(user_id)),
+        (K::SHARD.to_owned(), AttributeValue::S(shard)),
+        (K::SORT.to_owned(), AttributeValue::N(sort.to_string())),
+    ])
 }
 
 /// The (partition, sort, user id) of a sharded index's `LastEvaluatedKey`.
@@ -230,11 +277,6 @@ fn index_key_from(lek: &Item, shard_attr: &str, sort_attr: &str) -> Result<(Stri
 }
 
 impl Backend for DynamoStore {
-    async fn get_item(&self, user_id: &UserId) -> Result<Option<UserRecord>> {
-        use super::raw::RawItems as _;
-        decode(self.get_raw(user_id.as_str()).await?)
-    }
-
     async fn put_new(&self, record: &UserRecord) -> Result<std::result::Result<(), Refused>> {
         crate::metrics::table_call();
         let sent = self
@@ -255,24 +297,6 @@ impl Backend for DynamoStore {
                 }
                 _ => Err(StoreError::from_sdk("claim", err)),
             },
-        }
-    }
-
-    async fn update(
-        &self,
-        op: &'static str,
-        user_id: &UserId,
-        update: Update,
-    ) -> Result<std::result::Result<UserRecord, Refused>> {
-        use super::raw::RawItems as _;
-        match self.update_raw(op, user_id.as_str(), update).await? {
-            Ok(item) => decode(Some(item).filter(|i| !i.is_empty()))?
-                .map(Ok)
-                .ok_or_else(|| StoreError::Malformed {
-                    attribute: String::new(),
-                    message: format!("{op}: UpdateItem returned no attributes"),
-                }),
-            Err(refused) => Ok(Err(decode(refused)?)),
         }
     }
 
@@ -315,29 +339,8 @@ impl Backend for DynamoStore {
         start: Option<AwakeKey>,
         limit: u32,
     ) -> Result<(Vec<UserRecord>, Option<AwakeKey>)> {
-        let start = start.map(|k| {
-            HashMap::from([
-                (attr::USER_ID.to_owned(), AttributeValue::S(k.user_id)),
-                (attr::AWAKE_SHARD.to_owned(), AttributeValue::S(k.shard)),
-                (
-                    attr::LAST_ACTIVE_AT.to_owned(),
-                    AttributeValue::N(k.last_active_at.to_string()),
-                ),
-            ])
-        });
-        let (items, last) = self
-            .query_page(
-                "query_awake_idle",
-                IndexRange {
-                    index: AWAKE_INDEX,
-                    partition: (attr::AWAKE_SHARD, shard),
-                    sort: (attr::LAST_ACTIVE_AT, "<", idle_before_ms),
-                },
-                start,
-                limit,
-            )
-            .await?;
-        Ok((items, last.map(|lek| awake_key_from(&lek)).transpose()?))
+        self.query_sharded(shard, idle_before_ms, start, limit)
+            .await
     }
 
     async fn query_machine(&self, machine_id: &str) -> Result<Vec<UserRecord>> {
@@ -374,29 +377,7 @@ impl Backend for DynamoStore {
         start: Option<PendingKey>,
         limit: u32,
     ) -> Result<(Vec<UserRecord>, Option<PendingKey>)> {
-        let start = start.map(|k| {
-            HashMap::from([
-                (attr::USER_ID.to_owned(), AttributeValue::S(k.user_id)),
-                (attr::SLEEP_SHARD.to_owned(), AttributeValue::S(k.shard)),
-                (
-                    attr::SLEEP_AT.to_owned(),
-                    AttributeValue::N(k.sleep_at.to_string()),
-                ),
-            ])
-        });
-        let (items, last) = self
-            .query_page(
-                "query_pending_sleeps",
-                IndexRange {
-                    index: PENDING_SLEEP_INDEX,
-                    partition: (attr::SLEEP_SHARD, shard),
-                    sort: (attr::SLEEP_AT, "<=", due_by_ms),
-                },
-                start,
-                limit,
-            )
-            .await?;
-        Ok((items, last.map(|lek| pending_key_from(&lek)).transpose()?))
+        self.query_sharded(shard, due_by_ms, start, limit).await
     }
 
     fn awake_shards(&self) -> u32 {
@@ -501,6 +482,30 @@ struct IndexRange<'a> {
 type RawPage = (Vec<UserRecord>, Option<HashMap<String, AttributeValue>>);
 
 impl DynamoStore {
+    /// One page of a sharded index: `shard`'s items whose sort key is
+    /// below (or at) `bound`, after `start`.
+    async fn query_sharded<K: ShardedKey>(
+        &self,
+        shard: &str,
+        bound: u64,
+        start: Option<K>,
+        limit: u32,
+    ) -> Result<(Vec<UserRecord>, Option<K>)> {
+        let range = IndexRange {
+            index: K::INDEX,
+            partition: (K::SHARD, shard),
+            sort: (K::SORT, K::CMP, bound),
+        };
+        let (items, last) = self
+            .query_page(K::OP, range, start.map(start_key), limit)
+            .await?;
+        let next = last
+            .map(|lek| index_key_from(&lek, K::SHARD, K::SORT))
+            .transpose()?
+            .map(|(shard, sort, user_id)| K::from_parts(shard, sort, user_id));
+        Ok((items, next))
+    }
+
     /// Query one page of `range`, from `start`, at most `limit` items.
     async fn query_page(
         &self,

@@ -172,10 +172,22 @@ pub struct PendingKey {
 }
 
 /// What an adapter provides. Public only inside this private module (sealed).
-pub trait Backend: Send + Sync {
+///
+/// The typed read and update are the raw ones plus decoding, written once
+/// here for both adapters.
+pub trait Backend: super::raw::RawItems + Send + Sync {
     /// Strongly consistent read.
-    fn get_item(&self, user_id: &UserId)
-        -> impl Future<Output = Result<Option<UserRecord>>> + Send;
+    fn get_item(
+        &self,
+        user_id: &UserId,
+    ) -> impl Future<Output = Result<Option<UserRecord>>> + Send {
+        async move {
+            self.get_raw(user_id.as_str())
+                .await?
+                .map(UserRecord::from_item)
+                .transpose()
+        }
+    }
     /// Put if no item has this user id.
     fn put_new(
         &self,
@@ -187,7 +199,18 @@ pub trait Backend: Send + Sync {
         op: &'static str,
         user_id: &UserId,
         update: Update,
-    ) -> impl Future<Output = Result<std::result::Result<UserRecord, Refused>>> + Send;
+    ) -> impl Future<Output = Result<std::result::Result<UserRecord, Refused>>> + Send {
+        async move {
+            match self.update_raw(op, user_id.as_str(), update).await? {
+                Ok(item) if item.is_empty() => Err(StoreError::Malformed {
+                    attribute: String::new(),
+                    message: format!("{op}: UpdateItem returned no attributes"),
+                }),
+                Ok(item) => Ok(Ok(UserRecord::from_item(item)?)),
+                Err(refused) => Ok(Err(refused.map(UserRecord::from_item).transpose()?)),
+            }
+        }
+    }
     /// Conditional delete; the item as it was.
     fn delete_item(
         &self,
@@ -348,11 +371,7 @@ fn awake_actions(user_id: &UserId, now_ms: u64, shards: u32) -> [Action; 3] {
 const MAX_ERROR_BYTES: usize = 2048;
 
 fn error_text(error: &str) -> AttributeValue {
-    let mut end = error.len().min(MAX_ERROR_BYTES);
-    while !error.is_char_boundary(end) {
-        end -= 1;
-    }
-    s(&error[..end])
+    s(&error[..crate::text::floor_boundary(error, MAX_ERROR_BYTES)])
 }
 
 fn non_empty(what: &str, v: &str) -> Result<()> {

@@ -160,11 +160,6 @@ fn decode(item: Option<&Item>) -> Result<Option<UserRecord>> {
 }
 
 impl Backend for MemoryStore {
-    async fn get_item(&self, user_id: &UserId) -> Result<Option<UserRecord>> {
-        use super::raw::RawItems as _;
-        decode(self.get_raw(user_id.as_str()).await?.as_ref())
-    }
-
     async fn put_new(&self, record: &UserRecord) -> Result<std::result::Result<(), Refused>> {
         let user_id = record.user_id.as_str();
         self.pause("claim", user_id).await;
@@ -175,19 +170,6 @@ impl Backend for MemoryStore {
         }
         items.insert(user_id.to_owned(), item);
         Ok(Ok(()))
-    }
-
-    async fn update(
-        &self,
-        op: &'static str,
-        user_id: &UserId,
-        update: Update,
-    ) -> Result<std::result::Result<UserRecord, Refused>> {
-        use super::raw::RawItems as _;
-        match self.update_raw(op, user_id.as_str(), update).await? {
-            Ok(item) => Ok(Ok(UserRecord::from_item(item)?)),
-            Err(refused) => Ok(Err(decode(refused.as_ref())?)),
-        }
     }
 
     async fn delete_item(
