@@ -176,6 +176,23 @@ impl Run {
     }
 }
 
+/// Run `work` on every item, at most `concurrency` at once; the results
+/// in the order they finish.
+pub(super) async fn each_concurrently<I, R, Fut>(
+    items: impl IntoIterator<Item = I>,
+    concurrency: usize,
+    work: impl FnMut(I) -> Fut,
+) -> Vec<R>
+where
+    Fut: std::future::Future<Output = R>,
+{
+    stream::iter(items)
+        .map(work)
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
+}
+
 /// What happened to one candidate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -537,12 +554,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
         }
         while let Some(items) = walk.next_page(&run.id).await {
             report.candidates += items.len() as u64;
-            let outcomes: Vec<Outcome> = stream::iter(items)
-                .map(|c| self.candidate(run, c))
-                .buffer_unordered(concurrency)
-                .collect()
-                .await;
-            for o in outcomes {
+            for o in each_concurrently(items, concurrency, |c| self.candidate(run, c)).await {
                 tally(report, o);
             }
         }
@@ -972,12 +984,9 @@ impl<S: UserStore + 'static> Sweeper<S> {
                 .filter(|m| m.phase == Phase::Running)
                 .count() as u64;
             listed.extend(page.items.iter().map(|m| m.machine_id.clone()));
-            let results: Vec<Reconciled> = stream::iter(page.items)
-                .map(|m| self.reconcile_machine(run, m))
-                .buffer_unordered(concurrency)
-                .collect()
-                .await;
-            for r in results {
+            for r in
+                each_concurrently(page.items, concurrency, |m| self.reconcile_machine(run, m)).await
+            {
                 tally_reconciled(report, r);
             }
             match page.next_cursor {
@@ -1008,12 +1017,9 @@ impl<S: UserStore + 'static> Sweeper<S> {
                 .into_iter()
                 .filter(|r| r.machine_id.as_ref().is_some_and(|id| !listed.contains(id)))
                 .collect();
-            let results: Vec<Reconciled> = stream::iter(missing)
-                .map(|r| self.reconcile_unlisted(run, r))
-                .buffer_unordered(concurrency)
-                .collect()
-                .await;
-            for r in results {
+            for r in
+                each_concurrently(missing, concurrency, |r| self.reconcile_unlisted(run, r)).await
+            {
                 tally_reconciled(report, r);
             }
         }

@@ -16,8 +16,6 @@
 //! sweep re-checks, under its own lease, that the pending sleep it found is
 //! still the one on the item.
 
-use futures_util::stream::{self, StreamExt};
-
 use super::{tally, Outcome, Run, Sweeper};
 use crate::store::table::all_shards;
 use crate::store::{Cursor, Power, SleepPlan, SleepReason, StoreError, UserRecord, UserStore};
@@ -51,12 +49,11 @@ impl<S: UserStore + 'static> Sweeper<S> {
                     }
                 };
                 report.pending_candidates += page.items.len() as u64;
-                let outcomes: Vec<Outcome> = stream::iter(page.items)
-                    .map(|c| self.pending_candidate(run, c))
-                    .buffer_unordered(concurrency)
-                    .collect()
-                    .await;
-                for o in outcomes {
+                for o in super::each_concurrently(page.items, concurrency, |c| {
+                    self.pending_candidate(run, c)
+                })
+                .await
+                {
                     tally(report, o);
                 }
                 match page.cursor {
