@@ -150,6 +150,15 @@ mod tests {
     }
 
     #[test]
+    fn given_json_when_deserialized_then_the_id_is_validated_and_written_back_as_a_string() {
+        let user: UserId = serde_json::from_str(r#""auth0|42""#).expect("valid");
+        assert_eq!(user, "auth0|42");
+        assert_eq!(serde_json::to_string(&user).expect("json"), r#""auth0|42""#);
+        let bad = serde_json::from_str::<UserId>(r#""a/b""#).expect_err("invalid");
+        assert!(bad.to_string().contains("'/'"), "{bad}");
+    }
+
+    #[test]
     fn rejects_everything_else_with_a_reason() {
         assert_eq!(UserId::parse(""), Err(UserIdError::Empty));
         assert_eq!(

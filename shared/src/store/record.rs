@@ -180,10 +180,13 @@ pub struct PendingSleep {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "Wire", try_from = "Wire")]
 pub struct UserRecord {
-    /// Partition key. Parsed when the item is decoded: a stored id that is
-    /// not a valid [`UserId`] makes the item [`StoreError::Malformed`]
-    /// (attribute `user_id`), like any other ill-typed attribute, so a
-    /// reader that skips or reports bad items treats it the same way.
+    /// Partition key. Parsed once, when the item is decoded: a stored id
+    /// that is not a valid [`UserId`] makes the item
+    /// [`StoreError::Malformed`] (attribute `user_id`), like any other
+    /// ill-typed attribute, and never a panic. Readers treat it as they
+    /// treat every malformed item: the sweep's shard walk logs the failed
+    /// page and leaves that shard for the next run; a route answers with
+    /// its table error.
     pub user_id: UserId,
     /// Dedalus machine id (opaque), recorded right after the create call.
     pub machine_id: Option<String>,
