@@ -45,11 +45,7 @@ async fn main() -> Result<(), lambda_http::Error> {
     lambda_http::tracing::init_default_subscriber();
     let mode = response_mode()?;
     let app = App::from_env().await?;
-    if app.config.auth_mode == agenthome::api::AuthMode::None {
-        tracing::warn!(
-            "AUTH_MODE=none: every caller may act for every user; use only for local runs"
-        );
-    }
+    app.warn_if_open();
     let service = service(&app)?;
     match mode {
         ResponseMode::Buffered => {
@@ -116,11 +112,6 @@ fn awake_budget(
     let Some(per_day) = app.config.max_awake_per_day else {
         return Ok(None);
     };
-    let sweeper = agenthome::sweep::Sweeper::new(
-        Arc::new(app.store.clone()),
-        &app.dedalus,
-        agenthome::sweep::SweepSettings::from_env()?,
-    )
-    .with_journal(app.journal.clone(), app.config.hook_timeout);
+    let sweeper = app.sweeper(agenthome::sweep::SweepSettings::from_env()?);
     Ok(Some(agenthome::entry::AwakeBudget { per_day, sweeper }))
 }
