@@ -388,13 +388,13 @@ impl Backend for DynamoStore {
 /// Raw item access (turn keys, the provisioning stage): the same request
 /// shapes as the typed operations, without decoding a [`UserRecord`].
 impl super::raw::RawItems for DynamoStore {
-    async fn get_raw(&self, user_id: &str) -> Result<Option<Item>> {
+    async fn get_raw(&self, pk: &str) -> Result<Option<Item>> {
         crate::metrics::table_call();
         let out = self
             .client
             .get_item()
             .table_name(&self.table)
-            .set_key(Some(key(user_id)))
+            .set_key(Some(key(pk)))
             .consistent_read(true)
             .send()
             .await
@@ -437,7 +437,7 @@ impl super::raw::RawItems for DynamoStore {
     async fn update_raw(
         &self,
         op: &'static str,
-        user_id: &str,
+        pk: &str,
         update: Update,
     ) -> Result<std::result::Result<Item, super::raw::RefusedRaw>> {
         let mut expr = Expr::default();
@@ -449,7 +449,7 @@ impl super::raw::RawItems for DynamoStore {
             .client
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(key(user_id)))
+            .set_key(Some(key(pk)))
             .update_expression(update_expression)
             .condition_expression(condition)
             .set_expression_attribute_names(Some(names))

@@ -1619,9 +1619,9 @@ pub fn awake_key(rec: &UserRecord) -> Option<AwakeKey> {
     })
 }
 
-/// The item's key (a wire value: the partition key as a string).
-pub fn key(user_id: &str) -> Item {
-    Item::from([(attr::USER_ID.to_owned(), s(user_id))])
+/// The key of the item with partition key `pk` (a user id, or a turn key's).
+pub fn key(pk: &str) -> Item {
+    Item::from([(attr::USER_ID.to_owned(), s(pk))])
 }
 
 #[cfg(test)]
