@@ -9,7 +9,7 @@
 //!   tool call (`echo hi`) and answers;
 //! - **floor**: the least any client needs for one command on a warm
 //!   machine with an open terminal — one status read, then the command over
-//!   a terminal opened once before the run.
+//!   a terminal opened once before the run, on a machine of its own.
 //!
 //! Each series is measured with an injected per-request latency on the
 //! emulator (a fault rule delaying every `/v1` request, HTTP and WebSocket
@@ -390,7 +390,13 @@ fn series(samples: &[Sample]) -> Series {
 /// Run `warmup` untimed and `turns` timed rounds (shell, agent, floor
 /// interleaved) at each of `latencies`.
 pub async fn run(turns: usize, warmup: usize, latencies: &[u64]) -> TurnResults {
-    let (stack, machine_id) = TurnStack::start().await;
+    let (stack, _) = TurnStack::start().await;
+    // The floor has a machine of its own: on the shell user's machine its
+    // shell and the turn's would take turns saving the shell state (each
+    // finds the other saved last), which no single user's turns do.
+    let machine_id = agenthome_tests::fixtures::running_machine(&stack.client)
+        .await
+        .machine_id;
     let (mut floor, _) = TerminalRunner::open(&stack.client, &machine_id, None)
         .await
         .expect("the floor's terminal");

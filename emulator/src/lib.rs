@@ -37,6 +37,7 @@ pub mod terminal;
 pub mod util;
 pub mod views;
 
+use axum::serve::ListenerExt as _;
 use std::collections::HashSet;
 use std::io::Write;
 use std::sync::Arc;
@@ -85,6 +86,14 @@ pub async fn run(args: Args) -> Result<(), String> {
 
     lifecycle::spawn_autosleep(app.clone());
     prune::spawn_pruner(app.clone());
+    // Nagle off on every accepted connection: a terminal's output goes out
+    // as many small WebSocket frames, and with Nagle on each one after the
+    // first waits for the client's delayed ACK (about 40 ms on Linux).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, routes::router(app.clone()));
     tokio::select! {
         r = server => r.map_err(|e| format!("server error: {e}"))?,

@@ -124,6 +124,56 @@ async fn terminal_keeps_cwd_env_and_history_across_commands_and_reuse() {
 }
 
 #[tokio::test]
+async fn a_new_terminal_starts_where_the_last_command_of_any_shell_left_off() {
+    // (Each shell saves its state after a command's end marker: one more
+    // line typed into it — `settled` — waits until that is done.)
+    async fn settled(runner: &mut TerminalRunner) {
+        runner.run_builtins(":", &[], T).await.expect("settled");
+    }
+    // GIVEN two terminals of one machine, A in ~/a and then B in ~/b (B
+    // saved last)
+    let (_emu, client, machine) = emulator_with_machine_id(&[]).await;
+    let (mut a, _) = TerminalRunner::open(&client, &machine, None)
+        .await
+        .expect("open a");
+    a.run("mkdir -p ~/a ~/b && cd ~/a && export AH_WHO=a", T)
+        .await
+        .expect("cd a");
+    settled(&mut a).await;
+    let mut b = TerminalRunner::open(&client, &machine, None)
+        .await
+        .expect("open b")
+        .0;
+    b.run("cd ~/b && export AH_WHO=b", T).await.expect("cd b");
+    settled(&mut b).await;
+    // WHEN A runs a command that changes nothing in A
+    let o = a.run("true", T).await.expect("true in a");
+    assert_eq!(o.exit_code, Some(0));
+    settled(&mut a).await;
+    // THEN a new terminal starts in A's directory with A's variables: the
+    // last command was A's, though A's own state did not change
+    let mut c = TerminalRunner::open(&client, &machine, None)
+        .await
+        .expect("open c")
+        .0;
+    let o = c.run("pwd; echo \"who=$AH_WHO\"", T).await.expect("pwd c");
+    assert!(o.output.contains("/a\n"), "{o:?}");
+    assert!(o.output.contains("who=a"), "{o:?}");
+    // AND after C moved to ~/b, A's next command (changing nothing in A)
+    // is again the last one: a new terminal starts in ~/a
+    c.run("cd ~/b", T).await.expect("cd c");
+    settled(&mut c).await;
+    a.run("true", T).await.expect("true in a again");
+    settled(&mut a).await;
+    let mut d = TerminalRunner::open(&client, &machine, None)
+        .await
+        .expect("open d")
+        .0;
+    let o = d.run("pwd", T).await.expect("pwd d");
+    assert!(o.output.contains("/a\n"), "A ran last: {o:?}");
+}
+
+#[tokio::test]
 async fn executions_runner_keeps_cwd_env_and_history() {
     let (_emu, client, machine) = emulator_with_machine_id(&[]).await;
     let mut runner = ExecutionsRunner::new(&client, &machine);

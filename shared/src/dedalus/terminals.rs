@@ -121,8 +121,11 @@ impl Client {
             async move {
                 let request = request.map_err(|e| ws_error(CONNECT, e))?;
                 crate::metrics::dedalus_request();
-                match tokio::time::timeout(timeout, tokio_tungstenite::connect_async(request)).await
-                {
+                // Nagle off: a typed line is a small frame that must not wait for
+                // the ACK of the one before it (a 40 ms delayed-ACK stall per
+                // command otherwise).
+                let handshake = tokio_tungstenite::connect_async_with_config(request, None, true);
+                match tokio::time::timeout(timeout, handshake).await {
                     Err(_) => Err(ws_error(
                         CONNECT,
                         tungstenite::Error::Io(io::Error::new(

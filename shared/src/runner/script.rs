@@ -8,13 +8,15 @@
 //!   command left running can be read later; logs over 1 MiB are cut to
 //!   their last MiB when the command ends; files older than 7 days are
 //!   pruned when a shell is set up);
-//! - `run/term-<terminal id>.busy` — present while a terminal's shell runs a
-//!   command (so a later turn does not type into a busy shell); it holds the
-//!   command id, never the nonce of its markers;
+//! - `run/term-<terminal id>.busy` — non-empty while a terminal's shell runs
+//!   a command (so a later turn does not type into a busy shell); it holds
+//!   the command id, never the nonce of its markers, and is emptied (not
+//!   removed: no process) when the command ends;
 //! - `run/<id>.cmd` — a long command, delivered before its (short) line is
 //!   typed, removed as the line reads it;
 //! - `shell/cwd`, `shell/env` — the working directory and exported
-//!   variables after the last command (`export -p`), restored by new shells.
+//!   variables after the last command (`export -p`), restored by new shells;
+//!   `shell/by` names the shell that saved them (a terminal id, or `exec`).
 
 use base64::Engine as _;
 
@@ -79,13 +81,34 @@ cd \"${__AH_HOME:-$HOME}\" 2>/dev/null; \
 if [ -r \"$__ah_s/cwd\" ]; then cd -- \"$(cat \"$__ah_s/cwd\")\" 2>/dev/null; fi; \
 if [ -r \"$__ah_s/env\" ]; then . \"$__ah_s/env\" 2>/dev/null; fi; unset __ah_s";
 
-/// Saves the working directory and exported variables (atomically).
+/// Saves the working directory and exported variables (atomically) in
+/// `dir` (a shell word: `~/.agenthome/shell`), and which shell saved them
+/// last (`who`, a shell word, in `by`).
 /// Variables that describe the process rather than the user's context are
 /// left out.
-const SAVE: &str = "{ __ah_s=\"${__AH_HOME:-$HOME}/.agenthome/shell\"; mkdir -p \"$__ah_s\" && \
-pwd > \"$__ah_s/cwd.tmp\" && mv -f \"$__ah_s/cwd.tmp\" \"$__ah_s/cwd\"; \
+fn save(dir: &str, who: &str) -> String {
+    format!(
+        "{{ mkdir -p {dir} && pwd > {dir}/cwd.tmp && mv -f {dir}/cwd.tmp {dir}/cwd; \
 export -p | grep -Ev '^declare -x (PWD|OLDPWD|SHLVL|_|DCS_EMULATOR_MACHINE_ID)(=|$)' \
-> \"$__ah_s/env.tmp\" && mv -f \"$__ah_s/env.tmp\" \"$__ah_s/env\"; unset __ah_s; } 2>/dev/null";
+> {dir}/env.tmp && mv -f {dir}/env.tmp {dir}/env; printf '%s\\n' {who} > {dir}/by; }} 2>/dev/null"
+    )
+}
+
+/// [`save`] by a terminal's shell, skipped when nothing it would write has
+/// changed: this shell (`who`, a shell word) saved last, and its working
+/// directory and exported variables are those it saved then (kept in the
+/// shell's own unexported `__ah_pwd`/`__ah_env`). The check costs one fork
+/// (`$(export -p)`) and builtins; the save it skips, four processes, each
+/// of which the next line typed into this shell would wait for. For
+/// [`line`] (its `__ah_h`).
+fn save_if_changed(who: &str) -> String {
+    format!(
+        "{{ __ah_e=\"$(export -p)\" __ah_w= __ah_s=\"$__ah_h/shell\"; \\builtin read -r __ah_w < \"$__ah_s/by\"; \
+if [[ \"$__ah_w\" != {who} || \"$PWD\" != \"${{__ah_pwd-}}\" || \"$__ah_e\" != \"${{__ah_env-}}\" ]]; then \
+{save}; __ah_pwd=$PWD; __ah_env=$__ah_e; fi; unset __ah_e __ah_w __ah_s; }} 2>/dev/null",
+        save = save("\"$__ah_s\"", who),
+    )
+}
 
 /// Remembers the shell's home as it was when agenthome first set the shell
 /// up (read-only: the agent cannot change it in that shell), so agenthome's
@@ -118,7 +141,7 @@ pub fn terminal_setup(id: &str, restore: bool) -> String {
         " __ah_setup=1; stty -echo -onlcr 2>/dev/null; PS1=''; PS2=''; PROMPT_COMMAND=''; \
 HISTCONTROL=ignorespace; \
 case \"$(HISTTIMEFORMAT= history 1)\" in *__ah_setup*) history -d -1 ;; esac; shopt -s histappend; \
-bind 'set enable-bracketed-paste off' 2>/dev/null; {KEEP_HOME}; {restore}; {DEFAULTS}; \
+bind 'set enable-bracketed-paste off' 2>/dev/null; set +o emacs +o vi; {KEEP_HOME}; {restore}; {DEFAULTS}; \
 mkdir -p \"{AH_HOME}/{RUN_DIR}\"; \
 find \"{AH_HOME}/{RUN_DIR}\" -type f -mtime +7 -delete 2>/dev/null; \
 printf '\\n%s_%s\\n' __AH_START {id}; printf '\\n%s_%s:%d\\n' __AH_END {id} 0\n"
@@ -128,7 +151,9 @@ printf '\\n%s_%s\\n' __AH_START {id}; printf '\\n%s_%s:%d\\n' __AH_END {id} 0\n"
 /// The line that runs `command` in a terminal's persistent shell.
 ///
 /// It starts with a space (`HISTCONTROL=ignorespace` keeps it out of the
-/// history), decodes the command from base64 (no quoting issues), marks the
+/// history), sets the command as one ANSI-C quoted word ([`ansi_c_quote`]:
+/// no quoting issues, no process; base64 where that is shorter or the
+/// command has a NUL), marks the
 /// terminal busy (the busy file holds the command id), prints the start
 /// marker (straight to the terminal, so it is seen even if the command makes
 /// the shell exit), then runs it with `eval` inside a brace group — in the
@@ -138,9 +163,30 @@ printf '\\n%s_%s\\n' __AH_START {id}; printf '\\n%s_%s:%d\\n' __AH_END {id} 0\n"
 /// the same pipe*, so the marker can never overtake the command's output.
 /// Both markers carry `nonce` (see [`new_nonce`]), not the id. Then the
 /// command (not this line) is added to the history and appended to
-/// `~/.bash_history`, and cwd/env are saved for new shells.
+/// `~/.bash_history`, and cwd/env are saved for new shells when they
+/// changed ([`save_if_changed`]). What follows the end marker runs before
+/// the shell reads its next line, so it starts only one process in the
+/// usual case (`stty`); it is one group whose status is caught, so an
+/// agent's `set -e` cannot end the shell there. The log is cut by the
+/// `tee` stage once it has written everything, apart from the shell.
 pub fn terminal_line(id: &str, nonce: &str, terminal_id: &str, command: &str) -> String {
-    let load = format!("printf %s {} | base64 -d", shell_quote(&b64(command)));
+    let quoted = line(
+        id,
+        nonce,
+        terminal_id,
+        &format!("__ah_c={}", ansi_c_quote(command)),
+    );
+    if !command.contains('\0') && quoted.len() <= MAX_TYPED_LINE {
+        return quoted;
+    }
+    // A NUL (bash drops it from a decoded word but would end a quoted one
+    // there), or a command whose quoted form is too long to type, which
+    // base64 (a third longer than the command, where quoting non-ASCII
+    // text makes it four times as long) may still fit.
+    let load = format!(
+        "__ah_c=\"$(printf %s {} | base64 -d)\"",
+        shell_quote(&b64(command))
+    );
     line(id, nonce, terminal_id, &load)
 }
 
@@ -148,8 +194,9 @@ pub fn terminal_line(id: &str, nonce: &str, terminal_id: &str, command: &str) ->
 /// [`write_command_script`]): the line stays short whatever the command's
 /// size, and removes the file once read.
 pub fn terminal_line_from_file(id: &str, nonce: &str, terminal_id: &str) -> String {
-    let file = format!("\"{AH_HOME}/{}\"", command_file(id));
-    line(id, nonce, terminal_id, &format!("cat {file}; rm -f {file}"))
+    // `__ah_p` is still the bare id here (see `line`).
+    let load = "__ah_c=\"$(cat \"$__ah_h/run/$__ah_p.cmd\"; rm -f \"$__ah_h/run/$__ah_p.cmd\")\"";
+    line(id, nonce, terminal_id, load)
 }
 
 /// The `bash -c` script (for an execution, the command on its stdin) that
@@ -159,17 +206,21 @@ pub fn write_command_script(id: &str) -> String {
     format!("mkdir -p \"$HOME/{RUN_DIR}\" && cat > {file}.tmp && mv -f {file}.tmp {file}")
 }
 
+/// The line of [`terminal_line`] around `load` (which sets `__ah_c`). Its
+/// own variables, unset at its end: `__ah_h` agenthome's directory,
+/// `__ah_p` the command's files without their suffix, `__ah_b` the busy
+/// file, `__ah_t` the terminal.
 fn line(id: &str, nonce: &str, terminal_id: &str, load: &str) -> String {
-    let run = format!("\"{AH_HOME}/{RUN_DIR}\"");
-    let log = format!("\"{AH_HOME}/{}\"", log_path(id));
-    let busy = format!("\"{AH_HOME}/{RUN_DIR}/term-{terminal_id}.busy\"");
-    let trim = trim_log(&log);
+    let trim = trim_log("\"$l\"");
+    let save = save_if_changed("\"$__ah_t\"");
     format!(
-        " __ah_c=\"$({load})\"; mkdir -p {run}; printf %s {id} > {busy}; \
+        " __ah_h=\"{AH_HOME}/.agenthome\" __ah_p={id} __ah_t={terminal}; {load}; [[ -d $__ah_h/run ]] || \
+mkdir -p \"$__ah_h/run\"; __ah_b=\"$__ah_h/run/term-$__ah_t.busy\" __ah_p=\"$__ah_h/run/$__ah_p\"; printf %s {id} > \"$__ah_b\"; \
 printf '\\n%s_%s\\n' __AH_START {nonce}; {{ eval \"$__ah_c\" < /dev/null; __ah=$?; \
-printf '%d\\n' \"$__ah\" > {run}/{id}.done; printf '\\n%s_%s:%d\\n' __AH_END {nonce} \"$__ah\"; }} \
-> >(tee -a {log}) 2>&1; rm -f {busy}; history -s -- \"$__ah_c\"; history -a; {SAVE}; {trim}; \
-stty -echo -onlcr 2>/dev/null; unset __ah_c\n",
+printf '%d\\n' \"$__ah\" > \"$__ah_p.done\"; printf '\\n%s_%s:%d\\n' __AH_END {nonce} \"$__ah\"; }} \
+> >(l=\"$__ah_p.log\"; tee -a \"$l\"; {trim}) 2>&1; {{ >| \"$__ah_b\"; history -s -- \"$__ah_c\"; history -a; \
+{save}; stty -echo -onlcr; }} 2>/dev/null || __ah=$?; unset __ah_c __ah_h __ah_p __ah_b __ah_t\n",
+        terminal = shell_quote(terminal_id),
     )
 }
 
@@ -186,12 +237,13 @@ pub fn execution_wrapper(id: &str, command: &str) -> String {
         "{DEFAULTS}; mkdir -p \"$HOME/{RUN_DIR}\"; {RESTORE}; \
 __ah_c=\"$(printf %s {b} | base64 -d)\"; \
 printf '%s\\n' \"$__ah_c\" >> \"$HOME/.bash_history\"; \
-__ah_exit() {{ __ah=$?; {SAVE}; exec >&- 2>&-; for __ah_i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do \
+__ah_exit() {{ __ah=$?; {save}; exec >&- 2>&-; for __ah_i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do \
 kill -0 \"$__ah_tee\" 2>/dev/null || break; sleep 0.1; done; \
 printf '%d\\n' \"$__ah\" > \"$HOME/{RUN_DIR}/{id}.done\"; {trim}; exit \"$__ah\"; }}; \
 exec > >(tee -a {log}) 2>&1; __ah_tee=$!; trap __ah_exit EXIT; \
 eval \"$__ah_c\" < /dev/null\n",
         b = shell_quote(&b64(command)),
+        save = save("\"$HOME/.agenthome/shell\"", "exec"),
     )
 }
 
@@ -209,7 +261,7 @@ pub fn read_marker_script(marker: &str) -> String {
 pub fn busy_list_script(terminal_ids: &[String]) -> String {
     let ids: Vec<String> = terminal_ids.iter().map(|t| shell_quote(t)).collect();
     format!(
-        "for t in {}; do if [ -e \"$HOME/{RUN_DIR}/term-$t.busy\" ]; then echo \"$t busy\"; \
+        "for t in {}; do if [ -s \"$HOME/{RUN_DIR}/term-$t.busy\" ]; then echo \"$t busy\"; \
 else echo \"$t idle\"; fi; done",
         ids.join(" ")
     )
@@ -236,10 +288,30 @@ printf '\\n%s_%s:%d\\n' __AH_END {nonce} \"$?\""
     )
 }
 
+/// A line agenthome types into a terminal's shell for its own short work
+/// where starting a process would cost more than the work: `body` runs in
+/// the agent's shell itself, so it must use only shell syntax and builtins
+/// called as `\builtin NAME` (an alias or a function of the agent's named
+/// like the builtin cannot stand in for it; a function named `builtin`
+/// could, which no agent has a reason to define). The markers and `body`
+/// form one group whose status is caught (`|| …`): `set -e` is ignored
+/// inside it and cannot end the shell, and its stderr is discarded. The end
+/// marker of `nonce` carries `body`'s exit status; nothing of the line
+/// enters the history (leading space). `vars`: the variables `body` sets,
+/// unset at the end of the line.
+pub fn builtin_line(nonce: &str, body: &str, vars: &[&str]) -> String {
+    let body = body.replace('\n', " ");
+    let vars = vars.join(" ");
+    format!(
+        " __ah_r=0; {{ \\builtin printf '\\n%s_%s\\n' __AH_START {nonce}; {{ {body}; }}; }} 2>/dev/null || __ah_r=$?; \\builtin printf '\\n%s_%s:%d\\n' __AH_END {nonce} \"$__ah_r\" || __ah_r=; \\builtin unset -v __ah_r {vars}\n"
+    )
+}
+
 /// `text` as a bash ANSI-C quoted word (`$'…'`) of printable ASCII only:
 /// quotes, backslashes, control characters and every non-ASCII byte are
 /// escaped, so it can be typed into a terminal as it is and a builtin
-/// (`printf`) writes it without any other process.
+/// (`printf`) writes it without any other process. `!` is escaped too, so
+/// an interactive shell's history expansion never sees one.
 pub fn ansi_c_quote(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 3);
     out.push_str("$'");
@@ -247,6 +319,7 @@ pub fn ansi_c_quote(text: &str) -> String {
         match b {
             b'\\' => out.push_str("\\\\"),
             b'\'' => out.push_str("\\'"),
+            b'!' => out.push_str("\\x21"),
             0x20..=0x7e => out.push(char::from(b)),
             _ => out.push_str(&format!("\\x{b:02x}")),
         }
@@ -263,6 +336,10 @@ mod tests {
     fn quoting() {
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(
+            ansi_c_quote("it's !!\\\né"),
+            r"$'it\'s \x21\x21\\\x0a\xc3\xa9'"
+        );
     }
 
     #[test]
@@ -291,7 +368,10 @@ mod tests {
         assert!(terminal_line(&id, "n", "tm", &big).len() > MAX_TYPED_LINE);
         let line = terminal_line_from_file(&id, "n", "tm");
         assert!(line.len() < MAX_TYPED_LINE, "{}", line.len());
-        assert!(line.contains(&command_file(&id)));
+        assert!(
+            line.contains(&format!("__ah_p={id} ")) && line.contains("$__ah_p.cmd"),
+            "{line}"
+        );
     }
 
     #[test]
@@ -312,13 +392,38 @@ mod tests {
     }
 
     #[test]
-    fn command_travels_as_base64() {
+    fn the_command_travels_encoded_never_as_typed() {
         let line = terminal_line("id", "n", "tm", "echo 'x' \"$y\"\nls");
         assert!(!line.contains("echo 'x'"));
+        assert!(
+            line.contains("__ah_c=$'echo \\'x\\'"),
+            "ANSI-C quoted: {line}"
+        );
+        assert!(!line.contains("base64"), "{line}");
         assert!(
             line.starts_with(' '),
             "leading space keeps it out of history"
         );
+        // A NUL, or non-ASCII text too long to type quoted: base64.
+        assert!(terminal_line("id", "n", "tm", "a\0b").contains("base64 -d"));
+        let wide = "é".repeat(200);
+        let line = terminal_line("id", "n", "tm", &wide);
+        assert!(
+            line.contains("base64 -d") && line.len() <= MAX_TYPED_LINE,
+            "{} {line}",
+            line.len()
+        );
+    }
+
+    #[test]
+    fn a_typed_line_leaves_most_of_its_room_to_the_command() {
+        // Ids as the runner makes them, a terminal id as the API gives it:
+        // what is left of MAX_TYPED_LINE is the room for a command typed
+        // whole (longer ones cost an execution to deliver).
+        let (id, nonce) = (new_command_id(), new_nonce());
+        let terminal = format!("tm-{}", new_nonce());
+        let fixed = terminal_line(&id, &nonce, &terminal, "").len();
+        assert!(fixed <= 1450, "the line around a command: {fixed} bytes");
     }
 
     #[test]

@@ -540,10 +540,43 @@ impl TerminalRunner {
     /// a fresh bash the agent's shell state cannot reach) and returns its
     /// output (at most `limit` bytes kept), waiting at most `timeout`. A
     /// shell that does not answer in time is treated as busy (no further
-    /// line is typed into it; [`CommandRunner::reopen`] replaces it).
+    /// line is typed into it; [`CommandRunner::reopen`] replaces it); a
+    /// script that fails (or a bash that cannot start) is an error.
     pub async fn run_internal(
         &mut self,
         script: &str,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<String, RunnerError> {
+        let nonce = script::new_nonce();
+        let line = script::internal_line(&nonce, script);
+        self.run_own_line(&line, &nonce, limit, timeout).await
+    }
+
+    /// Runs agenthome's own `body` of shell builtins in this shell itself
+    /// ([`script::builtin_line`]: no process is started; `vars` are the
+    /// variables it sets), waiting at most `timeout`; a non-zero status is
+    /// an error. As [`TerminalRunner::run_internal`] otherwise.
+    pub async fn run_builtins(
+        &mut self,
+        body: &str,
+        vars: &[&str],
+        timeout: Duration,
+    ) -> Result<(), RunnerError> {
+        let nonce = script::new_nonce();
+        let line = script::builtin_line(&nonce, body, vars);
+        self.run_own_line(&line, &nonce, 1024, timeout)
+            .await
+            .map(|_| ())
+    }
+
+    /// Types `line` (agenthome's own, ending with the markers of `nonce`)
+    /// and reads its output up to the end marker: the output if its status
+    /// is 0, else an error.
+    async fn run_own_line(
+        &mut self,
+        line: &str,
+        nonce: &str,
         limit: usize,
         timeout: Duration,
     ) -> Result<String, RunnerError> {
@@ -551,17 +584,18 @@ impl TerminalRunner {
             return Err(RunnerError::TerminalClosed { started: false });
         }
         self.poll_pending().await?;
-        let nonce = script::new_nonce();
-        self.send_line(&script::internal_line(&nonce, script))
-            .await?;
-        let mut scanner = SentinelScanner::new(&nonce);
+        self.send_line(line).await?;
+        let mut scanner = SentinelScanner::new(nonce);
         let mut collector = OutputCollector::new(limit);
         let deadline = Instant::now() + timeout;
         match self
             .read_until(&mut scanner, Some(&mut collector), &NoObserver, deadline)
             .await?
         {
-            ReadEnd::Done(_) => Ok(collector.snapshot().text),
+            ReadEnd::Done(0) => Ok(collector.snapshot().text),
+            ReadEnd::Done(code) => Err(RunnerError::Protocol(format!(
+                "agenthome's line in the shell ended with status {code}"
+            ))),
             ReadEnd::TimedOut => {
                 self.pending = Some(Pending {
                     id: script::new_command_id(),

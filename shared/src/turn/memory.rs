@@ -3,7 +3,7 @@
 
 use crate::agent::AgentStatus;
 use crate::dedalus::{self, ExecutionRequest};
-use crate::runner::{CommandOutcome, RunnerError, TerminalRunner};
+use crate::runner::{script, CommandOutcome, RunnerError, TerminalRunner};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::time::Duration;
@@ -157,7 +157,7 @@ fn append_script(turn_id: &str, line: &str) -> String {
             .chars()
             .filter(char::is_ascii_alphanumeric)
             .collect::<String>(),
-        quoted = crate::runner::script::ansi_c_quote(line),
+        quoted = script::ansi_c_quote(line),
     )
 }
 
@@ -180,24 +180,53 @@ pub async fn read_memory_in(
     Ok(kept_lines(&text))
 }
 
-/// [`append`] through the turn's shell (no execution), written at most
-/// once per turn; a line too long to type safely is refused
-/// ([`RunnerError::Protocol`]) and the caller appends through an execution.
+/// The file (relative to home) holding the id of the last turn whose
+/// summary [`append_in`] wrote: a line typed twice (sent again after a
+/// dropped connection) is not appended twice.
+const LAST_APPENDED: &str = ".agenthome/last-summary";
+
+/// The shell text appending `line` (turn `turn_id`'s summary) to the memory
+/// file unless [`LAST_APPENDED`] names this turn already: builtins only
+/// (`read`, `printf`, redirections), no process started, for
+/// [`script::builtin_line`] (its variables: [`APPEND_VARS`]). The line is one ANSI-C quoted word (printable
+/// ASCII on the wire), one `>>` of the whole line. Fails (non-zero) where
+/// `~/.agenthome` is gone, so the caller appends through an execution.
+/// The shell variables [`append_builtins`] sets (unset after it).
+const APPEND_VARS: &[&str] = &["__ah_d", "__ah_l"];
+
+fn append_builtins(turn_id: &str, line: &str) -> String {
+    let id: String = turn_id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
+    format!(
+        "__ah_d=\"${{__AH_HOME:-$HOME}}/.agenthome\"; __ah_l=; \\builtin read -r __ah_l < \"$__ah_d/{last}\"; \
+[[ \"$__ah_l\" == {id} ]] || {{ \\builtin printf '%s\\n' {quoted} >> \"$__ah_d/{file}\" && \
+\\builtin printf '%s\\n' {id} >| \"$__ah_d/{last}\"; }}",
+        last = LAST_APPENDED.trim_start_matches(".agenthome/"),
+        file = TURNS_FILE.trim_start_matches(".agenthome/"),
+        quoted = script::ansi_c_quote(line),
+    )
+}
+
+/// [`append`] through the turn's shell (no execution, no process: see
+/// [`append_builtins`]), written at most once per turn; a line too long to
+/// type safely is refused ([`RunnerError::Protocol`]), as is a failed
+/// write, and the caller appends through an execution.
 pub async fn append_in(
     runner: &mut TerminalRunner,
     turn_id: &str,
     line: &str,
 ) -> Result<(), RunnerError> {
-    let script = append_script(turn_id, line);
-    if script.len() > crate::runner::script::MAX_TYPED_LINE {
+    let body = append_builtins(turn_id, line);
+    if body.len() > script::MAX_TYPED_LINE {
         return Err(RunnerError::Protocol(
             "the summary is too long to type".into(),
         ));
     }
     runner
-        .run_internal(&script, 1024, SHELL_LINE_TIMEOUT)
+        .run_builtins(&body, APPEND_VARS, SHELL_LINE_TIMEOUT)
         .await
-        .map(|_| ())
 }
 
 /// The last `n` summary lines (empty if none or unreadable: memory is a
@@ -289,6 +318,78 @@ mod tests {
         let text = std::fs::read_to_string(home.join(TURNS_FILE)).expect("file");
         let _ = std::fs::remove_dir_all(&home);
         assert_eq!(text, format!("{line_a}\n{line_b}\n"));
+    }
+
+    /// Runs `lines` in one bash whose state an agent has bent: aliases and
+    /// functions over the builtins the line uses, `set -e`, another `HOME`
+    /// (the real one kept in `__AH_HOME` as the shell set-up does). Returns
+    /// what it printed and its exit status.
+    fn in_a_bent_shell(home: &std::path::Path, lines: &[String]) -> (String, i32) {
+        let fake = home.join("fake");
+        let mut text = format!(
+            "shopt -s expand_aliases; readonly __AH_HOME={real}; \
+alias printf=false read=false builtin=false; \
+printf() {{ echo injected; }}; read() {{ return 1; }}; \
+export HOME={fake}; set -e\n",
+            real = script::shell_quote(&home.to_string_lossy()),
+            fake = script::shell_quote(&fake.to_string_lossy()),
+        );
+        for l in lines {
+            text.push_str(l);
+        }
+        text.push_str("echo alive\n");
+        let out = std::process::Command::new("bash")
+            .arg("--norc")
+            .arg("-c")
+            .arg(text)
+            .output()
+            .expect("bash");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            out.status.code().unwrap_or(-1),
+        )
+    }
+
+    #[test]
+    fn a_summary_typed_twice_into_a_bent_shell_is_appended_once_and_the_shell_lives() {
+        // GIVEN a home with ~/.agenthome and a shell an agent has bent
+        let home = std::env::temp_dir().join(format!(
+            "agenthome-memory-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(home.join(".agenthome")).expect("home");
+        let a = "0123456789abcdef0123456789abcdef";
+        let b = "fedcba9876543210fedcba9876543210";
+        let line_a = summary_line(a, 1, "it's \"quoted\" \\ héllo ✓ \u{7f}", None, None, &[]);
+        let line_b = summary_line(b, 2, "second", None, None, &[]);
+        let typed = |id: &str, line: &str, nonce: &str| {
+            script::builtin_line(nonce, &append_builtins(id, line), APPEND_VARS)
+        };
+        // WHEN turn a's line is typed twice (a resend) and then turn b's
+        let (out, status) = in_a_bent_shell(
+            &home,
+            &[
+                typed(a, &line_a, "n1"),
+                typed(a, &line_a, "n2"),
+                typed(b, &line_b, "n3"),
+            ],
+        );
+        let text = std::fs::read_to_string(home.join(TURNS_FILE)).unwrap_or_default();
+        // AND a line is typed where ~/.agenthome is gone
+        std::fs::remove_dir_all(home.join(".agenthome")).expect("rm");
+        let (gone, gone_status) = in_a_bent_shell(&home, &[typed(a, &line_a, "n4")]);
+        let _ = std::fs::remove_dir_all(&home);
+        // THEN each summary is in the real home's file once, exactly as built
+        assert_eq!(text, format!("{line_a}\n{line_b}\n"));
+        // AND every line ended with its end marker, status 0, the shell alive
+        for n in ["n1", "n2", "n3"] {
+            assert!(out.contains(&format!("__AH_END_{n}:0")), "{out}");
+        }
+        assert!(out.ends_with("alive\n") && status == 0, "{status}: {out}");
+        assert!(!out.contains("injected"), "{out}");
+        // AND a failed write reports a non-zero status, the shell still alive
+        assert!(gone.contains("__AH_END_n4:1"), "{gone}");
+        assert!(gone.ends_with("alive\n") && gone_status == 0, "{gone}");
     }
 
     #[test]
