@@ -21,6 +21,9 @@ pub mod schema;
 pub mod spec;
 pub mod stack;
 pub mod store_contract;
+mod users;
+
+pub use users::uid;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
