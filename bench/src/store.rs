@@ -1,6 +1,7 @@
 //! A [`UserStore`] decorator that counts calls, items read and the time spent
 //! in the table, without changing what the wrapped store does.
 
+use agenthome::api::UserId;
 use agenthome::store::{
     AcquireOutcome, ClaimOutcome, CountOutcome, Counter, CreateKey, Cursor, DeleteGuard,
     DeleteOutcome, Hold, Lease, LeasePurpose, Page, Power, ReleaseOutcome, Result, SleepPlan,
@@ -151,7 +152,7 @@ fn none<T>(_: &T) -> u64 {
 }
 
 impl<S: UserStore> UserStore for InstrumentedStore<S> {
-    async fn get(&self, user_id: &str) -> Result<Option<UserRecord>> {
+    async fn get(&self, user_id: &UserId) -> Result<Option<UserRecord>> {
         self.timed(Kind::Get, self.inner.get(user_id), none).await
     }
 
@@ -164,7 +165,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn claim(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         create_key: &str,
         lease: &Lease,
         now_ms: u64,
@@ -175,7 +176,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn record_machine_id(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         create_key: &str,
         machine_id: &str,
         now_ms: u64,
@@ -188,7 +189,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn mark_bootstrapping(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         now_ms: u64,
     ) -> Result<UserRecord> {
@@ -198,7 +199,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn mark_ready(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         bootstrap_version: &str,
         now_ms: u64,
@@ -211,7 +212,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn mark_failed(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         error: &str,
         now_ms: u64,
@@ -222,7 +223,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn restart_provisioning(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         expected_generation: u64,
         lease: &Lease,
         create_key: CreateKey,
@@ -240,7 +241,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn acquire_lease(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         purpose: LeasePurpose,
         until_ms: u64,
@@ -254,7 +255,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn renew_lease(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         until_ms: u64,
         now_ms: u64,
@@ -265,7 +266,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn release_lease(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         now_ms: u64,
     ) -> Result<ReleaseOutcome> {
@@ -273,19 +274,19 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
         self.timed(Kind::Write, f, none).await
     }
 
-    async fn mark_awake(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
+    async fn mark_awake(&self, user_id: &UserId, owner: &str, now_ms: u64) -> Result<UserRecord> {
         let f = self.inner.mark_awake(user_id, owner, now_ms);
         self.timed(Kind::Write, f, none).await
     }
 
-    async fn touch(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
+    async fn touch(&self, user_id: &UserId, owner: &str, now_ms: u64) -> Result<UserRecord> {
         let f = self.inner.touch(user_id, owner, now_ms);
         self.timed(Kind::Write, f, none).await
     }
 
     async fn set_terminal(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         terminal_id: Option<&str>,
         now_ms: u64,
@@ -296,7 +297,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn set_hold(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         hold: &Hold,
         now_ms: u64,
@@ -307,7 +308,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn set_terminals(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         current: Option<&str>,
         parked: &[String],
@@ -321,7 +322,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn release_holds(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         markers: &[String],
         now_ms: u64,
@@ -330,19 +331,19 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
         self.timed(Kind::Write, f, none).await
     }
 
-    async fn clear_hold(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
+    async fn clear_hold(&self, user_id: &UserId, owner: &str, now_ms: u64) -> Result<UserRecord> {
         let f = self.inner.clear_hold(user_id, owner, now_ms);
         self.timed(Kind::Write, f, none).await
     }
 
-    async fn mark_asleep(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
+    async fn mark_asleep(&self, user_id: &UserId, owner: &str, now_ms: u64) -> Result<UserRecord> {
         let f = self.inner.mark_asleep(user_id, owner, now_ms);
         self.timed(Kind::Write, f, none).await
     }
 
     async fn set_sleep_eligible_at(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         eligible_at_ms: u64,
         now_ms: u64,
@@ -355,7 +356,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn mark_lost(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         error: &str,
         now_ms: u64,
@@ -374,19 +375,19 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
         self.timed(Kind::Write, f, none).await
     }
 
-    async fn mark_destroying(&self, user_id: &str, now_ms: u64) -> Result<UserRecord> {
+    async fn mark_destroying(&self, user_id: &UserId, now_ms: u64) -> Result<UserRecord> {
         let f = self.inner.mark_destroying(user_id, now_ms);
         self.timed(Kind::Write, f, none).await
     }
 
-    async fn delete(&self, user_id: &str, guard: DeleteGuard) -> Result<DeleteOutcome> {
+    async fn delete(&self, user_id: &UserId, guard: DeleteGuard) -> Result<DeleteOutcome> {
         let f = self.inner.delete(user_id, guard);
         self.timed(Kind::Write, f, none).await
     }
 
     async fn count_request(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         counter: Counter,
         limit: u32,
         window_ms: u64,
@@ -398,7 +399,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
         self.timed(Kind::Write, f, none).await
     }
 
-    async fn note_awake_day(&self, user_id: &str, day_start: u64, base_ms: u64) -> Result<()> {
+    async fn note_awake_day(&self, user_id: &UserId, day_start: u64, base_ms: u64) -> Result<()> {
         let f = self.inner.note_awake_day(user_id, day_start, base_ms);
         self.timed(Kind::Write, f, none).await
     }
@@ -418,7 +419,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn begin_turn(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         until_ms: u64,
         count: Option<TurnCount>,
@@ -432,7 +433,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn end_turn(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         end: &TurnEnd,
         now_ms: u64,
@@ -443,7 +444,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn schedule_sleep(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         plan: &SleepPlan<'_>,
         now_ms: u64,
     ) -> Result<UserRecord> {
@@ -453,7 +454,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 
     async fn clear_pending_sleep(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         expected_at: u64,
         now_ms: u64,
     ) -> Result<UserRecord> {
@@ -474,7 +475,7 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
         self.timed(Kind::Query, f, |p| p.items.len() as u64).await
     }
 
-    async fn move_awake_shard(&self, user_id: &str, from: &str, to: &str) -> Result<bool> {
+    async fn move_awake_shard(&self, user_id: &UserId, from: &str, to: &str) -> Result<bool> {
         let f = self.inner.move_awake_shard(user_id, from, to);
         self.timed(Kind::Write, f, none).await
     }
@@ -485,7 +486,10 @@ impl<S: UserStore> UserStore for InstrumentedStore<S> {
 impl<S: UserStore + agenthome::store::StageReader> agenthome::store::StageReader
     for InstrumentedStore<S>
 {
-    async fn get_with_stage(&self, user_id: &str) -> Result<Option<agenthome::store::StageView>> {
+    async fn get_with_stage(
+        &self,
+        user_id: &UserId,
+    ) -> Result<Option<agenthome::store::StageView>> {
         self.timed(Kind::Get, self.inner.get_with_stage(user_id), none)
             .await
     }
@@ -497,7 +501,7 @@ impl<S: UserStore + agenthome::store::TurnKeys> agenthome::store::TurnKeys
 {
     async fn begin_turn_key(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         key: &str,
         body_hash: &str,
         run_until_ms: u64,
@@ -511,7 +515,7 @@ impl<S: UserStore + agenthome::store::TurnKeys> agenthome::store::TurnKeys
 
     async fn finish_turn_key(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         key: &str,
         runner: &str,
         response: &str,
@@ -525,7 +529,7 @@ impl<S: UserStore + agenthome::store::TurnKeys> agenthome::store::TurnKeys
 
     async fn release_turn_key(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         key: &str,
         runner: &str,
         now_ms: u64,

@@ -8,6 +8,7 @@
 
 use crate::standin::{Platform, StandIn};
 use crate::store::{InstrumentedStore, Snapshot};
+use agenthome::api::UserId;
 use agenthome::store::{shard_in, MachineState, MemoryStore, Power, ShardLayout, UserRecord};
 use agenthome::sweep::{
     SweepReport, SweepSettings, Sweeper, WorkerFuture, WorkerInvoker, WorkerTask,
@@ -55,7 +56,7 @@ pub fn seed_sharded(users: u64, awake: u64, now_ms: u64, shards: u32) -> MemoryS
     let store = MemoryStore::new().with_awake_shards(shards);
     let day = 24 * 3600 * 1000;
     for i in 0..users {
-        let user_id = format!("user-{i:07}");
+        let user_id = UserId::parse(&format!("user-{i:07}")).expect("a valid generated user id");
         let is_awake = i < awake;
         let last_active_at = if is_awake {
             now_ms - 600_000 - i

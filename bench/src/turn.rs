@@ -252,7 +252,7 @@ impl TurnStack {
         stack.agent_turn().await;
         let item = stack
             .store
-            .get(SHELL_USER)
+            .get(&agenthome_tests::uid(SHELL_USER))
             .await
             .expect("read")
             .expect("item");

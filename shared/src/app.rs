@@ -114,6 +114,29 @@ impl App {
             .with_journal(self.journal.clone()),
         )
     }
+
+    /// The sweeper over this table and Dedalus client, recording in the
+    /// journal (its pre-sleep hook bounded by `HOOK_TIMEOUT`).
+    pub fn sweeper(
+        &self,
+        settings: crate::sweep::SweepSettings,
+    ) -> crate::sweep::Sweeper<DynamoStore> {
+        crate::sweep::Sweeper::new(
+            std::sync::Arc::new(self.store.clone()),
+            &self.dedalus,
+            settings,
+        )
+        .with_journal(self.journal.clone(), self.config.hook_timeout)
+    }
+
+    /// Say loudly at start when `AUTH_MODE=none` leaves the routes open.
+    pub fn warn_if_open(&self) {
+        if self.config.auth_mode == crate::api::AuthMode::None {
+            tracing::warn!(
+                "AUTH_MODE=none: every caller may act for every user; use only for local runs"
+            );
+        }
+    }
 }
 
 /// The journal `JOURNAL_TABLE` names (off when unset).

@@ -152,8 +152,9 @@ impl Config {
         Self::from_map(&std::env::vars().collect())
     }
 
-    /// Read from a map (tests). Long as a list, not as logic: one line
-    /// per variable, each parsed by [`Env`].
+    /// Read from a map (tests): the variables that need more than one
+    /// line are read by the helpers below (in this order, so the first
+    /// problem reported stays the same), the rest one line each.
     pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let env = Env::new(vars);
         let get = |name: &'static str| env.get(name);
@@ -161,51 +162,12 @@ impl Config {
             let raw = get(name).unwrap_or(default);
             secure_url(raw).map_err(|e| malformed(name, raw, e))
         };
-        let dedalus_key = match (get("DEDALUS_API_KEY"), get("DEDALUS_API_KEY_SECRET_ARN")) {
-            (Some(k), _) => KeySource::Env(Secret::new(k)),
-            (None, Some(arn)) => KeySource::SecretArn(arn.to_string()),
-            (None, None) => return Err(ConfigError::Missing("DEDALUS_API_KEY")),
-        };
-        let llm_api_key = get("LLM_API_KEY").map(Secret::new);
-        let llm_api_key_secret_arn = get("LLM_API_KEY_SECRET_ARN").map(str::to_string);
-        let agent_model = match get("AGENT_MODEL") {
-            Some(m) => m.to_string(),
-            None if llm_api_key.is_none() && llm_api_key_secret_arn.is_none() => {
-                "shell".to_string()
-            }
-            None => return Err(ConfigError::Missing("AGENT_MODEL")),
-        };
-        let machine_vcpu: f64 = env.num("MACHINE_VCPU", 1.0)?;
-        if !(machine_vcpu > 0.0 && machine_vcpu.is_finite()) {
-            return Err(malformed(
-                "MACHINE_VCPU",
-                &machine_vcpu.to_string(),
-                "must be positive",
-            ));
-        }
+        let dedalus_key = dedalus_key(&env)?;
+        let (llm_api_key, llm_api_key_secret_arn, agent_model) = llm_settings(&env)?;
+        let machine_vcpu = machine_vcpu(&env)?;
         let max_steps: u32 = env.num("MAX_STEPS", 20)?;
         let auth_mode = env.parse("AUTH_MODE", AuthMode::Jwt, str::parse::<AuthMode>)?;
-        // Kept as written: `iss` must match it exactly (a URL parser would
-        // add a trailing slash to a bare host).
-        let jwt_issuer = match get("JWT_ISSUER") {
-            Some(raw) => url("JWT_ISSUER", raw).map(|_| Some(raw.to_string()))?,
-            None => None,
-        };
-        let jwt_audience: Vec<String> = get("JWT_AUDIENCE")
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|a| !a.is_empty())
-            .map(str::to_string)
-            .collect();
-        if auth_mode == AuthMode::Bearer {
-            if jwt_issuer.is_none() {
-                return Err(ConfigError::Missing("JWT_ISSUER"));
-            }
-            if jwt_audience.is_empty() {
-                return Err(ConfigError::Missing("JWT_AUDIENCE"));
-            }
-        }
+        let (jwt_issuer, jwt_audience) = jwt_claims(&env, auth_mode)?;
         if max_steps == 0 {
             return Err(malformed("MAX_STEPS", "0", "must be at least 1"));
         }
@@ -260,6 +222,77 @@ impl Config {
             hook_timeout: env.duration("HOOK_TIMEOUT", crate::hooks::DEFAULT_TIMEOUT)?,
         })
     }
+}
+
+/// `DEDALUS_API_KEY`, else `DEDALUS_API_KEY_SECRET_ARN`; one is required.
+fn dedalus_key(env: &Env<'_>) -> Result<KeySource, ConfigError> {
+    match (
+        env.get("DEDALUS_API_KEY"),
+        env.get("DEDALUS_API_KEY_SECRET_ARN"),
+    ) {
+        (Some(k), _) => Ok(KeySource::Env(Secret::new(k))),
+        (None, Some(arn)) => Ok(KeySource::SecretArn(arn.to_string())),
+        (None, None) => Err(ConfigError::Missing("DEDALUS_API_KEY")),
+    }
+}
+
+/// The LLM's key (or its secret's ARN) and `AGENT_MODEL`: without a key
+/// the model defaults to `shell`; with one, `AGENT_MODEL` is required.
+fn llm_settings(env: &Env<'_>) -> Result<(Option<Secret>, Option<String>, String), ConfigError> {
+    let key = env.get("LLM_API_KEY").map(Secret::new);
+    let arn = env.get("LLM_API_KEY_SECRET_ARN").map(str::to_string);
+    let model = match env.get("AGENT_MODEL") {
+        Some(m) => m.to_string(),
+        None if key.is_none() && arn.is_none() => "shell".to_string(),
+        None => return Err(ConfigError::Missing("AGENT_MODEL")),
+    };
+    Ok((key, arn, model))
+}
+
+/// `MACHINE_VCPU`: a positive finite number (default 1).
+fn machine_vcpu(env: &Env<'_>) -> Result<f64, ConfigError> {
+    let vcpu: f64 = env.num("MACHINE_VCPU", 1.0)?;
+    if !(vcpu > 0.0 && vcpu.is_finite()) {
+        return Err(malformed(
+            "MACHINE_VCPU",
+            &vcpu.to_string(),
+            "must be positive",
+        ));
+    }
+    Ok(vcpu)
+}
+
+/// `JWT_ISSUER` (a secure URL, kept as written: `iss` must match it
+/// exactly, and a URL parser would add a trailing slash to a bare host) and
+/// `JWT_AUDIENCE` (comma-separated); both required in `bearer` mode.
+fn jwt_claims(
+    env: &Env<'_>,
+    auth_mode: AuthMode,
+) -> Result<(Option<String>, Vec<String>), ConfigError> {
+    let issuer = match env.get("JWT_ISSUER") {
+        Some(raw) => {
+            secure_url(raw).map_err(|e| malformed("JWT_ISSUER", raw, e))?;
+            Some(raw.to_string())
+        }
+        None => None,
+    };
+    let audience: Vec<String> = env
+        .get("JWT_AUDIENCE")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_string)
+        .collect();
+    if auth_mode == AuthMode::Bearer {
+        if issuer.is_none() {
+            return Err(ConfigError::Missing("JWT_ISSUER"));
+        }
+        if audience.is_empty() {
+            return Err(ConfigError::Missing("JWT_AUDIENCE"));
+        }
+    }
+    Ok((issuer, audience))
 }
 
 /// A URL the functions may call: parsed, and `https` unless it is loopback.

@@ -183,11 +183,7 @@ fn tail(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_owned();
     }
-    let mut start = s.len() - max;
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    s[start..].to_owned()
+    s[crate::text::ceil_boundary(s, s.len() - max)..].to_owned()
 }
 
 fn millis(d: Duration) -> u64 {

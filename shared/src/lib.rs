@@ -36,5 +36,6 @@ pub mod provision;
 pub mod runner;
 pub mod store;
 pub mod sweep;
+pub mod text;
 pub mod turn;
 pub mod user_machine;

@@ -2,6 +2,7 @@
 //! wakes the machine (invariant 5), and destruction for account deletion
 //! (machine first, then the mapping; resumable when half done).
 
+use crate::api::UserId;
 use crate::clock::now_ms;
 use crate::dedalus::{self, Machine, Phase};
 use crate::store::{
@@ -15,7 +16,7 @@ use tokio::time::Instant;
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct MachineStatus {
     /// The user.
-    pub user_id: String,
+    pub user_id: UserId,
     /// The machine, once created.
     pub machine_id: Option<String>,
     /// Provisioning state of the item.
@@ -83,7 +84,7 @@ impl MachineStatus {
 pub async fn status<S: UserStore>(
     store: &S,
     dedalus: &dedalus::Client,
-    user_id: &str,
+    user_id: &UserId,
 ) -> Result<Option<MachineStatus>, StoreError> {
     let Some(rec) = store.get(user_id).await? else {
         return Ok(None);
@@ -109,7 +110,7 @@ pub async fn status<S: UserStore>(
 /// says why; `power` is the table's view.
 pub async fn table_status<S: UserStore>(
     store: &S,
-    user_id: &str,
+    user_id: &UserId,
 ) -> Result<Option<MachineStatus>, StoreError> {
     let Some(rec) = store.get(user_id).await? else {
         return Ok(None);
@@ -158,7 +159,7 @@ impl DestroyError {
 pub async fn destroy<S: UserStore>(
     store: &S,
     dedalus: &dedalus::Client,
-    user_id: &str,
+    user_id: &UserId,
     wait: Duration,
 ) -> Result<Destroyed, DestroyError> {
     destroy_recorded(
@@ -175,7 +176,7 @@ pub async fn destroy<S: UserStore>(
 pub async fn destroy_recorded<S: UserStore>(
     store: &S,
     dedalus: &dedalus::Client,
-    user_id: &str,
+    user_id: &UserId,
     wait: Duration,
     journal: &crate::journal::Journal,
 ) -> Result<Destroyed, DestroyError> {
@@ -199,7 +200,7 @@ pub async fn destroy_recorded<S: UserStore>(
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),
         }
-        tracing::info!(user_id, machine_id, "machine destroyed");
+        tracing::info!(user_id = user_id.as_str(), machine_id, "machine destroyed");
     }
     match store.delete(user_id, DeleteGuard::Destroying).await? {
         DeleteOutcome::Deleted(gone) => {

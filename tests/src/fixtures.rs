@@ -3,6 +3,7 @@
 //! wake awaited; a terminal opened; the LLM agent for a scripted model; turn
 //! stacks and a lease taken from a running turn.
 
+use crate::uid;
 use std::time::Duration;
 
 use agenthome::agent::{Agent, AgentOptions, LlmClient, LlmConfig};
@@ -206,7 +207,7 @@ pub async fn steal_lease(s: &Stack, user: &str) {
     let taken = s
         .store
         .acquire_lease(
-            user,
+            &uid(user),
             "turn-intruder",
             LeasePurpose::Turn,
             later + 60_000,

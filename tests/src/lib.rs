@@ -22,6 +22,9 @@ pub mod schema;
 pub mod spec;
 pub mod stack;
 pub mod store_contract;
+mod users;
+
+pub use users::uid;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -12,6 +12,7 @@
 
 use crate::events::{http, Auth};
 use crate::openapi::{self, BodyCheck, Function};
+use crate::uid;
 use crate::{unique_table_name, Emulator, Moto};
 use agenthome::agent::Agent;
 use agenthome::api::{AccessPolicy, AuthMode, JwtVerifier};
@@ -437,7 +438,7 @@ impl Stack {
     /// The user's item (must exist).
     pub async fn item(&self, user: &str) -> UserRecord {
         self.store
-            .get(user)
+            .get(&uid(user))
             .await
             .expect("table read")
             .expect("the user has an item")

@@ -11,6 +11,7 @@
 //! indexes through [`eventually`], which retries briefly until the expected
 //! result shows up.
 
+use crate::uid;
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
@@ -101,7 +102,12 @@ fn provision_lease(owner: &str, until: u64) -> Lease {
 
 async fn claimed<S: UserStore>(store: &S, user: &str, at: u64) -> UserRecord {
     match store
-        .claim(user, KEY_A, &provision_lease("prov-1", at + MINUTE), at)
+        .claim(
+            &uid(user),
+            KEY_A,
+            &provision_lease("prov-1", at + MINUTE),
+            at,
+        )
         .await
         .expect("claim")
     {
@@ -114,11 +120,11 @@ async fn claimed<S: UserStore>(store: &S, user: &str, at: u64) -> UserRecord {
 async fn ready_user<S: UserStore>(store: &S, user: &str, machine: &str, at: u64) -> UserRecord {
     claimed(store, user, at).await;
     store
-        .record_machine_id(user, KEY_A, machine, at)
+        .record_machine_id(&uid(user), KEY_A, machine, at)
         .await
         .expect("record machine");
     store
-        .mark_ready(user, "prov-1", "v1", at)
+        .mark_ready(&uid(user), "prov-1", "v1", at)
         .await
         .expect("mark ready");
     match release(store, user, "prov-1", at).await {
@@ -136,7 +142,7 @@ async fn acquired<S: UserStore>(
     now: u64,
 ) -> UserRecord {
     match store
-        .acquire_lease(user, owner, purpose, until, now)
+        .acquire_lease(&uid(user), owner, purpose, until, now)
         .await
         .expect("acquire")
     {
@@ -148,7 +154,10 @@ async fn acquired<S: UserStore>(
 /// `owner` releases `user`'s lease at `at` (the call must succeed; the
 /// outcome is the caller's to check).
 async fn release<S: UserStore>(store: &S, user: &str, owner: &str, at: u64) -> ReleaseOutcome {
-    store.release_lease(user, owner, at).await.expect("release")
+    store
+        .release_lease(&uid(user), owner, at)
+        .await
+        .expect("release")
 }
 
 fn conflict_current(result: Result<UserRecord, StoreError>) -> UserRecord {
@@ -165,7 +174,7 @@ fn conflict_current(result: Result<UserRecord, StoreError>) -> UserRecord {
 fn users_in_shard(prefix: &str, shard: &str, count: usize) -> Vec<String> {
     (0..)
         .map(|i| format!("{prefix}-{i}"))
-        .filter(|u| shard_for(u) == shard)
+        .filter(|u| shard_for(&uid(u)) == shard)
         .take(count)
         .collect()
 }
@@ -180,11 +189,14 @@ pub async fn claim_creates_the_item_once<S: UserStore>(store: S) {
     assert_eq!(rec.create_key, KEY_A);
     assert_eq!(rec.lease, Some(provision_lease("prov-1", T0 + MINUTE)));
     assert_eq!(rec.awake_shard, None);
-    assert_eq!(store.get("alice").await.expect("get"), Some(rec.clone()));
+    assert_eq!(
+        store.get(&uid("alice")).await.expect("get"),
+        Some(rec.clone())
+    );
 
     let again = store
         .claim(
-            "alice",
+            &uid("alice"),
             KEY_B,
             &provision_lease("prov-2", T0 + 2 * MINUTE),
             T0 + 1,
@@ -192,8 +204,8 @@ pub async fn claim_creates_the_item_once<S: UserStore>(store: S) {
         .await
         .expect("second claim");
     assert_eq!(again, ClaimOutcome::AlreadyExists(rec.clone()));
-    assert_eq!(store.get("alice").await.expect("get"), Some(rec));
-    assert_eq!(store.get("bob").await.expect("get"), None);
+    assert_eq!(store.get(&uid("alice")).await.expect("get"), Some(rec));
+    assert_eq!(store.get(&uid("bob")).await.expect("get"), None);
 }
 
 /// GIVEN 50 concurrent claims with distinct keys for one user THEN exactly
@@ -206,7 +218,7 @@ pub async fn claim_race_has_exactly_one_winner<S: UserStore + 'static>(store: S)
             tokio::spawn(async move {
                 let key = format!("{i:032x}");
                 let lease = provision_lease(&format!("prov-{i}"), T0 + MINUTE);
-                store.claim("racer", &key, &lease, T0).await
+                store.claim(&uid("racer"), &key, &lease, T0).await
             })
         })
         .collect();
@@ -227,7 +239,7 @@ pub async fn claim_race_has_exactly_one_winner<S: UserStore + 'static>(store: S)
         "losers see the winner's key: {seen_keys:?} vs {}",
         winner.create_key
     );
-    let stored = store.get("racer").await.expect("get").expect("item");
+    let stored = store.get(&uid("racer")).await.expect("get").expect("item");
     assert_eq!(&stored, winner);
 }
 
@@ -236,24 +248,28 @@ pub async fn claim_race_has_exactly_one_winner<S: UserStore + 'static>(store: S)
 pub async fn claim_rejects_a_malformed_create_key<S: UserStore>(store: S) {
     let lease = provision_lease("p", T0 + MINUTE);
     for bad in ["", "xyz", &KEY_A.to_uppercase(), &format!("{KEY_A}0")] {
-        let result = store.claim("carol", bad, &lease, T0).await;
+        let result = store.claim(&uid("carol"), bad, &lease, T0).await;
         assert!(
             matches!(result, Err(StoreError::InvalidArgument(_))),
             "{bad:?}: {result:?}"
         );
     }
-    assert_eq!(store.get("carol").await.expect("get"), None);
+    assert_eq!(store.get(&uid("carol")).await.expect("get"), None);
 }
 
 /// GIVEN a claimed item WHEN recording a machine id THEN only the claim's
 /// create key may, once (the same id again is fine, another id is not).
 pub async fn record_machine_id_requires_the_create_key<S: UserStore>(store: S) {
     claimed(&store, "dave", T0).await;
-    let refused = conflict_current(store.record_machine_id("dave", KEY_B, "dm-1", T0 + 1).await);
+    let refused = conflict_current(
+        store
+            .record_machine_id(&uid("dave"), KEY_B, "dm-1", T0 + 1)
+            .await,
+    );
     assert_eq!(refused.machine_id, None);
 
     let rec = store
-        .record_machine_id("dave", KEY_A, "dm-1", T0 + 2)
+        .record_machine_id(&uid("dave"), KEY_A, "dm-1", T0 + 2)
         .await
         .expect("record");
     assert_eq!(rec.machine_id.as_deref(), Some("dm-1"));
@@ -261,12 +277,16 @@ pub async fn record_machine_id_requires_the_create_key<S: UserStore>(store: S) {
     assert_eq!(rec.updated_at, T0 + 2);
 
     let again = store
-        .record_machine_id("dave", KEY_A, "dm-1", T0 + 3)
+        .record_machine_id(&uid("dave"), KEY_A, "dm-1", T0 + 3)
         .await
         .expect("idempotent");
     assert_eq!(again.machine_id.as_deref(), Some("dm-1"));
 
-    let other = conflict_current(store.record_machine_id("dave", KEY_A, "dm-2", T0 + 4).await);
+    let other = conflict_current(
+        store
+            .record_machine_id(&uid("dave"), KEY_A, "dm-2", T0 + 4)
+            .await,
+    );
     assert_eq!(other.machine_id.as_deref(), Some("dm-1"));
 }
 
@@ -275,33 +295,45 @@ pub async fn record_machine_id_requires_the_create_key<S: UserStore>(store: S) {
 pub async fn provisioning_transitions_need_the_lease_and_a_machine<S: UserStore>(store: S) {
     claimed(&store, "erin", T0).await;
     // No machine recorded yet.
-    let early = conflict_current(store.mark_bootstrapping("erin", "prov-1", T0 + 1).await);
+    let early = conflict_current(
+        store
+            .mark_bootstrapping(&uid("erin"), "prov-1", T0 + 1)
+            .await,
+    );
     assert_eq!(early.state, MachineState::Provisioning);
     store
-        .record_machine_id("erin", KEY_A, "dm-e", T0 + 2)
+        .record_machine_id(&uid("erin"), KEY_A, "dm-e", T0 + 2)
         .await
         .expect("record");
     // Not the lease holder.
-    conflict_current(store.mark_bootstrapping("erin", "intruder", T0 + 3).await);
+    conflict_current(
+        store
+            .mark_bootstrapping(&uid("erin"), "intruder", T0 + 3)
+            .await,
+    );
     let boot = store
-        .mark_bootstrapping("erin", "prov-1", T0 + 4)
+        .mark_bootstrapping(&uid("erin"), "prov-1", T0 + 4)
         .await
         .expect("bootstrapping");
     assert_eq!(boot.state, MachineState::Bootstrapping);
 
     let ready = store
-        .mark_ready("erin", "prov-1", "v7", T0 + 10)
+        .mark_ready(&uid("erin"), "prov-1", "v7", T0 + 10)
         .await
         .expect("ready");
     assert_eq!(ready.state, MachineState::Ready);
     assert_eq!(ready.bootstrap_version.as_deref(), Some("v7"));
     assert_eq!(ready.power, Power::Awake);
-    assert_eq!(ready.awake_shard, Some(shard_for("erin")));
+    assert_eq!(ready.awake_shard, Some(shard_for(&uid("erin"))));
     assert_eq!(ready.awake_since, Some(T0 + 10));
     assert_eq!(ready.last_active_at, T0 + 10);
     assert!(ready.generation > boot.generation);
 
-    let late = conflict_current(store.mark_failed("erin", "prov-1", "boom", T0 + 11).await);
+    let late = conflict_current(
+        store
+            .mark_failed(&uid("erin"), "prov-1", "boom", T0 + 11)
+            .await,
+    );
     assert_eq!(late.state, MachineState::Ready);
     assert_eq!(late.last_error, None);
 }
@@ -312,7 +344,7 @@ pub async fn provisioning_transitions_need_the_lease_and_a_machine<S: UserStore>
 pub async fn restart_provisioning_keeps_or_replaces_the_create_key<S: UserStore>(store: S) {
     claimed(&store, "fay", T0).await;
     let failed = store
-        .mark_failed("fay", "prov-1", "create refused", T0 + 1)
+        .mark_failed(&uid("fay"), "prov-1", "create refused", T0 + 1)
         .await
         .expect("failed");
     assert_eq!(failed.state, MachineState::Failed);
@@ -321,7 +353,13 @@ pub async fn restart_provisioning_keeps_or_replaces_the_create_key<S: UserStore>
     // The failing worker's lease is still live.
     let lease2 = provision_lease("prov-2", T0 + 5 * MINUTE);
     let busy = store
-        .restart_provisioning("fay", failed.generation, &lease2, CreateKey::Keep, T0 + 2)
+        .restart_provisioning(
+            &uid("fay"),
+            failed.generation,
+            &lease2,
+            CreateKey::Keep,
+            T0 + 2,
+        )
         .await
         .expect("restart");
     assert!(
@@ -332,7 +370,7 @@ pub async fn restart_provisioning_keeps_or_replaces_the_create_key<S: UserStore>
     let after_expiry = T0 + MINUTE + 1;
     let stale = store
         .restart_provisioning(
-            "fay",
+            &uid("fay"),
             failed.generation - 1,
             &lease2,
             CreateKey::Keep,
@@ -344,7 +382,7 @@ pub async fn restart_provisioning_keeps_or_replaces_the_create_key<S: UserStore>
 
     let replaced = match store
         .restart_provisioning(
-            "fay",
+            &uid("fay"),
             failed.generation,
             &lease2,
             CreateKey::Replace(KEY_B.to_owned()),
@@ -363,18 +401,18 @@ pub async fn restart_provisioning_keeps_or_replaces_the_create_key<S: UserStore>
 
     // Once a machine is recorded, the key may no longer change.
     store
-        .record_machine_id("fay", KEY_B, "dm-f", after_expiry + 1)
+        .record_machine_id(&uid("fay"), KEY_B, "dm-f", after_expiry + 1)
         .await
         .expect("record");
     let failed = store
-        .mark_failed("fay", "prov-2", "bootstrap failed", after_expiry + 2)
+        .mark_failed(&uid("fay"), "prov-2", "bootstrap failed", after_expiry + 2)
         .await
         .expect("failed");
     let later = T0 + 6 * MINUTE;
     let lease3 = provision_lease("prov-3", later + MINUTE);
     let refused = store
         .restart_provisioning(
-            "fay",
+            &uid("fay"),
             failed.generation,
             &lease3,
             CreateKey::Replace(KEY_A.to_owned()),
@@ -384,7 +422,13 @@ pub async fn restart_provisioning_keeps_or_replaces_the_create_key<S: UserStore>
         .expect("restart");
     assert!(matches!(refused, AcquireOutcome::Changed(_)), "{refused:?}");
     let kept = match store
-        .restart_provisioning("fay", failed.generation, &lease3, CreateKey::Keep, later)
+        .restart_provisioning(
+            &uid("fay"),
+            failed.generation,
+            &lease3,
+            CreateKey::Keep,
+            later,
+        )
         .await
         .expect("restart")
     {
@@ -408,7 +452,7 @@ pub async fn turn_lease_excludes_others_until_it_expires<S: UserStore>(store: S)
 
     for now in [T0 + 2, until] {
         match store
-            .acquire_lease("gus", "turn-b", LeasePurpose::Turn, now + MINUTE, now)
+            .acquire_lease(&uid("gus"), "turn-b", LeasePurpose::Turn, now + MINUTE, now)
             .await
             .expect("acquire")
         {
@@ -437,7 +481,7 @@ pub async fn renew_and_release_only_by_the_owner<S: UserStore>(store: S) {
     acquired(&store, "hal", "turn-a", LeasePurpose::Turn, T0 + MINUTE, T0).await;
 
     let renewed = store
-        .renew_lease("hal", "turn-a", T0 + 3 * MINUTE, T0 + 10)
+        .renew_lease(&uid("hal"), "turn-a", T0 + 3 * MINUTE, T0 + 10)
         .await
         .expect("renew");
     assert_eq!(
@@ -447,7 +491,7 @@ pub async fn renew_and_release_only_by_the_owner<S: UserStore>(store: S) {
     // The renewal holds: the old expiry no longer frees it.
     let busy = store
         .acquire_lease(
-            "hal",
+            &uid("hal"),
             "turn-b",
             LeasePurpose::Turn,
             T0 + 4 * MINUTE,
@@ -459,7 +503,7 @@ pub async fn renew_and_release_only_by_the_owner<S: UserStore>(store: S) {
 
     let current = conflict_current(
         store
-            .renew_lease("hal", "turn-b", T0 + 9 * MINUTE, T0 + 11)
+            .renew_lease(&uid("hal"), "turn-b", T0 + 9 * MINUTE, T0 + 11)
             .await,
     );
     assert_eq!(
@@ -503,7 +547,7 @@ pub async fn sweep_lease_requires_unchanged_last_active_at<S: UserStore>(store: 
     let now = T0 + 10 * MINUTE;
     let stale = store
         .acquire_lease(
-            "ida",
+            &uid("ida"),
             "sweep-1",
             LeasePurpose::Sweep {
                 expected_last_active_at: rec.last_active_at - 1,
@@ -527,7 +571,7 @@ pub async fn sweep_lease_requires_unchanged_last_active_at<S: UserStore>(store: 
     .await;
     let blocked = store
         .acquire_lease(
-            "ida",
+            &uid("ida"),
             "sweep-1",
             LeasePurpose::Sweep {
                 expected_last_active_at: rec.last_active_at,
@@ -553,7 +597,13 @@ pub async fn sweep_lease_requires_unchanged_last_active_at<S: UserStore>(store: 
     .await;
     assert_eq!(swept.lease.as_ref().map(|l| l.kind), Some(LeaseKind::Sweep));
     match store
-        .acquire_lease("ida", "turn-2", LeasePurpose::Turn, now + MINUTE, now + 4)
+        .acquire_lease(
+            &uid("ida"),
+            "turn-2",
+            LeasePurpose::Turn,
+            now + MINUTE,
+            now + 4,
+        )
         .await
         .expect("acquire")
     {
@@ -569,7 +619,7 @@ pub async fn sweep_lease_requires_unchanged_last_active_at<S: UserStore>(store: 
 /// lease holder cannot mark it asleep.
 pub async fn mark_asleep_accrues_awake_time_and_leaves_the_awake_index<S: UserStore>(store: S) {
     let rec = ready_user(&store, "jo", "dm-j", T0).await;
-    let shard = shard_for("jo");
+    let shard = shard_for(&uid("jo"));
     let listed = eventually(
         || store.query_awake_idle(&shard, T0 + 1, None, 10),
         |p| p.items.len() == 1,
@@ -579,7 +629,7 @@ pub async fn mark_asleep_accrues_awake_time_and_leaves_the_awake_index<S: UserSt
 
     // A turn holder cannot put it to sleep.
     acquired(&store, "jo", "turn-1", LeasePurpose::Turn, T0 + 100, T0 + 1).await;
-    conflict_current(store.mark_asleep("jo", "turn-1", T0 + 2).await);
+    conflict_current(store.mark_asleep(&uid("jo"), "turn-1", T0 + 2).await);
     release(&store, "jo", "turn-1", T0 + 3).await;
 
     let sweep = LeasePurpose::Sweep {
@@ -587,7 +637,7 @@ pub async fn mark_asleep_accrues_awake_time_and_leaves_the_awake_index<S: UserSt
     };
     acquired(&store, "jo", "sweep-1", sweep, T0 + 6_000, T0 + 4).await;
     let asleep = store
-        .mark_asleep("jo", "sweep-1", T0 + 5_000)
+        .mark_asleep(&uid("jo"), "sweep-1", T0 + 5_000)
         .await
         .expect("asleep");
     assert_eq!(asleep.power, Power::Asleep);
@@ -609,12 +659,15 @@ pub async fn mark_asleep_accrues_awake_time_and_leaves_the_awake_index<S: UserSt
     // Wake again, sleep again: the total adds up.
     let t1 = T0 + 10 * MINUTE;
     acquired(&store, "jo", "turn-2", LeasePurpose::Turn, t1 + MINUTE, t1).await;
-    let awake = store.mark_awake("jo", "turn-2", t1).await.expect("awake");
+    let awake = store
+        .mark_awake(&uid("jo"), "turn-2", t1)
+        .await
+        .expect("awake");
     assert_eq!(awake.awake_since, Some(t1));
     assert_eq!(awake.awake_shard, Some(shard.clone()));
     // Still awake: awake_since is kept.
     let awake = store
-        .mark_awake("jo", "turn-2", t1 + 500)
+        .mark_awake(&uid("jo"), "turn-2", t1 + 500)
         .await
         .expect("awake");
     assert_eq!(awake.awake_since, Some(t1));
@@ -633,7 +686,7 @@ pub async fn mark_asleep_accrues_awake_time_and_leaves_the_awake_index<S: UserSt
     )
     .await;
     let asleep = store
-        .mark_asleep("jo", "sweep-2", t2 + 3_000)
+        .mark_asleep(&uid("jo"), "sweep-2", t2 + 3_000)
         .await
         .expect("asleep");
     assert_eq!(asleep.awake_ms_total, 5_000 + (t2 + 3_000 - t1));
@@ -673,7 +726,7 @@ pub async fn query_awake_idle_pages_through_idle_awake_items_of_one_shard<S: Use
     )
     .await;
     store
-        .mark_asleep(&sleeper, "sweep-x", T0 + 2)
+        .mark_asleep(&uid(&sleeper), "sweep-x", T0 + 2)
         .await
         .expect("asleep");
     // Idle but in other shards.
@@ -697,7 +750,7 @@ pub async fn query_awake_idle_pages_through_idle_awake_items_of_one_shard<S: Use
             got.extend(
                 page.items
                     .into_iter()
-                    .map(|r| (r.last_active_at, r.user_id)),
+                    .map(|r| (r.last_active_at, r.user_id.to_string())),
             );
             match page.cursor {
                 Some(c) => cursor = Some(c),
@@ -762,7 +815,7 @@ pub async fn find_by_machine_uses_the_machine_index<S: UserStore>(store: S) {
 /// succeed for its owner only.
 pub async fn turn_bookkeeping_needs_the_lease<S: UserStore>(store: S) {
     let rec = ready_user(&store, "ned", "dm-n", T0).await;
-    conflict_current(store.touch("ned", "nobody", T0 + 1).await);
+    conflict_current(store.touch(&uid("ned"), "nobody", T0 + 1).await);
     acquired(
         &store,
         "ned",
@@ -773,42 +826,49 @@ pub async fn turn_bookkeeping_needs_the_lease<S: UserStore>(store: S) {
     )
     .await;
 
-    let touched = store.touch("ned", "turn-1", T0 + 20).await.expect("touch");
+    let touched = store
+        .touch(&uid("ned"), "turn-1", T0 + 20)
+        .await
+        .expect("touch");
     assert_eq!(touched.last_active_at, T0 + 20);
     assert_eq!(touched.awake_shard, rec.awake_shard);
     assert!(touched.generation > rec.generation);
 
     let t = store
-        .set_terminal("ned", "turn-1", Some("term-9"), T0 + 21)
+        .set_terminal(&uid("ned"), "turn-1", Some("term-9"), T0 + 21)
         .await
         .expect("terminal");
     assert_eq!(t.terminal_id.as_deref(), Some("term-9"));
-    conflict_current(store.set_terminal("ned", "turn-x", None, T0 + 22).await);
+    conflict_current(
+        store
+            .set_terminal(&uid("ned"), "turn-x", None, T0 + 22)
+            .await,
+    );
 
     let hold = Hold {
         until: T0 + 30 * MINUTE,
         marker: "/home/u/.agenthome/done-1".to_owned(),
     };
-    conflict_current(store.set_hold("ned", "turn-x", &hold, T0 + 23).await);
+    conflict_current(store.set_hold(&uid("ned"), "turn-x", &hold, T0 + 23).await);
     let held = store
-        .set_hold("ned", "turn-1", &hold, T0 + 23)
+        .set_hold(&uid("ned"), "turn-1", &hold, T0 + 23)
         .await
         .expect("hold");
     assert_eq!(held.holds, vec![hold]);
     assert_eq!(held.hold, None);
     let eligible = store
-        .set_sleep_eligible_at("ned", "turn-1", T0 + 5 * MINUTE, T0 + 24)
+        .set_sleep_eligible_at(&uid("ned"), "turn-1", T0 + 5 * MINUTE, T0 + 24)
         .await
         .expect("eligible");
     assert_eq!(eligible.sleep_eligible_at, Some(T0 + 5 * MINUTE));
     let cleared = store
-        .clear_hold("ned", "turn-1", T0 + 25)
+        .clear_hold(&uid("ned"), "turn-1", T0 + 25)
         .await
         .expect("clear");
     assert_eq!(cleared.hold, None);
     assert!(cleared.holds.is_empty(), "{cleared:?}");
     let cleared = store
-        .set_terminal("ned", "turn-1", None, T0 + 26)
+        .set_terminal(&uid("ned"), "turn-1", None, T0 + 26)
         .await
         .expect("terminal");
     assert_eq!(cleared.terminal_id, None);
@@ -837,15 +897,15 @@ pub async fn holds_are_a_set<S: UserStore>(store: S) {
     let b = hold(".agenthome/run/b.done", T0 + 40 * MINUTE);
     let short = hold(".agenthome/run/s.done", T0 + 2);
     store
-        .set_hold("hal", "turn-1", &a, T0 + 2)
+        .set_hold(&uid("hal"), "turn-1", &a, T0 + 2)
         .await
         .expect("a");
     store
-        .set_hold("hal", "turn-1", &short, T0 + 2)
+        .set_hold(&uid("hal"), "turn-1", &short, T0 + 2)
         .await
         .expect("short");
     let rec = store
-        .set_hold("hal", "turn-1", &b, T0 + 3)
+        .set_hold(&uid("hal"), "turn-1", &b, T0 + 3)
         .await
         .expect("b");
     assert_eq!(
@@ -856,7 +916,7 @@ pub async fn holds_are_a_set<S: UserStore>(store: S) {
     assert_eq!(rec.all_holds().count(), 2);
     let a2 = hold(&a.marker, T0 + 50 * MINUTE);
     let rec = store
-        .set_hold("hal", "turn-1", &a2, T0 + 4)
+        .set_hold(&uid("hal"), "turn-1", &a2, T0 + 4)
         .await
         .expect("a again");
     assert_eq!(
@@ -866,12 +926,22 @@ pub async fn holds_are_a_set<S: UserStore>(store: S) {
     );
     conflict_current(
         store
-            .release_holds("hal", "turn-x", std::slice::from_ref(&b.marker), T0 + 5)
+            .release_holds(
+                &uid("hal"),
+                "turn-x",
+                std::slice::from_ref(&b.marker),
+                T0 + 5,
+            )
             .await,
     );
-    conflict_current(store.set_hold("hal", "turn-x", &b, T0 + 5).await);
+    conflict_current(store.set_hold(&uid("hal"), "turn-x", &b, T0 + 5).await);
     let rec = store
-        .release_holds("hal", "turn-1", std::slice::from_ref(&b.marker), T0 + 5)
+        .release_holds(
+            &uid("hal"),
+            "turn-1",
+            std::slice::from_ref(&b.marker),
+            T0 + 5,
+        )
         .await
         .expect("release b");
     assert_eq!(
@@ -880,11 +950,16 @@ pub async fn holds_are_a_set<S: UserStore>(store: S) {
         "only the finished one released"
     );
     let rec = store
-        .release_holds("hal", "turn-1", std::slice::from_ref(&a2.marker), T0 + 6)
+        .release_holds(
+            &uid("hal"),
+            "turn-1",
+            std::slice::from_ref(&a2.marker),
+            T0 + 6,
+        )
         .await
         .expect("release a");
     assert!(rec.holds.is_empty() && rec.hold.is_none(), "{rec:?}");
-    let got = store.get("hal").await.expect("get").expect("item");
+    let got = store.get(&uid("hal")).await.expect("get").expect("item");
     assert_eq!(got.all_holds().count(), 0);
 }
 
@@ -904,26 +979,32 @@ pub async fn parked_terminals_are_stored_by_the_lease_holder<S: UserStore>(store
     let parked = vec!["tm-a".to_owned(), "tm-b".to_owned()];
     conflict_current(
         store
-            .set_terminals("pat", "turn-x", Some("tm-c"), &parked, T0 + 2)
+            .set_terminals(&uid("pat"), "turn-x", Some("tm-c"), &parked, T0 + 2)
             .await,
     );
     let rec = store
-        .set_terminals("pat", "turn-1", Some("tm-c"), &parked, T0 + 2)
+        .set_terminals(&uid("pat"), "turn-1", Some("tm-c"), &parked, T0 + 2)
         .await
         .expect("terminals");
     assert_eq!(rec.terminal_id.as_deref(), Some("tm-c"));
     assert_eq!(rec.parked_terminals, parked);
-    let got = store.get("pat").await.expect("get").expect("item");
+    let got = store.get(&uid("pat")).await.expect("get").expect("item");
     assert_eq!(got.parked_terminals, parked);
     let rec = store
-        .set_terminals("pat", "turn-1", Some("tm-a"), &[], T0 + 3)
+        .set_terminals(&uid("pat"), "turn-1", Some("tm-a"), &[], T0 + 3)
         .await
         .expect("terminals");
     assert_eq!(rec.terminal_id.as_deref(), Some("tm-a"));
     assert!(rec.parked_terminals.is_empty());
     assert!(matches!(
         store
-            .set_terminals("pat", "turn-1", Some("tm-a"), &[String::new()], T0 + 4)
+            .set_terminals(
+                &uid("pat"),
+                "turn-1",
+                Some("tm-a"),
+                &[String::new()],
+                T0 + 4
+            )
             .await,
         Err(StoreError::InvalidArgument(_))
     ));
@@ -945,9 +1026,9 @@ pub async fn mark_lost_forgets_the_machine<S: UserStore>(store: S) {
         T0 + 1,
     )
     .await;
-    conflict_current(store.mark_lost("ola", "other", "404", T0 + 2).await);
+    conflict_current(store.mark_lost(&uid("ola"), "other", "404", T0 + 2).await);
     let lost = store
-        .mark_lost("ola", "sweep-1", "machine not found", T0 + 4_000)
+        .mark_lost(&uid("ola"), "sweep-1", "machine not found", T0 + 4_000)
         .await
         .expect("lost");
     assert_eq!(lost.state, MachineState::Failed);
@@ -971,11 +1052,11 @@ pub async fn mark_lost_forgets_the_machine<S: UserStore>(store: S) {
         .is_empty());
 
     release(&store, "ola", "sweep-1", T0 + 4_001).await;
-    let lost = store.get("ola").await.expect("get").expect("item");
+    let lost = store.get(&uid("ola")).await.expect("get").expect("item");
     let lease = provision_lease("prov-2", T0 + 2 * MINUTE);
     let restarted = store
         .restart_provisioning(
-            "ola",
+            &uid("ola"),
             lost.generation,
             &lease,
             CreateKey::Replace(KEY_B.to_owned()),
@@ -1015,7 +1096,7 @@ pub async fn set_power_needs_the_generation_read<S: UserStore>(store: S) {
         .await
         .expect("awake");
     assert_eq!(awake.power, Power::Awake);
-    assert_eq!(awake.awake_shard, Some(shard_for("pat")));
+    assert_eq!(awake.awake_shard, Some(shard_for(&uid("pat"))));
     assert_eq!(awake.awake_since, Some(T0 + 9_000));
     let unknown = store
         .set_power(&awake, Power::Unknown, T0 + 9_500)
@@ -1029,7 +1110,7 @@ pub async fn set_power_needs_the_generation_read<S: UserStore>(store: S) {
 /// awake index, and delete needs the guard; deleting twice is AlreadyGone.
 pub async fn destroy_and_delete<S: UserStore>(store: S) {
     let rec = ready_user(&store, "quin", "dm-q", T0).await;
-    let wrong_state = store.delete("quin", DeleteGuard::Destroying).await;
+    let wrong_state = store.delete(&uid("quin"), DeleteGuard::Destroying).await;
     assert!(
         matches!(
             wrong_state,
@@ -1042,36 +1123,42 @@ pub async fn destroy_and_delete<S: UserStore>(store: S) {
     );
 
     let destroying = store
-        .mark_destroying("quin", T0 + 1)
+        .mark_destroying(&uid("quin"), T0 + 1)
         .await
         .expect("destroying");
     assert_eq!(destroying.state, MachineState::Destroying);
     assert_eq!(destroying.awake_shard, None);
     let refused = store
-        .acquire_lease("quin", "turn-1", LeasePurpose::Turn, T0 + MINUTE, T0 + 2)
+        .acquire_lease(
+            &uid("quin"),
+            "turn-1",
+            LeasePurpose::Turn,
+            T0 + MINUTE,
+            T0 + 2,
+        )
         .await
         .expect("acquire");
     assert!(matches!(refused, AcquireOutcome::Changed(_)), "{refused:?}");
 
     let stale = store
-        .delete("quin", DeleteGuard::Generation(rec.generation))
+        .delete(&uid("quin"), DeleteGuard::Generation(rec.generation))
         .await;
     assert!(
         matches!(stale, Err(StoreError::Conflict { .. })),
         "{stale:?}"
     );
     match store
-        .delete("quin", DeleteGuard::Destroying)
+        .delete(&uid("quin"), DeleteGuard::Destroying)
         .await
         .expect("delete")
     {
         DeleteOutcome::Deleted(old) => assert_eq!(old.machine_id.as_deref(), Some("dm-q")),
         other => panic!("expected Deleted, got {other:?}"),
     }
-    assert_eq!(store.get("quin").await.expect("get"), None);
+    assert_eq!(store.get(&uid("quin")).await.expect("get"), None);
     assert_eq!(
         store
-            .delete("quin", DeleteGuard::Destroying)
+            .delete(&uid("quin"), DeleteGuard::Destroying)
             .await
             .expect("delete"),
         DeleteOutcome::AlreadyGone
@@ -1080,7 +1167,7 @@ pub async fn destroy_and_delete<S: UserStore>(store: S) {
     // Delete by generation.
     let rec = ready_user(&store, "ray", "dm-r", T0).await;
     let deleted = store
-        .delete("ray", DeleteGuard::Generation(rec.generation))
+        .delete(&uid("ray"), DeleteGuard::Generation(rec.generation))
         .await
         .expect("delete");
     assert!(matches!(deleted, DeleteOutcome::Deleted(_)), "{deleted:?}");
@@ -1092,13 +1179,17 @@ pub async fn writes_never_create_missing_items<S: UserStore>(store: S) {
     let not_found = |r: Result<UserRecord, StoreError>| {
         assert!(matches!(r, Err(StoreError::NotFound { .. })), "{r:?}");
     };
-    not_found(store.touch("ghost", "o", T0).await);
-    not_found(store.record_machine_id("ghost", KEY_A, "dm-1", T0).await);
-    not_found(store.mark_awake("ghost", "o", T0).await);
-    not_found(store.mark_asleep("ghost", "o", T0).await);
-    not_found(store.mark_destroying("ghost", T0).await);
+    not_found(store.touch(&uid("ghost"), "o", T0).await);
+    not_found(
+        store
+            .record_machine_id(&uid("ghost"), KEY_A, "dm-1", T0)
+            .await,
+    );
+    not_found(store.mark_awake(&uid("ghost"), "o", T0).await);
+    not_found(store.mark_asleep(&uid("ghost"), "o", T0).await);
+    not_found(store.mark_destroying(&uid("ghost"), T0).await);
     let acquire = store
-        .acquire_lease("ghost", "o", LeasePurpose::Turn, T0 + 1, T0)
+        .acquire_lease(&uid("ghost"), "o", LeasePurpose::Turn, T0 + 1, T0)
         .await;
     assert!(
         matches!(acquire, Err(StoreError::NotFound { .. })),
@@ -1108,12 +1199,9 @@ pub async fn writes_never_create_missing_items<S: UserStore>(store: S) {
         release(&store, "ghost", "o", T0).await,
         ReleaseOutcome::NotHeld(None)
     );
-    assert_eq!(store.get("ghost").await.expect("get"), None);
-    let empty = store.touch("", "o", T0).await;
-    assert!(
-        matches!(empty, Err(StoreError::InvalidArgument(_))),
-        "{empty:?}"
-    );
+    assert_eq!(store.get(&uid("ghost")).await.expect("get"), None);
+    // An empty user id cannot reach the store: no `UserId` is empty.
+    assert!(agenthome::api::UserId::parse("").is_err());
 }
 
 /// GIVEN a limit of 3 per minute WHEN a user's requests are counted THEN the
@@ -1129,7 +1217,7 @@ pub async fn count_request_limits_each_user_and_window<S: UserStore + 'static>(s
     for i in 0..3 {
         assert_eq!(
             store
-                .count_request("alice", Counter::Turns, 3, MINUTE, at + i)
+                .count_request(&uid("alice"), Counter::Turns, 3, MINUTE, at + i)
                 .await
                 .expect("count"),
             CountOutcome::Counted,
@@ -1138,7 +1226,7 @@ pub async fn count_request_limits_each_user_and_window<S: UserStore + 'static>(s
     }
     assert_eq!(
         store
-            .count_request("alice", Counter::Turns, 3, MINUTE, at + 5)
+            .count_request(&uid("alice"), Counter::Turns, 3, MINUTE, at + 5)
             .await
             .expect("count"),
         CountOutcome::Limited {
@@ -1148,14 +1236,14 @@ pub async fn count_request_limits_each_user_and_window<S: UserStore + 'static>(s
     // Another counter, another user: unaffected
     assert_eq!(
         store
-            .count_request("alice", Counter::StatusReads, 3, MINUTE, at)
+            .count_request(&uid("alice"), Counter::StatusReads, 3, MINUTE, at)
             .await
             .expect("count"),
         CountOutcome::Counted
     );
     assert_eq!(
         store
-            .count_request("bob", Counter::Turns, 3, MINUTE, at)
+            .count_request(&uid("bob"), Counter::Turns, 3, MINUTE, at)
             .await
             .expect("count"),
         CountOutcome::Counted
@@ -1163,7 +1251,7 @@ pub async fn count_request_limits_each_user_and_window<S: UserStore + 'static>(s
     // The next window counts afresh
     assert_eq!(
         store
-            .count_request("alice", Counter::Turns, 3, MINUTE, start + MINUTE)
+            .count_request(&uid("alice"), Counter::Turns, 3, MINUTE, start + MINUTE)
             .await
             .expect("count"),
         CountOutcome::Counted
@@ -1176,7 +1264,7 @@ pub async fn count_request_limits_each_user_and_window<S: UserStore + 'static>(s
             let store = Arc::clone(&store);
             tokio::spawn(async move {
                 store
-                    .count_request("alice", Counter::Turns, 3, MINUTE, next)
+                    .count_request(&uid("alice"), Counter::Turns, 3, MINUTE, next)
                     .await
             })
         })
@@ -1191,7 +1279,7 @@ pub async fn count_request_limits_each_user_and_window<S: UserStore + 'static>(s
     // Limit 0: always limited
     assert!(matches!(
         store
-            .count_request("bob", Counter::Turns, 0, MINUTE, at)
+            .count_request(&uid("bob"), Counter::Turns, 0, MINUTE, at)
             .await
             .expect("count"),
         CountOutcome::Limited { .. }
@@ -1199,14 +1287,14 @@ pub async fn count_request_limits_each_user_and_window<S: UserStore + 'static>(s
     // No item: reported, not created
     assert_eq!(
         store
-            .count_request("nobody", Counter::Turns, 3, MINUTE, at)
+            .count_request(&uid("nobody"), Counter::Turns, 3, MINUTE, at)
             .await
             .expect("count"),
         CountOutcome::NoItem
     );
-    assert!(store.get("nobody").await.expect("get").is_none());
+    assert!(store.get(&uid("nobody")).await.expect("get").is_none());
     // Counters are not state: the generation did not move
-    let now = store.get("alice").await.expect("get").expect("item");
+    let now = store.get(&uid("alice")).await.expect("get").expect("item");
     assert_eq!(now.generation, alice.generation);
 }
 
@@ -1216,12 +1304,15 @@ pub async fn count_request_limits_each_user_and_window<S: UserStore + 'static>(s
 pub async fn note_awake_day_keeps_the_first_baseline_of_a_day<S: UserStore>(store: S) {
     let rec = claimed(&store, "alice", T0).await;
     let day = 1_699_920_000_000;
-    store.note_awake_day("alice", day, 40).await.expect("note");
     store
-        .note_awake_day("alice", day, 99)
+        .note_awake_day(&uid("alice"), day, 40)
+        .await
+        .expect("note");
+    store
+        .note_awake_day(&uid("alice"), day, 99)
         .await
         .expect("second note");
-    let now = store.get("alice").await.expect("get").expect("item");
+    let now = store.get(&uid("alice")).await.expect("get").expect("item");
     assert_eq!(
         now.awake_day,
         Some(agenthome::store::AwakeDay {
@@ -1232,19 +1323,19 @@ pub async fn note_awake_day_keeps_the_first_baseline_of_a_day<S: UserStore>(stor
     assert_eq!(now.generation, rec.generation);
     let next = day + 86_400_000;
     store
-        .note_awake_day("alice", next, 7)
+        .note_awake_day(&uid("alice"), next, 7)
         .await
         .expect("next day");
-    let now = store.get("alice").await.expect("get").expect("item");
+    let now = store.get(&uid("alice")).await.expect("get").expect("item");
     assert_eq!(
         now.awake_day.map(|d| (d.day_start, d.base_ms)),
         Some((next, 7))
     );
     assert!(matches!(
-        store.note_awake_day("nobody", day, 0).await,
+        store.note_awake_day(&uid("nobody"), day, 0).await,
         Err(StoreError::NotFound { .. })
     ));
-    assert!(store.get("nobody").await.expect("get").is_none());
+    assert!(store.get(&uid("nobody")).await.expect("get").is_none());
 }
 
 /// GIVEN a ready item whose lease holders (a sweep, then a turn) are mid-work
@@ -1260,7 +1351,7 @@ pub async fn no_writer_leaves_destroying<S: UserStore>(store: S) {
     };
     acquired(&store, "del", "sweep-1", sweep, T0 + MINUTE, T0 + 1).await;
     store
-        .mark_destroying("del", T0 + 2)
+        .mark_destroying(&uid("del"), T0 + 2)
         .await
         .expect("destroying");
     let destroying = |r: Result<UserRecord, StoreError>| {
@@ -1268,32 +1359,44 @@ pub async fn no_writer_leaves_destroying<S: UserStore>(store: S) {
         assert_eq!(current.state, MachineState::Destroying, "{current:?}");
     };
     let at = T0 + 3;
-    destroying(store.mark_lost("del", "sweep-1", "gone (404)", at).await);
-    destroying(store.mark_asleep("del", "sweep-1", at).await);
     destroying(
         store
-            .set_sleep_eligible_at("del", "sweep-1", at + MINUTE, at)
+            .mark_lost(&uid("del"), "sweep-1", "gone (404)", at)
             .await,
     );
-    destroying(store.renew_lease("del", "sweep-1", at + MINUTE, at).await);
-    destroying(store.mark_awake("del", "sweep-1", at).await);
-    destroying(store.touch("del", "sweep-1", at).await);
-    destroying(store.set_terminal("del", "sweep-1", Some("t-1"), at).await);
-    destroying(store.set_terminal("del", "sweep-1", None, at).await);
+    destroying(store.mark_asleep(&uid("del"), "sweep-1", at).await);
+    destroying(
+        store
+            .set_sleep_eligible_at(&uid("del"), "sweep-1", at + MINUTE, at)
+            .await,
+    );
+    destroying(
+        store
+            .renew_lease(&uid("del"), "sweep-1", at + MINUTE, at)
+            .await,
+    );
+    destroying(store.mark_awake(&uid("del"), "sweep-1", at).await);
+    destroying(store.touch(&uid("del"), "sweep-1", at).await);
+    destroying(
+        store
+            .set_terminal(&uid("del"), "sweep-1", Some("t-1"), at)
+            .await,
+    );
+    destroying(store.set_terminal(&uid("del"), "sweep-1", None, at).await);
     let hold = Hold {
         until: at + MINUTE,
         marker: ".agenthome/done-1".into(),
     };
-    destroying(store.set_hold("del", "sweep-1", &hold, at).await);
-    destroying(store.clear_hold("del", "sweep-1", at).await);
-    destroying(store.mark_ready("del", "sweep-1", "v2", at).await);
-    destroying(store.mark_failed("del", "sweep-1", "boom", at).await);
-    destroying(store.mark_bootstrapping("del", "sweep-1", at).await);
-    let current = store.get("del").await.expect("get").expect("item");
+    destroying(store.set_hold(&uid("del"), "sweep-1", &hold, at).await);
+    destroying(store.clear_hold(&uid("del"), "sweep-1", at).await);
+    destroying(store.mark_ready(&uid("del"), "sweep-1", "v2", at).await);
+    destroying(store.mark_failed(&uid("del"), "sweep-1", "boom", at).await);
+    destroying(store.mark_bootstrapping(&uid("del"), "sweep-1", at).await);
+    let current = store.get(&uid("del")).await.expect("get").expect("item");
     for power in [Power::Awake, Power::Asleep, Power::Unknown] {
         destroying(store.set_power(&current, power, at).await);
     }
-    let still = store.get("del").await.expect("get").expect("item");
+    let still = store.get(&uid("del")).await.expect("get").expect("item");
     assert_eq!(still.state, MachineState::Destroying);
     assert_eq!(still.machine_id.as_deref(), Some("dm-del"));
     assert_eq!(still.awake_shard, None);
@@ -1303,7 +1406,7 @@ pub async fn no_writer_leaves_destroying<S: UserStore>(store: S) {
         other => panic!("expected Released, got {other:?}"),
     }
     match store
-        .delete("del", DeleteGuard::Destroying)
+        .delete(&uid("del"), DeleteGuard::Destroying)
         .await
         .expect("delete")
     {
@@ -1319,17 +1422,17 @@ pub async fn no_writer_leaves_destroying<S: UserStore>(store: S) {
 pub async fn record_machine_id_refused_while_destroying<S: UserStore>(store: S) {
     claimed(&store, "eve", T0).await;
     store
-        .mark_destroying("eve", T0 + 1)
+        .mark_destroying(&uid("eve"), T0 + 1)
         .await
         .expect("destroying");
     let current = conflict_current(
         store
-            .record_machine_id("eve", KEY_A, "dm-eve", T0 + 2)
+            .record_machine_id(&uid("eve"), KEY_A, "dm-eve", T0 + 2)
             .await,
     );
     assert_eq!(current.state, MachineState::Destroying);
     assert_eq!(current.machine_id, None);
-    let item = store.get("eve").await.expect("get").expect("item");
+    let item = store.get(&uid("eve")).await.expect("get").expect("item");
     assert_eq!(item.machine_id, None);
     assert_eq!(item.state, MachineState::Destroying);
 }
@@ -1364,13 +1467,13 @@ pub async fn begin_turn_takes_the_lease_and_counts_in_one_write<S: UserStore>(st
     };
     let t = T0 - T0 % MINUTE + 1_000;
     let none = store
-        .begin_turn("nobody", "turn-1", t + MINUTE, None, t)
+        .begin_turn(&uid("nobody"), "turn-1", t + MINUTE, None, t)
         .await;
     assert_eq!(none.expect("begin"), BeginTurn::NoItem);
     claimed(&store, "bo", t).await;
     let cur = refused(
         store
-            .begin_turn("bo", "turn-1", t + MINUTE, None, t)
+            .begin_turn(&uid("bo"), "turn-1", t + MINUTE, None, t)
             .await
             .expect("begin"),
     );
@@ -1378,7 +1481,7 @@ pub async fn begin_turn_takes_the_lease_and_counts_in_one_write<S: UserStore>(st
     ready_user(&store, "al", "dm-al", t).await;
     let rec = begun(
         store
-            .begin_turn("al", "turn-1", t + MINUTE, count(None), t + 1)
+            .begin_turn(&uid("al"), "turn-1", t + MINUTE, count(None), t + 1)
             .await
             .expect("begin"),
     );
@@ -1394,7 +1497,13 @@ pub async fn begin_turn_takes_the_lease_and_counts_in_one_write<S: UserStore>(st
     // Another turn while the lease lives: refused, the item says why.
     let cur = refused(
         store
-            .begin_turn("al", "turn-2", t + MINUTE, count(Some(t - 1_000)), t + 2)
+            .begin_turn(
+                &uid("al"),
+                "turn-2",
+                t + MINUTE,
+                count(Some(t - 1_000)),
+                t + 2,
+            )
             .await
             .expect("begin"),
     );
@@ -1404,14 +1513,20 @@ pub async fn begin_turn_takes_the_lease_and_counts_in_one_write<S: UserStore>(st
     release(&store, "al", "turn-1", t + 3).await;
     let rec = begun(
         store
-            .begin_turn("al", "turn-2", t + MINUTE, count(None), t + 4)
+            .begin_turn(&uid("al"), "turn-2", t + MINUTE, count(None), t + 4)
             .await
             .expect("begin"),
     );
     assert_eq!((rec.turns.seq, rec.turns.count), (2, 2));
     release(&store, "al", "turn-2", t + 5).await;
     let limited = store
-        .begin_turn("al", "turn-3", t + MINUTE, count(Some(t - 1_000)), t + 6)
+        .begin_turn(
+            &uid("al"),
+            "turn-3",
+            t + MINUTE,
+            count(Some(t - 1_000)),
+            t + 6,
+        )
         .await
         .expect("begin");
     assert_eq!(
@@ -1424,13 +1539,19 @@ pub async fn begin_turn_takes_the_lease_and_counts_in_one_write<S: UserStore>(st
     let next = t - 1_000 + MINUTE;
     let rec = begun(
         store
-            .begin_turn("al", "turn-4", next + MINUTE, count(Some(t - 1_000)), next)
+            .begin_turn(
+                &uid("al"),
+                "turn-4",
+                next + MINUTE,
+                count(Some(t - 1_000)),
+                next,
+            )
             .await
             .expect("begin"),
     );
     assert_eq!((rec.turns.window, rec.turns.count), (Some(next), 1));
     assert!(store
-        .get("al")
+        .get(&uid("al"))
         .await
         .expect("get")
         .expect("item")
@@ -1445,7 +1566,7 @@ pub async fn end_turn_releases_and_stores_in_one_write<S: UserStore>(store: S) {
     ready_user(&store, "cy", "dm-cy", T0).await;
     let rec = begun(
         store
-            .begin_turn("cy", "turn-1", T0 + MINUTE, None, T0 + 1)
+            .begin_turn(&uid("cy"), "turn-1", T0 + MINUTE, None, T0 + 1)
             .await
             .expect("begin"),
     );
@@ -1458,9 +1579,9 @@ pub async fn end_turn_releases_and_stores_in_one_write<S: UserStore>(store: S) {
         holds: Some(vec![hold.clone()]),
         clean_seq: Some(rec.turns.seq),
     };
-    conflict_current(store.end_turn("cy", "turn-x", &end, T0 + 2).await);
+    conflict_current(store.end_turn(&uid("cy"), "turn-x", &end, T0 + 2).await);
     let after = store
-        .end_turn("cy", "turn-1", &end, T0 + 3)
+        .end_turn(&uid("cy"), "turn-1", &end, T0 + 3)
         .await
         .expect("end");
     assert_eq!(after.lease, None);
@@ -1472,7 +1593,7 @@ pub async fn end_turn_releases_and_stores_in_one_write<S: UserStore>(store: S) {
     // The next turn sees that the previous one ended cleanly.
     let next = begun(
         store
-            .begin_turn("cy", "turn-2", T0 + MINUTE, None, T0 + 4)
+            .begin_turn(&uid("cy"), "turn-2", T0 + MINUTE, None, T0 + 4)
             .await
             .expect("begin"),
     );
@@ -1483,14 +1604,14 @@ pub async fn end_turn_releases_and_stores_in_one_write<S: UserStore>(store: S) {
         ..TurnEnd::default()
     };
     let after = store
-        .end_turn("cy", "turn-2", &end, T0 + 5)
+        .end_turn(&uid("cy"), "turn-2", &end, T0 + 5)
         .await
         .expect("end");
     assert!(after.holds.is_empty());
     assert_eq!(after.terminal_id.as_deref(), Some("t-1"), "left as it was");
     let third = begun(
         store
-            .begin_turn("cy", "turn-3", T0 + MINUTE, None, T0 + 6)
+            .begin_turn(&uid("cy"), "turn-3", T0 + MINUTE, None, T0 + 6)
             .await
             .expect("begin"),
     );
@@ -1516,7 +1637,13 @@ pub async fn provision_attempts_count_worker_leases_until_a_restart<S: UserStore
     assert_eq!(first.provision_attempts, 1);
     // Refused while w-1's lease is live: not an attempt.
     let busy = store
-        .acquire_lease("pia", "w-2", LeasePurpose::Provision, T0 + MINUTE, T0 + 3)
+        .acquire_lease(
+            &uid("pia"),
+            "w-2",
+            LeasePurpose::Provision,
+            T0 + MINUTE,
+            T0 + 3,
+        )
         .await
         .expect("acquire");
     assert!(matches!(busy, AcquireOutcome::Busy(_)), "{busy:?}");
@@ -1545,7 +1672,7 @@ pub async fn provision_attempts_count_worker_leases_until_a_restart<S: UserStore
     release(&store, "pia", "turn-1", T0 + 8).await;
     assert_eq!(
         store
-            .get("pia")
+            .get(&uid("pia"))
             .await
             .expect("get")
             .map(|r| r.provision_attempts),
@@ -1563,7 +1690,7 @@ pub async fn provision_attempts_count_worker_leases_until_a_restart<S: UserStore
     )
     .await;
     let failed = store
-        .mark_failed("pia", "w-3", "bootstrap failed", T0 + 10)
+        .mark_failed(&uid("pia"), "w-3", "bootstrap failed", T0 + 10)
         .await
         .expect("failed");
     assert_eq!(
@@ -1571,10 +1698,16 @@ pub async fn provision_attempts_count_worker_leases_until_a_restart<S: UserStore
         (3, 3)
     );
     release(&store, "pia", "w-3", T0 + 11).await;
-    let failed = store.get("pia").await.expect("get").expect("item");
+    let failed = store.get(&uid("pia")).await.expect("get").expect("item");
     let lease = provision_lease("prov-2", T0 + 2 * MINUTE);
     let restarted = match store
-        .restart_provisioning("pia", failed.generation, &lease, CreateKey::Keep, T0 + 12)
+        .restart_provisioning(
+            &uid("pia"),
+            failed.generation,
+            &lease,
+            CreateKey::Keep,
+            T0 + 12,
+        )
         .await
         .expect("restart")
     {
@@ -1592,8 +1725,11 @@ pub async fn move_awake_shard_moves_only_from_the_shard_read<S: UserStore>(store
     let user = users_in_shard("mv", "3", 1).remove(0);
     let rec = ready_user(&store, &user, "dm-mv", T0).await;
     assert_eq!(rec.awake_shard.as_deref(), Some("3"));
-    assert!(store.move_awake_shard(&user, "3", "5").await.expect("move"));
-    let moved = store.get(&user).await.expect("get").expect("item");
+    assert!(store
+        .move_awake_shard(&uid(&user), "3", "5")
+        .await
+        .expect("move"));
+    let moved = store.get(&uid(&user)).await.expect("get").expect("item");
     assert_eq!(moved.awake_shard.as_deref(), Some("5"));
     assert_eq!(moved.generation, rec.generation, "no generation bump");
     let in_5 = eventually(
@@ -1610,7 +1746,7 @@ pub async fn move_awake_shard_moves_only_from_the_shard_read<S: UserStore>(store
     assert!(in_3.items.iter().all(|r| r.user_id != user), "left shard 3");
     assert!(
         !store
-            .move_awake_shard(&user, "3", "7")
+            .move_awake_shard(&uid(&user), "3", "7")
             .await
             .expect("stale"),
         "only from the shard it is in"
@@ -1627,20 +1763,20 @@ pub async fn move_awake_shard_moves_only_from_the_shard_read<S: UserStore>(store
     )
     .await;
     store
-        .mark_asleep(&user, "sweep-mv", T0 + 2)
+        .mark_asleep(&uid(&user), "sweep-mv", T0 + 2)
         .await
         .expect("asleep");
     assert!(
         !store
-            .move_awake_shard(&user, "5", "7")
+            .move_awake_shard(&uid(&user), "5", "7")
             .await
             .expect("asleep"),
         "an asleep item is in no shard"
     );
-    let asleep = store.get(&user).await.expect("get").expect("item");
+    let asleep = store.get(&uid(&user)).await.expect("get").expect("item");
     assert_eq!(asleep.awake_shard, None);
     assert!(!store
-        .move_awake_shard("nobody", "1", "2")
+        .move_awake_shard(&uid("nobody"), "1", "2")
         .await
         .expect("missing"));
 }
@@ -1669,7 +1805,7 @@ pub async fn pending_sleeps_are_found_through_their_own_index<S: UserStore>(stor
     for (i, u) in users.iter().take(4).enumerate() {
         let at = T0 + 4 * MINUTE - i as u64 * MINUTE;
         let rec = store
-            .schedule_sleep(u, &requested_at(T0, at), T0 + 10)
+            .schedule_sleep(&uid(u), &requested_at(T0, at), T0 + 10)
             .await
             .expect("schedule");
         let pending = rec.pending_sleep.expect("pending recorded");
@@ -1677,13 +1813,17 @@ pub async fn pending_sleeps_are_found_through_their_own_index<S: UserStore>(stor
         assert_eq!(pending.shard, shard);
     }
     store
-        .schedule_sleep(&users[4], &requested_at(T0, T0 + 60 * MINUTE), T0 + 10)
+        .schedule_sleep(
+            &uid(&users[4]),
+            &requested_at(T0, T0 + 60 * MINUTE),
+            T0 + 10,
+        )
         .await
         .expect("schedule later");
     // The gap histogram alone is written without a pending sleep.
     let hist_only = store
         .schedule_sleep(
-            &users[5],
+            &uid(&users[5]),
             &SleepPlan {
                 expected_last_active_at: T0,
                 sleep: None,
@@ -1704,11 +1844,12 @@ pub async fn pending_sleeps_are_found_through_their_own_index<S: UserStore>(stor
             .query_pending_sleeps(shard, due_by, cursor.as_ref(), 3)
             .await
             .expect("query");
-        seen.extend(
-            page.items
-                .iter()
-                .map(|r| (r.pending_sleep.as_ref().map(|p| p.at), r.user_id.clone())),
-        );
+        seen.extend(page.items.iter().map(|r| {
+            (
+                r.pending_sleep.as_ref().map(|p| p.at),
+                r.user_id.to_string(),
+            )
+        }));
         match page.cursor {
             Some(c) => cursor = Some(c),
             None => break,
@@ -1724,7 +1865,10 @@ pub async fn pending_sleeps_are_found_through_their_own_index<S: UserStore>(stor
         .query_pending_sleeps(other, u64::MAX >> 12, None, 10)
         .await
         .expect("other shard");
-    assert!(elsewhere.items.iter().all(|r| !users.contains(&r.user_id)));
+    assert!(elsewhere
+        .items
+        .iter()
+        .all(|r| !users.contains(&r.user_id.to_string())));
     assert!(matches!(
         store
             .query_pending_sleeps(other, due_by, Some(&Cursor::from_string("garbage")), 3)
@@ -1735,7 +1879,7 @@ pub async fn pending_sleeps_are_found_through_their_own_index<S: UserStore>(stor
     // Refusals: last_active_at moved; a live lease; not awake.
     conflict_current(
         store
-            .schedule_sleep(&users[5], &requested_at(T0 - 1, T0 + MINUTE), T0 + 20)
+            .schedule_sleep(&uid(&users[5]), &requested_at(T0 - 1, T0 + MINUTE), T0 + 20)
             .await,
     );
     acquired(
@@ -1749,7 +1893,7 @@ pub async fn pending_sleeps_are_found_through_their_own_index<S: UserStore>(stor
     .await;
     conflict_current(
         store
-            .schedule_sleep(&users[5], &requested_at(T0, T0 + MINUTE), T0 + 21)
+            .schedule_sleep(&uid(&users[5]), &requested_at(T0, T0 + MINUTE), T0 + 21)
             .await,
     );
 
@@ -1759,13 +1903,13 @@ pub async fn pending_sleeps_are_found_through_their_own_index<S: UserStore>(stor
     };
     acquired(&store, &users[0], "sweep-p", sweep, T0 + MINUTE, T0 + 30).await;
     let asleep = store
-        .mark_asleep(&users[0], "sweep-p", T0 + 40)
+        .mark_asleep(&uid(&users[0]), "sweep-p", T0 + 40)
         .await
         .expect("asleep");
     assert_eq!(asleep.pending_sleep, None);
     conflict_current(
         store
-            .schedule_sleep(&users[0], &requested_at(T0, T0 + MINUTE), T0 + 41)
+            .schedule_sleep(&uid(&users[0]), &requested_at(T0, T0 + MINUTE), T0 + 41)
             .await,
     );
     let after = eventually(
@@ -1776,9 +1920,13 @@ pub async fn pending_sleeps_are_found_through_their_own_index<S: UserStore>(stor
     assert!(after.items.iter().all(|r| r.user_id != users[0]));
 
     // Clearing needs the pending sleep it names.
-    conflict_current(store.clear_pending_sleep(&users[1], T0 + 1, T0 + 50).await);
+    conflict_current(
+        store
+            .clear_pending_sleep(&uid(&users[1]), T0 + 1, T0 + 50)
+            .await,
+    );
     let cleared = store
-        .clear_pending_sleep(&users[1], T0 + 3 * MINUTE, T0 + 50)
+        .clear_pending_sleep(&uid(&users[1]), T0 + 3 * MINUTE, T0 + 50)
         .await
         .expect("clear");
     assert_eq!(cleared.pending_sleep, None);
@@ -1789,9 +1937,9 @@ pub async fn pending_sleeps_are_found_through_their_own_index<S: UserStore>(stor
 /// provisioning lease leaves it; deletion removes it too.
 pub async fn a_turn_start_cancels_a_pending_sleep<S: UserStore>(store: S) {
     ready_user(&store, "pia", "dm-pia", T0).await;
-    let shard = shard_for("pia");
+    let shard = shard_for(&uid("pia"));
     store
-        .schedule_sleep("pia", &requested_at(T0, T0 + MINUTE), T0 + 10)
+        .schedule_sleep(&uid("pia"), &requested_at(T0, T0 + MINUTE), T0 + 10)
         .await
         .expect("schedule");
     let sweep = LeasePurpose::Sweep {
@@ -1825,16 +1973,16 @@ pub async fn a_turn_start_cancels_a_pending_sleep<S: UserStore>(store: S) {
     // Nor can it be recorded again while the turn runs.
     conflict_current(
         store
-            .schedule_sleep("pia", &requested_at(T0, T0 + MINUTE), T0 + 50)
+            .schedule_sleep(&uid("pia"), &requested_at(T0, T0 + MINUTE), T0 + 50)
             .await,
     );
     release(&store, "pia", "turn-1", T0 + 60).await;
     store
-        .schedule_sleep("pia", &requested_at(T0, T0 + 2 * MINUTE), T0 + 70)
+        .schedule_sleep(&uid("pia"), &requested_at(T0, T0 + 2 * MINUTE), T0 + 70)
         .await
         .expect("schedule again");
     let destroying = store
-        .mark_destroying("pia", T0 + 80)
+        .mark_destroying(&uid("pia"), T0 + 80)
         .await
         .expect("destroying");
     assert_eq!(destroying.pending_sleep, None);
@@ -1848,14 +1996,14 @@ pub async fn begin_turn_cancels_a_pending_sleep_and_keeps_the_previous_activity<
     store: S,
 ) {
     ready_user(&store, "pib", "dm-pib", T0).await;
-    let shard = shard_for("pib");
+    let shard = shard_for(&uid("pib"));
     store
-        .schedule_sleep("pib", &requested_at(T0, T0 + MINUTE), T0 + 10)
+        .schedule_sleep(&uid("pib"), &requested_at(T0, T0 + MINUTE), T0 + 10)
         .await
         .expect("schedule");
     let rec = begun(
         store
-            .begin_turn("pib", "turn-1", T0 + MINUTE, None, T0 + 40)
+            .begin_turn(&uid("pib"), "turn-1", T0 + MINUTE, None, T0 + 40)
             .await
             .expect("begin"),
     );
@@ -1870,16 +2018,20 @@ pub async fn begin_turn_cancels_a_pending_sleep_and_keeps_the_previous_activity<
     assert!(listed.items.iter().all(|r| r.user_id != "pib"));
     conflict_current(
         store
-            .schedule_sleep("pib", &requested_at(T0 + 40, T0 + MINUTE), T0 + 50)
+            .schedule_sleep(&uid("pib"), &requested_at(T0 + 40, T0 + MINUTE), T0 + 50)
             .await,
     );
     let ended = store
-        .end_turn("pib", "turn-1", &TurnEnd::default(), T0 + 60)
+        .end_turn(&uid("pib"), "turn-1", &TurnEnd::default(), T0 + 60)
         .await
         .expect("end");
     assert_eq!(ended.last_active_at, T0 + 60);
     let again = store
-        .schedule_sleep("pib", &requested_at(T0 + 60, T0 + 2 * MINUTE), T0 + 70)
+        .schedule_sleep(
+            &uid("pib"),
+            &requested_at(T0 + 60, T0 + 2 * MINUTE),
+            T0 + 70,
+        )
         .await
         .expect("schedule after the turn");
     assert!(again.pending_sleep.is_some());

@@ -7,6 +7,7 @@
 
 use agenthome::store::{Power, UserStore};
 use agenthome_tests::stack::{Stack, StackOptions};
+use agenthome_tests::uid;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,7 +39,7 @@ async fn a_user_over_the_awake_budget_sleeps_and_gets_429_until_midnight() {
     let page = s
         .journal
         .page(
-            "alice",
+            &uid("alice"),
             &agenthome::journal::PageQuery {
                 since_ms: None,
                 limit: 10,
@@ -69,5 +70,5 @@ async fn a_user_over_the_awake_budget_sleeps_and_gets_429_until_midnight() {
     s.ready_user("bob").await;
     let r = s.turn("bob", "echo hi").await;
     assert_eq!(r.status, 200, "{}", r.text);
-    assert!(s.store.get("bob").await.unwrap().unwrap().power == Power::Awake);
+    assert!(s.store.get(&uid("bob")).await.unwrap().unwrap().power == Power::Awake);
 }

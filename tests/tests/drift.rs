@@ -18,6 +18,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use agenthome_tests::uid;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -401,7 +402,7 @@ async fn with_sleep_refused_one_sweep_run_makes_at_most_one_sleep_call() {
     let s = stack(Drift::default()).await;
     let users: Vec<String> = (0..)
         .map(|i| format!("user-{i}"))
-        .filter(|u| shard_for(u) == "0")
+        .filter(|u| shard_for(&uid(u)) == "0")
         .take(4)
         .collect();
     for u in &users {

@@ -15,6 +15,7 @@
 use agenthome::store::MachineState;
 use agenthome_tests::events::http;
 use agenthome_tests::stack::{jwt, Reply, Stack, StackOptions};
+use agenthome_tests::uid;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -44,7 +45,7 @@ async fn worker_until_ready(stack: &Stack, user: &str) -> usize {
     loop {
         ran += stack.drain_worker().await;
         let ready = matches!(
-            stack.store.get(user).await.expect("table read"),
+            stack.store.get(&uid(user)).await.expect("table read"),
             Some(rec) if rec.state == MachineState::Ready
         );
         if ready {
@@ -241,7 +242,7 @@ async fn bad_idempotency_keys_are_400_problems() {
         assert_eq!(r.body["code"], "invalid_idempotency_key");
     }
     assert!(
-        stack.store.get("dee").await.unwrap().is_none(),
+        stack.store.get(&uid("dee")).await.unwrap().is_none(),
         "nothing was provisioned for a refused request"
     );
 }
@@ -335,7 +336,7 @@ async fn a_first_message_whose_provisioning_fails_gets_a_problem_and_the_resend_
         let give_up = Instant::now() + Duration::from_secs(30);
         loop {
             stack.drain_worker().await;
-            let rec = stack.store.get("gus").await.expect("table read");
+            let rec = stack.store.get(&uid("gus")).await.expect("table read");
             if rec.is_some_and(|r| r.state == MachineState::Failed) {
                 return;
             }

@@ -22,6 +22,7 @@ use agenthome::provision::{Provisioner, QueueTrigger};
 use agenthome::store::DynamoStore;
 use agenthome::turn::{NoEvents, TurnService, TurnSettings};
 use agenthome_tests::stack::{authorizer, provision_settings};
+use agenthome_tests::uid;
 use chat_turn_fn::ChatTurnService;
 
 type Service = ChatTurnService<DynamoStore, QueueTrigger>;
@@ -93,8 +94,9 @@ async fn a_turns_future_stays_small() {
     let s = service();
     let request = TurnRequest::from_json(br#"{"message":"hi"}"#).expect("request");
     let deadline = tokio::time::Instant::now();
-    let turn = size(&s.turns.run("u", request.clone(), deadline));
-    let counted = size(&s.turns.run_counted("u", request, deadline, &NoEvents, 0));
+    let user = uid("u");
+    let turn = size(&s.turns.run(&user, request.clone(), deadline));
+    let counted = size(&s.turns.run_counted(&user, request, deadline, &NoEvents, 0));
     eprintln!("TurnService::run: {turn} bytes, run_counted: {counted} bytes");
     assert!(
         turn.max(counted) <= MAX_TURN_FUTURE,

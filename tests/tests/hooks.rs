@@ -12,6 +12,7 @@ use agenthome::turn::{MachineStage, TurnEvent, TurnEvents, TurnOutcome, TurnSett
 use agenthome_tests::fixtures::{self, done};
 use agenthome_tests::llm::{answer, scripted_llm, tool_call};
 use agenthome_tests::stack::{jwt, Stack, StackOptions};
+use agenthome_tests::uid;
 use serde_json::{json, Value};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -158,7 +159,7 @@ async fn a_hook_that_never_exits_blocks_neither_the_sleep_nor_the_turn() {
         .chat
         .turns
         .run_with_events(
-            "alice",
+            &uid("alice"),
             TurnRequest {
                 message: "echo fine".into(),
                 history: Vec::new(),

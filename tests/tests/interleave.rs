@@ -19,6 +19,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use agenthome_tests::uid;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
@@ -253,9 +254,12 @@ impl World {
         match op {
             Op::Put(i) => {
                 let (prov, u) = (Arc::clone(&self.prov), user(i));
-                Box::pin(
-                    async move { format!("{:?}", prov.ensure(&u).await.map(|e| e.record().state)) },
-                )
+                Box::pin(async move {
+                    format!(
+                        "{:?}",
+                        prov.ensure(&uid(&u)).await.map(|e| e.record().state)
+                    )
+                })
             }
             Op::Work(i) => {
                 let u = user(i);
@@ -280,7 +284,7 @@ impl World {
                     let r = agenthome::user_machine::destroy(
                         prov.store(),
                         prov.dedalus(),
-                        &u,
+                        &uid(&u),
                         Duration::from_secs(5),
                     )
                     .await;
@@ -415,7 +419,7 @@ impl World {
         }
         let mut by_machine: HashMap<String, String> = HashMap::new();
         for user in self.users.clone() {
-            let rec = self.store.get(&user).await.expect("get");
+            let rec = self.store.get(&uid(&user)).await.expect("get");
             if let Some(before) = self.last.get(&user) {
                 if let Some(now) = &rec {
                     if before.state == MachineState::Destroying
@@ -479,7 +483,7 @@ impl World {
             if !out.starts_with("Ok") || again {
                 continue;
             }
-            if let Some(rec) = self.store.get(&user).await.expect("get") {
+            if let Some(rec) = self.store.get(&uid(&user)).await.expect("get") {
                 self.violation(format!("{user}: item left after DELETE: {rec:?}"));
             }
             for m in self.seen.get(&user).cloned().unwrap_or_default() {
@@ -505,7 +509,7 @@ impl World {
         for u in &self.users {
             if let Some(m) = self
                 .store
-                .get(u)
+                .get(&uid(u))
                 .await
                 .expect("get")
                 .and_then(|r| r.machine_id)
@@ -533,7 +537,7 @@ impl World {
                 let r = agenthome::user_machine::destroy(
                     self.prov.store(),
                     self.prov.dedalus(),
-                    &user,
+                    &uid(&user),
                     Duration::from_secs(5),
                 )
                 .await;
@@ -551,7 +555,7 @@ impl World {
             .reconcile(now_ms(), Instant::now() + Duration::from_secs(20))
             .await;
         for u in self.users.clone() {
-            if let Some(rec) = self.store.get(&u).await.expect("get") {
+            if let Some(rec) = self.store.get(&uid(&u)).await.expect("get") {
                 self.violation(format!("{u}: item left after the final DELETE: {rec:?}"));
             }
         }
@@ -574,7 +578,7 @@ async fn turn(prov: Arc<Prov>, shared: Arc<Shared>, user: String) -> String {
     let owner = format!("turn-{}", uuid::Uuid::now_v7().simple());
     let now = now_ms();
     let rec = match store
-        .begin_turn(&user, &owner, now + 60_000, None, now)
+        .begin_turn(&uid(&user), &owner, now + 60_000, None, now)
         .await
     {
         Ok(BeginTurn::Begun(rec)) => rec,
@@ -584,7 +588,7 @@ async fn turn(prov: Arc<Prov>, shared: Arc<Shared>, user: String) -> String {
         Ok(BeginTurn::Refused(_) | BeginTurn::NoItem) => {
             return format!(
                 "ensure {:?}",
-                prov.ensure(&user).await.map(|e| e.record().state)
+                prov.ensure(&uid(&user)).await.map(|e| e.record().state)
             )
         }
         Ok(BeginTurn::Limited { .. }) => return "limited".into(),
@@ -595,7 +599,7 @@ async fn turn(prov: Arc<Prov>, shared: Arc<Shared>, user: String) -> String {
     locked(&shared.woken).remove(&(user.clone(), owner.clone()));
     *locked(&shared.turns).entry(user.clone()).or_default() -= 1;
     let ended = store
-        .end_turn(&user, &owner, &TurnEnd::default(), now_ms())
+        .end_turn(&uid(&user), &owner, &TurnEnd::default(), now_ms())
         .await;
     format!("{out}; ended {}", ended.is_ok())
 }
@@ -613,7 +617,7 @@ async fn turn_body(
         return "no machine".into();
     };
     let lost = |why: String| async move {
-        let r = store.mark_lost(user, owner, &why, now_ms()).await;
+        let r = store.mark_lost(&uid(user), owner, &why, now_ms()).await;
         format!("lost ({why}): {:?}", r.map(|r| r.state))
     };
     let phase = match client.get_machine(&machine).await {
@@ -648,7 +652,7 @@ async fn turn_body(
             _ => {}
         }
     }
-    let power = store.get(user).await.ok().flatten().map(|r| r.power);
+    let power = store.get(&uid(user)).await.ok().flatten().map(|r| r.power);
     format!("turn done: confirmed {confirmed} power {power:?}")
 }
 

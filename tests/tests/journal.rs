@@ -9,6 +9,7 @@ use agenthome::turn::TurnSettings;
 use agenthome_tests::fixtures::done;
 use agenthome_tests::stack::jwt;
 use agenthome_tests::stack::{Stack, StackOptions};
+use agenthome_tests::uid;
 use agenthome_tests::{unique_table_name, Moto};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -239,14 +240,14 @@ async fn the_dynamodb_adapter_pages_newest_first_and_expires_entries() {
     for at in [1_000u64, 2_000, 3_000] {
         journal
             .record(
-                "u1",
+                &uid("u1"),
                 JournalEntry::new(at, Event::Woke, agenthome::journal::Actor::Turn),
             )
             .await;
     }
     journal
         .record(
-            "u2",
+            &uid("u2"),
             JournalEntry::new(4_000, Event::Slept, agenthome::journal::Actor::Sweep),
         )
         .await;
@@ -256,12 +257,12 @@ async fn the_dynamodb_adapter_pages_newest_first_and_expires_entries() {
         limit: 2,
         cursor: None,
     };
-    let first = backend.page("u1", &q).await.expect("page");
+    let first = backend.page(&uid("u1"), &q).await.expect("page");
     let at: Vec<u64> = first.events.iter().map(|e| e.at_ms).collect();
     assert_eq!(at, [3_000, 2_000]);
     let rest = backend
         .page(
-            "u1",
+            &uid("u1"),
             &agenthome::journal::PageQuery {
                 cursor: first.next_cursor.clone(),
                 ..q.clone()

@@ -13,6 +13,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use agenthome_tests::uid;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -126,7 +127,7 @@ async fn machines(emu: &Emulator) -> Vec<Machine> {
 
 async fn item(prov: &Prov, user: &str) -> UserRecord {
     prov.store()
-        .get(user)
+        .get(&uid(user))
         .await
         .expect("get item")
         .expect("the user has an item")
@@ -145,7 +146,7 @@ async fn lease_runs_out(prov: &Prov, user: &str) {
     let owner = &rec.lease.as_ref().expect("a lease is held").owner;
     let now = agenthome::clock::now_ms();
     prov.store()
-        .renew_lease(user, owner, now - 1, now)
+        .renew_lease(&uid(user), owner, now - 1, now)
         .await
         .expect("the holder's lease is cut");
     let rec = item(prov, user).await;
@@ -243,7 +244,7 @@ async fn concurrent_ensures_create_exactly_one_machine_per_user() {
                 let delay = Duration::from_millis(if i % 2 == 0 { 0 } else { (i as u64) * 12 });
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
-                    p.ensure(&u).await
+                    p.ensure(&uid(&u)).await
                 })
             })
             .collect();
@@ -325,7 +326,7 @@ async fn crash_after_create_before_recording_the_id_resumes_the_same_machine() {
     let (prov, mut rx) = provisioner(&emu, &table, BOOTSTRAP_OK, LONG_LEASE);
     let user = "user-crash-a";
 
-    let first = prov.ensure(user).await.expect("ensure");
+    let first = prov.ensure(&uid(user)).await.expect("ensure");
     assert!(matches!(first, Ensure::Started(_)), "{first:?}");
     let dropped = drain(&mut rx);
     assert_eq!(
@@ -341,7 +342,7 @@ async fn crash_after_create_before_recording_the_id_resumes_the_same_machine() {
         .expect("the crashed worker's create");
 
     // While the lease is live, another call does not take over.
-    let during = prov.ensure(user).await.expect("ensure during lease");
+    let during = prov.ensure(&uid(user)).await.expect("ensure during lease");
     assert!(matches!(during, Ensure::InProgress(_)), "{during:?}");
     assert!(
         drain(&mut rx).is_empty(),
@@ -349,7 +350,7 @@ async fn crash_after_create_before_recording_the_id_resumes_the_same_machine() {
     );
 
     lease_runs_out(&prov, user).await;
-    let again = prov.ensure(user).await.expect("ensure after expiry");
+    let again = prov.ensure(&uid(user)).await.expect("ensure after expiry");
     assert!(matches!(again, Ensure::Started(_)), "{again:?}");
     assert_eq!(
         again.record().create_key,
@@ -383,7 +384,7 @@ async fn crash_after_recording_the_id_before_bootstrap_resumes_on_that_machine()
     let (prov, mut rx) = provisioner(&emu, &table, BOOTSTRAP_OK, LONG_LEASE);
     let user = "user-crash-b";
 
-    let first = prov.ensure(user).await.expect("ensure");
+    let first = prov.ensure(&uid(user)).await.expect("ensure");
     assert_eq!(drain(&mut rx).len(), 1, "the event is dropped (crash)");
     let create_key = first.record().create_key.clone();
     let key = IdempotencyKey::parse(create_key.clone()).expect("stored key");
@@ -394,7 +395,7 @@ async fn crash_after_recording_the_id_before_bootstrap_resumes_on_that_machine()
         .expect("create");
     prov.store()
         .record_machine_id(
-            user,
+            &uid(user),
             &create_key,
             &created.machine_id,
             agenthome::clock::now_ms(),
@@ -405,7 +406,7 @@ async fn crash_after_recording_the_id_before_bootstrap_resumes_on_that_machine()
     assert_eq!(creates_before, 1);
 
     lease_runs_out(&prov, user).await;
-    let again = prov.ensure(user).await.expect("ensure after expiry");
+    let again = prov.ensure(&uid(user)).await.expect("ensure after expiry");
     assert!(matches!(again, Ensure::Started(_)), "{again:?}");
     for r in run_workers(&prov, drain(&mut rx)).await {
         r.expect("worker");
@@ -450,7 +451,7 @@ async fn bootstrap_failure_is_recorded_and_a_fixed_script_resumes_on_the_same_ma
     let user = "user-bootstrap-fail";
 
     assert!(matches!(
-        prov.ensure(user).await.expect("ensure"),
+        prov.ensure(&uid(user)).await.expect("ensure"),
         Ensure::Started(_)
     ));
     let outcomes = run_workers(&prov, drain(&mut rx)).await;
@@ -483,7 +484,7 @@ async fn bootstrap_failure_is_recorded_and_a_fixed_script_resumes_on_the_same_ma
 
     // A stale or redelivered event does not retry a failed item by itself.
     let stale = ProvisionEvent {
-        user_id: user.into(),
+        user_id: uid(user),
         lease_owner: None,
     };
     let rec = prov
@@ -493,7 +494,10 @@ async fn bootstrap_failure_is_recorded_and_a_fixed_script_resumes_on_the_same_ma
     assert_eq!(rec.state, MachineState::Failed);
 
     let (fixed, mut rx2) = provisioner(&emu, &table, BOOTSTRAP_OK, Duration::from_secs(60));
-    let resumed = fixed.ensure(user).await.expect("ensure after the fix");
+    let resumed = fixed
+        .ensure(&uid(user))
+        .await
+        .expect("ensure after the fix");
     assert!(matches!(resumed, Ensure::Started(_)), "{resumed:?}");
     for r in run_workers(&fixed, drain(&mut rx2)).await {
         r.expect("worker with the fixed script");
@@ -526,7 +530,7 @@ async fn bootstrap_runs_once_per_version() {
     let (prov, mut rx) = provisioner(&emu, &table, BOOTSTRAP_OK, Duration::from_secs(60));
     let user = "user-bootstrap-once";
 
-    prov.ensure(user).await.expect("ensure");
+    prov.ensure(&uid(user)).await.expect("ensure");
     let events = drain(&mut rx);
     for r in run_workers(&prov, events.clone()).await {
         r.expect("worker");
@@ -584,7 +588,7 @@ async fn redelivered_event_still_yields_one_machine_and_one_bootstrap() {
     let (prov, mut rx) = provisioner(&emu, &table, slow, Duration::from_secs(60));
     let user = "user-redelivered";
 
-    prov.ensure(user).await.expect("ensure");
+    prov.ensure(&uid(user)).await.expect("ensure");
     let events = drain(&mut rx);
     assert_eq!(events.len(), 1);
     let event = events[0].clone();
@@ -650,7 +654,7 @@ async fn delete_during_create_leaves_no_machine() {
             "method": "POST", "path": "/v1/machines", "times": 1, "delay_ms": 1500
         }))
         .await;
-        prov.ensure(user).await.expect("ensure");
+        prov.ensure(&uid(user)).await.expect("ensure");
         let events = drain(&mut rx);
         assert_eq!(events.len(), 1);
         let p = Arc::clone(&prov);
@@ -661,7 +665,7 @@ async fn delete_during_create_leaves_no_machine() {
             let deleted = agenthome::user_machine::destroy(
                 prov.store(),
                 prov.dedalus(),
-                user,
+                &uid(user),
                 Duration::from_secs(10),
             )
             .await
@@ -669,7 +673,7 @@ async fn delete_during_create_leaves_no_machine() {
             assert_eq!(deleted, agenthome::user_machine::Destroyed::Done);
         } else {
             prov.store()
-                .mark_destroying(user, agenthome::clock::now_ms())
+                .mark_destroying(&uid(user), agenthome::clock::now_ms())
                 .await
                 .expect("destroying");
         }
@@ -704,7 +708,7 @@ async fn a_worker_killed_at_its_deadline_leaves_no_live_lease() {
     let table = fresh_table().await;
     let (prov, mut rx) = provisioner(&emu, &table, BOOTSTRAP_OK, Duration::from_secs(60));
     let user = "user-killed-worker";
-    prov.ensure(user).await.expect("ensure");
+    prov.ensure(&uid(user)).await.expect("ensure");
     let event = drain(&mut rx).remove(0);
 
     let invocation = Duration::from_millis(1500);
@@ -746,7 +750,7 @@ async fn a_worker_out_of_time_leaves_a_resumable_item_and_no_lease() {
     let table = fresh_table().await;
     let (prov, mut rx) = provisioner(&emu, &table, BOOTSTRAP_OK, Duration::from_secs(60));
     let user = "user-out-of-time";
-    prov.ensure(user).await.expect("ensure");
+    prov.ensure(&uid(user)).await.expect("ensure");
     let event = drain(&mut rx).remove(0);
 
     let started = Instant::now();
@@ -831,7 +835,7 @@ mod domain {
         };
         let lease = Lease::new(owner, LeaseKind::Provision, until);
         match store
-            .claim(user, &new_create_key(), &lease, now - 2000)
+            .claim(&uid(user), &new_create_key(), &lease, now - 2000)
             .await
             .expect("claim")
         {
@@ -846,14 +850,14 @@ mod domain {
         let (p, mut rx) = memory_provisioner();
         let rec = claimed(p.store(), "u", "w", 60_000).await;
         p.store()
-            .record_machine_id("u", &rec.create_key, "m-1", now_ms())
+            .record_machine_id(&uid("u"), &rec.create_key, "m-1", now_ms())
             .await
             .unwrap();
         p.store()
-            .mark_ready("u", "w", "v1", now_ms())
+            .mark_ready(&uid("u"), "w", "v1", now_ms())
             .await
             .unwrap();
-        let e = p.ensure("u").await.unwrap();
+        let e = p.ensure(&uid("u")).await.unwrap();
         assert!(matches!(e, Ensure::Ready(_)), "{e:?}");
         assert_eq!(e.retry_after(), Duration::ZERO);
         assert!(drain(&mut rx).is_empty());
@@ -864,13 +868,16 @@ mod domain {
     async fn ensure_on_a_destroying_item_starts_nothing() {
         let (p, mut rx) = memory_provisioner();
         claimed(p.store(), "u", "w", 0).await;
-        p.store().mark_destroying("u", now_ms()).await.unwrap();
-        let e = p.ensure("u").await.unwrap();
+        p.store()
+            .mark_destroying(&uid("u"), now_ms())
+            .await
+            .unwrap();
+        let e = p.ensure(&uid("u")).await.unwrap();
         assert!(matches!(e, Ensure::Destroying(_)), "{e:?}");
         assert!(drain(&mut rx).is_empty());
         let w = p
             .run_worker(&ProvisionEvent {
-                user_id: "u".into(),
+                user_id: uid("u"),
                 lease_owner: None,
             })
             .await;
@@ -883,21 +890,21 @@ mod domain {
     async fn ensure_during_a_live_lease_reports_in_progress() {
         let (p, mut rx) = memory_provisioner();
         let rec = claimed(p.store(), "u", "w", 60_000).await;
-        let e = p.ensure("u").await.unwrap();
+        let e = p.ensure(&uid("u")).await.unwrap();
         assert!(matches!(e, Ensure::InProgress(_)), "{e:?}");
         assert!(e.retry_after() > Duration::ZERO);
         assert!(drain(&mut rx).is_empty());
         // A stray event (no lease, or another's) does not steal the lease.
         let w = p
             .run_worker(&ProvisionEvent {
-                user_id: "u".into(),
+                user_id: uid("u"),
                 lease_owner: Some("someone-else".into()),
             })
             .await
             .unwrap();
         assert_eq!(w.lease.as_ref().map(|l| l.owner.as_str()), Some("w"));
         assert_eq!(
-            p.store().get("u").await.unwrap().unwrap().generation,
+            p.store().get(&uid("u")).await.unwrap().unwrap().generation,
             rec.generation
         );
     }
@@ -908,7 +915,7 @@ mod domain {
     async fn ensure_resumes_an_expired_provisioning_with_the_same_key() {
         let (p, mut rx) = memory_provisioner();
         let rec = claimed(p.store(), "u", "dead", 0).await;
-        let e = p.ensure("u").await.unwrap();
+        let e = p.ensure(&uid("u")).await.unwrap();
         assert!(matches!(e, Ensure::Started(_)), "{e:?}");
         assert_eq!(e.record().create_key, rec.create_key);
         let events = drain(&mut rx);
@@ -919,7 +926,7 @@ mod domain {
         );
         // A second ensure now sees the new live lease.
         assert!(matches!(
-            p.ensure("u").await.unwrap(),
+            p.ensure(&uid("u")).await.unwrap(),
             Ensure::InProgress(_)
         ));
     }
@@ -930,11 +937,14 @@ mod domain {
         let (p, mut rx) = memory_provisioner();
         let rec = claimed(p.store(), "u", "w", 60_000).await;
         p.store()
-            .mark_failed("u", "w", "boom", now_ms())
+            .mark_failed(&uid("u"), "w", "boom", now_ms())
             .await
             .unwrap();
-        p.store().release_lease("u", "w", now_ms()).await.unwrap();
-        let e = p.ensure("u").await.unwrap();
+        p.store()
+            .release_lease(&uid("u"), "w", now_ms())
+            .await
+            .unwrap();
+        let e = p.ensure(&uid("u")).await.unwrap();
         assert!(matches!(e, Ensure::Started(_)), "{e:?}");
         assert_eq!(e.record().state, MachineState::Provisioning);
         assert_eq!(e.record().create_key, rec.create_key);
@@ -960,13 +970,13 @@ mod domain {
             DownTrigger,
             settings(BOOTSTRAP_OK, Duration::from_secs(600)),
         );
-        let err = p.ensure("u").await.unwrap_err();
+        let err = p.ensure(&uid("u")).await.unwrap_err();
         assert!(matches!(err, ProvisionError::Trigger(_)), "{err:?}");
         assert!(err.is_retryable());
-        let rec = p.store().get("u").await.unwrap().unwrap();
+        let rec = p.store().get(&uid("u")).await.unwrap().unwrap();
         assert!(rec.lease.is_none(), "lease released: {rec:?}");
         // The retry resumes at once (and fails again on the trigger).
-        let again = p.ensure("u").await.unwrap_err();
+        let again = p.ensure(&uid("u")).await.unwrap_err();
         assert!(matches!(again, ProvisionError::Trigger(_)), "{again:?}");
     }
 
@@ -976,7 +986,7 @@ mod domain {
         let (p, _rx) = memory_provisioner();
         let w = p
             .run_worker(&ProvisionEvent {
-                user_id: "ghost".into(),
+                user_id: uid("ghost"),
                 lease_owner: Some("x".into()),
             })
             .await;

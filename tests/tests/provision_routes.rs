@@ -8,6 +8,7 @@ use agenthome::store::UserStore;
 use agenthome_tests::events::Auth;
 use agenthome_tests::provision_stack::{alice, ProvisionStack as Stack};
 use agenthome_tests::stack::admin;
+use agenthome_tests::uid;
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -136,7 +137,7 @@ async fn delete_removes_machine_and_mapping_and_a_new_put_starts_fresh() {
         .service
         .provisioner
         .store()
-        .get("alice")
+        .get(&uid("alice"))
         .await
         .unwrap()
         .is_none());
@@ -213,7 +214,13 @@ async fn sleep_now_sleeps_an_idle_machine_but_never_one_a_turn_holds() {
     // GIVEN a turn holds alice's machine WHEN the conversation-ended sleep
     // arrives THEN it is refused with 409 and the machine keeps running
     store
-        .acquire_lease("alice", "turn-x", LeasePurpose::Turn, now + 60_000, now)
+        .acquire_lease(
+            &uid("alice"),
+            "turn-x",
+            LeasePurpose::Turn,
+            now + 60_000,
+            now,
+        )
         .await
         .unwrap();
     let (status, headers, body) = s
@@ -230,7 +237,7 @@ async fn sleep_now_sleeps_an_idle_machine_but_never_one_a_turn_holds() {
 
     // WHEN the turn ends and the sleep is sent again THEN the machine sleeps
     store
-        .release_lease("alice", "turn-x", agenthome::clock::now_ms())
+        .release_lease(&uid("alice"), "turn-x", agenthome::clock::now_ms())
         .await
         .unwrap();
     let (status, _, body) = s
@@ -241,7 +248,7 @@ async fn sleep_now_sleeps_an_idle_machine_but_never_one_a_turn_holds() {
         (200, Some("asleep")),
         "{body}"
     );
-    let item = store.get("alice").await.unwrap().unwrap();
+    let item = store.get(&uid("alice")).await.unwrap().unwrap();
     assert_eq!(item.power, agenthome::store::Power::Asleep);
     assert_eq!(
         item.awake_shard, None,
@@ -289,7 +296,7 @@ async fn sleep_now_inside_the_platform_hold_window_is_scheduled_not_lost() {
         .service
         .provisioner
         .store()
-        .get("alice")
+        .get(&uid("alice"))
         .await
         .unwrap()
         .unwrap();

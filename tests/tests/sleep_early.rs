@@ -16,6 +16,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use agenthome_tests::uid;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -363,16 +364,16 @@ async fn adaptive_idle_counts_the_pause_before_the_turn() {
     };
     let taken = s
         .store
-        .acquire_lease("alice", "test", sweep, now + MINUTE, now)
+        .acquire_lease(&uid("alice"), "test", sweep, now + MINUTE, now)
         .await
         .expect("lease");
     assert!(matches!(taken, AcquireOutcome::Acquired(_)), "{taken:?}");
     s.store
-        .touch("alice", "test", now - 5 * MINUTE)
+        .touch(&uid("alice"), "test", now - 5 * MINUTE)
         .await
         .expect("back-date the activity");
     s.store
-        .release_lease("alice", "test", now)
+        .release_lease(&uid("alice"), "test", now)
         .await
         .expect("release");
     let r = s.turn("alice", "echo hi").await;
@@ -399,7 +400,7 @@ async fn a_stale_pending_sleep_on_a_sleeping_item_is_dropped_without_a_call() {
     let store = Arc::new(MemoryStore::new());
     let now = now_ms();
     let rec = UserRecord {
-        user_id: "old".into(),
+        user_id: uid("old"),
         machine_id: Some("dm-old".into()),
         state: MachineState::Ready,
         power: Power::Asleep,
@@ -422,7 +423,7 @@ async fn a_stale_pending_sleep_on_a_sleeping_item_is_dropped_without_a_call() {
         awake_day: None,
         provision_attempts: 0,
         pending_sleep: Some(PendingSleep {
-            shard: agenthome::store::shard_for("old"),
+            shard: agenthome::store::shard_for(&uid("old")),
             at: now - MINUTE,
             reason: SleepReason::Requested,
         }),
@@ -443,7 +444,10 @@ async fn a_stale_pending_sleep_on_a_sleeping_item_is_dropped_without_a_call() {
         (1, 1, 0, 0),
         "{r:?}"
     );
-    assert_eq!(store.get("old").await.unwrap().unwrap().pending_sleep, None);
+    assert_eq!(
+        store.get(&uid("old")).await.unwrap().unwrap().pending_sleep,
+        None
+    );
     assert!(emu.requests().await.is_empty(), "no Dedalus call");
     let again = sweeper
         .run(now, Instant::now() + Duration::from_secs(30))

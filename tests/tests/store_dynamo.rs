@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use agenthome_tests::uid;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -126,7 +127,7 @@ async fn malformed_item_is_a_typed_error_naming_the_attribute() {
         .send()
         .await
         .expect("raw put");
-    match store.get("odd").await {
+    match store.get(&uid("odd")).await {
         Err(StoreError::Malformed { attribute, .. }) => assert_eq!(attribute, "state"),
         other => panic!("expected Malformed(state), got {other:?}"),
     }
@@ -139,7 +140,7 @@ async fn malformed_item_is_a_typed_error_naming_the_attribute() {
 async fn backend_errors_are_classified() {
     let moto = Moto::shared().await;
     let missing = DynamoStore::new(moto.dynamodb_client().await, "no-such-table");
-    match missing.get("u").await {
+    match missing.get(&uid("u")).await {
         Err(e @ StoreError::Backend { .. }) => {
             assert!(!e.is_retryable(), "{e:?}");
             assert!(std::error::Error::source(&e).is_some());
@@ -158,7 +159,7 @@ async fn backend_errors_are_classified() {
         )
         .build();
     let unreachable = DynamoStore::new(aws_sdk_dynamodb::Client::from_conf(config), "t");
-    match unreachable.get("u").await {
+    match unreachable.get(&uid("u")).await {
         Err(e @ StoreError::Backend { .. }) => assert!(e.is_retryable(), "{e:?}"),
         other => panic!("expected Backend error, got {other:?}"),
     }

@@ -8,6 +8,7 @@
 //! running command holds), 5 (status reads never wake), 6 (orphans are
 //! found), and "no sweep ever scans the table".
 
+use agenthome_tests::uid;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -85,23 +86,30 @@ async fn item_for<S: UserStore>(store: &S, user: &str, machine_id: &str, at: u64
     let key = new_create_key();
     let owner = format!("prov-{user}");
     let lease = Lease::new(&owner, LeaseKind::Provision, at + MINUTE);
-    store.claim(user, &key, &lease, at).await.expect("claim");
     store
-        .record_machine_id(user, &key, machine_id, at)
+        .claim(&uid(user), &key, &lease, at)
+        .await
+        .expect("claim");
+    store
+        .record_machine_id(&uid(user), &key, machine_id, at)
         .await
         .expect("record machine id");
     store
-        .mark_ready(user, &owner, "v1", at)
+        .mark_ready(&uid(user), &owner, "v1", at)
         .await
         .expect("mark ready");
     store
-        .release_lease(user, &owner, at)
+        .release_lease(&uid(user), &owner, at)
         .await
         .expect("release");
 }
 
 async fn item<S: UserStore>(store: &S, user: &str) -> UserRecord {
-    store.get(user).await.expect("get").expect("item exists")
+    store
+        .get(&uid(user))
+        .await
+        .expect("get")
+        .expect("item exists")
 }
 
 async fn phase(client: &Client, id: &str) -> Phase {
@@ -123,7 +131,7 @@ async fn wait_phase(client: &Client, id: &str, want: &[Phase], within: Duration)
 fn same_shard_users(n: usize) -> Vec<String> {
     (0..)
         .map(|i| format!("user-{i}"))
-        .filter(|u| shard_for(u) == "0")
+        .filter(|u| shard_for(&uid(u)) == "0")
         .take(n)
         .collect()
 }
@@ -214,7 +222,7 @@ async fn turn<S: UserStore>(
     for _ in 0..2000 {
         let now = now_ms();
         match store
-            .acquire_lease(user, &owner, LeasePurpose::Turn, now + 30_000, now)
+            .acquire_lease(&uid(user), &owner, LeasePurpose::Turn, now + 30_000, now)
             .await
             .expect("acquire turn lease")
         {
@@ -243,7 +251,11 @@ async fn turn<S: UserStore>(
             .expect("running after wake");
         stats.lock().expect("stats").turn_woke += 1;
     }
-    if store.mark_awake(user, &owner, now_ms()).await.is_err() {
+    if store
+        .mark_awake(&uid(user), &owner, now_ms())
+        .await
+        .is_err()
+    {
         stats.lock().expect("stats").turn_lease_lost += 1;
     }
     // "Commands": the machine must be running throughout.
@@ -254,10 +266,10 @@ async fn turn<S: UserStore>(
         stats.lock().expect("stats").violations += 1;
         eprintln!("VIOLATION: machine {before} → {after} while the turn held its lease");
     }
-    if store.touch(user, &owner, now_ms()).await.is_err() {
+    if store.touch(&uid(user), &owner, now_ms()).await.is_err() {
         stats.lock().expect("stats").turn_lease_lost += 1;
     }
-    let _ = store.release_lease(user, &owner, now_ms()).await;
+    let _ = store.release_lease(&uid(user), &owner, now_ms()).await;
 }
 
 /// `max_offset`: the random start offsets of the turn and the sweep span
@@ -444,15 +456,21 @@ async fn a_running_command_holds_the_machine_until_its_marker_exists_or_the_hold
     for (user, until) in [("held", now_ms() + 30 * MINUTE), ("expired", t + MINUTE)] {
         let owner = format!("turn-{user}");
         store
-            .acquire_lease(user, &owner, LeasePurpose::Turn, t + MINUTE, t)
+            .acquire_lease(&uid(user), &owner, LeasePurpose::Turn, t + MINUTE, t)
             .await
             .expect("lease");
         let hold = Hold {
             until,
             marker: marker.to_owned(),
         };
-        store.set_hold(user, &owner, &hold, t).await.expect("hold");
-        store.release_lease(user, &owner, t).await.expect("release");
+        store
+            .set_hold(&uid(user), &owner, &hold, t)
+            .await
+            .expect("hold");
+        store
+            .release_lease(&uid(user), &owner, t)
+            .await
+            .expect("release");
     }
     let sweeper = Sweeper::new(Arc::clone(&store), &client, settings());
 
@@ -516,7 +534,7 @@ async fn an_earlier_command_still_running_keeps_holding_after_a_later_one_finish
         let owner = format!("turn-{i}");
         let at = t + i as u64;
         store
-            .acquire_lease("two", &owner, LeasePurpose::Turn, at + MINUTE, at)
+            .acquire_lease(&uid("two"), &owner, LeasePurpose::Turn, at + MINUTE, at)
             .await
             .expect("lease");
         let hold = Hold {
@@ -524,11 +542,11 @@ async fn an_earlier_command_still_running_keeps_holding_after_a_later_one_finish
             marker: marker.to_owned(),
         };
         store
-            .set_hold("two", &owner, &hold, at)
+            .set_hold(&uid("two"), &owner, &hold, at)
             .await
             .expect("hold");
         store
-            .release_lease("two", &owner, at)
+            .release_lease(&uid("two"), &owner, at)
             .await
             .expect("release");
     }
@@ -1109,7 +1127,7 @@ async fn a_sweep_that_finds_the_machine_gone_cannot_resurrect_a_deleted_user() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (s, c) = (Arc::clone(&store), client.clone());
     let delete = tokio::spawn(async move {
-        agenthome::user_machine::destroy(&s, &c, "del", Duration::from_secs(10)).await
+        agenthome::user_machine::destroy(&s, &c, &uid("del"), Duration::from_secs(10)).await
     });
     let report = sweep.await.expect("sweep task");
     assert_eq!(report.slept, 0, "{report:?}");
@@ -1125,7 +1143,7 @@ async fn a_sweep_that_finds_the_machine_gone_cannot_resurrect_a_deleted_user() {
         matches!(deleted, Ok(agenthome::user_machine::Destroyed::Done)),
         "{deleted:?}"
     );
-    assert_eq!(store.get("del").await.expect("get"), None);
+    assert_eq!(store.get(&uid("del")).await.expect("get"), None);
     assert!(client
         .get_machine(&machine)
         .await
@@ -1153,7 +1171,7 @@ fn users_per_shard(prefix: &str, shards: u32, n: usize) -> Vec<String> {
         out.extend(
             (0..)
                 .map(|i| format!("{prefix}-{i}"))
-                .filter(|u| agenthome::store::shard_in(u, shards) == shard)
+                .filter(|u| agenthome::store::shard_in(&uid(u), shards) == shard)
                 .take(n),
         );
     }
@@ -1410,7 +1428,9 @@ async fn a_shard_count_change_never_strands_an_item() {
     let m = agenthome::sweep::migrate(&*new, layout(Some(4)), 3, deadline()).await;
     let misplaced = more
         .iter()
-        .filter(|u| agenthome::store::shard_in(u, 4) != agenthome::store::shard_in(u, 2))
+        .filter(|u| {
+            agenthome::store::shard_in(&uid(u), 4) != agenthome::store::shard_in(&uid(u), 2)
+        })
         .count() as u64;
     assert!(misplaced >= 4, "shards 2 and 3 at least");
     assert_eq!(
@@ -1423,7 +1443,7 @@ async fn a_shard_count_change_never_strands_an_item() {
         let rec = item(&*old, u).await;
         assert_eq!(
             rec.awake_shard,
-            Some(agenthome::store::shard_in(u, 2)),
+            Some(agenthome::store::shard_in(&uid(u), 2)),
             "{u}"
         );
     }
@@ -1498,7 +1518,13 @@ async fn a_dying_worker_leaves_nothing_locked_past_its_lease() {
     let _ = worker.await;
     let now = now_ms();
     let refused = store
-        .acquire_lease("dies", "turn-1", LeasePurpose::Turn, now + 60_000, now)
+        .acquire_lease(
+            &uid("dies"),
+            "turn-1",
+            LeasePurpose::Turn,
+            now + 60_000,
+            now,
+        )
         .await
         .expect("acquire");
     assert!(
@@ -1515,7 +1541,13 @@ async fn a_dying_worker_leaves_nothing_locked_past_its_lease() {
     .await;
     let now = now_ms();
     match store
-        .acquire_lease("dies", "turn-2", LeasePurpose::Turn, now + 60_000, now)
+        .acquire_lease(
+            &uid("dies"),
+            "turn-2",
+            LeasePurpose::Turn,
+            now + 60_000,
+            now,
+        )
         .await
         .expect("acquire")
     {
@@ -1525,7 +1557,7 @@ async fn a_dying_worker_leaves_nothing_locked_past_its_lease() {
         other => panic!("still locked past its lease: {other:?}"),
     }
     store
-        .release_lease("dies", "turn-2", now_ms())
+        .release_lease(&uid("dies"), "turn-2", now_ms())
         .await
         .expect("release");
     // The emulator finishes the delayed call; wait for it, then the next

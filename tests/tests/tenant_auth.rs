@@ -14,6 +14,7 @@ use agenthome::store::UserStore;
 use agenthome_tests::events::{http, Auth};
 use agenthome_tests::idp::{now_s, Idp, SigningKey, AUDIENCE};
 use agenthome_tests::stack::{Stack, StackOptions, ADMIN_CLIENT, ADMIN_SCOPE};
+use agenthome_tests::uid;
 use serde_json::{json, Value};
 
 async fn bearer_stack(idp: &Idp) -> Stack {
@@ -72,7 +73,7 @@ async fn a_verified_token_drives_only_its_own_users_machine() {
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["code"], "forbidden");
     assert!(
-        s.store.get("bob").await.unwrap().is_none(),
+        s.store.get(&uid("bob")).await.unwrap().is_none(),
         "no item, no machine"
     );
     // AND forged authorizer data (a JWT claim set, an IAM identity) is not
@@ -97,7 +98,7 @@ async fn a_verified_token_drives_only_its_own_users_machine() {
     )
     .await;
     assert_refused(&s, "bob", Auth::None, 401, "no token").await;
-    assert!(s.store.get("bob").await.unwrap().is_none());
+    assert!(s.store.get(&uid("bob")).await.unwrap().is_none());
     // The keys were fetched once for all of it (cached per instance).
     assert_eq!(idp.jwks_fetches(), 1);
 }
@@ -163,8 +164,8 @@ async fn tokens_that_fail_any_check_are_401() {
     ] {
         assert_refused(&s, "carol", Auth::Bearer(token), 401, why).await;
     }
-    assert!(s.store.get("carol").await.unwrap().is_none());
-    assert!(s.store.get("dave").await.unwrap().is_none());
+    assert!(s.store.get(&uid("carol")).await.unwrap().is_none());
+    assert!(s.store.get(&uid("dave")).await.unwrap().is_none());
     // The same checks pass for the untouched token.
     let (status, body) = send(&s, "carol", "echo ok", Auth::Bearer(&valid)).await;
     assert_eq!(status, 202, "{body}");
@@ -179,7 +180,7 @@ async fn admin_needs_the_scope_and_the_admin_client() {
     // The admin scope in a token of another client: not admin
     let other_client = idp.key.sign(&claims);
     assert_refused(&s, "erin", Auth::Bearer(&other_client), 403, "other client").await;
-    assert!(s.store.get("erin").await.unwrap().is_none());
+    assert!(s.store.get(&uid("erin")).await.unwrap().is_none());
     // The admin client without the scope: not admin
     let mut unscoped = idp.claims("chat-backend");
     unscoped["azp"] = json!(ADMIN_CLIENT);
@@ -214,7 +215,7 @@ async fn identity_provider_subjects_are_user_ids() {
     )
     .await;
     assert_eq!(status, 202, "{body}");
-    assert!(s.store.get(sub).await.unwrap().is_some());
+    assert!(s.store.get(&uid(sub)).await.unwrap().is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,5 +242,5 @@ async fn unreachable_keys_are_503_not_a_pass() {
     let (status, body) = send(&s, "frank", "echo hi", Auth::Bearer(&token)).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["code"], "auth_unavailable");
-    assert!(s.store.get("frank").await.unwrap().is_none());
+    assert!(s.store.get(&uid("frank")).await.unwrap().is_none());
 }

@@ -18,6 +18,7 @@ use agenthome_tests::fixtures::{
 };
 use agenthome_tests::llm::{answer, scripted_llm, tool_call};
 use agenthome_tests::stack::{admin, jwt, Reply, Stack, StackOptions};
+use agenthome_tests::uid;
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -663,7 +664,7 @@ async fn bad_input_is_a_4xx_problem_and_never_provisions() {
         .await
         .unwrap()
         .is_empty());
-    assert!(agenthome::store::UserStore::get(&s.store, "alice")
+    assert!(agenthome::store::UserStore::get(&s.store, &uid("alice"))
         .await
         .unwrap()
         .is_none());
@@ -790,7 +791,7 @@ async fn a_turn_waits_briefly_for_the_sweeps_lease_then_runs() {
     let now = now_ms();
     let taken = agenthome::store::UserStore::acquire_lease(
         &s.store,
-        "alice",
+        &uid("alice"),
         "sweep-test",
         agenthome::store::LeasePurpose::Sweep {
             expected_last_active_at: item.last_active_at,
@@ -806,7 +807,7 @@ async fn a_turn_waits_briefly_for_the_sweeps_lease_then_runs() {
     );
     let release = async {
         tokio::time::sleep(Duration::from_millis(800)).await;
-        agenthome::store::UserStore::release_lease(&s.store, "alice", "sweep-test", now_ms())
+        agenthome::store::UserStore::release_lease(&s.store, &uid("alice"), "sweep-test", now_ms())
             .await
             .unwrap();
     };

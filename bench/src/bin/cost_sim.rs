@@ -25,6 +25,7 @@
 //! `cold_wakes_per_conversation`, and the context); otherwise a Markdown
 //! section for `bench/RESULTS.md`.
 
+use agenthome::api::UserId;
 use agenthome::store::{
     AcquireOutcome, LeasePurpose, MachineState, MemoryStore, Power, UserRecord, UserStore,
 };
@@ -117,7 +118,7 @@ impl Rng {
 type Conversation = Vec<u64>;
 
 struct User {
-    id: String,
+    id: UserId,
     machine: String,
     profile: usize,
     /// Conversations of the measured days.
@@ -190,7 +191,7 @@ fn population(n: usize, days: u64) -> Vec<User> {
                 .flat_map(|d| day_of(p, &mut rng, T0 + d * DAY))
                 .collect();
             User {
-                id: format!("sim-{i:05}"),
+                id: UserId::parse(&format!("sim-{i:05}")).expect("a valid generated user id"),
                 machine: format!("dm-sim-{i:05}"),
                 profile,
                 conversations,
@@ -225,7 +226,7 @@ fn item(u: &User, policy: IdlePolicy) -> UserRecord {
         state: MachineState::Ready,
         power: Power::Asleep,
         generation: 1,
-        create_key: format!("{:032x}", u.id.len()),
+        create_key: format!("{:032x}", u.id.as_str().len()),
         bootstrap_version: Some("v1".into()),
         last_active_at: T0 - DAY,
         lease: None,

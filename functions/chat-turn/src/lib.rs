@@ -4,7 +4,7 @@
 //! in-process against real adapters.
 
 use agenthome::agent::{AgentError, AgentStatus};
-use agenthome::api::{Problem, ProblemCode, TurnRequest};
+use agenthome::api::{Problem, ProblemCode, TurnRequest, UserId};
 use agenthome::clock::now_ms;
 use agenthome::entry::first_turn::{idempotency_key, request_hash};
 use agenthome::entry::{self, Authorizer, AwakeBudget, FairUse, FirstTurn, Route, Waited};
@@ -56,7 +56,7 @@ pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// A validated turn request.
 struct Prepared {
-    user: String,
+    user: UserId,
     request: TurnRequest,
     deadline: Instant,
     /// When the request arrived.
@@ -134,7 +134,7 @@ where
     /// the product sends back as `Idempotency-Key`.
     async fn end_key(
         &self,
-        user: &str,
+        user: &UserId,
         hash: &str,
         keyed: Option<Keyed>,
         result: &Result<TurnOutcome, TurnError>,
@@ -158,9 +158,12 @@ where
         };
         match settled {
             Ok(true) => {}
-            Ok(false) => tracing::warn!(user_id = user, "the turn key was taken over meanwhile"),
+            Ok(false) => tracing::warn!(
+                user_id = user.as_str(),
+                "the turn key was taken over meanwhile"
+            ),
             Err(e) => {
-                tracing::warn!(user_id = user, error = %e, "could not settle the turn key; it frees itself")
+                tracing::warn!(user_id = user.as_str(), error = %e, "could not settle the turn key; it frees itself")
             }
         }
         provisioning.then_some(key)
@@ -168,7 +171,7 @@ where
 
     /// A new `pending` key for a message that got `202` without one (None
     /// if it could not be stored: the `202` then names no key).
-    async fn fresh_key(&self, user: &str, hash: &str) -> Option<String> {
+    async fn fresh_key(&self, user: &UserId, hash: &str) -> Option<String> {
         let store = self.turns.provisioner().store();
         let now = now_ms();
         let key = agenthome::store::turn_keys::new_turn_key();
@@ -177,7 +180,11 @@ where
                 store.release_turn_key(user, &key, &runner, now).await
             }
             Ok(other) => {
-                tracing::warn!(user_id = user, ?other, "a fresh turn key was not new");
+                tracing::warn!(
+                    user_id = user.as_str(),
+                    ?other,
+                    "a fresh turn key was not new"
+                );
                 Ok(false)
             }
             Err(e) => Err(e),
@@ -186,7 +193,7 @@ where
             Ok(true) => Some(key),
             Ok(false) => None,
             Err(e) => {
-                tracing::warn!(user_id = user, error = %e, "could not register a turn key");
+                tracing::warn!(user_id = user.as_str(), error = %e, "could not register a turn key");
                 None
             }
         }
@@ -221,10 +228,10 @@ where
             else {
                 return result;
             };
-            let store = self.turns.provisioner().store();
             let until = match self.first_turn.wait_until(p.started, deadline, streaming) {
                 Some(until) if !waited => until,
                 _ => {
+                    let store = self.turns.provisioner().store();
                     let retry_after = self
                         .first_turn
                         .retry_after_now(store, &p.user, retry_after)
@@ -236,33 +243,45 @@ where
                 }
             };
             waited = true;
-            match self
-                .first_turn
-                .wait(store, &p.user, until, p.started, sink)
-                .await?
-            {
-                Waited::Ready => {}
-                Waited::Failed(rec) => {
-                    return Err(TurnError::Provision(ProvisionError::Failed {
-                        message: rec
-                            .last_error
-                            .unwrap_or_else(|| "provisioning failed".to_string()),
-                    }))
-                }
-                Waited::Destroying => return Ok(TurnOutcome::Destroying),
-                Waited::Pending(view) => {
-                    let retry_after = self.first_turn.retry_after(&view, now_ms());
-                    return Ok(TurnOutcome::Provisioning {
-                        record: Box::new(view.record),
-                        retry_after,
-                    });
-                }
+            if let Some(outcome) = self.wait_for_machine(p, until, sink).await? {
+                return Ok(outcome);
             }
             if streaming {
                 // The turn gets its own time after the wait, within the
                 // invocation.
                 let fresh = Instant::now() + self.turn_deadline;
                 deadline = p.invocation_end.map_or(fresh, |end| end.min(fresh));
+            }
+        }
+    }
+
+    /// Wait until `until` for the provisioning the turn started: `None`
+    /// once the machine is ready (the turn runs again), else the answer.
+    async fn wait_for_machine(
+        &self,
+        p: &Prepared,
+        until: Instant,
+        sink: &dyn TurnEvents,
+    ) -> Result<Option<TurnOutcome>, TurnError> {
+        let store = self.turns.provisioner().store();
+        match self
+            .first_turn
+            .wait(store, &p.user, until, p.started, sink)
+            .await?
+        {
+            Waited::Ready => Ok(None),
+            Waited::Failed(rec) => Err(TurnError::Provision(ProvisionError::Failed {
+                message: rec
+                    .last_error
+                    .unwrap_or_else(|| "provisioning failed".to_string()),
+            })),
+            Waited::Destroying => Ok(Some(TurnOutcome::Destroying)),
+            Waited::Pending(view) => {
+                let retry_after = self.first_turn.retry_after(&view, now_ms());
+                Ok(Some(TurnOutcome::Provisioning {
+                    record: Box::new(view.record),
+                    retry_after,
+                }))
             }
         }
     }
@@ -289,7 +308,7 @@ where
 
     /// Bookkeeping after any turn: a machine whose awake budget ran out
     /// goes to sleep now.
-    async fn after_turn(&self, user: &str) {
+    async fn after_turn(&self, user: &UserId) {
         if let Some(budget) = &self.awake_budget {
             budget.enforce(self.turns.provisioner().store(), user).await;
         }
@@ -319,7 +338,7 @@ where
         tracing::debug!(user_id = %user, budget_ms = budget.as_millis() as u64, "turn budget");
         let started = Instant::now();
         Ok(Prepared {
-            user: user.as_str().to_string(),
+            user,
             request,
             deadline: started + budget,
             started,
@@ -360,40 +379,18 @@ where
             Ok(keyed) => keyed,
             Err(resp) => return full(resp),
         };
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let service = Arc::clone(&self);
         let user = p.user.clone();
-        let task_user = p.user.clone();
-        let hash = request_hash(&p.request);
-        let mut task = tokio::spawn(async move {
-            let result = service.run_measured(p, &tx, "stream", true).await;
-            drop(tx);
-            service.after_turn(&task_user).await;
-            let turn_key = service.end_key(&task_user, &hash, keyed, &result).await;
-            (result, turn_key)
-        });
-        let mut first = VecDeque::new();
-        loop {
-            match rx.recv().await {
-                Some(
-                    ev @ TurnEvent::Machine {
-                        stage: MachineStage::Provisioning,
-                        ..
-                    },
-                ) => first.push_back(sse_event(&ev)),
-                Some(ev) => {
-                    first.push_back(sse_event(&ev));
-                    break;
-                }
-                None => {
-                    // Ended before streaming began: the plain response.
-                    return full(match (&mut task).await {
-                        Ok((result, turn_key)) => respond(&user, result, turn_key.as_deref()),
-                        Err(e) => entry::problem(&task_failed(&e)),
-                    });
-                }
+        let (mut rx, mut task) = self.spawn_turn(p, keyed);
+        let first = match first_events(&mut rx).await {
+            Some(first) => first,
+            // Ended before streaming began: the plain response.
+            None => {
+                return full(match (&mut task).await {
+                    Ok((result, turn_key)) => respond(&user, result, turn_key.as_deref()),
+                    Err(e) => entry::problem(&task_failed(&e)),
+                })
             }
-        }
+        };
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + self.heartbeat, self.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -405,39 +402,7 @@ where
             heartbeat,
             user,
         };
-        let stream = futures_util::stream::unfold(state, |mut st| async move {
-            loop {
-                if let Some(chunk) = st.pending.pop_front() {
-                    return Some((chunk, st));
-                }
-                if st.rx_open {
-                    tokio::select! {
-                        ev = st.rx.recv() => match ev {
-                            Some(ev) => {
-                                st.heartbeat.reset();
-                                return Some((sse_event(&ev), st));
-                            }
-                            None => st.rx_open = false,
-                        },
-                        _ = st.heartbeat.tick() => {
-                            return Some((Bytes::from_static(b": keep-alive\n\n"), st));
-                        }
-                    }
-                    continue;
-                }
-                // All events are out: the turn's task has returned (or is
-                // returning); its failure, if any, is the last event.
-                let task = st.task.take()?;
-                let problem = match task.await {
-                    Ok((result, turn_key)) => stream_problem(&st.user, result, turn_key.as_deref()),
-                    Err(e) => Some(task_failed(&e)),
-                };
-                if let Some(problem) = problem {
-                    return Some((sse_event(&TurnEvent::Error(problem)), st));
-                }
-                return None;
-            }
-        });
+        let stream = futures_util::stream::unfold(state, StreamState::next_chunk);
         let resp = Response::builder()
             .status(200)
             .header("content-type", "text/event-stream")
@@ -445,6 +410,88 @@ where
             .header("x-accel-buffering", "no")
             .body(StreamBody::stream(stream));
         resp.unwrap_or_else(|_| full(entry::problem(&Problem::internal("no response"))))
+    }
+
+    /// Run the turn in its own task (a client that disconnects stops the
+    /// events, not the turn): its events arrive on the returned receiver;
+    /// the task ends with the outcome once the key is settled.
+    fn spawn_turn(
+        self: &Arc<Self>,
+        p: Prepared,
+        keyed: Option<Keyed>,
+    ) -> (
+        tokio::sync::mpsc::UnboundedReceiver<TurnEvent>,
+        JoinHandle<Finished>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let service = Arc::clone(self);
+        let task_user = p.user.clone();
+        let hash = request_hash(&p.request);
+        let task = tokio::spawn(async move {
+            let result = service.run_measured(p, &tx, "stream", true).await;
+            drop(tx);
+            service.after_turn(&task_user).await;
+            let turn_key = service.end_key(&task_user, &hash, keyed, &result).await;
+            (result, turn_key)
+        });
+        (rx, task)
+    }
+}
+
+/// The events up to the first that is not about provisioning (that one
+/// included): the stream's first chunks, once the status is settled. `None`
+/// when the turn's events ended before (its plain response is the answer).
+async fn first_events(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<TurnEvent>,
+) -> Option<VecDeque<Bytes>> {
+    let mut first = VecDeque::new();
+    loop {
+        match rx.recv().await? {
+            ev @ TurnEvent::Machine {
+                stage: MachineStage::Provisioning,
+                ..
+            } => first.push_back(sse_event(&ev)),
+            ev => {
+                first.push_back(sse_event(&ev));
+                return Some(first);
+            }
+        }
+    }
+}
+
+impl StreamState {
+    /// The next chunk of the event stream: a pending event, a new one, a
+    /// keep-alive comment when the heartbeat ticks first, and once every
+    /// event is out the turn's failure, if any, as the last event.
+    async fn next_chunk(mut self) -> Option<(Bytes, Self)> {
+        loop {
+            if let Some(chunk) = self.pending.pop_front() {
+                return Some((chunk, self));
+            }
+            if self.rx_open {
+                tokio::select! {
+                    ev = self.rx.recv() => match ev {
+                        Some(ev) => {
+                            self.heartbeat.reset();
+                            return Some((sse_event(&ev), self));
+                        }
+                        None => self.rx_open = false,
+                    },
+                    _ = self.heartbeat.tick() => {
+                        return Some((Bytes::from_static(b": keep-alive\n\n"), self));
+                    }
+                }
+                continue;
+            }
+            // All events are out: the turn's task has returned (or is
+            // returning); its failure, if any, is the last event.
+            let task = self.task.take()?;
+            let problem = match task.await {
+                Ok((result, turn_key)) => stream_problem(&self.user, result, turn_key.as_deref()),
+                Err(e) => Some(task_failed(&e)),
+            };
+            return problem.map(|problem| (sse_event(&TurnEvent::Error(problem)), self));
+        }
     }
 }
 
@@ -458,7 +505,7 @@ struct StreamState {
     rx_open: bool,
     task: Option<JoinHandle<Finished>>,
     heartbeat: tokio::time::Interval,
-    user: String,
+    user: UserId,
 }
 
 /// Watches a turn's events on their way to the caller's sink, for the
@@ -545,6 +592,13 @@ fn turn_line(
     if let Some(n) = seen.requests_before_first_command.get() {
         doc.metric("dedalus_requests_before_first_command", *n);
     }
+    outcome_metrics(&mut doc, result);
+    doc
+}
+
+/// The outcome's part of the turn's metric line: its dimension, its HTTP
+/// status and, for a finished turn, what it used; for a failure, its code.
+fn outcome_metrics(doc: &mut agenthome::metrics::EmfDoc, result: &Result<TurnOutcome, TurnError>) {
     match result {
         Ok(TurnOutcome::Done(r)) => {
             let output: u64 = r.steps.iter().map(|s| s.output_bytes).sum();
@@ -584,7 +638,6 @@ fn turn_line(
                 .property("error", e.to_string());
         }
     }
-    doc
 }
 
 fn status_name(s: AgentStatus) -> &'static str {
@@ -641,7 +694,7 @@ enum Answer {
 }
 
 impl Answer {
-    fn of(user: &str, result: Result<TurnOutcome, TurnError>) -> Self {
+    fn of(user: &UserId, result: Result<TurnOutcome, TurnError>) -> Self {
         match result {
             Ok(TurnOutcome::Done(r)) => Answer::Done(r),
             Ok(TurnOutcome::Provisioning {
@@ -666,7 +719,7 @@ impl Answer {
 /// The response of a turn (the plain JSON path); `turn_key` is the
 /// idempotency key a `202` asks the product to send the message again with.
 fn respond(
-    user: &str,
+    user: &UserId,
     result: Result<TurnOutcome, TurnError>,
     turn_key: Option<&str>,
 ) -> Response<Body> {
@@ -733,8 +786,8 @@ fn stored_result(r: &agenthome::turn::TurnResult) -> String {
 }
 
 /// A table failure while handling the idempotency key.
-fn key_store_problem(user: &str, e: &agenthome::store::StoreError) -> Problem {
-    tracing::warn!(user_id = user, error = %e, "turn key store failed");
+fn key_store_problem(user: &UserId, e: &agenthome::store::StoreError) -> Problem {
+    tracing::warn!(user_id = user.as_str(), error = %e, "turn key store failed");
     match e {
         agenthome::store::StoreError::InvalidArgument(m) => {
             Problem::of(ProblemCode::InvalidIdempotencyKey, m.clone())
@@ -753,7 +806,7 @@ fn millis(d: Duration) -> u64 {
 
 /// The `error` event ending a stream whose turn did not produce a result.
 fn stream_problem(
-    user: &str,
+    user: &UserId,
     result: Result<TurnOutcome, TurnError>,
     turn_key: Option<&str>,
 ) -> Option<Problem> {
@@ -846,8 +899,8 @@ impl<S, T> ChatTurnService<S, T> {
 
 /// Map a failed turn to a problem a chat product can act on (no secrets:
 /// error messages of the LLM client are redacted at the source).
-pub fn turn_problem(user_id: &str, e: &TurnError) -> Problem {
-    tracing::warn!(user_id, error = %e, retryable = e.is_retryable(), "turn failed");
+pub fn turn_problem(user_id: &UserId, e: &TurnError) -> Problem {
+    tracing::warn!(user_id = user_id.as_str(), error = %e, retryable = e.is_retryable(), "turn failed");
     problem_of(e)
 }
 

@@ -5,6 +5,8 @@
 use agenthome::agent::Agent;
 use agenthome::app::App;
 use agenthome::metrics::Metrics;
+use agenthome::provision::LambdaTrigger;
+use agenthome::store::DynamoStore;
 use agenthome::turn::{TurnService, TurnSettings};
 use chat_turn_fn::{ChatTurnService, HEARTBEAT};
 use std::sync::Arc;
@@ -35,53 +37,16 @@ fn response_mode() -> Result<ResponseMode, String> {
     }
 }
 
+/// The service as deployed: DynamoDB store, provisioning by Lambda invoke.
+type Service = ChatTurnService<DynamoStore, LambdaTrigger>;
+
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     lambda_http::tracing::init_default_subscriber();
     let mode = response_mode()?;
     let app = App::from_env().await?;
-    if app.config.auth_mode == agenthome::api::AuthMode::None {
-        tracing::warn!(
-            "AUTH_MODE=none: every caller may act for every user; use only for local runs"
-        );
-    }
-    let provisioner = app.provisioner().ok_or(
-        "PROVISION_FUNCTION is required but not set (the provision function's name or ARN)",
-    )?;
-    let agent = Agent::from_config(&app.config)?;
-    let c = &app.config;
-    let auth = agenthome::entry::Authorizer::from_config(c)?;
-    let settings = TurnSettings {
-        transport: c.agent_transport,
-        max_steps: c.max_steps,
-        command_timeout: c.command_timeout,
-        max_hold: c.max_hold,
-        sleep: agenthome::sweep::SweepSettings::from_env()?,
-        hook_timeout: c.hook_timeout,
-        ..TurnSettings::default()
-    };
-    let service = ChatTurnService {
-        turns: TurnService::new(provisioner, agent, settings),
-        auth,
-        fair_use: agenthome::entry::FairUse::from_config(c),
-        awake_budget: match c.max_awake_per_day {
-            Some(per_day) => Some(agenthome::entry::AwakeBudget {
-                per_day,
-                sweeper: agenthome::sweep::Sweeper::new(
-                    Arc::new(app.store.clone()),
-                    &app.dedalus,
-                    agenthome::sweep::SweepSettings::from_env()?,
-                )
-                .with_journal(app.journal.clone(), c.hook_timeout),
-            }),
-            None => None,
-        },
-        turn_deadline: c.turn_deadline,
-        margin: Duration::from_secs(2),
-        heartbeat: HEARTBEAT,
-        metrics: Metrics::from_env()?,
-        first_turn: agenthome::entry::FirstTurn::from_env()?,
-    };
+    app.warn_if_open();
+    let service = service(&app)?;
     match mode {
         ResponseMode::Buffered => {
             let service = &service;
@@ -106,4 +71,47 @@ async fn main() -> Result<(), lambda_http::Error> {
             .await
         }
     }
+}
+
+/// Build the handler's service once, from the clients and configuration
+/// of `app`.
+fn service(app: &App) -> Result<Service, lambda_http::Error> {
+    let provisioner = app.provisioner().ok_or(
+        "PROVISION_FUNCTION is required but not set (the provision function's name or ARN)",
+    )?;
+    let agent = Agent::from_config(&app.config)?;
+    let c = &app.config;
+    let auth = agenthome::entry::Authorizer::from_config(c)?;
+    let settings = TurnSettings {
+        transport: c.agent_transport,
+        max_steps: c.max_steps,
+        command_timeout: c.command_timeout,
+        max_hold: c.max_hold,
+        sleep: agenthome::sweep::SweepSettings::from_env()?,
+        hook_timeout: c.hook_timeout,
+        ..TurnSettings::default()
+    };
+    Ok(ChatTurnService {
+        turns: TurnService::new(provisioner, agent, settings),
+        auth,
+        fair_use: agenthome::entry::FairUse::from_config(c),
+        awake_budget: awake_budget(app)?,
+        turn_deadline: c.turn_deadline,
+        margin: Duration::from_secs(2),
+        heartbeat: HEARTBEAT,
+        metrics: Metrics::from_env()?,
+        first_turn: agenthome::entry::FirstTurn::from_env()?,
+    })
+}
+
+/// The awake budget (`MAX_AWAKE_PER_DAY`), if set: it puts machines to
+/// sleep through the sweep's sleep-now path.
+fn awake_budget(
+    app: &App,
+) -> Result<Option<agenthome::entry::AwakeBudget<DynamoStore>>, lambda_http::Error> {
+    let Some(per_day) = app.config.max_awake_per_day else {
+        return Ok(None);
+    };
+    let sweeper = app.sweeper(agenthome::sweep::SweepSettings::from_env()?);
+    Ok(Some(agenthome::entry::AwakeBudget { per_day, sweeper }))
 }

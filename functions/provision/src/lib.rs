@@ -82,7 +82,8 @@ impl<S: UserStore + 'static, T: WorkerTrigger> ProvisionService<S, T> {
                 }
             }
             Ok(Incoming::Http(req)) => {
-                let resp = self.handle_http(&req).await;
+                // Boxed: the routes' futures are deep; the handler's stays small.
+                let resp = Box::pin(self.handle_http(&req)).await;
                 Ok(serde_json::to_value(to_apigw_v2(resp))?)
             }
             Err(detail) => {
@@ -128,10 +129,10 @@ impl<S: UserStore + 'static, T: WorkerTrigger> ProvisionService<S, T> {
         self.auth.authorize(req, route.user()).await?;
         match route {
             Route::GetMachine(ref user) => self.get_machine(user).await,
-            Route::PutMachine(ref user) => self.put_machine(user.as_str()).await,
-            Route::DeleteMachine(ref user) => self.delete_machine(user.as_str()).await,
-            Route::SleepMachine(ref user) => Ok(self.sleep_machine(user.as_str()).await),
-            Route::MachineEvents(ref user) => self.machine_events(req, user.as_str()).await,
+            Route::PutMachine(ref user) => self.put_machine(user).await,
+            Route::DeleteMachine(ref user) => self.delete_machine(user).await,
+            Route::SleepMachine(ref user) => Ok(self.sleep_machine(user).await),
+            Route::MachineEvents(ref user) => self.machine_events(req, user).await,
             Route::Turn(_) => Err(Problem::of(
                 ProblemCode::NoSuchRoute,
                 "turns are served by the chat-turn function",
@@ -162,16 +163,16 @@ impl<S: UserStore + 'static, T: WorkerTrigger> ProvisionService<S, T> {
     async fn status(&self, user: &UserId) -> Result<Option<MachineStatus>, StoreError> {
         let store = self.provisioner.store();
         if self.fair_use.live_status_allowed(store, user).await {
-            user_machine::status(store, self.provisioner.dedalus(), user.as_str()).await
+            user_machine::status(store, self.provisioner.dedalus(), user).await
         } else {
-            user_machine::table_status(store, user.as_str()).await
+            user_machine::table_status(store, user).await
         }
     }
 
     /// `PUT …/machine`: provision (or resume) the user's machine.
-    async fn put_machine(&self, user: &str) -> Result<Response<Body>, Problem> {
+    async fn put_machine(&self, user: &UserId) -> Result<Response<Body>, Problem> {
         let outcome = self.provisioner.ensure(user).await.map_err(|e| {
-            tracing::error!(user, error = %e, "provisioning could not start");
+            tracing::error!(user = user.as_str(), error = %e, "provisioning could not start");
             if e.is_retryable() {
                 Problem::of(
                     ProblemCode::ProvisioningUnavailable,
@@ -192,14 +193,14 @@ impl<S: UserStore + 'static, T: WorkerTrigger> ProvisionService<S, T> {
     }
 
     /// `DELETE …/machine`: destroy the machine and the item (resumable).
-    async fn delete_machine(&self, user: &str) -> Result<Response<Body>, Problem> {
+    async fn delete_machine(&self, user: &UserId) -> Result<Response<Body>, Problem> {
         let store = self.provisioner.store();
         let dedalus = self.provisioner.dedalus();
         let journal = self.provisioner.journal();
         match user_machine::destroy_recorded(store, dedalus, user, DESTROY_WAIT, journal).await {
             Ok(Destroyed::Done) | Ok(Destroyed::AlreadyGone) => Ok(entry::empty(204)),
             Err(e) => {
-                tracing::warn!(user, error = %e, "destroy incomplete; a retry resumes it");
+                tracing::warn!(user = user.as_str(), error = %e, "destroy incomplete; a retry resumes it");
                 Err(Problem::of(
                     ProblemCode::DestroyIncomplete,
                     "the machine could not be destroyed yet; repeat the DELETE to resume",
@@ -209,7 +210,11 @@ impl<S: UserStore + 'static, T: WorkerTrigger> ProvisionService<S, T> {
     }
 
     /// `GET …/machine/events`: a page of the user's lifecycle journal.
-    async fn machine_events(&self, req: &Request, user: &str) -> Result<Response<Body>, Problem> {
+    async fn machine_events(
+        &self,
+        req: &Request,
+        user: &UserId,
+    ) -> Result<Response<Body>, Problem> {
         let query = entry::events::page_query(req)?;
         match self.provisioner.journal().page(user, &query).await {
             Ok(page) => Ok(entry::json(200, &page, None)),
@@ -222,7 +227,7 @@ impl<S: UserStore + 'static, T: WorkerTrigger> ProvisionService<S, T> {
     }
 
     /// `POST …/machine/sleep`: put the machine to sleep now, or say when.
-    async fn sleep_machine(&self, user: &str) -> Response<Body> {
+    async fn sleep_machine(&self, user: &UserId) -> Response<Body> {
         let now = agenthome::clock::now_ms();
         let deadline = tokio::time::Instant::now() + SLEEP_WAIT;
         let outcome = self.sweeper.sleep_now(user, now, deadline).await;
@@ -231,7 +236,7 @@ impl<S: UserStore + 'static, T: WorkerTrigger> ProvisionService<S, T> {
 }
 
 /// The answer of `POST …/machine/sleep` for what the sleep path did.
-fn sleep_response(user: &str, outcome: SleepNow, now_ms: u64) -> Response<Body> {
+fn sleep_response(user: &UserId, outcome: SleepNow, now_ms: u64) -> Response<Body> {
     let answer =
         |status: &str, detail: &str| json!({"user_id": user, "status": status, "detail": detail});
     match outcome {

@@ -2,7 +2,7 @@
 
 use agenthome::app::App;
 use agenthome::metrics::Metrics;
-use agenthome::sweep::{SweepSettings, Sweeper};
+use agenthome::sweep::SweepSettings;
 use lambda_runtime::{service_fn, LambdaEvent};
 use provision_fn::ProvisionService;
 
@@ -10,20 +10,11 @@ use provision_fn::ProvisionService;
 async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::tracing::init_default_subscriber();
     let app = App::from_env().await?;
-    if app.config.auth_mode == agenthome::api::AuthMode::None {
-        tracing::warn!(
-            "AUTH_MODE=none: every caller may act for every user; use only for local runs"
-        );
-    }
+    app.warn_if_open();
     let provisioner = app.provisioner().ok_or(
         "PROVISION_FUNCTION is required but not set (the function name or ARN of this function)",
     )?;
-    let sweeper = Sweeper::new(
-        std::sync::Arc::new(app.store.clone()),
-        &app.dedalus,
-        SweepSettings::from_env()?,
-    )
-    .with_journal(app.journal.clone(), app.config.hook_timeout);
+    let sweeper = app.sweeper(SweepSettings::from_env()?);
     let service = ProvisionService {
         provisioner,
         sweeper,

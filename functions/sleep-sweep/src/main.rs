@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use agenthome::app::App;
 use agenthome::metrics::Metrics;
-use agenthome::sweep::{LambdaWorkers, SweepSettings, Sweeper};
+use agenthome::sweep::{LambdaWorkers, SweepSettings};
 use lambda_runtime::{service_fn, LambdaEvent};
 use sleep_sweep_fn::SleepSweepService;
 
@@ -59,8 +59,7 @@ async fn start() -> Result<SleepSweepService<agenthome::store::DynamoStore>, lam
         fan_out = workers.is_some(),
         "sleep-sweep started"
     );
-    let mut sweeper = Sweeper::new(Arc::new(app.store.clone()), &app.dedalus, settings)
-        .with_journal(app.journal.clone(), app.config.hook_timeout);
+    let mut sweeper = app.sweeper(settings);
     if let Some(function) = workers {
         let client = aws_sdk_lambda::Client::new(&app.aws);
         sweeper = sweeper.with_workers(Arc::new(LambdaWorkers::new(client, function)));

@@ -721,11 +721,7 @@ impl LlmClient {
             None => text,
         };
         if text.len() > MAX_ERROR_EXCERPT {
-            let mut end = MAX_ERROR_EXCERPT;
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            text.truncate(end);
+            text.truncate(crate::text::floor_boundary(&text, MAX_ERROR_EXCERPT));
             text.push('…');
         }
         text

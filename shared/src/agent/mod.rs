@@ -384,7 +384,7 @@ impl Agent {
             .iter()
             .map(|l| l.trim())
             .filter(|l| !l.is_empty())
-            .map(|l| truncate_str(l, self.options.max_memory_line))
+            .map(|l| crate::text::cut(l, self.options.max_memory_line))
             .collect();
         if !lines.is_empty() {
             prompt.push_str("\n\nRecent turns (oldest first, from ~/.agenthome/turns.jsonl):\n");
@@ -486,12 +486,12 @@ fn still_running_note(o: &CommandOutcome) -> String {
         Some(marker) => format!(
             "The command `{}` is still running on the machine. When it finishes, its exit code \
              will be in ~/{marker} and its output in ~/{}.",
-            truncate_str(&o.command, 200),
+            crate::text::cut(&o.command, 200),
             marker.trim_end_matches(".done").to_owned() + ".log"
         ),
         None => format!(
             "The command `{}` is still running on the machine.",
-            truncate_str(&o.command, 200)
+            crate::text::cut(&o.command, 200)
         ),
     }
 }
@@ -501,17 +501,6 @@ impl AgentOutcome {
     pub fn lease_lost() -> Self {
         Ending::LeaseLost.outcome(None, Vec::new(), Usage::default())
     }
-}
-
-fn truncate_str(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 #[cfg(test)]

@@ -8,7 +8,16 @@
 use std::fmt;
 
 /// A validated user id: `^[A-Za-z0-9][A-Za-z0-9._@|:-]{0,127}$`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Parsed once where it enters (the route's path parameter, the provision
+/// event, an item decoded from the table) and carried as this type through
+/// the domain; it becomes a plain string again only on the wire (a DynamoDB
+/// attribute value, a JSON field, a log field). In JSON it is a string, and
+/// deserializing validates it.
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
 pub struct UserId(String);
 
 /// Why a string is not a [`UserId`].
@@ -53,11 +62,63 @@ impl UserId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The id as an owned string (for a wire value).
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl TryFrom<String> for UserId {
+    type Error = UserIdError;
+
+    fn try_from(raw: String) -> Result<Self, UserIdError> {
+        Self::parse(&raw)
+    }
+}
+
+impl From<UserId> for String {
+    fn from(user: UserId) -> Self {
+        user.0
+    }
+}
+
+/// A user id for a unit test: an invalid one fails the test at once.
+#[cfg(test)]
+pub(crate) fn uid(raw: &str) -> UserId {
+    UserId::parse(raw).expect("a valid test user id")
+}
+
+/// Unit tests name users by literal (`store.get(&"u1".into())`); a literal
+/// that is not a valid id fails the test at once.
+#[cfg(test)]
+impl From<&'static str> for UserId {
+    fn from(raw: &'static str) -> Self {
+        Self::parse(raw).expect("a valid test user id")
+    }
 }
 
 impl fmt::Display for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for UserId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<String> for UserId {
+    fn eq(&self, other: &String) -> bool {
+        &self.0 == other
+    }
+}
+
+impl PartialEq<&str> for UserId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
     }
 }
 
@@ -86,6 +147,15 @@ mod tests {
         ] {
             assert_eq!(UserId::parse(ok).map(|u| u.0), Ok(ok.to_string()));
         }
+    }
+
+    #[test]
+    fn given_json_when_deserialized_then_the_id_is_validated_and_written_back_as_a_string() {
+        let user: UserId = serde_json::from_str(r#""auth0|42""#).expect("valid");
+        assert_eq!(user, "auth0|42");
+        assert_eq!(serde_json::to_string(&user).expect("json"), r#""auth0|42""#);
+        let bad = serde_json::from_str::<UserId>(r#""a/b""#).expect_err("invalid");
+        assert!(bad.to_string().contains("'/'"), "{bad}");
     }
 
     #[test]

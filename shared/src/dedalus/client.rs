@@ -178,7 +178,7 @@ impl Client {
         })
     }
 
-    async fn call_raw(&self, req: Call<'_>) -> Result<RawResponse> {
+    async fn call_raw(&self, mut req: Call<'_>) -> Result<RawResponse> {
         let url = self.url(&req.segments)?;
         let mutating = matches!(
             req.method,
@@ -190,7 +190,7 @@ impl Client {
             (true, None) => Some(IdempotencyKey::new()),
             (false, _) => None,
         };
-        let body = req.body.map(Bytes::from);
+        let body = req.body.take().map(Bytes::from);
         let deadline = self.call_deadline();
         let operation = req.operation;
         let span = tracing::debug_span!(
@@ -200,61 +200,82 @@ impl Client {
             path = %url.path(),
         );
         let run = retry::run(self.policy(), operation, deadline, |attempt| {
-            let mut builder = self
-                .inner
-                .http
-                .request(req.method.clone(), url.clone())
-                .headers(self.inner.auth_headers.clone())
-                .header(http::header::ACCEPT, "application/json")
-                .timeout(self.attempt_timeout(attempt.remaining));
-            if !req.query.is_empty() {
-                builder = builder.query(&req.query);
-            }
-            if let Some(k) = &key {
-                builder = builder.header(IDEMPOTENCY_KEY, k.as_str());
-            }
-            if let Some(rev) = req.if_match {
-                builder = builder.header(IF_MATCH, rev);
-            }
-            if let Some(b) = &body {
-                builder = builder
-                    .header(http::header::CONTENT_TYPE, "application/json")
-                    .body(b.clone());
-            }
-            async move {
-                let started = Instant::now();
-                crate::metrics::dedalus_request();
-                let resp = builder
-                    .send()
-                    .await
-                    .map_err(|source| Error::Transport { operation, source })?;
-                let status = resp.status();
-                let headers = resp.headers().clone();
-                let bytes = resp
-                    .bytes()
-                    .await
-                    .map_err(|source| Error::Transport { operation, source })?;
-                tracing::debug!(
-                    attempt = attempt.number,
-                    status = status.as_u16(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "dedalus response"
-                );
-                if status.is_success() {
-                    Ok(RawResponse {
-                        operation,
-                        etag: headers
-                            .get(ETAG)
-                            .and_then(|v| v.to_str().ok())
-                            .map(str::to_owned),
-                        body: bytes,
-                    })
-                } else {
-                    Err(ApiError::from_response(operation, status, &headers, &bytes).into())
-                }
-            }
+            let builder = self.attempt_request(&req, &url, key.as_ref(), body.as_ref(), attempt);
+            send_attempt(builder, operation, attempt.number)
         });
         run.instrument(span).await
+    }
+
+    /// One attempt's request: the call's method, URL, query, body, key and
+    /// precondition, with a timeout that fits the time left.
+    fn attempt_request(
+        &self,
+        req: &Call<'_>,
+        url: &Url,
+        key: Option<&IdempotencyKey>,
+        body: Option<&Bytes>,
+        attempt: retry::Attempt,
+    ) -> reqwest::RequestBuilder {
+        let mut builder = self
+            .inner
+            .http
+            .request(req.method.clone(), url.clone())
+            .headers(self.inner.auth_headers.clone())
+            .header(http::header::ACCEPT, "application/json")
+            .timeout(self.attempt_timeout(attempt.remaining));
+        if !req.query.is_empty() {
+            builder = builder.query(&req.query);
+        }
+        if let Some(k) = key {
+            builder = builder.header(IDEMPOTENCY_KEY, k.as_str());
+        }
+        if let Some(rev) = req.if_match {
+            builder = builder.header(IF_MATCH, rev);
+        }
+        if let Some(b) = body {
+            builder = builder
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(b.clone());
+        }
+        builder
+    }
+}
+
+/// Send one attempt: the body and ETag of a success, else the API's error.
+async fn send_attempt(
+    builder: reqwest::RequestBuilder,
+    operation: &'static str,
+    attempt: u32,
+) -> Result<RawResponse> {
+    let started = Instant::now();
+    crate::metrics::dedalus_request();
+    let resp = builder
+        .send()
+        .await
+        .map_err(|source| Error::Transport { operation, source })?;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|source| Error::Transport { operation, source })?;
+    tracing::debug!(
+        attempt,
+        status = status.as_u16(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "dedalus response"
+    );
+    if status.is_success() {
+        Ok(RawResponse {
+            operation,
+            etag: headers
+                .get(ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            body: bytes,
+        })
+    } else {
+        Err(ApiError::from_response(operation, status, &headers, &bytes).into())
     }
 }
 

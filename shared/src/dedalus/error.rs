@@ -108,7 +108,7 @@ impl ApiError {
             _ => {
                 let text = String::from_utf8_lossy(body);
                 let text = text.trim();
-                err.message = truncate(text, MAX_RAW_MESSAGE);
+                err.message = crate::text::cut(text, MAX_RAW_MESSAGE);
             }
         }
         if err.message.is_empty() {
@@ -158,17 +158,6 @@ impl ApiError {
     pub fn is_not_found(&self) -> bool {
         self.status == StatusCode::NOT_FOUND || self.code.as_deref() == Some("NOT_FOUND")
     }
-}
-
-fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
 }
 
 /// Every failure of the Dedalus client.

@@ -187,7 +187,6 @@ where
     Fut: Future<Output = Result<T>>,
 {
     let mut backoff = policy.backoff();
-    let max_attempts = policy.max_attempts.max(1);
     let mut number = 0u32;
     loop {
         number += 1;
@@ -208,61 +207,87 @@ where
             Ok(value) => return Ok(value),
             Err(err) => err,
         };
-        let RetryDecision::Retry { hint } = classify(&err) else {
-            tracing::debug!(operation, attempt = number, error = %err, "not retryable");
-            return Err(err);
-        };
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(Error::DeadlineExceeded {
-                operation,
-                attempts: number,
-                last_error: Some(Box::new(err)),
-            });
-        }
-        if number >= max_attempts {
-            tracing::debug!(operation, attempt = number, error = %err, "out of attempts");
-            return Err(err);
-        }
-        let delay = match hint {
-            Some(hint) if hint > policy.max_server_delay => {
-                tracing::debug!(
-                    operation,
-                    attempt = number,
-                    hint_ms = hint.as_millis() as u64,
-                    "server asks to wait longer than the policy allows"
-                );
-                return Err(err);
-            }
-            // Up to +10 % so that callers told the same wait do not return in
-            // lockstep; never less than the server asked for.
-            Some(hint) if !hint.is_zero() => {
-                if policy.jitter {
-                    hint + hint.mul_f64(rand::random::<f64>() * 0.1)
-                } else {
-                    hint
-                }
-            }
-            _ => backoff.next().unwrap_or(policy.max_backoff),
-        };
-        if now + delay >= deadline {
-            tracing::debug!(
-                operation,
-                attempt = number,
-                delay_ms = delay.as_millis() as u64,
-                "next attempt would pass the deadline"
-            );
-            return Err(err);
-        }
+        let delay = retry_after_failure(policy, &mut backoff, err, operation, number, deadline)?;
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Attempt `number` failed with `err`: the wait before the next attempt,
+/// or the error to give up with (not retryable, out of attempts, past the
+/// deadline, or a wait the policy or the deadline does not allow).
+fn retry_after_failure(
+    policy: &RetryPolicy,
+    backoff: &mut impl Iterator<Item = Duration>,
+    err: Error,
+    operation: &'static str,
+    number: u32,
+    deadline: Instant,
+) -> Result<Duration> {
+    let RetryDecision::Retry { hint } = classify(&err) else {
+        tracing::debug!(operation, attempt = number, error = %err, "not retryable");
+        return Err(err);
+    };
+    let now = Instant::now();
+    if now >= deadline {
+        return Err(Error::DeadlineExceeded {
+            operation,
+            attempts: number,
+            last_error: Some(Box::new(err)),
+        });
+    }
+    if number >= policy.max_attempts.max(1) {
+        tracing::debug!(operation, attempt = number, error = %err, "out of attempts");
+        return Err(err);
+    }
+    let Some(delay) = delay_before_retry(policy, backoff, hint, operation, number) else {
+        return Err(err);
+    };
+    if now + delay >= deadline {
         tracing::debug!(
             operation,
             attempt = number,
             delay_ms = delay.as_millis() as u64,
-            server_hint = hint.is_some(),
-            error = %err,
-            "retrying"
+            "next attempt would pass the deadline"
         );
-        tokio::time::sleep(delay).await;
+        return Err(err);
+    }
+    tracing::debug!(
+        operation,
+        attempt = number,
+        delay_ms = delay.as_millis() as u64,
+        server_hint = hint.is_some(),
+        error = %err,
+        "retrying"
+    );
+    Ok(delay)
+}
+
+/// The wait before the next attempt: the server's hint (up to +10 % so
+/// that callers told the same wait do not return in lockstep; never less
+/// than asked), else the next backoff step. `None` when the server asks for
+/// longer than the policy allows (then the call gives up).
+fn delay_before_retry(
+    policy: &RetryPolicy,
+    backoff: &mut impl Iterator<Item = Duration>,
+    hint: Option<Duration>,
+    operation: &'static str,
+    number: u32,
+) -> Option<Duration> {
+    match hint {
+        Some(hint) if hint > policy.max_server_delay => {
+            tracing::debug!(
+                operation,
+                attempt = number,
+                hint_ms = hint.as_millis() as u64,
+                "server asks to wait longer than the policy allows"
+            );
+            None
+        }
+        Some(hint) if !hint.is_zero() && policy.jitter => {
+            Some(hint + hint.mul_f64(rand::random::<f64>() * 0.1))
+        }
+        Some(hint) if !hint.is_zero() => Some(hint),
+        _ => Some(backoff.next().unwrap_or(policy.max_backoff)),
     }
 }
 

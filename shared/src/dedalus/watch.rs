@@ -42,52 +42,73 @@ impl Client {
         deadline: Instant,
     ) -> Result<Machine> {
         let client = self.with_deadline(deadline);
-        let mut last_event_id: Option<String> = None;
         let mut last_seen: Option<Machine> = None;
+        if let Some(m) = client
+            .follow_streams(machine_id, &target, deadline, &mut last_seen)
+            .await?
+        {
+            return Ok(m);
+        }
+        client
+            .poll_until(machine_id, &target, deadline, &mut last_seen)
+            .await
+    }
 
+    /// Follow the status stream, resuming it after an early close (at most
+    /// [`MAX_STREAM_ATTEMPTS`] times): the machine once in `target`, or
+    /// `None` when the stream is unavailable or used up (then poll).
+    async fn follow_streams(
+        &self,
+        machine_id: &str,
+        target: &Phase,
+        deadline: Instant,
+        last_seen: &mut Option<Machine>,
+    ) -> Result<Option<Machine>> {
+        let mut last_event_id: Option<String> = None;
         for attempt in 1..=MAX_STREAM_ATTEMPTS {
             if Instant::now() >= deadline {
                 break;
             }
-            let end = client
-                .follow_stream(
-                    machine_id,
-                    &target,
-                    &mut last_event_id,
-                    &mut last_seen,
-                    deadline,
-                )
+            let end = self
+                .follow_stream(machine_id, target, &mut last_event_id, last_seen, deadline)
                 .await;
             match end {
-                StreamEnd::Reached(m) => return Ok(m),
+                StreamEnd::Reached(m) => return Ok(Some(m)),
                 StreamEnd::Failed(err) => {
                     tracing::debug!(machine_id, error = %err, "status stream unavailable; polling");
                     break;
                 }
                 StreamEnd::Closed => {
-                    if let Some(m) = &last_seen {
-                        check_dead_end(m, &target)?;
+                    if let Some(m) = last_seen.as_ref() {
+                        check_dead_end(m, target)?;
                     }
                     tracing::debug!(machine_id, attempt, "status stream closed early");
                     // The stream closes once the desired state is reached,
                     // which may not be the target: look before resuming.
-                    match client
-                        .poll_once(machine_id, &target, &mut last_seen)
-                        .await?
-                    {
-                        Some(m) => return Ok(m),
-                        None => continue,
+                    if let Some(m) = self.poll_once(machine_id, target, last_seen).await? {
+                        return Ok(Some(m));
                     }
                 }
             }
         }
+        Ok(None)
+    }
 
+    /// Poll `GET /v1/machines/{id}` with growing intervals until the
+    /// machine is in `target` or `deadline` passes.
+    async fn poll_until(
+        &self,
+        machine_id: &str,
+        target: &Phase,
+        deadline: Instant,
+        last_seen: &mut Option<Machine>,
+    ) -> Result<Machine> {
         let mut interval = POLL_START;
         let mut polls = 0u32;
         loop {
             polls += 1;
-            if let Some(m) = client
-                .poll_once(machine_id, &target, &mut last_seen)
+            if let Some(m) = self
+                .poll_once(machine_id, target, last_seen)
                 .await
                 .map_err(|e| match e {
                     Error::DeadlineExceeded { last_error, .. } => Error::DeadlineExceeded {
@@ -141,6 +162,39 @@ impl Client {
         }
     }
 
+    /// Open one connection of the status stream (resuming after
+    /// `last_event_id`): the response once the server accepted it.
+    async fn open_stream(
+        &self,
+        machine_id: &str,
+        last_event_id: Option<&str>,
+        deadline: Instant,
+    ) -> Result<reqwest::Response> {
+        let url = self.url(&["machines", machine_id, "status", "stream"])?;
+        let mut req = self
+            .http()
+            .get(url)
+            .headers(self.auth_headers().clone())
+            .header(http::header::ACCEPT, "text/event-stream")
+            .timeout(deadline.saturating_duration_since(Instant::now()));
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        crate::metrics::dedalus_request();
+        let resp = req.send().await.map_err(|source| Error::Transport {
+            operation: OPERATION,
+            source,
+        })?;
+        let status = resp.status();
+        tracing::debug!(machine_id, status = status.as_u16(), "status stream opened");
+        if !status.is_success() {
+            let headers = resp.headers().clone();
+            let body = resp.bytes().await.unwrap_or_default();
+            return Err(ApiError::from_response(OPERATION, status, &headers, &body).into());
+        }
+        Ok(resp)
+    }
+
     /// Follows one connection of the status stream.
     async fn follow_stream(
         &self,
@@ -150,38 +204,13 @@ impl Client {
         last_seen: &mut Option<Machine>,
         deadline: Instant,
     ) -> StreamEnd {
-        let url = match self.url(&["machines", machine_id, "status", "stream"]) {
-            Ok(u) => u,
+        let resp = match self
+            .open_stream(machine_id, last_event_id.as_deref(), deadline)
+            .await
+        {
+            Ok(resp) => resp,
             Err(e) => return StreamEnd::Failed(e),
         };
-        let mut req = self
-            .http()
-            .get(url)
-            .headers(self.auth_headers().clone())
-            .header(http::header::ACCEPT, "text/event-stream")
-            .timeout(deadline.saturating_duration_since(Instant::now()));
-        if let Some(id) = last_event_id.as_deref() {
-            req = req.header("last-event-id", id);
-        }
-        crate::metrics::dedalus_request();
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(source) => {
-                return StreamEnd::Failed(Error::Transport {
-                    operation: OPERATION,
-                    source,
-                })
-            }
-        };
-        let status = resp.status();
-        tracing::debug!(machine_id, status = status.as_u16(), "status stream opened");
-        if !status.is_success() {
-            let headers = resp.headers().clone();
-            let body = resp.bytes().await.unwrap_or_default();
-            return StreamEnd::Failed(
-                ApiError::from_response(OPERATION, status, &headers, &body).into(),
-            );
-        }
         let mut events = resp.bytes_stream().eventsource();
         while let Some(item) = events.next().await {
             let event = match item {

@@ -68,7 +68,7 @@ impl<S: UserStore + 'static> AwakeBudget<S> {
     pub async fn admit(&self, store: &S, user: &UserId) -> Result<(), Problem> {
         let now = now_ms();
         let today = day_start(now);
-        let rec = match store.get(user.as_str()).await {
+        let rec = match store.get(user).await {
             Ok(Some(rec)) => rec,
             Ok(None) => return Ok(()),
             Err(e) => {
@@ -78,7 +78,7 @@ impl<S: UserStore + 'static> AwakeBudget<S> {
         };
         if rec.awake_day.as_ref().map(|d| d.day_start) != Some(today) {
             let base = baseline(&rec, today);
-            if let Err(e) = store.note_awake_day(user.as_str(), today, base).await {
+            if let Err(e) = store.note_awake_day(user, today, base).await {
                 tracing::warn!(user_id = %user, error = %e, "awake budget: baseline not recorded");
             }
         }
@@ -98,7 +98,7 @@ impl<S: UserStore + 'static> AwakeBudget<S> {
     }
 
     /// After a turn: once the budget is used up, put the machine to sleep.
-    pub async fn enforce(&self, store: &S, user: &str) {
+    pub async fn enforce(&self, store: &S, user: &UserId) {
         let now = now_ms();
         let Ok(Some(rec)) = store.get(user).await else {
             return;
@@ -116,7 +116,7 @@ impl<S: UserStore + 'static> AwakeBudget<S> {
             )
             .await;
         tracing::info!(
-            user_id = user,
+            user_id = user.as_str(),
             ?outcome,
             "awake budget used up: sleep after the turn"
         );

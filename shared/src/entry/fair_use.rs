@@ -82,7 +82,7 @@ async fn count<S: UserStore>(
     }
     let window_ms = WINDOW.as_millis() as u64;
     match store
-        .count_request(user.as_str(), counter, limit, window_ms, now_ms())
+        .count_request(user, counter, limit, window_ms, now_ms())
         .await
     {
         Ok(CountOutcome::Limited { retry_after_ms }) => {

@@ -20,6 +20,7 @@
 //! This module also holds the `Idempotency-Key` header's parsing and the
 //! request fingerprint a key is bound to.
 
+use crate::api::UserId;
 use crate::api::{Problem, ProblemCode, TurnRequest};
 use crate::clock::now_ms;
 use crate::store::turn_keys::MAX_TURN_KEY_BYTES;
@@ -142,7 +143,7 @@ impl FirstTurn {
     pub async fn wait<S: StageReader>(
         &self,
         store: &S,
-        user_id: &str,
+        user_id: &UserId,
         until: Instant,
         started: Instant,
         sink: &dyn TurnEvents,
@@ -203,14 +204,14 @@ impl FirstTurn {
     pub async fn retry_after_now<S: StageReader>(
         &self,
         store: &S,
-        user_id: &str,
+        user_id: &UserId,
         fallback: Duration,
     ) -> Duration {
         match store.get_with_stage(user_id).await {
             Ok(Some(view)) => self.retry_after(&view, now_ms()),
             Ok(None) => fallback,
             Err(e) => {
-                tracing::warn!(user_id, error = %e, "could not read the provisioning stage");
+                tracing::warn!(user_id = user_id.as_str(), error = %e, "could not read the provisioning stage");
                 fallback
             }
         }
@@ -295,6 +296,7 @@ fn hex_lower(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::user_id::uid;
     use crate::store::{Lease, LeaseKind, LeasePurpose, MemoryStore, UserStore};
 
     fn view(stage: ProvisionStage, since_ms: u64, store_rec: UserRecord) -> StageView {
@@ -309,7 +311,7 @@ mod tests {
         let store = MemoryStore::new();
         let lease = Lease::new("t", LeaseKind::Provision, 10);
         match store
-            .claim("u", &crate::store::new_create_key(), &lease, 1)
+            .claim(&uid("u"), &crate::store::new_create_key(), &lease, 1)
             .await
             .expect("claim")
         {
@@ -343,7 +345,7 @@ mod tests {
         let key = crate::store::new_create_key();
         let lease = Lease::new("trigger", LeaseKind::Provision, now_ms() + 60_000);
         store
-            .claim("u", &key, &lease, now_ms())
+            .claim(&uid("u"), &key, &lease, now_ms())
             .await
             .expect("claim");
         let worker = {
@@ -351,27 +353,27 @@ mod tests {
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 store
-                    .release_lease("u", "trigger", now_ms())
+                    .release_lease(&uid("u"), "trigger", now_ms())
                     .await
                     .expect("release");
                 let until = now_ms() + 60_000;
                 store
-                    .acquire_lease("u", "w", LeasePurpose::Provision, until, now_ms())
+                    .acquire_lease(&uid("u"), "w", LeasePurpose::Provision, until, now_ms())
                     .await
                     .expect("acquire");
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 store
-                    .record_machine_id("u", &key, "dm-1", now_ms())
+                    .record_machine_id(&uid("u"), &key, "dm-1", now_ms())
                     .await
                     .expect("record");
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 store
-                    .mark_bootstrapping("u", "w", now_ms())
+                    .mark_bootstrapping(&uid("u"), "w", now_ms())
                     .await
                     .expect("bootstrapping");
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 store
-                    .mark_ready("u", "w", "v", now_ms())
+                    .mark_ready(&uid("u"), "w", "v", now_ms())
                     .await
                     .expect("ready");
             })
@@ -383,7 +385,7 @@ mod tests {
         let started = Instant::now();
         let until = started + Duration::from_secs(10);
         let waited = ft
-            .wait(&store, "u", until, started, &tx)
+            .wait(&store, &uid("u"), until, started, &tx)
             .await
             .expect("wait");
         worker.await.expect("worker");
@@ -419,7 +421,7 @@ mod tests {
         let store = MemoryStore::new();
         let lease = Lease::new("t", LeaseKind::Provision, now_ms() + 60_000);
         store
-            .claim("u", &crate::store::new_create_key(), &lease, now_ms())
+            .claim(&uid("u"), &crate::store::new_create_key(), &lease, now_ms())
             .await
             .expect("claim");
         let ft = FirstTurn::new(Duration::from_secs(1));
@@ -427,7 +429,7 @@ mod tests {
         let waited = ft
             .wait(
                 &store,
-                "u",
+                &uid("u"),
                 started + Duration::from_millis(300),
                 started,
                 &crate::turn::NoEvents,

@@ -7,6 +7,7 @@ use futures_util::future::BoxFuture;
 
 use super::table::attr;
 use super::{is_entry_id, EventsPage, JournalBackend, JournalEntry, PageQuery};
+use crate::api::UserId;
 use crate::store::StoreError;
 
 /// The journal table in DynamoDB.
@@ -27,7 +28,7 @@ impl DynamoJournal {
 
     async fn put_entry(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         entry: &JournalEntry,
         expires_at: u64,
     ) -> Result<(), StoreError> {
@@ -36,7 +37,7 @@ impl DynamoJournal {
                 attribute: String::new(),
                 message: format!("cannot encode journal entry: {e}"),
             })?;
-        item.insert(attr::USER_ID.into(), AttributeValue::S(user_id.into()));
+        item.insert(attr::USER_ID.into(), AttributeValue::S(user_id.to_string()));
         item.insert(
             attr::EXPIRES_AT.into(),
             AttributeValue::N(expires_at.to_string()),
@@ -52,7 +53,7 @@ impl DynamoJournal {
         Ok(())
     }
 
-    async fn query_page(&self, user_id: &str, q: &PageQuery) -> Result<EventsPage, StoreError> {
+    async fn query_page(&self, user_id: &UserId, q: &PageQuery) -> Result<EventsPage, StoreError> {
         let mut req = self
             .client
             .query()
@@ -60,7 +61,7 @@ impl DynamoJournal {
             .scan_index_forward(false)
             .limit(i32::try_from(q.limit.max(1)).unwrap_or(i32::MAX))
             .expression_attribute_names("#u", attr::USER_ID)
-            .expression_attribute_values(":u", AttributeValue::S(user_id.into()));
+            .expression_attribute_values(":u", AttributeValue::S(user_id.to_string()));
         req = match q.since_ms {
             Some(since) => req
                 .key_condition_expression("#u = :u AND #i >= :since")
@@ -73,7 +74,7 @@ impl DynamoJournal {
                 return Err(StoreError::InvalidCursor);
             }
             req = req
-                .exclusive_start_key(attr::USER_ID, AttributeValue::S(user_id.into()))
+                .exclusive_start_key(attr::USER_ID, AttributeValue::S(user_id.to_string()))
                 .exclusive_start_key(attr::ID, AttributeValue::S(cursor.clone()));
         }
         crate::metrics::table_call();
@@ -106,7 +107,7 @@ impl DynamoJournal {
 impl JournalBackend for DynamoJournal {
     fn put<'a>(
         &'a self,
-        user_id: &'a str,
+        user_id: &'a UserId,
         entry: &'a JournalEntry,
         expires_at: u64,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
@@ -115,7 +116,7 @@ impl JournalBackend for DynamoJournal {
 
     fn page<'a>(
         &'a self,
-        user_id: &'a str,
+        user_id: &'a UserId,
         query: &'a PageQuery,
     ) -> BoxFuture<'a, Result<EventsPage, StoreError>> {
         Box::pin(self.query_page(user_id, query))

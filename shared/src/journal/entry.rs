@@ -225,15 +225,7 @@ pub fn is_entry_id(s: &str) -> bool {
 
 /// At most `max` bytes of `s` (on a char boundary), with "…" when cut.
 pub fn excerpt(s: &str, max: usize) -> String {
-    let s = s.trim();
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
+    crate::text::cut(s.trim(), max)
 }
 
 #[cfg(test)]

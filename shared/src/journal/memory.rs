@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use futures_util::future::BoxFuture;
 
 use super::{is_entry_id, EventsPage, JournalBackend, JournalEntry, PageQuery};
+use crate::api::UserId;
 use crate::store::StoreError;
 
 /// Entries per user, ordered by id.
@@ -27,7 +28,7 @@ impl MemoryJournal {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn page_now(&self, user_id: &str, q: &PageQuery) -> Result<EventsPage, StoreError> {
+    fn page_now(&self, user_id: &UserId, q: &PageQuery) -> Result<EventsPage, StoreError> {
         if q.cursor.as_deref().is_some_and(|c| !is_entry_id(c)) {
             return Err(StoreError::InvalidCursor);
         }
@@ -37,7 +38,7 @@ impl MemoryJournal {
             .iter()
             .rev()
             .filter(|((u, id), _)| {
-                u == user_id
+                u == user_id.as_str()
                     && since.as_deref().is_none_or(|s| id.as_str() >= s)
                     && q.cursor.as_deref().is_none_or(|c| id.as_str() < c)
             })
@@ -58,18 +59,18 @@ impl MemoryJournal {
 impl JournalBackend for MemoryJournal {
     fn put<'a>(
         &'a self,
-        user_id: &'a str,
+        user_id: &'a UserId,
         entry: &'a JournalEntry,
         _expires_at: u64,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         self.lock()
-            .insert((user_id.to_owned(), entry.id.clone()), entry.clone());
+            .insert((user_id.to_string(), entry.id.clone()), entry.clone());
         Box::pin(async { Ok(()) })
     }
 
     fn page<'a>(
         &'a self,
-        user_id: &'a str,
+        user_id: &'a UserId,
         query: &'a PageQuery,
     ) -> BoxFuture<'a, Result<EventsPage, StoreError>> {
         let page = self.page_now(user_id, query);
@@ -81,6 +82,7 @@ impl JournalBackend for MemoryJournal {
 mod tests {
     use super::super::{Actor, Event, Journal};
     use super::*;
+    use crate::api::user_id::uid;
 
     #[tokio::test]
     async fn pages_go_newest_first_with_a_cursor_and_since() {
@@ -88,25 +90,28 @@ mod tests {
         let journal = Journal::new(Arc::new(mem.clone()), std::time::Duration::from_secs(60));
         for at in [1000u64, 2000, 3000, 4000, 5000] {
             journal
-                .record("u", JournalEntry::new(at, Event::Woke, Actor::Turn))
+                .record(&uid("u"), JournalEntry::new(at, Event::Woke, Actor::Turn))
                 .await;
         }
         journal
-            .record("other", JournalEntry::new(9000, Event::Slept, Actor::Sweep))
+            .record(
+                &uid("other"),
+                JournalEntry::new(9000, Event::Slept, Actor::Sweep),
+            )
             .await;
         let q = PageQuery {
             since_ms: Some(2000),
             limit: 2,
             cursor: None,
         };
-        let first = journal.page("u", &q).await.expect("page");
+        let first = journal.page(&uid("u"), &q).await.expect("page");
         let at: Vec<u64> = first.events.iter().map(|e| e.at_ms).collect();
         assert_eq!(at, [5000, 4000]);
         let q2 = PageQuery {
             cursor: first.next_cursor.clone(),
             ..q.clone()
         };
-        let second = journal.page("u", &q2).await.expect("page");
+        let second = journal.page(&uid("u"), &q2).await.expect("page");
         assert_eq!(
             second.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(),
             [3000, 2000]
@@ -116,9 +121,12 @@ mod tests {
             ..q
         };
         assert!(matches!(
-            journal.page("u", &q3).await,
+            journal.page(&uid("u"), &q3).await,
             Err(StoreError::InvalidCursor)
         ));
-        assert_eq!(journal.since("u", 0, 100).await.expect("all").len(), 5);
+        assert_eq!(
+            journal.since(&uid("u"), 0, 100).await.expect("all").len(),
+            5
+        );
     }
 }

@@ -32,6 +32,7 @@ pub use entry::{
 pub use memory::MemoryJournal;
 pub use summary::{awake_by_day, AwakeDayTotal};
 
+use crate::api::UserId;
 use crate::store::StoreError;
 
 /// Longest a journal write may take before it is given up (and logged).
@@ -69,7 +70,7 @@ pub trait JournalBackend: Send + Sync {
     /// Store `entry` for `user_id`, expiring at `expires_at` (epoch seconds).
     fn put<'a>(
         &'a self,
-        user_id: &'a str,
+        user_id: &'a UserId,
         entry: &'a JournalEntry,
         expires_at: u64,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
@@ -78,7 +79,7 @@ pub trait JournalBackend: Send + Sync {
     /// entry id is [`StoreError::InvalidCursor`].
     fn page<'a>(
         &'a self,
-        user_id: &'a str,
+        user_id: &'a UserId,
         query: &'a PageQuery,
     ) -> BoxFuture<'a, Result<EventsPage, StoreError>>;
 }
@@ -121,7 +122,7 @@ impl Journal {
 
     /// Record `entry` for `user_id`. Never fails and never waits longer than
     /// [`WRITE_TIMEOUT`]: a lost entry is logged, the transition stands.
-    pub async fn record(&self, user_id: &str, entry: JournalEntry) {
+    pub async fn record(&self, user_id: &UserId, entry: JournalEntry) {
         let Some(backend) = &self.backend else {
             return;
         };
@@ -129,16 +130,20 @@ impl Journal {
         match tokio::time::timeout(WRITE_TIMEOUT, backend.put(user_id, &entry, expires_at)).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
-                tracing::warn!(user_id, event = ?entry.event, error = %error, "journal entry not written")
+                tracing::warn!(user_id = user_id.as_str(), event = ?entry.event, error = %error, "journal entry not written")
             }
             Err(_) => {
-                tracing::warn!(user_id, event = ?entry.event, "journal entry not written in time")
+                tracing::warn!(user_id = user_id.as_str(), event = ?entry.event, "journal entry not written in time")
             }
         }
     }
 
     /// One page of `user_id`'s entries (an empty last page when off).
-    pub async fn page(&self, user_id: &str, query: &PageQuery) -> Result<EventsPage, StoreError> {
+    pub async fn page(
+        &self,
+        user_id: &UserId,
+        query: &PageQuery,
+    ) -> Result<EventsPage, StoreError> {
         match &self.backend {
             Some(backend) => backend.page(user_id, query).await,
             None => Ok(EventsPage {
@@ -152,7 +157,7 @@ impl Journal {
     /// awake-time summary).
     pub async fn since(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         since_ms: u64,
         max: usize,
     ) -> Result<Vec<JournalEntry>, StoreError> {

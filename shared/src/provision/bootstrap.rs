@@ -138,10 +138,7 @@ fn tail(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.trim_end().to_string();
     }
-    let mut start = s.len() - max;
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
+    let start = crate::text::ceil_boundary(s, s.len() - max);
     format!("…{}", s[start..].trim_end())
 }
 

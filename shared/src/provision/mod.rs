@@ -26,6 +26,7 @@ mod trigger;
 pub use bootstrap::{Bootstrap, BootstrapOutcome};
 pub use trigger::{LambdaTrigger, ProvisionEvent, QueueTrigger, TriggerError, WorkerTrigger};
 
+use crate::api::UserId;
 use crate::clock::now_ms;
 use crate::dedalus::{self, CreateMachineRequest, IdempotencyKey, Phase};
 use crate::journal::{Actor, Event, JournalEntry, Reason};
@@ -310,7 +311,7 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
     /// start the worker. Safe to call any number of times concurrently: at
     /// most one call claims, and resumes are conditional on the generation
     /// read, so only one of several concurrent resumes wins.
-    pub async fn ensure(&self, user_id: &str) -> Result<Ensure, ProvisionError> {
+    pub async fn ensure(&self, user_id: &UserId) -> Result<Ensure, ProvisionError> {
         let now = now_ms();
         let current = match self.store.get(user_id).await? {
             Some(rec) => rec,
@@ -324,7 +325,7 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
                 {
                     ClaimOutcome::Claimed(rec) => {
                         tracing::info!(
-                            user_id,
+                            user_id = user_id.as_str(),
                             "claimed the user's item; starting the provisioning worker"
                         );
                         self.start_worker(user_id, &owner).await?;
@@ -386,17 +387,17 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
     /// Start the worker for the lease `owner` just took. If the trigger
     /// fails, the lease is dropped so the next call can resume at once
     /// (instead of waiting out the lease for a worker that never started).
-    async fn start_worker(&self, user_id: &str, owner: &str) -> Result<(), ProvisionError> {
+    async fn start_worker(&self, user_id: &UserId, owner: &str) -> Result<(), ProvisionError> {
         let event = ProvisionEvent {
-            user_id: user_id.to_string(),
+            user_id: user_id.clone(),
             lease_owner: Some(owner.to_string()),
         };
         match self.trigger.start(&event).await {
             Ok(()) => Ok(()),
             Err(e) => {
-                tracing::warn!(user_id, error = %e, "could not start the provisioning worker; releasing its lease");
+                tracing::warn!(user_id = user_id.as_str(), error = %e, "could not start the provisioning worker; releasing its lease");
                 if let Err(release) = self.store.release_lease(user_id, owner, now_ms()).await {
-                    tracing::warn!(user_id, error = %release, "could not release the provisioning lease");
+                    tracing::warn!(user_id = user_id.as_str(), error = %release, "could not release the provisioning lease");
                 }
                 Err(ProvisionError::Trigger(e))
             }
@@ -460,7 +461,7 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
         event: &ProvisionEvent,
         budget: &Budget,
     ) -> Result<Taken, ProvisionError> {
-        let user_id = event.user_id.as_str();
+        let user_id = &event.user_id;
         let gone = || ProvisionError::Superseded(format!("no item for user {user_id}"));
         let Some(rec) = self.store.get(user_id).await? else {
             return Err(gone());
@@ -483,7 +484,7 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
             Ok(AcquireOutcome::Acquired(rec)) => rec,
             Ok(AcquireOutcome::Busy(rec)) | Ok(AcquireOutcome::Changed(rec)) => {
                 tracing::info!(
-                    user_id,
+                    user_id = user_id.as_str(),
                     "another worker holds the provisioning lease; leaving it the work"
                 );
                 return Ok(Taken::Nothing(rec));
@@ -526,7 +527,7 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
     /// resumable at its step).
     async fn end_run(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         result: Result<UserRecord, ProvisionError>,
     ) -> Result<UserRecord, ProvisionError> {
@@ -538,14 +539,14 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
             },
             Err(ProvisionError::OutOfTime) => {
                 tracing::warn!(
-                    user_id,
+                    user_id = user_id.as_str(),
                     "provisioning worker out of time; releasing its lease for the next run"
                 );
                 let _ = self.store.release_lease(user_id, owner, now).await;
                 Err(ProvisionError::OutOfTime)
             }
             Err(err) => {
-                tracing::warn!(user_id, error = %err, retryable = err.is_retryable(), "provisioning failed");
+                tracing::warn!(user_id = user_id.as_str(), error = %err, retryable = err.is_retryable(), "provisioning failed");
                 let message = format!("provisioning failed: {err}");
                 // Refused when the lease was lost or the item moved on: then
                 // whoever holds it now decides.
@@ -556,94 +557,132 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
         }
     }
 
+    /// The worker's steps, in order: the machine, running, bootstrapped,
+    /// ready (each renews the lease first where it may take a while).
     async fn provision_steps(
         &self,
-        mut rec: UserRecord,
+        rec: UserRecord,
         owner: &str,
         budget: &Budget,
     ) -> Result<UserRecord, ProvisionError> {
-        let user_id = rec.user_id.clone();
         let steps_started = Instant::now();
-        // 1. The machine: created with the stored key, so a retry after a
-        //    crash between "create" and "record" returns the same machine.
-        let machine_id = match rec.machine_id.clone() {
-            Some(id) => id,
-            None => {
-                let key = IdempotencyKey::parse(rec.create_key.clone()).map_err(|e| {
-                    ProvisionError::Superseded(format!("stored create_key is unusable: {e}"))
-                })?;
-                let spec = &self.settings.machine;
-                let request = CreateMachineRequest {
-                    vcpu: spec.vcpu,
-                    memory_mib: spec.memory_mib,
-                    storage_gib: spec.storage_gib,
-                    autosleep: Some(spec.autosleep.clone()),
-                };
-                let machine = self.dedalus.create_machine(&request, Some(&key)).await?;
-                tracing::info!(user_id, machine_id = %machine.machine_id, "machine created");
-                rec = self.record_or_destroy(&rec, &machine.machine_id).await?;
-                machine.machine_id
-            }
-        };
-        self.renew(&user_id, owner, budget).await?;
+        let (rec, machine_id) = self.created_machine(rec).await?;
+        self.renew(&rec.user_id, owner, budget).await?;
+        self.running(&rec.user_id, owner, &machine_id, budget)
+            .await?;
+        self.bootstrapped(&rec, owner, &machine_id, budget).await?;
+        self.ready(&rec.user_id, owner, &machine_id, steps_started)
+            .await
+    }
 
-        // 2. Running (a machine that slept meanwhile is woken).
+    /// 1. The machine: created with the stored key, so a retry after a
+    ///    crash between "create" and "record" returns the same machine.
+    async fn created_machine(
+        &self,
+        rec: UserRecord,
+    ) -> Result<(UserRecord, String), ProvisionError> {
+        if let Some(id) = rec.machine_id.clone() {
+            return Ok((rec, id));
+        }
+        let key = IdempotencyKey::parse(rec.create_key.clone()).map_err(|e| {
+            ProvisionError::Superseded(format!("stored create_key is unusable: {e}"))
+        })?;
+        let spec = &self.settings.machine;
+        let request = CreateMachineRequest {
+            vcpu: spec.vcpu,
+            memory_mib: spec.memory_mib,
+            storage_gib: spec.storage_gib,
+            autosleep: Some(spec.autosleep.clone()),
+        };
+        let machine = self.dedalus.create_machine(&request, Some(&key)).await?;
+        tracing::info!(user_id = rec.user_id.as_str(), machine_id = %machine.machine_id, "machine created");
+        let rec = self.record_or_destroy(&rec, &machine.machine_id).await?;
+        Ok((rec, machine.machine_id))
+    }
+
+    /// 2. Running (a machine that slept meanwhile is woken; one that is
+    ///    gone is recorded as lost).
+    async fn running(
+        &self,
+        user_id: &UserId,
+        owner: &str,
+        machine_id: &str,
+        budget: &Budget,
+    ) -> Result<(), ProvisionError> {
         let boot_started = Instant::now();
         let deadline = budget.step_end(self.settings.boot_timeout);
-        let machine = match self.dedalus.get_machine(&machine_id).await {
+        let machine = match self.dedalus.get_machine(machine_id).await {
             Ok(m) if !matches!(m.phase, Phase::Destroying | Phase::Destroyed) => m,
-            Ok(_) => return Err(self.machine_lost(&user_id, owner, &machine_id).await),
+            Ok(_) => return Err(self.machine_lost(user_id, owner, machine_id).await),
             Err(e) if e.is_not_found() => {
-                return Err(self.machine_lost(&user_id, owner, &machine_id).await)
+                return Err(self.machine_lost(user_id, owner, machine_id).await)
             }
             Err(e) => return Err(e.into()),
         };
         if matches!(machine.phase, Phase::Sleeping | Phase::Stopping) {
-            self.dedalus.wake_machine(&machine_id, None, None).await?;
+            self.dedalus.wake_machine(machine_id, None, None).await?;
         }
         self.dedalus
-            .wait_until(&machine_id, Phase::Running, deadline)
+            .wait_until(machine_id, Phase::Running, deadline)
             .await?;
         crate::metrics::boot_took(boot_started.elapsed());
+        Ok(())
+    }
 
-        // 3. Bootstrap (idempotent: skipped when its marker and tools exist).
-        //    Marking `bootstrapping` also checks the lease is still ours and
-        //    extends it for the bootstrap's duration.
+    /// 3. Bootstrap (idempotent: skipped when its marker and tools exist).
+    ///    Marking `bootstrapping` also checks the lease is still ours and
+    ///    extends it for the bootstrap's duration.
+    async fn bootstrapped(
+        &self,
+        rec: &UserRecord,
+        owner: &str,
+        machine_id: &str,
+        budget: &Budget,
+    ) -> Result<(), ProvisionError> {
+        let user_id = &rec.user_id;
         if rec.state != MachineState::Bootstrapping {
             self.store
-                .mark_bootstrapping(&user_id, owner, now_ms())
+                .mark_bootstrapping(user_id, owner, now_ms())
                 .await
                 .map_err(lease_lost)?;
         }
-        self.renew(&user_id, owner, budget).await?;
+        self.renew(user_id, owner, budget).await?;
         let bootstrap_started = Instant::now();
         let deadline = budget.step_end(self.settings.bootstrap_timeout);
         let bootstrapped = self
             .settings
             .bootstrap
-            .ensure(&self.dedalus, &machine_id, deadline)
+            .ensure(&self.dedalus, machine_id, deadline)
             .await;
         crate::metrics::bootstrap_took(bootstrap_started.elapsed());
         match bootstrapped? {
-            BootstrapOutcome::AlreadyDone | BootstrapOutcome::Ran => {}
+            BootstrapOutcome::AlreadyDone | BootstrapOutcome::Ran => Ok(()),
             BootstrapOutcome::Failed { exit_code, tail } => {
-                return Err(ProvisionError::Bootstrap { exit_code, tail });
+                Err(ProvisionError::Bootstrap { exit_code, tail })
             }
         }
+    }
 
-        // 4. Ready and awake.
+    /// 4. Ready and awake; the journal records the provisioning.
+    async fn ready(
+        &self,
+        user_id: &UserId,
+        owner: &str,
+        machine_id: &str,
+        steps_started: Instant,
+    ) -> Result<UserRecord, ProvisionError> {
         let rec = self
             .store
-            .mark_ready(&user_id, owner, self.settings.bootstrap.version(), now_ms())
+            .mark_ready(user_id, owner, self.settings.bootstrap.version(), now_ms())
             .await
             .map_err(lease_lost)?;
-        tracing::info!(user_id, machine_id, "machine ready");
+        tracing::info!(user_id = user_id.as_str(), machine_id, "machine ready");
         self.journal
             .record(
-                &user_id,
+                user_id,
                 JournalEntry::new(now_ms(), Event::Provisioned, Actor::Worker)
                     .reason(Reason::Created)
-                    .machine(Some(&machine_id))
+                    .machine(Some(machine_id))
                     .duration(millis(steps_started.elapsed())),
             )
             .await;
@@ -660,7 +699,7 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
         rec: &UserRecord,
         machine_id: &str,
     ) -> Result<UserRecord, ProvisionError> {
-        let user_id = rec.user_id.as_str();
+        let user_id = &rec.user_id;
         let why = match self
             .store
             .record_machine_id(user_id, &rec.create_key, machine_id, now_ms())
@@ -683,7 +722,7 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
             },
             Err(other) => return Err(other.into()),
         };
-        tracing::warn!(user_id, machine_id, reason = %why, "created machine belongs to no user; destroying it");
+        tracing::warn!(user_id = user_id.as_str(), machine_id, reason = %why, "created machine belongs to no user; destroying it");
         match self.dedalus.delete_machine(machine_id, None, None).await {
             Ok(_) => {}
             Err(e) if e.is_not_found() => {}
@@ -698,7 +737,12 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
     /// reconciliation destroyed it as an orphan while a crashed worker had
     /// not recorded it. Forget it and its key (`mark_lost`), so the next
     /// provisioning creates a new machine instead of replaying a dead one.
-    async fn machine_lost(&self, user_id: &str, owner: &str, machine_id: &str) -> ProvisionError {
+    async fn machine_lost(
+        &self,
+        user_id: &UserId,
+        owner: &str,
+        machine_id: &str,
+    ) -> ProvisionError {
         let why = "destroyed before provisioning finished";
         let lost = match self.store.mark_lost(user_id, owner, why, now_ms()).await {
             Ok(rec) => rec,
@@ -722,7 +766,7 @@ impl<S: UserStore, T: WorkerTrigger> Provisioner<S, T> {
     /// expired) ends this worker.
     async fn renew(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         budget: &Budget,
     ) -> Result<(), ProvisionError> {

@@ -2,13 +2,15 @@
 //! and the adapters that deliver it.
 
 use serde::{Deserialize, Serialize};
+
+use crate::api::UserId;
 use std::future::Future;
 
 /// The event the provision function receives asynchronously.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProvisionEvent {
     /// The user to provision.
-    pub user_id: String,
+    pub user_id: UserId,
     /// The provisioning lease the trigger took for this worker, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_owner: Option<String>,
@@ -78,7 +80,7 @@ impl WorkerTrigger for LambdaTrigger {
             let user_id = event.user_id.clone();
             tokio::spawn(async move {
                 if let Err(e) = Self::invoke(client, function, payload).await {
-                    tracing::warn!(user_id, error = %e, "detached provision invoke failed; the next trigger resumes");
+                    tracing::warn!(user_id = user_id.as_str(), error = %e, "detached provision invoke failed; the next trigger resumes");
                 }
             });
             Ok(())

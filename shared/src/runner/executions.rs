@@ -8,7 +8,9 @@ use tokio::time::Instant;
 use super::output::OutputCollector;
 use super::script;
 use super::{millis, CommandOutcome, CommandRunner, RunnerError, RunnerOptions, Transport};
-use crate::dedalus::{Client, ExecutionRequest, ExecutionStatus, IdempotencyKey};
+use crate::dedalus::{
+    Client, Execution, ExecutionOutput, ExecutionRequest, ExecutionStatus, IdempotencyKey,
+};
 
 /// Runs each command as one execution `bash -c <wrapper>`
 /// ([`script::execution_wrapper`]): the wrapper restores the saved cwd and
@@ -45,16 +47,18 @@ impl ExecutionsRunner {
     }
 }
 
-impl CommandRunner for ExecutionsRunner {
-    async fn run(
-        &mut self,
+impl ExecutionsRunner {
+    /// Create the command's execution and wait for it up to `timeout`: its
+    /// id, and the finished execution (`None`: still running).
+    async fn start_and_wait(
+        &self,
+        id: &str,
         command: &str,
         timeout: Duration,
-    ) -> Result<CommandOutcome, RunnerError> {
-        let id = script::new_command_id();
+    ) -> Result<(String, Option<Execution>), RunnerError> {
         let started_at = Instant::now();
         let deadline = started_at + timeout;
-        let wrapper = script::execution_wrapper(&id, command);
+        let wrapper = script::execution_wrapper(id, command);
         let api_timeout = self.options.detached_timeout.max(timeout);
         let request = ExecutionRequest::new(["bash", "-c", wrapper.as_str()])
             .cwd("/root")
@@ -75,55 +79,92 @@ impl CommandRunner for ExecutionsRunner {
                 .wait_execution(&self.machine_id, &execution_id, deadline)
                 .await
         };
-        let (execution, still_running) = match execution {
-            Ok(e) => (Some(e), false),
-            Err(e) if e.is_deadline_exceeded() => (None, true),
-            Err(e) => return Err(e.into()),
-        };
-        // Output so far (all of it when finished; partial while running).
+        match execution {
+            Ok(e) => Ok((execution_id, Some(e))),
+            Err(e) if e.is_deadline_exceeded() => Ok((execution_id, None)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The output so far: all of it when finished; partial (or none, if it
+    /// cannot be read) while running.
+    async fn output_so_far(
+        &self,
+        execution_id: &str,
+        still_running: bool,
+    ) -> Result<Option<ExecutionOutput>, RunnerError> {
         let out_client = self
             .client
             .with_deadline(Instant::now() + self.options.setup_timeout);
-        let output = match out_client
-            .execution_output(&self.machine_id, &execution_id)
+        match out_client
+            .execution_output(&self.machine_id, execution_id)
             .await
         {
-            Ok(o) => Some(o),
+            Ok(o) => Ok(Some(o)),
             Err(e) if still_running => {
                 tracing::debug!(error = %e, "no partial output of a running execution");
-                None
+                Ok(None)
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Push stdout, then stderr under a `[stderr]` line, into `collector`: the
+/// byte count the API reported and whether it truncated.
+fn collect_output(
+    collector: &mut OutputCollector,
+    output: Option<&ExecutionOutput>,
+) -> (u64, bool) {
+    let Some(o) = output else {
+        return (0, false);
+    };
+    collector.push(o.stdout.as_bytes());
+    if !o.stderr.is_empty() {
+        collector.push(b"\n[stderr]\n");
+        collector.push(o.stderr.as_bytes());
+    }
+    (
+        o.stdout_bytes.unwrap_or(0) + o.stderr_bytes.unwrap_or(0),
+        o.stdout_truncated || o.stderr_truncated,
+    )
+}
+
+/// The finished execution's exit code; without one (killed, cancelled,
+/// expired or never started) the output says why.
+fn exit_code_of(collector: &mut OutputCollector, exec: &Execution, id: &str) -> Option<i32> {
+    let exit_code = exec.exit_code.and_then(|c| i32::try_from(c).ok());
+    if exit_code.is_none() {
+        let why = match (&exec.error_code, &exec.error_message, exec.signal) {
+            (_, Some(m), _) if !m.is_empty() => m.clone(),
+            (Some(c), _, _) => c.clone(),
+            (_, _, Some(sig)) => format!("killed by signal {sig}"),
+            _ => format!("execution {}", exec.status.as_str()),
         };
+        collector.push(format!("\n[{why}]\n").as_bytes());
+        if exec.status == ExecutionStatus::Expired {
+            tracing::info!(command_id = %id, "execution expired");
+        }
+    }
+    exit_code
+}
+
+impl CommandRunner for ExecutionsRunner {
+    async fn run(
+        &mut self,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<CommandOutcome, RunnerError> {
+        let id = script::new_command_id();
+        let started_at = Instant::now();
+        let (execution_id, execution) = self.start_and_wait(&id, command, timeout).await?;
+        let still_running = execution.is_none();
+        let output = self.output_so_far(&execution_id, still_running).await?;
         let mut collector = OutputCollector::new(self.options.output_limit);
-        let mut reported_bytes = 0u64;
-        let mut api_truncated = false;
-        if let Some(o) = &output {
-            collector.push(o.stdout.as_bytes());
-            if !o.stderr.is_empty() {
-                collector.push(b"\n[stderr]\n");
-                collector.push(o.stderr.as_bytes());
-            }
-            reported_bytes = o.stdout_bytes.unwrap_or(0) + o.stderr_bytes.unwrap_or(0);
-            api_truncated = o.stdout_truncated || o.stderr_truncated;
-        }
-        let mut exit_code = None;
-        if let Some(exec) = &execution {
-            exit_code = exec.exit_code.and_then(|c| i32::try_from(c).ok());
-            if exit_code.is_none() {
-                // Killed, cancelled, expired or never started: say why.
-                let why = match (&exec.error_code, &exec.error_message, exec.signal) {
-                    (_, Some(m), _) if !m.is_empty() => m.clone(),
-                    (Some(c), _, _) => c.clone(),
-                    (_, _, Some(sig)) => format!("killed by signal {sig}"),
-                    _ => format!("execution {}", exec.status.as_str()),
-                };
-                collector.push(format!("\n[{why}]\n").as_bytes());
-                if exec.status == ExecutionStatus::Expired {
-                    tracing::info!(command_id = %id, "execution expired");
-                }
-            }
-        }
+        let (reported_bytes, api_truncated) = collect_output(&mut collector, output.as_ref());
+        let exit_code = execution
+            .as_ref()
+            .and_then(|exec| exit_code_of(&mut collector, exec, &id));
         let collected = collector.snapshot();
         Ok(CommandOutcome {
             command: command.to_owned(),

@@ -87,72 +87,82 @@ impl SentinelScanner {
             return scan;
         }
         self.pending.extend_from_slice(data);
-        if self.phase == Phase::BeforeStart {
-            match find(&self.pending, &self.start) {
-                Some(pos) => {
-                    let after = pos + self.start.len();
-                    match self.pending[after..].iter().position(|b| *b == b'\n') {
-                        Some(nl) => {
-                            self.pending.drain(..after + nl + 1);
-                            self.phase = Phase::Running;
-                        }
-                        // Wait for the rest of the marker's line.
-                        None => return scan,
-                    }
-                }
-                None => {
-                    // Keep only what could be the beginning of the marker.
-                    let keep = self.start.len().saturating_sub(1);
-                    let cut = self.pending.len().saturating_sub(keep);
-                    self.pending.drain(..cut);
-                    return scan;
-                }
-            }
+        if self.phase == Phase::BeforeStart && !self.skip_to_start() {
+            return scan;
         }
         scan.started = true;
         match find(&self.pending, &self.end) {
-            Some(pos) => {
-                let after = pos + self.end.len();
-                let Some(nl) = self.pending[after..].iter().position(|b| *b == b'\n') else {
-                    // Emit what surely precedes the marker; keep the rest.
-                    let safe = pos.saturating_sub(2);
-                    scan.output = self.pending.drain(..safe).collect();
-                    return scan;
-                };
-                let digits = String::from_utf8_lossy(&self.pending[after..after + nl]);
-                // An unparsable code (never printed by our line) counts as -1.
-                let code = digits.trim().parse::<i32>().unwrap_or(-1);
-                let mut out_end = pos;
-                // The marker starts on a fresh line: drop that newline
-                // (`\n`, or `\r\n` when the terminal translates newlines).
-                if out_end > 0 && self.pending[out_end - 1] == b'\n' {
-                    out_end -= 1;
-                    if out_end > 0 && self.pending[out_end - 1] == b'\r' {
-                        out_end -= 1;
-                    }
-                }
-                self.pending.truncate(out_end);
-                scan.output = std::mem::take(&mut self.pending);
-                self.phase = Phase::Done(code);
-                scan.exit_code = Some(code);
-            }
-            None => {
-                // Hold back only what could begin the marker: its longest
-                // prefix ending the data, and the newline ("\n" or "\r\n")
-                // just before it, which belongs to the marker line.
-                let mut cut = self.pending.len() - partial_suffix(&self.pending, &self.end);
-                if cut > 0 && self.pending[cut - 1] == b'\r' && cut == self.pending.len() {
-                    cut -= 1;
-                } else if cut > 0 && self.pending[cut - 1] == b'\n' {
-                    cut -= 1;
-                    if cut > 0 && self.pending[cut - 1] == b'\r' {
-                        cut -= 1;
-                    }
-                }
-                scan.output = self.pending.drain(..cut).collect();
-            }
+            Some(pos) => self.at_end_marker(pos, &mut scan),
+            None => scan.output = self.drain_safe_output(),
         }
         scan
+    }
+
+    /// Drops what precedes the command's output: everything up to the end
+    /// of the start marker's line, then the scanner is running. False while
+    /// that line has not fully arrived; without a marker in sight only what
+    /// could be its beginning is kept.
+    fn skip_to_start(&mut self) -> bool {
+        let Some(pos) = find(&self.pending, &self.start) else {
+            let keep = self.start.len().saturating_sub(1);
+            let cut = self.pending.len().saturating_sub(keep);
+            self.pending.drain(..cut);
+            return false;
+        };
+        let after = pos + self.start.len();
+        match self.pending[after..].iter().position(|b| *b == b'\n') {
+            Some(nl) => {
+                self.pending.drain(..after + nl + 1);
+                self.phase = Phase::Running;
+                true
+            }
+            // Wait for the rest of the marker's line.
+            None => false,
+        }
+    }
+
+    /// The end marker, found at `pos`: once its line is complete, the
+    /// output before it (less the newline the marker starts its line with)
+    /// and the exit code; until then only what surely precedes it.
+    fn at_end_marker(&mut self, pos: usize, scan: &mut Scan) {
+        let after = pos + self.end.len();
+        let Some(nl) = self.pending[after..].iter().position(|b| *b == b'\n') else {
+            let safe = pos.saturating_sub(2);
+            scan.output = self.pending.drain(..safe).collect();
+            return;
+        };
+        let digits = String::from_utf8_lossy(&self.pending[after..after + nl]);
+        // An unparsable code (never printed by our line) counts as -1.
+        let code = digits.trim().parse::<i32>().unwrap_or(-1);
+        let mut out_end = pos;
+        // The marker starts on a fresh line: drop that newline (`\n`, or
+        // `\r\n` when the terminal translates newlines).
+        if out_end > 0 && self.pending[out_end - 1] == b'\n' {
+            out_end -= 1;
+            if out_end > 0 && self.pending[out_end - 1] == b'\r' {
+                out_end -= 1;
+            }
+        }
+        self.pending.truncate(out_end);
+        scan.output = std::mem::take(&mut self.pending);
+        self.phase = Phase::Done(code);
+        scan.exit_code = Some(code);
+    }
+
+    /// The output that surely precedes any end marker: all but the longest
+    /// prefix of the marker ending the data and the newline (`\n` or
+    /// `\r\n`) just before it, which belongs to the marker's line.
+    fn drain_safe_output(&mut self) -> Vec<u8> {
+        let mut cut = self.pending.len() - partial_suffix(&self.pending, &self.end);
+        if cut > 0 && self.pending[cut - 1] == b'\r' && cut == self.pending.len() {
+            cut -= 1;
+        } else if cut > 0 && self.pending[cut - 1] == b'\n' {
+            cut -= 1;
+            if cut > 0 && self.pending[cut - 1] == b'\r' {
+                cut -= 1;
+            }
+        }
+        self.pending.drain(..cut).collect()
     }
 }
 

@@ -182,6 +182,16 @@ impl TerminalRunner {
 
     /// Connects (or reconnects) the WebSocket.
     async fn connect(&mut self) -> Result<(), RunnerError> {
+        match self.try_connect().await {
+            Ok(()) => Ok(()),
+            Err(Ok(closed)) => Err(closed),
+            Err(Err(e)) => Err(e.into()),
+        }
+    }
+
+    /// One connection attempt: `Err(Ok(_))` the terminal is gone for good
+    /// (marked closed), `Err(Err(_))` another failure (worth a retry).
+    async fn try_connect(&mut self) -> Result<(), Result<RunnerError, dedalus::Error>> {
         match self
             .client
             .connect(&self.machine_id, &self.terminal_id)
@@ -193,9 +203,9 @@ impl TerminalRunner {
             }
             Err(e) if is_closed_error(&e) => {
                 self.closed = true;
-                Err(RunnerError::TerminalClosed { started: false })
+                Err(Ok(RunnerError::TerminalClosed { started: false }))
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(Err(e)),
         }
     }
 
@@ -206,20 +216,10 @@ impl TerminalRunner {
         let mut last = None;
         for attempt in 1..=attempts {
             tracing::debug!(terminal_id = %self.terminal_id, attempt, "reconnecting terminal");
-            match self
-                .client
-                .connect(&self.machine_id, &self.terminal_id)
-                .await
-            {
-                Ok(session) => {
-                    self.session = Some(session);
-                    return Ok(());
-                }
-                Err(e) if is_closed_error(&e) => {
-                    self.closed = true;
-                    return Err(RunnerError::TerminalClosed { started: false });
-                }
-                Err(e) => last = Some(Box::new(e)),
+            match self.try_connect().await {
+                Ok(()) => return Ok(()),
+                Err(Ok(closed)) => return Err(closed),
+                Err(Err(e)) => last = Some(Box::new(e)),
             }
             let backoff = Duration::from_millis(100u64 << attempt.min(5));
             tokio::time::sleep(backoff).await;
@@ -299,52 +299,56 @@ impl TerminalRunner {
                 }
             };
             bad_frames = 0;
-            match event {
-                TerminalEvent::Output(bytes) => {
-                    let scan = scanner.feed(&bytes);
-                    if let Some(c) = collector.as_deref_mut() {
-                        c.push(&scan.output);
-                    }
-                    if !scan.output.is_empty() {
-                        observer.output(&scan.output);
-                    }
+            self.on_event(event, scanner, collector.as_deref_mut(), observer)
+                .await?;
+        }
+    }
+
+    /// One event of [`TerminalRunner::read_until`]: output is scanned (and
+    /// collected and observed), a recoverable drop reconnects, a closed
+    /// terminal or stream ends the read as [`RunnerError::TerminalClosed`].
+    async fn on_event(
+        &mut self,
+        event: TerminalEvent,
+        scanner: &mut SentinelScanner,
+        collector: Option<&mut OutputCollector>,
+        observer: &dyn Observer,
+    ) -> Result<(), RunnerError> {
+        let closed = RunnerError::TerminalClosed {
+            started: scanner.started(),
+        };
+        match event {
+            TerminalEvent::Output(bytes) => {
+                let scan = scanner.feed(&bytes);
+                if let Some(c) = collector {
+                    c.push(&scan.output);
                 }
-                TerminalEvent::Error { code, message } => {
-                    tracing::warn!(terminal_id = %self.terminal_id, %code, %message, "terminal error frame");
+                if !scan.output.is_empty() {
+                    observer.output(&scan.output);
                 }
-                TerminalEvent::Closed => {
-                    self.closed = true;
-                    self.session = None;
-                    return Err(RunnerError::TerminalClosed {
-                        started: scanner.started(),
-                    });
+                Ok(())
+            }
+            TerminalEvent::Error { code, message } => {
+                tracing::warn!(terminal_id = %self.terminal_id, %code, %message, "terminal error frame");
+                Ok(())
+            }
+            TerminalEvent::Disconnected {
+                recoverable: true,
+                close_code,
+            } => {
+                tracing::info!(terminal_id = %self.terminal_id, ?close_code, "terminal stream dropped; reconnecting");
+                match self.reconnect().await {
+                    Err(RunnerError::TerminalClosed { .. }) => Err(closed),
+                    other => other,
                 }
-                TerminalEvent::Disconnected {
-                    recoverable: true,
-                    close_code,
-                } => {
-                    tracing::info!(terminal_id = %self.terminal_id, ?close_code, "terminal stream dropped; reconnecting");
-                    match self.reconnect().await {
-                        Ok(()) => {}
-                        Err(RunnerError::TerminalClosed { .. }) => {
-                            return Err(RunnerError::TerminalClosed {
-                                started: scanner.started(),
-                            })
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                TerminalEvent::Disconnected {
-                    recoverable: false,
-                    close_code,
-                } => {
+            }
+            TerminalEvent::Closed | TerminalEvent::Disconnected { .. } => {
+                if let TerminalEvent::Disconnected { close_code, .. } = event {
                     tracing::info!(terminal_id = %self.terminal_id, ?close_code, "terminal stream closed");
-                    self.closed = true;
-                    self.session = None;
-                    return Err(RunnerError::TerminalClosed {
-                        started: scanner.started(),
-                    });
                 }
+                self.closed = true;
+                self.session = None;
+                Err(closed)
             }
         }
     }

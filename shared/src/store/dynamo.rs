@@ -22,6 +22,7 @@ use super::engine::{key, Action, AwakeKey, Backend, Cond, PendingKey, Refused, U
 use super::record::Item;
 use super::table::{attr, AWAKE_INDEX, BY_MACHINE_INDEX, PENDING_SLEEP_INDEX};
 use super::{Result, StoreError, UserRecord};
+use crate::api::UserId;
 
 /// The user→machine table in DynamoDB.
 #[derive(Debug, Clone)]
@@ -195,23 +196,70 @@ fn decode(item: Option<HashMap<String, AttributeValue>>) -> Result<Option<UserRe
     item.map(UserRecord::from_item).transpose()
 }
 
-fn pending_key_from(lek: &Item) -> Result<PendingKey> {
-    let (shard, sleep_at, user_id) = index_key_from(lek, attr::SLEEP_SHARD, attr::SLEEP_AT)?;
-    Ok(PendingKey {
-        shard,
-        sleep_at,
-        user_id,
-    })
+/// A position in one of the sharded indexes (`awake`, `pending-sleep`):
+/// which index, its partition (shard) and sort attributes, how the query
+/// bounds the sort key, and the key as (shard, sort, user id).
+trait ShardedKey: Sized {
+    /// The operation named in errors.
+    const OP: &'static str;
+    /// The index.
+    const INDEX: &'static str;
+    /// The partition attribute.
+    const SHARD: &'static str;
+    /// The sort attribute.
+    const SORT: &'static str;
+    /// `<` or `<=`: how the sort key compares with the query's bound.
+    const CMP: &'static str;
+    /// (shard, sort, user id).
+    fn into_parts(self) -> (String, u64, String);
+    /// The key from (shard, sort, user id).
+    fn from_parts(shard: String, sort: u64, user_id: String) -> Self;
 }
 
-fn awake_key_from(lek: &Item) -> Result<AwakeKey> {
-    let (shard, last_active_at, user_id) =
-        index_key_from(lek, attr::AWAKE_SHARD, attr::LAST_ACTIVE_AT)?;
-    Ok(AwakeKey {
-        shard,
-        last_active_at,
-        user_id,
-    })
+impl ShardedKey for AwakeKey {
+    const OP: &'static str = "query_awake_idle";
+    const INDEX: &'static str = AWAKE_INDEX;
+    const SHARD: &'static str = attr::AWAKE_SHARD;
+    const SORT: &'static str = attr::LAST_ACTIVE_AT;
+    const CMP: &'static str = "<";
+    fn into_parts(self) -> (String, u64, String) {
+        (self.shard, self.last_active_at, self.user_id)
+    }
+    fn from_parts(shard: String, last_active_at: u64, user_id: String) -> Self {
+        Self {
+            shard,
+            last_active_at,
+            user_id,
+        }
+    }
+}
+
+impl ShardedKey for PendingKey {
+    const OP: &'static str = "query_pending_sleeps";
+    const INDEX: &'static str = PENDING_SLEEP_INDEX;
+    const SHARD: &'static str = attr::SLEEP_SHARD;
+    const SORT: &'static str = attr::SLEEP_AT;
+    const CMP: &'static str = "<=";
+    fn into_parts(self) -> (String, u64, String) {
+        (self.shard, self.sleep_at, self.user_id)
+    }
+    fn from_parts(shard: String, sleep_at: u64, user_id: String) -> Self {
+        Self {
+            shard,
+            sleep_at,
+            user_id,
+        }
+    }
+}
+
+/// The `ExclusiveStartKey` continuing after `key`.
+fn start_key<K: ShardedKey>(key: K) -> Item {
+    let (shard, sort, user_id) = key.into_parts();
+    HashMap::from([
+        (attr::USER_ID.to_owned(), AttributeValue::S(user_id)),
+        (K::SHARD.to_owned(), AttributeValue::S(shard)),
+        (K::SORT.to_owned(), AttributeValue::N(sort.to_string())),
+    ])
 }
 
 /// The (partition, sort, user id) of a sharded index's `LastEvaluatedKey`.
@@ -235,21 +283,6 @@ fn index_key_from(lek: &Item, shard_attr: &str, sort_attr: &str) -> Result<(Stri
 }
 
 impl Backend for DynamoStore {
-    async fn get_item(&self, user_id: &str) -> Result<Option<UserRecord>> {
-        crate::metrics::table_call();
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(key(user_id)))
-            .consistent_read(true)
-            .send()
-            .boxed()
-            .await
-            .map_err(|e| StoreError::from_sdk("get", e))?;
-        decode(out.item)
-    }
-
     async fn put_new(&self, record: &UserRecord) -> Result<std::result::Result<(), Refused>> {
         crate::metrics::table_call();
         let sent = self
@@ -274,50 +307,9 @@ impl Backend for DynamoStore {
         }
     }
 
-    async fn update(
-        &self,
-        op: &'static str,
-        user_id: &str,
-        update: Update,
-    ) -> Result<std::result::Result<UserRecord, Refused>> {
-        let mut expr = Expr::default();
-        let update_expression = expr.update(&update.actions);
-        let condition = expr.condition(&update.cond);
-        let (names, values) = expr.values();
-        crate::metrics::table_call();
-        let sent = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(key(user_id)))
-            .update_expression(update_expression)
-            .condition_expression(condition)
-            .set_expression_attribute_names(Some(names))
-            .set_expression_attribute_values(values)
-            .return_values(ReturnValue::AllNew)
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .boxed()
-            .await;
-        match sent {
-            Ok(out) => decode(out.attributes)?
-                .map(Ok)
-                .ok_or_else(|| StoreError::Malformed {
-                    attribute: String::new(),
-                    message: format!("{op}: UpdateItem returned no attributes"),
-                }),
-            Err(err) => match err.as_service_error() {
-                Some(UpdateItemError::ConditionalCheckFailedException(c)) => {
-                    Ok(Err(decode(c.item().cloned())?))
-                }
-                _ => Err(StoreError::from_sdk(op, err)),
-            },
-        }
-    }
-
     async fn delete_item(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         cond: Cond,
     ) -> Result<std::result::Result<UserRecord, Refused>> {
         let mut expr = Expr::default();
@@ -328,7 +320,7 @@ impl Backend for DynamoStore {
             .client
             .delete_item()
             .table_name(&self.table)
-            .set_key(Some(key(user_id)))
+            .set_key(Some(key(user_id.as_str())))
             .condition_expression(condition)
             .set_expression_attribute_names(Some(names))
             .set_expression_attribute_values(values)
@@ -355,29 +347,8 @@ impl Backend for DynamoStore {
         start: Option<AwakeKey>,
         limit: u32,
     ) -> Result<(Vec<UserRecord>, Option<AwakeKey>)> {
-        let start = start.map(|k| {
-            HashMap::from([
-                (attr::USER_ID.to_owned(), AttributeValue::S(k.user_id)),
-                (attr::AWAKE_SHARD.to_owned(), AttributeValue::S(k.shard)),
-                (
-                    attr::LAST_ACTIVE_AT.to_owned(),
-                    AttributeValue::N(k.last_active_at.to_string()),
-                ),
-            ])
-        });
-        let (items, last) = self
-            .query_page(
-                "query_awake_idle",
-                IndexRange {
-                    index: AWAKE_INDEX,
-                    partition: (attr::AWAKE_SHARD, shard),
-                    sort: (attr::LAST_ACTIVE_AT, "<", idle_before_ms),
-                },
-                start,
-                limit,
-            )
-            .await?;
-        Ok((items, last.map(|lek| awake_key_from(&lek)).transpose()?))
+        self.query_sharded(shard, idle_before_ms, start, limit)
+            .await
     }
 
     async fn query_machine(&self, machine_id: &str) -> Result<Vec<UserRecord>> {
@@ -415,29 +386,7 @@ impl Backend for DynamoStore {
         start: Option<PendingKey>,
         limit: u32,
     ) -> Result<(Vec<UserRecord>, Option<PendingKey>)> {
-        let start = start.map(|k| {
-            HashMap::from([
-                (attr::USER_ID.to_owned(), AttributeValue::S(k.user_id)),
-                (attr::SLEEP_SHARD.to_owned(), AttributeValue::S(k.shard)),
-                (
-                    attr::SLEEP_AT.to_owned(),
-                    AttributeValue::N(k.sleep_at.to_string()),
-                ),
-            ])
-        });
-        let (items, last) = self
-            .query_page(
-                "query_pending_sleeps",
-                IndexRange {
-                    index: PENDING_SLEEP_INDEX,
-                    partition: (attr::SLEEP_SHARD, shard),
-                    sort: (attr::SLEEP_AT, "<=", due_by_ms),
-                },
-                start,
-                limit,
-            )
-            .await?;
-        Ok((items, last.map(|lek| pending_key_from(&lek)).transpose()?))
+        self.query_sharded(shard, due_by_ms, start, limit).await
     }
 
     fn awake_shards(&self) -> u32 {
@@ -448,13 +397,13 @@ impl Backend for DynamoStore {
 /// Raw item access (turn keys, the provisioning stage): the same request
 /// shapes as the typed operations, without decoding a [`UserRecord`].
 impl super::raw::RawItems for DynamoStore {
-    async fn get_raw(&self, user_id: &str) -> Result<Option<Item>> {
+    async fn get_raw(&self, pk: &str) -> Result<Option<Item>> {
         crate::metrics::table_call();
         let out = self
             .client
             .get_item()
             .table_name(&self.table)
-            .set_key(Some(key(user_id)))
+            .set_key(Some(key(pk)))
             .consistent_read(true)
             .send()
             .boxed()
@@ -499,7 +448,7 @@ impl super::raw::RawItems for DynamoStore {
     async fn update_raw(
         &self,
         op: &'static str,
-        user_id: &str,
+        pk: &str,
         update: Update,
     ) -> Result<std::result::Result<Item, super::raw::RefusedRaw>> {
         let mut expr = Expr::default();
@@ -511,7 +460,7 @@ impl super::raw::RawItems for DynamoStore {
             .client
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(key(user_id)))
+            .set_key(Some(key(pk)))
             .update_expression(update_expression)
             .condition_expression(condition)
             .set_expression_attribute_names(Some(names))
@@ -545,6 +494,30 @@ struct IndexRange<'a> {
 type RawPage = (Vec<UserRecord>, Option<HashMap<String, AttributeValue>>);
 
 impl DynamoStore {
+    /// One page of a sharded index: `shard`'s items whose sort key is
+    /// below (or at) `bound`, after `start`.
+    async fn query_sharded<K: ShardedKey>(
+        &self,
+        shard: &str,
+        bound: u64,
+        start: Option<K>,
+        limit: u32,
+    ) -> Result<(Vec<UserRecord>, Option<K>)> {
+        let range = IndexRange {
+            index: K::INDEX,
+            partition: (K::SHARD, shard),
+            sort: (K::SORT, K::CMP, bound),
+        };
+        let (items, last) = self
+            .query_page(K::OP, range, start.map(start_key), limit)
+            .await?;
+        let next = last
+            .map(|lek| index_key_from(&lek, K::SHARD, K::SORT))
+            .transpose()?
+            .map(|(shard, sort, user_id)| K::from_parts(shard, sort, user_id));
+        Ok((items, next))
+    }
+
     /// Query one page of `range`, from `start`, at most `limit` items.
     async fn query_page(
         &self,

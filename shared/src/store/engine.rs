@@ -19,6 +19,7 @@ use super::{
     Result, SleepPlan, StoreError, UserRecord, UserStore,
 };
 use super::{BeginTurn, TurnCount, TurnEnd};
+use crate::api::UserId;
 
 /// A condition over an item's attributes (DynamoDB semantics: comparisons
 /// with a missing attribute are false).
@@ -171,9 +172,22 @@ pub struct PendingKey {
 }
 
 /// What an adapter provides. Public only inside this private module (sealed).
-pub trait Backend: Send + Sync {
+///
+/// The typed read and update are the raw ones plus decoding, written once
+/// here for both adapters.
+pub trait Backend: super::raw::RawItems + Send + Sync {
     /// Strongly consistent read.
-    fn get_item(&self, user_id: &str) -> impl Future<Output = Result<Option<UserRecord>>> + Send;
+    fn get_item(
+        &self,
+        user_id: &UserId,
+    ) -> impl Future<Output = Result<Option<UserRecord>>> + Send {
+        async move {
+            self.get_raw(user_id.as_str())
+                .await?
+                .map(UserRecord::from_item)
+                .transpose()
+        }
+    }
     /// Put if no item has this user id.
     fn put_new(
         &self,
@@ -183,13 +197,24 @@ pub trait Backend: Send + Sync {
     fn update(
         &self,
         op: &'static str,
-        user_id: &str,
+        user_id: &UserId,
         update: Update,
-    ) -> impl Future<Output = Result<std::result::Result<UserRecord, Refused>>> + Send;
+    ) -> impl Future<Output = Result<std::result::Result<UserRecord, Refused>>> + Send {
+        async move {
+            match self.update_raw(op, user_id.as_str(), update).await? {
+                Ok(item) if item.is_empty() => Err(StoreError::Malformed {
+                    attribute: String::new(),
+                    message: format!("{op}: UpdateItem returned no attributes"),
+                }),
+                Ok(item) => Ok(Ok(UserRecord::from_item(item)?)),
+                Err(refused) => Ok(Err(refused.map(UserRecord::from_item).transpose()?)),
+            }
+        }
+    }
     /// Conditional delete; the item as it was.
     fn delete_item(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         cond: Cond,
     ) -> impl Future<Output = Result<std::result::Result<UserRecord, Refused>>> + Send;
     /// `awake` index query, ascending by `last_active_at`.
@@ -223,7 +248,10 @@ pub trait Backend: Send + Sync {
 /// A shared store is a store (e.g. one `MemoryStore` behind the provisioner
 /// and the sweeper of a simulation).
 impl<B: Backend> Backend for std::sync::Arc<B> {
-    fn get_item(&self, user_id: &str) -> impl Future<Output = Result<Option<UserRecord>>> + Send {
+    fn get_item(
+        &self,
+        user_id: &UserId,
+    ) -> impl Future<Output = Result<Option<UserRecord>>> + Send {
         (**self).get_item(user_id)
     }
     fn put_new(
@@ -235,14 +263,14 @@ impl<B: Backend> Backend for std::sync::Arc<B> {
     fn update(
         &self,
         op: &'static str,
-        user_id: &str,
+        user_id: &UserId,
         update: Update,
     ) -> impl Future<Output = Result<std::result::Result<UserRecord, Refused>>> + Send {
         (**self).update(op, user_id, update)
     }
     fn delete_item(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         cond: Cond,
     ) -> impl Future<Output = Result<std::result::Result<UserRecord, Refused>>> + Send {
         (**self).delete_item(user_id, cond)
@@ -331,7 +359,7 @@ const REMOVE_PENDING_SLEEP: [Action; 3] = [
     Action::Remove(attr::SLEEP_REASON),
 ];
 
-fn awake_actions(user_id: &str, now_ms: u64, shards: u32) -> [Action; 3] {
+fn awake_actions(user_id: &UserId, now_ms: u64, shards: u32) -> [Action; 3] {
     [
         Action::Set(attr::POWER, s(Power::Awake.as_str())),
         Action::Set(attr::AWAKE_SHARD, s(&shard_in(user_id, shards))),
@@ -343,11 +371,7 @@ fn awake_actions(user_id: &str, now_ms: u64, shards: u32) -> [Action; 3] {
 const MAX_ERROR_BYTES: usize = 2048;
 
 fn error_text(error: &str) -> AttributeValue {
-    let mut end = error.len().min(MAX_ERROR_BYTES);
-    while !error.is_char_boundary(end) {
-        end -= 1;
-    }
-    s(&error[..end])
+    s(&error[..crate::text::floor_boundary(error, MAX_ERROR_BYTES)])
 }
 
 fn non_empty(what: &str, v: &str) -> Result<()> {
@@ -410,7 +434,7 @@ fn decode_json_cursor<K: serde::de::DeserializeOwned>(cursor: &Cursor) -> Result
 async fn apply<B: Backend>(
     b: &B,
     op: &'static str,
-    user_id: &str,
+    user_id: &UserId,
     cond: Cond,
     actions: Vec<Action>,
     now_ms: u64,
@@ -426,12 +450,11 @@ async fn apply<B: Backend>(
 async fn apply_any_state<B: Backend>(
     b: &B,
     op: &'static str,
-    user_id: &str,
+    user_id: &UserId,
     cond: Cond,
     mut actions: Vec<Action>,
     now_ms: u64,
 ) -> Result<std::result::Result<UserRecord, UserRecord>> {
-    non_empty("user_id", user_id)?;
     debug_assert!(
         {
             let mut seen = std::collections::HashSet::new();
@@ -451,7 +474,7 @@ async fn apply_any_state<B: Backend>(
         Err(None) => match b.get_item(user_id).await? {
             Some(current) => Ok(Err(current)),
             None => Err(StoreError::NotFound {
-                user_id: user_id.to_owned(),
+                user_id: user_id.to_string(),
             }),
         },
     }
@@ -461,7 +484,7 @@ async fn apply_any_state<B: Backend>(
 async fn apply_or_conflict<B: Backend>(
     b: &B,
     op: &'static str,
-    user_id: &str,
+    user_id: &UserId,
     cond: Cond,
     actions: Vec<Action>,
     now_ms: u64,
@@ -478,7 +501,7 @@ async fn apply_or_conflict<B: Backend>(
 async fn by_holder<B: Backend>(
     b: &B,
     op: &'static str,
-    user_id: &str,
+    user_id: &UserId,
     owner: &str,
     actions: Vec<Action>,
     now_ms: u64,
@@ -491,7 +514,7 @@ async fn by_holder<B: Backend>(
 async fn take_lease<B: Backend>(
     b: &B,
     op: &'static str,
-    user_id: &str,
+    user_id: &UserId,
     conds: Vec<Cond>,
     actions: Vec<Action>,
     now_ms: u64,
@@ -511,18 +534,17 @@ async fn take_lease<B: Backend>(
 async fn end_awake_period<B: Backend>(
     b: &B,
     op: &'static str,
-    user_id: &str,
+    user_id: &UserId,
     guard: Cond,
     extra: impl Fn(&UserRecord) -> Vec<Action>,
     now_ms: u64,
 ) -> Result<UserRecord> {
-    non_empty("user_id", user_id)?;
     let mut attempts = 0;
     let mut current = b
         .get_item(user_id)
         .await?
         .ok_or_else(|| StoreError::NotFound {
-            user_id: user_id.to_owned(),
+            user_id: user_id.to_string(),
         })?;
     loop {
         let (pin, mut actions) = match current.awake_since {
@@ -568,17 +590,16 @@ async fn end_awake_period<B: Backend>(
 async fn rewrite_holds<B: Backend>(
     b: &B,
     op: &'static str,
-    user_id: &str,
+    user_id: &UserId,
     owner: &str,
     next: impl Fn(&UserRecord) -> Vec<Hold>,
     now_ms: u64,
 ) -> Result<UserRecord> {
-    non_empty("user_id", user_id)?;
     let mut current = b
         .get_item(user_id)
         .await?
         .ok_or_else(|| StoreError::NotFound {
-            user_id: user_id.to_owned(),
+            user_id: user_id.to_string(),
         })?;
     let mut attempt = 0;
     loop {
@@ -620,8 +641,7 @@ async fn rewrite_holds<B: Backend>(
 }
 
 impl<B: Backend> UserStore for B {
-    async fn get(&self, user_id: &str) -> Result<Option<UserRecord>> {
-        non_empty("user_id", user_id)?;
+    async fn get(&self, user_id: &UserId) -> Result<Option<UserRecord>> {
         self.get_item(user_id).await
     }
 
@@ -632,16 +652,15 @@ impl<B: Backend> UserStore for B {
 
     async fn claim(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         create_key: &str,
         lease: &Lease,
         now_ms: u64,
     ) -> Result<ClaimOutcome> {
-        non_empty("user_id", user_id)?;
         non_empty("lease owner", &lease.owner)?;
         valid_create_key(create_key)?;
         let record = UserRecord {
-            user_id: user_id.to_owned(),
+            user_id: user_id.clone(),
             machine_id: None,
             state: MachineState::Provisioning,
             power: Power::Unknown,
@@ -683,7 +702,7 @@ impl<B: Backend> UserStore for B {
 
     async fn record_machine_id(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         create_key: &str,
         machine_id: &str,
         now_ms: u64,
@@ -706,7 +725,7 @@ impl<B: Backend> UserStore for B {
 
     async fn mark_bootstrapping(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         now_ms: u64,
     ) -> Result<UserRecord> {
@@ -728,7 +747,7 @@ impl<B: Backend> UserStore for B {
 
     async fn mark_ready(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         bootstrap_version: &str,
         now_ms: u64,
@@ -756,7 +775,7 @@ impl<B: Backend> UserStore for B {
 
     async fn mark_failed(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         error: &str,
         now_ms: u64,
@@ -774,7 +793,7 @@ impl<B: Backend> UserStore for B {
 
     async fn restart_provisioning(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         expected_generation: u64,
         lease: &Lease,
         create_key: CreateKey,
@@ -818,7 +837,7 @@ impl<B: Backend> UserStore for B {
 
     async fn acquire_lease(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         purpose: LeasePurpose,
         until_ms: u64,
@@ -855,7 +874,7 @@ impl<B: Backend> UserStore for B {
 
     async fn renew_lease(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         until_ms: u64,
         now_ms: u64,
@@ -866,7 +885,7 @@ impl<B: Backend> UserStore for B {
 
     async fn release_lease(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         now_ms: u64,
     ) -> Result<ReleaseOutcome> {
@@ -887,20 +906,20 @@ impl<B: Backend> UserStore for B {
         }
     }
 
-    async fn mark_awake(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
+    async fn mark_awake(&self, user_id: &UserId, owner: &str, now_ms: u64) -> Result<UserRecord> {
         let mut actions = vec![Action::Set(attr::LAST_ACTIVE_AT, n(now_ms))];
         actions.extend(awake_actions(user_id, now_ms, self.awake_shards()));
         by_holder(self, "mark_awake", user_id, owner, actions, now_ms).await
     }
 
-    async fn touch(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
+    async fn touch(&self, user_id: &UserId, owner: &str, now_ms: u64) -> Result<UserRecord> {
         let actions = vec![Action::Set(attr::LAST_ACTIVE_AT, n(now_ms))];
         by_holder(self, "touch", user_id, owner, actions, now_ms).await
     }
 
     async fn set_terminal(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         terminal_id: Option<&str>,
         now_ms: u64,
@@ -917,7 +936,7 @@ impl<B: Backend> UserStore for B {
 
     async fn set_terminals(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         current: Option<&str>,
         parked: &[String],
@@ -948,7 +967,7 @@ impl<B: Backend> UserStore for B {
 
     async fn set_hold(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         hold: &Hold,
         now_ms: u64,
@@ -968,7 +987,7 @@ impl<B: Backend> UserStore for B {
 
     async fn release_holds(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         markers: &[String],
         now_ms: u64,
@@ -983,7 +1002,7 @@ impl<B: Backend> UserStore for B {
         rewrite_holds(self, "release_holds", user_id, owner, keep, now_ms).await
     }
 
-    async fn clear_hold(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
+    async fn clear_hold(&self, user_id: &UserId, owner: &str, now_ms: u64) -> Result<UserRecord> {
         let actions = vec![
             Action::Remove(attr::HOLD_UNTIL),
             Action::Remove(attr::HOLD_MARKER),
@@ -992,7 +1011,7 @@ impl<B: Backend> UserStore for B {
         by_holder(self, "clear_hold", user_id, owner, actions, now_ms).await
     }
 
-    async fn mark_asleep(&self, user_id: &str, owner: &str, now_ms: u64) -> Result<UserRecord> {
+    async fn mark_asleep(&self, user_id: &UserId, owner: &str, now_ms: u64) -> Result<UserRecord> {
         let guard = Cond::And(vec![
             lease_owned_by(owner),
             Cond::Eq(attr::LEASE_KIND, s(LeaseKind::Sweep.as_str())),
@@ -1003,7 +1022,7 @@ impl<B: Backend> UserStore for B {
 
     async fn set_sleep_eligible_at(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         eligible_at_ms: u64,
         now_ms: u64,
@@ -1022,7 +1041,7 @@ impl<B: Backend> UserStore for B {
 
     async fn mark_lost(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         error: &str,
         now_ms: u64,
@@ -1066,7 +1085,7 @@ impl<B: Backend> UserStore for B {
         power: Power,
         now_ms: u64,
     ) -> Result<UserRecord> {
-        let user_id = current.user_id.as_str();
+        let user_id = &current.user_id;
         let cond = Cond::Eq(attr::GENERATION, n(current.generation));
         let actions = match power {
             Power::Awake => awake_actions(user_id, now_ms, self.awake_shards()).to_vec(),
@@ -1090,7 +1109,7 @@ impl<B: Backend> UserStore for B {
         apply_or_conflict(self, "set_power", user_id, cond, actions, now_ms).await
     }
 
-    async fn mark_destroying(&self, user_id: &str, now_ms: u64) -> Result<UserRecord> {
+    async fn mark_destroying(&self, user_id: &UserId, now_ms: u64) -> Result<UserRecord> {
         let actions = vec![
             Action::Set(attr::STATE, s(MachineState::Destroying.as_str())),
             Action::Remove(attr::AWAKE_SHARD),
@@ -1108,8 +1127,7 @@ impl<B: Backend> UserStore for B {
             })
     }
 
-    async fn delete(&self, user_id: &str, guard: DeleteGuard) -> Result<DeleteOutcome> {
-        non_empty("user_id", user_id)?;
+    async fn delete(&self, user_id: &UserId, guard: DeleteGuard) -> Result<DeleteOutcome> {
         let cond = match guard {
             DeleteGuard::Generation(g) => Cond::Eq(attr::GENERATION, n(g)),
             DeleteGuard::Destroying => Cond::Eq(attr::STATE, s(MachineState::Destroying.as_str())),
@@ -1132,13 +1150,12 @@ impl<B: Backend> UserStore for B {
 
     async fn count_request(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         counter: Counter,
         limit: u32,
         window_ms: u64,
         now_ms: u64,
     ) -> Result<CountOutcome> {
-        non_empty("user_id", user_id)?;
         let window_ms = window_ms.max(1);
         let window = now_ms - now_ms % window_ms;
         let limited = CountOutcome::Limited {
@@ -1189,8 +1206,7 @@ impl<B: Backend> UserStore for B {
         Ok(limited)
     }
 
-    async fn note_awake_day(&self, user_id: &str, day_start: u64, base_ms: u64) -> Result<()> {
-        non_empty("user_id", user_id)?;
+    async fn note_awake_day(&self, user_id: &UserId, day_start: u64, base_ms: u64) -> Result<()> {
         let update = Update {
             cond: Cond::And(vec![
                 Cond::Exists(attr::USER_ID),
@@ -1209,7 +1225,7 @@ impl<B: Backend> UserStore for B {
             Err(None) => match self.get_item(user_id).await? {
                 Some(_) => Ok(()),
                 None => Err(StoreError::NotFound {
-                    user_id: user_id.to_owned(),
+                    user_id: user_id.to_string(),
                 }),
             },
         }
@@ -1240,7 +1256,7 @@ impl<B: Backend> UserStore for B {
 
     async fn begin_turn(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         until_ms: u64,
         count: Option<TurnCount>,
@@ -1251,7 +1267,7 @@ impl<B: Backend> UserStore for B {
 
     async fn end_turn(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         end: &TurnEnd,
         now_ms: u64,
@@ -1259,8 +1275,7 @@ impl<B: Backend> UserStore for B {
         end_turn(self, user_id, owner, end, now_ms).await
     }
 
-    async fn move_awake_shard(&self, user_id: &str, from: &str, to: &str) -> Result<bool> {
-        non_empty("user_id", user_id)?;
+    async fn move_awake_shard(&self, user_id: &UserId, from: &str, to: &str) -> Result<bool> {
         non_empty("shard", from)?;
         non_empty("shard", to)?;
         let update = Update {
@@ -1278,7 +1293,7 @@ impl<B: Backend> UserStore for B {
 
     async fn schedule_sleep(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         plan: &SleepPlan<'_>,
         now_ms: u64,
     ) -> Result<UserRecord> {
@@ -1287,7 +1302,7 @@ impl<B: Backend> UserStore for B {
 
     async fn clear_pending_sleep(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         expected_at: u64,
         now_ms: u64,
     ) -> Result<UserRecord> {
@@ -1308,7 +1323,11 @@ impl<B: Backend> UserStore for B {
 /// The write of [`UserStore::schedule_sleep`]: refused unless the item is
 /// as the caller left it (`last_active_at` unchanged, no live lease — a turn
 /// that started since would hold one, or have moved `last_active_at`).
-fn schedule_sleep_update(plan: &SleepPlan<'_>, user_id: &str, now_ms: u64) -> (Cond, Vec<Action>) {
+fn schedule_sleep_update(
+    plan: &SleepPlan<'_>,
+    user_id: &UserId,
+    now_ms: u64,
+) -> (Cond, Vec<Action>) {
     let mut conds = vec![
         Cond::Eq(attr::LAST_ACTIVE_AT, n(plan.expected_last_active_at)),
         no_live_lease(now_ms),
@@ -1334,7 +1353,7 @@ fn schedule_sleep_update(plan: &SleepPlan<'_>, user_id: &str, now_ms: u64) -> (C
 /// The pending-sleep operations (`pending-sleep` index; docs/design.md §4).
 pub(super) async fn schedule_sleep<B: Backend>(
     b: &B,
-    user_id: &str,
+    user_id: &UserId,
     plan: &SleepPlan<'_>,
     now_ms: u64,
 ) -> Result<UserRecord> {
@@ -1349,7 +1368,7 @@ pub(super) async fn schedule_sleep<B: Backend>(
 
 pub(super) async fn clear_pending_sleep<B: Backend>(
     b: &B,
-    user_id: &str,
+    user_id: &UserId,
     expected_at: u64,
     now_ms: u64,
 ) -> Result<UserRecord> {
@@ -1386,7 +1405,7 @@ pub fn pending_key(rec: &UserRecord) -> Option<PendingKey> {
     rec.pending_sleep.as_ref().map(|p| PendingKey {
         shard: p.shard.clone(),
         sleep_at: p.at,
-        user_id: rec.user_id.clone(),
+        user_id: rec.user_id.to_string(),
     })
 }
 
@@ -1437,7 +1456,7 @@ fn turn_may_begin(now_ms: u64) -> Vec<Cond> {
 
 async fn begin_turn<B: Backend>(
     b: &B,
-    user_id: &str,
+    user_id: &UserId,
     owner: &str,
     until_ms: u64,
     count: Option<TurnCount>,
@@ -1456,18 +1475,7 @@ async fn begin_turn<B: Backend>(
     // A wrong guess of the stored window is corrected once per form.
     for _ in 0..3 {
         let mut cond = turn_may_begin(now_ms);
-        let mut actions = set_lease(&lease).to_vec();
-        // The activity before this turn (adaptive idle's gap), kept first.
-        actions.push(Action::CopyOr(
-            attr::PREV_ACTIVE_AT,
-            attr::LAST_ACTIVE_AT,
-            n(now_ms),
-        ));
-        actions.push(Action::Set(attr::LAST_ACTIVE_AT, n(now_ms)));
-        actions.extend(awake_actions(user_id, now_ms, b.awake_shards()));
-        actions.push(Action::Add(attr::TURN_SEQ, 1));
-        // A turn starting cancels a pending sleep (requested or adaptive).
-        actions.extend(REMOVE_PENDING_SLEEP);
+        let mut actions = begin_turn_actions(&lease, user_id, now_ms, b.awake_shards());
         if let (Some(c), Some((w, _))) = (count, window) {
             let (c_cond, c_actions) = count_parts(form, w, c.limit);
             cond.push(c_cond);
@@ -1480,31 +1488,64 @@ async fn begin_turn<B: Backend>(
             Err(StoreError::NotFound { .. }) => return Ok(BeginTurn::NoItem),
             Err(e) => return Err(e),
         };
-        let (Some(c), Some((w, len))) = (count, window) else {
+        let (Some(c), Some(window)) = (count, window) else {
             return Ok(BeginTurn::Refused(current));
         };
-        let marks = current.turns;
-        if marks.window == Some(w) && marks.count >= u64::from(c.limit) {
-            return Ok(BeginTurn::Limited {
-                retry_after_ms: w + len - now_ms,
-            });
-        }
-        let right = if marks.window == Some(w) {
-            CountForm::Bump
-        } else {
-            CountForm::Start
+        form = match refused_count(current, c, window, form, now_ms)? {
+            Ok(right) => right,
+            Err(answer) => return Ok(answer),
         };
-        let may_begin = current.state != MachineState::Destroying
-            && Cond::And(turn_may_begin(now_ms)).eval(&current.to_item()?);
-        if right == form || !may_begin {
-            return Ok(BeginTurn::Refused(current));
-        }
-        form = right;
     }
     // The window moved under us three times: another writer counts too.
     Ok(BeginTurn::Limited {
         retry_after_ms: 1000,
     })
+}
+
+/// What a beginning turn writes, the fair-use count aside: its lease, the
+/// activity (the one before it kept first, for adaptive idle's gap), awake,
+/// one more turn, and no pending sleep (a turn starting cancels it).
+fn begin_turn_actions(lease: &Lease, user_id: &UserId, now_ms: u64, shards: u32) -> Vec<Action> {
+    let mut actions = set_lease(lease).to_vec();
+    actions.push(Action::CopyOr(
+        attr::PREV_ACTIVE_AT,
+        attr::LAST_ACTIVE_AT,
+        n(now_ms),
+    ));
+    actions.push(Action::Set(attr::LAST_ACTIVE_AT, n(now_ms)));
+    actions.extend(awake_actions(user_id, now_ms, shards));
+    actions.push(Action::Add(attr::TURN_SEQ, 1));
+    actions.extend(REMOVE_PENDING_SLEEP);
+    actions
+}
+
+/// A counted begin was refused with the item as `current`: the answer
+/// (limited, or refused for another reason), or the count form to try
+/// again with when only the guess of the stored window was wrong.
+fn refused_count(
+    current: UserRecord,
+    c: TurnCount,
+    (w, len): (u64, u64),
+    form: CountForm,
+    now_ms: u64,
+) -> Result<std::result::Result<CountForm, BeginTurn>> {
+    let marks = current.turns;
+    if marks.window == Some(w) && marks.count >= u64::from(c.limit) {
+        return Ok(Err(BeginTurn::Limited {
+            retry_after_ms: w + len - now_ms,
+        }));
+    }
+    let right = if marks.window == Some(w) {
+        CountForm::Bump
+    } else {
+        CountForm::Start
+    };
+    let may_begin = current.state != MachineState::Destroying
+        && Cond::And(turn_may_begin(now_ms)).eval(&current.to_item()?);
+    if right == form || !may_begin {
+        return Ok(Err(BeginTurn::Refused(current)));
+    }
+    Ok(Ok(right))
 }
 
 /// The actions storing the terminals a turn leaves.
@@ -1550,7 +1591,7 @@ fn hold_actions(holds: &[Hold]) -> Result<Vec<Action>> {
 
 async fn end_turn<B: Backend>(
     b: &B,
-    user_id: &str,
+    user_id: &UserId,
     owner: &str,
     end: &TurnEnd,
     now_ms: u64,
@@ -1574,13 +1615,13 @@ pub fn awake_key(rec: &UserRecord) -> Option<AwakeKey> {
     rec.awake_shard.as_ref().map(|shard| AwakeKey {
         shard: shard.clone(),
         last_active_at: rec.last_active_at,
-        user_id: rec.user_id.clone(),
+        user_id: rec.user_id.to_string(),
     })
 }
 
-/// The item's key.
-pub fn key(user_id: &str) -> Item {
-    Item::from([(attr::USER_ID.to_owned(), s(user_id))])
+/// The key of the item with partition key `pk` (a user id, or a turn key's).
+pub fn key(pk: &str) -> Item {
+    Item::from([(attr::USER_ID.to_owned(), s(pk))])
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use super::engine::{awake_key, pending_key, AwakeKey, Backend, Cond, PendingKey,
 use super::record::Item;
 use super::table::attr;
 use super::{Result, StoreError, UserRecord};
+use crate::api::UserId;
 
 /// A hook awaited before every backend call (get, put, update, delete,
 /// query), with the call's name and user id (empty for index queries).
@@ -159,48 +160,24 @@ fn decode(item: Option<&Item>) -> Result<Option<UserRecord>> {
 }
 
 impl Backend for MemoryStore {
-    async fn get_item(&self, user_id: &str) -> Result<Option<UserRecord>> {
-        self.pause("get", user_id).await;
-        decode(self.lock().get(user_id))
-    }
-
     async fn put_new(&self, record: &UserRecord) -> Result<std::result::Result<(), Refused>> {
-        self.pause("claim", &record.user_id).await;
+        let user_id = record.user_id.as_str();
+        self.pause("claim", user_id).await;
         let item = record.to_item()?;
         let mut items = self.lock();
-        if let Some(existing) = items.get(&record.user_id) {
+        if let Some(existing) = items.get(user_id) {
             return Ok(Err(decode(Some(existing))?));
         }
-        items.insert(record.user_id.clone(), item);
+        items.insert(user_id.to_owned(), item);
         Ok(Ok(()))
-    }
-
-    async fn update(
-        &self,
-        op: &'static str,
-        user_id: &str,
-        update: Update,
-    ) -> Result<std::result::Result<UserRecord, Refused>> {
-        self.pause(op, user_id).await;
-        let mut items = self.lock();
-        let current = items.get(user_id).cloned().unwrap_or_default();
-        if !update.cond.eval(&current) {
-            return Ok(Err(decode(items.get(user_id))?));
-        }
-        let mut next = current;
-        for action in &update.actions {
-            action.apply(&mut next);
-        }
-        let record = UserRecord::from_item(next.clone())?;
-        items.insert(user_id.to_owned(), next);
-        Ok(Ok(record))
     }
 
     async fn delete_item(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         cond: Cond,
     ) -> Result<std::result::Result<UserRecord, Refused>> {
+        let user_id = user_id.as_str();
         self.pause("delete", user_id).await;
         let mut items = self.lock();
         let current = items.get(user_id).cloned().unwrap_or_default();

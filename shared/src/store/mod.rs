@@ -32,6 +32,8 @@
 
 use std::future::Future;
 
+use crate::api::UserId;
+
 mod dynamo;
 mod engine;
 mod memory;
@@ -333,7 +335,7 @@ pub struct Page<T> {
 /// Usable as a generic bound (`S: UserStore`); the returned futures are `Send`.
 pub trait UserStore: Send + Sync {
     /// The user's item, strongly consistent.
-    fn get(&self, user_id: &str) -> impl Future<Output = Result<Option<UserRecord>>> + Send;
+    fn get(&self, user_id: &UserId) -> impl Future<Output = Result<Option<UserRecord>>> + Send;
 
     /// Items referencing `machine_id` (the `by-machine` index; eventually
     /// consistent). More than one means a bug worth reporting.
@@ -347,7 +349,7 @@ pub trait UserStore: Send + Sync {
     /// and the provisioning `lease` (`provision_attempts` 0).
     fn claim(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         create_key: &str,
         lease: &Lease,
         now_ms: u64,
@@ -358,7 +360,7 @@ pub trait UserStore: Send + Sync {
     /// write). Refused: [`StoreError::Conflict`].
     fn record_machine_id(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         create_key: &str,
         machine_id: &str,
         now_ms: u64,
@@ -368,7 +370,7 @@ pub trait UserStore: Send + Sync {
     /// id is recorded.
     fn mark_bootstrapping(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         now_ms: u64,
     ) -> impl Future<Output = Result<UserRecord>> + Send;
@@ -379,7 +381,7 @@ pub trait UserStore: Send + Sync {
     /// unset, `last_active_at = now_ms`) and clears `last_error`.
     fn mark_ready(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         bootstrap_version: &str,
         now_ms: u64,
@@ -389,7 +391,7 @@ pub trait UserStore: Send + Sync {
     /// holder (who still releases the lease).
     fn mark_failed(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         error: &str,
         now_ms: u64,
@@ -402,7 +404,7 @@ pub trait UserStore: Send + Sync {
     /// see [`CreateKey`] for the key.
     fn restart_provisioning(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         expected_generation: u64,
         lease: &Lease,
         create_key: CreateKey,
@@ -414,7 +416,7 @@ pub trait UserStore: Send + Sync {
     /// item). A provisioning lease also adds one to `provision_attempts`.
     fn acquire_lease(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         purpose: LeasePurpose,
         until_ms: u64,
@@ -425,7 +427,7 @@ pub trait UserStore: Send + Sync {
     /// if `owner` no longer holds it.
     fn renew_lease(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         until_ms: u64,
         now_ms: u64,
@@ -434,7 +436,7 @@ pub trait UserStore: Send + Sync {
     /// Drop `owner`'s lease; a no-op outcome if `owner` does not hold it.
     fn release_lease(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         now_ms: u64,
     ) -> impl Future<Output = Result<ReleaseOutcome>> + Send;
@@ -443,7 +445,7 @@ pub trait UserStore: Send + Sync {
     /// `awake_since` kept if already awake (else `now_ms`), `last_active_at = now_ms`.
     fn mark_awake(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         now_ms: u64,
     ) -> impl Future<Output = Result<UserRecord>> + Send;
@@ -452,7 +454,7 @@ pub trait UserStore: Send + Sync {
     /// (`awake_shard` untouched).
     fn touch(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         now_ms: u64,
     ) -> impl Future<Output = Result<UserRecord>> + Send;
@@ -460,7 +462,7 @@ pub trait UserStore: Send + Sync {
     /// The lease holder stores (or clears) the terminal to reuse.
     fn set_terminal(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         terminal_id: Option<&str>,
         now_ms: u64,
@@ -470,7 +472,7 @@ pub trait UserStore: Send + Sync {
     /// it keeps (busy with a command left running, or one idle spare).
     fn set_terminals(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         current: Option<&str>,
         parked: &[String],
@@ -483,7 +485,7 @@ pub trait UserStore: Send + Sync {
     /// running holds the machine until its own marker exists.
     fn set_hold(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         hold: &Hold,
         now_ms: u64,
@@ -493,7 +495,7 @@ pub trait UserStore: Send + Sync {
     /// finished); the others stay.
     fn release_holds(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         markers: &[String],
         now_ms: u64,
@@ -502,7 +504,7 @@ pub trait UserStore: Send + Sync {
     /// The lease holder drops every hold (all markers found, or expired).
     fn clear_hold(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         now_ms: u64,
     ) -> impl Future<Output = Result<UserRecord>> + Send;
@@ -513,7 +515,7 @@ pub trait UserStore: Send + Sync {
     /// `owner`.
     fn mark_asleep(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         now_ms: u64,
     ) -> impl Future<Output = Result<UserRecord>> + Send;
@@ -521,7 +523,7 @@ pub trait UserStore: Send + Sync {
     /// The lease holder records when a refused sleep may be retried.
     fn set_sleep_eligible_at(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         eligible_at_ms: u64,
         now_ms: u64,
@@ -533,7 +535,7 @@ pub trait UserStore: Send + Sync {
     /// the next provisioning may use [`CreateKey::Replace`].
     fn mark_lost(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         error: &str,
         now_ms: u64,
@@ -555,14 +557,14 @@ pub trait UserStore: Send + Sync {
     /// (except releasing a lease) refused from now on. Idempotent.
     fn mark_destroying(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         now_ms: u64,
     ) -> impl Future<Output = Result<UserRecord>> + Send;
 
     /// Delete the item under `guard`; a missing item is [`DeleteOutcome::AlreadyGone`].
     fn delete(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         guard: DeleteGuard,
     ) -> impl Future<Output = Result<DeleteOutcome>> + Send;
 
@@ -574,7 +576,7 @@ pub trait UserStore: Send + Sync {
     /// `updated_at` (they change nothing another writer relies on).
     fn count_request(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         counter: Counter,
         limit: u32,
         window_ms: u64,
@@ -587,7 +589,7 @@ pub trait UserStore: Send + Sync {
     /// no `generation` bump. A missing item is [`StoreError::NotFound`].
     fn note_awake_day(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         day_start: u64,
         base_ms: u64,
     ) -> impl Future<Output = Result<()>> + Send;
@@ -612,7 +614,7 @@ pub trait UserStore: Send + Sync {
     /// caller to route on.
     fn begin_turn(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         until_ms: u64,
         count: Option<TurnCount>,
@@ -624,7 +626,7 @@ pub trait UserStore: Send + Sync {
     /// Refused ([`StoreError::Conflict`]) if `owner` no longer holds it.
     fn end_turn(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         end: &TurnEnd,
         now_ms: u64,
@@ -638,7 +640,7 @@ pub trait UserStore: Send + Sync {
     /// generation are not disturbed by where the index keeps the item.
     fn move_awake_shard(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         from: &str,
         to: &str,
     ) -> impl Future<Output = Result<bool>> + Send;
@@ -651,7 +653,7 @@ pub trait UserStore: Send + Sync {
     /// [`StoreError::Conflict`].
     fn schedule_sleep(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         plan: &SleepPlan<'_>,
         now_ms: u64,
     ) -> impl Future<Output = Result<UserRecord>> + Send;
@@ -660,7 +662,7 @@ pub trait UserStore: Send + Sync {
     /// longer awake, or no longer needs it). Refused if another is pending.
     fn clear_pending_sleep(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         expected_at: u64,
         now_ms: u64,
     ) -> impl Future<Output = Result<UserRecord>> + Send;

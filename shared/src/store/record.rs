@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::table::attr;
 use super::StoreError;
+use crate::api::UserId;
 
 /// A DynamoDB item as the SDK represents it.
 pub type Item = HashMap<String, AttributeValue>;
@@ -179,8 +180,14 @@ pub struct PendingSleep {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "Wire", try_from = "Wire")]
 pub struct UserRecord {
-    /// Partition key.
-    pub user_id: String,
+    /// Partition key. Parsed once, when the item is decoded: a stored id
+    /// that is not a valid [`UserId`] makes the item
+    /// [`StoreError::Malformed`] (attribute `user_id`), like any other
+    /// ill-typed attribute, and never a panic. Readers treat it as they
+    /// treat every malformed item: the sweep's shard walk logs the failed
+    /// page and leaves that shard for the next run; a route answers with
+    /// its table error.
+    pub user_id: UserId,
     /// Dedalus machine id (opaque), recorded right after the create call.
     pub machine_id: Option<String>,
     /// Provisioning state.
@@ -384,7 +391,7 @@ impl From<UserRecord> for Wire {
             None => (None, None),
         };
         Self {
-            user_id: r.user_id,
+            user_id: r.user_id.into_string(),
             machine_id: r.machine_id,
             state: r.state,
             power: r.power,
@@ -427,41 +434,14 @@ impl TryFrom<Wire> for UserRecord {
     type Error = StoreError;
 
     fn try_from(w: Wire) -> Result<Self, StoreError> {
-        let lease = match (w.lease_owner, w.lease_kind, w.lease_until) {
-            (Some(owner), Some(kind), Some(until)) => Some(Lease { owner, kind, until }),
-            (None, None, None) => None,
-            (owner, kind, _) => {
-                let missing = if owner.is_none() {
-                    attr::LEASE_OWNER
-                } else if kind.is_none() {
-                    attr::LEASE_KIND
-                } else {
-                    attr::LEASE_UNTIL
-                };
-                return Err(StoreError::Malformed {
-                    attribute: missing.to_owned(),
-                    message: "partial lease: lease_owner, lease_kind and lease_until go together"
-                        .to_owned(),
-                });
-            }
-        };
-        let hold = match (w.hold_until, w.hold_marker) {
-            (Some(until), Some(marker)) => Some(Hold { until, marker }),
-            (None, None) => None,
-            (until, _) => {
-                return Err(StoreError::Malformed {
-                    attribute: if until.is_none() {
-                        attr::HOLD_UNTIL
-                    } else {
-                        attr::HOLD_MARKER
-                    }
-                    .to_owned(),
-                    message: "partial hold: hold_until and hold_marker go together".to_owned(),
-                })
-            }
-        };
+        let lease = lease_of(w.lease_owner, w.lease_kind, w.lease_until)?;
+        let hold = hold_of(w.hold_until, w.hold_marker)?;
+        let user_id = UserId::parse(&w.user_id).map_err(|e| StoreError::Malformed {
+            attribute: attr::USER_ID.to_owned(),
+            message: e.to_string(),
+        })?;
         Ok(Self {
-            user_id: w.user_id,
+            user_id,
             machine_id: w.machine_id,
             state: w.state,
             power: w.power,
@@ -502,6 +482,50 @@ impl TryFrom<Wire> for UserRecord {
                 previous_active_at: w.prev_active_at,
             },
         })
+    }
+}
+
+/// The lease's three attributes: all or none; a partial lease names the
+/// first missing one.
+fn lease_of(
+    owner: Option<String>,
+    kind: Option<LeaseKind>,
+    until: Option<u64>,
+) -> Result<Option<Lease>, StoreError> {
+    match (owner, kind, until) {
+        (Some(owner), Some(kind), Some(until)) => Ok(Some(Lease { owner, kind, until })),
+        (None, None, None) => Ok(None),
+        (owner, kind, _) => {
+            let missing = if owner.is_none() {
+                attr::LEASE_OWNER
+            } else if kind.is_none() {
+                attr::LEASE_KIND
+            } else {
+                attr::LEASE_UNTIL
+            };
+            Err(StoreError::Malformed {
+                attribute: missing.to_owned(),
+                message: "partial lease: lease_owner, lease_kind and lease_until go together"
+                    .to_owned(),
+            })
+        }
+    }
+}
+
+/// The legacy single hold's two attributes: both or neither.
+fn hold_of(until: Option<u64>, marker: Option<String>) -> Result<Option<Hold>, StoreError> {
+    match (until, marker) {
+        (Some(until), Some(marker)) => Ok(Some(Hold { until, marker })),
+        (None, None) => Ok(None),
+        (until, _) => Err(StoreError::Malformed {
+            attribute: if until.is_none() {
+                attr::HOLD_UNTIL
+            } else {
+                attr::HOLD_MARKER
+            }
+            .to_owned(),
+            message: "partial hold: hold_until and hold_marker go together".to_owned(),
+        }),
     }
 }
 
@@ -609,6 +633,18 @@ mod tests {
                 assert_eq!(attribute, "generation", "{message}")
             }
             other => panic!("expected Malformed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn given_a_stored_user_id_that_is_not_valid_when_decoded_then_the_item_is_malformed() {
+        for bad in ["", "a/b", "-a"] {
+            let mut item = sample().to_item().expect("encode");
+            item.insert("user_id".into(), AttributeValue::S(bad.into()));
+            match UserRecord::from_item(item) {
+                Err(StoreError::Malformed { attribute, .. }) => assert_eq!(attribute, "user_id"),
+                other => panic!("expected Malformed for {bad:?}, got {other:?}"),
+            }
         }
     }
 

@@ -15,7 +15,8 @@ use super::engine::Action;
 use super::raw::RawItems;
 use super::record::Item;
 use super::table::attr;
-use super::{MachineState, Result, StoreError, UserRecord};
+use super::{MachineState, Result, UserRecord};
+use crate::api::UserId;
 
 /// A step of provisioning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -120,16 +121,13 @@ pub trait StageReader: Send + Sync {
     /// The user's item and its stage, strongly consistent.
     fn get_with_stage(
         &self,
-        user_id: &str,
+        user_id: &UserId,
     ) -> impl Future<Output = Result<Option<StageView>>> + Send;
 }
 
 impl<B: RawItems> StageReader for B {
-    async fn get_with_stage(&self, user_id: &str) -> Result<Option<StageView>> {
-        if user_id.is_empty() {
-            return Err(StoreError::InvalidArgument("user_id is empty".to_owned()));
-        }
-        self.get_raw(user_id)
+    async fn get_with_stage(&self, user_id: &UserId) -> Result<Option<StageView>> {
+        self.get_raw(user_id.as_str())
             .await?
             .map(StageView::from_item)
             .transpose()
@@ -159,6 +157,7 @@ pub(super) const CLEAR_STAGE: [Action; 2] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::user_id::uid;
     use crate::store::{Lease, LeaseKind, LeasePurpose, MemoryStore, UserStore};
 
     #[tokio::test]
@@ -166,29 +165,32 @@ mod tests {
         let store = MemoryStore::new();
         let key = crate::store::new_create_key();
         let lease = Lease::new("trigger", LeaseKind::Provision, 10_000);
-        store.claim("u1", &key, &lease, 1_000).await.expect("claim");
+        store
+            .claim(&uid("u1"), &key, &lease, 1_000)
+            .await
+            .expect("claim");
         let view = |v: Option<StageView>| {
             let v = v.expect("item");
             (v.stage, v.since_ms)
         };
-        let read = || async { store.get_with_stage("u1").await.expect("read") };
+        let read = || async { store.get_with_stage(&uid("u1")).await.expect("read") };
         assert_eq!(view(read().await), (Some(ProvisionStage::Claimed), 1_000));
         store
-            .release_lease("u1", "trigger", 1_100)
+            .release_lease(&uid("u1"), "trigger", 1_100)
             .await
             .expect("release");
         store
-            .acquire_lease("u1", "worker", LeasePurpose::Provision, 20_000, 1_200)
+            .acquire_lease(&uid("u1"), "worker", LeasePurpose::Provision, 20_000, 1_200)
             .await
             .expect("acquire");
         assert_eq!(view(read().await), (Some(ProvisionStage::Creating), 1_200));
         store
-            .record_machine_id("u1", &key, "dm-1", 1_500)
+            .record_machine_id(&uid("u1"), &key, "dm-1", 1_500)
             .await
             .expect("record");
         assert_eq!(view(read().await), (Some(ProvisionStage::Booting), 1_500));
         store
-            .mark_bootstrapping("u1", "worker", 3_000)
+            .mark_bootstrapping(&uid("u1"), "worker", 3_000)
             .await
             .expect("bootstrapping");
         assert_eq!(
@@ -196,7 +198,7 @@ mod tests {
             (Some(ProvisionStage::Bootstrapping), 3_000)
         );
         store
-            .mark_ready("u1", "worker", "v1", 4_000)
+            .mark_ready(&uid("u1"), "worker", "v1", 4_000)
             .await
             .expect("ready");
         let ready = read().await.expect("item");

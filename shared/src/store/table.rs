@@ -25,6 +25,7 @@ use aws_sdk_dynamodb::types::{
 use serde_json::{json, Value};
 
 use super::StoreError;
+use crate::api::UserId;
 
 /// Attribute names, as stored.
 pub mod attr {
@@ -167,16 +168,21 @@ const BILLING_MODE: &str = "PAY_PER_REQUEST";
 /// The awake shard of a user: FNV-1a (64-bit) of the UTF-8 user id modulo
 /// [`AWAKE_SHARDS`], as a decimal string. Stable across processes, builds and
 /// platforms (unlike std's randomized hasher).
-pub fn shard_for(user_id: &str) -> String {
+pub fn shard_for(user_id: &UserId) -> String {
     shard_in(user_id, AWAKE_SHARDS)
 }
 
 /// The awake shard of a user for a table split into `count` shards (the
 /// same hash as [`shard_for`]; `count` 0 is taken as 1).
-pub fn shard_in(user_id: &str, count: u32) -> String {
+pub fn shard_in(user_id: &UserId, count: u32) -> String {
+    fnv_shard(user_id.as_str(), count)
+}
+
+/// FNV-1a (64-bit) of `key`'s bytes modulo `count` (0 taken as 1).
+fn fnv_shard(key: &str, count: u32) -> String {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let hash = user_id
+    let hash = key
         .bytes()
         .fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME));
     (hash % u64::from(count.max(1))).to_string()
@@ -250,7 +256,7 @@ impl ShardLayout {
     }
 
     /// The shard a user's item is written to.
-    pub fn shard_of(&self, user_id: &str) -> String {
+    pub fn shard_of(&self, user_id: &UserId) -> String {
         shard_in(user_id, self.shards)
     }
 
@@ -262,7 +268,7 @@ impl ShardLayout {
     }
 
     /// Whether `shard` is where the current layout puts `user_id`.
-    pub fn in_place(&self, user_id: &str, shard: &str) -> bool {
+    pub fn in_place(&self, user_id: &UserId, shard: &str) -> bool {
         self.shard_of(user_id) == shard
     }
 }
@@ -394,13 +400,14 @@ mod tests {
     #[test]
     fn given_fixed_user_ids_when_sharded_then_the_shards_are_stable_and_in_range() {
         // Pinned values: a change here re-shards every awake machine.
-        assert_eq!(shard_for(""), (0xcbf2_9ce4_8422_2325u64 % 8).to_string());
-        assert_eq!(shard_for("alice"), "7");
-        assert_eq!(shard_for("bob"), "4");
-        assert_eq!(shard_for("user-1"), "4");
+        assert_eq!(fnv_shard("", 8), (0xcbf2_9ce4_8422_2325u64 % 8).to_string());
+        assert_eq!(shard_for(&"alice".into()), "7");
+        assert_eq!(shard_for(&"bob".into()), "4");
+        assert_eq!(shard_for(&"user-1".into()), "4");
         let mut seen = std::collections::HashSet::new();
         for i in 0..1000 {
-            let s = shard_for(&format!("user-{i}"));
+            let user = UserId::parse(&format!("user-{i}")).expect("valid");
+            let s = shard_for(&user);
             let n: u32 = s.parse().expect("decimal");
             assert!(n < AWAKE_SHARDS);
             seen.insert(s);
@@ -423,7 +430,8 @@ mod tests {
         ]))
         .expect("layout");
         assert_eq!(grow.read_shards().len(), 32);
-        assert_eq!(grow.shard_of("alice"), shard_in("alice", 32));
+        let (alice, bob) = (UserId::from("alice"), UserId::from("bob"));
+        assert_eq!(grow.shard_of(&alice), shard_in(&alice, 32));
         let shrink = ShardLayout::from_map(&env(&[
             ("AWAKE_SHARDS", "4"),
             ("AWAKE_SHARDS_PREVIOUS", "16"),
@@ -434,8 +442,8 @@ mod tests {
             16,
             "the old range is still read"
         );
-        assert!(shrink.in_place("bob", &shard_in("bob", 4)));
-        assert_eq!(shard_in("alice", AWAKE_SHARDS), shard_for("alice"));
+        assert!(shrink.in_place(&bob, &shard_in(&bob, 4)));
+        assert_eq!(shard_in(&alice, AWAKE_SHARDS), shard_for(&alice));
         for (name, bad) in [
             ("AWAKE_SHARDS", "0"),
             ("AWAKE_SHARDS", "many"),

@@ -21,6 +21,7 @@ use super::raw::RawItems;
 use super::record::Item;
 use super::table::attr;
 use super::{Result, StoreError};
+use crate::api::UserId;
 
 /// How long a turn key is kept after its first use.
 pub const TURN_KEY_RETENTION: Duration = Duration::from_secs(24 * 3600);
@@ -76,7 +77,7 @@ pub trait TurnKeys: Send + Sync {
     /// `pending` one, or a `running` one whose claim ended), or say why not.
     fn begin_turn_key(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         key: &str,
         body_hash: &str,
         run_until_ms: u64,
@@ -87,7 +88,7 @@ pub trait TurnKeys: Send + Sync {
     /// False if `runner` no longer holds the key.
     fn finish_turn_key(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         key: &str,
         runner: &str,
         response: &str,
@@ -99,7 +100,7 @@ pub trait TurnKeys: Send + Sync {
     /// `runner` no longer holds it.
     fn release_turn_key(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         key: &str,
         runner: &str,
         now_ms: u64,
@@ -107,7 +108,7 @@ pub trait TurnKeys: Send + Sync {
 }
 
 /// The partition key of `key`'s item.
-pub fn turn_key_item_key(user_id: &str, key: &str) -> String {
+pub fn turn_key_item_key(user_id: &UserId, key: &str) -> String {
     format!("{TURN_KEY_PREFIX}{user_id}#{key}")
 }
 
@@ -137,12 +138,9 @@ fn expires_at(now_ms: u64) -> u64 {
     (now_ms / 1000).saturating_add(TURN_KEY_RETENTION.as_secs())
 }
 
-fn check_args(user_id: &str, key: &str) -> Result<()> {
-    if user_id.is_empty() || user_id.contains('#') {
-        return Err(StoreError::InvalidArgument(
-            "a turn key's user id must be non-empty without `#`".to_owned(),
-        ));
-    }
+/// A user id is never empty and never contains `#` ([`UserId`]); the key
+/// must be 1 to [`MAX_TURN_KEY_BYTES`] bytes.
+fn check_args(key: &str) -> Result<()> {
     if key.is_empty() || key.len() > MAX_TURN_KEY_BYTES {
         return Err(StoreError::InvalidArgument(format!(
             "a turn key has 1 to {MAX_TURN_KEY_BYTES} bytes"
@@ -190,26 +188,16 @@ fn classify(item: &Item, body_hash: &str, now_ms: u64) -> Option<TurnKeyBegin> {
 impl<B: RawItems> TurnKeys for B {
     async fn begin_turn_key(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         key: &str,
         body_hash: &str,
         run_until_ms: u64,
         now_ms: u64,
     ) -> Result<TurnKeyBegin> {
-        check_args(user_id, key)?;
+        check_args(key)?;
         let pk = turn_key_item_key(user_id, key);
         let runner = new_runner();
-        let fresh = Item::from([
-            (attr::USER_ID.to_owned(), s(&pk)),
-            (key_attr::KIND.to_owned(), s(KIND)),
-            (key_attr::BODY_HASH.to_owned(), s(body_hash)),
-            (key_attr::KEY_STATE.to_owned(), s(RUNNING)),
-            (key_attr::RUNNER.to_owned(), s(&runner)),
-            (key_attr::RUN_UNTIL.to_owned(), n(run_until_ms)),
-            (key_attr::VERSION.to_owned(), n(1)),
-            (key_attr::CREATED_AT.to_owned(), n(now_ms)),
-            (attr::EXPIRES_AT.to_owned(), n(expires_at(now_ms))),
-        ]);
+        let fresh = fresh_key_item(&pk, body_hash, &runner, run_until_ms, now_ms);
         // New, or expired but not yet deleted by the TTL: a fresh key.
         let absent = Cond::Or(vec![
             Cond::NotExists(attr::USER_ID),
@@ -236,34 +224,12 @@ impl<B: RawItems> TurnKeys for B {
         if let Some(decided) = classify(&current, body_hash, now_ms) {
             return Ok(decided);
         }
-        // Pending, or a runner whose claim ended: take it over, if nobody
-        // else did since our read.
-        let version = number(&current, key_attr::VERSION).unwrap_or(0);
-        let update = Update {
-            cond: Cond::And(vec![
-                Cond::Exists(attr::USER_ID),
-                Cond::Eq(key_attr::VERSION, n(version)),
-            ]),
-            actions: vec![
-                Action::Set(key_attr::KEY_STATE, s(RUNNING)),
-                Action::Set(key_attr::RUNNER, s(&runner)),
-                Action::Set(key_attr::RUN_UNTIL, n(run_until_ms)),
-                Action::Add(key_attr::VERSION, 1),
-            ],
-        };
-        match self.update_raw("begin_turn_key", &pk, update).await? {
-            Ok(_) => Ok(TurnKeyBegin::Run { runner }),
-            Err(now) => Ok(now
-                .and_then(|item| classify(&item, body_hash, now_ms))
-                .unwrap_or(TurnKeyBegin::Running {
-                    retry_after: Duration::from_secs(1),
-                })),
-        }
+        take_over(self, &pk, &current, body_hash, runner, run_until_ms, now_ms).await
     }
 
     async fn finish_turn_key(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         key: &str,
         runner: &str,
         response: &str,
@@ -278,7 +244,7 @@ impl<B: RawItems> TurnKeys for B {
 
     async fn release_turn_key(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         key: &str,
         runner: &str,
         _now_ms: u64,
@@ -288,18 +254,67 @@ impl<B: RawItems> TurnKeys for B {
     }
 }
 
+/// A new key's item, `running` under `runner` until `run_until_ms`.
+fn fresh_key_item(pk: &str, body_hash: &str, runner: &str, run_until_ms: u64, now_ms: u64) -> Item {
+    Item::from([
+        (attr::USER_ID.to_owned(), s(pk)),
+        (key_attr::KIND.to_owned(), s(KIND)),
+        (key_attr::BODY_HASH.to_owned(), s(body_hash)),
+        (key_attr::KEY_STATE.to_owned(), s(RUNNING)),
+        (key_attr::RUNNER.to_owned(), s(runner)),
+        (key_attr::RUN_UNTIL.to_owned(), n(run_until_ms)),
+        (key_attr::VERSION.to_owned(), n(1)),
+        (key_attr::CREATED_AT.to_owned(), n(now_ms)),
+        (attr::EXPIRES_AT.to_owned(), n(expires_at(now_ms))),
+    ])
+}
+
+/// A pending key, or one whose runner's claim ended (`current` as read):
+/// `runner` takes it over, if nobody else did since the read.
+async fn take_over<B: RawItems>(
+    b: &B,
+    pk: &str,
+    current: &Item,
+    body_hash: &str,
+    runner: String,
+    run_until_ms: u64,
+    now_ms: u64,
+) -> Result<TurnKeyBegin> {
+    let version = number(current, key_attr::VERSION).unwrap_or(0);
+    let update = Update {
+        cond: Cond::And(vec![
+            Cond::Exists(attr::USER_ID),
+            Cond::Eq(key_attr::VERSION, n(version)),
+        ]),
+        actions: vec![
+            Action::Set(key_attr::KEY_STATE, s(RUNNING)),
+            Action::Set(key_attr::RUNNER, s(&runner)),
+            Action::Set(key_attr::RUN_UNTIL, n(run_until_ms)),
+            Action::Add(key_attr::VERSION, 1),
+        ],
+    };
+    match b.update_raw("begin_turn_key", pk, update).await? {
+        Ok(_) => Ok(TurnKeyBegin::Run { runner }),
+        Err(now) => Ok(now
+            .and_then(|item| classify(&item, body_hash, now_ms))
+            .unwrap_or(TurnKeyBegin::Running {
+                retry_after: Duration::from_secs(1),
+            })),
+    }
+}
+
 /// End `runner`'s claim on a key (only the runner that holds it may):
 /// `state` says what the key becomes; the claim's fields go. `false` when
 /// the claim is no longer `runner`'s.
 async fn settle_key<B: RawItems>(
     b: &B,
     op: &'static str,
-    user_id: &str,
+    user_id: &UserId,
     key: &str,
     runner: &str,
     state: impl IntoIterator<Item = Action>,
 ) -> Result<bool> {
-    check_args(user_id, key)?;
+    check_args(key)?;
     let mut actions: Vec<Action> = state.into_iter().collect();
     actions.extend([
         Action::Remove(key_attr::RUNNER),
@@ -320,13 +335,14 @@ async fn settle_key<B: RawItems>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::user_id::uid;
     use crate::store::MemoryStore;
 
     #[tokio::test]
     async fn given_a_key_when_used_again_then_it_runs_once_replays_and_refuses_another_body() {
         let store = MemoryStore::new();
         let TurnKeyBegin::Run { runner } = store
-            .begin_turn_key("u1", "k1", "h1", 10_000, 1_000)
+            .begin_turn_key(&uid("u1"), "k1", "h1", 10_000, 1_000)
             .await
             .expect("begin")
         else {
@@ -334,36 +350,38 @@ mod tests {
         };
         // While it runs, the same key is refused (one turn at a time).
         assert!(matches!(
-            store.begin_turn_key("u1", "k1", "h1", 10_000, 2_000).await,
+            store
+                .begin_turn_key(&uid("u1"), "k1", "h1", 10_000, 2_000)
+                .await,
             Ok(TurnKeyBegin::Running { .. })
         ));
         // Another body under the key: never a second run.
         assert_eq!(
             store
-                .begin_turn_key("u1", "k1", "h2", 10_000, 2_000)
+                .begin_turn_key(&uid("u1"), "k1", "h2", 10_000, 2_000)
                 .await
                 .expect("begin"),
             TurnKeyBegin::Mismatch
         );
         // Provisioning: back to pending; the re-send runs it.
         assert!(store
-            .release_turn_key("u1", "k1", &runner, 3_000)
+            .release_turn_key(&uid("u1"), "k1", &runner, 3_000)
             .await
             .expect("release"));
         let TurnKeyBegin::Run { runner } = store
-            .begin_turn_key("u1", "k1", "h1", 20_000, 4_000)
+            .begin_turn_key(&uid("u1"), "k1", "h1", 20_000, 4_000)
             .await
             .expect("begin")
         else {
             panic!("a pending key runs");
         };
         assert!(store
-            .finish_turn_key("u1", "k1", &runner, r#"{"turn_id":"t"}"#, 5_000)
+            .finish_turn_key(&uid("u1"), "k1", &runner, r#"{"turn_id":"t"}"#, 5_000)
             .await
             .expect("finish"));
         assert_eq!(
             store
-                .begin_turn_key("u1", "k1", "h1", 30_000, 6_000)
+                .begin_turn_key(&uid("u1"), "k1", "h1", 30_000, 6_000)
                 .await
                 .expect("begin"),
             TurnKeyBegin::Replay {
@@ -372,12 +390,14 @@ mod tests {
         );
         // A stale runner cannot overwrite the result.
         assert!(!store
-            .release_turn_key("u1", "k1", &runner, 7_000)
+            .release_turn_key(&uid("u1"), "k1", &runner, 7_000)
             .await
             .expect("release"));
         // Keys are per user.
         assert!(matches!(
-            store.begin_turn_key("u2", "k1", "h2", 10_000, 2_000).await,
+            store
+                .begin_turn_key(&uid("u2"), "k1", "h2", 10_000, 2_000)
+                .await,
             Ok(TurnKeyBegin::Run { .. })
         ));
     }
@@ -386,15 +406,23 @@ mod tests {
     async fn given_a_runner_that_died_when_its_claim_ends_then_the_key_is_taken_over() {
         let store = MemoryStore::new();
         assert!(matches!(
-            store.begin_turn_key("u1", "k", "h", 2_000, 1_000).await,
+            store
+                .begin_turn_key(&uid("u1"), "k", "h", 2_000, 1_000)
+                .await,
             Ok(TurnKeyBegin::Run { .. })
         ));
         assert!(matches!(
-            store.begin_turn_key("u1", "k", "h", 9_000, 3_000).await,
+            store
+                .begin_turn_key(&uid("u1"), "k", "h", 9_000, 3_000)
+                .await,
             Ok(TurnKeyBegin::Run { .. })
         ));
-        assert!(store.begin_turn_key("u1#x", "k", "h", 1, 1).await.is_err());
+        // A `#` cannot reach a turn key's item key: no user id has one.
+        assert!(UserId::parse("u1#x").is_err());
         let long = "k".repeat(MAX_TURN_KEY_BYTES + 1);
-        assert!(store.begin_turn_key("u1", &long, "h", 1, 1).await.is_err());
+        assert!(store
+            .begin_turn_key(&uid("u1"), &long, "h", 1, 1)
+            .await
+            .is_err());
     }
 }

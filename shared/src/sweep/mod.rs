@@ -65,6 +65,7 @@ mod report;
 mod settings;
 mod shards;
 
+use crate::api::UserId;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -173,6 +174,23 @@ impl Run {
     fn sleep_unavailable(&self) -> bool {
         self.unavailable.load(Ordering::SeqCst)
     }
+}
+
+/// Run `work` on every item, at most `concurrency` at once; the results
+/// in the order they finish.
+pub(super) async fn each_concurrently<I, R, Fut>(
+    items: impl IntoIterator<Item = I>,
+    concurrency: usize,
+    work: impl FnMut(I) -> Fut,
+) -> Vec<R>
+where
+    Fut: std::future::Future<Output = R>,
+{
+    stream::iter(items)
+        .map(work)
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
 }
 
 /// What happened to one candidate.
@@ -340,7 +358,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
     /// — so the same conditions hold: never under a live turn lease, never
     /// while a command the agent left running is still running, the hold
     /// window honoured.
-    pub async fn sleep_now(&self, user_id: &str, now_ms: u64, deadline: Instant) -> SleepNow {
+    pub async fn sleep_now(&self, user_id: &UserId, now_ms: u64, deadline: Instant) -> SleepNow {
         self.sleep_now_because(user_id, now_ms, deadline, crate::journal::Reason::Explicit)
             .await
     }
@@ -349,7 +367,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
     /// `end_conversation`, `adaptive`, `budget`).
     pub async fn sleep_now_because(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         now_ms: u64,
         deadline: Instant,
         reason: crate::journal::Reason,
@@ -358,7 +376,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
             Ok(Some(rec)) => rec,
             Ok(None) => return SleepNow::NoMachine,
             Err(error) => {
-                tracing::warn!(user_id, error = %error, "sleep now: item not read");
+                tracing::warn!(user_id = user_id.as_str(), error = %error, "sleep now: item not read");
                 return SleepNow::Failed;
             }
         };
@@ -538,33 +556,56 @@ impl<S: UserStore + 'static> Sweeper<S> {
         }
         while let Some(items) = walk.next_page(&run.id).await {
             report.candidates += items.len() as u64;
-            let outcomes: Vec<Outcome> = stream::iter(items)
-                .map(|c| self.candidate(run, c))
-                .buffer_unordered(concurrency)
-                .collect()
-                .await;
-            for o in outcomes {
+            for o in each_concurrently(items, concurrency, |c| self.candidate(run, c)).await {
                 tally(report, o);
             }
         }
         report.remaining |= walk.incomplete;
     }
 
+    /// One awake item the index listed: skipped, held, or put to sleep
+    /// under the sweep lease (taken and released here).
     async fn candidate(&self, run: &Run, c: UserRecord) -> Outcome {
         if run.past_deadline() {
             return Outcome::NotReached;
         }
-        let user_id = c.user_id.as_str();
+        let user_id = &c.user_id;
         let Some(machine_id) = c.machine_id.clone() else {
-            tracing::warn!(run_id = %run.id, user_id, "awake item without a machine id; skipped");
+            tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), "awake item without a machine id; skipped");
             return Outcome::Failed;
         };
+        // One `now` for the whole decision, as the index listed the item.
         let now = run.now();
+        if let Some(skipped) = self.not_now(run, &c, now).await {
+            return skipped;
+        }
+        if let Some(held) = self.held(run, &c, &machine_id, now).await {
+            return held;
+        }
+        let (acquired, owner, until) = match self.sweep_lease(run, &c, &machine_id, now).await {
+            Ok(taken) => taken,
+            Err(outcome) => return outcome,
+        };
+        let outcome = self
+            .under_lease(run, &c, &acquired, &owner, &machine_id, until)
+            .await;
+        match self.store.release_lease(user_id, &owner, run.now()).await {
+            Ok(ReleaseOutcome::Released(_) | ReleaseOutcome::NotHeld(_)) => {}
+            Err(error) => {
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "sweep lease not released; it expires on its own")
+            }
+        }
+        outcome
+    }
+
+    /// Why `c` is not slept now, before anything is held: a hold window
+    /// not yet over, a live lease, or no room left in the sleep pacing.
+    async fn not_now(&self, run: &Run, c: &UserRecord, now: u64) -> Option<Outcome> {
         if c.sleep_eligible_at.is_some_and(|at| at > now) {
-            return Outcome::SkippedHold;
+            return Some(Outcome::SkippedHold);
         }
         if c.live_lease(now).is_some() {
-            return Outcome::SkippedBusy;
+            return Some(Outcome::SkippedBusy);
         }
         // Pacing before the lease: nothing is held while a sleep waits its turn.
         if !run.sleep_unavailable() {
@@ -573,59 +614,69 @@ impl<S: UserStore + 'static> Sweeper<S> {
                 .checked_sub(Duration::from_secs(1))
                 .unwrap_or(run.deadline);
             if run.pacer.admit(latest).await.is_err() {
-                return Outcome::Deferred;
+                return Some(Outcome::Deferred);
             }
         }
-        // Every live hold counts: one command still running keeps it awake.
-        let live: Vec<&Hold> = c.all_holds().filter(|h| now < h.until).collect();
-        if let Some(hold_until) = live.iter().map(|h| h.until).max() {
-            match self.check_marker(run, &machine_id, &live).await {
-                Marker::Absent => {
-                    tracing::info!(run_id = %run.id, user_id, machine_id, action = "held", hold_until, holds = live.len(), "command still running; machine kept awake");
-                    return Outcome::Held;
-                }
-                Marker::Unknown => return Outcome::Failed,
-                Marker::NotRunning(phase) => {
-                    tracing::debug!(run_id = %run.id, user_id, machine_id, phase = %phase, "held machine is not running; the hold no longer applies");
-                }
-                Marker::Present | Marker::Gone => {}
-            }
-        }
+        None
+    }
 
+    /// Whether a command left running keeps `c` awake: every live hold
+    /// counts until its completion marker exists (or the machine no longer
+    /// runs).
+    async fn held(&self, run: &Run, c: &UserRecord, machine_id: &str, now: u64) -> Option<Outcome> {
+        let live: Vec<&Hold> = c.all_holds().filter(|h| now < h.until).collect();
+        let hold_until = live.iter().map(|h| h.until).max()?;
+        let user_id = c.user_id.as_str();
+        match self.check_marker(run, machine_id, &live).await {
+            Marker::Absent => {
+                tracing::info!(run_id = %run.id, user_id, machine_id, action = "held", hold_until, holds = live.len(), "command still running; machine kept awake");
+                Some(Outcome::Held)
+            }
+            Marker::Unknown => Some(Outcome::Failed),
+            Marker::NotRunning(phase) => {
+                tracing::debug!(run_id = %run.id, user_id, machine_id, phase = %phase, "held machine is not running; the hold no longer applies");
+                None
+            }
+            Marker::Present | Marker::Gone => None,
+        }
+    }
+
+    /// Take the sweep lease on `c` (only if its `last_active_at` is still
+    /// the one the index listed): the item, the owner and the lease's end.
+    async fn sweep_lease(
+        &self,
+        run: &Run,
+        c: &UserRecord,
+        machine_id: &str,
+        now: u64,
+    ) -> Result<(UserRecord, String, u64), Outcome> {
+        let user_id = &c.user_id;
         let owner = format!("sweep-{}-{}", run.id, user_id);
         let until = now.saturating_add(ms(self.settings.lease_ttl));
         let purpose = LeasePurpose::Sweep {
             expected_last_active_at: c.last_active_at,
         };
-        let acquired = match self
+        match self
             .store
             .acquire_lease(user_id, &owner, purpose, until, now)
             .await
         {
-            Ok(AcquireOutcome::Acquired(rec)) => rec,
+            Ok(AcquireOutcome::Acquired(rec)) => Ok((rec, owner, until)),
             Ok(AcquireOutcome::Busy(_) | AcquireOutcome::Changed(_)) => {
-                tracing::debug!(run_id = %run.id, user_id, machine_id, "lease busy or item changed; skipped");
-                return Outcome::SkippedBusy;
+                tracing::debug!(run_id = %run.id, user_id = user_id.as_str(), machine_id, "lease busy or item changed; skipped");
+                Err(Outcome::SkippedBusy)
             }
-            Err(StoreError::NotFound { .. }) => return Outcome::SkippedBusy,
+            Err(StoreError::NotFound { .. }) => Err(Outcome::SkippedBusy),
             Err(error) => {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "sweep lease not taken");
-                return Outcome::Failed;
-            }
-        };
-        let outcome = self
-            .under_lease(run, &c, &acquired, &owner, &machine_id, until)
-            .await;
-        match self.store.release_lease(user_id, &owner, run.now()).await {
-            Ok(ReleaseOutcome::Released(_) | ReleaseOutcome::NotHeld(_)) => {}
-            Err(error) => {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "sweep lease not released; it expires on its own")
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "sweep lease not taken");
+                Err(Outcome::Failed)
             }
         }
-        outcome
     }
 
-    /// Everything done while holding the sweep lease.
+    /// Everything done while holding the sweep lease: check the item is as
+    /// listed, clear finished holds, run the pre-sleep hook, then sleep the
+    /// machine (or decide by its phase when sleep calls are unavailable).
     async fn under_lease(
         &self,
         run: &Run,
@@ -635,7 +686,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
         machine_id: &str,
         lease_until: u64,
     ) -> Outcome {
-        let user_id = rec.user_id.as_str();
+        let user_id = &rec.user_id;
         // The index read may be stale, and a hold may have appeared without
         // a touch (a crashed turn): decide only on what was checked.
         if rec.machine_id.as_deref() != Some(machine_id)
@@ -648,10 +699,10 @@ impl<S: UserStore + 'static> Sweeper<S> {
         }
         if rec.all_holds().next().is_some() {
             if let Err(error) = self.store.clear_hold(user_id, owner, run.now()).await {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "hold not cleared");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "hold not cleared");
                 return Outcome::Failed;
             }
-            tracing::info!(run_id = %run.id, user_id, machine_id, action = "hold_cleared", "held command finished or hold expired");
+            tracing::info!(run_id = %run.id, user_id = user_id.as_str(), machine_id, action = "hold_cleared", "held command finished or hold expired");
         }
         let Some((lease_until, hook)) = self.pre_sleep(run, rec, owner, lease_until).await else {
             return Outcome::SkippedBusy;
@@ -668,54 +719,83 @@ impl<S: UserStore + 'static> Sweeper<S> {
             return self.by_phase(run, user_id, owner, machine_id).await;
         }
         let key = sleep_key(machine_id, rec.awake_since, rec.last_active_at);
-        let answer = match self.call_sleep(run, machine_id, &key).await {
-            SleepCall::Unavailable => return self.by_phase(run, user_id, owner, machine_id).await,
-            SleepCall::Answered(answer) => *answer,
-        };
+        match self.call_sleep(run, machine_id, &key).await {
+            SleepCall::Unavailable => self.by_phase(run, user_id, owner, machine_id).await,
+            SleepCall::Answered(answer) => {
+                self.sleep_answered(run, rec, owner, hook, *answer).await
+            }
+        }
+    }
+
+    /// Act on the platform's answer to the sleep call made under the lease.
+    async fn sleep_answered(
+        &self,
+        run: &Run,
+        rec: &UserRecord,
+        owner: &str,
+        hook: Option<crate::journal::HookReport>,
+        answer: dedalus::Result<Machine>,
+    ) -> Outcome {
+        let user_id = &rec.user_id;
+        let machine_id = rec.machine_id.as_deref().unwrap_or_default();
         match answer {
             Ok(machine) => match self.store.mark_asleep(user_id, owner, run.now()).await {
                 Ok(after) => {
                     self.journal_slept(run, Some(rec), &after, run.cause.0, hook)
                         .await;
-                    tracing::info!(run_id = %run.id, user_id, machine_id, action = "slept", phase = %machine.phase, "machine put to sleep");
+                    tracing::info!(run_id = %run.id, user_id = user_id.as_str(), machine_id, action = "slept", phase = %machine.phase, "machine put to sleep");
                     Outcome::Slept
                 }
                 Err(error) => {
                     // The machine sleeps; the next run replays the same key
                     // and marks the item.
-                    tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "machine slept but the item was not marked");
+                    tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "machine slept but the item was not marked");
                     Outcome::Failed
                 }
             },
             Err(err) if err.code() == Some(dedalus::codes::SLEEP_HOLD_WINDOW_ACTIVE) => {
-                let now = run.now();
-                let at = next_eligible_ms(&err)
-                    .or_else(|| err.retry_after().map(|d| now.saturating_add(ms(d))))
-                    .unwrap_or_else(|| now.saturating_add(ms(DEFAULT_HOLD_RETRY)));
-                if let Err(error) = self
-                    .store
-                    .set_sleep_eligible_at(user_id, owner, at, now)
-                    .await
-                {
-                    tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "sleep_eligible_at not stored");
-                }
-                self.journal_refused(run, rec, at).await;
-                tracing::info!(run_id = %run.id, user_id, machine_id, action = "hold_window", sleep_eligible_at = at, "sleep refused within the hold window");
-                Outcome::SkippedHold
+                self.in_hold_window(run, rec, owner, &err).await
             }
             Err(err) if err.is_not_found() => self.lost(run, user_id, owner, machine_id).await,
             Err(err) if is_refusal(&err) => self.by_phase(run, user_id, owner, machine_id).await,
             Err(err) if err.status().map(|s| s.as_u16()) == Some(429) => {
                 let wait = err.retry_after().unwrap_or(DEFAULT_RATE_LIMIT_WAIT);
                 run.pacer.back_off(wait);
-                tracing::warn!(run_id = %run.id, user_id, machine_id, retry_after_ms = ms(wait), code = err.code(), "sleep rate-limited; no sleep call before Retry-After, this one left for the next run");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, retry_after_ms = ms(wait), code = err.code(), "sleep rate-limited; no sleep call before Retry-After, this one left for the next run");
                 Outcome::RateLimited
             }
             Err(err) => {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %err, status = err.status().map(|s| s.as_u16()), code = err.code(), "sleep failed; left for the next run");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %err, status = err.status().map(|s| s.as_u16()), code = err.code(), "sleep failed; left for the next run");
                 Outcome::Failed
             }
         }
+    }
+
+    /// The platform refused the sleep inside its hold window: record when
+    /// it may be retried (the journal too).
+    async fn in_hold_window(
+        &self,
+        run: &Run,
+        rec: &UserRecord,
+        owner: &str,
+        err: &dedalus::Error,
+    ) -> Outcome {
+        let user_id = &rec.user_id;
+        let machine_id = rec.machine_id.as_deref().unwrap_or_default();
+        let now = run.now();
+        let at = next_eligible_ms(err)
+            .or_else(|| err.retry_after().map(|d| now.saturating_add(ms(d))))
+            .unwrap_or_else(|| now.saturating_add(ms(DEFAULT_HOLD_RETRY)));
+        if let Err(error) = self
+            .store
+            .set_sleep_eligible_at(user_id, owner, at, now)
+            .await
+        {
+            tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "sleep_eligible_at not stored");
+        }
+        self.journal_refused(run, rec, at).await;
+        tracing::info!(run_id = %run.id, user_id = user_id.as_str(), machine_id, action = "hold_window", sleep_eligible_at = at, "sleep refused within the hold window");
+        Outcome::SkippedHold
     }
 
     /// One sleep call through the run's gate (see the module docs).
@@ -770,18 +850,24 @@ impl<S: UserStore + 'static> Sweeper<S> {
     }
 
     /// Sleep unavailable: keep the item true by reading the phase.
-    async fn by_phase(&self, run: &Run, user_id: &str, owner: &str, machine_id: &str) -> Outcome {
+    async fn by_phase(
+        &self,
+        run: &Run,
+        user_id: &UserId,
+        owner: &str,
+        machine_id: &str,
+    ) -> Outcome {
         match run.reads.get_machine(machine_id).await {
             Ok(m) => match m.phase {
                 Phase::Sleeping | Phase::Stopping => {
                     match self.store.mark_asleep(user_id, owner, run.now()).await {
                         Ok(after) => {
                             self.journal_slept(run, None, &after, PLATFORM, None).await;
-                            tracing::info!(run_id = %run.id, user_id, machine_id, action = "marked_asleep", phase = %m.phase, "machine slept on its own; item updated");
+                            tracing::info!(run_id = %run.id, user_id = user_id.as_str(), machine_id, action = "marked_asleep", phase = %m.phase, "machine slept on its own; item updated");
                             Outcome::Fixed
                         }
                         Err(error) => {
-                            tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "item not marked asleep");
+                            tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "item not marked asleep");
                             Outcome::Failed
                         }
                     }
@@ -791,14 +877,14 @@ impl<S: UserStore + 'static> Sweeper<S> {
             },
             Err(err) if err.is_not_found() => self.lost(run, user_id, owner, machine_id).await,
             Err(err) => {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %err, "status read failed");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %err, "status read failed");
                 Outcome::Failed
             }
         }
     }
 
-    async fn lost(&self, run: &Run, user_id: &str, owner: &str, machine_id: &str) -> Outcome {
-        tracing::warn!(run_id = %run.id, user_id, machine_id, action = "lost", "machine not found; item marked lost");
+    async fn lost(&self, run: &Run, user_id: &UserId, owner: &str, machine_id: &str) -> Outcome {
+        tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, action = "lost", "machine not found; item marked lost");
         match self
             .store
             .mark_lost(user_id, owner, "machine not found (404)", run.now())
@@ -809,7 +895,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
                 Outcome::Lost
             }
             Err(error) => {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "item not marked lost");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "item not marked lost");
                 Outcome::Failed
             }
         }
@@ -856,16 +942,29 @@ impl<S: UserStore + 'static> Sweeper<S> {
     // Reconciliation
     // -----------------------------------------------------------------
 
+    /// Reconciliation: every listed machine against its item, then (once
+    /// the whole list was read) every awake item whose machine is not in it.
     async fn reconcile_in(&self, run: &Run, report: &mut SweepReport) {
         report.reconciled = true;
+        if let Some(listed) = self.reconcile_listed(run, report).await {
+            self.reconcile_missing(run, report, &listed).await;
+        }
+    }
+
+    /// Page through the platform's machine list, reconciling each page;
+    /// the ids listed, or `None` when the list was not read to its end.
+    async fn reconcile_listed(
+        &self,
+        run: &Run,
+        report: &mut SweepReport,
+    ) -> Option<HashSet<String>> {
         let concurrency = self.settings.concurrency.max(1);
         let mut listed: HashSet<String> = HashSet::new();
         let mut cursor: Option<String> = None;
-        let mut complete = false;
         loop {
             if run.past_deadline() {
                 report.remaining = true;
-                break;
+                return None;
             }
             let page = match run
                 .reads
@@ -877,7 +976,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
                     tracing::error!(run_id = %run.id, error = %err, "machine list failed; reconciliation left for a later run");
                     report.failed += 1;
                     report.remaining = true;
-                    break;
+                    return None;
                 }
             };
             report.machines_listed += page.items.len() as u64;
@@ -887,27 +986,27 @@ impl<S: UserStore + 'static> Sweeper<S> {
                 .filter(|m| m.phase == Phase::Running)
                 .count() as u64;
             listed.extend(page.items.iter().map(|m| m.machine_id.clone()));
-            let results: Vec<Reconciled> = stream::iter(page.items)
-                .map(|m| self.reconcile_machine(run, m))
-                .buffer_unordered(concurrency)
-                .collect()
-                .await;
-            for r in results {
+            for r in
+                each_concurrently(page.items, concurrency, |m| self.reconcile_machine(run, m)).await
+            {
                 tally_reconciled(report, r);
             }
             match page.next_cursor {
                 Some(next) if Some(&next) != cursor.as_ref() => cursor = Some(next),
-                _ => {
-                    complete = true;
-                    break;
-                }
+                _ => return Some(listed),
             }
         }
-        if !complete {
-            return;
-        }
-        // Awake items whose machine the list does not have (destroyed, or
-        // never there): a status read tells; 404 → lost.
+    }
+
+    /// Awake items whose machine the list does not have (destroyed, or
+    /// never there): a status read tells; 404 → lost.
+    async fn reconcile_missing(
+        &self,
+        run: &Run,
+        report: &mut SweepReport,
+        listed: &HashSet<String>,
+    ) {
+        let concurrency = self.settings.concurrency.max(1);
         let mut walk = ShardWalk::new(
             &*self.store,
             self.settings.shards.read_shards(),
@@ -920,12 +1019,9 @@ impl<S: UserStore + 'static> Sweeper<S> {
                 .into_iter()
                 .filter(|r| r.machine_id.as_ref().is_some_and(|id| !listed.contains(id)))
                 .collect();
-            let results: Vec<Reconciled> = stream::iter(missing)
-                .map(|r| self.reconcile_unlisted(run, r))
-                .buffer_unordered(concurrency)
-                .collect()
-                .await;
-            for r in results {
+            for r in
+                each_concurrently(missing, concurrency, |r| self.reconcile_unlisted(run, r)).await
+            {
                 tally_reconciled(report, r);
             }
         }
@@ -1030,14 +1126,14 @@ impl<S: UserStore + 'static> Sweeper<S> {
     }
 
     /// Make one item agree with its machine's real phase.
-    async fn reconcile_item(&self, run: &Run, user_id: &str, listed: &Machine) -> Reconciled {
+    async fn reconcile_item(&self, run: &Run, user_id: &UserId, listed: &Machine) -> Reconciled {
         let machine_id = listed.machine_id.as_str();
         // Consistent read first; the status read comes after it.
         let rec = match self.store.get(user_id).await {
             Ok(Some(rec)) => rec,
             Ok(None) => return Reconciled::Consistent,
             Err(error) => {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "item read failed");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "item read failed");
                 return Reconciled::Failed;
             }
         };
@@ -1060,11 +1156,23 @@ impl<S: UserStore + 'static> Sweeper<S> {
         if rec.live_lease(run.now()).is_some() {
             return Reconciled::Busy;
         }
-        // Fresh status, read after the item.
+        self.correct_power(run, &rec, wants, machine_id).await
+    }
+
+    /// Set the item's power to `wants` if a fresh status read (after the
+    /// item's) agrees; a machine gone meanwhile is handled as lost.
+    async fn correct_power(
+        &self,
+        run: &Run,
+        rec: &UserRecord,
+        wants: Power,
+        machine_id: &str,
+    ) -> Reconciled {
+        let user_id = rec.user_id.as_str();
         let fresh = match run.reads.get_machine(machine_id).await {
             Ok(m) => m,
             Err(err) if err.is_not_found() => {
-                return self.reconcile_gone(run, &rec, machine_id).await
+                return self.reconcile_gone(run, rec, machine_id).await
             }
             Err(err) => {
                 tracing::warn!(run_id = %run.id, user_id, machine_id, error = %err, "status read failed");
@@ -1078,10 +1186,10 @@ impl<S: UserStore + 'static> Sweeper<S> {
         if !agrees {
             return Reconciled::Consistent;
         }
-        match self.store.set_power(&rec, wants, run.now()).await {
+        match self.store.set_power(rec, wants, run.now()).await {
             Ok(after) => {
                 if wants == Power::Asleep {
-                    self.journal_slept(run, Some(&rec), &after, PLATFORM, None)
+                    self.journal_slept(run, Some(rec), &after, PLATFORM, None)
                         .await;
                 }
                 tracing::info!(run_id = %run.id, user_id, machine_id, action = "power_fixed", power = wants.as_str(), phase = %fresh.phase, "item power corrected to the machine's phase");
@@ -1110,7 +1218,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
             Ok(m) => self.reconcile_item(run, &rec.user_id, &m).await,
             Err(err) if err.is_not_found() => self.reconcile_gone(run, &rec, &machine_id).await,
             Err(err) => {
-                tracing::warn!(run_id = %run.id, user_id = rec.user_id, machine_id, error = %err, "status read failed");
+                tracing::warn!(run_id = %run.id, user_id = rec.user_id.as_str(), machine_id, error = %err, "status read failed");
                 Reconciled::Failed
             }
         }
@@ -1118,7 +1226,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
 
     /// The item's machine is gone: mark it lost under a sweep lease.
     async fn reconcile_gone(&self, run: &Run, rec: &UserRecord, machine_id: &str) -> Reconciled {
-        let user_id = rec.user_id.as_str();
+        let user_id = &rec.user_id;
         if rec.state == crate::store::MachineState::Destroying {
             return Reconciled::Consistent;
         }
@@ -1141,7 +1249,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
             }
             Ok(_) | Err(StoreError::NotFound { .. }) => return Reconciled::Busy,
             Err(error) => {
-                tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "lease for mark_lost not taken");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "lease for mark_lost not taken");
                 return Reconciled::Failed;
             }
         }
@@ -1150,7 +1258,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
             _ => Reconciled::Failed,
         };
         if let Err(error) = self.store.release_lease(user_id, &owner, run.now()).await {
-            tracing::warn!(run_id = %run.id, user_id, machine_id, error = %error, "lease not released; it expires on its own");
+            tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), machine_id, error = %error, "lease not released; it expires on its own");
         }
         result
     }

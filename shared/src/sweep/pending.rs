@@ -16,8 +16,6 @@
 //! sweep re-checks, under its own lease, that the pending sleep it found is
 //! still the one on the item.
 
-use futures_util::stream::{self, StreamExt};
-
 use super::{tally, Outcome, Run, Sweeper};
 use crate::store::table::all_shards;
 use crate::store::{Cursor, Power, SleepPlan, SleepReason, StoreError, UserRecord, UserStore};
@@ -51,12 +49,11 @@ impl<S: UserStore + 'static> Sweeper<S> {
                     }
                 };
                 report.pending_candidates += page.items.len() as u64;
-                let outcomes: Vec<Outcome> = stream::iter(page.items)
-                    .map(|c| self.pending_candidate(run, c))
-                    .buffer_unordered(concurrency)
-                    .collect()
-                    .await;
-                for o in outcomes {
+                for o in super::each_concurrently(page.items, concurrency, |c| {
+                    self.pending_candidate(run, c)
+                })
+                .await
+                {
                     tally(report, o);
                 }
                 match page.cursor {
@@ -80,7 +77,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
             }
             return outcome;
         }
-        let user_id = c.user_id.as_str();
+        let user_id = &c.user_id;
         match self
             .store
             .clear_pending_sleep(user_id, pending.at, run.now())
@@ -88,7 +85,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
         {
             Ok(_) | Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {}
             Err(error) => {
-                tracing::warn!(run_id = %run.id, user_id, error = %error, "stale pending sleep not cleared");
+                tracing::warn!(run_id = %run.id, user_id = user_id.as_str(), error = %error, "stale pending sleep not cleared");
             }
         }
         Outcome::SkippedBusy
@@ -103,19 +100,23 @@ impl<S: UserStore + 'static> Sweeper<S> {
             sleep: Some((at_ms, SleepReason::Requested)),
             gap_hist: None,
         };
-        let user_id = seen.user_id.as_str();
+        let user_id = &seen.user_id;
         match self.store.schedule_sleep(user_id, &plan, now_ms).await {
             Ok(_) => {
-                tracing::info!(user_id, sleep_at = at_ms, "requested sleep pending");
+                tracing::info!(
+                    user_id = user_id.as_str(),
+                    sleep_at = at_ms,
+                    "requested sleep pending"
+                );
             }
             Err(StoreError::Conflict { .. }) => {
                 tracing::info!(
-                    user_id,
+                    user_id = user_id.as_str(),
                     "requested sleep not recorded: the item changed (a turn started)"
                 );
             }
             Err(error) => {
-                tracing::warn!(user_id, error = %error, "requested sleep not recorded");
+                tracing::warn!(user_id = user_id.as_str(), error = %error, "requested sleep not recorded");
             }
         }
     }

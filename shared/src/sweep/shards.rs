@@ -154,7 +154,7 @@ pub async fn migrate<S: UserStore>(
                 Ok(true) => report.moved += 1,
                 Ok(false) => report.skipped += 1,
                 Err(error) => {
-                    tracing::warn!(run_id, user_id = rec.user_id, error = %error, "awake item not moved");
+                    tracing::warn!(run_id, user_id = rec.user_id.as_str(), error = %error, "awake item not moved");
                     report.failed += 1;
                 }
             }

@@ -7,6 +7,7 @@
 //! provisioning worker's → provisioning, the sweep's (one API call) →
 //! wait briefly and try again.
 
+use crate::api::UserId;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -29,10 +30,10 @@ const MAX_REMEMBERED: usize = 10_000;
 /// (a warm Lambda instance): picks the form of the counting write so a
 /// turn costs one write; a wrong or missing guess costs a second one.
 #[derive(Debug, Default)]
-pub(super) struct RateWindows(Mutex<HashMap<String, u64>>);
+pub(super) struct RateWindows(Mutex<HashMap<UserId, u64>>);
 
 impl RateWindows {
-    fn get(&self, user_id: &str) -> Option<u64> {
+    fn get(&self, user_id: &UserId) -> Option<u64> {
         self.0.lock().ok()?.get(user_id).copied()
     }
 
@@ -67,7 +68,7 @@ where
     /// outcome to answer with instead.
     pub(super) async fn begin(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         turns_per_minute: u32,
         obs: &EventObserver<'_>,
@@ -93,7 +94,11 @@ where
                     return Ok(Ok(rec));
                 }
                 BeginTurn::Limited { retry_after_ms } => {
-                    tracing::info!(user_id, limit = turns_per_minute, "fair-use limit reached");
+                    tracing::info!(
+                        user_id = user_id.as_str(),
+                        limit = turns_per_minute,
+                        "fair-use limit reached"
+                    );
                     return Ok(Err(TurnOutcome::RateLimited {
                         limit: turns_per_minute,
                         retry_after: Duration::from_millis(retry_after_ms.max(1000)),

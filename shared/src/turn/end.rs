@@ -12,6 +12,7 @@
 //!   refuses, the sleep recorded as pending for the sweep). The result's
 //!   `sleep` says what happened.
 
+use crate::api::UserId;
 use serde::Serialize;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -31,7 +32,7 @@ const SLEEP_AFTER_TURN: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ending {
     /// The user.
-    pub user_id: String,
+    pub user_id: UserId,
     /// `last_active_at` before this turn: when the previous turn ended.
     pub previous_active_at: u64,
     /// When this turn took its lease (epoch ms).

@@ -14,6 +14,7 @@
 //!   path of the turn, including a panic or a cancelled turn future — so a
 //!   dead turn never keeps its lease alive.
 
+use crate::api::UserId;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,7 +60,7 @@ struct Shared {
 #[derive(Debug)]
 pub struct TurnLease<S> {
     store: Arc<S>,
-    user_id: String,
+    user_id: UserId,
     owner: String,
     shared: Arc<Shared>,
     margin_ms: u64,
@@ -72,7 +73,13 @@ where
 {
     /// Starts renewing `owner`'s lease (held until `until_ms`) every third
     /// of `ttl`.
-    pub fn start(store: Arc<S>, user_id: &str, owner: &str, until_ms: u64, ttl: Duration) -> Self {
+    pub fn start(
+        store: Arc<S>,
+        user_id: &UserId,
+        owner: &str,
+        until_ms: u64,
+        ttl: Duration,
+    ) -> Self {
         let shared = Arc::new(Shared {
             lost: AtomicBool::new(false),
             confirmed_until: AtomicU64::new(until_ms),
@@ -212,7 +219,7 @@ where
 /// lost and ends the task.
 async fn renew<S: UserStore>(
     store: Arc<S>,
-    user_id: String,
+    user_id: UserId,
     owner: String,
     ttl: Duration,
     shared: Arc<Shared>,
@@ -228,12 +235,12 @@ async fn renew<S: UserStore>(
                 shared.unconfirmed.store(false, Ordering::SeqCst);
             }
             Err(e @ (StoreError::Conflict { .. } | StoreError::NotFound { .. })) => {
-                tracing::warn!(user_id, error = %e, "turn lease renewal refused: the lease is lost");
+                tracing::warn!(user_id = user_id.as_str(), error = %e, "turn lease renewal refused: the lease is lost");
                 shared.lost.store(true, Ordering::SeqCst);
                 return;
             }
             Err(e) => {
-                tracing::warn!(user_id, error = %e, "turn lease renewal failed; retrying");
+                tracing::warn!(user_id = user_id.as_str(), error = %e, "turn lease renewal failed; retrying");
                 shared.unconfirmed.store(true, Ordering::SeqCst);
             }
         }
@@ -247,6 +254,7 @@ fn millis(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::user_id::uid;
     use crate::store::{AcquireOutcome, ClaimOutcome, Lease, LeaseKind, LeasePurpose, MemoryStore};
 
     const TTL: Duration = Duration::from_millis(300);
@@ -256,25 +264,34 @@ mod tests {
         let now = now_ms();
         let key = crate::store::new_create_key();
         let lease = Lease::new("p", LeaseKind::Provision, now + 60_000);
-        let claimed = store.claim(user, &key, &lease, now).await.expect("claim");
+        let claimed = store
+            .claim(&uid(user), &key, &lease, now)
+            .await
+            .expect("claim");
         assert!(matches!(claimed, ClaimOutcome::Claimed(_)));
         store
-            .record_machine_id(user, &key, "dm-1", now)
+            .record_machine_id(&uid(user), &key, "dm-1", now)
             .await
             .expect("id");
         store
-            .mark_bootstrapping(user, "p", now)
+            .mark_bootstrapping(&uid(user), "p", now)
             .await
             .expect("boot");
-        store.mark_ready(user, "p", "v1", now).await.expect("ready");
-        store.release_lease(user, "p", now).await.expect("release");
+        store
+            .mark_ready(&uid(user), "p", "v1", now)
+            .await
+            .expect("ready");
+        store
+            .release_lease(&uid(user), "p", now)
+            .await
+            .expect("release");
         store
     }
 
     async fn take(store: &MemoryStore, user: &str, owner: &str, now: u64) -> u64 {
         let until = now + TTL.as_millis() as u64;
         match store
-            .acquire_lease(user, owner, LeasePurpose::Turn, until, now)
+            .acquire_lease(&uid(user), owner, LeasePurpose::Turn, until, now)
             .await
             .expect("acquire")
         {
@@ -287,7 +304,7 @@ mod tests {
     async fn a_renewal_refused_marks_the_lease_lost_and_the_check_says_so() {
         let store = ready_store("u").await;
         let until = take(&store, "u", "turn-a", now_ms()).await;
-        let lease = TurnLease::start(store.clone(), "u", "turn-a", until + 5_000, TTL);
+        let lease = TurnLease::start(store.clone(), &uid("u"), "turn-a", until + 5_000, TTL);
         assert_eq!(lease.check().await, Ok(()));
         // Another owner takes the lease (as if ours had expired).
         take(&store, "u", "turn-b", now_ms() + 10_000).await;
@@ -302,7 +319,7 @@ mod tests {
         let until = take(&store, "u", "turn-a", now_ms()).await;
         let lease = TurnLease::start(
             store.clone(),
-            "u",
+            &uid("u"),
             "turn-a",
             until + 5_000,
             Duration::from_secs(60),
@@ -322,14 +339,14 @@ mod tests {
         let until = take(&store, "u", "turn-a", now_ms()).await;
         let task_store = store.clone();
         let turn = tokio::spawn(async move {
-            let _lease = TurnLease::start(task_store, "u", "turn-a", until, TTL);
+            let _lease = TurnLease::start(task_store, &uid("u"), "turn-a", until, TTL);
             tokio::time::sleep(TTL).await;
             panic!("the turn task panics");
         });
         assert!(turn.await.is_err_and(|e| e.is_panic()));
-        let after_panic = store.get("u").await.expect("get").expect("item");
+        let after_panic = store.get(&uid("u")).await.expect("get").expect("item");
         tokio::time::sleep(TTL * 2).await;
-        let later = store.get("u").await.expect("get").expect("item");
+        let later = store.get(&uid("u")).await.expect("get").expect("item");
         assert_eq!(
             later.lease, after_panic.lease,
             "no renewal after the turn panicked"

@@ -89,15 +89,7 @@ pub fn validate_line(line: &str) -> Option<String> {
 }
 
 fn excerpt(s: &str) -> String {
-    let s = s.trim();
-    if s.len() <= EXCERPT {
-        return s.to_string();
-    }
-    let mut end = EXCERPT;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
+    crate::text::cut(s.trim(), EXCERPT)
 }
 
 /// One line summarising a turn (no output, no secrets: the message, the

@@ -26,6 +26,7 @@ pub use events::{MachineStage, NoEvents, StreamSettings, TurnEvent, TurnEvents, 
 pub use memory::{read_memory, summary_line, TURNS_FILE};
 pub use wake_facts::WakeFacts;
 
+use crate::api::UserId;
 use events::EventObserver;
 use lease::TurnLease;
 
@@ -266,7 +267,7 @@ where
     /// Run one turn for `user_id`, finishing before `deadline`.
     pub async fn run(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         request: TurnRequest,
         deadline: Instant,
     ) -> Result<TurnOutcome, TurnError> {
@@ -283,7 +284,7 @@ where
     /// or not anyone reads the events.
     pub async fn run_with_events(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         request: TurnRequest,
         deadline: Instant,
         sink: &dyn TurnEvents,
@@ -297,7 +298,7 @@ where
     /// [`TurnOutcome::RateLimited`] and nothing else happens.
     pub async fn run_counted(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         request: TurnRequest,
         deadline: Instant,
         sink: &dyn TurnEvents,
@@ -336,7 +337,7 @@ where
     /// (one table write).
     async fn run_observed(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         request: TurnRequest,
         deadline: Instant,
         obs: &EventObserver<'_>,
@@ -377,7 +378,7 @@ where
     /// machine turned out lost, the item marked so and a new provisioning.
     async fn finish(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         owner: &str,
         result: Result<TurnResult, TurnError>,
         end: &TurnEnd,
@@ -388,20 +389,20 @@ where
         let now = now_ms();
         if let Err(TurnError::MachineLost { machine_id }) = &result {
             tracing::warn!(
-                user_id,
+                user_id = user_id.as_str(),
                 machine_id,
                 "the user's machine is gone; provisioning a new one"
             );
             let error = "machine not found when a turn tried to wake it";
             store.mark_lost(user_id, owner, error, now).await?;
             if let Err(e) = store.release_lease(user_id, owner, now).await {
-                tracing::warn!(user_id, error = %e, "could not release the turn lease; it expires by itself");
+                tracing::warn!(user_id = user_id.as_str(), error = %e, "could not release the turn lease; it expires by itself");
             }
             // The item is `failed` without a machine: provision a new one.
             return self.provisioning(user_id, obs).await;
         }
         if let Err(e) = store.end_turn(user_id, owner, end, now).await {
-            tracing::warn!(user_id, error = %e, "could not end the turn in the table; the lease expires by itself");
+            tracing::warn!(user_id = user_id.as_str(), error = %e, "could not end the turn in the table; the lease expires by itself");
         }
         // Needs the lease released and `last_active_at` as `end_turn` left it.
         let result = self.after_turn(ending, result, now).await;
@@ -410,7 +411,7 @@ where
 
     async fn provisioning(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         obs: &EventObserver<'_>,
     ) -> Result<TurnOutcome, TurnError> {
         let ensure = self.provisioner.ensure(user_id).await?;

@@ -14,6 +14,7 @@
 //! terminal pool surveyed (status reads, a busy check) and set up. So does
 //! a turn that had to wake the machine, and one whose stream is refused.
 
+use crate::api::UserId;
 use tokio::time::Instant;
 
 use super::events::EventObserver;
@@ -52,7 +53,9 @@ where
     T: WorkerTrigger,
 {
     /// The turn's steps between its two table writes; `end` collects what
-    /// the finishing write stores.
+    /// the finishing write stores. Kept whole on purpose: each line is one
+    /// named step (reach, wake facts, holds, shell, memory, agent, after the
+    /// reply), so the turn reads top to bottom in one place.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn drive(
         &self,
@@ -197,16 +200,16 @@ where
         machine_id: &str,
         deadline: Instant,
     ) {
-        let user_id = rec.user_id.as_str();
+        let user_id = &rec.user_id;
         let settings = self.provisioner.settings();
         let budget = deadline.min(Instant::now() + settings.bootstrap_timeout);
         match settings.bootstrap.ensure(dedalus, machine_id, budget).await {
             Ok(BootstrapOutcome::Failed { exit_code, tail }) => {
-                tracing::warn!(user_id, ?exit_code, %tail, "toolchain re-bootstrap failed; the turn continues");
+                tracing::warn!(user_id = user_id.as_str(), ?exit_code, %tail, "toolchain re-bootstrap failed; the turn continues");
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(user_id, error = %e, "toolchain check failed; the turn continues")
+                tracing::warn!(user_id = user_id.as_str(), error = %e, "toolchain check failed; the turn continues")
             }
         }
     }
@@ -277,14 +280,14 @@ where
 
     /// Store the terminal to reuse and the parked ones now. A failure (the
     /// lease was lost meanwhile) costs only the reuse.
-    async fn store_terminals(&self, user_id: &str, owner: &str, runner: &TerminalRunner) {
+    async fn store_terminals(&self, user_id: &UserId, owner: &str, runner: &TerminalRunner) {
         let (current, parked) = terminals_of(runner);
         let store = self.provisioner.store();
         if let Err(e) = store
             .set_terminals(user_id, owner, current.as_deref(), &parked, now_ms())
             .await
         {
-            tracing::warn!(user_id, terminal_id = runner.terminal_id(), error = %e, "could not store the terminals for reuse");
+            tracing::warn!(user_id = user_id.as_str(), terminal_id = runner.terminal_id(), error = %e, "could not store the terminals for reuse");
         }
     }
 
@@ -363,10 +366,10 @@ where
         shell: &mut Shell,
         end: &mut TurnEnd,
     ) {
-        let user_id = rec.user_id.as_str();
+        let user_id = &rec.user_id;
         if lease.is_lost() {
             tracing::warn!(
-                user_id,
+                user_id = user_id.as_str(),
                 "the turn lost its lease: no hold or summary recorded"
             );
             return;
@@ -376,7 +379,7 @@ where
             Err(e) => (e.partial().steps.as_slice(), None, None),
         };
         self.hold_for_running(rec, steps, end);
-        self.journal_held(user_id, steps).await;
+        self.journal_held(&rec.user_id, steps).await;
         let line = summary_line(turn_id, now_ms(), &request.message, reply, status, steps);
         let machine_id = rec.machine_id.as_deref().unwrap_or_default();
         self.remember(dedalus, machine_id, turn_id, &line, shell)
@@ -412,7 +415,7 @@ where
     }
 
     /// The journal's `held` entry for each command left running.
-    async fn journal_held(&self, user_id: &str, steps: &[CommandOutcome]) {
+    async fn journal_held(&self, user_id: &UserId, steps: &[CommandOutcome]) {
         let until = now_ms() + millis(self.settings.max_hold);
         for step in steps.iter().filter(|s| s.still_running) {
             let Some(marker) = step.completion_marker.as_deref() else {

@@ -10,6 +10,7 @@
 //! to the model (a system message), to the turn's events (`machine`, stage
 //! `woke`) and to the journal (`woke`).
 
+use crate::api::UserId;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -67,7 +68,7 @@ pub(super) async fn after_wake(
     if !woke {
         return None;
     }
-    let user_id = step.rec.user_id.as_str();
+    let user_id = &step.rec.user_id;
     let since_wake = since_last_wake(step.journal, user_id).await;
     let held = held_commands(&since_wake, step.rec);
     let markers: Vec<String> = held.keys().cloned().collect();
@@ -128,7 +129,7 @@ fn interrupted(marker: &hooks::MarkerState, slept_s: Option<u64>) -> bool {
 
 /// The journal's entries since (not including) the last wake or
 /// provisioning, newest first (empty without a journal).
-async fn since_last_wake(journal: &Journal, user_id: &str) -> Vec<JournalEntry> {
+async fn since_last_wake(journal: &Journal, user_id: &UserId) -> Vec<JournalEntry> {
     let query = PageQuery {
         since_ms: None,
         limit: RECENT,
@@ -141,7 +142,7 @@ async fn since_last_wake(journal: &Journal, user_id: &str) -> Vec<JournalEntry> 
             .take_while(|e| !matches!(e.event, Event::Woke | Event::Provisioned))
             .collect(),
         Err(error) => {
-            tracing::warn!(user_id, error = %error, "journal not read after the wake");
+            tracing::warn!(user_id = user_id.as_str(), error = %error, "journal not read after the wake");
             Vec::new()
         }
     }
