@@ -1089,6 +1089,37 @@ async fn a_past_deadline_stops_the_run_and_reports_what_remains() {
     assert_consistent_awake(&item(&*store, "u").await);
 }
 
+/// GIVEN a table the sweep cannot read (it does not exist)
+/// WHEN a run and a reconciliation run
+/// THEN each says so: every failed index query is counted in `index_errors`
+/// (one per shard of the awake and the pending-sleep index), the run is
+/// `remaining`, and nothing is counted as slept or failed — an unreadable
+/// table does not look like a quiet run on the metric line.
+#[tokio::test]
+async fn an_unreadable_table_is_counted_not_silent() {
+    let emu = Emulator::start().await;
+    let client = emu.client();
+    let moto = Moto::shared().await;
+    let store = Arc::new(DynamoStore::new(
+        moto.dynamodb_client().await,
+        "no-such-table",
+    ));
+    let sweeper = Sweeper::new(Arc::clone(&store), &client, settings());
+    let shards = u64::from(settings().shards.read_shards().len() as u32);
+    let r = sweeper.run(now_ms(), deadline()).await;
+    assert_eq!(
+        r.index_errors,
+        2 * shards,
+        "awake and pending shards: {r:?}"
+    );
+    assert!(r.remaining, "{r:?}");
+    assert_eq!((r.candidates, r.slept, r.failed), (0, 0, 0), "{r:?}");
+    let line = r.to_emf(&agenthome::metrics::MetricsConfig::default(), now_ms());
+    assert_eq!(line["index_errors"], 2 * shards, "{line}");
+    let r = sweeper.reconcile(now_ms(), deadline()).await;
+    assert!(r.index_errors >= shards && r.remaining, "{r:?}");
+}
+
 // ---------------------------------------------------------------------------
 // 5. Deletion wins over a sweep in flight
 // ---------------------------------------------------------------------------

@@ -1160,6 +1160,7 @@ fn given_the_alarms_when_they_watch_custom_metrics_then_the_functions_emit_them(
     }
     for needed in [
         "failed",
+        "index_errors",
         "orphans",
         "turn_failures",
         "turns",

@@ -448,6 +448,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
             slept = report.slept,
             deferred = report.deferred,
             rate_limited = report.rate_limited,
+            index_errors = report.index_errors,
             duration_ms = report.duration_ms,
             "sweep worker finished"
         );
@@ -522,6 +523,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
             rate_limited = report.rate_limited,
             workers = report.workers,
             workers_failed = report.workers_failed,
+            index_errors = report.index_errors,
             duration_ms = report.duration_ms,
             "sweep run finished"
         );
@@ -561,6 +563,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
             }
         }
         report.remaining |= walk.incomplete;
+        report.index_errors += walk.errors;
     }
 
     /// One awake item the index listed: skipped, held, or put to sleep
@@ -1026,6 +1029,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
             }
         }
         report.remaining |= walk.incomplete;
+        report.index_errors += walk.errors;
     }
 
     async fn reconcile_machine(&self, run: &Run, machine: Machine) -> Reconciled {

@@ -45,6 +45,7 @@ impl<S: UserStore + 'static> Sweeper<S> {
                     Err(error) => {
                         tracing::error!(run_id = %run.id, shard, error = %error, "pending-sleep index query failed; shard left for the next run");
                         report.remaining = true;
+                        report.index_errors += 1;
                         continue 'shards;
                     }
                 };

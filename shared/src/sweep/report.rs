@@ -78,6 +78,11 @@ pub struct SweepReport {
     /// query returned; each lands in one of the outcome counts too.
     #[serde(default)]
     pub pending_candidates: u64,
+    /// Index queries (the `awake` or `pending-sleep` index) that failed:
+    /// their shard was left for the next run (`remaining`). Non-zero on
+    /// every run means the sweep cannot see the table.
+    #[serde(default)]
+    pub index_errors: u64,
 }
 
 /// The run's EMF line: every count, the two flags as 0/1 and the run's
@@ -109,6 +114,7 @@ pub const SWEEP_LINE: LineSpec = LineSpec {
         MetricSpec::count("workers"),
         MetricSpec::count("workers_failed"),
         MetricSpec::count("pending_candidates"),
+        MetricSpec::count("index_errors"),
     ],
     breakdowns: &[],
     properties: &["reconciled"],
@@ -141,6 +147,7 @@ impl SweepReport {
         self.workers += other.workers;
         self.workers_failed += other.workers_failed;
         self.pending_candidates += other.pending_candidates;
+        self.index_errors += other.index_errors;
     }
 
     /// The run's summary as one CloudWatch Embedded Metric Format line

@@ -21,6 +21,8 @@ pub(crate) struct ShardWalk<'a, S> {
     deadline: Instant,
     /// Some shard was not walked to its end.
     pub(crate) incomplete: bool,
+    /// Index queries that failed.
+    pub(crate) errors: u64,
 }
 
 impl<'a, S: UserStore> ShardWalk<'a, S> {
@@ -41,6 +43,7 @@ impl<'a, S: UserStore> ShardWalk<'a, S> {
             page_size: page_size.max(1),
             deadline,
             incomplete: false,
+            errors: 0,
         }
     }
 
@@ -86,6 +89,7 @@ impl<'a, S: UserStore> ShardWalk<'a, S> {
                 Err(error) => {
                     tracing::error!(run_id, shard, error = %error, "awake index query failed; shard left for the next run");
                     self.incomplete = true;
+                    self.errors += 1;
                     continue;
                 }
             };
