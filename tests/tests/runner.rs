@@ -131,12 +131,12 @@ async fn a_new_terminal_starts_where_the_last_command_of_any_shell_left_off() {
         runner.run_builtins(":", &[], T).await.expect("settled");
     }
     // GIVEN two terminals of one machine, A in ~/a and then B in ~/b (B
-    // saved last)
+    // saved last), both with `set -C` (noclobber: the saved files exist)
     let (_emu, client, machine) = emulator_with_machine_id(&[]).await;
     let (mut a, _) = TerminalRunner::open(&client, &machine, None)
         .await
         .expect("open a");
-    a.run("mkdir -p ~/a ~/b && cd ~/a && export AH_WHO=a", T)
+    a.run("set -C; mkdir -p ~/a ~/b && cd ~/a && export AH_WHO=a", T)
         .await
         .expect("cd a");
     settled(&mut a).await;
@@ -144,7 +144,9 @@ async fn a_new_terminal_starts_where_the_last_command_of_any_shell_left_off() {
         .await
         .expect("open b")
         .0;
-    b.run("cd ~/b && export AH_WHO=b", T).await.expect("cd b");
+    b.run("set -C; cd ~/b && export AH_WHO=b", T)
+        .await
+        .expect("cd b");
     settled(&mut b).await;
     // WHEN A runs a command that changes nothing in A
     let o = a.run("true", T).await.expect("true in a");

@@ -88,9 +88,9 @@ if [ -r \"$__ah_s/env\" ]; then . \"$__ah_s/env\" 2>/dev/null; fi; unset __ah_s"
 /// left out.
 fn save(dir: &str, who: &str) -> String {
     format!(
-        "{{ mkdir -p {dir} && pwd > {dir}/cwd.tmp && mv -f {dir}/cwd.tmp {dir}/cwd; \
+        "{{ mkdir -p {dir} && pwd >| {dir}/cwd.tmp && mv -f {dir}/cwd.tmp {dir}/cwd; \
 export -p | grep -Ev '^declare -x (PWD|OLDPWD|SHLVL|_|DCS_EMULATOR_MACHINE_ID)(=|$)' \
-> {dir}/env.tmp && mv -f {dir}/env.tmp {dir}/env; printf '%s\\n' {who} > {dir}/by; }} 2>/dev/null"
+>| {dir}/env.tmp && mv -f {dir}/env.tmp {dir}/env; printf '%s\\n' {who} >| {dir}/by; }} 2>/dev/null"
     )
 }
 
