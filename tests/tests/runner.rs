@@ -9,7 +9,7 @@ use agenthome::dedalus::Client;
 use agenthome::runner::{
     read_completion, CommandRunner, ExecutionsRunner, RunnerError, TerminalRunner, Transport,
 };
-use agenthome_tests::fixtures::{emulator_with_machine_id, poll_until};
+use agenthome_tests::fixtures::{emulator_with_machine_id, poll_until, run_shell};
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -133,7 +133,7 @@ async fn a_new_terminal_starts_where_the_last_command_of_any_shell_left_off() {
     // GIVEN two terminals of one machine, A in ~/a and then B in ~/b (B
     // saved last), both with `set -C` (noclobber: the saved files exist)
     let (_emu, client, machine) = emulator_with_machine_id(&[]).await;
-    let (mut a, _) = TerminalRunner::open(&client, &machine, None)
+    let (mut a, a_terminal) = TerminalRunner::open(&client, &machine, None)
         .await
         .expect("open a");
     a.run("set -C; mkdir -p ~/a ~/b && cd ~/a && export AH_WHO=a", T)
@@ -173,6 +173,20 @@ async fn a_new_terminal_starts_where_the_last_command_of_any_shell_left_off() {
         .0;
     let o = d.run("pwd", T).await.expect("pwd d");
     assert!(o.output.contains("/a\n"), "A ran last: {o:?}");
+    // AND with noclobber on, a command A leaves running still marks its
+    // shell busy (the busy file exists from A's earlier commands)
+    let o = a
+        .run("sleep 5", Duration::from_millis(300))
+        .await
+        .expect("sleep in a");
+    assert!(o.still_running, "{o:?}");
+    let busy = run_shell(
+        &client,
+        &machine,
+        &format!("cat ~/.agenthome/run/term-{a_terminal}.busy"),
+    )
+    .await;
+    assert!(!busy.output.stdout.trim().is_empty(), "{busy:?}");
 }
 
 #[tokio::test]

@@ -215,9 +215,9 @@ fn line(id: &str, nonce: &str, terminal_id: &str, load: &str) -> String {
     let save = save_if_changed("\"$__ah_t\"");
     format!(
         " __ah_h=\"{AH_HOME}/.agenthome\" __ah_p={id} __ah_t={terminal}; {load}; [[ -d $__ah_h/run ]] || \
-mkdir -p \"$__ah_h/run\"; __ah_b=\"$__ah_h/run/term-$__ah_t.busy\" __ah_p=\"$__ah_h/run/$__ah_p\"; printf %s {id} > \"$__ah_b\"; \
+mkdir -p \"$__ah_h/run\"; __ah_b=\"$__ah_h/run/term-$__ah_t.busy\" __ah_p=\"$__ah_h/run/$__ah_p\"; printf %s {id} >| \"$__ah_b\"; \
 printf '\\n%s_%s\\n' __AH_START {nonce}; {{ eval \"$__ah_c\" < /dev/null; __ah=$?; \
-printf '%d\\n' \"$__ah\" > \"$__ah_p.done\"; printf '\\n%s_%s:%d\\n' __AH_END {nonce} \"$__ah\"; }} \
+printf '%d\\n' \"$__ah\" >| \"$__ah_p.done\"; printf '\\n%s_%s:%d\\n' __AH_END {nonce} \"$__ah\"; }} \
 > >(l=\"$__ah_p.log\"; tee -a \"$l\"; {trim}) 2>&1; {{ >| \"$__ah_b\"; history -s -- \"$__ah_c\"; history -a; \
 {save}; stty -echo -onlcr; }} 2>/dev/null || __ah=$?; unset __ah_c __ah_h __ah_p __ah_b __ah_t\n",
         terminal = shell_quote(terminal_id),
